@@ -1,0 +1,45 @@
+"""``cellspot consensus``: stateless click consensus, file in / file out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cellspot.cli import main
+
+
+@main.command("consensus")
+@click.argument("clicks_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output CSV of consensus cells.")
+@click.option("--method", default=None, help="Consensus method (default: cluster_em).")
+@click.option("--cell-radius", type=float, default=None,
+              help="Optional cell radius hint in pixels; by default the scale is estimated from the clicks.")
+@click.option("--annotators-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the per-annotator reliability CSV here.")
+def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: float | None,
+                  annotators_out: Path | None) -> None:
+    """Merge the clicks in CLICKS_CSV (image,annotator,x,y,label[,task_run]) into cells.
+
+    Output columns: image,x,y,label,p_alive,confidence,support,n_runs,p_cell.
+    """
+    from cellspot.consensus import DEFAULT_METHOD, run_consensus
+    from cellspot.consensus.io import read_clicks_csv, write_cells_csv
+    from cellspot.consensus.types import ConsensusInputError, UnknownMethodError
+
+    try:
+        clicks = read_clicks_csv(clicks_csv)
+        result = run_consensus(clicks, method or DEFAULT_METHOD, cell_radius=cell_radius)
+    except (ConsensusInputError, UnknownMethodError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_cells_csv(result.cells, out)
+    if annotators_out is not None:
+        annotators_out.parent.mkdir(parents=True, exist_ok=True)
+        result.annotators.to_csv(annotators_out, index=False, float_format="%.6g")
+    n_alive = int((result.cells["label"] == "alive").sum())
+    click.echo(
+        f"{len(clicks):,} clicks on {clicks['image'].nunique():,} images -> {len(result.cells):,} cells "
+        f"({n_alive:,} alive, {len(result.cells) - n_alive:,} dead) with {result.params['method']} -> {out}",
+        err=True,
+    )

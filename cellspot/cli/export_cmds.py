@@ -1,0 +1,81 @@
+"""``cellspot export``: write the clean dataset of a project's latest consensus snapshot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cellspot.cli import main
+
+
+@main.command("export")
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--project", "project_name", default=None, help="Project name (default: the settings' default project).")
+@click.option("--crop-size", default=96, show_default=True, type=click.IntRange(min=1), help="Crop side in pixels.")
+@click.option("--split", "split_text", default="0.8,0.1,0.1", show_default=True,
+              help="Train,val,test fractions of images (split by image, stratified by dead fraction).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--min-confidence", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Cells below this consensus confidence are left out (and counted in the manifest).")
+@click.option("--snapshot", "snapshot_id", default=None, type=int, help="Snapshot id (default: the latest).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTDIR if it exists and is not empty.")
+def export_command(
+    outdir: Path,
+    project_name: str | None,
+    crop_size: int,
+    split_text: str,
+    seed: int,
+    min_confidence: float,
+    snapshot_id: int | None,
+    overwrite: bool,
+) -> None:
+    """Export cells, clicks, reliability, images, COCO keypoints and crops to OUTDIR."""
+    from tqdm import tqdm
+
+    from cellspot.crops import SplitError, parse_fractions
+    from cellspot.export import ExportError, export_dataset
+    from cellspot.settings import get_settings
+    from cellspot.store.db import make_engine, session_factory
+    from cellspot.store.queries import ProjectNotFoundError, get_project
+
+    try:
+        fractions = parse_fractions(split_text)
+    except SplitError as exc:
+        raise click.BadParameter(str(exc), param_hint="--split") from None
+    settings = get_settings()
+    name = project_name or settings.default_project
+    engine = make_engine(settings=settings)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="image", leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        with session_factory(engine)() as session:
+            project = get_project(session, name)
+            report = export_dataset(
+                session, project, outdir, settings, crop_size=crop_size, split=fractions, seed=seed,
+                min_confidence=min_confidence, snapshot=snapshot_id, overwrite=overwrite, progress=progress,
+            )
+    except (ProjectNotFoundError, ExportError, SplitError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        for bar in bars.values():
+            bar.close()
+        engine.dispose()
+
+    c = report.counts
+    split = c["images_per_split"]
+    click.echo(f"exported project {name!r}, snapshot {report.snapshot_id} ({report.method}) to {report.outdir}")
+    click.echo(f"  images: {c['images']} (train {split['train']}, val {split['val']}, test {split['test']}; "
+               f"{c['images_without_pixels']} without pixels)")
+    click.echo(f"  cells:  {c['cells_exported']} ({c['cells_alive']} alive, {c['cells_dead']} dead); "
+               f"{c['cells_below_min_confidence']} below confidence {min_confidence:g} left out")
+    click.echo(f"  crops:  {c['crops']} of {crop_size}x{crop_size} px "
+               f"({c['cells_without_pixels']} cells on images without pixels have none)")
+    click.echo(f"  clicks: {c['clicks']} from {c['task_runs']} task runs")
+    click.echo(f"manifest: {report.manifest_path}")

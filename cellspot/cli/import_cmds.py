@@ -1,0 +1,128 @@
+"""``cellspot import images|clicks|gold``: bring files into a project (created when missing).
+
+Each command upgrades the database to the newest schema first, imports in one transaction
+and prints a summary. Problems go to stderr; the exit status is 1 when anything failed.
+Heavy imports stay inside the command functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cellspot.cli import main
+
+_PROJECT_OPTION = click.option(
+    "--project", "project_name", default=None, help="Project name [default: the settings' default project]."
+)
+_EXISTING = click.Path(exists=True, path_type=Path)
+
+
+@main.group("import")
+def import_group() -> None:
+    """Import images, crowd clicks and expert (gold) cells into a project."""
+
+
+@contextmanager
+def _project_session(project_name: str | None) -> Iterator[tuple[Any, Any, Any]]:
+    """(settings, session, project) in one transaction, on a database upgraded to head."""
+    from cellspot.settings import get_settings
+    from cellspot.store.db import make_engine, transaction
+    from cellspot.store.migrate import upgrade
+    from cellspot.store.queries import get_or_create_project
+
+    settings = get_settings()
+    engine = make_engine(settings=settings)
+    try:
+        upgrade(engine)
+        with transaction(engine) as session:
+            project = get_or_create_project(session, project_name or settings.default_project)
+            yield settings, session, project
+    finally:
+        engine.dispose()
+
+
+def _tqdm_progress(description: str) -> tuple[Callable[[int, int, str], None], Callable[[], None]]:
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int, label: str) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc=description, unit="file")
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        if "bar" in state:
+            state["bar"].close()
+
+    return update, close
+
+
+@import_group.command("images")
+@click.argument("paths", nargs=-1, required=True, type=_EXISTING)
+@_PROJECT_OPTION
+@click.option("--metadata", "metadata_csv", type=_EXISTING, default=None,
+              help="CSV with an 'image' column plus condition, drug, dose, time, ...")
+def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: Path | None) -> None:
+    """Import image files, folders (recursive) and zip archives (PNG, JPEG, TIFF; 8/16 bit)."""
+    from cellspot.importers import ImageImportError, import_images
+
+    update, close = _tqdm_progress("images")
+    try:
+        with _project_session(project_name) as (settings, session, project):
+            report = import_images(session, project, paths, settings, metadata_csv, progress=update)
+    except ImageImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        close()
+    click.echo(f"project {project.name!r}: {report.summary()}")
+    for problem in report.duplicates:
+        click.echo(f"duplicate: {problem}", err=True)
+    for problem in report.errors:
+        click.echo(f"error: {problem}", err=True)
+    if report.errors:
+        raise click.ClickException(
+            f"{len(report.errors)} file(s) or metadata line(s) could not be imported (see above)"
+        )
+
+
+@import_group.command("clicks")
+@click.argument("file", type=_EXISTING)
+@click.option("--format", "fmt", type=click.Choice(["auto", "csv", "pybossa"]), default="auto", show_default=True,
+              help="csv: image,annotator,x,y,label[,task_run,timestamp]; pybossa: Cell Spotting task-run export.")
+@_PROJECT_OPTION
+@click.option("--skip-invalid", is_flag=True,
+              help="Import the valid rows; write the rejects with their reasons to a CSV under CELLSPOT_HOME.")
+def clicks_cmd(file: Path, fmt: str, project_name: str | None, skip_invalid: bool) -> None:
+    """Import crowd clicks (re-importing the same file changes nothing)."""
+    from cellspot.importers import ClickImportError, import_clicks
+
+    try:
+        with _project_session(project_name) as (settings, session, project):
+            report = import_clicks(session, project, file, fmt, skip_invalid=skip_invalid, settings=settings)
+    except ClickImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"project {project.name!r}: {report.summary()}")
+    if report.rejects_path is not None:
+        click.echo(f"rejects: {report.rejects_path}")
+
+
+@import_group.command("gold")
+@click.argument("file", type=_EXISTING)
+@_PROJECT_OPTION
+def gold_cmd(file: Path, project_name: str | None) -> None:
+    """Import expert (gold) cells from a CSV image,x,y,label (alive|dead)."""
+    from cellspot.importers import GoldImportError, import_gold
+
+    try:
+        with _project_session(project_name) as (_settings, session, project):
+            report = import_gold(session, project, file)
+    except GoldImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"project {project.name!r}: {report.summary()}")

@@ -1,0 +1,115 @@
+"""Store commands: ``cellspot init``, ``cellspot aggregate``, ``cellspot projects``.
+
+Heavy imports (sqlalchemy, pandas, consensus) stay inside the command functions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from cellspot.cli import main
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from cellspot.settings import Settings
+
+
+def _safe_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def open_store(settings: Settings | None = None) -> Engine:
+    """An engine on the settings' database, which must be migrated to head (else a CLI error)."""
+    from cellspot.store.db import make_engine
+    from cellspot.store.migrate import current_revision, head_revision
+
+    engine = make_engine(settings=settings)
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        state = "is not initialised" if current is None else f"is at revision {current}, not {head}"
+        raise click.ClickException(f"database {_safe_url(engine)} {state}; run `cellspot init` first")
+    return engine
+
+
+@main.command("init")
+def init_cmd() -> None:
+    """Create CELLSPOT_HOME and upgrade the database to the newest schema."""
+    from cellspot.settings import get_settings
+    from cellspot.store.db import make_engine
+    from cellspot.store.migrate import current_revision, upgrade
+
+    settings = get_settings()
+    for folder in (settings.home, settings.images_dir, settings.exports_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings=settings)
+    try:
+        upgrade(engine)
+        revision = current_revision(engine)
+    finally:
+        engine.dispose()
+    click.echo(f"home:     {settings.home.resolve()}")
+    click.echo(f"database: {_safe_url(engine)} (revision {revision})")
+
+
+@main.command("aggregate")
+@click.option("--project", "project_name", default=None,
+              help="Project name [default: the settings' default project].")
+@click.option("--method", default=None, help="Consensus method [default: the registry's default].")
+@click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Cell radius hint in pixels (the default method estimates it).")
+@click.option("--min-runs", type=click.IntRange(min=1), default=None,
+              help="Retire images with at least this many runs [project setting retire_min_runs, default 3].")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="... whose cells all have at least this confidence [retire_min_confidence, default 0.9].")
+def aggregate_cmd(
+    project_name: str | None, method: str | None, cell_radius: float | None,
+    min_runs: int | None, min_confidence: float | None,
+) -> None:
+    """Compute a consensus snapshot of a project's clicks and apply the retirement rule."""
+    from cellspot.consensus import DEFAULT_METHOD, UnknownMethodError
+    from cellspot.settings import get_settings
+    from cellspot.store.db import transaction
+    from cellspot.store.queries import ProjectNotFoundError
+    from cellspot.workflows.aggregate import aggregate
+
+    settings = get_settings()
+    engine = open_store(settings)
+    name = project_name or settings.default_project
+    try:
+        with transaction(engine) as session:
+            report = aggregate(session, name, method=method or DEFAULT_METHOD, cell_radius=cell_radius,
+                               min_runs=min_runs, min_confidence=min_confidence)
+    except (ProjectNotFoundError, UnknownMethodError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        engine.dispose()
+    click.echo(
+        f"project {name!r}: snapshot {report.snapshot_id} ({report.method}): "
+        f"{report.cells} cells ({report.gold_cells} gold) on {report.images} images from "
+        f"{report.clicks} clicks in {report.task_runs} runs, {report.annotators} annotators rated"
+    )
+    click.echo(
+        f"retired: {report.retired} images ({report.newly_retired} new, "
+        f"{report.reactivated} back to active)"
+    )
+
+
+@main.command("projects")
+def projects_cmd() -> None:
+    """List the projects with their counts."""
+    from cellspot.store.db import session_factory
+    from cellspot.store.queries import project_summaries
+
+    engine = open_store()
+    try:
+        with session_factory(engine)() as session:
+            table = project_summaries(session)
+    finally:
+        engine.dispose()
+    if table.empty:
+        click.echo("no projects yet (`cellspot import ...` or `cellspot demo` creates one)")
+        return
+    click.echo(table.drop(columns=["project_id"]).to_string(index=False))

@@ -1,0 +1,139 @@
+"""Array helpers shared by the consensus methods (pure numpy/pandas)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+LABEL_CODE = {"alive": 1, "dead": 0, "not_sure": -1}
+
+
+@dataclass(frozen=True)
+class ClickArrays:
+    """A prepared click table as integer-coded arrays, all of length ``n`` clicks.
+
+    ``image``/``run``/``annotator`` are codes into ``image_names``/``run_names``/
+    ``annotator_names``; ``label`` is 1 alive, 0 dead, -1 not sure;
+    ``run_image``/``run_annotator`` map run code -> image / annotator code.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    label: np.ndarray
+    image: np.ndarray
+    run: np.ndarray
+    annotator: np.ndarray
+    image_names: np.ndarray
+    run_names: np.ndarray
+    annotator_names: np.ndarray
+    run_image: np.ndarray
+    run_annotator: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_names)
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.run_names)
+
+    @property
+    def n_annotators(self) -> int:
+        return len(self.annotator_names)
+
+
+def _codes(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    codes, uniques = pd.factorize(values, sort=True)
+    return codes.astype(np.int64), np.asarray([str(u) for u in uniques], dtype=object)
+
+
+def encode_clicks(clicks: pd.DataFrame, runs: pd.DataFrame | None = None) -> ClickArrays:
+    """Code a prepared click table (see ``prepare_clicks``) and optional zero-click runs.
+
+    Without a ``task_run`` column every annotator x image pair is one run. Runs listed in
+    ``runs`` but without clicks still count as having seen their image.
+    """
+    n = len(clicks)
+    if runs is not None and len(runs):
+        if "task_run" not in clicks.columns:
+            raise ValueError("clicks need a task_run column when a runs table is given")
+        extra = runs[["image", "task_run", "annotator"]]
+        table = pd.concat([clicks[["image", "task_run", "annotator"]], extra], ignore_index=True)
+    else:
+        table = clicks[[c for c in ("image", "task_run", "annotator") if c in clicks.columns]]
+    image_all, image_names = _codes(table["image"].to_numpy())
+    annot_all, annot_names = _codes(table["annotator"].to_numpy())
+    if "task_run" in table.columns:
+        run_all, run_names = _codes(table["task_run"].to_numpy())
+    else:
+        pair = image_all * (len(annot_names) + 1) + annot_all
+        run_all, uniq = pd.factorize(pair, sort=True)
+        run_all = run_all.astype(np.int64)
+        run_names = np.asarray([f"{image_names[p // (len(annot_names) + 1)]}/{annot_names[p % (len(annot_names) + 1)]}"
+                                for p in uniq], dtype=object)
+    n_runs = len(run_names)
+    run_image = np.zeros(n_runs, dtype=np.int64)
+    run_annot = np.zeros(n_runs, dtype=np.int64)
+    run_image[run_all[::-1]] = image_all[::-1]  # first occurrence wins
+    run_annot[run_all[::-1]] = annot_all[::-1]
+    label = np.full(n, -1, dtype=np.int8)
+    lab = clicks["label"].to_numpy()
+    label[lab == "alive"] = 1
+    label[lab == "dead"] = 0
+    return ClickArrays(
+        x=clicks["x"].to_numpy(np.float64),
+        y=clicks["y"].to_numpy(np.float64),
+        label=label,
+        image=run_image[run_all[:n]],
+        run=run_all[:n],
+        annotator=run_annot[run_all[:n]],
+        image_names=image_names,
+        run_names=run_names,
+        annotator_names=annot_names,
+        run_image=run_image,
+        run_annotator=run_annot,
+    )
+
+
+def runs_per_image(arr: ClickArrays) -> np.ndarray:
+    """Number of runs that saw each image, shape (n_images,)."""
+    return np.bincount(arr.run_image, minlength=arr.n_images)
+
+
+def offset_coordinates(
+    x: np.ndarray, y: np.ndarray, group: np.ndarray, scale: np.ndarray | float = 1.0
+) -> tuple[np.ndarray, float]:
+    """Points of all groups in one plane, far apart, so one KD-tree serves every group.
+
+    Returns ``(points, gap)``: an (n, 2) array ``[x/scale + group * gap, y/scale]`` where
+    ``gap`` exceeds twice the span of any group plus 10, so neighbour searches with a
+    radius below ``gap / 2`` never cross groups.
+    """
+    xs = x / scale
+    ys = y / scale
+    span = float(np.nanmax(np.abs(np.concatenate([xs, ys])))) if len(xs) else 0.0
+    gap = 2.0 * span + 10.0
+    return np.column_stack([xs + group.astype(np.float64) * gap, ys]), gap
+
+
+def vote_to_cells(
+    image: np.ndarray, x: np.ndarray, y: np.ndarray, p_alive: np.ndarray, support: np.ndarray,
+    n_runs: np.ndarray, confidence: np.ndarray, p_cell: np.ndarray, image_names: np.ndarray,
+) -> pd.DataFrame:
+    """Assemble the standard cells table from per-cell arrays (all of length n_cells)."""
+    p_alive = np.clip(p_alive, 0.0, 1.0)
+    return pd.DataFrame(
+        {
+            "image": image_names[image] if len(image) else np.array([], dtype=object),
+            "x": x.astype(np.float64),
+            "y": y.astype(np.float64),
+            "label": np.where(p_alive >= 0.5, "alive", "dead").astype(object),
+            "p_alive": p_alive.astype(np.float64),
+            "confidence": np.clip(confidence, 0.0, 1.0).astype(np.float64),
+            "support": support.astype(np.int64),
+            "n_runs": n_runs.astype(np.int64),
+            "p_cell": np.clip(p_cell, 0.0, 1.0).astype(np.float64),
+        }
+    )

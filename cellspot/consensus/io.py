@@ -1,0 +1,50 @@
+"""Fast CSV input/output for the stateless ``cellspot consensus`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from cellspot.consensus.types import CELL_COLUMNS, ConsensusInputError
+
+REQUIRED = ("image", "annotator", "x", "y", "label")
+
+
+def read_clicks_csv(path: Path) -> pd.DataFrame:
+    """Read ``image,annotator,x,y,label[,task_run]`` (other columns ignored).
+
+    Raises :class:`ConsensusInputError` naming the file and the missing columns.
+    """
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise ConsensusInputError(
+            f"{path}: missing column(s) {missing}; needs image, annotator, x, y, label "
+            f"(task_run optional); found {list(header)}"
+        )
+    usecols = [c for c in (*REQUIRED, "task_run") if c in header]
+    dtype = {c: "string" for c in ("image", "annotator", "label", "task_run") if c in usecols}
+    try:
+        df = pd.read_csv(path, usecols=usecols, dtype=dtype, engine="pyarrow")
+    except (ValueError, TypeError) as exc:  # pyarrow raises ArrowInvalid (a ValueError)
+        raise ConsensusInputError(f"{path}: cannot parse as click CSV: {exc}") from exc
+    for col in dtype:
+        df[col] = df[col].astype(object)
+    return df
+
+
+def write_cells_csv(cells: pd.DataFrame, path: Path) -> None:
+    """Write the cells table with the standard columns first, then any extra ones."""
+    cols = CELL_COLUMNS + [c for c in cells.columns if c not in CELL_COLUMNS]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    table = cells[cols].copy()
+    for col in ("x", "y"):
+        table[col] = table[col].round(2)
+    for col in ("p_alive", "confidence", "p_cell"):
+        table[col] = table[col].round(4)
+    pacsv.write_csv(pa.Table.from_pandas(table, preserve_index=False), tmp)
+    tmp.replace(path)

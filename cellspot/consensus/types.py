@@ -1,0 +1,89 @@
+"""Shared types and input preparation for consensus methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CELL_COLUMNS = [
+    "image", "x", "y", "label", "p_alive", "confidence", "support", "n_runs", "p_cell",
+]
+ANNOTATOR_COLUMNS = [
+    "annotator", "n_runs", "n_clicks", "sensitivity", "precision",
+    "accuracy_alive", "accuracy_dead", "weight",
+]
+CLICK_LABELS = ("alive", "dead", "not_sure")
+
+
+class UnknownMethodError(ValueError):
+    """Raised for a consensus method name that is not registered."""
+
+
+class ConsensusInputError(ValueError):
+    """Raised when the click table is malformed (missing columns, bad labels, NaN)."""
+
+
+@dataclass
+class ConsensusResult:
+    """What every method returns.
+
+    ``cells``: one row per consensus cell, columns :data:`CELL_COLUMNS`
+    (``label`` is alive|dead, ``p_alive``/``confidence``/``p_cell`` in [0, 1],
+    ``support`` = number of runs that clicked it, ``n_runs`` = runs that saw the image).
+    ``annotators``: columns :data:`ANNOTATOR_COLUMNS` (may be empty for baselines).
+    ``params``: the parameters actually used (estimated radius included).
+    """
+
+    cells: pd.DataFrame
+    annotators: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ANNOTATOR_COLUMNS))
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def empty_cells() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=("object" if c in ("image", "label") else "float64"))
+                         for c in CELL_COLUMNS})
+
+
+def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
+    """Validate and normalise a click table.
+
+    Returns a new frame with ``x``, ``y`` as float64 and ``label`` normalised to
+    :data:`CLICK_LABELS` (``not_sure_alive`` from the legacy export is ``not_sure``).
+    ``image``, ``annotator`` and ``task_run`` are kept as given; codes are made later.
+    Raises :class:`ConsensusInputError` naming the first bad row (0-based) and the field.
+    """
+    missing = [c for c in ("image", "annotator", "x", "y", "label") if c not in clicks.columns]
+    if missing:
+        raise ConsensusInputError(
+            f"click table lacks column(s) {missing}; needs image, annotator, x, y, label "
+            f"(task_run optional); has {list(clicks.columns)}"
+        )
+    cols = [c for c in ("image", "annotator", "task_run") if c in clicks.columns]
+    out = clicks[cols].reset_index(drop=True)
+    for col in ("x", "y"):
+        values = pd.to_numeric(clicks[col], errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ConsensusInputError(
+                f"row {row}, field {col}: {clicks[col].iloc[row]!r} is not a finite number "
+                f"({int(bad.sum())} bad rows)"
+            )
+        out[col] = values
+    labels = clicks["label"].astype("category")
+    normalised = labels.cat.categories.astype(str).str.strip().str.lower()
+    normalised = normalised.where(normalised != "not_sure_alive", "not_sure")
+    unknown = ~normalised.isin(CLICK_LABELS)
+    if unknown.any() or labels.isna().any():
+        bad_rows = labels.isna().to_numpy() | np.isin(labels.cat.codes.to_numpy(), np.flatnonzero(unknown))
+        row = int(np.flatnonzero(bad_rows)[0])
+        raise ConsensusInputError(
+            f"row {row}, field label: {clicks['label'].iloc[row]!r} is not a label; "
+            f"allowed: {', '.join(CLICK_LABELS)}"
+        )
+    out["label"] = pd.Categorical.from_codes(labels.cat.codes.to_numpy(), categories=list(normalised))
+    out["label"] = out["label"].astype(str)
+    return out

@@ -1,0 +1,525 @@
+"""Clean-dataset export: one consensus snapshot -> tables, COCO keypoints, crops, manifest.
+
+Layout of an export folder (``outdir``)::
+
+    manifest.json          snapshot, parameters, counts, sha256 of every other file
+    cells.csv, cells.json  consensus cells at or above ``min_confidence`` (with their split)
+    cells_left_out.csv     consensus cells below ``min_confidence`` (counted in the manifest)
+    clicks.csv             every raw click with its task run, annotator and image
+    annotators.csv         reliability estimated by the snapshot, with nickname/class code/role
+    images.csv             per image: counts, viability %, size, status, metadata, split
+    coco_keypoints.json    COCO-style keypoints (pixel coordinates), categories alive/dead
+    crops/index.csv        crop_path (relative to crops/), image, split, label, x, y, ...
+    crops/{train,val,test}/{alive,dead}/*.png
+
+The split is by image and stratified by the image's dead fraction
+(:func:`cellspot.crops.stratified_image_split`). Everything is written into a hidden
+temporary folder beside ``outdir`` and renamed into place at the end, so a failed export
+never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+import cellspot
+from cellspot.crops import SPLITS, crop_around, split_counts, stratified_image_split, validate_fractions
+from cellspot.settings import Settings
+from cellspot.store import queries
+from cellspot.store.models import Annotator, Click, ConsensusSnapshot, Image, Project, TaskRun
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "cellspot-dataset"
+FORMAT_VERSION = 1
+CELL_EXPORT_COLUMNS = [
+    "image", "x", "y", "label", "p_alive", "confidence", "support", "n_runs", "p_cell", "from_gold", "split",
+]
+CLICK_EXPORT_COLUMNS = [
+    "image", "task_run", "client_key", "annotator", "nickname", "class_code", "role",
+    "click_index", "x", "y", "label", "source", "submitted_at",
+]
+ANNOTATOR_EXPORT_COLUMNS = [
+    "annotator", "nickname", "class_code", "role", "n_runs", "n_clicks",
+    "sensitivity", "precision", "accuracy_alive", "accuracy_dead", "weight",
+]
+CROP_INDEX_COLUMNS = ["crop_path", "image", "split", "label", "x", "y", "p_alive", "confidence"]
+COCO_CATEGORIES = [
+    {"id": 1, "name": "alive", "supercategory": "cell", "keypoints": ["center"], "skeleton": []},
+    {"id": 2, "name": "dead", "supercategory": "cell", "keypoints": ["center"], "skeleton": []},
+]
+
+#: ``progress(stage, done, total)``: called as each stage advances (stages: "crops").
+ProgressCallback = Callable[[str, int, int], None]
+
+
+class ExportError(RuntimeError):
+    """The export cannot be made (no snapshot, unreadable image, bad parameter)."""
+
+
+class NoSnapshotError(ExportError):
+    """The project has no consensus snapshot yet."""
+
+
+class OutputExistsError(ExportError, FileExistsError):
+    """The output folder exists and is not empty, and ``overwrite`` was not given."""
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_dataset` wrote. Counts are also in ``manifest.json``."""
+
+    outdir: Path
+    manifest_path: Path
+    snapshot_id: int
+    method: str
+    counts: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+
+    @property
+    def n_crops(self) -> int:
+        return int(self.counts["crops"])
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.counts["cells_exported"])
+
+
+# ---------------------------------------------------------------- reading the store
+
+
+def resolve_snapshot(
+    session: Session, project: Project, snapshot: ConsensusSnapshot | int | None = None
+) -> ConsensusSnapshot:
+    """The snapshot to export: the given one (object or id, must belong to ``project``) or the latest."""
+    if snapshot is None:
+        found = queries.latest_snapshot(session, project)
+        if found is None:
+            raise NoSnapshotError(
+                f"project {project.name!r} has no consensus snapshot yet; "
+                f"run `cellspot aggregate --project {project.name}` first"
+            )
+        return found
+    snap = session.get(ConsensusSnapshot, snapshot) if isinstance(snapshot, int) else snapshot
+    if snap is None or snap.project_id != project.id:
+        raise NoSnapshotError(f"consensus snapshot {snapshot!r} does not exist in project {project.name!r}")
+    return snap
+
+
+def _images_frame(session: Session, project: Project) -> pd.DataFrame:
+    rows = session.execute(
+        select(
+            Image.id, Image.name, Image.path, Image.sha256, Image.width, Image.height, Image.channels,
+            Image.bit_depth, Image.has_pixels, Image.status, Image.meta,
+        )
+        .where(Image.project_id == project.id)
+        .order_by(Image.name)
+    ).all()
+    cols = ["image_id", "image", "path", "sha256", "width", "height", "channels", "bit_depth",
+            "has_pixels", "status", "meta"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _cells_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.DataFrame:
+    cells = queries.snapshot_cells_frame(session, snapshot)
+    return cells.sort_values(["image", "y", "x"], kind="mergesort").reset_index(drop=True)
+
+
+def _clicks_frame(session: Session, project: Project) -> pd.DataFrame:
+    rows = session.execute(
+        select(
+            Image.name, TaskRun.id, TaskRun.client_key, Annotator.id, Annotator.nickname,
+            Annotator.class_code, Annotator.role, Click.click_index, Click.x, Click.y, Click.label,
+            TaskRun.source, TaskRun.submitted_at,
+        )
+        .join(TaskRun, TaskRun.id == Click.task_run_id)
+        .join(Image, Image.id == TaskRun.image_id)
+        .join(Annotator, Annotator.id == TaskRun.annotator_id)
+        .where(Image.project_id == project.id)
+        .order_by(Image.name, TaskRun.id, Click.click_index)
+    ).all()
+    return pd.DataFrame(rows, columns=CLICK_EXPORT_COLUMNS)
+
+
+def _reliability_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.DataFrame:
+    frame = queries.reliability_frame(session, snapshot)
+    return frame[ANNOTATOR_EXPORT_COLUMNS]
+
+
+# ---------------------------------------------------------------- pure table builders
+
+
+def flatten_metadata(meta: pd.Series) -> pd.DataFrame:
+    """One column per metadata key, named ``meta_<key>`` (nested keys joined with ``.``).
+
+    ``meta``: Series of dicts (or None), index kept. Returns a DataFrame with the same index.
+    """
+    records = [m if isinstance(m, dict) else {} for m in meta]
+    if not any(records):
+        return pd.DataFrame(index=meta.index)
+    flat = pd.json_normalize(records, sep=".")
+    flat.columns = [f"meta_{c}" for c in flat.columns]
+    flat.index = meta.index
+    return flat[sorted(flat.columns)]
+
+
+def image_table(images: pd.DataFrame, cells: pd.DataFrame, left_out: pd.DataFrame) -> pd.DataFrame:
+    """Per-image summary (one row per image, ordered by name).
+
+    ``images``: from the store (image, width, height, ..., meta); ``cells``: exported cells;
+    ``left_out``: cells below the confidence threshold. Adds ``n_alive``, ``n_dead``,
+    ``n_left_out``, ``viability_pct`` (100 * alive / (alive + dead), empty without cells)
+    and flattened metadata columns.
+    """
+    counts = (
+        cells.groupby(["image", "label"]).size().unstack(fill_value=0)
+        if len(cells) else pd.DataFrame()
+    )
+    out = images[["image", "width", "height", "channels", "bit_depth", "has_pixels", "status", "sha256"]].copy()
+    out["n_alive"] = out["image"].map(counts.get("alive", pd.Series(dtype=int))).fillna(0).astype(int)
+    out["n_dead"] = out["image"].map(counts.get("dead", pd.Series(dtype=int))).fillna(0).astype(int)
+    out["n_left_out"] = out["image"].map(left_out["image"].value_counts()).fillna(0).astype(int)
+    total = out["n_alive"] + out["n_dead"]
+    out["viability_pct"] = (100.0 * out["n_alive"] / total.where(total > 0)).round(2)
+    meta = flatten_metadata(images["meta"])
+    return pd.concat([out, meta], axis=1)
+
+
+def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame) -> dict[str, Any]:
+    """COCO-style keypoint dataset: one keypoint ``[x, y, 2]`` (pixels) per cell.
+
+    ``images``: image, width, height, split (image ids are 1-based in name order);
+    ``cells``: exported cells. ``score`` is the consensus confidence.
+    """
+    image_ids = {name: i + 1 for i, name in enumerate(images["image"])}
+    coco_images = [
+        {"id": image_ids[r.image], "file_name": r.image, "width": int(r.width), "height": int(r.height),
+         "split": r.split}
+        for r in images.itertuples(index=False)
+    ]
+    category = {c["name"]: c["id"] for c in COCO_CATEGORIES}
+    annotations = [
+        {
+            "id": i + 1,
+            "image_id": image_ids[r.image],
+            "category_id": category[r.label],
+            "keypoints": [float(r.x), float(r.y), 2],
+            "num_keypoints": 1,
+            "score": float(r.confidence),
+            "p_alive": float(r.p_alive),
+            "support": int(r.support),
+            "from_gold": bool(r.from_gold),
+        }
+        for i, r in enumerate(cells.itertuples(index=False))
+    ]
+    return {
+        "info": {"description": "cellspot consensus cells", "version": cellspot.__version__},
+        "images": coco_images,
+        "annotations": annotations,
+        "categories": COCO_CATEGORIES,
+    }
+
+
+def safe_stem(name: str) -> str:
+    """File-system-safe stem of an image name (``a/b c.tif`` -> ``a_b_c``)."""
+    stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", name)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _Writer:
+    """Writes files under a root and remembers each file's sha256 and size."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def write_csv(self, rel: str, frame: pd.DataFrame) -> None:
+        self.write_bytes(rel, frame.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=1, default=_json_default) + "\n").encode("utf-8"))
+
+    def write_png(self, rel: str, array: np.ndarray) -> None:
+        buf = io.BytesIO()
+        PILImage.fromarray(array).save(buf, format="PNG", compress_level=1)
+        self.write_bytes(rel, buf.getvalue())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, (datetime, pd.Timestamp)):
+        return obj.isoformat()
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-ready records: NaN -> None, numpy scalars -> Python."""
+    return json.loads(frame.to_json(orient="records", date_format="iso", double_precision=15))
+
+
+def _check_outdir(outdir: Path, overwrite: bool) -> None:
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputExistsError(f"export target {outdir} exists and is not a folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"export folder {outdir} is not empty; choose another folder or pass overwrite=True (--overwrite)"
+        )
+
+
+def _swap_into_place(tmp: Path, outdir: Path) -> None:
+    """Replace ``outdir`` by ``tmp`` (rename; the old folder is removed only after the swap)."""
+    old: Path | None = None
+    if outdir.exists():
+        old = outdir.parent / f".{outdir.name}.old-{uuid.uuid4().hex[:8]}"
+        outdir.rename(old)
+    try:
+        tmp.rename(outdir)
+    except OSError:
+        if old is not None:
+            old.rename(outdir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- crops
+
+
+def _write_crops(
+    writer: _Writer,
+    cells: pd.DataFrame,
+    images: pd.DataFrame,
+    settings: Settings,
+    crop_size: int,
+    progress: ProgressCallback | None,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Crop every exported cell of every image with pixels; returns (index, counts)."""
+    from cellspot.imaging import ImageReadError, read_image, to_display_rgb8
+
+    by_image = dict(tuple(cells.groupby("image", sort=True))) if len(cells) else {}
+    info = images.set_index("image")
+    index_rows: list[dict[str, Any]] = []
+    skipped_cells = 0
+    todo = sorted(by_image)
+    for done, name in enumerate(todo, start=1):
+        group = by_image[name]
+        row = info.loc[name]
+        if not bool(row["has_pixels"]) or not row["path"]:
+            skipped_cells += len(group)
+        else:
+            path = settings.home / str(row["path"])
+            try:
+                loaded = read_image(path)
+            except ImageReadError as exc:
+                raise ExportError(f"cannot read the pixels of image {name!r}: {exc}") from exc
+            rgb = to_display_rgb8(loaded.array, loaded.bit_depth)
+            stem = f"{safe_stem(name)}-{int(row['image_id'])}"
+            for i, cell in enumerate(group.itertuples(index=False)):
+                rel = f"{row['split']}/{cell.label}/{stem}-{i:04d}.png"
+                writer.write_png(f"crops/{rel}", crop_around(rgb, float(cell.x), float(cell.y), crop_size))
+                index_rows.append(
+                    {"crop_path": rel, "image": name, "split": row["split"], "label": cell.label,
+                     "x": cell.x, "y": cell.y, "p_alive": cell.p_alive, "confidence": cell.confidence}
+                )
+        if progress is not None:
+            progress("crops", done, len(todo))
+    index = pd.DataFrame(index_rows, columns=CROP_INDEX_COLUMNS)
+    return index, {"cells_without_pixels": skipped_cells}
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def export_dataset(
+    session: Session,
+    project: Project | str,
+    outdir: Path | str,
+    settings: Settings,
+    crop_size: int = 96,
+    split: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    min_confidence: float = 0.5,
+    snapshot: ConsensusSnapshot | int | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> ExportReport:
+    """Export the clean dataset of ``project`` (see the module docstring for the layout).
+
+    ``snapshot``: the consensus snapshot (object or id) to export; default the latest.
+    ``crop_size``: side of the square crops in pixels (reflect padding at borders).
+    ``split``: train/val/test fractions of *images*; ``seed`` makes the split reproducible.
+    ``min_confidence``: cells below it are left out of cells/COCO/crops, listed in
+    ``cells_left_out.csv`` and counted in the manifest.
+    ``overwrite``: replace a non-empty ``outdir`` (only once the new export is complete).
+    ``progress``: optional ``progress(stage, done, total)`` callback (the CLI shows tqdm bars).
+    ``project`` may be a :class:`Project` or its name.
+    Reads only; never commits. Raises :class:`NoSnapshotError`, :class:`OutputExistsError`,
+    :class:`ExportError`, :class:`cellspot.crops.SplitError`.
+    """
+    fractions = validate_fractions(split)
+    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
+        raise ExportError(f"crop size must be a positive integer number of pixels; got {crop_size!r}")
+    if not (0.0 <= float(min_confidence) <= 1.0):
+        raise ExportError(f"min_confidence must be within [0, 1]; got {min_confidence!r}")
+    outdir = Path(outdir)
+    _check_outdir(outdir, overwrite)
+    if isinstance(project, str):
+        project = queries.get_project(session, project)
+    snap = resolve_snapshot(session, project, snapshot)
+
+    images = _images_frame(session, project)
+    all_cells = _cells_frame(session, snap)
+    keep = all_cells["confidence"] >= float(min_confidence)
+    cells, left_out = all_cells[keep].reset_index(drop=True), all_cells[~keep].reset_index(drop=True)
+    clicks = _clicks_frame(session, project)
+    annotators = _reliability_frame(session, snap)
+    log.info("exporting snapshot %d of %r: %d images, %d cells (%d below %.2f), %d clicks",
+             snap.id, project.name, len(images), len(cells), len(left_out), min_confidence, len(clicks))
+
+    table = image_table(images, cells, left_out)
+    assignment = stratified_image_split(table[["image", "n_alive", "n_dead"]], fractions, seed=seed)
+    images["split"] = images["image"].map(assignment)
+    table["split"] = table["image"].map(assignment)
+    cells["split"] = cells["image"].map(assignment)
+    left_out["split"] = left_out["image"].map(assignment)
+
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outdir.parent / f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        writer = _Writer(tmp)
+        writer.write_csv("cells.csv", cells[CELL_EXPORT_COLUMNS])
+        writer.write_json("cells.json", _records(cells[CELL_EXPORT_COLUMNS]))
+        writer.write_csv("cells_left_out.csv", left_out[CELL_EXPORT_COLUMNS])
+        writer.write_csv("clicks.csv", clicks)
+        writer.write_csv("annotators.csv", annotators)
+        writer.write_csv("images.csv", table)
+        writer.write_json("coco_keypoints.json", coco_keypoints(images, cells))
+        for s in SPLITS:
+            for label in ("alive", "dead"):
+                (tmp / "crops" / s / label).mkdir(parents=True, exist_ok=True)
+        index, crop_counts = _write_crops(writer, cells, images, settings, crop_size, progress)
+        writer.write_csv("crops/index.csv", index)
+        counts = _counts(images, cells, left_out, clicks, annotators, index, assignment, crop_counts)
+        manifest = _manifest(project, snap, counts, writer.files, crop_size, fractions, seed, min_confidence)
+        writer.write_json("manifest.json", manifest)
+        _swap_into_place(tmp, outdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = {rel: meta["sha256"] for rel, meta in writer.files.items()}
+    log.info("export written to %s (%d files, %d crops)", outdir, len(files), counts["crops"])
+    return ExportReport(outdir=outdir, manifest_path=outdir / "manifest.json", snapshot_id=snap.id,
+                        method=snap.method, counts=counts, files=files)
+
+
+def _counts(
+    images: pd.DataFrame,
+    cells: pd.DataFrame,
+    left_out: pd.DataFrame,
+    clicks: pd.DataFrame,
+    annotators: pd.DataFrame,
+    index: pd.DataFrame,
+    assignment: dict[str, str],
+    crop_counts: dict[str, int],
+) -> dict[str, Any]:
+    per_split_label = {
+        s: {lab: int(((index["split"] == s) & (index["label"] == lab)).sum()) for lab in ("alive", "dead")}
+        for s in SPLITS
+    }
+    return {
+        "images": len(images),
+        "images_with_pixels": int(images["has_pixels"].sum()),
+        "images_without_pixels": int((~images["has_pixels"].astype(bool)).sum()),
+        "images_per_split": split_counts(assignment),
+        "cells_in_snapshot": len(cells) + len(left_out),
+        "cells_exported": len(cells),
+        "cells_alive": int((cells["label"] == "alive").sum()),
+        "cells_dead": int((cells["label"] == "dead").sum()),
+        "cells_below_min_confidence": len(left_out),
+        "cells_without_pixels": crop_counts["cells_without_pixels"],
+        "crops": len(index),
+        "crops_per_split": per_split_label,
+        "clicks": len(clicks),
+        "task_runs": int(clicks["task_run"].nunique()) if len(clicks) else 0,
+        "annotators": len(annotators),
+    }
+
+
+def _manifest(
+    project: Project,
+    snap: ConsensusSnapshot,
+    counts: dict[str, Any],
+    files: dict[str, dict[str, Any]],
+    crop_size: int,
+    fractions: tuple[float, float, float],
+    seed: int,
+    min_confidence: float,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "cellspot_version": cellspot.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "project": {"id": project.id, "name": project.name},
+        "snapshot": {
+            "id": snap.id, "method": snap.method, "params": snap.params, "stats": snap.stats,
+            "created_at": snap.created_at,
+        },
+        "crop_size": crop_size,
+        "crop_path_relative_to": "crops/",
+        "split": dict(zip(SPLITS, fractions)),
+        "split_by": "image, stratified by dead fraction",
+        "seed": seed,
+        "min_confidence": float(min_confidence),
+        "counts": counts,
+        "files": dict(sorted(files.items())),
+    }
+
+
+def verify_export(outdir: Path | str) -> list[str]:
+    """Check every file listed in ``manifest.json`` against its sha256; returns the problems (empty if fine)."""
+    outdir = Path(outdir)
+    manifest = json.loads((outdir / "manifest.json").read_text())
+    problems = []
+    for rel, meta in manifest["files"].items():
+        path = outdir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
+            problems.append(f"{rel}: checksum differs")
+    return problems

@@ -1,0 +1,106 @@
+"""Bulk store operations the importers need (thousands of rows in a few statements).
+
+Single-row helpers live in :mod:`cellspot.store.queries`; these are their bulk
+counterparts for imports. The caller owns the session: everything flushes, nothing commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import insert, select, tuple_
+from sqlalchemy.orm import Session
+
+from cellspot.store.models import Annotator, Click, Image, Project, TaskRun, utcnow
+
+SQL_CHUNK = 500
+"""Values per ``IN (...)`` list / per bulk statement (well under SQLite's variable limit)."""
+
+
+def _chunks(values: Sequence[Any], size: int = SQL_CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def project_images(session: Session, project: Project) -> dict[str, Image]:
+    """Every image of ``project`` by name (ORM objects, so importers can update them)."""
+    session.flush()
+    return {image.name: image for image in session.scalars(select(Image).where(Image.project_id == project.id))}
+
+
+def existing_client_keys(session: Session, keys: Sequence[str]) -> set[str]:
+    """The subset of ``keys`` that already name a task run."""
+    session.flush()
+    found: set[str] = set()
+    for chunk in _chunks(list(keys)):
+        found.update(session.scalars(select(TaskRun.client_key).where(TaskRun.client_key.in_(chunk))))
+    return found
+
+
+def ensure_images(
+    session: Session, project: Project, sizes: dict[str, tuple[int, int]], known: dict[str, Image]
+) -> tuple[dict[str, int], int]:
+    """Ids of the images named in ``sizes``; missing ones are created without pixels.
+
+    ``known``: the project's images by name (from :func:`project_images`). Returns
+    ``(name -> id, number created)``.
+    """
+    ids = {name: known[name].id for name in sizes if name in known}
+    now = utcnow()
+    rows = [
+        {"project_id": project.id, "name": name, "sha256": None, "path": None, "width": w, "height": h,
+         "channels": 1, "bit_depth": 8, "has_pixels": False, "meta": {}, "status": "active",
+         "created_at": now}
+        for name, (w, h) in sizes.items() if name not in known
+    ]
+    for chunk in _chunks(rows):
+        result = session.execute(insert(Image).returning(Image.id, Image.name), list(chunk))
+        ids.update({name: image_id for image_id, name in result})
+    return ids, len(rows)
+
+
+def ensure_annotators(
+    session: Session, project: Project, identities: set[tuple[str, str]], role: str
+) -> tuple[dict[tuple[str, str], int], int]:
+    """Ids of the annotators ``(nickname, class_code)``; missing ones are created with ``role``.
+
+    Returns ``((nickname, class_code) -> id, number created)``.
+    """
+    session.flush()
+    wanted = sorted(identities)
+    ids: dict[tuple[str, str], int] = {}
+    for chunk in _chunks(wanted):
+        stmt = select(Annotator.id, Annotator.nickname, Annotator.class_code).where(
+            Annotator.project_id == project.id,
+            tuple_(Annotator.nickname, Annotator.class_code).in_(list(chunk)),
+        )
+        ids.update({(nick, code): annotator_id for annotator_id, nick, code in session.execute(stmt)})
+    now = utcnow()
+    rows = [
+        {"project_id": project.id, "nickname": nick, "class_code": code, "role": role, "created_at": now}
+        for nick, code in wanted if (nick, code) not in ids
+    ]
+    for chunk in _chunks(rows):
+        result = session.execute(
+            insert(Annotator).returning(Annotator.id, Annotator.nickname, Annotator.class_code), list(chunk)
+        )
+        ids.update({(nick, code): annotator_id for annotator_id, nick, code in result})
+    return ids, len(rows)
+
+
+def insert_runs(session: Session, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Insert task runs (dicts of :class:`TaskRun` columns); returns client_key -> id."""
+    now = utcnow()
+    ids: dict[str, int] = {}
+    full = [{"is_gold_check": False, **row, "submitted_at": row.get("submitted_at") or now} for row in rows]
+    for chunk in _chunks(full):
+        result = session.execute(insert(TaskRun).returning(TaskRun.id, TaskRun.client_key), list(chunk))
+        ids.update({key: run_id for run_id, key in result})
+    return ids
+
+
+def insert_clicks(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert clicks (dicts with task_run_id, click_index, x, y, label) with executemany."""
+    for chunk in _chunks(rows, 5000):
+        session.execute(Click.__table__.insert(), list(chunk))

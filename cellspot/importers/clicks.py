@@ -1,0 +1,600 @@
+"""Import crowd clicks: a tidy click CSV, or the legacy Cell Spotting / PyBossa task-run export.
+
+Parsing (:func:`parse_tidy_csv`, :func:`parse_pybossa_taskruns`) is pure: a file in,
+validated runs and clicks plus rejects (file, line, field, reason) out. :func:`import_clicks`
+adds the checks that need the store (image sizes), then writes everything in bulk or nothing.
+
+Rules (documented here because they decide what is stored):
+
+* **Runs.** PyBossa: every data row is one task run and its own anonymous annotator
+  (nickname ``pybossa-run-<row index>``, 0-based, role ``imported``, class code
+  ``pybossa-<first 12 hex of the file's sha256>`` so runs of different files never merge;
+  an ``id`` / ``user_id`` column, when a richer export has one, names the run / annotator).
+  Tidy CSV: rows with the same ``task_run`` form one run; without ``task_run`` each
+  annotator x image is one run. Annotators are (nickname, class code ``""``), role
+  ``imported`` when new. A tidy row whose ``x``, ``y`` and ``label`` are all empty records a
+  run that saw the image and marked nothing.
+* **Coordinates.** PyBossa clicks are in the 524x391 display frame. A new image gets a
+  pixel-less record of 524x391, so clicks are stored unchanged; for an image already in the
+  store at another size, clicks are scaled ``x * width / 524``, ``y * height / 391`` (the
+  same aspect ratio; the canvas' 5 px CSS offset is not corrected, it was never verified).
+  Tidy CSV clicks are in image pixels: an image in the store keeps its size; a new one gets
+  the file's ``width``/``height`` columns when given, else the smallest frame holding its
+  clicks, ``floor(max x) + 1`` by ``floor(max y) + 1`` (a lower bound: give the columns).
+* **Validation.** ``0 <= x < width``, ``0 <= y < height``, finite numbers, labels alive /
+  dead / not_sure (``not_sure_alive`` and ``not sure`` mean not_sure). One reject per click
+  (one per row that cannot be split into clicks). By default any reject fails the whole file
+  and nothing is written; with ``skip_invalid`` the valid clicks are imported, the rejects go
+  to a CSV under ``settings.rejects_dir``, and a run whose clicks were all rejected is dropped.
+* **Idempotence.** ``client_key = "import:<sha256 of file>:<run id>"``: re-importing the same
+  file finds every run present and writes nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+from cellspot.imaging import IMAGE_SUFFIXES, sha256_file
+from cellspot.importers.csvtools import (
+    CsvFormatError,
+    csv_records,
+    normalise_header,
+    outside_reason,
+    parse_label,
+    parse_number,
+)
+from cellspot.importers.errors import ClickImportError, ImportProblem, write_problems_csv
+
+log = logging.getLogger(__name__)
+
+PYBOSSA_FRAME = (524, 391)
+"""(width, height) of the Cell Spotting click canvas."""
+TIDY_REQUIRED = ("image", "annotator", "x", "y", "label")
+TIDY_OPTIONAL = ("task_run", "timestamp", "width", "height")
+PYBOSSA_REQUIRED = ("alive_array", "task")
+IMPORTED_ROLE = "imported"
+_CLIENT_KEY_MAX = 200
+
+
+@dataclass(slots=True)
+class ParsedRun:
+    """One task run of a click file: ``key`` is unique within the file (used in the client key)."""
+
+    key: str
+    image: str
+    annotator: str
+    class_code: str
+    line: int
+    n_source_clicks: int = 0
+    started_at: datetime | None = None
+    submitted_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class ParsedClick:
+    """One valid click: ``x``, ``y`` in the file's frame (see :attr:`ParsedClicks.frame`)."""
+
+    run: str
+    x: float
+    y: float
+    label: str
+    click_index: int
+    line: int
+
+
+@dataclass
+class ParsedClicks:
+    """A parsed click file.
+
+    ``frame``: (width, height) the coordinates are in, or ``None`` when they are image pixels.
+    ``declared_sizes``: image name -> (width, height) from the tidy ``width``/``height`` columns.
+    ``n_records``: clicks in the file (a row that cannot be split into clicks counts once);
+    every record is either in ``clicks`` or in ``rejects``.
+    """
+
+    source: Path
+    format: str
+    sha256: str
+    frame: tuple[int, int] | None
+    runs: dict[str, ParsedRun] = field(default_factory=dict)
+    clicks: list[ParsedClick] = field(default_factory=list)
+    rejects: list[ImportProblem] = field(default_factory=list)
+    declared_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    n_records: int = 0
+
+    def reject(self, line: int, field_name: str, reason: str, value: object = None) -> None:
+        text = None if value is None else str(value)[:200]
+        self.rejects.append(ImportProblem(str(self.source), reason, line, field_name, text))
+
+
+@dataclass
+class ClickImportReport:
+    """What :func:`import_clicks` did. ``imported + rejected + already_present == records``."""
+
+    source: str
+    format: str
+    sha256: str
+    records: int
+    imported: int
+    rejected: int
+    already_present: int
+    runs_imported: int
+    runs_already_present: int
+    runs_dropped: int
+    images_created: int
+    annotators_created: int
+    rejects_path: Path | None = None
+
+    def summary(self) -> str:
+        text = (
+            f"{self.source} ({self.format}): {self.records} clicks: {self.imported} imported, "
+            f"{self.rejected} rejected, {self.already_present} already present; runs: "
+            f"{self.runs_imported} imported, {self.runs_already_present} already present, "
+            f"{self.runs_dropped} dropped; {self.images_created} image record(s) and "
+            f"{self.annotators_created} annotator(s) created"
+        )
+        if self.rejects_path is not None:
+            text += f"; rejects written to {self.rejects_path}"
+        return text
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _open_table(path: Path, required: Iterable[str]) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """Header (normalised) and the record iterator; file-level problems raise ClickImportError."""
+    records = csv_records(path)
+    try:
+        first = next(records, None)
+    except CsvFormatError as exc:
+        raise ClickImportError(path, [ImportProblem(str(path), str(exc))]) from exc
+    if first is None:
+        raise ClickImportError(path, [ImportProblem(str(path), "the file is empty", 1)])
+    header = normalise_header(first[1])
+    missing = [c for c in required if c not in header]
+    if missing:
+        problems = [
+            ImportProblem(str(path), f"missing column; required: {', '.join(required)}", first[0], c)
+            for c in missing
+        ]
+        raise ClickImportError(path, problems)
+    return header, _guarded(path, records)
+
+
+def _guarded(path: Path, records: Iterator[tuple[int, list[str]]]) -> Iterator[tuple[int, list[str]]]:
+    try:
+        yield from records
+    except CsvFormatError as exc:
+        raise ClickImportError(path, [ImportProblem(str(path), str(exc))]) from exc
+
+
+def _row_dict(parsed: ParsedClicks, header: list[str], line: int, fields: list[str]) -> dict[str, str] | None:
+    if len(fields) > len(header):
+        parsed.n_records += 1
+        parsed.reject(line, "row", f"{len(fields)} fields but the header has {len(header)}")
+        return None
+    return dict(zip(header, fields + [""] * (len(header) - len(fields)), strict=True))
+
+
+def parse_tidy_csv(path: str | Path) -> ParsedClicks:
+    """Parse a tidy click CSV ``image,annotator,x,y,label[,task_run,timestamp,width,height]``.
+
+    Coordinates are image pixels. ``timestamp`` is ISO 8601 (naive means UTC). Raises
+    :class:`ClickImportError` for file-level problems (unreadable, empty, missing column).
+    """
+    path = Path(path)
+    header, records = _open_table(path, TIDY_REQUIRED)
+    parsed = ParsedClicks(path, "csv", sha256_file(path), frame=None)
+    size_lines: dict[str, int] = {}
+    for line, fields in records:
+        row = _row_dict(parsed, header, line, fields)
+        if row is not None:
+            _tidy_row(parsed, row, line, size_lines)
+    return parsed
+
+
+def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: dict[str, int]) -> None:
+    image, annotator = row["image"].strip(), row["annotator"].strip()
+    marker = not (row["x"].strip() or row["y"].strip() or row["label"].strip())
+    if not marker:
+        parsed.n_records += 1
+    problem = (
+        ("image", "missing value", None) if not image
+        else ("annotator", "missing value", None) if not annotator
+        else None
+    )
+    size, timestamp = None, None
+    if problem is None:
+        size, problem = _declared_size(parsed, row, image, line, size_lines)
+    if problem is None and row.get("timestamp", "").strip():
+        timestamp, reason = _parse_timestamp(row["timestamp"])
+        problem = ("timestamp", reason, row["timestamp"]) if reason else None
+    if problem is None:
+        run_key = row.get("task_run", "").strip() or f"{annotator}@{image}"
+        run, problem = _tidy_run(parsed, run_key, image, annotator, line)
+    if problem is not None:
+        parsed.reject(line, *problem)
+        return
+    if timestamp is not None:
+        run.started_at = min(run.started_at or timestamp, timestamp)
+        run.submitted_at = max(run.submitted_at or timestamp, timestamp)
+    if marker:
+        return
+    click, problem = _tidy_click(row, size)
+    run.n_source_clicks += 1
+    if problem is not None:
+        parsed.reject(line, *problem)
+        return
+    x, y, label = click
+    parsed.clicks.append(ParsedClick(run.key, x, y, label, run.n_source_clicks - 1, line))
+
+
+def _declared_size(
+    parsed: ParsedClicks, row: dict[str, str], image: str, line: int, size_lines: dict[str, int]
+) -> tuple[tuple[int, int] | None, tuple[str, str, Any] | None]:
+    if not (row.get("width", "").strip() or row.get("height", "").strip()):
+        return parsed.declared_sizes.get(image), None
+    values = []
+    for name in ("width", "height"):
+        value, reason = parse_number(row.get(name, ""), name)
+        if reason is None and (value < 1 or not float(value).is_integer()):
+            reason = f"{name}={row[name].strip()} is not a positive whole number"
+        if reason is not None:
+            return None, (name, reason, row.get(name))
+        values.append(int(value))
+    size = (values[0], values[1])
+    known = parsed.declared_sizes.setdefault(image, size)
+    size_lines.setdefault(image, line)
+    if known != size:
+        return None, (
+            "width",
+            f"image {image!r} is {size[0]}x{size[1]} here but {known[0]}x{known[1]} on line "
+            f"{size_lines[image]}",
+            f"{size[0]}x{size[1]}",
+        )
+    return size, None
+
+
+def _tidy_click(
+    row: dict[str, str], size: tuple[int, int] | None
+) -> tuple[tuple[float, float, str] | None, tuple[str, str, Any] | None]:
+    coords = []
+    for index, name in enumerate(("x", "y")):
+        value, reason = parse_number(row[name], name)
+        if reason is None and size is not None:
+            reason = outside_reason(name, value, size[index], f"the image ({size[0]}x{size[1]})")
+        if reason is None and value < 0:
+            reason = f"{name}={value:g} is negative (allowed {name} >= 0)"
+        if reason is not None:
+            return None, (name, reason, row[name])
+        coords.append(value)
+    label, reason = parse_label(row["label"])
+    if reason is not None:
+        return None, ("label", reason, row["label"])
+    return (coords[0], coords[1], label), None
+
+
+def _tidy_run(
+    parsed: ParsedClicks, key: str, image: str, annotator: str, line: int
+) -> tuple[ParsedRun | None, tuple[str, str, Any] | None]:
+    run = parsed.runs.get(key)
+    if run is None:
+        run = parsed.runs[key] = ParsedRun(key, image, annotator, "", line)
+    elif (run.image, run.annotator) != (image, annotator):
+        return None, (
+            "task_run",
+            f"task_run {key!r} is image {run.image!r} by {run.annotator!r} on line {run.line}; "
+            "one run covers one image and one annotator",
+            key,
+        )
+    return run, None
+
+
+def _parse_timestamp(text: str) -> tuple[datetime | None, str | None]:
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None, f"timestamp {text.strip()!r} is not ISO 8601 (e.g. 2014-03-01T10:15:00Z)"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value, None
+
+
+def parse_pybossa_taskruns(path: str | Path) -> ParsedClicks:
+    """Parse a Cell Spotting / PyBossa task-run export (``alive_array``, ``task`` columns).
+
+    ``alive_array`` holds a Python literal list of ``[label, x, y]`` in the 524x391 frame;
+    the image name is the last path component of ``task`` plus ``.jpg`` (unless it already
+    ends with an image suffix). Raises :class:`ClickImportError` for file-level problems.
+    """
+    path = Path(path)
+    header, records = _open_table(path, PYBOSSA_REQUIRED)
+    sha = sha256_file(path)
+    parsed = ParsedClicks(path, "pybossa", sha, frame=PYBOSSA_FRAME)
+    class_code = f"pybossa-{sha[:12]}"
+    for row_index, (line, fields) in enumerate(records):
+        row = _row_dict(parsed, header, line, fields)
+        if row is not None:
+            _pybossa_row(parsed, row, row_index, line, class_code)
+    return parsed
+
+
+def _pybossa_row(parsed: ParsedClicks, row: dict[str, str], row_index: int, line: int, class_code: str) -> None:
+    items, reason = _literal_list(row["alive_array"])
+    if reason is not None:
+        parsed.n_records += 1
+        parsed.reject(line, "alive_array", reason, row["alive_array"])
+        return
+    parsed.n_records += len(items)
+    image = _image_name_from_link(row["task"])
+    run_key = row.get("id", "").strip() or str(row_index)
+    if not image or run_key in parsed.runs:
+        reason = "missing value" if not image else f"run id {run_key!r} repeats line {parsed.runs[run_key].line}"
+        field_name = "task" if not image else "id"
+        for _ in items or [None]:
+            parsed.reject(line, field_name, reason, row.get(field_name))
+        return
+    user = row.get("user_id", "").strip()
+    nickname = f"pybossa-user-{user}" if user else f"pybossa-run-{row_index}"
+    run = parsed.runs[run_key] = ParsedRun(run_key, image, nickname, class_code, line, len(items))
+    width, height = PYBOSSA_FRAME
+    for index, item in enumerate(items):
+        click, reason = _pybossa_item(item, width, height)
+        if reason is not None:
+            parsed.reject(line, f"alive_array[{index}]", reason, item)
+        else:
+            parsed.clicks.append(ParsedClick(run.key, click[1], click[2], click[0], index, line))
+
+
+def _literal_list(text: str) -> tuple[list[Any], str | None]:
+    raw = text.strip()
+    if not raw:
+        return [], "missing value"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        return [], f"malformed literal ({type(exc).__name__}: {exc}); expected [[label, x, y], ...]"
+    if not isinstance(value, (list, tuple)):
+        return [], f"malformed literal: a {type(value).__name__}, expected a list of [label, x, y]"
+    return list(value), None
+
+
+def _pybossa_item(item: Any, width: int, height: int) -> tuple[tuple[str, float, float] | None, str | None]:
+    if not isinstance(item, (list, tuple)) or len(item) != 3:
+        return None, f"expected [label, x, y], got {item!r}"
+    label, reason = parse_label(item[0])
+    if reason is not None:
+        return None, reason
+    coords = []
+    for name, value, limit in (("x", item[1], width), ("y", item[2], height)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"{name}={value!r} is not a number"
+        if not math.isfinite(value):
+            return None, f"{name}={value} is not finite"
+        reason = outside_reason(name, value, limit, f"the {width}x{height} display frame")
+        if reason is not None:
+            return None, reason
+        coords.append(float(value))
+    return (label, coords[0], coords[1]), None
+
+
+def _image_name_from_link(link: str) -> str:
+    name = PurePosixPath(urlsplit(link.strip()).path).name
+    if not name:
+        return ""
+    return name if name.lower().endswith(IMAGE_SUFFIXES) else f"{name}.jpg"
+
+
+# --------------------------------------------------------------------------- format registry
+
+PARSERS = {"csv": parse_tidy_csv, "pybossa": parse_pybossa_taskruns}
+"""Click file formats: name -> parser. ``auto`` picks one from the header."""
+
+
+def detect_format(path: str | Path) -> str:
+    """``"pybossa"`` when the header has ``alive_array``, ``"csv"`` when it has the tidy columns."""
+    path = Path(path)
+    header, _ = _open_table(path, ())
+    if all(c in header for c in PYBOSSA_REQUIRED):
+        return "pybossa"
+    if all(c in header for c in TIDY_REQUIRED):
+        return "csv"
+    raise ClickImportError(
+        path,
+        [ImportProblem(
+            str(path),
+            f"unknown click file format (columns: {', '.join(header)}); expected a tidy CSV "
+            f"({','.join(TIDY_REQUIRED)}) or a PyBossa export ({', '.join(PYBOSSA_REQUIRED)})",
+            1,
+        )],
+    )
+
+
+def parse_clicks(path: str | Path, format: str = "auto") -> ParsedClicks:  # noqa: A002 - CLI name
+    """Parse ``path`` with the parser named ``format`` (``auto``, ``csv`` or ``pybossa``)."""
+    if format == "auto":
+        format = detect_format(path)  # noqa: A001
+    if format not in PARSERS:
+        raise ValueError(f"unknown click format {format!r}; allowed: auto, {', '.join(PARSERS)}")
+    return PARSERS[format](path)
+
+
+# --------------------------------------------------------------------------- import
+
+
+def import_clicks(
+    session: Any,
+    project: Any,
+    path: str | Path,
+    format: str = "auto",  # noqa: A002 - matches the CLI option
+    skip_invalid: bool = False,
+    settings: Any = None,
+) -> ClickImportReport:
+    """Import a click file into ``project`` (caller-owned ``session``; flushes, never commits).
+
+    Raises :class:`ClickImportError` (nothing written) when the file has any reject and
+    ``skip_invalid`` is false. See the module docstring for the rules.
+    """
+    from cellspot.importers import _store
+    from cellspot.settings import get_settings
+
+    settings = settings or get_settings()
+    parsed = parse_clicks(path, format)
+    images = _store.project_images(session, project)
+    sizes = _resolve_sizes(parsed, images)
+    placed = _place_clicks(parsed, images, sizes)
+    if parsed.rejects and not skip_invalid:
+        raise ClickImportError(
+            parsed.source, parsed.rejects, "skip_invalid / --skip-invalid imports the valid rows"
+        )
+    keys = {run.key: _client_key(parsed.sha256, run.key) for run in parsed.runs.values()}
+    present = _store.existing_client_keys(session, list(keys.values()))
+    plan = _plan(parsed, placed, keys, present)
+    created = _write(session, project, parsed, plan, keys, sizes, images)
+
+    rejects_path = None
+    if parsed.rejects:
+        name = f"{parsed.source.stem}-{parsed.sha256[:12]}-rejects.csv"
+        rejects_path = write_problems_csv(parsed.rejects, Path(settings.rejects_dir) / name)
+    report = ClickImportReport(
+        source=str(parsed.source), format=parsed.format, sha256=parsed.sha256,
+        records=parsed.n_records, imported=len(plan.clicks), rejected=len(parsed.rejects),
+        already_present=plan.clicks_present, runs_imported=len(plan.runs),
+        runs_already_present=len(present), runs_dropped=plan.runs_dropped,
+        images_created=created[0], annotators_created=created[1], rejects_path=rejects_path,
+    )
+    log.info("%s", report.summary())
+    return report
+
+
+@dataclass
+class _Plan:
+    runs: list[ParsedRun]
+    clicks: list[ParsedClick]
+    clicks_present: int
+    runs_dropped: int
+
+
+def _plan(parsed: ParsedClicks, placed: list[ParsedClick], keys: dict[str, str], present: set[str]) -> _Plan:
+    """Runs and clicks to write: new runs with a valid click, or that were empty in the source."""
+    counts: dict[str, int] = {}
+    for click in placed:
+        counts[click.run] = counts.get(click.run, 0) + 1
+    runs, dropped, clicks_present = [], 0, 0
+    for run in parsed.runs.values():
+        if keys[run.key] in present:
+            clicks_present += counts.get(run.key, 0)
+        elif counts.get(run.key) or not run.n_source_clicks:
+            runs.append(run)
+        else:
+            dropped += 1
+    wanted = {run.key for run in runs}
+    return _Plan(runs, [c for c in placed if c.run in wanted], clicks_present, dropped)
+
+
+def _write(
+    session: Any, project: Any, parsed: ParsedClicks, plan: _Plan, keys: dict[str, str],
+    sizes: dict[str, tuple[int, int]], images: dict[str, Any],
+) -> tuple[int, int]:
+    """Bulk-insert the plan's images, annotators, runs and clicks; returns (images, annotators) created."""
+    from cellspot.importers import _store
+
+    image_ids, images_created = _store.ensure_images(
+        session, project, {r.image: sizes[r.image] for r in plan.runs}, images
+    )
+    annotator_ids, annotators_created = _store.ensure_annotators(
+        session, project, {(r.annotator, r.class_code) for r in plan.runs}, IMPORTED_ROLE
+    )
+    source = f"import:{parsed.format}:{parsed.source.name}"[:500]
+    run_ids = _store.insert_runs(session, [
+        {"image_id": image_ids[r.image], "annotator_id": annotator_ids[(r.annotator, r.class_code)],
+         "client_key": keys[r.key], "source": source, "started_at": r.started_at,
+         "submitted_at": r.submitted_at}
+        for r in plan.runs
+    ])
+    _store.insert_clicks(session, [
+        {"task_run_id": run_ids[keys[c.run]], "click_index": c.click_index, "x": c.x, "y": c.y,
+         "label": c.label}
+        for c in plan.clicks
+    ])
+    return images_created, annotators_created
+
+
+def _resolve_sizes(parsed: ParsedClicks, images: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(width, height) of every image the file names: stored, declared, frame, or inferred."""
+    extent: dict[str, tuple[float, float]] = {}
+    for click in parsed.clicks:
+        image = parsed.runs[click.run].image
+        mx, my = extent.get(image, (0.0, 0.0))
+        extent[image] = (max(mx, click.x), max(my, click.y))
+    sizes = {}
+    for run in parsed.runs.values():
+        stored = images.get(run.image)
+        if stored is not None:
+            sizes[run.image] = (stored.width, stored.height)
+        elif parsed.frame is not None:
+            sizes[run.image] = parsed.frame
+        elif run.image in parsed.declared_sizes:
+            sizes[run.image] = parsed.declared_sizes[run.image]
+        else:
+            mx, my = extent.get(run.image, (0.0, 0.0))
+            sizes[run.image] = (math.floor(mx) + 1, math.floor(my) + 1)
+    return sizes
+
+
+def _place_clicks(
+    parsed: ParsedClicks, images: dict[str, Any], sizes: dict[str, tuple[int, int]]
+) -> list[ParsedClick]:
+    """Clicks in image pixels: frame clicks scaled to the image; tidy clicks checked against it.
+
+    Tidy clicks outside a stored image, or on an image whose declared size differs from the
+    stored one, are added to ``parsed.rejects`` (kept sorted by line).
+    """
+    placed = []
+    for click in parsed.clicks:
+        image = parsed.runs[click.run].image
+        width, height = sizes[image]
+        if parsed.frame is not None:
+            fx, fy = width / parsed.frame[0], height / parsed.frame[1]
+            placed.append(ParsedClick(
+                click.run, click.x * fx, click.y * fy, click.label, click.click_index, click.line))
+            continue
+        declared = parsed.declared_sizes.get(image)
+        problem = _stored_size_problem(click, image, image in images, declared, (width, height))
+        if problem is not None:
+            parsed.reject(click.line, *problem)
+        else:
+            placed.append(click)
+    parsed.rejects.sort(key=lambda p: (p.line or 0))
+    return placed
+
+
+def _stored_size_problem(
+    click: ParsedClick, image: str, stored: bool, declared: tuple[int, int] | None, size: tuple[int, int]
+) -> tuple[str, str, object] | None:
+    width, height = size
+    if stored and declared is not None and declared != size:
+        return ("width", f"image {image!r} is {declared[0]}x{declared[1]} in the file but {width}x{height} "
+                "in the store", f"{declared[0]}x{declared[1]}")
+    for name, value, limit in (("x", click.x, width), ("y", click.y, height)):
+        reason = outside_reason(name, value, limit, f"image {image!r} ({width}x{height})")
+        if reason is not None:
+            return name, reason, value
+    return None
+
+
+def _client_key(sha: str, run_key: str) -> str:
+    key = f"import:{sha}:{run_key}"
+    if len(key) <= _CLIENT_KEY_MAX:
+        return key
+    from cellspot.imaging import sha256_bytes
+
+    return f"import:{sha}:h{sha256_bytes(run_key.encode())[:40]}"

@@ -1,0 +1,84 @@
+"""Small shared helpers for the CSV importers: physical line numbers, numbers, labels."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+LABEL_ALIASES: dict[str, str] = {
+    "alive": "alive",
+    "dead": "dead",
+    "not_sure": "not_sure",
+    "not_sure_alive": "not_sure",
+    "not sure": "not_sure",
+}
+"""Accepted click labels (lower-cased, stripped) -> stored label."""
+
+
+class CsvFormatError(ValueError):
+    """The file is not a readable CSV (bad encoding, NUL bytes, broken quoting)."""
+
+
+def csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line, fields)`` for every non-blank record of ``path``; the header comes first.
+
+    ``line`` is the 1-based physical line where the record starts (the header is line 1),
+    also for records whose quoted fields span several lines. Raises :class:`CsvFormatError`.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            end_of_previous = 0
+            for fields in reader:
+                start = end_of_previous + 1
+                end_of_previous = reader.line_num
+                if fields and any(f.strip() for f in fields):
+                    yield start, fields
+    except UnicodeDecodeError as exc:
+        raise CsvFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise CsvFormatError(f"{path}: not a readable CSV: {exc}") from exc
+
+
+def normalise_header(fields: list[str]) -> list[str]:
+    """Column names stripped and lower-cased."""
+    return [f.strip().lower() for f in fields]
+
+
+def parse_number(text: str, field: str) -> tuple[float | None, str | None]:
+    """``(value, None)`` for a finite number, else ``(None, reason)``."""
+    raw = text.strip()
+    if not raw:
+        return None, "missing value"
+    try:
+        value = float(raw)
+    except ValueError:
+        return None, f"{field}={raw!r} is not a number"
+    if math.isnan(value):
+        return None, f"{field} is NaN"
+    if math.isinf(value):
+        return None, f"{field}={raw} is not finite"
+    return value, None
+
+
+def parse_label(text: object, allowed: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+    """``(stored_label, None)`` for a known label, else ``(None, reason)`` listing the allowed ones."""
+    aliases = LABEL_ALIASES if allowed is None else allowed
+    if not isinstance(text, str):
+        return None, f"label {text!r} is not text; allowed: {', '.join(aliases)}"
+    if not text.strip():
+        return None, "missing value"
+    label = aliases.get(text.strip().lower())
+    if label is None:
+        return None, f"unknown label {text.strip()!r}; allowed: {', '.join(aliases)}"
+    return label, None
+
+
+def outside_reason(field: str, value: float, limit: int, what: str) -> str | None:
+    """``None`` when ``0 <= value < limit``, else why ``value`` is outside ``what``."""
+    if 0 <= value < limit:
+        return None
+    shown = int(value) if float(value).is_integer() else value
+    return f"{field}={shown} is outside {what} (allowed 0 <= {field} < {limit})"

@@ -1,0 +1,50 @@
+"""The one place that reads the environment: ``CELLSPOT_*`` variables with working defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime settings.
+
+    Every field can be set with an environment variable ``CELLSPOT_<FIELD>``, e.g.
+    ``CELLSPOT_HOME=/data/cellspot`` or
+    ``CELLSPOT_DATABASE_URL=postgresql+psycopg://user@host/db``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CELLSPOT_", extra="ignore")
+
+    home: Path = Field(default=Path("cellspot_data"), description="Images, exports and models live here.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default is a SQLite file inside `home`."
+    )
+    default_project: str = Field(default="demo", description="Project used when a command names none.")
+    sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL to use: the explicit one, or ``sqlite:///<home>/cellspot.db``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'cellspot.db').resolve()}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def rejects_dir(self) -> Path:
+        return self.home / "rejects"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.home / "exports"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment now (no import-time caching)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,67 @@
+"""Run the Alembic migrations in ``migrations/`` against an engine (``cellspot init`` uses this)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine
+
+import cellspot
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(cellspot.__file__).resolve().parents[1]
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
+
+
+class MigrationsNotFoundError(FileNotFoundError):
+    """``migrations/`` is not beside the package (install a checkout with ``pip install -e .``)."""
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic :class:`Config` for ``migrations/``; ``connection`` is handed to ``env.py``."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise MigrationsNotFoundError(
+            f"no Alembic migrations at {MIGRATIONS_DIR}; cellspot must run from a repository "
+            "checkout installed with `pip install -e .`"
+        )
+    ini = REPO_ROOT / "alembic.ini"
+    config = Config(str(ini)) if ini.is_file() else Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the database behind ``engine`` to ``revision`` (default: the newest)."""
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), revision)
+    log.info("database %s upgraded to %s", _safe_url(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Downgrade the database behind ``engine`` to ``revision`` (``"base"`` empties it)."""
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), revision)
+    log.info("database %s downgraded to %s", _safe_url(engine), revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or ``None`` for an empty (unmigrated) database."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The newest revision in ``migrations/versions``."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def _safe_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)

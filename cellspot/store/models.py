@@ -1,0 +1,257 @@
+"""SQLAlchemy 2 typed ORM models of the label store.
+
+Portable SQL only: labels and roles are short strings guarded by CHECK constraints
+(no native enums), metadata is JSON, times are timezone-aware UTC. Constraint
+names follow one naming convention so Alembic migrations can refer to them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+CLICK_LABELS = ("alive", "dead", "not_sure")
+CELL_LABELS = ("alive", "dead")
+ANNOTATOR_ROLES = ("student", "expert", "researcher", "imported")
+IMAGE_STATUSES = ("active", "retired")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Project(Base):
+    """A labelling project: its images, class codes and rules."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="project", cascade="all, delete-orphan")
+    annotators: Mapped[list[Annotator]] = relationship(
+        back_populates="project", cascade="all, delete-orphan"
+    )
+
+
+class Image(Base):
+    """One microscopy image. ``path`` is relative to ``CELLSPOT_HOME``; ``None`` without pixels."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("project_id", "name", name="uq_images_project_name"),
+        UniqueConstraint("project_id", "sha256", name="uq_images_project_sha256"),
+        CheckConstraint(_in("status", IMAGE_STATUSES), name="status"),
+        CheckConstraint("width > 0 AND height > 0", name="positive_size"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str | None] = mapped_column(String(1000))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    channels: Mapped[int] = mapped_column(Integer, default=1)
+    bit_depth: Mapped[int] = mapped_column(Integer, default=8)
+    has_pixels: Mapped[bool] = mapped_column(Boolean, default=False)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    retired_at: Mapped[datetime | None] = mapped_column()
+    retired_snapshot_id: Mapped[int | None] = mapped_column(
+        ForeignKey("consensus_snapshots.id", ondelete="SET NULL", use_alter=True)
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    project: Mapped[Project] = relationship(back_populates="images")
+    task_runs: Mapped[list[TaskRun]] = relationship(back_populates="image", cascade="all, delete-orphan")
+    gold_cells: Mapped[list[GoldCell]] = relationship(back_populates="image", cascade="all, delete-orphan")
+
+
+class Annotator(Base):
+    """A student (nickname + class code), an expert, or an anonymous imported run. No personal data."""
+
+    __tablename__ = "annotators"
+    __table_args__ = (
+        UniqueConstraint("project_id", "class_code", "nickname", name="uq_annotators_identity"),
+        CheckConstraint(_in("role", ANNOTATOR_ROLES), name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    nickname: Mapped[str] = mapped_column(String(200))
+    class_code: Mapped[str] = mapped_column(String(100), default="")
+    role: Mapped[str] = mapped_column(String(16), default="student")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    project: Mapped[Project] = relationship(back_populates="annotators")
+    # deleting an annotator deletes its runs (the FK cascades too); without this the ORM would
+    # try to set task_runs.annotator_id to NULL, which the NOT NULL column refuses
+    task_runs: Mapped[list[TaskRun]] = relationship(
+        back_populates="annotator", cascade="save-update, merge, delete", passive_deletes=True
+    )
+
+
+class TaskRun(Base):
+    """One annotator's submission on one image. ``client_key`` makes a double submit store one run."""
+
+    __tablename__ = "task_runs"
+    __table_args__ = (Index("ix_task_runs_image_annotator", "image_id", "annotator_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), index=True)
+    client_key: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(500), default="app")
+    is_gold_check: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime | None] = mapped_column()
+    submitted_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="task_runs")
+    annotator: Mapped[Annotator] = relationship(back_populates="task_runs")
+    clicks: Mapped[list[Click]] = relationship(
+        back_populates="task_run", cascade="all, delete-orphan", order_by="Click.click_index"
+    )
+
+
+class Click(Base):
+    """One click, in original image pixels (x right, y down, origin at the top-left corner)."""
+
+    __tablename__ = "clicks"
+    __table_args__ = (
+        CheckConstraint(_in("label", CLICK_LABELS), name="label"),
+        UniqueConstraint("task_run_id", "click_index", name="uq_clicks_run_index"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_run_id: Mapped[int] = mapped_column(ForeignKey("task_runs.id", ondelete="CASCADE"), index=True)
+    click_index: Mapped[int] = mapped_column(Integer)
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+
+    task_run: Mapped[TaskRun] = relationship(back_populates="clicks")
+
+
+class GoldCell(Base):
+    """An expert cell: imported ground truth or a researcher's adjudication. Overrides consensus."""
+
+    __tablename__ = "gold_cells"
+    __table_args__ = (CheckConstraint(_in("label", CELL_LABELS), name="label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(500), default="import")
+    annotator_id: Mapped[int | None] = mapped_column(ForeignKey("annotators.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="gold_cells")
+
+
+class ConsensusSnapshot(Base):
+    """One run of a consensus method over a project: method, parameters, time, counts."""
+
+    __tablename__ = "consensus_snapshots"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    cells: Mapped[list[ConsensusCell]] = relationship(
+        back_populates="snapshot", cascade="all, delete-orphan"
+    )
+    reliabilities: Mapped[list[AnnotatorReliability]] = relationship(
+        back_populates="snapshot", cascade="all, delete-orphan"
+    )
+
+
+class ConsensusCell(Base):
+    """A cell found by a consensus snapshot: position, probability of being alive, confidence."""
+
+    __tablename__ = "consensus_cells"
+    __table_args__ = (
+        CheckConstraint(_in("label", CELL_LABELS), name="label"),
+        CheckConstraint("p_alive >= 0 AND p_alive <= 1", name="p_alive_range"),
+        CheckConstraint("confidence >= 0 AND confidence <= 1", name="confidence_range"),
+        Index("ix_consensus_cells_snapshot_image", "snapshot_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("consensus_snapshots.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    p_alive: Mapped[float] = mapped_column(Float)
+    p_cell: Mapped[float] = mapped_column(Float, default=1.0)
+    confidence: Mapped[float] = mapped_column(Float)
+    support: Mapped[int] = mapped_column(Integer)
+    n_runs: Mapped[int] = mapped_column(Integer)
+    from_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    snapshot: Mapped[ConsensusSnapshot] = relationship(back_populates="cells")
+
+
+class AnnotatorReliability(Base):
+    """Per-annotator reliability estimated by a consensus snapshot."""
+
+    __tablename__ = "annotator_reliability"
+    __table_args__ = (
+        UniqueConstraint("snapshot_id", "annotator_id", name="uq_annotator_reliability_snapshot_annotator"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("consensus_snapshots.id", ondelete="CASCADE"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), index=True)
+    sensitivity: Mapped[float] = mapped_column(Float)
+    precision: Mapped[float] = mapped_column(Float)
+    accuracy_alive: Mapped[float] = mapped_column(Float)
+    accuracy_dead: Mapped[float] = mapped_column(Float)
+    weight: Mapped[float] = mapped_column(Float)
+    n_runs: Mapped[int] = mapped_column(Integer)
+    n_clicks: Mapped[int] = mapped_column(Integer)
+
+    snapshot: Mapped[ConsensusSnapshot] = relationship(back_populates="reliabilities")

@@ -1,0 +1,312 @@
+"""Aggregate a project's clicks into a consensus snapshot and apply the retirement rule.
+
+One function, :func:`aggregate`, used by ``cellspot aggregate``, the demo and the app.
+The caller owns the session: it flushes, never commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from cellspot.consensus import DEFAULT_METHOD, ConsensusResult, run_consensus
+from cellspot.store.models import (
+    AnnotatorReliability,
+    ConsensusCell,
+    ConsensusSnapshot,
+    Image,
+    Project,
+    utcnow,
+)
+from cellspot.store.queries import clicks_frame, get_project, gold_frame, runs_frame
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETIRE_MIN_RUNS = 3
+DEFAULT_RETIRE_MIN_CONFIDENCE = 0.9
+DEFAULT_GOLD_RADIUS = 35.0  # px, for counting the runs that clicked near a gold cell
+_CHUNK = 500  # ids per IN (...) list
+
+
+@dataclass(frozen=True)
+class AggregateReport:
+    """What one aggregation wrote.
+
+    ``images``: images with at least one run or gold cell; ``cells``: consensus cells stored
+    (``gold_cells`` of them from experts); ``retired``: images retired after this run
+    (``newly_retired`` of them by this run, ``reactivated`` went back to active).
+    """
+
+    snapshot_id: int
+    method: str
+    images: int
+    cells: int
+    gold_cells: int
+    annotators: int
+    task_runs: int
+    clicks: int
+    retired: int
+    newly_retired: int
+    reactivated: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RetirementRule:
+    """An image retires with ``>= min_runs`` runs and every cell's confidence ``>= min_confidence``."""
+
+    min_runs: int = DEFAULT_RETIRE_MIN_RUNS
+    min_confidence: float = DEFAULT_RETIRE_MIN_CONFIDENCE
+
+    @classmethod
+    def for_project(
+        cls, project: Project, min_runs: int | None = None, min_confidence: float | None = None
+    ) -> RetirementRule:
+        """The rule from ``project.settings`` (``retire_min_runs``, ``retire_min_confidence``),
+        overridden by explicit arguments."""
+        settings = project.settings or {}
+        runs = min_runs if min_runs is not None else settings.get("retire_min_runs", cls.min_runs)
+        conf = (min_confidence if min_confidence is not None
+                else settings.get("retire_min_confidence", cls.min_confidence))
+        if int(runs) < 1:
+            raise ValueError(f"retirement min_runs must be >= 1, got {runs}")
+        if not 0.0 <= float(conf) <= 1.0:
+            raise ValueError(f"retirement min_confidence must be in [0, 1], got {conf}")
+        return cls(int(runs), float(conf))
+
+
+def aggregate(
+    session: Session,
+    project: Project | str,
+    method: str = DEFAULT_METHOD,
+    cell_radius: float | None = None,
+    min_runs: int | None = None,
+    min_confidence: float | None = None,
+) -> AggregateReport:
+    """Run consensus ``method`` over every click of ``project`` and store the result.
+
+    Writes a :class:`ConsensusSnapshot` with its cells (gold cells replace the consensus
+    cells of their image) and annotator reliabilities, then retires images that meet the
+    :class:`RetirementRule` (``min_runs`` / ``min_confidence`` override the project's
+    settings) and reactivates retired images that no longer do.
+    """
+    if isinstance(project, str):
+        project = get_project(session, project)
+    rule = RetirementRule.for_project(project, min_runs, min_confidence)
+    clicks = clicks_frame(session, project)
+    runs = runs_frame(session, project)
+    gold = gold_frame(session, project)
+    result = _consensus(clicks, runs, gold, method, cell_radius)
+    image_ids = _image_ids(session, project)
+    cells = _with_gold(_map_cells(result.cells, image_ids), gold, clicks, runs, _radius(result, cell_radius))
+
+    snapshot = ConsensusSnapshot(project_id=project.id, method=method, params=_jsonable(result.params))
+    session.add(snapshot)
+    session.flush()
+    _insert_cells(session, snapshot.id, cells)
+    n_annotators = _insert_reliabilities(session, snapshot.id, result.annotators, runs)
+    retired, newly, back = _apply_retirement(session, project, snapshot.id, cells, runs, rule)
+
+    report = AggregateReport(
+        snapshot_id=snapshot.id, method=method,
+        images=int(pd.concat([runs["image_id"], gold["image_id"]]).nunique()),
+        cells=len(cells), gold_cells=int(cells["from_gold"].sum()), annotators=n_annotators,
+        task_runs=len(runs), clicks=len(clicks), retired=retired, newly_retired=newly,
+        reactivated=back,
+    )
+    snapshot.stats = {
+        **{k: v for k, v in report.as_dict().items() if k not in ("snapshot_id", "method")},
+        "retire_min_runs": rule.min_runs, "retire_min_confidence": rule.min_confidence,
+    }
+    session.flush()
+    log.info("project %r: snapshot %d (%s): %s", project.name, snapshot.id, method, snapshot.stats)
+    return report
+
+
+def _consensus(
+    clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame, method: str, cell_radius: float | None
+) -> ConsensusResult:
+    return run_consensus(
+        clicks[["image", "annotator", "task_run", "x", "y", "label"]],
+        method,
+        runs=runs[["image", "task_run", "annotator"]],
+        gold=gold[["image", "x", "y", "label"]] if len(gold) else None,
+        cell_radius=cell_radius,
+    )
+
+
+def _image_ids(session: Session, project: Project) -> dict[str, int]:
+    rows = session.execute(select(Image.name, Image.id).where(Image.project_id == project.id))
+    return dict(rows.tuples().all())
+
+
+def _radius(result: ConsensusResult, cell_radius: float | None) -> float:
+    for value in (cell_radius, result.params.get("cell_radius"), result.params.get("radius")):
+        if isinstance(value, (int, float)) and np.isfinite(value) and value > 0:
+            return float(value)
+    return DEFAULT_GOLD_RADIUS
+
+
+def _map_cells(cells: pd.DataFrame, image_ids: dict[str, int]) -> pd.DataFrame:
+    """Consensus cells with ``image_id``, clipped to the store's value ranges (n_cells x 11)."""
+    out = cells.copy()
+    out["image_id"] = out["image"].astype(str).map(image_ids)
+    unknown = out["image_id"].isna()
+    if unknown.any():
+        log.warning("dropping %d consensus cells of images not in the project", int(unknown.sum()))
+        out = out[~unknown]
+    if "p_cell" not in out.columns:
+        out["p_cell"] = 1.0
+    out = out.assign(
+        image_id=out["image_id"].astype("int64"),
+        p_alive=np.clip(out["p_alive"].astype(float), 0.0, 1.0),
+        confidence=np.clip(out["confidence"].astype(float), 0.0, 1.0),
+        p_cell=np.clip(out["p_cell"].astype(float).fillna(1.0), 0.0, 1.0),
+        support=out["support"].astype("int64"),
+        n_runs=out["n_runs"].astype("int64"),
+        from_gold=False,
+    )
+    return out[["image", "image_id", "x", "y", "label", "p_alive", "confidence", "support",
+                "n_runs", "p_cell", "from_gold"]].reset_index(drop=True)
+
+
+def _with_gold(
+    cells: pd.DataFrame, gold: pd.DataFrame, clicks: pd.DataFrame, runs: pd.DataFrame, radius: float
+) -> pd.DataFrame:
+    """Replace the consensus cells of every image that has gold cells by its gold cells.
+
+    Gold cells get ``p_alive`` 1 / 0, confidence 1, ``from_gold`` True, and ``support`` = the
+    number of runs with a click within ``radius`` px.
+    """
+    if gold.empty:
+        return cells
+    n_runs = runs.groupby("image_id").size()
+    rows = gold.assign(
+        p_alive=(gold["label"] == "alive").astype(float), confidence=1.0, p_cell=1.0,
+        n_runs=gold["image_id"].map(n_runs).fillna(0).astype("int64"), from_gold=True,
+        support=_support_near(gold, clicks, radius),
+    )
+    kept = cells[~cells["image_id"].isin(gold["image_id"])]
+    return pd.concat([kept, rows[cells.columns]], ignore_index=True)
+
+
+def _support_near(gold: pd.DataFrame, clicks: pd.DataFrame, radius: float) -> np.ndarray:
+    """For each gold cell, how many distinct runs clicked within ``radius`` px (n_gold,)."""
+    support = np.zeros(len(gold), dtype=np.int64)
+    by_image = {k: g for k, g in clicks.groupby("image_id")}
+    for image_id, idx in gold.groupby("image_id").indices.items():
+        near = by_image.get(image_id)
+        if near is None:
+            continue
+        g = gold.iloc[idx][["x", "y"]].to_numpy()
+        c = near[["x", "y"]].to_numpy()
+        close = ((g[:, None, :] - c[None, :, :]) ** 2).sum(-1) <= radius**2  # (n_gold_i, n_clicks_i)
+        run_codes = pd.factorize(near["task_run_id"])[0]
+        support[idx] = [len(np.unique(run_codes[row])) for row in close]
+    return support
+
+
+def _insert_cells(session: Session, snapshot_id: int, cells: pd.DataFrame) -> None:
+    if cells.empty:
+        return
+    records = cells.drop(columns=["image"]).assign(snapshot_id=snapshot_id).to_dict("records")
+    session.execute(insert(ConsensusCell.__table__), _py(records))
+
+
+def _insert_reliabilities(
+    session: Session, snapshot_id: int, annotators: pd.DataFrame, runs: pd.DataFrame
+) -> int:
+    """Store reliability rows whose ``annotator`` maps to an annotator id of the project.
+
+    Undefined metrics (NaN, e.g. the precision of an annotator who never clicked) are stored as 0.
+    """
+    if annotators is None or annotators.empty:
+        return 0
+    known = set(runs["annotator_id"].astype(int))
+    ids = pd.to_numeric(annotators["annotator"], errors="coerce")
+    keep = ids.notna() & ids.isin(known)
+    if (~keep).any():
+        log.warning("skipping %d reliability rows of unknown annotators", int((~keep).sum()))
+    metrics = ["sensitivity", "precision", "accuracy_alive", "accuracy_dead", "weight"]
+    rows = annotators.loc[keep, metrics + ["n_runs", "n_clicks"]].copy()
+    rows[metrics] = rows[metrics].astype(float).fillna(0.0)
+    rows[["n_runs", "n_clicks"]] = rows[["n_runs", "n_clicks"]].fillna(0).astype("int64")
+    rows["annotator_id"] = ids[keep].astype("int64")
+    rows["snapshot_id"] = snapshot_id
+    if not rows.empty:
+        session.execute(insert(AnnotatorReliability.__table__), _py(rows.to_dict("records")))
+    return len(rows)
+
+
+def settled_images(cells: pd.DataFrame, runs: pd.DataFrame, rule: RetirementRule) -> set[int]:
+    """Ids of images with ``>= rule.min_runs`` runs whose cells are all confident enough.
+
+    An image with enough runs and no cells counts as settled (nothing to find).
+    """
+    n_runs = runs.groupby("image_id").size()
+    enough = set(n_runs[n_runs >= rule.min_runs].index.astype(int))
+    min_conf = cells.groupby("image_id")["confidence"].min()
+    unsure = set(min_conf[min_conf < rule.min_confidence].index.astype(int))
+    return enough - unsure
+
+
+def _apply_retirement(
+    session: Session, project: Project, snapshot_id: int, cells: pd.DataFrame,
+    runs: pd.DataFrame, rule: RetirementRule,
+) -> tuple[int, int, int]:
+    """Retire settled images, reactivate the others; returns (retired, newly retired, reactivated)."""
+    settled = settled_images(cells, runs, rule)
+    rows = session.execute(select(Image.id, Image.status).where(Image.project_id == project.id))
+    status = dict(rows.tuples().all())
+    to_retire = [i for i in settled if status.get(i) == "active"]
+    to_activate = [i for i, s in status.items() if s == "retired" and i not in settled]
+    now = utcnow()
+    _bulk_update(session, to_retire, {"status": "retired", "retired_at": now,
+                                      "retired_snapshot_id": snapshot_id})
+    _bulk_update(session, to_activate, {"status": "active", "retired_at": None,
+                                        "retired_snapshot_id": None})
+    retired = sum(1 for i, s in status.items() if s == "retired") - len(to_activate) + len(to_retire)
+    return retired, len(to_retire), len(to_activate)
+
+
+def _bulk_update(session: Session, ids: list[int], values: dict[str, Any]) -> None:
+    """UPDATE images ``ids`` in chunks, then expire those columns of loaded Image objects."""
+    ids = sorted(ids)
+    for start in range(0, len(ids), _CHUNK):
+        session.execute(
+            update(Image).where(Image.id.in_(ids[start:start + _CHUNK])).values(**values),
+            execution_options={"synchronize_session": False},
+        )
+    # "fetch"/"evaluate" only refresh attributes already loaded; expiring reloads them all
+    wanted = set(ids)
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, Image) and obj.id in wanted:
+            session.expire(obj, list(values))
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types: numpy scalars/arrays converted, non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _py(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Numpy scalars -> Python scalars, so every DBAPI accepts them."""
+    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()} for r in records]

@@ -1,0 +1,124 @@
+"""Shared pytest fixtures: real-data folder, settings, migrated engines (SQLite + PostgreSQL), sessions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ``../shared/data`` (real data, never copied into the repo); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Settings rooted in ``tmp_path``; the CELLSPOT_* environment variables match them."""
+    from cellspot.settings import Settings
+
+    home = tmp_path / "home"
+    url = f"sqlite:///{tmp_path / 'cellspot.db'}"
+    monkeypatch.setenv("CELLSPOT_HOME", str(home))
+    monkeypatch.setenv("CELLSPOT_DATABASE_URL", url)
+    return Settings(home=home, database_url=url)
+
+
+def _postgres_available() -> str | None:
+    """None when the server answers, else the reason it does not."""
+    import sqlalchemy as sa
+
+    try:
+        probe = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
+        with probe.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        probe.dispose()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return f"PostgreSQL at {POSTGRES_URL} does not answer: {type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+@pytest.fixture(scope="session")
+def _postgres_skip_reason() -> str | None:
+    return _postgres_available()
+
+
+@pytest.fixture
+def postgres_schema_url(_postgres_skip_reason: str | None) -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL schema (dropped CASCADE at teardown); skips when no server."""
+    if _postgres_skip_reason:
+        pytest.skip(_postgres_skip_reason)
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _make_test_engine(request: pytest.FixtureRequest, backend: str, settings):
+    from cellspot.store.db import make_engine
+
+    if backend == "sqlite":
+        return make_engine(settings=settings)
+    url = request.getfixturevalue("postgres_schema_url")
+    return make_engine(url, settings=settings)
+
+
+@pytest.fixture
+def empty_engine(request: pytest.FixtureRequest, settings) -> Iterator:
+    """An engine on an empty database (not migrated), parametrized like ``engine``."""
+    backend = getattr(request, "param", "sqlite")
+    eng = _make_test_engine(request, backend, settings)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, settings) -> Iterator:
+    """An engine migrated to head, on SQLite and on PostgreSQL (own schema; skipped when down)."""
+    from cellspot.store.migrate import upgrade
+
+    eng = _make_test_engine(request, request.param, settings)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(settings) -> Iterator:
+    """A SQLite engine (file in tmp_path) migrated to head."""
+    from cellspot.store.db import make_engine
+    from cellspot.store.migrate import upgrade
+
+    eng = make_engine(settings=settings)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def session(engine) -> Iterator:
+    """A Session on ``engine``; rolled back and closed at teardown."""
+    from sqlalchemy.orm import Session
+
+    sess = Session(engine, expire_on_commit=False)
+    try:
+        yield sess
+    finally:
+        sess.rollback()
+        sess.close()

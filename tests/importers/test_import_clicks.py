@@ -1,0 +1,352 @@
+"""Click importers: tidy CSV and PyBossa parsers (every bad input), import rules, the real export."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from cellspot.importers import ClickImportError, import_clicks, parse_pybossa_taskruns, parse_tidy_csv
+from cellspot.importers.clicks import detect_format
+from cellspot.store.models import Annotator, Click, Image, TaskRun
+from cellspot.store.queries import get_or_create_project
+
+TIDY_HEADER = "image,annotator,x,y,label"
+PYBOSSA_HEADER = "alive_array,cells_alive,task"
+LINK = "http://pybossa.socientize.eu/cellspotting/static/img/input/feb2013-1-1"
+
+
+def _write(tmp_path: Path, text: str, name: str = "clicks.csv") -> Path:
+    folder = tmp_path / "input"
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _counts(session) -> dict[str, int]:
+    session.flush()
+    return {m.__name__: session.scalar(select(func.count()).select_from(m)) for m in (Image, Annotator, TaskRun, Click)}
+
+
+# ----------------------------------------------------------------------------- tidy CSV parser
+
+# name, CSV text (header included), expected (line, field, reason fragment)
+TIDY_BAD = [
+    ("x outside declared image", "image,annotator,x,y,label,width,height\na.png,s1,300,5,alive,200,100\n",
+     (2, "x", "outside the image (200x100)")),
+    ("y outside declared image", "image,annotator,x,y,label,width,height\na.png,s1,3,100,alive,200,100\n",
+     (2, "y", "outside")),
+    ("negative y", f"{TIDY_HEADER}\na.png,s1,3,-1,alive\n", (2, "y", "negative")),
+    ("NaN x", f"{TIDY_HEADER}\na.png,s1,nan,5,alive\n", (2, "x", "NaN")),
+    ("infinite y", f"{TIDY_HEADER}\na.png,s1,3,inf,alive\n", (2, "y", "not finite")),
+    ("x not a number", f"{TIDY_HEADER}\na.png,s1,abc,5,alive\n", (2, "x", "not a number")),
+    ("x missing", f"{TIDY_HEADER}\na.png,s1,,5,alive\n", (2, "x", "missing value")),
+    ("unknown label", f"{TIDY_HEADER}\na.png,s1,3,5,zombie\n", (2, "label", "unknown label 'zombie'")),
+    ("label missing", f"{TIDY_HEADER}\na.png,s1,3,5,\n", (2, "label", "missing value")),
+    ("image missing", f"{TIDY_HEADER}\n,s1,3,5,alive\n", (2, "image", "missing value")),
+    ("annotator missing", f"{TIDY_HEADER}\na.png,,3,5,alive\n", (2, "annotator", "missing value")),
+    ("bad timestamp", f"{TIDY_HEADER},timestamp\na.png,s1,3,5,alive,yesterday\n", (2, "timestamp", "ISO 8601")),
+    ("too many fields", f"{TIDY_HEADER}\na.png,s1,3,5,alive,extra\n", (2, "row", "6 fields")),
+    ("bad width", "image,annotator,x,y,label,width,height\na.png,s1,3,5,alive,-4,10\n",
+     (2, "width", "positive whole number")),
+    ("inconsistent size", "image,annotator,x,y,label,width,height\na.png,s1,3,5,alive,20,10\na.png,s2,3,5,dead,30,10\n",
+     (3, "width", "on line 2")),
+    ("run reused for another image", f"{TIDY_HEADER},task_run\na.png,s1,3,5,alive,r1\nb.png,s1,3,5,alive,r1\n",
+     (3, "task_run", "one run covers one image")),
+    ("line after multi-line field", f'{TIDY_HEADER},timestamp\n"a\n.png",s1,3,5,alive,\na.png,s1,3,5,bad,\n',
+     (4, "label", "unknown label")),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), TIDY_BAD, ids=[c[0] for c in TIDY_BAD])
+def test_tidy_parser_rejects(name: str, text: str, expected: tuple, tmp_path: Path) -> None:
+    path = _write(tmp_path, text)
+    parsed = parse_tidy_csv(path)
+    assert len(parsed.rejects) == 1, parsed.rejects
+    problem = parsed.rejects[0]
+    line, field, fragment = expected
+    assert (problem.file, problem.line, problem.field) == (str(path), line, field)
+    assert fragment in problem.reason
+    assert parsed.n_records == len(parsed.clicks) + len(parsed.rejects)
+
+
+def test_tidy_parser_good_rows(tmp_path: Path) -> None:
+    text = (
+        f"{TIDY_HEADER},task_run,timestamp\n"
+        "a.png,s1,3,5,alive,,2014-03-01T10:00:00Z\n"
+        "a.png,s1,7.5,9,not_sure_alive,,2014-03-01T10:00:05\n"
+        "a.png,s2,4,4,Dead,r9,\n"
+        "b.png,s2,,,,,\n"  # a run that saw b.png and marked nothing
+    )
+    parsed = parse_tidy_csv(_write(tmp_path, text))
+    assert parsed.rejects == []
+    assert [(c.x, c.y, c.label, c.click_index) for c in parsed.clicks] == [
+        (3.0, 5.0, "alive", 0), (7.5, 9.0, "not_sure", 1), (4.0, 4.0, "dead", 0)]
+    assert set(parsed.runs) == {"s1@a.png", "r9", "s2@b.png"}
+    run = parsed.runs["s1@a.png"]
+    assert (run.started_at.isoformat(), run.submitted_at.isoformat()) == (
+        "2014-03-01T10:00:00+00:00", "2014-03-01T10:00:05+00:00")
+    assert parsed.runs["s2@b.png"].n_source_clicks == 0
+    assert parsed.n_records == 3
+
+
+@pytest.mark.parametrize(("text", "fields"), [
+    ("image,annotator,x,y\na.png,s1,1,2\n", ["label"]),
+    ("picture,who,x,y,label\n", ["image", "annotator"]),
+])
+def test_tidy_missing_column_fails_the_file(text: str, fields: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ClickImportError) as info:
+        parse_tidy_csv(_write(tmp_path, text))
+    assert [(p.line, p.field) for p in info.value.problems] == [(1, f) for f in fields]
+    assert "missing column" in str(info.value)
+
+
+def test_empty_and_binary_files_fail(tmp_path: Path) -> None:
+    with pytest.raises(ClickImportError, match="empty"):
+        parse_tidy_csv(_write(tmp_path, ""))
+    path = tmp_path / "bin.csv"
+    path.write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(ClickImportError, match="UTF-8"):
+        parse_tidy_csv(path)
+
+
+# ----------------------------------------------------------------------------- PyBossa parser
+
+PYBOSSA_BAD = [
+    ("malformed literal", f"{PYBOSSA_HEADER}\n\"[[u'alive', 1, 2]\",1,{LINK}\n", (2, "alive_array", "malformed literal")),
+    ("not a list", f"{PYBOSSA_HEADER}\n5,1,{LINK}\n", (2, "alive_array", "malformed literal: a int")),
+    ("call in literal", f"{PYBOSSA_HEADER}\n\"[[u'alive', float('nan'), 2]]\",1,{LINK}\n", (2, "alive_array", "malformed")),
+    ("empty cell", f"{PYBOSSA_HEADER}\n,1,{LINK}\n", (2, "alive_array", "missing value")),
+    ("item too short", f"{PYBOSSA_HEADER}\n\"[[u'alive', 1]]\",1,{LINK}\n", (2, "alive_array[0]", "expected [label, x, y]")),
+    ("unknown label", f"{PYBOSSA_HEADER}\n\"[[u'alive', 1, 2], [u'zombie', 1, 2]]\",2,{LINK}\n",
+     (2, "alive_array[1]", "unknown label 'zombie'")),
+    ("x as text", f"{PYBOSSA_HEADER}\n\"[[u'dead', '1', 2]]\",1,{LINK}\n", (2, "alive_array[0]", "not a number")),
+    ("x outside frame", f"{PYBOSSA_HEADER}\n\"[[u'dead', 524, 2]]\",1,{LINK}\n",
+     (2, "alive_array[0]", "outside the 524x391 display frame")),
+    ("y negative", f"{PYBOSSA_HEADER}\n\"[[u'dead', 5, -3]]\",1,{LINK}\n", (2, "alive_array[0]", "y=-3 is outside")),
+    ("bool coordinate", f"{PYBOSSA_HEADER}\n\"[[u'dead', True, 3]]\",1,{LINK}\n", (2, "alive_array[0]", "not a number")),
+    ("task missing", f"{PYBOSSA_HEADER}\n\"[[u'dead', 5, 3]]\",1,\n", (2, "task", "missing value")),
+    ("too many fields", f"{PYBOSSA_HEADER}\n[],0,{LINK},extra\n", (2, "row", "4 fields")),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), PYBOSSA_BAD, ids=[c[0] for c in PYBOSSA_BAD])
+def test_pybossa_parser_rejects(name: str, text: str, expected: tuple, tmp_path: Path) -> None:
+    good_row = f"\"[[u'alive', 10, 20]]\",1,{LINK}-2\n"
+    path = _write(tmp_path, text + good_row)
+    parsed = parse_pybossa_taskruns(path)
+    assert len(parsed.rejects) == 1, parsed.rejects
+    problem = parsed.rejects[0]
+    line, field, fragment = expected
+    assert (problem.line, problem.field) == (line, field)
+    assert fragment in problem.reason
+    assert [(c.x, c.y, c.label) for c in parsed.clicks if parsed.runs[c.run].image == "feb2013-1-1-2.jpg"] == [
+        (10.0, 20.0, "alive")]
+    assert parsed.n_records == len(parsed.clicks) + len(parsed.rejects)
+
+
+def test_pybossa_parser_runs_and_names(tmp_path: Path) -> None:
+    text = (
+        f"{PYBOSSA_HEADER}\n"
+        f"\"[[u'alive', 97, 17], [u'not_sure_alive', 1.5, 2.5]]\",2,{LINK}\n"
+        f"[],0,{LINK}.jpg\n"
+        f"\"[[u'dead', 3, 4]]\",1,http://host/img/x.png?v=2\n"
+    )
+    parsed = parse_pybossa_taskruns(_write(tmp_path, text))
+    assert parsed.rejects == [] and parsed.frame == (524, 391)
+    runs = list(parsed.runs.values())
+    assert [(r.key, r.image, r.annotator, r.n_source_clicks) for r in runs] == [
+        ("0", "feb2013-1-1.jpg", "pybossa-run-0", 2),
+        ("1", "feb2013-1-1.jpg", "pybossa-run-1", 0),
+        ("2", "x.png", "pybossa-run-2", 1),
+    ]
+    assert runs[0].class_code == f"pybossa-{parsed.sha256[:12]}"
+    assert [(c.x, c.y, c.label) for c in parsed.clicks][:2] == [(97.0, 17.0, "alive"), (1.5, 2.5, "not_sure")]
+
+
+def test_pybossa_missing_column(tmp_path: Path) -> None:
+    with pytest.raises(ClickImportError) as info:
+        parse_pybossa_taskruns(_write(tmp_path, "alive_array,cells_alive\n[],0\n"))
+    assert [(p.line, p.field) for p in info.value.problems] == [(1, "task")]
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (PYBOSSA_HEADER, "pybossa"), (TIDY_HEADER, "csv"), (f"{TIDY_HEADER},task_run", "csv"), ("a,b,c", None)])
+def test_detect_format(header: str, expected: str | None, tmp_path: Path) -> None:
+    path = _write(tmp_path, header + "\n")
+    if expected is None:
+        with pytest.raises(ClickImportError, match="unknown click file format"):
+            detect_format(path)
+    else:
+        assert detect_format(path) == expected
+
+
+# ----------------------------------------------------------------------------- import into the store
+
+
+def test_strict_import_writes_nothing(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    path = _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\na.png,s2,3,nan,alive\nb.png,s1,1,1,maybe\n")
+    before = _counts(session)
+    with pytest.raises(ClickImportError) as info:
+        import_clicks(session, project, path, settings=settings)
+    message = str(info.value)
+    assert f"{path}:3: y: y is NaN" in message and f"{path}:4: label: unknown label 'maybe'" in message
+    assert "2 problem(s); nothing was imported" in message
+    assert _counts(session) == before
+    assert not settings.rejects_dir.exists()
+
+
+def test_strict_message_lists_twenty_problems_and_a_count(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    rows = "".join(f"a.png,s1,{i},5,bad\n" for i in range(25))
+    with pytest.raises(ClickImportError) as info:
+        import_clicks(session, project, _write(tmp_path, f"{TIDY_HEADER}\n{rows}"), settings=settings)
+    assert "... and 5 more" in str(info.value)
+    assert len(info.value.problems) == 25
+
+
+def test_skip_invalid_writes_rejects_under_home(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    text = f"{TIDY_HEADER}\na.png,s1,3,5,alive\na.png,s2,3,nan,alive\na.png,s2,4,4,dead\nb.png,s3,1,1,maybe\n"
+    path = _write(tmp_path, text)
+    report = import_clicks(session, project, path, skip_invalid=True, settings=settings)
+    assert (report.imported, report.rejected, report.already_present, report.records) == (2, 2, 0, 4)
+    assert (report.runs_imported, report.runs_dropped) == (2, 1)  # s3's only click was rejected
+    assert report.rejects_path is not None and report.rejects_path.parent == settings.rejects_dir
+    assert sorted(p.name for p in path.parent.iterdir()) == ["clicks.csv"]  # nothing beside the input
+    with open(report.rejects_path, newline="") as handle:
+        rejects = list(csv.DictReader(handle))
+    assert [(r["line"], r["field"], r["value"]) for r in rejects] == [("3", "y", "nan"), ("5", "label", "maybe")]
+    assert all(r["file"] == str(path) and r["reason"] for r in rejects)
+    assert _counts(session) == {"Image": 1, "Annotator": 2, "TaskRun": 2, "Click": 2}
+
+
+def test_reimport_changes_nothing(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    path = _write(tmp_path, f"{TIDY_HEADER},task_run\na.png,s1,3,5,alive,1\na.png,s1,9,9,dead,1\nb.png,s2,,,,2\n")
+    first = import_clicks(session, project, path, settings=settings)
+    assert (first.imported, first.runs_imported, first.images_created, first.annotators_created) == (2, 2, 2, 2)
+    after_first = _counts(session)
+    second = import_clicks(session, project, path, settings=settings)
+    assert (second.imported, second.already_present, second.runs_already_present) == (0, 2, 2)
+    assert (second.images_created, second.annotators_created) == (0, 0)
+    assert _counts(session) == after_first
+
+
+def test_tidy_sizes_for_new_and_stored_images(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    for name in ("stored.png", "stored2.png"):
+        session.add(Image(project_id=project.id, name=name, width=100, height=50, has_pixels=True))
+    text = (
+        "image,annotator,x,y,label,width,height\n"
+        "declared.png,s1,3,5,alive,300,224\n"
+        "inferred.png,s1,10.5,20,alive,,\n"
+        "inferred.png,s2,99,7.2,dead,,\n"
+        "stored.png,s1,99,49,alive,,\n"
+        "stored.png,s2,120,10,alive,,\n"
+        "stored2.png,s3,1,1,alive,200,100\n"
+        "stored2.png,s4,1,1,alive,,\n"  # the file says stored2 is 200x100: all its clicks are suspect
+    )
+    report = import_clicks(session, project, _write(tmp_path, text), skip_invalid=True, settings=settings)
+    sizes = {i.name: (i.width, i.height, i.has_pixels) for i in session.scalars(select(Image))}
+    assert sizes == {"declared.png": (300, 224, False), "inferred.png": (100, 21, False),
+                     "stored.png": (100, 50, True), "stored2.png": (100, 50, True)}
+    assert (report.rejected, report.imported, report.runs_dropped) == (3, 4, 3)
+    with open(report.rejects_path, newline="") as handle:
+        rejects = [(r["line"], r["field"], r["reason"]) for r in csv.DictReader(handle)]
+    assert rejects == [
+        ("6", "x", "x=120 is outside image 'stored.png' (100x50) (allowed 0 <= x < 100)"),
+        ("7", "width", "image 'stored2.png' is 200x100 in the file but 100x50 in the store"),
+        ("8", "width", "image 'stored2.png' is 200x100 in the file but 100x50 in the store"),
+    ]
+
+
+def test_pybossa_clicks_scaled_to_stored_image(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    session.add(Image(project_id=project.id, name="big.jpg", width=1048, height=782, has_pixels=True,
+                      sha256="1" * 64, path="images/11/x.jpg"))
+    text = (f"{PYBOSSA_HEADER}\n\"[[u'alive', 100, 50], [u'dead', 523, 390]]\",2,http://h/big\n"
+            f"\"[[u'alive', 100, 50]]\",1,http://h/new\n[],0,http://h/new\n")
+    report = import_clicks(session, project, _write(tmp_path, text), settings=settings)
+    assert (report.imported, report.runs_imported, report.images_created) == (3, 3, 1)
+    rows = session.execute(
+        select(Image.name, Click.x, Click.y).join(TaskRun, Click.task_run_id == TaskRun.id)
+        .join(Image, TaskRun.image_id == Image.id).order_by(Click.id)).all()
+    assert [tuple(r) for r in rows] == [("big.jpg", 200.0, 100.0), ("big.jpg", 1046.0, 780.0), ("new.jpg", 100.0, 50.0)]
+    new = session.scalars(select(Image).where(Image.name == "new.jpg")).one()
+    assert (new.width, new.height, new.has_pixels) == (524, 391, False)
+    runs = session.scalars(select(TaskRun).join(Image).where(Image.name == "new.jpg")).all()
+    assert sorted(len(r.clicks) for r in runs) == [0, 1]  # the empty run is kept: it saw the image
+    annotators = session.scalars(select(Annotator)).all()
+    assert {a.role for a in annotators} == {"imported"} and len(annotators) == 3
+
+
+def test_timestamps_and_source_on_runs(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    path = _write(tmp_path, f"{TIDY_HEADER},timestamp\na.png,s1,3,5,alive,2014-03-01T10:00:00\n")
+    import_clicks(session, project, path, format="csv", settings=settings)
+    run = session.scalars(select(TaskRun)).one()
+    assert run.submitted_at.replace(tzinfo=None).isoformat() == "2014-03-01T10:00:00"
+    assert run.source == "import:csv:clicks.csv" and run.client_key.startswith("import:")
+
+
+def test_unknown_format_name(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    with pytest.raises(ValueError, match="allowed: auto, csv, pybossa"):
+        import_clicks(session, project, _write(tmp_path, f"{TIDY_HEADER}\n"), format="json", settings=settings)
+
+
+# ----------------------------------------------------------------------------- the real export
+
+
+def _real_clicks(shared_data: Path) -> tuple[Path, list[dict[str, str]]]:
+    folder = shared_data / "cellspotting_clicks"
+    with open(folder / "clicks.csv", newline="") as handle:
+        return folder / "pybossa_taskruns_1000.csv", list(csv.DictReader(handle))
+
+
+@pytest.mark.shared_data
+def test_real_pybossa_file_strict_rejects_the_off_frame_click(session, settings, shared_data: Path) -> None:
+    path, _ = _real_clicks(shared_data)
+    project = get_or_create_project(session, "p")
+    with pytest.raises(ClickImportError) as info:
+        import_clicks(session, project, path, settings=settings)
+    assert [(p.line, p.field) for p in info.value.problems] == [(617, "alive_array[4]")]
+    assert "y=-3 is outside the 524x391 display frame" in str(info.value)
+    assert _counts(session) == {"Image": 0, "Annotator": 0, "TaskRun": 0, "Click": 0}
+
+
+@pytest.mark.shared_data
+def test_real_pybossa_file_every_click_accounted_for(session, settings, shared_data: Path) -> None:
+    path, tidy = _real_clicks(shared_data)
+    project = get_or_create_project(session, "p")
+    report = import_clicks(session, project, path, skip_invalid=True, settings=settings)
+    assert report.records == len(tidy) == 8004
+    assert (report.imported, report.rejected, report.already_present) == (8003, 1, 0)
+    assert (report.runs_imported, report.images_created, report.annotators_created) == (999, 800, 999)
+
+    stored = session.execute(
+        select(Image.name, Annotator.nickname, Click.click_index, Click.x, Click.y, Click.label)
+        .join(TaskRun, Click.task_run_id == TaskRun.id).join(Image, TaskRun.image_id == Image.id)
+        .join(Annotator, TaskRun.annotator_id == Annotator.id)).all()
+    with open(report.rejects_path, newline="") as handle:
+        rejects = list(csv.DictReader(handle))
+    assert [(r["line"], r["field"]) for r in rejects] == [("617", "alive_array[4]")]
+    label = {"alive": "alive", "dead": "dead", "not_sure_alive": "not_sure"}
+    expected = Counter(
+        (r["image_name"], f"pybossa-run-{r['annotator_run']}", int(r["click_index"]), float(r["x"]), float(r["y"]),
+         label[r["label"]]) for r in tidy)
+    got = Counter(tuple(row) for row in stored)
+    missing = expected - got
+    assert len(missing) == 1 and next(iter(missing))[1:] == ("pybossa-run-615", 4, 452.0, -3.0, "alive")
+    assert not got - expected
+    assert Counter(r[5] for r in stored) + Counter({"alive": 1}) == Counter({"alive": 5153, "dead": 2817, "not_sure": 34})
+
+    again = import_clicks(session, project, path, skip_invalid=True, settings=settings)
+    assert (again.imported, again.rejected, again.already_present, again.runs_already_present) == (0, 1, 8003, 999)
+    assert _counts(session)["Click"] == 8003

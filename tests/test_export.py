@@ -1,0 +1,389 @@
+"""Clean-dataset export on a tiny hand-made store (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image as PILImage
+
+from cellspot.crops import SplitError
+from cellspot.export import (
+    ExportError,
+    NoSnapshotError,
+    OutputExistsError,
+    export_dataset,
+    flatten_metadata,
+    image_table,
+    safe_stem,
+    verify_export,
+)
+from cellspot.store import queries
+from cellspot.store.models import AnnotatorReliability, ConsensusCell, ConsensusSnapshot, Image
+
+W, H = 40, 30
+CROP = 16
+EXPECTED_FILES = [
+    "manifest.json", "cells.csv", "cells.json", "cells_left_out.csv", "clicks.csv", "annotators.csv",
+    "images.csv", "coco_keypoints.json", "crops/index.csv",
+]
+# (x, y, label, confidence) per image with pixels; the first four lie on or at the border.
+CELLS = [
+    (0.0, 0.0, "alive", 0.95),
+    (W - 1, H - 1, "dead", 0.9),
+    (W - 0.5, 0.2, "alive", 0.8),
+    (0.3, H - 0.1, "dead", 0.99),
+    (20.0, 15.0, "alive", 0.97),
+    (10.0, 12.0, "alive", 0.3),  # below the threshold: left out and counted
+]
+N_LOW = sum(1 for c in CELLS if c[3] < 0.5)
+
+
+@dataclass
+class Store:
+    project: object
+    snapshot: ConsensusSnapshot
+    n_pixel_images: int
+    n_clicks: int
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(array).save(path)
+
+
+def _pixels(kind: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "grey8":
+        return rng.integers(0, 256, (H, W), dtype=np.uint8)
+    if kind == "rgb8":
+        return rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    return rng.integers(0, 4096, (H, W), dtype=np.uint16)  # 16-bit grey
+
+
+def _build_store(session, settings, n_pixel_images: int = 10) -> Store:
+    project = queries.get_or_create_project(session, "exp")
+    kinds = ["grey8", "rgb8", "grey16"]
+    images = []
+    for i in range(n_pixel_images):
+        kind = kinds[i % 3]
+        rel = f"images/exp/img{i:02d}.png"
+        arr = _pixels(kind, i)
+        _write_png(settings.home / rel, arr)
+        img = Image(project_id=project.id, name=f"img{i:02d}.png", path=rel, sha256=f"{i:064x}",
+                    width=W, height=H, channels=3 if kind == "rgb8" else 1,
+                    bit_depth=16 if kind == "grey16" else 8, has_pixels=True,
+                    meta={"condition": "drug" if i % 2 else "control", "dose": {"value": i, "unit": "uM"}})
+        session.add(img)
+        images.append(img)
+    nopix = Image(project_id=project.id, name="feb2013-1-1.jpg", path=None, width=W, height=H,
+                  has_pixels=False, meta={})
+    session.add(nopix)
+    session.flush()
+
+    students = [queries.get_or_create_annotator(session, project, f"s{k}", "DEMO") for k in range(2)]
+    n_clicks = 0
+    for img in [*images, nopix]:
+        for k, student in enumerate(students):
+            clicks = [(min(x, W - 0.01), min(y, H - 0.01), lab) for x, y, lab, _ in CELLS[: 3 + k]]
+            queries.submit_task_run(session, img, student, clicks, client_key=f"{img.name}-{k}")
+            n_clicks += len(clicks)
+
+    snap = ConsensusSnapshot(project_id=project.id, method="hand", params={"radius": 7.0}, stats={})
+    session.add(snap)
+    session.flush()
+    # Image i gets a varying share of dead cells so the stratified split has something to do.
+    for i, img in enumerate([*images, nopix]):
+        for j, (x, y, label, conf) in enumerate(CELLS):
+            if label == "dead" and (i + j) % 3 == 0:
+                label = "alive"
+            session.add(ConsensusCell(
+                snapshot_id=snap.id, image_id=img.id, x=x, y=y, label=label,
+                p_alive=conf if label == "alive" else 1 - conf, confidence=conf,
+                support=2, n_runs=2, p_cell=0.9, from_gold=(j == 0),
+            ))
+    for student in students:
+        session.add(AnnotatorReliability(
+            snapshot_id=snap.id, annotator_id=student.id, sensitivity=0.9, precision=0.8,
+            accuracy_alive=0.95, accuracy_dead=0.9, weight=1.0, n_runs=len(images) + 1, n_clicks=10,
+        ))
+    session.flush()
+    return Store(project, snap, n_pixel_images, n_clicks)
+
+
+@pytest.fixture
+def store(session, settings) -> Store:
+    return _build_store(session, settings)
+
+
+@pytest.fixture
+def exported(session, settings, store, tmp_path):
+    out = tmp_path / "out" / "ds"
+    report = export_dataset(session, store.project, out, settings, crop_size=CROP, seed=1)
+    return report, out
+
+
+def _read(out: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(out / name)
+
+
+def test_every_file_is_written_and_checksums_verify(exported):
+    report, out = exported
+    for name in EXPECTED_FILES:
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    for rel, meta in manifest["files"].items():
+        data = (out / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"] and len(data) == meta["bytes"]
+    assert verify_export(out) == []
+    assert report.manifest_path == out / "manifest.json"
+    assert not list(out.parent.glob(".ds.*")), "temporary folder left behind"
+
+
+def test_manifest_counts_match_the_files(exported, store):
+    report, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    cells, left_out, index = _read(out, "cells.csv"), _read(out, "cells_left_out.csv"), _read(out, "crops/index.csv")
+    n_images = store.n_pixel_images + 1
+    assert counts["images"] == n_images == len(_read(out, "images.csv"))
+    assert counts["images_without_pixels"] == 1
+    assert counts["cells_in_snapshot"] == n_images * len(CELLS)
+    assert counts["cells_below_min_confidence"] == n_images * N_LOW == len(left_out)
+    assert (left_out["confidence"] < 0.5).all() and (cells["confidence"] >= 0.5).all()
+    assert counts["cells_exported"] == len(cells) == n_images * (len(CELLS) - N_LOW)
+    assert counts["cells_alive"] + counts["cells_dead"] == len(cells)
+    assert counts["cells_without_pixels"] == len(CELLS) - N_LOW
+    assert counts["crops"] == len(index) == len(cells) - counts["cells_without_pixels"]
+    pngs = list((out / "crops").rglob("*.png"))
+    assert len(pngs) == len(index)
+    per_split = counts["crops_per_split"]
+    assert sum(v for d in per_split.values() for v in d.values()) == len(index)
+    assert counts["clicks"] == store.n_clicks == len(_read(out, "clicks.csv"))
+    assert counts["annotators"] == 2 == len(_read(out, "annotators.csv"))
+    assert sum(counts["images_per_split"].values()) == n_images
+    assert manifest["snapshot"]["id"] == store.snapshot.id and manifest["snapshot"]["method"] == "hand"
+    assert manifest["snapshot"]["params"] == {"radius": 7.0}
+    assert manifest["crop_size"] == CROP and manifest["seed"] == 1
+    assert manifest["split"] == {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert report.n_crops == len(index) and report.n_cells == len(cells)
+
+
+def test_no_image_is_in_two_splits(exported):
+    _, out = exported
+    images = _read(out, "images.csv")
+    split_of = dict(zip(images["image"], images["split"]))
+    for name in ("cells.csv", "crops/index.csv", "cells_left_out.csv"):
+        table = _read(out, name)
+        assert (table.groupby("image")["split"].nunique() == 1).all(), name
+        assert (table["image"].map(split_of) == table["split"]).all(), name
+    index = _read(out, "crops/index.csv")
+    for row in index.itertuples():
+        assert row.crop_path.startswith(f"{row.split}/{row.label}/")
+        assert (out / "crops" / row.crop_path).is_file()
+    coco = json.loads((out / "coco_keypoints.json").read_text())
+    assert {i["file_name"]: i["split"] for i in coco["images"]} == split_of
+
+
+def test_border_cells_are_cropped_full_size(exported):
+    _, out = exported
+    index = _read(out, "crops/index.csv")
+    border = index[(index["x"] < 1) | (index["y"] < 1) | (index["x"] > W - 2) | (index["y"] > H - 2)]
+    n_border = sum(1 for x, y, _, c in CELLS if c >= 0.5 and (x < 1 or y < 1 or x > W - 2 or y > H - 2))
+    assert n_border == 4
+    assert len(border) == n_border * 10  # every image with pixels keeps its border cells
+    for rel in border["crop_path"]:
+        arr = np.asarray(PILImage.open(out / "crops" / rel))
+        assert arr.shape == (CROP, CROP, 3) and arr.dtype == np.uint8
+
+
+def test_crop_pixels_come_from_the_image(exported, settings):
+    _, out = exported
+    index = _read(out, "crops/index.csv")
+    row = index[(index["image"] == "img01.png") & (index["x"] == 20.0)].iloc[0]  # RGB image, centre cell
+    crop = np.asarray(PILImage.open(out / "crops" / row["crop_path"]))
+    original = np.asarray(PILImage.open(settings.home / "images/exp/img01.png"))
+    np.testing.assert_array_equal(crop, original[15 - CROP // 2 : 15 + CROP // 2, 20 - CROP // 2 : 20 + CROP // 2])
+
+
+def test_tables_have_the_documented_columns(exported):
+    _, out = exported
+    cells = _read(out, "cells.csv")
+    assert list(cells.columns) == [
+        "image", "x", "y", "label", "p_alive", "confidence", "support", "n_runs", "p_cell", "from_gold", "split",
+    ]
+    assert json.loads((out / "cells.json").read_text())[0].keys() == set(cells.columns)
+    assert list(_read(out, "crops/index.csv").columns) == [
+        "crop_path", "image", "split", "label", "x", "y", "p_alive", "confidence",
+    ]
+    annotators = _read(out, "annotators.csv")
+    assert {"nickname", "class_code", "role", "weight", "accuracy_dead"} <= set(annotators.columns)
+    assert set(annotators["class_code"]) == {"DEMO"}
+    clicks = _read(out, "clicks.csv")
+    assert {"image", "task_run", "annotator", "nickname", "x", "y", "label"} <= set(clicks.columns)
+    images = _read(out, "images.csv").set_index("image")
+    assert {"meta_condition", "meta_dose.value", "meta_dose.unit", "viability_pct", "status"} <= set(images.columns)
+    row = images.loc["img00.png"]
+    assert row["viability_pct"] == pytest.approx(100 * row["n_alive"] / (row["n_alive"] + row["n_dead"]), abs=0.01)
+    assert row["n_left_out"] == N_LOW
+
+
+def test_coco_keypoints(exported):
+    _, out = exported
+    coco = json.loads((out / "coco_keypoints.json").read_text())
+    cells = _read(out, "cells.csv")
+    assert [c["name"] for c in coco["categories"]] == ["alive", "dead"]
+    assert len(coco["annotations"]) == len(cells)
+    sizes = {i["id"]: (i["width"], i["height"]) for i in coco["images"]}
+    for ann in coco["annotations"]:
+        x, y, v = ann["keypoints"]
+        assert v == 2 and 0 <= x <= sizes[ann["image_id"]][0] and 0 <= y <= sizes[ann["image_id"]][1]
+        assert 0.5 <= ann["score"] <= 1
+
+
+def test_min_confidence_threshold_moves_cells_out(session, settings, store, tmp_path):
+    calls = []
+    report = export_dataset(session, "exp", tmp_path / "hi", settings, crop_size=8, min_confidence=0.96,
+                            progress=lambda *args: calls.append(args))
+    assert calls[-1] == ("crops", 11, 11) and len(calls) == 11
+    n_kept_per_image = sum(1 for c in CELLS if c[3] >= 0.96)
+    assert report.counts["cells_exported"] == 11 * n_kept_per_image
+    assert report.counts["cells_below_min_confidence"] == 11 * (len(CELLS) - n_kept_per_image)
+
+
+def test_refuses_a_non_empty_folder_unless_overwrite(session, settings, store, tmp_path):
+    out = tmp_path / "exports" / "ds"
+    out.mkdir(parents=True)
+    export_dataset(session, store.project, out, settings, crop_size=8)  # empty folder is fine
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export_dataset(session, store.project, out, settings, crop_size=8)
+    assert (out / "mine.txt").exists()
+    export_dataset(session, store.project, out, settings, crop_size=8, overwrite=True)
+    assert not (out / "mine.txt").exists() and verify_export(out) == []
+    assert [p.name for p in out.parent.iterdir()] == ["ds"]  # no temporary or old folders left
+
+
+def test_failed_export_leaves_nothing_behind(session, settings, store, tmp_path, monkeypatch):
+    import cellspot.export as export_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "crop_around", boom)
+    parent = tmp_path / "exports"
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_dataset(session, store.project, parent / "ds", settings)
+    assert list(parent.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_previous_export(session, settings, store, tmp_path, monkeypatch):
+    import cellspot.export as export_module
+
+    out = tmp_path / "ds"
+    export_dataset(session, store.project, out, settings, crop_size=8)
+    before = (out / "manifest.json").read_bytes()
+    monkeypatch.setattr(export_module, "crop_around", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        export_dataset(session, store.project, out, settings, overwrite=True)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_missing_image_file_is_a_clear_error(session, settings, store, tmp_path):
+    (settings.home / "images/exp/img03.png").unlink()
+    with pytest.raises(ExportError, match="img03.png"):
+        export_dataset(session, store.project, tmp_path / "ds", settings)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_without_snapshot_says_to_run_aggregate(session, settings, tmp_path):
+    project = queries.get_or_create_project(session, "empty")
+    with pytest.raises(NoSnapshotError, match="cellspot aggregate"):
+        export_dataset(session, project, tmp_path / "ds", settings)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_explicit_snapshot_must_belong_to_the_project(session, settings, store, tmp_path):
+    other = queries.get_or_create_project(session, "other")
+    with pytest.raises(NoSnapshotError, match="does not exist"):
+        export_dataset(session, other, tmp_path / "ds", settings, snapshot=store.snapshot.id)
+    report = export_dataset(session, store.project, tmp_path / "ds", settings, snapshot=store.snapshot.id)
+    assert report.snapshot_id == store.snapshot.id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"crop_size": 0}, ExportError, "crop size"),
+        ({"crop_size": 9.5}, ExportError, "crop size"),
+        ({"min_confidence": 1.5}, ExportError, "min_confidence"),
+        ({"split": (0.8, 0.3, 0.1)}, SplitError, "sum to 1"),
+        ({"split": (0.8, 0.2)}, SplitError, "3 fractions"),
+    ],
+)
+def test_bad_parameters(session, settings, store, tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        export_dataset(session, store.project, tmp_path / "ds", settings, **kwargs)
+
+
+def test_same_seed_same_split(session, settings, store, tmp_path):
+    a = export_dataset(session, store.project, tmp_path / "a", settings, crop_size=8, seed=4)
+    b = export_dataset(session, store.project, tmp_path / "b", settings, crop_size=8, seed=4)
+    same = ["cells.csv", "crops/index.csv", "images.csv", "coco_keypoints.json", "clicks.csv"]
+    assert {k: a.files[k] for k in same} == {k: b.files[k] for k in same}
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("a.png", "a"), ("dir/b c.tif", "dir_b_c"), ("feb2013-33-23.jpg", "feb2013-33-23"), ("cells1", "cells1"),
+     ("..", "image"), ("x.tar.gz", "x.tar")],
+)
+def test_safe_stem(name, expected):
+    assert safe_stem(name) == expected
+
+
+def test_flatten_metadata():
+    meta = pd.Series([{"drug": "taxol", "dose": {"v": 1}}, None, {"time": 3}], index=[5, 6, 7])
+    flat = flatten_metadata(meta)
+    assert list(flat.columns) == ["meta_dose.v", "meta_drug", "meta_time"]
+    assert list(flat.index) == [5, 6, 7]
+    assert flat.loc[5, "meta_drug"] == "taxol" and pd.isna(flat.loc[6, "meta_drug"])
+    assert flatten_metadata(pd.Series([{}, None])).shape == (2, 0)
+
+
+def test_image_table_counts_and_viability():
+    images = pd.DataFrame({
+        "image": ["a", "b"], "width": [10, 10], "height": [5, 5], "channels": [1, 3], "bit_depth": [8, 8],
+        "has_pixels": [True, False], "status": ["active", "retired"], "sha256": ["x", None], "meta": [{}, {}],
+    })
+    cells = pd.DataFrame({"image": ["a", "a", "a", "a"], "label": ["alive", "alive", "alive", "dead"]})
+    left = pd.DataFrame({"image": ["b"], "label": ["dead"]})
+    table = image_table(images, cells, left).set_index("image")
+    assert table.loc["a", ["n_alive", "n_dead", "n_left_out"]].tolist() == [3, 1, 0]
+    assert table.loc["a", "viability_pct"] == 75.0
+    assert table.loc["b", ["n_alive", "n_dead", "n_left_out"]].tolist() == [0, 0, 1]
+    assert pd.isna(table.loc["b", "viability_pct"])
+
+
+def test_cli_export_without_snapshot_says_to_aggregate(settings, sqlite_engine, tmp_path):
+    from click.testing import CliRunner
+
+    from cellspot.cli import main
+    from cellspot.store.db import transaction
+
+    with transaction(sqlite_engine) as session:
+        queries.get_or_create_project(session, "fresh")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "ds"), "--project", "fresh"])
+    assert result.exit_code != 0
+    assert "cellspot aggregate --project fresh" in result.output
+    assert not (tmp_path / "ds").exists()
