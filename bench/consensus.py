@@ -29,7 +29,6 @@ import argparse
 import logging
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -161,55 +160,59 @@ def speed(args: argparse.Namespace) -> None:
     path = out / "speed_clicks.csv"
     n_images, n_cells, n_students = 10_000, 40, 5
     rng = np.random.default_rng(0)
-    truth = load_truth("generated", None)
     while True:
-        cells, images = _tile_truth(truth, n_images, n_cells, rng)
+        cells, images = _tile_truth(n_images, n_cells, rng)
         clicks = simulate_class(cells, images, n_students, get_profile("realistic"), rng)
         if len(clicks) >= 1_700_000:
             break
         n_images = int(math.ceil(n_images * 1_700_000 / len(clicks) * 1.01))
     clicks.to_csv(path, index=False, float_format="%.2f")
     print(f"speed file: {len(clicks):,} clicks, {n_images:,} images x {n_cells} cells x {n_students} students")
-    ours = _timed([sys.executable, "-m", "cellspot.cli", "consensus", str(path), "--out", str(out / "speed_cells.csv")])
+    ours = _timed([sys.executable, "-m", "cellspot", "consensus", str(path), "--out", str(out / "speed_cells.csv")])
     print(f"cellspot consensus (cluster_em): {ours[0]:.1f} s wall, peak RSS {ours[1] / 1024:.0f} MiB "
           f"(targets <= 20 s, <= 2048 MiB)")
+    ours_q = point_metrics(cells, pd.read_csv(out / "speed_cells.csv", dtype={"image": str}))
+    print(f"  quality on that file: F1 {ours_q['f1']:.3f}, label accuracy {ours_q['label_accuracy']:.4f}")
     if args.skip_panoptes or not BENCH_PY.exists():
         print("panoptes: skipped")
         return
-    batch = pd.read_csv(path, dtype={"image": str}).assign(config="speed", eps=float(truth.cells["diameter"].median()) / 2,
+    batch = pd.read_csv(path, dtype={"image": str}).assign(config="speed", eps=float(cells["diameter"].median()) / 2,
                                                            n_students=n_students)
     batch.to_csv(out / "speed_panoptes_in.csv", index=False)
     theirs = _timed([str(BENCH_PY), str(PANOPTES_SCRIPT), str(out / "speed_panoptes_in.csv"), str(out / "speed_panoptes_out.csv")])
     print(f"panoptes point_reducer_dbscan: {theirs[0]:.1f} s wall, peak RSS {theirs[1] / 1024:.0f} MiB")
+    theirs_q = point_metrics(cells, pd.read_csv(out / "speed_panoptes_out.csv", dtype={"image": str}))
+    print(f"  quality on that file: F1 {theirs_q['f1']:.3f}, label accuracy {theirs_q['label_accuracy']:.4f}")
     print(f"speed ratio panoptes / cellspot = {theirs[0] / ours[0]:.1f}x (target >= 5x)")
 
 
-def _tile_truth(truth, n_images: int, n_cells: int, rng: np.random.Generator):
-    """n_images generated images with exactly n_cells cells each (resampled from ``truth``)."""
-    per = truth.cells.groupby("image")
-    src_images = list(per.groups)
-    pick = rng.integers(0, len(src_images), n_images)
-    frames = []
-    sizes = truth.images.set_index("image")
-    for k, s in enumerate(pick):
-        c = per.get_group(src_images[s])
-        c = c.sample(n=n_cells, replace=len(c) < n_cells, random_state=int(k)).assign(image=f"img{k:06d}")
-        frames.append(c)
-    cells = pd.concat(frames, ignore_index=True)
-    cells = cells.drop_duplicates(["image", "x", "y"])
-    images = pd.DataFrame({"image": [f"img{k:06d}" for k in range(n_images)],
-                           "width": sizes["width"].to_numpy()[pick], "height": sizes["height"].to_numpy()[pick]})
+def _tile_truth(n_images: int, n_cells: int, rng: np.random.Generator):
+    """n_images images of 524x391 with ``n_cells`` cells each: 200 generated layouts, tiled."""
+    from cellspot.synth import generate_layout
+
+    layouts = []
+    while len(layouts) < 200:
+        layout = generate_layout(rng, 524, 391, n_cells=n_cells, diameter_scale=30.0)
+        if len(layout) == n_cells:
+            layouts.append(layout[["x", "y", "label", "diameter"]])
+    pick = rng.integers(0, len(layouts), n_images)
+    names = np.array([f"img{k:06d}" for k in range(n_images)], dtype=object)
+    cells = pd.concat([layouts[s] for s in pick], ignore_index=True)
+    cells.insert(0, "image", np.repeat(names, n_cells))
+    images = pd.DataFrame({"image": names, "width": 524, "height": 391})
     return cells, images
 
 
 def _timed(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd``; return its wall seconds and peak RSS in KiB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``cmd``; return its wall seconds and its own peak RSS in KiB (os.wait4)."""
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return wall, float(usage.ru_maxrss)
 
 
 def main() -> None:

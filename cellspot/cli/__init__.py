@@ -15,15 +15,11 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _register() -> None:
-    from cellspot.cli import consensus_cmds  # noqa: F401
-
-    for name in ("store_cmds", "import_cmds", "export_cmds", "demo_cmds"):
-        try:
-            __import__(f"cellspot.cli.{name}")
-        except ModuleNotFoundError as exc:  # pragma: no cover - while modules are being written
-            if exc.name != f"cellspot.cli.{name}":
-                raise
-
-
-_register()
+# Command modules register themselves on ``main``; imported last so ``main`` exists.
+from cellspot.cli import (  # noqa: E402,F401
+    consensus_cmds,
+    demo_cmds,
+    export_cmds,
+    import_cmds,
+    store_cmds,
+)

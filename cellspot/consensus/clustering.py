@@ -99,26 +99,36 @@ def nearest_per_run(arr: ClickArrays, k: int | None = None) -> Neighbours:
     k = min(n, k or int(np.clip(2 * max_runs, 8, 48)))
     pts, gap = offset_coordinates(arr.x, arr.y, arr.image)
     dist, idx = cKDTree(pts).query(pts, k=k, distance_upper_bound=gap / 2, workers=-1)
-    dist, idx = dist[:, 1:], idx[:, 1:]  # drop self
+    del pts
+    # drop self; keep (n, k-1) tables small: they dominate peak memory on big inputs
+    dist = dist[:, 1:].astype(np.float32)
+    idx = idx[:, 1:].astype(np.int32 if n < 2**31 - 1 else np.int64)
     found = idx < n
-    idx = np.where(found, idx, 0)
-    nb_run = np.where(found, arr.run[idx], -1)
-    same = found & (nb_run == arr.run[:, None])
+    idx[~found] = 0
+    run32 = arr.run.astype(np.int32)
+    nb_run = run32[idx]
+    nb_run[~found] = -1
+    same = found & (nb_run == run32[:, None])
     first_same = np.argmax(same, axis=1)
-    spacing = np.where(same.any(axis=1), dist[np.arange(n), first_same], np.inf)
+    spacing = np.where(same.any(axis=1), dist[np.arange(n), first_same], np.inf).astype(np.float64)
     # nearest click of each other run: neighbours come sorted by distance, so after a
     # stable sort by run the first entry of every run is its nearest click
-    other = found & ~same
-    run_key = np.where(other, nb_run, np.iinfo(np.int64).max)
-    order = np.argsort(run_key, axis=1, kind="stable")
-    r_sorted = np.take_along_axis(run_key, order, axis=1)
-    first = np.ones_like(r_sorted, dtype=bool)
+    sentinel = np.iinfo(np.int32).max
+    nb_run[~found | same] = sentinel
+    del same, found
+    order = np.argsort(nb_run, axis=1, kind="stable").astype(np.int8 if k <= 127 else np.int32)
+    r_sorted = np.take_along_axis(nb_run, order, axis=1)
+    del nb_run
+    first = np.ones(r_sorted.shape, dtype=bool)
     first[:, 1:] = r_sorted[:, 1:] != r_sorted[:, :-1]
-    first &= r_sorted != np.iinfo(np.int64).max
+    first &= r_sorted != sentinel
+    del r_sorted
     rows, cols = np.nonzero(first)
+    del first
+    picked = order[rows, cols].astype(np.int64)
     src = rows.astype(np.int64)
-    dst = idx[rows, order[rows, cols]].astype(np.int64)
-    dd = dist[rows, order[rows, cols]]
+    dst = idx[rows, picked].astype(np.int64)
+    dd = dist[rows, picked].astype(np.float64)
     return Neighbours(spacing, src, dst, dd)
 
 

@@ -17,6 +17,17 @@ from cellspot.store.models import Annotator, Click, Image, Project, TaskRun, utc
 SQL_CHUNK = 500
 """Values per ``IN (...)`` list / per bulk statement (well under SQLite's variable limit)."""
 
+SIZE_FROM_KEY = "size_from"
+"""``Image.meta`` key set to :data:`SIZE_FROM_CLICKS` on a pixel-less image whose size was
+inferred from its clicks (a lower bound): later clicks may enlarge it, and a larger file may
+attach its pixels to it."""
+SIZE_FROM_CLICKS = "clicks"
+
+
+def size_is_lower_bound(image: Image) -> bool:
+    """True for a pixel-less image whose size is only the smallest frame holding its clicks."""
+    return not image.has_pixels and (image.meta or {}).get(SIZE_FROM_KEY) == SIZE_FROM_CLICKS
+
 
 def _chunks(values: Sequence[Any], size: int = SQL_CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(values), size):
@@ -39,18 +50,20 @@ def existing_client_keys(session: Session, keys: Sequence[str]) -> set[str]:
 
 
 def ensure_images(
-    session: Session, project: Project, sizes: dict[str, tuple[int, int]], known: dict[str, Image]
+    session: Session, project: Project, sizes: dict[str, tuple[int, int]], known: dict[str, Image],
+    meta: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, int], int]:
     """Ids of the images named in ``sizes``; missing ones are created without pixels.
 
-    ``known``: the project's images by name (from :func:`project_images`). Returns
-    ``(name -> id, number created)``.
+    ``known``: the project's images by name (from :func:`project_images`); ``meta``: the
+    ``Image.meta`` of new images by name (default empty). Returns ``(name -> id, number created)``.
     """
+    meta = meta or {}
     ids = {name: known[name].id for name in sizes if name in known}
     now = utcnow()
     rows = [
         {"project_id": project.id, "name": name, "sha256": None, "path": None, "width": w, "height": h,
-         "channels": 1, "bit_depth": 8, "has_pixels": False, "meta": {}, "status": "active",
+         "channels": 1, "bit_depth": 8, "has_pixels": False, "meta": dict(meta.get(name, {})), "status": "active",
          "created_at": now}
         for name, (w, h) in sizes.items() if name not in known
     ]

@@ -20,7 +20,9 @@ Rules (documented here because they decide what is stored):
   same aspect ratio; the canvas' 5 px CSS offset is not corrected, it was never verified).
   Tidy CSV clicks are in image pixels: an image in the store keeps its size; a new one gets
   the file's ``width``/``height`` columns when given, else the smallest frame holding its
-  clicks, ``floor(max x) + 1`` by ``floor(max y) + 1`` (a lower bound: give the columns).
+  clicks, ``floor(max x) + 1`` by ``floor(max y) + 1``, marked in ``Image.meta`` as a lower
+  bound (``size_from: clicks``): later click files may enlarge it (or size it exactly with
+  their columns), and ``cellspot import images`` attaches a file at least that large.
 * **Validation.** ``0 <= x < width``, ``0 <= y < height``, finite numbers, labels alive /
   dead / not_sure (``not_sure_alive`` and ``not sure`` mean not_sure). One reject per click
   (one per row that cannot be split into clicks). By default any reject fails the whole file
@@ -155,7 +157,7 @@ def _open_table(path: Path, required: Iterable[str]) -> tuple[list[str], Iterato
     try:
         first = next(records, None)
     except CsvFormatError as exc:
-        raise ClickImportError(path, [ImportProblem(str(path), str(exc))]) from exc
+        raise ClickImportError(path, [ImportProblem(str(path), exc.reason)]) from exc
     if first is None:
         raise ClickImportError(path, [ImportProblem(str(path), "the file is empty", 1)])
     header = normalise_header(first[1])
@@ -173,7 +175,7 @@ def _guarded(path: Path, records: Iterator[tuple[int, list[str]]]) -> Iterator[t
     try:
         yield from records
     except CsvFormatError as exc:
-        raise ClickImportError(path, [ImportProblem(str(path), str(exc))]) from exc
+        raise ClickImportError(path, [ImportProblem(str(path), exc.reason)]) from exc
 
 
 def _row_dict(parsed: ParsedClicks, header: list[str], line: int, fields: list[str]) -> dict[str, str] | None:
@@ -407,6 +409,13 @@ def detect_format(path: str | Path) -> str:
         return "pybossa"
     if all(c in header for c in TIDY_REQUIRED):
         return "csv"
+    # a header that has some columns of one format: name the columns that are missing
+    for required in (TIDY_REQUIRED, PYBOSSA_REQUIRED):
+        if any(c in header for c in required):
+            reason = f"missing column; required: {', '.join(required)}"
+            raise ClickImportError(
+                path, [ImportProblem(str(path), reason, 1, c) for c in required if c not in header]
+            )
     raise ClickImportError(
         path,
         [ImportProblem(
@@ -450,7 +459,7 @@ def import_clicks(
     parsed = parse_clicks(path, format)
     images = _store.project_images(session, project)
     sizes = _resolve_sizes(parsed, images)
-    placed = _place_clicks(parsed, images, sizes)
+    placed = _place_clicks(parsed, images, sizes.sizes)
     if parsed.rejects and not skip_invalid:
         raise ClickImportError(
             parsed.source, parsed.rejects, "skip_invalid / --skip-invalid imports the valid rows"
@@ -502,13 +511,20 @@ def _plan(parsed: ParsedClicks, placed: list[ParsedClick], keys: dict[str, str],
 
 def _write(
     session: Any, project: Any, parsed: ParsedClicks, plan: _Plan, keys: dict[str, str],
-    sizes: dict[str, tuple[int, int]], images: dict[str, Any],
+    sizes: _Sizes, images: dict[str, Any],
 ) -> tuple[int, int]:
     """Bulk-insert the plan's images, annotators, runs and clicks; returns (images, annotators) created."""
     from cellspot.importers import _store
 
+    wanted = list(dict.fromkeys(r.image for r in plan.runs))
+    for name in sorted(set(wanted) & set(sizes.resized)):
+        image = images[name]
+        image.width, image.height = sizes.resized[name]
+        if name in sizes.exact:
+            image.meta = {k: v for k, v in (image.meta or {}).items() if k != _store.SIZE_FROM_KEY}
+    inferred_meta = {name: {_store.SIZE_FROM_KEY: _store.SIZE_FROM_CLICKS} for name in sizes.inferred}
     image_ids, images_created = _store.ensure_images(
-        session, project, {r.image: sizes[r.image] for r in plan.runs}, images
+        session, project, {name: sizes.sizes[name] for name in wanted}, images, inferred_meta
     )
     annotator_ids, annotators_created = _store.ensure_annotators(
         session, project, {(r.annotator, r.class_code) for r in plan.runs}, IMPORTED_ROLE
@@ -528,26 +544,60 @@ def _write(
     return images_created, annotators_created
 
 
-def _resolve_sizes(parsed: ParsedClicks, images: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """(width, height) of every image the file names: stored, declared, frame, or inferred."""
+@dataclass
+class _Sizes:
+    """Image sizes for one import: ``sizes`` of every image the file names; ``inferred``: new
+    images sized by their clicks (a lower bound); ``resized``: stored lower-bound images that
+    this file enlarges or sizes exactly (``exact`` names those sized by declared columns)."""
+
+    sizes: dict[str, tuple[int, int]]
+    inferred: set[str] = field(default_factory=set)
+    resized: dict[str, tuple[int, int]] = field(default_factory=dict)
+    exact: set[str] = field(default_factory=set)
+
+
+def _resolve_sizes(parsed: ParsedClicks, images: dict[str, Any]) -> _Sizes:
+    """(width, height) of every image the file names: stored, declared, frame, or inferred.
+
+    A stored pixel-less image whose size was inferred from earlier clicks is only a lower
+    bound: a tidy file's declared size (if not smaller) replaces it, and clicks beyond it
+    enlarge it.
+    """
+    from cellspot.importers._store import size_is_lower_bound
+
     extent: dict[str, tuple[float, float]] = {}
     for click in parsed.clicks:
         image = parsed.runs[click.run].image
         mx, my = extent.get(image, (0.0, 0.0))
         extent[image] = (max(mx, click.x), max(my, click.y))
-    sizes = {}
-    for run in parsed.runs.values():
-        stored = images.get(run.image)
-        if stored is not None:
-            sizes[run.image] = (stored.width, stored.height)
+    out = _Sizes({})
+    for name in dict.fromkeys(run.image for run in parsed.runs.values()):
+        stored = images.get(name)
+        declared = parsed.declared_sizes.get(name)
+        mx, my = extent.get(name, (0.0, 0.0))
+        fit = (math.floor(mx) + 1, math.floor(my) + 1)
+        if stored is not None and parsed.frame is None and size_is_lower_bound(stored):
+            bound = (stored.width, stored.height)
+            if declared is not None:
+                grows = declared[0] >= bound[0] and declared[1] >= bound[1]
+                size = declared if grows else bound  # smaller than the stored clicks: rejected later
+                if grows:
+                    out.exact.add(name)
+            else:
+                size = (max(bound[0], fit[0]), max(bound[1], fit[1]))
+            if size != bound or name in out.exact:
+                out.resized[name] = size
+            out.sizes[name] = size
+        elif stored is not None:
+            out.sizes[name] = (stored.width, stored.height)
         elif parsed.frame is not None:
-            sizes[run.image] = parsed.frame
-        elif run.image in parsed.declared_sizes:
-            sizes[run.image] = parsed.declared_sizes[run.image]
+            out.sizes[name] = parsed.frame
+        elif declared is not None:
+            out.sizes[name] = declared
         else:
-            mx, my = extent.get(run.image, (0.0, 0.0))
-            sizes[run.image] = (math.floor(mx) + 1, math.floor(my) + 1)
-    return sizes
+            out.sizes[name] = fit
+            out.inferred.add(name)
+    return out
 
 
 def _place_clicks(

@@ -18,7 +18,15 @@ LABEL_ALIASES: dict[str, str] = {
 
 
 class CsvFormatError(ValueError):
-    """The file is not a readable CSV (bad encoding, NUL bytes, broken quoting)."""
+    """The file is not a readable CSV (bad encoding, NUL bytes, broken quoting).
+
+    ``str(error)`` starts with the file; ``reason`` says what was wrong without it.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 def csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -37,9 +45,9 @@ def csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
                 if fields and any(f.strip() for f in fields):
                     yield start, fields
     except UnicodeDecodeError as exc:
-        raise CsvFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise CsvFormatError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except csv.Error as exc:
-        raise CsvFormatError(f"{path}: not a readable CSV: {exc}") from exc
+        raise CsvFormatError(path, f"not a readable CSV: {exc}") from exc
 
 
 def normalise_header(fields: list[str]) -> list[str]:

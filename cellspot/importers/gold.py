@@ -83,7 +83,7 @@ def parse_gold_csv(path: str | Path) -> tuple[list[GoldRow], list[ImportProblem]
             else:
                 rows.append(row)
     except CsvFormatError as exc:
-        problems.append(ImportProblem(label, str(exc)))
+        problems.append(ImportProblem(label, exc.reason))
     return rows, problems
 
 

@@ -7,7 +7,9 @@
 * Within a project the same content is never added twice: it is reported as a duplicate.
   An image name is unique per project: a row with that name and **no pixels** (made by a
   click import) receives the pixels when the sizes match (nothing is rescaled; a different
-  size is an error); a row with pixels and other content is an error.
+  size is an error), or, when its size was only inferred from tidy clicks (a lower bound,
+  ``meta["size_from"] == "clicks"``), when the file is at least that large; a row with
+  pixels and other content is an error.
 * Folders are walked recursively (hidden files skipped); files in folders and archives whose
   name does not end in a known image suffix are skipped, and listed in the report. A file
   named explicitly is always tried. Zip members are read in memory, one at a time, with
@@ -199,8 +201,7 @@ def _import_one(
         report.errors.append(ImportProblem(source.label, getattr(exc, "reason", str(exc))))
         return
     existing = by_name.get(source.name)
-    size = (loaded.width, loaded.height)
-    if existing is not None and (existing.has_pixels or (existing.width, existing.height) != size):
+    if existing is not None and not _can_attach(existing, loaded.width, loaded.height):
         report.errors.append(ImportProblem(source.label, _conflict_reason(existing, loaded)))
         return
     rel_path = _store_file(settings, sha, FORMAT_SUFFIX.get(loaded.format, ".img"), data)
@@ -214,15 +215,38 @@ def _import_one(
     else:
         for key, value in fields.items():
             setattr(existing, key, value)
+        from cellspot.importers._store import SIZE_FROM_KEY
+
+        if SIZE_FROM_KEY in (existing.meta or {}):
+            existing.meta = {k: v for k, v in existing.meta.items() if k != SIZE_FROM_KEY}
         image = existing
         report.attached.append(source.name)
     by_sha[sha] = image
     log.debug("stored %s as %s", source.label, rel_path)
 
 
+def _can_attach(existing: Any, width: int, height: int) -> bool:
+    """Whether a file of ``width`` x ``height`` may give its pixels to the row ``existing``."""
+    from cellspot.importers import _store
+
+    if existing.has_pixels:
+        return False
+    if _store.size_is_lower_bound(existing):
+        return width >= existing.width and height >= existing.height
+    return (existing.width, existing.height) == (width, height)
+
+
 def _conflict_reason(existing: Any, loaded: Any) -> str:
+    from cellspot.importers import _store
+
     if existing.has_pixels:
         return f"an image named {existing.name!r} with other content is already in the project"
+    if _store.size_is_lower_bound(existing):
+        return (
+            f"image {existing.name!r} exists without pixels and its clicks reach "
+            f"{existing.width}x{existing.height}, but this file is only {loaded.width}x{loaded.height}; "
+            "import the file the clicks were made on, or rename it"
+        )
     return (
         f"image {existing.name!r} exists without pixels at {existing.width}x{existing.height} "
         f"(its clicks are in that frame) but this file is {loaded.width}x{loaded.height}; "

@@ -1,0 +1,155 @@
+"""``cellspot consensus CLICKS.csv --out OUT.csv``: stateless, file in / file out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from cellspot.cli import main
+from cellspot.consensus import ANNOTATOR_COLUMNS, CELL_COLUMNS
+
+HEADER = "image,annotator,x,y,label"
+# three students on two images, each 10 px right of the previous one; s3 adds a stray on img1
+CLICKS = "\n".join([
+    HEADER,
+    *(f"img1,s{s},{x + 10 * s},{y},{lab}" for s in range(3)
+      for x, y, lab in ((50, 50, "alive"), (200, 60, "dead"), (350, 200, "alive"))),
+    *(f"img2,s{s},{x + 10 * s},{y},{lab}" for s in range(3)
+      for x, y, lab in ((60, 300, "dead"), (300, 300, "alive"))),
+    "img1,s2,480,40,alive",
+]) + "\n"
+
+
+def invoke(tmp_path: Path, text: str, *args: str):
+    src = tmp_path / "in.csv"
+    src.write_text(text)
+    out = tmp_path / "out" / "cells.csv"
+    result = CliRunner().invoke(main, ["consensus", str(src), "--out", str(out), *args])
+    return result, out
+
+
+def read_out(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out, dtype={"image": str, "label": str})
+
+
+def test_writes_the_standard_columns(tmp_path: Path) -> None:
+    result, out = invoke(tmp_path, CLICKS)
+    assert result.exit_code == 0, result.output
+    cells = read_out(out)
+    assert list(cells.columns) == CELL_COLUMNS
+    assert len(cells) == 5  # the stray (one run of three) is not a cell
+    assert sorted(cells.groupby("image").size().items()) == [("img1", 3), ("img2", 2)]
+    assert set(cells["label"]) == {"alive", "dead"}
+    assert (cells["n_runs"] == 3).all() and (cells["support"] == 3).all()
+    assert cells[["p_alive", "confidence", "p_cell"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert "5 cells" in result.output and "cluster_em" in result.output
+
+
+def test_header_line_names_the_columns(tmp_path: Path) -> None:
+    _, out = invoke(tmp_path, CLICKS)
+    first = out.read_text().splitlines()[0]
+    assert [c.strip('"') for c in first.split(",")] == CELL_COLUMNS
+
+
+@pytest.mark.parametrize("method", ["cluster_em", "seed_r35", "dbscan_vote"])
+def test_empty_input_gives_header_only(tmp_path: Path, method: str) -> None:
+    result, out = invoke(tmp_path, HEADER + "\n", "--method", method)
+    assert result.exit_code == 0, result.output
+    cells = read_out(out)
+    assert list(cells.columns) == CELL_COLUMNS
+    assert cells.empty
+
+
+def test_task_run_column_and_extra_columns_are_accepted(tmp_path: Path) -> None:
+    text = "image,annotator,task_run,x,y,label,timestamp\n" + "".join(
+        f"img1,anon,run{s},{100 + s},{100 - s},dead,2020-01-01\n" for s in range(3))
+    result, out = invoke(tmp_path, text)
+    assert result.exit_code == 0, result.output
+    cells = read_out(out)
+    # one anonymous annotator, three runs: one cell clicked by all three
+    assert len(cells) == 1 and cells.iloc[0]["support"] == 3 and cells.iloc[0]["label"] == "dead"
+
+
+BAD_FILES = {
+    # name: (file text, words the error message must contain)
+    "missing-column": ("image,x,y,label\na,1,2,alive\n", ["annotator"]),
+    "nan-coordinate": (HEADER + "\na,s1,1,2,alive\na,s1,3,,alive\n", ["row 1", "y"]),
+    "text-coordinate": (HEADER + "\na,s1,abc,2,alive\n", ["x"]),
+    "unknown-label": (HEADER + "\na,s1,1,2,alive\na,s2,3,4,zombie\n", ["zombie", "alive, dead, not_sure"]),
+}
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_bad_input_exits_non_zero_naming_the_problem(tmp_path: Path, text: str, words: list[str]) -> None:
+    result, out = invoke(tmp_path, text)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output
+    assert not out.exists()
+
+
+def test_unknown_method_lists_the_valid_ones(tmp_path: Path) -> None:
+    result, out = invoke(tmp_path, CLICKS, "--method", "nope")
+    assert result.exit_code != 0
+    for name in ("cluster_em", "seed_r35", "dbscan_vote"):
+        assert name in result.output
+    assert not out.exists()
+
+
+def test_missing_input_file_is_an_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["consensus", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o.csv")])
+    assert result.exit_code != 0
+    assert "nope.csv" in result.output
+
+
+def test_method_seed_r35(tmp_path: Path) -> None:
+    result, out = invoke(tmp_path, CLICKS, "--method", "seed_r35")
+    assert result.exit_code == 0, result.output
+    cells = read_out(out)
+    # reference = s0 (first rows of each image): its clicks are the cells, at its positions
+    assert sorted(zip(cells["image"], cells["x"], cells["y"])) == [
+        ("img1", 50.0, 50.0), ("img1", 200.0, 60.0), ("img1", 350.0, 200.0),
+        ("img2", 60.0, 300.0), ("img2", 300.0, 300.0)]
+    assert (cells["p_cell"] == 1.0).all()
+    assert "seed_r35" in result.output
+
+
+@pytest.mark.parametrize(
+    ("method", "cell_radius", "support"),
+    [("seed_r35", "5", 1), ("seed_r35", "25", 3), ("cluster_em", "25", 3), ("dbscan_vote", "25", 3)],
+)
+def test_cell_radius_option(tmp_path: Path, method: str, cell_radius: str, support: int) -> None:
+    """Students are 10 px apart on every cell: a 5 px radius joins nobody, 25 px joins all."""
+    result, out = invoke(tmp_path, CLICKS, "--method", method, "--cell-radius", cell_radius)
+    assert result.exit_code == 0, result.output
+    cells = read_out(out)
+    assert cells["support"].max() == support
+
+
+def test_annotators_out(tmp_path: Path) -> None:
+    target = tmp_path / "rel" / "annotators.csv"
+    result, _ = invoke(tmp_path, CLICKS, "--annotators-out", str(target))
+    assert result.exit_code == 0, result.output
+    annot = pd.read_csv(target)
+    assert list(annot.columns) == ANNOTATOR_COLUMNS
+    assert sorted(annot["annotator"]) == ["s0", "s1", "s2"]
+    assert annot.set_index("annotator").loc["s2", "n_clicks"] == 6
+    assert annot[["sensitivity", "weight"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_annotators_out_for_a_baseline_is_header_only(tmp_path: Path) -> None:
+    target = tmp_path / "annotators.csv"
+    result, _ = invoke(tmp_path, CLICKS, "--method", "seed_r35", "--annotators-out", str(target))
+    assert result.exit_code == 0, result.output
+    assert list(pd.read_csv(target).columns) == ANNOTATOR_COLUMNS
+
+
+def test_numeric_image_names_stay_names(tmp_path: Path) -> None:
+    text = HEADER + "\n" + "".join(f"007,s{s},{100 + s},100,alive\n" for s in range(2))
+    result, out = invoke(tmp_path, text)
+    assert result.exit_code == 0, result.output
+    assert read_out(out)["image"].tolist() == ["007"]
