@@ -143,20 +143,40 @@ def _cells_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.DataFrame:
     return cells.sort_values(["image", "y", "x"], kind="mergesort").reset_index(drop=True)
 
 
-def _clicks_frame(session: Session, project: Project) -> pd.DataFrame:
+_RUN_COLUMNS = ["task_run", "image", "client_key", "annotator", "nickname", "class_code", "role",
+                "source", "submitted_at"]
+
+
+def _runs_frame(session: Session, project: Project) -> pd.DataFrame:
+    """Every task run of ``project`` with its image and annotator (n_runs x 9), zero-click runs included."""
     rows = session.execute(
         select(
-            Image.name, TaskRun.id, TaskRun.client_key, Annotator.id, Annotator.nickname,
-            Annotator.class_code, Annotator.role, Click.click_index, Click.x, Click.y, Click.label,
-            TaskRun.source, TaskRun.submitted_at,
+            TaskRun.id, Image.name, TaskRun.client_key, Annotator.id, Annotator.nickname,
+            Annotator.class_code, Annotator.role, TaskRun.source, TaskRun.submitted_at,
         )
-        .join(TaskRun, TaskRun.id == Click.task_run_id)
         .join(Image, Image.id == TaskRun.image_id)
         .join(Annotator, Annotator.id == TaskRun.annotator_id)
         .where(Image.project_id == project.id)
-        .order_by(Image.name, TaskRun.id, Click.click_index)
     ).all()
-    return pd.DataFrame(rows, columns=CLICK_EXPORT_COLUMNS)
+    runs = pd.DataFrame(rows, columns=_RUN_COLUMNS)
+    runs["submitted_at"] = _iso_utc(runs["submitted_at"])
+    return runs
+
+
+def _clicks_frame(session: Session, runs: pd.DataFrame, project: Project) -> pd.DataFrame:
+    """Every click of ``project`` with its run, annotator and image (n_clicks x 13), ordered by
+    image, run and click index. ``runs``: from :func:`_runs_frame` (run details are joined in
+    pandas: one row per run, not per click, goes through the ORM's type conversion)."""
+    rows = session.execute(
+        select(Click.task_run_id, Click.click_index, Click.x, Click.y, Click.label)
+        .join(TaskRun, TaskRun.id == Click.task_run_id)
+        .join(Image, Image.id == TaskRun.image_id)
+        .where(Image.project_id == project.id)
+    ).all()
+    clicks = pd.DataFrame(rows, columns=["task_run", "click_index", "x", "y", "label"])
+    frame = clicks.merge(runs, on="task_run", how="left", validate="many_to_one")
+    frame = frame.sort_values(["image", "task_run", "click_index"], kind="mergesort").reset_index(drop=True)
+    return frame[CLICK_EXPORT_COLUMNS]
 
 
 def _reliability_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.DataFrame:
@@ -253,23 +273,41 @@ class _Writer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files: dict[str, dict[str, Any]] = {}
+        self._folders: set[Path] = set()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
         path.write_bytes(data)
         self.files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     def write_csv(self, rel: str, frame: pd.DataFrame) -> None:
         self.write_bytes(rel, frame.to_csv(index=False, lineterminator="\n").encode("utf-8"))
 
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, (json.dumps(obj, indent=1, default=_json_default) + "\n").encode("utf-8"))
+    def write_json(self, rel: str, obj: Any, expand: int | None = None) -> None:
+        """Write ``obj`` as JSON: fully indented, or (``expand`` levels) with one item per line."""
+        text = json.dumps(obj, indent=1, default=_json_default) if expand is None else _json_lines(obj, expand)
+        self.write_bytes(rel, (text + "\n").encode("utf-8"))
 
     def write_png(self, rel: str, array: np.ndarray) -> None:
         buf = io.BytesIO()
         PILImage.fromarray(array).save(buf, format="PNG", compress_level=1)
         self.write_bytes(rel, buf.getvalue())
+
+
+def _json_lines(obj: Any, expand: int, depth: int = 0) -> str:
+    """JSON with the outer ``expand`` levels of lists / dicts indented and deeper values on one
+    line each: readable (one cell per line) and fast (the C encoder does the rows)."""
+    pad = " " * (depth + 1)
+    if depth < expand and isinstance(obj, list) and obj:
+        items = [pad + _json_lines(v, expand, depth + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + pad[:-1] + "]"
+    if depth < expand and isinstance(obj, dict) and obj:
+        items = [f"{pad}{json.dumps(str(k))}: {_json_lines(v, expand, depth + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad[:-1] + "}"
+    return json.dumps(obj, default=_json_default)
 
 
 def _json_default(obj: Any) -> Any:
@@ -280,10 +318,21 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.bool_,)):
         return bool(obj)
     if isinstance(obj, (datetime, pd.Timestamp)):
-        return obj.isoformat()
+        return _utc(obj).isoformat()
     if isinstance(obj, Path):
         return obj.as_posix()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def _utc(value: datetime) -> datetime:
+    """``value`` with its time zone; naive values (SQLite drops the zone) are UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _iso_utc(values: pd.Series) -> pd.Series:
+    """Datetimes as ISO 8601 text in UTC (``2014-03-01T10:15:00+00:00``); missing stay empty."""
+    text = {v: _utc(pd.Timestamp(v).to_pydatetime()).isoformat() for v in values.dropna().unique()}
+    return values.map(text)  # one conversion per distinct value (a run's clicks share one)
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -327,37 +376,44 @@ def _write_crops(
     crop_size: int,
     progress: ProgressCallback | None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Crop every exported cell of every image with pixels; returns (index, counts)."""
+    """Crop every exported cell of every image with pixels; returns (index, counts).
+
+    Plain numpy columns and dict lookups per image (no per-row pandas access): the time goes
+    into reading images and encoding PNGs.
+    """
     from cellspot.imaging import ImageReadError, read_image, to_display_rgb8
 
-    by_image = dict(tuple(cells.groupby("image", sort=True))) if len(cells) else {}
-    info = images.set_index("image")
-    index_rows: list[dict[str, Any]] = []
+    info = {r["image"]: r for r in images[["image", "image_id", "path", "has_pixels", "split"]].to_dict("records")}
+    groups = cells.groupby("image", sort=True).indices if len(cells) else {}
+    x_all, y_all = cells["x"].to_numpy(float), cells["y"].to_numpy(float)
+    label_all = cells["label"].to_numpy(object)
+    p_all, c_all = cells["p_alive"].to_numpy(float), cells["confidence"].to_numpy(float)
+    columns: dict[str, list[Any]] = {name: [] for name in CROP_INDEX_COLUMNS}
     skipped_cells = 0
-    todo = sorted(by_image)
+    todo = sorted(groups)
     for done, name in enumerate(todo, start=1):
-        group = by_image[name]
-        row = info.loc[name]
+        rows = groups[name]
+        row = info[name]
         if not bool(row["has_pixels"]) or not row["path"]:
-            skipped_cells += len(group)
+            skipped_cells += len(rows)
         else:
-            path = settings.home / str(row["path"])
             try:
-                loaded = read_image(path)
+                loaded = read_image(settings.home / str(row["path"]))
             except ImageReadError as exc:
                 raise ExportError(f"cannot read the pixels of image {name!r}: {exc}") from exc
             rgb = to_display_rgb8(loaded.array, loaded.bit_depth)
             stem = f"{safe_stem(name)}-{int(row['image_id'])}"
-            for i, cell in enumerate(group.itertuples(index=False)):
-                rel = f"{row['split']}/{cell.label}/{stem}-{i:04d}.png"
-                writer.write_png(f"crops/{rel}", crop_around(rgb, float(cell.x), float(cell.y), crop_size))
-                index_rows.append(
-                    {"crop_path": rel, "image": name, "split": row["split"], "label": cell.label,
-                     "x": cell.x, "y": cell.y, "p_alive": cell.p_alive, "confidence": cell.confidence}
-                )
+            split = row["split"]
+            for i, k in enumerate(rows):
+                rel = f"{split}/{label_all[k]}/{stem}-{i:04d}.png"
+                writer.write_png(f"crops/{rel}", crop_around(rgb, x_all[k], y_all[k], crop_size))
+                for column, value in zip(
+                    CROP_INDEX_COLUMNS, (rel, name, split, label_all[k], x_all[k], y_all[k], p_all[k], c_all[k])
+                ):
+                    columns[column].append(value)
         if progress is not None:
             progress("crops", done, len(todo))
-    index = pd.DataFrame(index_rows, columns=CROP_INDEX_COLUMNS)
+    index = pd.DataFrame(columns, columns=CROP_INDEX_COLUMNS)
     return index, {"cells_without_pixels": skipped_cells}
 
 
@@ -405,7 +461,8 @@ def export_dataset(
     all_cells = _cells_frame(session, snap)
     keep = all_cells["confidence"] >= float(min_confidence)
     cells, left_out = all_cells[keep].reset_index(drop=True), all_cells[~keep].reset_index(drop=True)
-    clicks = _clicks_frame(session, project)
+    runs = _runs_frame(session, project)
+    clicks = _clicks_frame(session, runs, project)
     annotators = _reliability_frame(session, snap)
     log.info("exporting snapshot %d of %r: %d images, %d cells (%d below %.2f), %d clicks",
              snap.id, project.name, len(images), len(cells), len(left_out), min_confidence, len(clicks))
@@ -423,18 +480,18 @@ def export_dataset(
     try:
         writer = _Writer(tmp)
         writer.write_csv("cells.csv", cells[CELL_EXPORT_COLUMNS])
-        writer.write_json("cells.json", _records(cells[CELL_EXPORT_COLUMNS]))
+        writer.write_json("cells.json", _records(cells[CELL_EXPORT_COLUMNS]), expand=1)
         writer.write_csv("cells_left_out.csv", left_out[CELL_EXPORT_COLUMNS])
         writer.write_csv("clicks.csv", clicks)
         writer.write_csv("annotators.csv", annotators)
         writer.write_csv("images.csv", table)
-        writer.write_json("coco_keypoints.json", coco_keypoints(images, cells))
+        writer.write_json("coco_keypoints.json", coco_keypoints(images, cells), expand=2)
         for s in SPLITS:
             for label in ("alive", "dead"):
                 (tmp / "crops" / s / label).mkdir(parents=True, exist_ok=True)
         index, crop_counts = _write_crops(writer, cells, images, settings, crop_size, progress)
         writer.write_csv("crops/index.csv", index)
-        counts = _counts(images, cells, left_out, clicks, annotators, index, assignment, crop_counts)
+        counts = _counts(images, cells, left_out, clicks, annotators, index, assignment, crop_counts, len(runs))
         manifest = _manifest(project, snap, counts, writer.files, crop_size, fractions, seed, min_confidence)
         writer.write_json("manifest.json", manifest)
         _swap_into_place(tmp, outdir)
@@ -456,6 +513,7 @@ def _counts(
     index: pd.DataFrame,
     assignment: dict[str, str],
     crop_counts: dict[str, int],
+    n_runs: int,
 ) -> dict[str, Any]:
     per_split_label = {
         s: {lab: int(((index["split"] == s) & (index["label"] == lab)).sum()) for lab in ("alive", "dead")}
@@ -475,7 +533,8 @@ def _counts(
         "crops": len(index),
         "crops_per_split": per_split_label,
         "clicks": len(clicks),
-        "task_runs": int(clicks["task_run"].nunique()) if len(clicks) else 0,
+        "task_runs": n_runs,
+        "task_runs_with_clicks": int(clicks["task_run"].nunique()) if len(clicks) else 0,
         "annotators": len(annotators),
     }
 

@@ -77,5 +77,6 @@ def export_command(
                f"{c['cells_below_min_confidence']} below confidence {min_confidence:g} left out")
     click.echo(f"  crops:  {c['crops']} of {crop_size}x{crop_size} px "
                f"({c['cells_without_pixels']} cells on images without pixels have none)")
-    click.echo(f"  clicks: {c['clicks']} from {c['task_runs']} task runs")
+    click.echo(f"  clicks: {c['clicks']} in {c['task_runs']} task runs "
+               f"({c['task_runs'] - c['task_runs_with_clicks']} of them without clicks)")
     click.echo(f"manifest: {report.manifest_path}")

@@ -20,6 +20,7 @@ _PROJECT_OPTION = click.option(
     "--project", "project_name", default=None, help="Project name [default: the settings' default project]."
 )
 _EXISTING = click.Path(exists=True, path_type=Path)
+_MAX_LISTED_DUPLICATES = 10
 
 
 @main.group("import")
@@ -82,8 +83,10 @@ def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: 
     finally:
         close()
     click.echo(f"project {project.name!r}: {report.summary()}")
-    for problem in report.duplicates:
+    for problem in report.duplicates[:_MAX_LISTED_DUPLICATES]:
         click.echo(f"duplicate: {problem}", err=True)
+    if len(report.duplicates) > _MAX_LISTED_DUPLICATES:
+        click.echo(f"duplicate: ... and {len(report.duplicates) - _MAX_LISTED_DUPLICATES} more", err=True)
     for problem in report.errors:
         click.echo(f"error: {problem}", err=True)
     if report.errors:

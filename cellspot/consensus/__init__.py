@@ -13,17 +13,20 @@ image (columns ``image, task_run, annotator``), including runs that clicked noth
 from __future__ import annotations
 
 from cellspot.consensus.types import (
-    CELL_COLUMNS,
     ANNOTATOR_COLUMNS,
+    CELL_COLUMNS,
+    ConsensusInputError,
     ConsensusResult,
     UnknownMethodError,
     prepare_clicks,
 )
-from cellspot.consensus.registry import METHODS, DEFAULT_METHOD, run_consensus
+from cellspot.consensus.registry import DEFAULT_METHOD, METHODS, run_consensus
+from cellspot.consensus import cluster_em, dbscan_vote, seed_r35  # noqa: E402,F401  (fill METHODS)
 
 __all__ = [
     "ANNOTATOR_COLUMNS",
     "CELL_COLUMNS",
+    "ConsensusInputError",
     "ConsensusResult",
     "DEFAULT_METHOD",
     "METHODS",

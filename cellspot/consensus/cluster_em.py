@@ -2,8 +2,9 @@
 
 1. Estimate each image's merge radius from the clicks (:mod:`.clustering`).
 2. Cluster clicks so no cluster holds two clicks of one run (mutual nearest neighbours).
-3. Fit who is reliable (:mod:`.reliability`): per-run sensitivity, per-annotator
-   false-click propensity and alive/dead confusion, anchored by gold cells.
+3. Weigh down runs that look like spam (:mod:`.spam`) and fit who is reliable
+   (:mod:`.reliability`): per-run sensitivity, per-annotator false-click propensity and
+   alive/dead confusion, anchored by gold cells.
 4. Keep clusters with ``p_cell >= keep_threshold``; position = mean click.
 
 Output per cell: ``p_alive`` (posterior of alive), ``label`` (alive if p_alive >= 0.5),
@@ -23,6 +24,7 @@ from cellspot.consensus.clustering import cluster_clicks, estimate_scale
 from cellspot.consensus.common import encode_clicks, runs_per_image, vote_to_cells
 from cellspot.consensus.registry import register
 from cellspot.consensus.reliability import fit, match_gold, summarise_clusters
+from cellspot.consensus.spam import spam_weights
 from cellspot.consensus.types import ANNOTATOR_COLUMNS, ConsensusResult, empty_cells
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ def cluster_em(
     cluster = cluster_clicks(arr, scale)
     cl = summarise_clusters(arr, cluster)
     anchor = match_gold(arr, cl, gold, scale.radius)
-    rel = fit(arr, cl, anchor)
+    run_weight = spam_weights(arr)
+    rel = fit(arr, cl, anchor, run_weight)
     keep = rel.p_cell >= keep_threshold
     n_runs = runs_per_image(arr)
     confidence = rel.p_cell * np.maximum(rel.p_alive, 1 - rel.p_alive)
@@ -59,6 +62,7 @@ def cluster_em(
         prior_alive=round(rel.prior_alive, 4),
         iterations=rel.iterations,
         n_clusters=cl.n,
+        spam_suspect_runs=int((run_weight < 1).sum()),
     )
     log.info("cluster_em: %d clusters, %d kept, radius median %.1f px", cl.n, int(keep.sum()),
              float(np.median(scale.radius)))

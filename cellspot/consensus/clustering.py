@@ -41,14 +41,15 @@ log = logging.getLogger(__name__)
 MIN_DISTANCES_PER_IMAGE = 8
 JITTER_FACTOR = 3.0
 SPACING_FACTOR = 0.75
+MIN_RADIUS_PX = 1.0  # clicks are whole pixels in most exports: identical clicks must merge
 
 
 @dataclass(frozen=True)
 class Scale:
     """Per-image merge radius and the estimates it came from, arrays of shape (n_images,).
 
-    ``edges`` = ``(i, j, distance)`` of the mutual-nearest click pairs found within the
-    search radius (the cell spacing); clustering keeps those shorter than ``radius``.
+    ``edges`` = ``(i, j, distance)`` of the click pairs matched within the search radius
+    (the cell spacing); clustering keeps those shorter than ``radius``.
     """
 
     radius: np.ndarray
@@ -78,12 +79,11 @@ def _group_median(values: np.ndarray, group: np.ndarray, n_groups: int, fallback
 
 @dataclass(frozen=True)
 class Neighbours:
-    """For every click, its nearest click of its own run and of each other run (among the
-    ``k`` nearest clicks of its image).
+    """Neighbour facts from one k-nearest-neighbour query over all images.
 
-    ``spacing`` (n_clicks,) distance to the nearest other click of the same run (inf if
-    none found); ``src``/``dst``/``dist`` (n_edges,) the nearest click ``dst`` of each
-    other run for click ``src``, sorted by ``(src, run[dst])``.
+    ``spacing`` (n_clicks,): distance to the nearest other click of the same run (inf if
+    none among the k nearest). ``src``/``dst``/``dist`` (n_edges,): candidate pairs, the
+    ``CANDIDATES_PER_RUN`` nearest clicks ``dst`` of every other run for click ``src``.
     """
 
     spacing: np.ndarray
@@ -92,85 +92,127 @@ class Neighbours:
     dist: np.ndarray
 
 
+CANDIDATES_PER_RUN = 2
+DENSE_LIMIT = 50_000_000  # group minima through a dense table up to this many keys
+
+
 def nearest_per_run(arr: ClickArrays, k: int | None = None) -> Neighbours:
     """One k-nearest-neighbour query over all images at once (see :class:`Neighbours`)."""
     n = len(arr.x)
-    max_runs = int(np.bincount(arr.run_image).max()) if arr.n_runs else 1
-    k = min(n, k or int(np.clip(2 * max_runs, 8, 48)))
+    empty = np.empty(0, dtype=np.int64)
+    if n < 2:
+        return Neighbours(np.full(n, np.inf), empty, empty, np.empty(0))
+    max_runs = int(np.bincount(arr.run_image).max())
+    k = min(n, k or int(np.clip(2 * max_runs + 1, 8, 48)))
     pts, gap = offset_coordinates(arr.x, arr.y, arr.image)
     dist, idx = cKDTree(pts).query(pts, k=k, distance_upper_bound=gap / 2, workers=-1)
     del pts
-    # drop self; keep (n, k-1) tables small: they dominate peak memory on big inputs
-    dist = dist[:, 1:].astype(np.float32)
-    idx = idx[:, 1:].astype(np.int32 if n < 2**31 - 1 else np.int64)
-    found = idx < n
+    # (n, k) tables dominate peak memory on big inputs: keep them small
+    dist = dist.astype(np.float32)
+    idx = idx.astype(np.int32 if n < 2**31 - 1 else np.int64)
+    found = (idx < n) & (idx != np.arange(n)[:, None])  # self removed by index, not by rank
     idx[~found] = 0
     run32 = arr.run.astype(np.int32)
     nb_run = run32[idx]
-    nb_run[~found] = -1
     same = found & (nb_run == run32[:, None])
     first_same = np.argmax(same, axis=1)
     spacing = np.where(same.any(axis=1), dist[np.arange(n), first_same], np.inf).astype(np.float64)
-    # nearest click of each other run: neighbours come sorted by distance, so after a
-    # stable sort by run the first entry of every run is its nearest click
+    # neighbours come sorted by distance, so after a stable sort by run the first entries
+    # of every run are its nearest clicks
     sentinel = np.iinfo(np.int32).max
     nb_run[~found | same] = sentinel
     del same, found
     order = np.argsort(nb_run, axis=1, kind="stable").astype(np.int8 if k <= 127 else np.int32)
     r_sorted = np.take_along_axis(nb_run, order, axis=1)
     del nb_run
-    first = np.ones(r_sorted.shape, dtype=bool)
-    first[:, 1:] = r_sorted[:, 1:] != r_sorted[:, :-1]
-    first &= r_sorted != sentinel
-    del r_sorted
-    rows, cols = np.nonzero(first)
-    del first
+    new_run = np.ones(r_sorted.shape, dtype=bool)
+    new_run[:, 1:] = r_sorted[:, 1:] != r_sorted[:, :-1]
+    cols_k = np.arange(k)[None, :]
+    start = np.maximum.accumulate(np.where(new_run, cols_k, 0), axis=1)
+    keep = ((cols_k - start) < CANDIDATES_PER_RUN) & (r_sorted != sentinel)
+    del r_sorted, new_run, start
+    rows, cols = np.nonzero(keep)
+    del keep
     picked = order[rows, cols].astype(np.int64)
-    src = rows.astype(np.int64)
-    dst = idx[rows, picked].astype(np.int64)
-    dd = dist[rows, picked].astype(np.float64)
-    return Neighbours(spacing, src, dst, dd)
+    return Neighbours(spacing, rows.astype(np.int64), idx[rows, picked].astype(np.int64),
+                      dist[rows, picked].astype(np.float64))
 
 
-def mutual_edges(arr: ClickArrays, nb: Neighbours, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs ``(i, j, distance)``, ``i < j``, of mutually nearest clicks of two runs within
-    the image's ``radius``: ``j`` is ``i``'s nearest click of run(j) and vice versa."""
+def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
+               rounds: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching of the clicks of every pair of runs within ``radius``.
+
+    Returns pairs ``(i, j, distance)`` with ``i < j``. Round one joins mutual nearest
+    clicks; later rounds join mutual nearest among the clicks still unmatched with each
+    other's run, so a click whose nearest partner was taken still finds its own.
+    """
     ok = nb.dist < radius[arr.image[nb.src]]
-    src, dst, dd = nb.src[ok], nb.dst[ok], nb.dist[ok]
+    i = np.minimum(nb.src[ok], nb.dst[ok])
+    j = np.maximum(nb.src[ok], nb.dst[ok])
+    d = nb.dist[ok]
+    n = len(arr.x)
+    if len(i) == 0:
+        return i, j, d
+    # a pair found from both sides appears twice; the index tie-break makes the same copy
+    # win on both sides, so no deduplication is needed
+    d_key = d + np.arange(len(d)) * (1e-9 * max(float(d.max()), 1.0) / len(d))
     rank = _run_rank(arr)
-    n_slots = int(rank.max()) + 1 if len(rank) else 1
-    # best[c, r] = nearest click of the image's r-th run to click c (or -1)
-    best = np.full((len(arr.x), n_slots), -1, dtype=np.int64)
-    best[src, rank[arr.run[dst]]] = dst
-    mutual = (best[dst, rank[arr.run[src]]] == src) & (src < dst)
-    return src[mutual], dst[mutual], dd[mutual]
+    slots = int(rank.max()) + 1
+    ri, rj = rank[arr.run[j]], rank[arr.run[i]]  # slot of the partner's run, seen from i / j
+    used = np.zeros((n, slots), dtype=bool)
+    matched = np.zeros(len(i), dtype=bool)
+    for _ in range(rounds):
+        live = np.flatnonzero(~matched & ~used[i, ri] & ~used[j, rj])
+        if len(live) == 0:
+            break
+        best_i = _group_min(i[live] * slots + ri[live], d_key[live], n * slots)
+        best_j = _group_min(j[live] * slots + rj[live], d_key[live], n * slots)
+        win = live[best_i & best_j]
+        if len(win) == 0:
+            break
+        matched[win] = True
+        used[i[win], ri[win]] = True
+        used[j[win], rj[win]] = True
+    return i[matched], j[matched], d[matched]
+
+
+def _group_min(key: np.ndarray, value: np.ndarray, n_keys: int) -> np.ndarray:
+    """Mask of the entries holding the smallest ``value`` of their ``key`` (values unique)."""
+    if n_keys <= DENSE_LIMIT:
+        best = np.full(n_keys, np.inf)
+        np.minimum.at(best, key, value)
+        return best[key] == value
+    order = np.lexsort((value, key))
+    k = key[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    mask = np.zeros(len(order), dtype=bool)
+    mask[order[first]] = True
+    return mask
 
 
 def estimate_scale(arr: ClickArrays, cell_radius: float | None = None) -> Scale:
     """Estimate each image's merge radius from the clicks (see module docstring)."""
     nb = nearest_per_run(arr)
     has = np.isfinite(nb.spacing)
-    pooled_spacing = float(np.median(nb.spacing[has])) if has.any() else np.nan
-    if not np.isfinite(pooled_spacing):
-        # nobody clicked two cells: fall back to the spread of the clicks
-        pooled_spacing = float(max(np.ptp(arr.x), np.ptp(arr.y), 1.0)) if len(arr.x) else 1.0
+    # nobody clicked two cells: no spacing bound, the click jitter alone sets the radius
+    pooled_spacing = float(np.median(nb.spacing[has])) if has.any() else np.inf
     spacing = _group_median(nb.spacing[has], arr.image[has], arr.n_images, pooled_spacing)
     if cell_radius:
         r = np.full(arr.n_images, float(cell_radius))
-        edges = mutual_edges(arr, nb, r)
+        edges = match_runs(arr, nb, r)
         return Scale(r, spacing, r / JITTER_FACTOR, pooled_spacing, float(cell_radius) / JITTER_FACTOR, edges)
-    i, j, d = mutual_edges(arr, nb, spacing)
+    i, j, d = match_runs(arr, nb, spacing)
     pooled_jitter = float(np.median(d)) if len(d) else np.inf
     jitter = _group_median(d, arr.image[i], arr.n_images, pooled_jitter)
-    radius = np.minimum(SPACING_FACTOR * spacing, JITTER_FACTOR * jitter)
+    radius = np.maximum(np.minimum(SPACING_FACTOR * spacing, JITTER_FACTOR * jitter), MIN_RADIUS_PX)
     return Scale(radius, spacing, jitter, pooled_spacing, pooled_jitter, (i, j, d))
 
 
 def cluster_clicks(arr: ClickArrays, scale: Scale) -> np.ndarray:
     """Cluster id per click, shape (n_clicks,); no cluster holds two clicks of one run.
 
-    Uses the mutual-nearest pairs of ``scale`` shorter than the image's radius (the
-    mutual nearest pairs within a smaller radius are exactly those). Cluster ids are
+    Uses the matched pairs of ``scale`` shorter than the image's radius. Cluster ids are
     consecutive, ordered by (image, first click index).
     """
     n = len(arr.x)
@@ -182,6 +224,9 @@ def cluster_clicks(arr: ClickArrays, scale: Scale) -> np.ndarray:
     graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
     _, comp = connected_components(graph, directed=False)
     comp = _split_conflicts(arr, comp.astype(np.int64), i, j, d)
+    comp = merge_fragments(arr, comp, scale.radius)
+    comp = reassign_clicks(arr, comp, scale.radius)
+    comp = merge_fragments(arr, comp, scale.radius)
     # renumber by (image, first click) so results are deterministic and readable
     first = np.full(comp.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, comp, np.arange(n))
@@ -209,27 +254,81 @@ def _local_run_bits(arr: ClickArrays) -> np.ndarray | None:
     return np.left_shift(np.uint64(1), rank[arr.run].astype(np.uint64))
 
 
+def _duplicated(arr: ClickArrays, comp: np.ndarray) -> np.ndarray:
+    """Per click: does its component hold another click of the same run? shape (n,)."""
+    key = comp * (arr.n_runs + 1) + arr.run
+    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return counts[inv] > 1
+
+
+def _isolate_double_clicks(arr: ClickArrays, comp: np.ndarray, dup: np.ndarray) -> np.ndarray:
+    """A component where exactly one run has several clicks is one cell clicked twice by
+    that student: keep the click nearest the other runs' mean, the rest become singletons."""
+    n_comp = int(comp.max()) + 1
+    dup_runs = np.zeros(n_comp, dtype=np.int64)
+    first_dup = np.unique(comp[dup] * (arr.n_runs + 1) + arr.run[dup])
+    np.add.at(dup_runs, first_dup // (arr.n_runs + 1), 1)
+    others = np.bincount(comp[~dup], minlength=n_comp)
+    eligible = (dup_runs == 1) & (others > 0)
+    if not eligible.any():
+        return comp
+    cx = np.bincount(comp[~dup], weights=arr.x[~dup], minlength=n_comp) / np.maximum(others, 1)
+    cy = np.bincount(comp[~dup], weights=arr.y[~dup], minlength=n_comp) / np.maximum(others, 1)
+    cand = np.flatnonzero(dup & eligible[comp])
+    dist = np.hypot(arr.x[cand] - cx[comp[cand]], arr.y[cand] - cy[comp[cand]])
+    order = cand[np.lexsort((cand, dist, comp[cand]))]
+    keep_first = np.ones(len(order), dtype=bool)
+    keep_first[1:] = comp[order][1:] != comp[order][:-1]
+    loose = order[~keep_first]
+    comp = comp.copy()
+    comp[loose] = n_comp + np.arange(len(loose))
+    return comp
+
+
 def _split_conflicts(arr: ClickArrays, comp: np.ndarray, i: np.ndarray, j: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Re-cluster components that hold two clicks of one run.
 
-    Constrained single linkage, Boruvka style and vectorised: every round each cluster
-    picks its shortest edge to a cluster with no run in common, and mutual picks merge.
+    A student's double click on one cell is undone first (:func:`_isolate_double_clicks`).
+    Other conflicts (chains over neighbouring cells) get constrained single linkage,
+    Boruvka style and vectorised: every round each cluster picks its shortest edge to a
+    cluster with no run in common, and mutual picks merge.
     """
-    key = comp * (arr.n_runs + 1) + arr.run
-    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
-    bad_click = np.zeros(comp.max() + 1, dtype=bool)
-    bad_click[comp[counts[inv] > 1]] = True
-    bad_click = bad_click[comp]
+    dup = _duplicated(arr, comp)
+    if not dup.any():
+        return comp
+    comp = _isolate_double_clicks(arr, comp, dup)
+    dup = _duplicated(arr, comp)
+    bad_comp = np.zeros(comp.max() + 1, dtype=bool)
+    bad_comp[comp[dup]] = True
+    bad_click = bad_comp[comp]
     if not bad_click.any():
         return comp
-    bits = _local_run_bits(arr)
-    if bits is None:
-        raise ValueError("more than 63 runs on one image: not supported by the cluster_em method")
+    bits = _run_bits_or_raise(arr)
     log.debug("re-clustering %d clicks in components that joined two clicks of one run", int(bad_click.sum()))
     on_bad = bad_click[i]
-    ei, ej, ed = i[on_bad], j[on_bad], d[on_bad]
-    label = np.arange(len(comp))
-    mask = bits.copy()
+    label = constrained_merge(bits, i[on_bad], j[on_bad], d[on_bad])
+    new = comp.copy()
+    new[bad_click] = comp.max() + 1 + label[bad_click]
+    return new
+
+
+def _run_bits_or_raise(arr: ClickArrays) -> np.ndarray:
+    bits = _local_run_bits(arr)
+    if bits is None:
+        raise ValueError("an image has more than 63 runs: the cluster_em method supports at most 63")
+    return bits
+
+
+def constrained_merge(mask: np.ndarray, ei: np.ndarray, ej: np.ndarray, ed: np.ndarray) -> np.ndarray:
+    """Single linkage over edges ``(ei, ej, ed)`` that never joins nodes sharing a run.
+
+    ``mask`` (n_nodes,) uint64 run bits per node. Boruvka style and vectorised: every
+    round each group picks its shortest edge to a group with no run in common, and
+    mutual picks merge. Returns a group label per node, shape (n_nodes,).
+    """
+    n = len(mask)
+    label = np.arange(n)
+    mask = mask.copy()
     for _ in range(64):
         a, b = label[ei], label[ej]
         valid = (a != b) & ((mask[a] & mask[b]) == 0)
@@ -242,16 +341,155 @@ def _split_conflicts(arr: ClickArrays, comp: np.ndarray, i: np.ndarray, j: np.nd
         s_sorted = src[order]
         first = np.ones(len(order), dtype=bool)
         first[1:] = s_sorted[1:] != s_sorted[:-1]
-        best = np.full(len(comp), -1, dtype=np.int64)
+        best = np.full(n, -1, dtype=np.int64)
         best[s_sorted[first]] = dst[order][first]
         c = np.flatnonzero(best >= 0)
         partner = best[c]
         pair = (best[partner] == c) & (c < partner)
         keep, gone = c[pair], partner[pair]
         mask[keep] |= mask[gone]
-        relabel = np.arange(len(comp))
+        relabel = np.arange(n)
         relabel[gone] = keep
         label = relabel[label]
-    new = comp.copy()
-    new[bad_click] = comp.max() + 1 + label[bad_click]
-    return new
+    return label
+
+
+def merge_fragments(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Join clusters of one image that no run clicked twice and whose centres are within
+    the radius: pairwise matching is not transitive, so a cell clicked by every student
+    can come out as complementary fragments (3 runs + 2 runs)."""
+    _, comp = np.unique(comp, return_inverse=True)  # consecutive ids, no empty clusters
+    n_comp = int(comp.max()) + 1
+    size = np.bincount(comp, minlength=n_comp)
+    cx = np.bincount(comp, weights=arr.x, minlength=n_comp) / size
+    cy = np.bincount(comp, weights=arr.y, minlength=n_comp) / size
+    image = np.zeros(n_comp, dtype=np.int64)
+    image[comp] = arr.image
+    runs_seen = np.bincount(arr.run_image, minlength=arr.n_images)
+    partial = np.flatnonzero(size < runs_seen[image])  # only clusters someone missed
+    if len(partial) < 2:
+        return comp
+    pts, _ = offset_coordinates(cx[partial], cy[partial], image[partial], scale=radius[image[partial]])
+    pairs = cKDTree(pts).query_pairs(1.0, output_type="ndarray")
+    if len(pairs) == 0:
+        return comp
+    bits = np.zeros(n_comp, dtype=np.uint64)
+    np.bitwise_or.at(bits, comp, _run_bits_or_raise(arr))
+    a, b = partial[pairs[:, 0]], partial[pairs[:, 1]]
+    keep = (bits[a] & bits[b]) == 0
+    if not keep.any():
+        return comp
+    a, b = a[keep], b[keep]
+    label = constrained_merge(bits, a, b, np.hypot(cx[a] - cx[b], cy[a] - cy[b]))
+    return label[comp]
+
+
+def _centres(arr: ClickArrays, comp: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per cluster: size, centre x, centre y, image, run bits; ``comp`` must be consecutive."""
+    n_comp = int(comp.max()) + 1
+    size = np.bincount(comp, minlength=n_comp)
+    cx = np.bincount(comp, weights=arr.x, minlength=n_comp) / np.maximum(size, 1)
+    cy = np.bincount(comp, weights=arr.y, minlength=n_comp) / np.maximum(size, 1)
+    image = np.zeros(n_comp, dtype=np.int64)
+    image[comp] = arr.image
+    return size, cx, cy, image
+
+
+def _candidate_moves(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, bits_click: np.ndarray):
+    """Clicks of incomplete clusters x neighbouring clusters their run has not clicked.
+
+    Returns ``(click, target, own_distance, new_distance, n_clusters)`` or None.
+    """
+    runs_seen = np.bincount(arr.run_image, minlength=arr.n_images)
+    size, cx, cy, image = _centres(arr, comp)
+    partial = np.flatnonzero(size < runs_seen[image])
+    if len(partial) < 2:
+        return None
+    pts, _ = offset_coordinates(cx[partial], cy[partial], image[partial], scale=radius[image[partial]])
+    pairs = cKDTree(pts).query_pairs(1.0, output_type="ndarray")
+    if len(pairs) == 0:
+        return None
+    src = np.concatenate([partial[pairs[:, 0]], partial[pairs[:, 1]]])
+    dst = np.concatenate([partial[pairs[:, 1]], partial[pairs[:, 0]]])
+    bits = np.zeros(len(size), dtype=np.uint64)
+    np.bitwise_or.at(bits, comp, bits_click)
+    order = np.argsort(comp, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(size)[:-1]])
+    reps = size[src]
+    click = order[np.repeat(starts[src], reps) + _ranges(reps)]
+    target = np.repeat(dst, reps)
+    free = (bits[target] & bits_click[click]) == 0
+    click, target = click[free], target[free]
+    own = np.hypot(arr.x[click] - cx[comp[click]], arr.y[click] - cy[comp[click]])
+    new = np.hypot(arr.x[click] - cx[target], arr.y[click] - cy[target])
+    return click, target, own, new, len(size)
+
+
+def reassign_clicks(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, rounds: int = 8) -> np.ndarray:
+    """Constrained k-means sweeps over incomplete clusters, then dissolution of a cluster
+    whose every click fits a neighbouring cluster its run has not clicked.
+
+    A click moves to a neighbouring cluster (centre within the radius) that its run has not
+    clicked yet when that centre is nearer than its own; of several clicks of one run bound
+    for the same cluster, the one that gains most moves. When no click gains, the cheapest
+    cluster of each image that can be spread entirely over its neighbours (smallest, then
+    shortest mean move) is dissolved. This repairs
+    cells cut across by pairwise matching when two cells are closer than the click jitter.
+    """
+    bits_click = _run_bits_or_raise(arr)
+    n_key = arr.n_runs + 1
+    for _ in range(rounds):
+        _, comp = np.unique(comp, return_inverse=True)
+        found = _candidate_moves(arr, comp, radius, bits_click)
+        if found is None:
+            break
+        click, target, own, new, n_comp = found
+        gain = own - new
+        tie = np.arange(len(gain)) * 1e-12
+        best = _group_min(click, new + tie, len(arr.x))  # each click's nearest free target
+        click, target, own, new, gain = click[best], target[best], own[best], new[best], gain[best]
+        moving = gain > 1e-9
+        if moving.any():
+            c, t, g = click[moving], target[moving], gain[moving]
+            win = _group_min(t * n_key + arr.run[c], -g + np.arange(len(g)) * 1e-12, n_comp * n_key)
+            comp = comp.copy()
+            comp[c[win]] = t[win]
+            continue
+        comp, dissolved = _dissolve_one_layer(arr, comp, click, target, new, n_comp, n_key)
+        if not dissolved:
+            break
+    return comp
+
+
+def _dissolve_one_layer(arr, comp, click, target, new, n_comp, n_key):
+    size = np.bincount(comp, minlength=n_comp)
+    placed = np.bincount(comp[click], minlength=n_comp)
+    # all clicks placeable, and no two of them bound for the same (target, run)
+    key = target * n_key + arr.run[click]
+    clash = np.zeros(n_comp, dtype=bool)
+    _, inv, cnt = np.unique(comp[click] * (n_comp * n_key) + key, return_inverse=True, return_counts=True)
+    clash[comp[click][cnt[inv] > 1]] = True
+    can = (placed == size) & ~clash & (size > 0)
+    if not can.any():
+        return comp, False
+    cost = np.bincount(comp[click], weights=new, minlength=n_comp) / np.maximum(size, 1)
+    score = size * 1e6 + cost + np.arange(n_comp) * 1e-9
+    # one cluster per image and round (the cheapest), so no two dissolutions collide
+    image = np.zeros(n_comp, dtype=np.int64)
+    image[comp] = arr.image
+    cand = np.flatnonzero(can)
+    go = np.zeros(n_comp, dtype=bool)
+    go[cand[_group_min(image[cand], score[cand], arr.n_images)]] = True
+    src = comp[click]
+    move = go[src]
+    if not move.any():
+        return comp, False
+    comp = comp.copy()
+    comp[click[move]] = target[move]
+    return comp, True
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(c)`` for every count, shape (counts.sum(),)."""
+    ends = np.cumsum(counts)
+    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)

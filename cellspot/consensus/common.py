@@ -52,8 +52,9 @@ def _codes(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def encode_clicks(clicks: pd.DataFrame, runs: pd.DataFrame | None = None) -> ClickArrays:
     """Code a prepared click table (see ``prepare_clicks``) and optional zero-click runs.
 
-    Without a ``task_run`` column every annotator x image pair is one run. Runs listed in
-    ``runs`` but without clicks still count as having seen their image.
+    Without a ``task_run`` column every annotator x image pair is one run; a run is keyed
+    by (image, task_run). Runs listed in ``runs`` but without clicks still count as
+    having seen their image.
     """
     n = len(clicks)
     if runs is not None and len(runs):
@@ -65,14 +66,15 @@ def encode_clicks(clicks: pd.DataFrame, runs: pd.DataFrame | None = None) -> Cli
         table = clicks[[c for c in ("image", "task_run", "annotator") if c in clicks.columns]]
     image_all, image_names = _codes(table["image"].to_numpy())
     annot_all, annot_names = _codes(table["annotator"].to_numpy())
+    # a run is keyed by (image, task_run): ids reused on another image are another run
     if "task_run" in table.columns:
-        run_all, run_names = _codes(table["task_run"].to_numpy())
+        inner, inner_names = _codes(table["task_run"].to_numpy())
     else:
-        pair = image_all * (len(annot_names) + 1) + annot_all
-        run_all, uniq = pd.factorize(pair, sort=True)
-        run_all = run_all.astype(np.int64)
-        run_names = np.asarray([f"{image_names[p // (len(annot_names) + 1)]}/{annot_names[p % (len(annot_names) + 1)]}"
-                                for p in uniq], dtype=object)
+        inner, inner_names = annot_all, annot_names
+    base = len(inner_names) + 1
+    run_all, uniq = pd.factorize(image_all * base + inner, sort=True)
+    run_all = run_all.astype(np.int64)
+    run_names = np.asarray(inner_names, dtype=object)[uniq % base]
     n_runs = len(run_names)
     run_image = np.zeros(n_runs, dtype=np.int64)
     run_annot = np.zeros(n_runs, dtype=np.int64)

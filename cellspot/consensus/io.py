@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from cellspot.consensus.types import CELL_COLUMNS, ConsensusInputError
+from cellspot.consensus.types import CELL_COLUMNS, ConsensusInputError, prepare_clicks
 
 REQUIRED = ("image", "annotator", "x", "y", "label")
 
@@ -16,7 +16,8 @@ REQUIRED = ("image", "annotator", "x", "y", "label")
 def read_clicks_csv(path: Path) -> pd.DataFrame:
     """Read ``image,annotator,x,y,label[,task_run]`` (other columns ignored).
 
-    Raises :class:`ConsensusInputError` naming the file and the missing columns.
+    Identifiers are read as text exactly as written (``007`` stays ``007``). Raises
+    :class:`ConsensusInputError` naming the file, and the CSV line and field of a bad row.
     """
     header = pd.read_csv(path, nrows=0).columns
     missing = [c for c in REQUIRED if c not in header]
@@ -26,14 +27,20 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
             f"(task_run optional); found {list(header)}"
         )
     usecols = [c for c in (*REQUIRED, "task_run") if c in header]
-    dtype = {c: "string" for c in ("image", "annotator", "label", "task_run") if c in usecols}
+    text = {c: pa.string() for c in ("image", "annotator", "label", "task_run") if c in usecols}
+    options = pacsv.ConvertOptions(include_columns=usecols, column_types=text, strings_can_be_null=False)
     try:
-        df = pd.read_csv(path, usecols=usecols, dtype=dtype, engine="pyarrow")
-    except (ValueError, TypeError) as exc:  # pyarrow raises ArrowInvalid (a ValueError)
+        table = pacsv.read_csv(path, convert_options=options)
+    except (pa.ArrowInvalid, ValueError) as exc:
         raise ConsensusInputError(f"{path}: cannot parse as click CSV: {exc}") from exc
-    for col in dtype:
+    df = table.to_pandas()
+    for col in text:
         df[col] = df[col].astype(object)
-    return df
+    try:
+        return prepare_clicks(df)
+    except ConsensusInputError as exc:
+        where = f"{path}, line {exc.row + 2}" if exc.row is not None else str(path)
+        raise ConsensusInputError(f"{where}: {exc}", row=exc.row) from exc
 
 
 def write_cells_csv(cells: pd.DataFrame, path: Path) -> None:
@@ -46,5 +53,6 @@ def write_cells_csv(cells: pd.DataFrame, path: Path) -> None:
         table[col] = table[col].round(2)
     for col in ("p_alive", "confidence", "p_cell"):
         table[col] = table[col].round(4)
-    pacsv.write_csv(pa.Table.from_pandas(table, preserve_index=False), tmp)
+    pacsv.write_csv(pa.Table.from_pandas(table, preserve_index=False), tmp,
+                    write_options=pacsv.WriteOptions(quoting_style="needed"))
     tmp.replace(path)

@@ -19,8 +19,13 @@ hierarchical: global -> annotator (Beta prior of strength ``KAPPA_ANNOTATOR``) -
 many) is down-weighted even when its author is anonymous.
 
 **Labels** (Dawid-Skene, two classes). Each annotator has ``P(says alive | alive)`` and
-``P(says dead | dead)`` with a Beta prior towards the pooled accuracy; *not sure* is an
-abstention and carries no vote. Clusters enter the M-step weighted by ``p_cell``.
+``P(says dead | dead)`` with a Beta prior towards one pooled, symmetric accuracy learnt
+from clusters with two or more votes (a lone vote carries no information on accuracy,
+and an asymmetric pooled model drifts to "every disagreement is a mislabelled alive
+cell"); annotators' own accuracies also come from such shared clusters only (a
+student who swaps the buttons shows up with accuracies below 0.5); *not sure* is an
+abstention and carries no vote.
+Clusters enter the M-step weighted by ``p_cell``.
 
 Expert (gold) cells anchor both models: clusters matched to a gold cell are fixed real
 with the gold label, other clusters on a gold image are fixed spurious, and gold cells
@@ -42,7 +47,10 @@ KAPPA_GLOBAL = 2.0
 KAPPA_ANNOTATOR = 4.0
 KAPPA_RUN = 6.0
 KAPPA_LABEL = 4.0
-PRIOR_ACCURACY = 0.9
+KAPPA_CLASS = 10.0  # P(alive) is shrunk towards 1/2 so EM cannot drift to one class
+PRIOR_FALSE_CLICK = 0.05
+KAPPA_FALSE_CLICK = 20.0
+PRIOR_ACCURACY = 0.95  # a student labels a cell right ~97.8 % of the time in the real export
 EPS = 1e-4
 MAX_ITER = 25
 TOL = 1e-3  # largest change of any reliability parameter between iterations
@@ -137,10 +145,17 @@ def match_gold(arr: ClickArrays, cl: Clusters, gold: pd.DataFrame | None, radius
     return GoldAnchor(fixed_cell, real, fixed_label, alive, missed)
 
 
-def fit(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor) -> Reliability:
-    """Fit the detection model, then the label model (see module docstring)."""
-    q, sens, false_click, prior_real, it1 = _fit_detection(arr, cl, anchor)
-    p_alive, acc_a, acc_d, prior_alive, it2 = _fit_labels(arr, cl, anchor, q)
+def fit(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, run_weight: np.ndarray | None = None) -> Reliability:
+    """Fit the detection model, then the label model (see module docstring).
+
+    ``run_weight`` (n_runs,) in (0, 1]: spam-likeness weights (:mod:`.spam`); a cluster's
+    prior probability is multiplied by the weights of the runs that clicked it, and a run's
+    label votes are scaled by its weight.
+    """
+    if run_weight is None:
+        run_weight = np.ones(arr.n_runs)
+    q, sens, false_click, prior_real, it1 = _fit_detection(arr, cl, anchor, np.log(run_weight))
+    p_alive, acc_a, acc_d, prior_alive, it2 = _fit_labels(arr, cl, anchor, q, run_weight)
     n_clicks = np.bincount(arr.annotator, minlength=arr.n_annotators)
     on_real = np.bincount(arr.annotator, weights=q[cl.cluster], minlength=arr.n_annotators)
     precision = np.where(n_clicks > 0, on_real / np.maximum(n_clicks, 1), np.nan)
@@ -151,14 +166,15 @@ def _beta_mean(successes: np.ndarray, trials: np.ndarray, prior_mean: np.ndarray
     return np.clip((successes + strength * prior_mean) / (trials + strength), EPS, 1 - EPS)
 
 
-def _fit_detection(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor):
+def _fit_detection(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, log_run_weight: np.ndarray):
     n_runs_img = np.bincount(arr.run_image, minlength=arr.n_images)
     q = np.clip(cl.support / np.maximum(n_runs_img[cl.image], 1), 0.05, 0.95)
     q = np.where(anchor.fixed_cell, anchor.real, q)
+    prior_shift = np.bincount(cl.cluster, weights=log_run_weight[arr.run], minlength=cl.n)
     prev = np.zeros(arr.n_runs + 1)
     for it in range(1, MAX_ITER + 1):
-        s_run, f_run, f_annot, s_annot, prior_real = _detection_m_step(arr, cl, anchor, q)
-        q = _detection_e_step(arr, cl, anchor, s_run, f_run, prior_real)
+        s_run, f_run, f_annot, s_annot, prior_real = _detection_m_step(arr, cl, anchor, q, prior_shift == 0)
+        q = _detection_e_step(arr, cl, anchor, s_run, f_run, prior_real, prior_shift)
         params = np.append(s_run, prior_real)
         if np.max(np.abs(params - prev)) < TOL:
             break
@@ -166,7 +182,7 @@ def _fit_detection(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor):
     return q, s_annot, f_annot, prior_real, it
 
 
-def _detection_m_step(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, q: np.ndarray):
+def _detection_m_step(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, q: np.ndarray, unshifted: np.ndarray):
     real_per_img = np.bincount(cl.image, weights=q, minlength=arr.n_images) + anchor.missed
     fake_per_img = np.bincount(cl.image, weights=1 - q, minlength=arr.n_images)
     run_real = real_per_img[arr.run_image]  # expected real cells each run could have clicked
@@ -174,17 +190,20 @@ def _detection_m_step(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, q: np.
     hit_real = np.bincount(arr.run, weights=q[cl.cluster], minlength=arr.n_runs)
     hit_fake = np.bincount(arr.run, weights=1 - q[cl.cluster], minlength=arr.n_runs)
     s0 = _beta_mean(hit_real.sum(), run_real.sum(), 0.5, KAPPA_GLOBAL)
-    f0 = min(_beta_mean(hit_fake.sum(), run_fake.sum(), 0.5, KAPPA_GLOBAL), s0 * 0.99)
+    # strays rarely coincide: a weakly informed pooled false-click rate stays small
+    f0 = min(_beta_mean(hit_fake.sum(), run_fake.sum(), PRIOR_FALSE_CLICK, KAPPA_FALSE_CLICK), s0 * 0.5)
     by_annot = lambda v: np.bincount(arr.run_annotator, weights=v, minlength=arr.n_annotators)  # noqa: E731
     s_annot = _beta_mean(by_annot(hit_real), by_annot(run_real), s0, KAPPA_ANNOTATOR)
     f_annot = _beta_mean(by_annot(hit_fake), by_annot(run_fake), f0, KAPPA_ANNOTATOR)
     s_run = _beta_mean(hit_real, run_real, s_annot[arr.run_annotator], KAPPA_RUN)
     f_run = f_annot[arr.run_annotator]
-    prior_real = float(_beta_mean(q.sum(), len(q), 0.5, KAPPA_GLOBAL))
+    # base rate among clusters no spam-like run clicked (their prior is shifted on top)
+    base = q[unshifted] if unshifted.any() else q
+    prior_real = float(_beta_mean(base.sum(), len(base), 0.5, KAPPA_GLOBAL))
     return s_run, f_run, f_annot, s_annot, prior_real
 
 
-def _detection_e_step(arr, cl, anchor, s_run, f_run, prior_real) -> np.ndarray:
+def _detection_e_step(arr, cl, anchor, s_run, f_run, prior_real, prior_shift) -> np.ndarray:
     n = arr.n_images
     log_miss_s, log_miss_f = np.log1p(-s_run), np.log1p(-f_run)
     miss_s = np.bincount(arr.run_image, weights=log_miss_s, minlength=n)
@@ -194,42 +213,52 @@ def _detection_e_step(arr, cl, anchor, s_run, f_run, prior_real) -> np.ndarray:
     run_llr = (np.log(s_run) - log_miss_s) - (np.log(f_run) - log_miss_f)  # per run, not per click
     llr = np.bincount(cl.cluster, weights=run_llr[arr.run], minlength=cl.n)
     llr += (miss_s - trunc_s - miss_f + trunc_f)[cl.image]
-    q = expit(logit(prior_real) + llr)
+    # a spam-like run's click is genuine with probability w: P(real) = prior * w, not odds * w
+    prior = np.clip(prior_real * np.exp(prior_shift), EPS, 1 - EPS)
+    q = expit(logit(prior) + llr)
     return np.where(anchor.fixed_cell, anchor.real, q)
 
 
-def _fit_labels(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, q: np.ndarray):
+def _fit_labels(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, q: np.ndarray, run_weight: np.ndarray):
     voted = arr.label >= 0
     c = cl.cluster[voted]  # only alive/dead votes enter; not sure abstains
     a = arr.annotator[voted]
+    rw = run_weight[arr.run[voted]]
     said_alive = arr.label[voted] == 1
     n_alive = np.bincount(c, weights=said_alive, minlength=cl.n)
     n_votes = np.bincount(c, minlength=cl.n)
     p = (n_alive + 0.5) / (n_votes + 1.0)
     p = np.where(anchor.fixed_label, anchor.alive, p)
-    w = q[c]  # a vote's weight in the M-step: how likely its cluster is a real cell
+    w = q[c] * rw  # a vote's weight in the M-step: its cluster is a real cell, its run no spam
     w_alive, w_dead = w * said_alive, w * ~said_alive
+    # accuracies are learnt from clusters with two or more votes only: a lone vote says
+    # nothing about its author's accuracy, and letting it in lets EM drift to "alive"
+    shared = n_votes[c] >= 2
     n_a = arr.n_annotators
+    # P(alive) from the vote shares of the clusters (real ones weigh more), fixed before EM:
+    # re-estimating it inside EM feeds back on itself and drifts to the majority class
+    # when most cells have a single vote
+    prior_alive = float(np.clip(_beta_mean((q * p).sum(), q.sum(), 0.5, KAPPA_CLASS), 0.02, 0.98))
     prev = np.zeros(2 * n_a + 1)
     for it in range(1, MAX_ITER + 1):
         pa = p[c]
-        alive_right = np.bincount(a, weights=w_alive * pa, minlength=n_a)
-        alive_total = np.bincount(a, weights=w * pa, minlength=n_a)
-        dead_right = np.bincount(a, weights=w_dead * (1 - pa), minlength=n_a)
-        dead_total = np.bincount(a, weights=w * (1 - pa), minlength=n_a)
-        g_alive = _beta_mean(alive_right.sum(), alive_total.sum(), PRIOR_ACCURACY, KAPPA_GLOBAL)
-        g_dead = _beta_mean(dead_right.sum(), dead_total.sum(), PRIOR_ACCURACY, KAPPA_GLOBAL)
-        acc_a = _beta_mean(alive_right, alive_total, g_alive, KAPPA_LABEL)
-        acc_d = _beta_mean(dead_right, dead_total, g_dead, KAPPA_LABEL)
-        prior_alive = float(_beta_mean((q * p).sum(), q.sum(), 0.5, KAPPA_GLOBAL))
+        sw, swa, swd = w * shared, w_alive * shared, w_dead * shared  # informative votes only
+        alive_right = np.bincount(a, weights=swa * pa, minlength=n_a)
+        alive_total = np.bincount(a, weights=sw * pa, minlength=n_a)
+        dead_right = np.bincount(a, weights=swd * (1 - pa), minlength=n_a)
+        dead_total = np.bincount(a, weights=sw * (1 - pa), minlength=n_a)
+        g = _beta_mean((alive_right + dead_right).sum(), sw.sum(), PRIOR_ACCURACY, KAPPA_GLOBAL)
+        acc_a = _beta_mean(alive_right, alive_total, g, KAPPA_LABEL)
+        acc_d = _beta_mean(dead_right, dead_total, g, KAPPA_LABEL)
         llr_alive_vote = np.log(acc_a) - np.log1p(-acc_d)  # per annotator
         llr_dead_vote = np.log1p(-acc_a) - np.log(acc_d)
-        vote_llr = np.where(said_alive, llr_alive_vote[a], llr_dead_vote[a])
+        vote_llr = np.where(said_alive, llr_alive_vote[a], llr_dead_vote[a]) * rw
         llr = np.bincount(c, weights=vote_llr, minlength=cl.n)
         p = expit(logit(prior_alive) + llr)
         p = np.where(anchor.fixed_label, anchor.alive, p)
-        params = np.concatenate([acc_a, acc_d, [prior_alive]])
+        params = np.concatenate([acc_a, acc_d, [g]])
         if np.max(np.abs(params - prev)) < TOL:
             break
         prev = params
     return p, acc_a, acc_d, prior_alive, it
+

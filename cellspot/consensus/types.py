@@ -23,7 +23,14 @@ class UnknownMethodError(ValueError):
 
 
 class ConsensusInputError(ValueError):
-    """Raised when the click table is malformed (missing columns, bad labels, NaN)."""
+    """Raised when the click table is malformed (missing columns, bad labels, NaN).
+
+    ``row`` is the 0-based row of the first bad record, when there is one.
+    """
+
+    def __init__(self, message: str, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass
@@ -69,21 +76,22 @@ def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise ConsensusInputError(
-                f"row {row}, field {col}: {clicks[col].iloc[row]!r} is not a finite number "
-                f"({int(bad.sum())} bad rows)"
+                f"row {row}, field {col}: {str(clicks[col].iloc[row])!r} is not a finite number "
+                f"({int(bad.sum())} bad rows)", row=row,
             )
         out[col] = values
     labels = clicks["label"].astype("category")
-    normalised = labels.cat.categories.astype(str).str.strip().str.lower()
-    normalised = normalised.where(normalised != "not_sure_alive", "not_sure")
-    unknown = ~normalised.isin(CLICK_LABELS)
-    if unknown.any() or labels.isna().any():
-        bad_rows = labels.isna().to_numpy() | np.isin(labels.cat.codes.to_numpy(), np.flatnonzero(unknown))
-        row = int(np.flatnonzero(bad_rows)[0])
+    spelled = labels.cat.categories.astype(str).str.strip().str.lower()
+    spelled = spelled.where(spelled != "not_sure_alive", "not_sure")
+    code_of = np.array([CLICK_LABELS.index(v) if v in CLICK_LABELS else -1 for v in spelled], dtype=np.int64)
+    codes = labels.cat.codes.to_numpy()
+    mapped = np.full(len(codes), -1, dtype=np.int64)
+    mapped[codes >= 0] = code_of[codes[codes >= 0]]
+    if (mapped < 0).any():
+        row = int(np.flatnonzero(mapped < 0)[0])
         raise ConsensusInputError(
-            f"row {row}, field label: {clicks['label'].iloc[row]!r} is not a label; "
-            f"allowed: {', '.join(CLICK_LABELS)}"
+            f"row {row}, field label: {str(clicks['label'].iloc[row])!r} is not a label; "
+            f"allowed: {', '.join(CLICK_LABELS)}", row=row,
         )
-    out["label"] = pd.Categorical.from_codes(labels.cat.codes.to_numpy(), categories=list(normalised))
-    out["label"] = out["label"].astype(str)
+    out["label"] = np.asarray(CLICK_LABELS, dtype=object)[mapped]
     return out

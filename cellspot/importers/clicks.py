@@ -28,8 +28,9 @@ Rules (documented here because they decide what is stored):
   (one per row that cannot be split into clicks). By default any reject fails the whole file
   and nothing is written; with ``skip_invalid`` the valid clicks are imported, the rejects go
   to a CSV under ``settings.rejects_dir``, and a run whose clicks were all rejected is dropped.
-* **Idempotence.** ``client_key = "import:<sha256 of file>:<run id>"``: re-importing the same
-  file finds every run present and writes nothing.
+* **Idempotence.** ``client_key = "import:p<project id>:<sha256 of file>:<run id>"``:
+  re-importing the same file into the same project finds every run present and writes
+  nothing; importing it into another project imports it there too.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import ast
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -143,8 +144,6 @@ class ClickImportReport:
             f"{self.runs_dropped} dropped; {self.images_created} image record(s) and "
             f"{self.annotators_created} annotator(s) created"
         )
-        if self.rejects_path is not None:
-            text += f"; rejects written to {self.rejects_path}"
         return text
 
 
@@ -464,7 +463,7 @@ def import_clicks(
         raise ClickImportError(
             parsed.source, parsed.rejects, "skip_invalid / --skip-invalid imports the valid rows"
         )
-    keys = {run.key: _client_key(parsed.sha256, run.key) for run in parsed.runs.values()}
+    keys = {run.key: _client_key(project.id, parsed.sha256, run.key) for run in parsed.runs.values()}
     present = _store.existing_client_keys(session, list(keys.values()))
     plan = _plan(parsed, placed, keys, present)
     created = _write(session, project, parsed, plan, keys, sizes, images)
@@ -472,7 +471,10 @@ def import_clicks(
     rejects_path = None
     if parsed.rejects:
         name = f"{parsed.source.stem}-{parsed.sha256[:12]}-rejects.csv"
-        rejects_path = write_problems_csv(parsed.rejects, Path(settings.rejects_dir) / name)
+        # the rejects file lives under CELLSPOT_HOME, far from the input: name the input absolutely
+        source = str(parsed.source.resolve())
+        rows = [replace(p, file=source) if p.file == str(parsed.source) else p for p in parsed.rejects]
+        rejects_path = write_problems_csv(rows, Path(settings.rejects_dir) / name)
     report = ClickImportReport(
         source=str(parsed.source), format=parsed.format, sha256=parsed.sha256,
         records=parsed.n_records, imported=len(plan.clicks), rejected=len(parsed.rejects),
@@ -481,6 +483,8 @@ def import_clicks(
         images_created=created[0], annotators_created=created[1], rejects_path=rejects_path,
     )
     log.info("%s", report.summary())
+    if rejects_path is not None:
+        log.info("%d rejected click(s) written with their reasons to %s", len(parsed.rejects), rejects_path)
     return report
 
 
@@ -641,10 +645,15 @@ def _stored_size_problem(
     return None
 
 
-def _client_key(sha: str, run_key: str) -> str:
-    key = f"import:{sha}:{run_key}"
+def _client_key(project_id: int, sha: str, run_key: str) -> str:
+    """``import:p<project id>:<file sha256>:<run id>`` (run id hashed when the key would be too long).
+
+    The project is part of the key because client keys are unique across the whole store:
+    the same file imported into two projects gives two sets of runs.
+    """
+    key = f"import:p{project_id}:{sha}:{run_key}"
     if len(key) <= _CLIENT_KEY_MAX:
         return key
     from cellspot.imaging import sha256_bytes
 
-    return f"import:{sha}:h{sha256_bytes(run_key.encode())[:40]}"
+    return f"import:p{project_id}:{sha}:h{sha256_bytes(run_key.encode())[:40]}"

@@ -148,8 +148,13 @@ def test_annotators_out_for_a_baseline_is_header_only(tmp_path: Path) -> None:
     assert list(pd.read_csv(target).columns) == ANNOTATOR_COLUMNS
 
 
-def test_numeric_image_names_stay_names(tmp_path: Path) -> None:
-    text = HEADER + "\n" + "".join(f"007,s{s},{100 + s},100,alive\n" for s in range(2))
-    result, out = invoke(tmp_path, text)
+def test_integer_image_ids_are_kept(tmp_path: Path) -> None:
+    result, out = invoke(tmp_path, CLICKS.replace("img1,", "1201,").replace("img2,", "98,"))
     assert result.exit_code == 0, result.output
-    assert read_out(out)["image"].tolist() == ["007"]
+    assert sorted(set(read_out(out)["image"])) == ["1201", "98"]
+
+
+def test_numeric_looking_image_names_stay_names(tmp_path: Path) -> None:
+    result, out = invoke(tmp_path, CLICKS.replace("img1,", "007,").replace("img2,", "1e3,"))
+    assert result.exit_code == 0, result.output
+    assert sorted(set(read_out(out)["image"])) == ["007", "1e3"]

@@ -61,9 +61,6 @@ def test_methods_contains_the_three_builtins() -> None:
     assert set(BUILTIN) <= set(METHODS)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cellspot.consensus.METHODS (exported in __all__) is empty until the first "
-    "run_consensus() call: the built-in methods register only inside registry._load_builtin_methods"))
 def test_methods_is_filled_right_after_import() -> None:
     code = "import cellspot.consensus as c; print(','.join(sorted(c.METHODS)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -125,10 +122,6 @@ def test_labels_are_normalised(raw: list[str], normalised: list[str]) -> None:
     assert out["x"].dtype == np.float64 and out["y"].dtype == np.float64
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: two spellings of one label in a table (alive + Alive, not_sure + not_sure_alive) "
-    "crash prepare_clicks with pandas' 'Categorical categories must be unique' instead of "
-    "being normalised"))
 @pytest.mark.parametrize("raw", [["alive", "Alive"], ["not_sure", "not_sure_alive"]], ids=["case", "legacy"])
 def test_two_spellings_of_one_label_are_normalised(raw: list[str]) -> None:
     clicks = pd.DataFrame({"image": "a", "annotator": ["s1", "s2"], "x": 1.0, "y": 2.0, "label": raw})

@@ -185,6 +185,14 @@ def test_detect_format(header: str, expected: str | None, tmp_path: Path) -> Non
         assert detect_format(path) == expected
 
 
+@pytest.mark.parametrize(("header", "fields"), [
+    ("image,annotator,x,label", ["y"]), ("image,x,y", ["annotator", "label"]), ("alive_array,cells_alive", ["task"])])
+def test_detect_format_names_missing_columns(header: str, fields: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ClickImportError, match="missing column") as info:
+        detect_format(_write(tmp_path, header + "\n"))
+    assert [(p.line, p.field) for p in info.value.problems] == [(1, f) for f in fields]
+
+
 # ----------------------------------------------------------------------------- import into the store
 
 
@@ -350,3 +358,38 @@ def test_real_pybossa_file_every_click_accounted_for(session, settings, shared_d
     again = import_clicks(session, project, path, skip_invalid=True, settings=settings)
     assert (again.imported, again.rejected, again.already_present, again.runs_already_present) == (0, 1, 8003, 999)
     assert _counts(session)["Click"] == 8003
+
+
+BOUND = {"size_from": "clicks"}
+# name, later file (the first one makes inferred.png 11x21 from its clicks), expected size, meta, rejected
+LOWER_BOUND_CASES = [
+    ("clicks beyond enlarge it", f"{TIDY_HEADER}\ninferred.png,s2,40,5,dead\n", (41, 21), BOUND, 0),
+    ("clicks inside keep it", f"{TIDY_HEADER}\ninferred.png,s2,3,3,dead\n", (11, 21), BOUND, 0),
+    ("declared size sets it", "image,annotator,x,y,label,width,height\ninferred.png,s2,3,3,dead,300,200\n",
+     (300, 200), {}, 0),
+    ("declared too small", "image,annotator,x,y,label,width,height\ninferred.png,s2,3,3,dead,5,5\n",
+     (11, 21), BOUND, 1),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "size", "meta", "rejected"), LOWER_BOUND_CASES,
+                         ids=[c[0] for c in LOWER_BOUND_CASES])
+def test_inferred_size_is_a_lower_bound(session, settings, tmp_path: Path, name, text, size, meta, rejected) -> None:
+    project = get_or_create_project(session, "p")
+    first = _write(tmp_path, f"{TIDY_HEADER}\ninferred.png,s1,10.5,20,alive\n", "first.csv")
+    import_clicks(session, project, first, settings=settings)
+    later = _write(tmp_path, text, "later.csv")
+    report = import_clicks(session, project, later, skip_invalid=True, settings=settings)
+    session.flush()
+    image = session.scalars(select(Image).where(Image.name == "inferred.png")).one()
+    assert ((image.width, image.height), image.meta, report.rejected) == (size, meta, rejected)
+
+
+def test_same_file_into_two_projects_imports_into_both(session, settings, tmp_path: Path) -> None:
+    path = _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\na.png,s2,4,5,dead\n")
+    reports = [import_clicks(session, get_or_create_project(session, name), path, settings=settings)
+               for name in ("one", "two")]
+    assert [(r.imported, r.runs_imported, r.already_present) for r in reports] == [(2, 2, 0), (2, 2, 0)]
+    again = import_clicks(session, get_or_create_project(session, "two"), path, settings=settings)
+    assert (again.imported, again.already_present) == (0, 2)
+    assert _counts(session) == {"Image": 2, "Annotator": 4, "TaskRun": 4, "Click": 4}

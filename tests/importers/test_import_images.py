@@ -176,6 +176,23 @@ def test_pixels_attach_to_a_record_made_by_clicks(session, project, settings, tm
         assert (row.has_pixels, row.path) == (False, None)
 
 
+@pytest.mark.parametrize(("bound", "attached"), [((W - 5, H - 2), True), ((W, H), True), ((W + 1, H), False)])
+def test_pixels_attach_to_a_size_inferred_from_clicks(
+    session, project, settings, tmp_path: Path, bound: tuple[int, int], attached: bool
+) -> None:
+    """A record sized by its clicks is a lower bound: any file at least that large attaches."""
+    session.add(Image(project_id=project.id, name="feb.png", width=bound[0], height=bound[1], has_pixels=False,
+                      meta={"size_from": "clicks", "drug": "taxol"}))
+    report = import_images(session, project, [_write(tmp_path / "in", {"feb.png": _png(1)})], settings)
+    row = _rows(session)["feb.png"]
+    if attached:
+        assert report.attached == ["feb.png"]
+        assert (row.width, row.height, row.has_pixels, row.meta) == (W, H, True, {"drug": "taxol"})
+    else:
+        assert report.attached == [] and f"its clicks reach {W + 1}x{H}" in report.errors[0].reason
+        assert (row.has_pixels, row.meta["size_from"]) == (False, "clicks")
+
+
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, data in members.items():
