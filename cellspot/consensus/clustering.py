@@ -402,7 +402,7 @@ def _candidate_moves(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, bit
     """
     runs_seen = np.bincount(arr.run_image, minlength=arr.n_images)
     size, cx, cy, image = _centres(arr, comp)
-    partial = np.flatnonzero(size < runs_seen[image])
+    partial = np.flatnonzero((size > 0) & (size < runs_seen[image]))  # ids may have gaps
     if len(partial) < 2:
         return None
     pts, _ = offset_coordinates(cx[partial], cy[partial], image[partial], scale=radius[image[partial]])
@@ -438,8 +438,8 @@ def reassign_clicks(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, roun
     """
     bits_click = _run_bits_or_raise(arr)
     n_key = arr.n_runs + 1
+    _, comp = np.unique(comp, return_inverse=True)
     for _ in range(rounds):
-        _, comp = np.unique(comp, return_inverse=True)
         found = _candidate_moves(arr, comp, radius, bits_click)
         if found is None:
             break
