@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 LABEL_CODE = {"alive": 1, "dead": 0, "not_sure": -1}
+DENSE_LIMIT = 50_000_000  # group minima through a dense table up to this many keys
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,46 @@ def vote_to_cells(
             "p_cell": np.clip(p_cell, 0.0, 1.0).astype(np.float64),
         }
     )
+
+
+def group_min(key: np.ndarray, value: np.ndarray, n_keys: int) -> np.ndarray:
+    """Mask of the entries holding the smallest ``value`` of their ``key`` (values unique)."""
+    if n_keys <= DENSE_LIMIT:
+        best = np.full(n_keys, np.inf)
+        np.minimum.at(best, key, value)
+        return best[key] == value
+    order = np.lexsort((value, key))
+    k = key[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    mask = np.zeros(len(order), dtype=bool)
+    mask[order[first]] = True
+    return mask
+
+
+def run_rank(arr: ClickArrays) -> np.ndarray:
+    """Rank of every run among the runs of its image, shape (n_runs,)."""
+    order = np.lexsort((np.arange(arr.n_runs), arr.run_image))
+    first_of_image = np.searchsorted(arr.run_image[order], arr.run_image[order], side="left")
+    rank = np.empty(arr.n_runs, dtype=np.int64)
+    rank[order] = np.arange(arr.n_runs) - first_of_image
+    return rank
+
+
+def local_run_bits(arr: ClickArrays) -> np.ndarray:
+    """Run-set bit masks: one set bit per click for its run's rank within the image.
+
+    Shape (n_clicks, n_words) uint64 with ``n_words = ceil(max runs per image / 64)``, so
+    any number of runs works; sets of runs combine with ``|`` and intersect with ``&``.
+    """
+    rank = run_rank(arr)
+    n_words = max(1, int(rank.max()) // 64 + 1) if arr.n_runs else 1
+    click_rank = rank[arr.run]
+    bits = np.zeros((len(arr.run), n_words), dtype=np.uint64)
+    bits[np.arange(len(arr.run)), click_rank // 64] = np.left_shift(np.uint64(1), (click_rank % 64).astype(np.uint64))
+    return bits
+
+
+def bits_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise: do two run-set masks (n, n_words) share a run? shape (n,)."""
+    return (a & b).any(axis=1)
