@@ -223,12 +223,15 @@ def image_table(images: pd.DataFrame, cells: pd.DataFrame, left_out: pd.DataFram
     return pd.concat([out, meta], axis=1)
 
 
-def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame) -> dict[str, Any]:
+def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame, box_size: float = 96.0) -> dict[str, Any]:
     """COCO-style keypoint dataset: one keypoint ``[x, y, 2]`` (pixels) per cell.
 
     ``images``: image, width, height, split (image ids are 1-based in name order);
-    ``cells``: exported cells. ``score`` is the consensus confidence.
+    ``cells``: exported cells. ``score`` is the consensus confidence. Clicks give no
+    extent, so ``bbox`` is the ``box_size`` square centred on the cell (the crop window;
+    COCO tools require a box), with ``area`` its area and ``iscrowd`` 0.
     """
+    half = box_size / 2.0
     image_ids = {name: i + 1 for i, name in enumerate(images["image"])}
     coco_images = [
         {"id": image_ids[r.image], "file_name": r.image, "width": int(r.width), "height": int(r.height),
@@ -243,6 +246,9 @@ def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame) -> dict[str, Any]:
             "category_id": category[r.label],
             "keypoints": [float(r.x), float(r.y), 2],
             "num_keypoints": 1,
+            "bbox": [float(r.x) - half, float(r.y) - half, float(box_size), float(box_size)],
+            "area": float(box_size) ** 2,
+            "iscrowd": 0,
             "score": float(r.confidence),
             "p_alive": float(r.p_alive),
             "support": int(r.support),
@@ -485,7 +491,7 @@ def export_dataset(
         writer.write_csv("clicks.csv", clicks)
         writer.write_csv("annotators.csv", annotators)
         writer.write_csv("images.csv", table)
-        writer.write_json("coco_keypoints.json", coco_keypoints(images, cells), expand=2)
+        writer.write_json("coco_keypoints.json", coco_keypoints(images, cells, box_size=crop_size), expand=2)
         for s in SPLITS:
             for label in ("alive", "dead"):
                 (tmp / "crops" / s / label).mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
@@ -155,7 +155,7 @@ def _beta(rng: np.random.Generator, mean: float, concentration: float, n: int) -
     u = _strata(rng, n)
     if mean <= 0.0 or mean >= 1.0:
         return np.full(n, float(np.clip(mean, 0.0, 1.0)))
-    return stats.beta.ppf(u, mean * concentration, (1.0 - mean) * concentration)
+    return special.betaincinv(mean * concentration, (1.0 - mean) * concentration, u)
 
 
 def student_names(n_students: int) -> list[str]:
@@ -178,9 +178,9 @@ def draw_students(n_students: int, profile: CrowdProfile, rng: np.random.Generat
     return pd.DataFrame({
         "annotator": student_names(n),
         "recall": _beta(rng, profile.recall_mean, profile.recall_concentration, n),
-        "jitter": profile.jitter_frac * np.exp(profile.jitter_spread * stats.norm.ppf(_strata(rng, n))),
+        "jitter": profile.jitter_frac * np.exp(profile.jitter_spread * special.ndtri(_strata(rng, n))),
         "flip": _beta(rng, profile.flip_mean, profile.flip_concentration, n),
-        "stray": profile.stray_rate * stats.gamma.ppf(_strata(rng, n), 2.0, scale=0.5),
+        "stray": profile.stray_rate * 0.5 * special.gammaincinv(2.0, _strata(rng, n)),
         "lazy": _beta(rng, profile.lazy_mean, 4.0, n),
         "spam": _beta(rng, profile.spam_mean, profile.spam_concentration, n),
     }, columns=STUDENT_COLUMNS)

@@ -246,6 +246,9 @@ def test_coco_keypoints(exported):
         x, y, v = ann["keypoints"]
         assert v == 2 and 0 <= x <= sizes[ann["image_id"]][0] and 0 <= y <= sizes[ann["image_id"]][1]
         assert 0.5 <= ann["score"] <= 1
+        bx, by, bw, bh = ann["bbox"]  # the crop window centred on the keypoint
+        assert (bx + bw / 2, by + bh / 2) == pytest.approx((x, y)) and bw == bh > 0
+        assert ann["area"] == pytest.approx(bw * bh) and ann["iscrowd"] == 0
 
 
 def test_min_confidence_threshold_moves_cells_out(session, settings, store, tmp_path):

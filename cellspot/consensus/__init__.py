@@ -20,7 +20,7 @@ from cellspot.consensus.types import (
     UnknownMethodError,
     prepare_clicks,
 )
-from cellspot.consensus.registry import DEFAULT_METHOD, METHODS, run_consensus
+from cellspot.consensus.registry import DEFAULT_METHOD, METHODS, get_method, run_consensus
 from cellspot.consensus import cluster_em, dbscan_vote, seed_r35  # noqa: E402,F401  (fill METHODS)
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
     "UnknownMethodError",
+    "get_method",
     "prepare_clicks",
     "run_consensus",
 ]

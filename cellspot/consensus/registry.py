@@ -38,18 +38,23 @@ def run_consensus(
     ``cell_radius`` (pixels) is an optional hint; methods estimate the scale otherwise.
     Raises :class:`UnknownMethodError` listing the valid names.
     """
-    _load_builtin_methods()
-    try:
-        fn = METHODS[method]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown consensus method {method!r}; valid: {', '.join(sorted(METHODS))}"
-        ) from None
+    fn = get_method(method)
     prepared = prepare_clicks(clicks)
     log.info("consensus %s on %d clicks", method, len(prepared))
     result = fn(prepared, runs=runs, gold=gold, cell_radius=cell_radius, **params)
     result.params = {"method": method, **result.params}
     return result
+
+
+def get_method(name: str) -> ConsensusMethod:
+    """The method registered as ``name``; :class:`UnknownMethodError` lists the valid names."""
+    _load_builtin_methods()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown consensus method {name!r}; valid: {', '.join(sorted(METHODS))}"
+        ) from None
 
 
 def _load_builtin_methods() -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from cellspot.consensus import DEFAULT_METHOD, ConsensusResult, run_consensus
+from cellspot.consensus import DEFAULT_METHOD, ConsensusResult, get_method, run_consensus
 from cellspot.store.models import (
     AnnotatorReliability,
     ConsensusCell,
@@ -98,6 +98,7 @@ def aggregate(
     :class:`RetirementRule` (``min_runs`` / ``min_confidence`` override the project's
     settings) and reactivates retired images that no longer do.
     """
+    get_method(method)  # an unknown name fails before any work, listing the valid ones
     if isinstance(project, str):
         project = get_project(session, project)
     rule = RetirementRule.for_project(project, min_runs, min_confidence)
