@@ -167,8 +167,10 @@ def _beta_mean(successes: np.ndarray, trials: np.ndarray, prior_mean: np.ndarray
 
 
 def _fit_detection(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, log_run_weight: np.ndarray):
-    n_runs_img = np.bincount(arr.run_image, minlength=arr.n_images)
-    q = np.clip(cl.support / np.maximum(n_runs_img[cl.image], 1), 0.05, 0.95)
+    # start from the share of the image's credible runs (not spam-like) that clicked it:
+    # counting spam runs as misses lets the spurious class absorb the real cells
+    credible = np.bincount(arr.run_image, weights=(log_run_weight > np.log(0.5)), minlength=arr.n_images)
+    q = np.clip(cl.support / np.maximum(credible[cl.image], 1), 0.05, 0.95)
     q = np.where(anchor.fixed_cell, anchor.real, q)
     prior_shift = np.bincount(cl.cluster, weights=log_run_weight[arr.run], minlength=cl.n)
     prev = np.zeros(arr.n_runs + 1)
@@ -194,7 +196,8 @@ def _detection_m_step(arr: ClickArrays, cl: Clusters, anchor: GoldAnchor, q: np.
     f0 = min(_beta_mean(hit_fake.sum(), run_fake.sum(), PRIOR_FALSE_CLICK, KAPPA_FALSE_CLICK), s0 * 0.5)
     by_annot = lambda v: np.bincount(arr.run_annotator, weights=v, minlength=arr.n_annotators)  # noqa: E731
     s_annot = _beta_mean(by_annot(hit_real), by_annot(run_real), s0, KAPPA_ANNOTATOR)
-    f_annot = _beta_mean(by_annot(hit_fake), by_annot(run_fake), f0, KAPPA_ANNOTATOR)
+    # a spurious spot draws fewer clicks than a cell: this keeps the two classes apart
+    f_annot = np.minimum(_beta_mean(by_annot(hit_fake), by_annot(run_fake), f0, KAPPA_ANNOTATOR), 0.75 * s_annot)
     s_run = _beta_mean(hit_real, run_real, s_annot[arr.run_annotator], KAPPA_RUN)
     f_run = f_annot[arr.run_annotator]
     # base rate among clusters no spam-like run clicked (their prior is shifted on top)

@@ -31,11 +31,32 @@ MIN_TYPICAL_CLICKS = 4
 MIN_SHORT_CLICKS_IN_BIN = 10
 MIN_ENRICHMENT = 3.0
 MIN_WEIGHT = 0.01
+PEER_SHORT_WEIGHT = 0.2
 EPS = 1e-9
 
 
 def spam_weights(arr: ClickArrays) -> np.ndarray:
-    """Weight in (0, 1] per run, shape (n_runs,); 1 unless the run looks like spam."""
+    """Weight in (0, 1] per run, shape (n_runs,); 1 unless the run looks like spam.
+
+    The smaller of the location weight (module docstring) and the peer weight: a run with
+    at most ``SHORT_FRACTION`` of the clicks of the busiest run on its image (which marked
+    at least ``MIN_TYPICAL_CLICKS``) is genuine with probability ``PEER_SHORT_WEIGHT``.
+    Without it, four spam runs agreeing on one corner click outvote the one student who
+    marked every cell of an image nobody else saw.
+    """
+    return np.minimum(_location_weights(arr), _peer_weights(arr))
+
+
+def _peer_weights(arr: ClickArrays) -> np.ndarray:
+    n_clicks = np.bincount(arr.run, minlength=arr.n_runs)
+    busiest = np.zeros(arr.n_images, dtype=np.int64)
+    np.maximum.at(busiest, arr.run_image, n_clicks)
+    peer = busiest[arr.run_image]
+    short = (n_clicks > 0) & (peer >= MIN_TYPICAL_CLICKS) & (n_clicks <= SHORT_FRACTION * peer)
+    return np.where(short, PEER_SHORT_WEIGHT, 1.0)
+
+
+def _location_weights(arr: ClickArrays) -> np.ndarray:
     weights = np.ones(arr.n_runs)
     n_clicks = np.bincount(arr.run, minlength=arr.n_runs)
     clicked = n_clicks > 0
