@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +24,34 @@ class Settings(BaseSettings):
     )
     default_project: str = Field(default="demo", description="Project used when a command names none.")
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    researcher_password: SecretStr | None = Field(
+        default=None,
+        description="Plain researcher password (CELLSPOT_RESEARCHER_PASSWORD); hashed once in memory.",
+    )
+    researcher_password_hash: str | None = Field(
+        default=None,
+        repr=False,
+        description="Researcher password hash from `cellspot.auth.hash_password` "
+        "(CELLSPOT_RESEARCHER_PASSWORD_HASH); wins over the plain password.",
+    )
+
+    _password_hash_cache: str | None = PrivateAttr(default=None)
+
+    def researcher_password_hash_value(self) -> str | None:
+        """The researcher password hash: the configured hash, else the plain password hashed
+        once (salted scrypt, cached on this object), else ``None`` (no password configured).
+
+        The plain password is never logged or returned.
+        """
+        if self.researcher_password_hash:
+            return self.researcher_password_hash.strip()
+        if self.researcher_password is None or not self.researcher_password.get_secret_value():
+            return None
+        if self._password_hash_cache is None:
+            from cellspot.auth import hash_password
+
+            self._password_hash_cache = hash_password(self.researcher_password.get_secret_value())
+        return self._password_hash_cache
 
     @property
     def resolved_database_url(self) -> str:

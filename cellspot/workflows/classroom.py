@@ -1,0 +1,450 @@
+"""Student workflows: join a class, get the next image, submit a run, progress, tutorial.
+
+The Streamlit student pages call only these functions. Every function takes a caller-owned
+session and never commits (the app commits after each call that writes: :func:`join_class`
+and :func:`submit_run`).
+
+Coordinates are original image pixels (x right, y down, origin top-left), as in
+:class:`cellspot.store.models.Click`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import unicodedata
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from cellspot.evaluation import match_cells
+from cellspot.store import queries
+from cellspot.store.models import (
+    Annotator,
+    Click,
+    ConsensusCell,
+    GoldCell,
+    Image,
+    Project,
+    TaskRun,
+)
+
+log = logging.getLogger(__name__)
+
+NICKNAME_MAX_CHARS = 40
+DEFAULT_FEEDBACK_RADIUS = 20.0  # px: a click this close to a gold cell "found" it
+DEFAULT_GOLD_RATE = 0.0
+TUTORIAL_MARGIN = 48  # px: example cells at least this far from the image border
+
+
+class ClassNotFoundError(LookupError):
+    """No project lists this class code (``project.settings["class_codes"]``)."""
+
+
+class InvalidNicknameError(ValueError):
+    """A nickname is empty, too long or contains control characters."""
+
+
+class ImageNotFoundError(LookupError):
+    """No image with that id in the annotator's project."""
+
+
+@dataclass(frozen=True)
+class FeedbackCell:
+    """One gold cell and the student's click matched to it (``None`` fields when missed).
+
+    For an ``extra`` click (no gold cell near it) the gold fields are ``None``.
+    """
+
+    x: float | None
+    y: float | None
+    label: str | None
+    click_x: float | None = None
+    click_y: float | None = None
+    click_label: str | None = None
+
+
+@dataclass(frozen=True)
+class GoldFeedback:
+    """How a run on a gold image compares with the expert cells.
+
+    One-to-one matching within ``radius`` px (Hungarian, :func:`cellspot.evaluation.match_cells`):
+    ``found`` (matched, same label), ``mislabelled`` (matched, the other of alive/dead),
+    ``unsure`` (matched by a "not sure" click), ``missed`` (gold cells nobody clicked),
+    ``extra`` (clicks far from every gold cell).
+    """
+
+    radius: float
+    found: list[FeedbackCell]
+    mislabelled: list[FeedbackCell]
+    unsure: list[FeedbackCell]
+    missed: list[FeedbackCell]
+    extra: list[FeedbackCell]
+
+    @property
+    def n_gold(self) -> int:
+        return len(self.found) + len(self.mislabelled) + len(self.unsure) + len(self.missed)
+
+    def summary(self) -> dict[str, int]:
+        """Counts per category (found, mislabelled, unsure, missed, extra, gold)."""
+        return {"found": len(self.found), "mislabelled": len(self.mislabelled),
+                "unsure": len(self.unsure), "missed": len(self.missed),
+                "extra": len(self.extra), "gold": self.n_gold}
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What :func:`submit_run` stored: ``created`` is False when ``client_key`` was already used
+    (nothing new stored; ``task_run_id`` is the earlier run). ``gold_feedback`` is set for gold
+    images, computed from the stored clicks (the same on a repeated submit)."""
+
+    task_run_id: int
+    created: bool
+    n_clicks: int
+    gold_feedback: GoldFeedback | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A student's progress: runs today / in total, the class's runs today, images still open
+    to this student (not seen, not retired)."""
+
+    done_today: int
+    done_total: int
+    class_total_today: int
+    images_left: int
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tutorial example cell: its ``label`` (alive|dead), image and position (pixels);
+    ``source`` is ``"gold"`` (expert cell) or ``"consensus"``."""
+
+    label: str
+    image_id: int
+    x: float
+    y: float
+    source: str = "gold"
+    image_name: str = ""
+
+
+# --------------------------------------------------------------------------- join
+
+
+def normalize_class_code(code: str) -> str:
+    """A class code as stored: trimmed, inner whitespace removed, upper case."""
+    return re.sub(r"\s+", "", str(code or "")).upper()
+
+
+def normalize_nickname(nickname: str) -> str:
+    """``nickname`` trimmed with inner whitespace collapsed; :class:`InvalidNicknameError` when
+    empty, longer than :data:`NICKNAME_MAX_CHARS` or containing control characters."""
+    if not isinstance(nickname, str):
+        raise InvalidNicknameError(f"a nickname must be text, got {type(nickname).__name__}")
+    text = unicodedata.normalize("NFC", " ".join(nickname.split()))
+    if not text:
+        raise InvalidNicknameError("the nickname is empty; type 1 to 40 characters (no real name needed)")
+    if len(text) > NICKNAME_MAX_CHARS:
+        raise InvalidNicknameError(
+            f"the nickname has {len(text)} characters; at most {NICKNAME_MAX_CHARS} are allowed")
+    if any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise InvalidNicknameError("the nickname contains control characters; use letters, digits or symbols")
+    return text
+
+
+def find_class(session: Session, class_code: str) -> Project:
+    """The project whose ``settings["class_codes"]`` lists ``class_code`` (case-insensitive).
+
+    Raises :class:`ClassNotFoundError` for an empty or unknown code, or when two projects list
+    the same code (a setup error the message names).
+    """
+    code = normalize_class_code(class_code)
+    if not code:
+        raise ClassNotFoundError("the class code is empty; type the code your teacher gave you")
+    matches = [
+        project for project in session.scalars(select(Project).order_by(Project.id))
+        if code in {normalize_class_code(c) for c in (project.settings or {}).get("class_codes") or []}
+    ]
+    if not matches:
+        raise ClassNotFoundError(f"no class has the code {code!r}; check the code with your teacher")
+    if len(matches) > 1:
+        names = ", ".join(repr(p.name) for p in matches)
+        raise ClassNotFoundError(f"the class code {code!r} is used by several projects ({names}); "
+                                 "ask your teacher to give each class its own code")
+    return matches[0]
+
+
+def join_class(session: Session, class_code: str, nickname: str) -> Annotator:
+    """The student ``nickname`` of the class ``class_code``, created on first join.
+
+    Joining again with the same code and nickname (another tab, a reload, the next lesson)
+    returns the same annotator. Raises :class:`ClassNotFoundError`,
+    :class:`InvalidNicknameError`. Flushes, never commits.
+    """
+    nick = normalize_nickname(nickname)
+    project = find_class(session, class_code)
+    annotator = queries.get_or_create_annotator(
+        session, project, nick, normalize_class_code(class_code), role="student")
+    log.info("annotator %d joined class %s of project %r", annotator.id, annotator.class_code, project.name)
+    return annotator
+
+
+# --------------------------------------------------------------------------- next image
+
+
+def gold_image_ids(session: Session, project_id: int) -> set[int]:
+    """Ids of the project's images that have expert (gold) cells."""
+    stmt = (select(GoldCell.image_id).join(Image, GoldCell.image_id == Image.id)
+            .where(Image.project_id == project_id).distinct())
+    return set(session.scalars(stmt))
+
+
+def _open_images(
+    session: Session, annotator: Annotator, exclude_ids: Collection[int] = ()
+) -> pd.DataFrame:
+    """Images this annotator may still get: pixels, not seen by them; retired only if gold.
+
+    Returns columns image_id, n_runs, status, gold (n_open x 4).
+    """
+    seen = select(TaskRun.image_id).where(TaskRun.annotator_id == annotator.id)
+    runs = (select(TaskRun.image_id, func.count().label("n")).group_by(TaskRun.image_id)
+            .subquery())
+    stmt = (
+        select(Image.id, func.coalesce(runs.c.n, 0), Image.status)
+        .outerjoin(runs, runs.c.image_id == Image.id)
+        .where(Image.project_id == annotator.project_id, Image.has_pixels.is_(True),
+               Image.id.not_in(seen))
+        .order_by(Image.id)
+    )
+    frame = pd.DataFrame(session.execute(stmt).tuples().all(), columns=["image_id", "n_runs", "status"])
+    gold = gold_image_ids(session, annotator.project_id)
+    frame["gold"] = frame["image_id"].isin(gold)
+    keep = (frame["status"] == "active") | frame["gold"]
+    if exclude_ids:
+        keep &= ~frame["image_id"].isin(list(exclude_ids))
+    return frame[keep].reset_index(drop=True)
+
+
+def next_image(
+    session: Session,
+    annotator: Annotator,
+    rng: random.Random | None = None,
+    exclude_ids: Collection[int] = (),
+) -> Image | None:
+    """The image to show ``annotator`` next, or ``None`` when nothing is left for them.
+
+    Candidates: images of the annotator's project with pixels that this annotator has not
+    submitted yet and that are not retired (gold images stay available: they are checks, not
+    work), minus ``exclude_ids``. With probability ``project.settings["gold_rate"]`` a gold
+    image is chosen (an image with expert cells), otherwise a non-gold one; when the chosen
+    pool is empty the other is used. Within the pool, one of the images with the fewest runs,
+    uniformly at random (so students in one room get different images).
+
+    This is the one function the next issue replaces with the uncertainty-ranked queue.
+    """
+    rng = rng or random.Random()
+    frame = _open_images(session, annotator, exclude_ids)
+    if frame.empty:
+        return None
+    project = session.get(Project, annotator.project_id)
+    rate = float((project.settings or {}).get("gold_rate", DEFAULT_GOLD_RATE) or 0.0)
+    want_gold = rng.random() < rate
+    pool = frame[frame["gold"] == want_gold]
+    if pool.empty:
+        pool = frame
+    least = pool[pool["n_runs"] == pool["n_runs"].min()]
+    image_id = int(least["image_id"].iloc[rng.randrange(len(least))])
+    return session.get(Image, image_id)
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def get_project_image(session: Session, annotator: Annotator, image_id: int) -> Image:
+    """Image ``image_id`` if it belongs to the annotator's project; :class:`ImageNotFoundError`."""
+    image = session.get(Image, int(image_id))
+    if image is None or image.project_id != annotator.project_id:
+        raise ImageNotFoundError(f"no image with id {image_id} in this annotator's project")
+    return image
+
+
+def feedback_radius(project: Project) -> float:
+    """The gold-feedback matching radius: ``settings["feedback_radius"]`` or the default (px)."""
+    value = (project.settings or {}).get("feedback_radius", DEFAULT_FEEDBACK_RADIUS)
+    return float(value) if value and float(value) > 0 else DEFAULT_FEEDBACK_RADIUS
+
+
+def compare_with_gold(
+    gold: Sequence[tuple[float, float, str]],
+    clicks: Sequence[tuple[float, float, str]],
+    radius: float = DEFAULT_FEEDBACK_RADIUS,
+) -> GoldFeedback:
+    """Match ``clicks`` ``(x, y, label)`` one-to-one to ``gold`` ``(x, y, label)`` cells.
+
+    Pure. A click matches a gold cell closer than ``radius`` px; ties resolved by the
+    minimum total distance. See :class:`GoldFeedback` for the categories.
+    """
+    truth = pd.DataFrame(list(gold), columns=["x", "y", "label"]).assign(image=0, diameter=2.0 * radius)
+    pred = pd.DataFrame(list(clicks), columns=["x", "y", "label"]).assign(image=0)
+    m = match_cells(truth, pred, match_fraction=0.5)
+    matched_t, matched_p = set(m.truth.tolist()), set(m.pred.tolist())
+    found, wrong, unsure = [], [], []
+    for ti, pi in zip(m.truth.tolist(), m.pred.tolist()):
+        g, c = truth.iloc[ti], pred.iloc[pi]
+        cell = FeedbackCell(float(g.x), float(g.y), str(g.label), float(c.x), float(c.y), str(c.label))
+        (unsure if c.label == "not_sure" else found if c.label == g.label else wrong).append(cell)
+    missed = [FeedbackCell(float(g.x), float(g.y), str(g.label))
+              for i, g in enumerate(truth.itertuples(index=False)) if i not in matched_t]
+    extra = [FeedbackCell(None, None, None, float(c.x), float(c.y), str(c.label))
+             for i, c in enumerate(pred.itertuples(index=False)) if i not in matched_p]
+    return GoldFeedback(radius, found, wrong, unsure, missed, extra)
+
+
+def submit_run(
+    session: Session,
+    annotator: Annotator,
+    image_id: int,
+    clicks: Sequence[tuple[float, float, str]],
+    client_key: str,
+) -> SubmitResult:
+    """Store the student's run on ``image_id``: ``clicks`` ``(x, y, label)`` in image pixels.
+
+    Idempotent on ``client_key`` (one key per displayed image): a double submit, a reload
+    after submit or a second tab with the same key stores nothing new and returns the first
+    run (``created=False``), also under concurrent submits. On a gold image the result
+    carries :class:`GoldFeedback` (the run is flagged ``is_gold_check``; the student's
+    reliability against gold is updated by the next :func:`cellspot.workflows.aggregate.aggregate`).
+    Raises :class:`ImageNotFoundError`, :class:`cellspot.store.queries.InvalidClickError`,
+    :class:`cellspot.store.queries.ClientKeyConflictError`. Flushes, never commits.
+    """
+    image = get_project_image(session, annotator, image_id)
+    clean = [tuple(c) for c in clicks]
+    gold = session.execute(
+        select(GoldCell.x, GoldCell.y, GoldCell.label).where(GoldCell.image_id == image.id)
+        .order_by(GoldCell.id)).tuples().all()
+    run, created = queries.submit_task_run(
+        session, image, annotator, clean, client_key, source="app", is_gold_check=bool(gold))
+    if created:  # exactly what was just inserted
+        stored = [(float(x), float(y), str(label)) for x, y, label in clean]
+    else:  # the first submit's clicks, whatever this one sent
+        stored = session.execute(
+            select(Click.x, Click.y, Click.label).where(Click.task_run_id == run.id)
+            .order_by(Click.click_index)).tuples().all()
+    feedback = None
+    if gold:
+        project = session.get(Project, annotator.project_id)
+        feedback = compare_with_gold(gold, stored, feedback_radius(project))
+    if created:
+        log.info("run %d stored: annotator %d, image %d, %d clicks", run.id, annotator.id, image.id, len(stored))
+    else:
+        log.info("repeated submit of run %d (client_key reused); nothing new stored", run.id)
+    return SubmitResult(task_run_id=run.id, created=created, n_clicks=len(stored), gold_feedback=feedback)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def day_start(now: datetime | None = None) -> datetime:
+    """Midnight (server local time) of ``now``'s day, timezone-aware."""
+    local = (now or datetime.now().astimezone()).astimezone()
+    return local.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def student_progress(session: Session, annotator: Annotator, now: datetime | None = None) -> Progress:
+    """Runs of ``annotator`` today and in total, runs of its class (same project and class
+    code) today, and the images still open to it. "Today" starts at local midnight."""
+    since = day_start(now)
+    mine = select(func.count()).select_from(TaskRun).where(TaskRun.annotator_id == annotator.id)
+    done_total = session.scalar(mine) or 0
+    done_today = session.scalar(mine.where(TaskRun.submitted_at >= since)) or 0
+    classmates = select(Annotator.id).where(Annotator.project_id == annotator.project_id,
+                                            Annotator.class_code == annotator.class_code)
+    class_today = session.scalar(
+        select(func.count()).select_from(TaskRun)
+        .where(TaskRun.annotator_id.in_(classmates), TaskRun.submitted_at >= since)) or 0
+    left = len(_open_images(session, annotator))
+    return Progress(int(done_today), int(done_total), int(class_today), left)
+
+
+# --------------------------------------------------------------------------- tutorial
+
+
+def tutorial_examples(
+    session: Session, project: Project, n: int = 3, margin: int = TUTORIAL_MARGIN
+) -> list[Example]:
+    """Up to ``n`` example cells per label (alive, dead), alternating alive / dead.
+
+    Taken from the project's gold cells when it has any of that label, else from the most
+    confident cells of the latest consensus snapshot. Only images with pixels, and cells at
+    least ``margin`` px from the border (so a crop around them is whole); spread over
+    images. Deterministic.
+    """
+    if n < 1:
+        return []
+    per_label: dict[str, list[Example]] = {}
+    for label in ("alive", "dead"):
+        per_label[label] = (_gold_examples(session, project, label, n, margin)
+                            or _consensus_examples(session, project, label, n, margin))
+    out: list[Example] = []
+    for i in range(n):
+        out.extend(per_label[label][i] for label in ("alive", "dead") if i < len(per_label[label]))
+    return out
+
+
+def _inside(x: Any, y: Any, width: Any, height: Any, margin: int) -> Any:
+    return (x >= margin) & (y >= margin) & (x <= width - 1 - margin) & (y <= height - 1 - margin)
+
+
+def _spread(frame: pd.DataFrame, n: int, source: str, label: str) -> list[Example]:
+    """``n`` rows spread over images: round-robin over images in id order."""
+    if frame.empty:
+        return []
+    frame = frame.assign(rank=frame.groupby("image_id").cumcount()).sort_values(
+        ["rank", "image_id"], kind="stable")
+    return [Example(label, int(r.image_id), float(r.x), float(r.y), source, str(r.name))
+            for r in frame.head(n).itertuples(index=False)]
+
+
+def _gold_examples(session: Session, project: Project, label: str, n: int, margin: int) -> list[Example]:
+    stmt = (select(GoldCell.image_id, GoldCell.x, GoldCell.y, Image.width, Image.height, Image.name)
+            .join(Image, GoldCell.image_id == Image.id)
+            .where(Image.project_id == project.id, Image.has_pixels.is_(True), GoldCell.label == label)
+            .order_by(GoldCell.image_id, GoldCell.id))
+    frame = pd.DataFrame(session.execute(stmt).tuples().all(),
+                         columns=["image_id", "x", "y", "width", "height", "name"])
+    if frame.empty:
+        return []
+    frame = frame[_inside(frame.x, frame.y, frame.width, frame.height, margin)]
+    return _spread(frame[["image_id", "x", "y", "name"]], n, "gold", label)
+
+
+def _consensus_examples(session: Session, project: Project, label: str, n: int, margin: int) -> list[Example]:
+    snapshot = queries.latest_snapshot(session, project)
+    if snapshot is None:
+        return []
+    c = ConsensusCell
+    stmt = (select(c.image_id, c.x, c.y, Image.width, Image.height, Image.name, c.confidence)
+            .join(Image, c.image_id == Image.id)
+            .where(c.snapshot_id == snapshot.id, c.label == label, Image.has_pixels.is_(True))
+            .order_by(c.confidence.desc(), c.image_id, c.id))
+    frame = pd.DataFrame(session.execute(stmt).tuples().all(),
+                         columns=["image_id", "x", "y", "width", "height", "name", "confidence"])
+    if frame.empty:
+        return []
+    frame = frame[_inside(frame.x, frame.y, frame.width, frame.height, margin)]
+    return _spread(frame[["image_id", "x", "y", "name"]], n, "consensus", label)
+
+
+__all__ = [
+    "ClassNotFoundError", "Example", "FeedbackCell", "GoldFeedback", "ImageNotFoundError",
+    "InvalidNicknameError", "Progress", "SubmitResult", "compare_with_gold", "day_start",
+    "feedback_radius", "find_class", "get_project_image", "gold_image_ids", "join_class",
+    "next_image", "normalize_class_code", "normalize_nickname", "student_progress",
+    "submit_run", "tutorial_examples",
+]

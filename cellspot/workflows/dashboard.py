@@ -1,0 +1,741 @@
+"""Researcher workflows: live class view, image review, adjudication, results, settings, export.
+
+The Streamlit researcher pages call only these functions (plus the importers and
+:func:`cellspot.workflows.aggregate.aggregate`). Every function takes a caller-owned
+session and never commits.
+
+Adjudication model: a researcher's decisions are stored as expert cells
+(:class:`cellspot.store.models.GoldCell`, ``source="adjudication"``). The first decision on an
+image copies its current consensus cells into the expert set (an expert set must be complete:
+once an image has expert cells they replace its consensus in the next aggregate, and they
+serve as gold for students' reliability and feedback); the decision is then applied to that
+set. Deleting the last expert cell of an image gives the image back to consensus.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from cellspot.settings import Settings
+from cellspot.store import queries
+from cellspot.store.models import (
+    CELL_LABELS,
+    Annotator,
+    Click,
+    ConsensusCell,
+    ConsensusSnapshot,
+    GoldCell,
+    Image,
+    Project,
+    TaskRun,
+    utcnow,
+)
+from cellspot.workflows.classroom import normalize_class_code
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW_MINUTES = 10
+DEFAULT_PICK_TOLERANCE = 15.0  # px: an adjudication click this close to a cell targets it
+SUPPORT_RADIUS = 20.0  # px: clicks this close to an expert cell count as its support
+RESEARCHER_NICKNAME = "researcher"
+CONDITION_KEYS = ("condition", "drug", "dose_uM", "dose", "time_h", "time")
+STUDENT_COLUMNS = [
+    "annotator_id", "nickname", "class_code", "runs", "clicks", "runs_in_window", "gold_checks",
+    "last_seen", "active", "sensitivity", "precision", "accuracy_alive", "accuracy_dead", "weight",
+]
+AGREEMENT_COLUMNS = ["image_id", "image", "status", "n_runs", "n_cells", "mean_confidence", "min_confidence"]
+TIMELINE_COLUMNS = ["minute", "runs", "clicks"]
+REVIEW_CELL_COLUMNS = [
+    "cell", "x", "y", "label", "p_alive", "confidence", "support", "n_runs", "p_cell", "from_gold", "source",
+]
+REVIEW_CLICK_COLUMNS = [
+    "task_run_id", "annotator_id", "nickname", "role", "x", "y", "label", "click_index", "submitted_at",
+]
+CLASS_CODE_PATTERN = re.compile(r"^[A-Z0-9_-]{2,32}$")
+
+
+class DashboardError(ValueError):
+    """Base class of the researcher workflow errors."""
+
+
+class InvalidProjectSettingError(DashboardError):
+    """A project setting has an unknown name or a value outside its allowed range."""
+
+
+class ClassCodeTakenError(InvalidProjectSettingError):
+    """A class code is already used by another project."""
+
+
+class ProjectExistsError(DashboardError):
+    """A project with that name exists already."""
+
+
+class AdjudicationError(DashboardError):
+    """An adjudication cannot be applied (unknown action, no cell there, bad label or position)."""
+
+
+class ImageNotInStoreError(LookupError):
+    """No image with that id."""
+
+
+# --------------------------------------------------------------------------- class activity
+
+
+@dataclass(frozen=True)
+class Activity:
+    """The live class view of one project at ``now``.
+
+    ``students_active``: students with a run (or who joined) in the last ``window_minutes``.
+    ``runs_per_minute`` / ``clicks_per_minute``: over that window. Images: ``unseen`` (no run,
+    active), ``in_progress`` (runs, active), ``retired``. ``students``: one row per student
+    (:data:`STUDENT_COLUMNS`; reliability from the latest snapshot, NaN before one).
+    ``agreement``: per image with consensus cells, the mean / min cell confidence
+    (:data:`AGREEMENT_COLUMNS`; the agreement distribution). ``timeline``: runs and clicks per
+    minute over the window (:data:`TIMELINE_COLUMNS`, zero-filled, oldest first).
+    """
+
+    now: datetime
+    window_minutes: int
+    students_active: int
+    students_total: int
+    runs_per_minute: float
+    clicks_per_minute: float
+    runs_total: int
+    clicks_total: int
+    images_total: int
+    images_unseen: int
+    images_in_progress: int
+    images_retired: int
+    students: pd.DataFrame
+    agreement: pd.DataFrame
+    timeline: pd.DataFrame
+    snapshot_id: int | None
+    snapshot_at: datetime | None
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or pd.isna(value):
+        return None
+    value = pd.Timestamp(value).to_pydatetime()
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def class_activity(
+    session: Session,
+    project: Project,
+    window_minutes: int = DEFAULT_WINDOW_MINUTES,
+    class_code: str | None = None,
+    now: datetime | None = None,
+) -> Activity:
+    """Live numbers of ``project`` (optionally one ``class_code``) over the last ``window_minutes``."""
+    if window_minutes < 1:
+        raise DashboardError(f"window_minutes must be >= 1, got {window_minutes}")
+    now = _aware(now) or utcnow()
+    since = now - timedelta(minutes=window_minutes)
+    runs = _runs(session, project)
+    students = _students(session, project, runs, since, class_code)
+    if class_code is not None:
+        runs_in_scope = runs[runs["annotator_id"].isin(students["annotator_id"])]
+    else:
+        runs_in_scope = runs
+    recent = runs_in_scope[runs_in_scope["submitted_at"] >= since]
+    status = _image_status(session, project, runs)
+    snapshot = queries.latest_snapshot(session, project)
+    return Activity(
+        now=now, window_minutes=window_minutes,
+        students_active=int(students["active"].sum()), students_total=len(students),
+        runs_per_minute=round(len(recent) / window_minutes, 3),
+        clicks_per_minute=round(float(recent["n_clicks"].sum()) / window_minutes, 3),
+        runs_total=len(runs_in_scope), clicks_total=int(runs_in_scope["n_clicks"].sum()),
+        images_total=len(status), images_unseen=int((status == "unseen").sum()),
+        images_in_progress=int((status == "in_progress").sum()),
+        images_retired=int((status == "retired").sum()),
+        students=students, agreement=_agreement(session, snapshot, runs),
+        timeline=_timeline(recent, now, window_minutes),
+        snapshot_id=snapshot.id if snapshot else None,
+        snapshot_at=_aware(snapshot.created_at) if snapshot else None,
+    )
+
+
+def _runs(session: Session, project: Project) -> pd.DataFrame:
+    """Every run of ``project``: task_run_id, image_id, annotator_id, submitted_at, is_gold_check, n_clicks."""
+    n_clicks = (select(Click.task_run_id, func.count().label("n")).group_by(Click.task_run_id).subquery())
+    stmt = (
+        select(TaskRun.id, TaskRun.image_id, TaskRun.annotator_id, TaskRun.submitted_at,
+               TaskRun.is_gold_check, func.coalesce(n_clicks.c.n, 0))
+        .join(Image, TaskRun.image_id == Image.id)
+        .outerjoin(n_clicks, n_clicks.c.task_run_id == TaskRun.id)
+        .where(Image.project_id == project.id)
+    )
+    frame = pd.DataFrame(session.execute(stmt).tuples().all(), columns=[
+        "task_run_id", "image_id", "annotator_id", "submitted_at", "is_gold_check", "n_clicks"])
+    frame["submitted_at"] = pd.to_datetime(frame["submitted_at"], utc=True)
+    return frame.astype({"n_clicks": "int64", "is_gold_check": bool})
+
+
+def _students(
+    session: Session, project: Project, runs: pd.DataFrame, since: datetime, class_code: str | None
+) -> pd.DataFrame:
+    stmt = select(Annotator.id, Annotator.nickname, Annotator.class_code, Annotator.created_at).where(
+        Annotator.project_id == project.id, Annotator.role == "student")
+    if class_code is not None:
+        stmt = stmt.where(Annotator.class_code == normalize_class_code(class_code))
+    people = pd.DataFrame(session.execute(stmt.order_by(Annotator.nickname)).tuples().all(),
+                          columns=["annotator_id", "nickname", "class_code", "created_at"])
+    people["created_at"] = pd.to_datetime(people["created_at"], utc=True)
+    since_ts = pd.Timestamp(since)
+    by = runs.groupby("annotator_id")
+    people["runs"] = people["annotator_id"].map(by.size()).fillna(0).astype("int64")
+    people["clicks"] = people["annotator_id"].map(by["n_clicks"].sum()).fillna(0).astype("int64")
+    people["gold_checks"] = people["annotator_id"].map(by["is_gold_check"].sum()).fillna(0).astype("int64")
+    recent = runs[runs["submitted_at"] >= since_ts].groupby("annotator_id").size()
+    people["runs_in_window"] = people["annotator_id"].map(recent).fillna(0).astype("int64")
+    last_run = by["submitted_at"].max()
+    people["last_seen"] = people["annotator_id"].map(last_run)
+    people["last_seen"] = people["last_seen"].fillna(people["created_at"])
+    people["active"] = people["last_seen"] >= since_ts
+    snapshot = queries.latest_snapshot(session, project)
+    metrics = ["sensitivity", "precision", "accuracy_alive", "accuracy_dead", "weight"]
+    if snapshot is not None:
+        rel = queries.reliability_frame(session, snapshot).set_index("annotator_id")
+        for m in metrics:
+            people[m] = people["annotator_id"].map(rel[m]).astype(float)
+    else:
+        for m in metrics:
+            people[m] = np.nan
+    return people[STUDENT_COLUMNS].reset_index(drop=True)
+
+
+def _image_status(session: Session, project: Project, runs: pd.DataFrame) -> pd.Series:
+    """Per image id: ``unseen``, ``in_progress`` or ``retired``."""
+    rows = session.execute(select(Image.id, Image.status).where(Image.project_id == project.id)).tuples().all()
+    status = pd.Series(dict(rows), dtype=object)
+    seen = set(runs["image_id"].tolist())
+    return pd.Series({i: ("retired" if s == "retired" else "in_progress" if i in seen else "unseen")
+                      for i, s in status.items()}, dtype=object)
+
+
+def _agreement(session: Session, snapshot: ConsensusSnapshot | None, runs: pd.DataFrame) -> pd.DataFrame:
+    if snapshot is None:
+        return pd.DataFrame(columns=AGREEMENT_COLUMNS)
+    c = ConsensusCell
+    stmt = (select(c.image_id, Image.name, Image.status, func.count(), func.avg(c.confidence),
+                   func.min(c.confidence))
+            .join(Image, c.image_id == Image.id).where(c.snapshot_id == snapshot.id)
+            .group_by(c.image_id, Image.name, Image.status).order_by(c.image_id))
+    frame = pd.DataFrame(session.execute(stmt).tuples().all(), columns=[
+        "image_id", "image", "status", "n_cells", "mean_confidence", "min_confidence"])
+    frame["n_runs"] = frame["image_id"].map(runs.groupby("image_id").size()).fillna(0).astype("int64")
+    return frame.astype({"mean_confidence": float, "min_confidence": float})[AGREEMENT_COLUMNS]
+
+
+def _timeline(recent: pd.DataFrame, now: datetime, window_minutes: int) -> pd.DataFrame:
+    end = pd.Timestamp(now).floor("min")
+    minutes = pd.date_range(end=end, periods=window_minutes, freq="min")
+    if recent.empty:
+        return pd.DataFrame({"minute": minutes, "runs": 0, "clicks": 0})
+    bucket = recent["submitted_at"].dt.floor("min")
+    grouped = recent.groupby(bucket).agg(runs=("task_run_id", "size"), clicks=("n_clicks", "sum"))
+    out = grouped.reindex(minutes, fill_value=0).rename_axis("minute").reset_index()
+    return out.astype({"runs": "int64", "clicks": "int64"})[TIMELINE_COLUMNS]
+
+
+# --------------------------------------------------------------------------- review
+
+
+@dataclass(frozen=True)
+class Review:
+    """One image for review.
+
+    ``cells``: the image's current cells (:data:`REVIEW_CELL_COLUMNS`): its expert cells when
+    it has any (``from_gold`` True, ``cell`` = the expert cell id, ``source`` e.g.
+    ``"adjudication"``), else the latest snapshot's consensus cells (``cell`` = consensus cell
+    id, ``source`` ``"consensus"``). ``clicks``: every raw click on the image
+    (:data:`REVIEW_CLICK_COLUMNS`). ``expert``: True when ``cells`` are expert cells.
+    """
+
+    image: Image
+    cells: pd.DataFrame
+    clicks: pd.DataFrame
+    snapshot_id: int | None
+    expert: bool
+
+
+def _get_image(session: Session, image_id: int) -> Image:
+    image = session.get(Image, int(image_id))
+    if image is None:
+        raise ImageNotInStoreError(f"no image with id {image_id}")
+    return image
+
+
+def image_review(session: Session, image_id: int) -> Review:
+    """The image ``image_id`` with its current cells and raw clicks (see :class:`Review`)."""
+    image = _get_image(session, image_id)
+    clicks = _image_clicks(session, image.id)
+    project = session.get(Project, image.project_id)
+    snapshot = queries.latest_snapshot(session, project)
+    expert = _expert_cells(session, image.id)
+    if expert:
+        cells = _expert_frame(expert, clicks)
+    else:
+        cells = _consensus_frame(session, snapshot, image.id)
+    return Review(image=image, cells=cells, clicks=clicks,
+                  snapshot_id=snapshot.id if snapshot else None, expert=bool(expert))
+
+
+def _image_clicks(session: Session, image_id: int) -> pd.DataFrame:
+    stmt = (select(TaskRun.id, TaskRun.annotator_id, Annotator.nickname, Annotator.role, Click.x, Click.y,
+                   Click.label, Click.click_index, TaskRun.submitted_at)
+            .join(TaskRun, Click.task_run_id == TaskRun.id)
+            .join(Annotator, TaskRun.annotator_id == Annotator.id)
+            .where(TaskRun.image_id == image_id).order_by(TaskRun.id, Click.click_index))
+    frame = pd.DataFrame(session.execute(stmt).tuples().all(), columns=REVIEW_CLICK_COLUMNS)
+    return frame.astype({"x": float, "y": float})
+
+
+def _expert_cells(session: Session, image_id: int) -> list[GoldCell]:
+    return list(session.scalars(select(GoldCell).where(GoldCell.image_id == image_id).order_by(GoldCell.id)))
+
+
+def _expert_frame(cells: list[GoldCell], clicks: pd.DataFrame) -> pd.DataFrame:
+    xy = np.array([[c.x, c.y] for c in cells], float).reshape(-1, 2)
+    support = np.zeros(len(cells), dtype=np.int64)
+    if len(clicks):
+        cxy = clicks[["x", "y"]].to_numpy(float)
+        close = ((xy[:, None, :] - cxy[None, :, :]) ** 2).sum(-1) <= SUPPORT_RADIUS**2  # (n_cells, n_clicks)
+        runs = clicks["task_run_id"].to_numpy()
+        support = np.array([len(np.unique(runs[row])) for row in close], dtype=np.int64)
+    n_runs = int(clicks["task_run_id"].nunique()) if len(clicks) else 0
+    return pd.DataFrame({
+        "cell": [c.id for c in cells], "x": xy[:, 0], "y": xy[:, 1], "label": [c.label for c in cells],
+        "p_alive": [1.0 if c.label == "alive" else 0.0 for c in cells], "confidence": 1.0,
+        "support": support, "n_runs": n_runs, "p_cell": 1.0, "from_gold": True,
+        "source": [c.source for c in cells],
+    })[REVIEW_CELL_COLUMNS]
+
+
+def _consensus_frame(session: Session, snapshot: ConsensusSnapshot | None, image_id: int) -> pd.DataFrame:
+    if snapshot is None:
+        return pd.DataFrame(columns=REVIEW_CELL_COLUMNS)
+    c = ConsensusCell
+    stmt = (select(c.id, c.x, c.y, c.label, c.p_alive, c.confidence, c.support, c.n_runs, c.p_cell, c.from_gold)
+            .where(c.snapshot_id == snapshot.id, c.image_id == image_id).order_by(c.id))
+    frame = pd.DataFrame(session.execute(stmt).tuples().all(), columns=REVIEW_CELL_COLUMNS[:-1])
+    frame["source"] = np.where(frame["from_gold"].astype(bool), "expert (snapshot)", "consensus")
+    return frame[REVIEW_CELL_COLUMNS]
+
+
+# --------------------------------------------------------------------------- adjudication
+
+
+@dataclass(frozen=True)
+class Adjudication:
+    """What :func:`adjudicate` did: the ``action``, the cell it touched (``x``, ``y``, ``label``;
+    ``gold_cell_id`` None after a delete), how many consensus cells were copied into the expert
+    set first (``seeded``) and the size of the image's expert set now."""
+
+    action: str
+    image_id: int
+    x: float | None
+    y: float | None
+    label: str | None
+    gold_cell_id: int | None
+    seeded: int
+    n_expert_cells: int
+
+
+def researcher_annotator(session: Session, project: Project, nickname: str = RESEARCHER_NICKNAME) -> Annotator:
+    """The researcher annotator of ``project`` that adjudications are recorded under."""
+    return queries.get_or_create_annotator(session, project, nickname, "", role="researcher")
+
+
+def _nearest(cells: list[GoldCell], x: float, y: float, tolerance: float) -> GoldCell | None:
+    best, best_d = None, float(tolerance)
+    for cell in cells:
+        d = math.hypot(cell.x - x, cell.y - y)
+        if d <= best_d:
+            best, best_d = cell, d
+    return best
+
+
+def _seed(session: Session, image: Image, researcher: Annotator | None) -> int:
+    """Copy the latest consensus cells of ``image`` into its expert set; returns how many."""
+    project = session.get(Project, image.project_id)
+    snapshot = queries.latest_snapshot(session, project)
+    if snapshot is None:
+        return 0
+    rows = session.execute(select(ConsensusCell.x, ConsensusCell.y, ConsensusCell.label).where(
+        ConsensusCell.snapshot_id == snapshot.id, ConsensusCell.image_id == image.id)
+        .order_by(ConsensusCell.id)).tuples().all()
+    session.add_all(GoldCell(image_id=image.id, x=float(x), y=float(y), label=label, source="adjudication",
+                             annotator_id=researcher.id if researcher else None) for x, y, label in rows)
+    session.flush()
+    return len(rows)
+
+
+def _need_label(label: str | None) -> str:
+    if label not in CELL_LABELS:
+        raise AdjudicationError(f"label {label!r} is not allowed for an expert cell; allowed: {', '.join(CELL_LABELS)}")
+    return label
+
+
+def _target(cells: list[GoldCell], x: float | None, y: float | None, tolerance: float, action: str) -> GoldCell:
+    if x is None or y is None:
+        raise AdjudicationError(f"{action} needs the position (x, y) of the cell")
+    cell = _nearest(cells, float(x), float(y), tolerance)
+    if cell is None:
+        raise AdjudicationError(f"no cell within {tolerance:g} px of ({float(x):.1f}, {float(y):.1f}) to {action}")
+    return cell
+
+
+def _accept(session: Session, image: Image, cells: list[GoldCell], x: float | None, y: float | None,
+            label: str | None, researcher: Annotator | None, tolerance: float) -> GoldCell | None:
+    if x is None and y is None:  # accept the whole image as it is
+        return None
+    cell = _target(cells, x, y, tolerance, "accept")
+    cell.source, cell.annotator_id = "adjudication", researcher.id if researcher else cell.annotator_id
+    return cell
+
+
+def _relabel(session: Session, image: Image, cells: list[GoldCell], x: float | None, y: float | None,
+             label: str | None, researcher: Annotator | None, tolerance: float) -> GoldCell | None:
+    new = _need_label(label)
+    cell = _target(cells, x, y, tolerance, "relabel")
+    cell.label, cell.source = new, "adjudication"
+    cell.annotator_id = researcher.id if researcher else cell.annotator_id
+    return cell
+
+
+def _delete(session: Session, image: Image, cells: list[GoldCell], x: float | None, y: float | None,
+            label: str | None, researcher: Annotator | None, tolerance: float) -> GoldCell | None:
+    cell = _target(cells, x, y, tolerance, "delete")
+    session.delete(cell)
+    return cell
+
+
+def _add(session: Session, image: Image, cells: list[GoldCell], x: float | None, y: float | None,
+         label: str | None, researcher: Annotator | None, tolerance: float) -> GoldCell | None:
+    new = _need_label(label)
+    if x is None or y is None:
+        raise AdjudicationError("add needs the position (x, y) of the new cell")
+    x, y = float(x), float(y)
+    if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < image.width and 0 <= y < image.height):
+        raise AdjudicationError(f"({x}, {y}) is outside image {image.name!r} "
+                                f"(allowed 0 <= x < {image.width}, 0 <= y < {image.height})")
+    near = _nearest(cells, x, y, tolerance / 2)
+    if near is not None:
+        raise AdjudicationError(f"a cell already lies at ({near.x:.1f}, {near.y:.1f}), within "
+                                f"{tolerance / 2:g} px; relabel or delete it instead")
+    cell = GoldCell(image_id=image.id, x=x, y=y, label=new, source="adjudication",
+                    annotator_id=researcher.id if researcher else None)
+    session.add(cell)
+    return cell
+
+
+AdjudicationAction = Callable[..., "GoldCell | None"]
+ADJUDICATION_ACTIONS: dict[str, AdjudicationAction] = {
+    "accept": _accept, "relabel": _relabel, "delete": _delete, "add": _add,
+}
+
+
+def adjudicate(
+    session: Session,
+    image_id: int,
+    action: str,
+    x: float | None = None,
+    y: float | None = None,
+    label: str | None = None,
+    researcher: Annotator | None = None,
+    tolerance: float = DEFAULT_PICK_TOLERANCE,
+) -> Adjudication:
+    """Apply one researcher decision to image ``image_id``'s expert cells.
+
+    ``action`` (:data:`ADJUDICATION_ACTIONS`): ``accept`` the cell nearest ``(x, y)`` (or,
+    with no position, the image's consensus as a whole), ``relabel`` it to ``label``,
+    ``delete`` it, or ``add`` a cell of ``label`` at ``(x, y)``. "Nearest" means within
+    ``tolerance`` px. The first decision on an image copies its consensus cells into the
+    expert set (see the module docstring). The effect reaches consensus, retirement and
+    reliability at the next :func:`cellspot.workflows.aggregate.aggregate`.
+    Raises :class:`AdjudicationError`, :class:`ImageNotInStoreError`. Flushes, never commits.
+    """
+    apply = ADJUDICATION_ACTIONS.get(action)
+    if apply is None:
+        raise AdjudicationError(f"unknown adjudication action {action!r}; allowed: {', '.join(ADJUDICATION_ACTIONS)}")
+    image = _get_image(session, image_id)
+    if researcher is not None and researcher.project_id != image.project_id:
+        raise AdjudicationError(f"annotator {researcher.id} belongs to another project than image {image.id}")
+    if action in ("relabel", "add"):
+        _need_label(label)
+    cells = _expert_cells(session, image.id)
+    seeded = 0 if cells else _seed(session, image, researcher)
+    if seeded:
+        cells = _expert_cells(session, image.id)
+    cell = apply(session, image, cells, x, y, label, researcher, float(tolerance))
+    session.flush()
+    n_expert = session.scalar(select(func.count()).select_from(GoldCell).where(GoldCell.image_id == image.id)) or 0
+    log.info("image %d: %s (%s) by %s; %d expert cells", image.id, action, label or "-",
+             researcher.nickname if researcher else "unknown", n_expert)
+    return Adjudication(
+        action=action, image_id=image.id,
+        x=cell.x if cell is not None else None, y=cell.y if cell is not None else None,
+        label=cell.label if cell is not None else None,
+        gold_cell_id=None if cell is None or action == "delete" else cell.id,
+        seeded=seeded, n_expert_cells=int(n_expert),
+    )
+
+
+def clear_expert_cells(session: Session, image_id: int) -> int:
+    """Remove every expert cell of an image (back to consensus); returns how many."""
+    image = _get_image(session, image_id)
+    result = session.execute(delete(GoldCell).where(GoldCell.image_id == image.id))
+    session.expire_all()
+    return int(result.rowcount or 0)
+
+
+# --------------------------------------------------------------------------- results
+
+
+class Results(NamedTuple):
+    """``per_image``: image_id, image, status, n_runs, n_alive, n_dead, viability_pct,
+    mean_confidence, then ``meta_*`` metadata columns (one row per image, by name).
+    ``by_condition``: the ``by`` metadata keys, n_images, n_alive, n_dead, viability_pct
+    (pooled over cells), viability_mean and viability_sd (over images)."""
+
+    per_image: pd.DataFrame
+    by_condition: pd.DataFrame
+
+
+def results(
+    session: Session, project: Project, by: list[str] | None = None, min_confidence: float = 0.0
+) -> Results:
+    """Counts and viability per image from the latest snapshot, and viability by condition.
+
+    ``by``: metadata keys to group by (default: those of :data:`CONDITION_KEYS` the images
+    have; none -> one group ``all``). Cells below ``min_confidence`` are not counted. Images
+    without a snapshot cell have zero counts and NaN viability.
+    """
+    from cellspot.export import flatten_metadata
+
+    rows = session.execute(select(Image.id, Image.name, Image.status, Image.meta)
+                           .where(Image.project_id == project.id).order_by(Image.name)).tuples().all()
+    images = pd.DataFrame(rows, columns=["image_id", "image", "status", "meta"])
+    n_runs = dict(session.execute(select(TaskRun.image_id, func.count()).join(Image, TaskRun.image_id == Image.id)
+                                  .where(Image.project_id == project.id).group_by(TaskRun.image_id)).tuples().all())
+    images["n_runs"] = images["image_id"].map(n_runs).fillna(0).astype("int64")
+    snapshot = queries.latest_snapshot(session, project)
+    cells = queries.snapshot_cells_frame(session, snapshot) if snapshot else pd.DataFrame(
+        columns=queries.SNAPSHOT_CELL_COLUMNS)
+    cells = cells[cells["confidence"].astype(float) >= min_confidence]
+    counts = cells.groupby(["image_id", "label"]).size().unstack(fill_value=0) if len(cells) else pd.DataFrame()
+    for label in ("alive", "dead"):
+        series = counts[label] if label in counts else pd.Series(dtype="int64")
+        images[f"n_{label}"] = images["image_id"].map(series).fillna(0).astype("int64")
+    total = images["n_alive"] + images["n_dead"]
+    images["viability_pct"] = (100.0 * images["n_alive"] / total.where(total > 0)).round(2)
+    conf = cells.groupby("image_id")["confidence"].mean() if len(cells) else pd.Series(dtype=float)
+    images["mean_confidence"] = images["image_id"].map(conf).astype(float)
+    meta = flatten_metadata(images["meta"])
+    per_image = pd.concat([images.drop(columns=["meta"]), meta], axis=1)
+    per_image = per_image[["image_id", "image", "status", "n_runs", "n_alive", "n_dead", "viability_pct",
+                           "mean_confidence", *meta.columns]]
+    return Results(per_image=per_image.reset_index(drop=True), by_condition=_by_condition(per_image, by))
+
+
+def _by_condition(per_image: pd.DataFrame, by: list[str] | None) -> pd.DataFrame:
+    available = [c[len("meta_"):] for c in per_image.columns if c.startswith("meta_")]
+    if by is None:
+        by = [k for k in CONDITION_KEYS if k in available]
+    unknown = [k for k in by if k not in available]
+    if unknown:
+        raise DashboardError(f"unknown metadata key(s) {unknown}; the images have: {', '.join(available) or 'none'}")
+    frame = per_image.rename(columns={f"meta_{k}": k for k in by})
+    if not by:
+        frame = frame.assign(group="all")
+        by = ["group"]
+    grouped = frame.groupby(by, dropna=False, sort=True)
+    out = grouped.agg(n_images=("image_id", "size"), n_alive=("n_alive", "sum"), n_dead=("n_dead", "sum"),
+                      viability_mean=("viability_pct", "mean"), viability_sd=("viability_pct", "std"))
+    out = out.reset_index()
+    total = out["n_alive"] + out["n_dead"]
+    out["viability_pct"] = (100.0 * out["n_alive"] / total.where(total > 0)).round(2)
+    return out[[*by, "n_images", "n_alive", "n_dead", "viability_pct", "viability_mean", "viability_sd"]]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        try:
+            number = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number.is_integer() and lo <= number <= hi):
+            raise InvalidProjectSettingError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        return int(number)
+    return check
+
+
+def _float_in(lo: float, hi: float, low_open: bool = False) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        ok = math.isfinite(number) and (lo < number if low_open else lo <= number) and number <= hi
+        if not ok:
+            bound = "(" if low_open else "["
+            raise InvalidProjectSettingError(f"{name} must be a number in {bound}{lo:g}, {hi:g}], got {value!r}")
+        return number
+    return check
+
+
+def _class_codes(name: str, value: Any) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple, set)):
+        raise InvalidProjectSettingError(f"{name} must be a list of codes (or a comma-separated string), got {value!r}")
+    codes: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidProjectSettingError(f"class code {item!r} is not text")
+        code = normalize_class_code(item)
+        if not code:
+            continue
+        if not CLASS_CODE_PATTERN.match(code):
+            raise InvalidProjectSettingError(
+                f"class code {item!r} is not allowed: use 2 to 32 letters, digits, '-' or '_'")
+        if code not in codes:
+            codes.append(code)
+    return codes
+
+
+PROJECT_SETTING_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
+    "class_codes": _class_codes,
+    "target_runs_per_image": _int_in(1, 1000),
+    "retire_min_runs": _int_in(1, 1000),
+    "retire_min_confidence": _float_in(0.0, 1.0),
+    "gold_rate": _float_in(0.0, 1.0),
+    "feedback_radius": _float_in(0.0, 500.0, low_open=True),
+}
+
+
+def validate_project_settings(changes: dict[str, Any]) -> dict[str, Any]:
+    """Validated, normalised copies of ``changes`` (see :data:`PROJECT_SETTING_VALIDATORS`).
+
+    Raises :class:`InvalidProjectSettingError` naming the setting and what is allowed.
+    """
+    out = {}
+    for name, value in changes.items():
+        check = PROJECT_SETTING_VALIDATORS.get(name)
+        if check is None:
+            raise InvalidProjectSettingError(
+                f"unknown project setting {name!r}; allowed: {', '.join(PROJECT_SETTING_VALIDATORS)}")
+        out[name] = check(name, value)
+    return out
+
+
+def _check_codes_free(session: Session, project_id: int | None, codes: list[str]) -> None:
+    for other in session.scalars(select(Project).where(Project.id != (project_id or -1))):
+        taken = {normalize_class_code(c) for c in (other.settings or {}).get("class_codes") or []}
+        clash = sorted(taken & set(codes))
+        if clash:
+            raise ClassCodeTakenError(f"class code(s) {', '.join(clash)} already belong to project "
+                                      f"{other.name!r}; choose other codes")
+
+
+def update_project_settings(session: Session, project: Project, **changes: Any) -> dict[str, Any]:
+    """Validate ``changes`` and merge them into ``project.settings``; returns the new settings.
+
+    Keys: ``class_codes`` (list or comma-separated; 2-32 of A-Z 0-9 - _, stored upper case,
+    unique across projects), ``target_runs_per_image``, ``retire_min_runs`` (1..1000),
+    ``retire_min_confidence``, ``gold_rate`` (0..1), ``feedback_radius`` (px, > 0).
+    Nothing is changed when any value is invalid. Flushes, never commits.
+    """
+    clean = validate_project_settings(changes)
+    if "class_codes" in clean:
+        _check_codes_free(session, project.id, clean["class_codes"])
+    new = {**(project.settings or {}), **clean}
+    project.settings = new  # a new dict, so the JSON column is marked dirty
+    session.flush()
+    log.info("project %r settings updated: %s", project.name, sorted(clean))
+    return dict(new)
+
+
+def create_project(session: Session, name: str, description: str = "", **settings: Any) -> Project:
+    """A new project ``name`` with validated ``settings`` (see :func:`update_project_settings`).
+
+    Raises :class:`ProjectExistsError` when the name is taken, :class:`DashboardError` for an
+    empty or over-long name. Flushes, never commits.
+    """
+    name = " ".join(str(name or "").split())
+    if not name or len(name) > 200:
+        raise DashboardError(f"a project name must have 1 to 200 characters, got {len(name)}")
+    if session.scalar(select(Project.id).where(Project.name == name)) is not None:
+        raise ProjectExistsError(f"a project named {name!r} exists already; choose another name")
+    clean = validate_project_settings(settings)
+    if "class_codes" in clean:
+        _check_codes_free(session, None, clean["class_codes"])
+    project = Project(name=name, description=str(description or ""), settings=clean)
+    session.add(project)
+    session.flush()
+    log.info("project %r created (id %d)", name, project.id)
+    return project
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_zip(session: Session, project: Project, settings: Settings, **export_options: Any) -> Path:
+    """Export ``project`` like ``cellspot export`` and zip it under ``settings.exports_dir``.
+
+    ``export_options`` go to :func:`cellspot.export.export_dataset` (crop_size, split, seed,
+    min_confidence, snapshot, progress). The zip holds the export folder's files under one
+    top folder and is written under a temporary name, then renamed, so a listed zip is always
+    complete. Returns its path. Raises :class:`cellspot.export.NoSnapshotError` before any
+    consensus exists.
+    """
+    from cellspot.export import export_dataset, safe_stem
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"{safe_stem(project.name)}-{stamp}-{uuid.uuid4().hex[:6]}"
+    out_dir = Path(settings.exports_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{stem}.zip"
+    partial = out_dir / f".{stem}.zip.part"
+    with tempfile.TemporaryDirectory(prefix="cellspot-export-") as tmp:
+        folder = Path(tmp) / stem
+        export_dataset(session, project, folder, settings, **export_options)
+        try:
+            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                    archive.write(path, f"{stem}/{path.relative_to(folder).as_posix()}")
+            partial.replace(target)
+        finally:
+            if partial.exists():
+                partial.unlink()
+    log.info("export of %r zipped to %s", project.name, target)
+    return target
+
+
+__all__ = [
+    "ADJUDICATION_ACTIONS", "Activity", "Adjudication", "AdjudicationError", "ClassCodeTakenError",
+    "DashboardError", "ImageNotInStoreError", "InvalidProjectSettingError", "PROJECT_SETTING_VALIDATORS",
+    "ProjectExistsError", "Results", "Review", "adjudicate", "class_activity", "clear_expert_cells",
+    "create_project", "export_zip", "image_review", "researcher_annotator", "results",
+    "update_project_settings", "validate_project_settings",
+]

@@ -1,0 +1,325 @@
+"""Student workflows: join, next image, submit (idempotent, concurrent), gold feedback, progress, tutorial."""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from cellspot.store import queries as q
+from cellspot.store.db import session_factory
+from cellspot.store.models import Click, ConsensusCell, ConsensusSnapshot, GoldCell, Image, Project, TaskRun
+from cellspot.workflows import classroom as c
+
+GOLD = [(20.0, 20.0, "alive"), (60.0, 30.0, "dead"), (80.0, 60.0, "alive")]
+
+
+def _project(session: Session, name: str = "p", codes=("7B",), **settings) -> Project:
+    project = q.get_or_create_project(session, name, class_codes=list(codes), **settings)
+    session.flush()
+    return project
+
+
+def _images(session: Session, project: Project, names, **kw) -> dict[str, Image]:
+    images = {n: Image(project=project, name=n, width=100, height=80, has_pixels=True, **kw) for n in names}
+    session.add_all(images.values())
+    session.flush()
+    return images
+
+
+@pytest.fixture
+def room(session: Session):
+    """Project 'p' (class 7B): work images a-d, a gold image, a retired one, one without pixels."""
+    project = _project(session, gold_rate=0.0)
+    images = _images(session, project, ["a", "b", "c", "d", "gold"])
+    images.update(_images(session, project, ["old"], status="retired"))
+    nopix = Image(project=project, name="nopix", width=100, height=80, has_pixels=False)
+    session.add(nopix)
+    session.add_all(GoldCell(image_id=images["gold"].id, x=x, y=y, label=lab) for x, y, lab in GOLD)
+    session.flush()
+    images["nopix"] = nopix
+    return project, images
+
+
+def _count(session: Session, model: type, *where) -> int:
+    return session.scalar(sa.select(sa.func.count()).select_from(model).where(*where))
+
+
+# --------------------------------------------------------------------------- join
+
+
+@pytest.mark.parametrize(
+    ("code", "nickname", "error", "stored_nick"),
+    [
+        ("7B", "ann", None, "ann"),
+        (" 7b ", "  Ann   Lee ", None, "Ann Lee"),
+        ("7 b", "x" * 40, None, "x" * 40),
+        ("8C", "ann", c.ClassNotFoundError, None),
+        ("", "ann", c.ClassNotFoundError, None),
+        ("7B", "   ", c.InvalidNicknameError, None),
+        ("7B", "x" * 41, c.InvalidNicknameError, None),
+        ("7B", "an\x07n", c.InvalidNicknameError, None),
+    ],
+)
+def test_join_class(session, room, code, nickname, error, stored_nick) -> None:
+    if error:
+        with pytest.raises(error):
+            c.join_class(session, code, nickname)
+        return
+    student = c.join_class(session, code, nickname)
+    assert (student.nickname, student.class_code, student.role) == (stored_nick, "7B", "student")
+    assert c.join_class(session, code.upper(), stored_nick).id == student.id  # rejoin = same student
+
+
+def test_join_messages_say_what_is_wrong(session, room) -> None:
+    with pytest.raises(c.ClassNotFoundError, match="no class has the code '9Z'"):
+        c.join_class(session, "9z", "ann")
+    with pytest.raises(c.InvalidNicknameError, match="41 characters; at most 40"):
+        c.join_class(session, "7B", "y" * 41)
+
+
+def test_code_used_by_two_projects_is_refused(session, room) -> None:
+    _project(session, "other", codes=("7b",))
+    with pytest.raises(c.ClassNotFoundError, match="several projects"):
+        c.join_class(session, "7B", "ann")
+
+
+# --------------------------------------------------------------------------- next image
+
+
+def test_next_image_skips_seen_retired_pixelless_and_gold(session, room) -> None:
+    project, images = room
+    student = c.join_class(session, "7B", "ann")
+    served = []
+    for i in range(4):
+        image = c.next_image(session, student, random.Random(i))
+        served.append(image.name)
+        c.submit_run(session, student, image.id, [], f"k{i}")
+    assert sorted(served) == ["a", "b", "c", "d"]  # gold_rate 0: work images first
+    assert c.next_image(session, student, random.Random(0)).name == "gold"  # then the rest
+    c.submit_run(session, student, images["gold"].id, [], "kg")
+    assert c.next_image(session, student) is None
+
+
+@pytest.mark.parametrize(("rate", "expect_gold"), [(0.0, False), (1.0, True)])
+def test_gold_rate(session, room, rate, expect_gold) -> None:
+    project, images = room
+    project.settings = {**project.settings, "gold_rate": rate}
+    student = c.join_class(session, "7B", "ann")
+    names = {c.next_image(session, student, random.Random(seed)).name for seed in range(20)}
+    assert (names == {"gold"}) is expect_gold
+    assert ("gold" in names) is expect_gold
+
+
+def test_next_image_prefers_fewest_runs_and_spreads_students(session, room) -> None:
+    project, images = room
+    others = [q.get_or_create_annotator(session, project, f"o{i}", "7B") for i in range(2)]
+    for i, who in enumerate(others):  # a, b, c get runs; d has none
+        for name in ("a", "b", "c"):
+            q.submit_task_run(session, images[name], who, [], f"o{i}{name}")
+    student = c.join_class(session, "7B", "ann")
+    assert {c.next_image(session, student, random.Random(s)).name for s in range(10)} == {"d"}
+    # with equal coverage the choice is random: a room of students gets different images
+    q.submit_task_run(session, images["d"], others[0], [], "o0d")
+    q.submit_task_run(session, images["d"], others[1], [], "o1d")
+    picks = {c.next_image(session, c.join_class(session, "7B", f"s{i}"), random.Random(i)).name for i in range(12)}
+    assert len(picks) >= 3
+
+
+def test_next_image_exclude_ids(session, room) -> None:
+    project, images = room
+    student = c.join_class(session, "7B", "ann")
+    keep = images["c"].id
+    exclude = [img.id for name, img in images.items() if name not in ("c",)]
+    assert c.next_image(session, student, exclude_ids=exclude).id == keep
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def test_submit_stores_once(session, room) -> None:
+    project, images = room
+    student = c.join_class(session, "7B", "ann")
+    clicks = [(10, 12, "alive"), (50.5, 40.25, "dead"), (99.9, 79.9, "not_sure")]
+    first = c.submit_run(session, student, images["a"].id, clicks, "key-1")
+    again = c.submit_run(session, student, images["a"].id, clicks[:1], "key-1")
+    assert first.created and not again.created
+    assert first.task_run_id == again.task_run_id and again.n_clicks == 3
+    assert first.gold_feedback is None
+    stored = session.execute(sa.select(Click.x, Click.y, Click.label).order_by(Click.click_index)).tuples().all()
+    assert stored == [(10.0, 12.0, "alive"), (50.5, 40.25, "dead"), (99.9, 79.9, "not_sure")]
+    assert _count(session, TaskRun) == 1
+
+
+@pytest.mark.parametrize(
+    ("clicks", "error"),
+    [
+        ([(100, 5, "alive")], q.InvalidClickError),
+        ([(5, -1, "alive")], q.InvalidClickError),
+        ([(5, 5, "maybe")], q.InvalidClickError),
+        ([(float("nan"), 5, "dead")], q.InvalidClickError),
+    ],
+)
+def test_submit_rejects_bad_clicks(session, room, clicks, error) -> None:
+    project, images = room
+    student = c.join_class(session, "7B", "ann")
+    with pytest.raises(error):
+        c.submit_run(session, student, images["a"].id, clicks, "bad")
+    assert _count(session, TaskRun) == 0
+
+
+def test_submit_to_other_project_image_is_refused(session, room) -> None:
+    project, images = room
+    other = _project(session, "other", codes=("9Z",))
+    foreign = _images(session, other, ["x"])["x"]
+    student = c.join_class(session, "7B", "ann")
+    with pytest.raises(c.ImageNotFoundError, match=f"no image with id {foreign.id}"):
+        c.submit_run(session, student, foreign.id, [], "k")
+    with pytest.raises(c.ImageNotFoundError):
+        c.submit_run(session, student, 999_999, [], "k")
+
+
+def test_key_reused_for_another_image_conflicts(session, room) -> None:
+    project, images = room
+    student = c.join_class(session, "7B", "ann")
+    c.submit_run(session, student, images["a"].id, [], "same")
+    with pytest.raises(q.ClientKeyConflictError):
+        c.submit_run(session, student, images["b"].id, [], "same")
+
+
+def test_gold_submit_gives_feedback_and_flags_the_run(session, room) -> None:
+    project, images = room
+    student = c.join_class(session, "7B", "ann")
+    clicks = [(22, 19, "alive"), (61, 33, "alive"), (5, 75, "dead")]  # found, mislabelled, extra; 1 missed
+    result = c.submit_run(session, student, images["gold"].id, clicks, "g1")
+    fb = result.gold_feedback
+    assert fb.summary() == {"found": 1, "mislabelled": 1, "unsure": 0, "missed": 1, "extra": 1, "gold": 3}
+    assert (fb.missed[0].x, fb.missed[0].y, fb.missed[0].label) == (80.0, 60.0, "alive")
+    assert fb.mislabelled[0].click_label == "alive" and fb.mislabelled[0].label == "dead"
+    assert session.get(TaskRun, result.task_run_id).is_gold_check
+    repeat = c.submit_run(session, student, images["gold"].id, [], "g1")  # reload after submit
+    assert repeat.gold_feedback == fb
+
+
+@pytest.mark.parametrize(
+    ("clicks", "radius", "expected"),
+    [
+        ([], 20.0, {"found": 0, "mislabelled": 0, "unsure": 0, "missed": 3, "extra": 0}),
+        (GOLD, 20.0, {"found": 3, "mislabelled": 0, "unsure": 0, "missed": 0, "extra": 0}),
+        ([(20, 20, "not_sure")], 20.0, {"found": 0, "mislabelled": 0, "unsure": 1, "missed": 2, "extra": 0}),
+        ([(20, 35, "alive")], 10.0, {"found": 0, "mislabelled": 0, "unsure": 0, "missed": 3, "extra": 1}),
+        ([(20, 35, "alive")], 20.0, {"found": 1, "mislabelled": 0, "unsure": 0, "missed": 2, "extra": 0}),
+        # two clicks on one cell: one-to-one matching, the second is extra
+        ([(20, 20, "alive"), (21, 21, "alive")], 20.0,
+         {"found": 1, "mislabelled": 0, "unsure": 0, "missed": 2, "extra": 1}),
+    ],
+)
+def test_compare_with_gold(clicks, radius, expected) -> None:
+    summary = c.compare_with_gold(GOLD, clicks, radius).summary()
+    assert {k: summary[k] for k in expected} == expected
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_double_submits_store_one_run_each(engine) -> None:
+    """8 threads, own sessions: every key submitted by 2 threads at once -> one run per key."""
+    make = session_factory(engine)
+    with make() as s, s.begin():
+        project = _project(s, codes=("7B",))
+        image_id = _images(s, project, ["a"])["a"].id
+        ids = [c.join_class(s, "7B", f"t{i}").id for i in range(4)]
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+    created: list[bool] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            with make() as s, s.begin():
+                student = c.join_class(s, "7B", f"t{i % 4}")
+                assert student.id == ids[i % 4]
+                res = c.submit_run(s, student, image_id, [(1.0 + i % 4, 2.0, "alive"), (3.0, 4.0, "dead")],
+                                   f"key-{i % 4}")
+            created.append(res.created)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert sorted(created) == [False] * 4 + [True] * 4
+    with make() as s:
+        assert _count(s, TaskRun) == 4
+        assert _count(s, Click) == 8
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_student_progress_counts_today_total_and_class(session, room) -> None:
+    project, images = room
+    ann, bob = c.join_class(session, "7B", "ann"), c.join_class(session, "7B", "bob")
+    now = datetime(2025, 3, 4, 12, 0, tzinfo=timezone.utc)
+    yesterday = now - timedelta(days=1)
+    runs = [(ann, "a", yesterday), (ann, "b", now), (bob, "a", now), (bob, "b", now)]
+    for i, (who, name, when) in enumerate(runs):
+        run, _ = q.submit_task_run(session, images[name], who, [], f"r{i}")
+        run.submitted_at = when
+    outsider = q.get_or_create_annotator(session, project, "zed", "8A")
+    run, _ = q.submit_task_run(session, images["c"], outsider, [], "rz")
+    run.submitted_at = now
+    session.flush()
+    progress = c.student_progress(session, ann, now=now)
+    assert (progress.done_today, progress.done_total, progress.class_total_today) == (1, 2, 3)
+    assert progress.images_left == 3  # c, d, gold
+
+
+def test_day_start_is_local_midnight() -> None:
+    now = datetime(2025, 3, 4, 12, 30, tzinfo=timezone.utc)
+    start = c.day_start(now)
+    assert start <= now < start + timedelta(days=1)
+    assert (start.hour, start.minute, start.second) == (0, 0, 0)
+
+
+# --------------------------------------------------------------------------- tutorial
+
+
+def test_tutorial_examples_from_gold(session, room) -> None:
+    project, images = room
+    session.add_all(GoldCell(image_id=images["a"].id, x=x, y=y, label=lab)
+                    for x, y, lab in [(50, 40, "dead"), (45, 35, "alive"), (2, 2, "alive")])
+    session.flush()
+    examples = c.tutorial_examples(session, project, n=3, margin=10)
+    assert [e.label for e in examples][:2] == ["alive", "dead"]
+    assert all(e.source == "gold" for e in examples)
+    assert all(10 <= e.x <= 89 and 10 <= e.y <= 69 for e in examples)  # (2, 2) is too close to the border
+    assert {(e.x, e.y) for e in examples} == {(20, 20), (80, 60), (45, 35), (60, 30), (50, 40)}
+    assert c.tutorial_examples(session, project, n=0) == []
+
+
+def test_tutorial_examples_from_consensus_without_gold(session) -> None:
+    project = _project(session)
+    images = _images(session, project, ["a", "b"])
+    snap = ConsensusSnapshot(project_id=project.id, method="test")
+    session.add(snap)
+    session.flush()
+    cells = [("a", 30, 30, "alive", 0.6), ("a", 40, 40, "alive", 0.99), ("b", 50, 40, "dead", 0.9)]
+    session.add_all(ConsensusCell(snapshot_id=snap.id, image_id=images[n].id, x=x, y=y, label=lab,
+                                  p_alive=1.0 if lab == "alive" else 0.0, confidence=conf, support=1, n_runs=1)
+                    for n, x, y, lab, conf in cells)
+    session.flush()
+    examples = c.tutorial_examples(session, project, n=1, margin=10)
+    assert [(e.label, e.x, e.y, e.source) for e in examples] == [
+        ("alive", 40.0, 40.0, "consensus"), ("dead", 50.0, 40.0, "consensus")]
+
+
+def test_tutorial_examples_empty_project(session) -> None:
+    assert c.tutorial_examples(session, _project(session)) == []
