@@ -30,7 +30,7 @@ def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: 
 
     try:
         clicks = read_clicks_csv(clicks_csv)
-        result = run_consensus(clicks, method or DEFAULT_METHOD, cell_radius=cell_radius)
+        result = run_consensus(clicks, method or DEFAULT_METHOD, cell_radius=cell_radius, validated=True)
     except (ConsensusInputError, UnknownMethodError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     write_cells_csv(result.cells, out)

@@ -91,6 +91,7 @@ class Neighbours:
     src: np.ndarray
     dst: np.ndarray
     dist: np.ndarray
+    second: np.ndarray  # (n_edges,) bool: dst is src's second nearest click of that run
 
 
 CANDIDATES_PER_RUN = 2
@@ -101,11 +102,12 @@ def nearest_per_run(arr: ClickArrays, k: int | None = None) -> Neighbours:
     n = len(arr.x)
     empty = np.empty(0, dtype=np.int64)
     if n < 2:
-        return Neighbours(np.full(n, np.inf), empty, empty, np.empty(0))
+        return Neighbours(np.full(n, np.inf), empty, empty, np.empty(0), np.empty(0, dtype=bool))
     max_runs = int(np.bincount(arr.run_image).max())
     k = min(n, k or int(np.clip(2 * max_runs + 1, 8, 48)))
     pts, gap = offset_coordinates(arr.x, arr.y, arr.image)
-    dist, idx = cKDTree(pts).query(pts, k=k, distance_upper_bound=gap / 2, workers=-1)
+    tree = cKDTree(pts, balanced_tree=False, compact_nodes=False)  # faster to build, as fast to query
+    dist, idx = tree.query(pts, k=k, distance_upper_bound=gap / 2, workers=-1)
     del pts
     # (n, k) tables dominate peak memory on big inputs: keep them small
     dist = dist.astype(np.float32)
@@ -129,13 +131,14 @@ def nearest_per_run(arr: ClickArrays, k: int | None = None) -> Neighbours:
     new_run[:, 1:] = r_sorted[:, 1:] != r_sorted[:, :-1]
     cols_k = np.arange(k)[None, :]
     start = np.maximum.accumulate(np.where(new_run, cols_k, 0), axis=1)
-    keep = ((cols_k - start) < CANDIDATES_PER_RUN) & (r_sorted != sentinel)
+    within = cols_k - start
+    keep = (within < CANDIDATES_PER_RUN) & (r_sorted != sentinel)
     del r_sorted, new_run, start
     rows, cols = np.nonzero(keep)
     del keep
     picked = order[rows, cols].astype(np.int64)
     return Neighbours(spacing, rows.astype(np.int64), idx[rows, picked].astype(np.int64),
-                      dist[rows, picked].astype(np.float64))
+                      dist[rows, picked].astype(np.float64), within[rows, cols] > 0)
 
 
 def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
@@ -150,6 +153,7 @@ def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
     i = np.minimum(nb.src[ok], nb.dst[ok])
     j = np.maximum(nb.src[ok], nb.dst[ok])
     d = nb.dist[ok]
+    second = nb.second[ok]
     n = len(arr.x)
     if len(i) == 0:
         return i, j, d
@@ -161,8 +165,10 @@ def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
     ri, rj = rank[arr.run[j]], rank[arr.run[i]]  # slot of the partner's run, seen from i / j
     used = np.zeros((n, slots), dtype=bool)
     matched = np.zeros(len(i), dtype=bool)
-    for _ in range(rounds):
-        live = np.flatnonzero(~matched & ~used[i, ri] & ~used[j, rj])
+    for r in range(rounds):
+        # round one: nearest candidates only (a second nearest can only win once the
+        # nearest is taken)
+        live = np.flatnonzero(~matched & ~used[i, ri] & ~used[j, rj] & (~second if r == 0 else True))
         if len(live) == 0:
             break
         best_i = group_min(i[live] * slots + ri[live], d_key[live], n * slots)

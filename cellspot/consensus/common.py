@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,11 @@ class ClickArrays:
     annotator_names: np.ndarray
     run_image: np.ndarray
     run_annotator: np.ndarray
+
+    @cached_property
+    def run_bits(self) -> np.ndarray:
+        """Run-set bit mask per click (:func:`local_run_bits`), computed once."""
+        return local_run_bits(self)
 
     @property
     def n_images(self) -> int:

@@ -31,15 +31,17 @@ def run_consensus(
     runs: pd.DataFrame | None = None,
     gold: pd.DataFrame | None = None,
     cell_radius: float | None = None,
+    validated: bool = False,
     **params: object,
 ) -> ConsensusResult:
     """Run consensus ``method`` over ``clicks`` (see :mod:`cellspot.consensus`).
 
     ``cell_radius`` (pixels) is an optional hint; methods estimate the scale otherwise.
+    ``validated=True`` skips :func:`prepare_clicks` for a table it already returned.
     Raises :class:`UnknownMethodError` listing the valid names.
     """
     fn = get_method(method)
-    prepared = prepare_clicks(clicks)
+    prepared = clicks if validated else prepare_clicks(clicks)
     log.info("consensus %s on %d clicks", method, len(prepared))
     result = fn(prepared, runs=runs, gold=gold, cell_radius=cell_radius, **params)
     result.params = {"method": method, **result.params}

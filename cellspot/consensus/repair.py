@@ -13,7 +13,7 @@ import logging
 import numpy as np
 from scipy.spatial import cKDTree
 
-from cellspot.consensus.common import ClickArrays, bits_overlap, group_min, local_run_bits, offset_coordinates
+from cellspot.consensus.common import ClickArrays, bits_overlap, group_min, offset_coordinates
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def split_conflicts(arr: ClickArrays, comp: np.ndarray, i: np.ndarray, j: np.nda
     bad_click = bad_comp[comp]
     if not bad_click.any():
         return comp
-    bits = local_run_bits(arr)
+    bits = arr.run_bits
     log.debug("re-clustering %d clicks in components that joined two clicks of one run", int(bad_click.sum()))
     on_bad = bad_click[i]
     label = constrained_merge(bits, i[on_bad], j[on_bad], d[on_bad])
@@ -149,9 +149,12 @@ def _incomplete_neighbours(arr: ClickArrays, comp: np.ndarray, radius: np.ndarra
     pairs = cKDTree(pts).query_pairs(1.0, output_type="ndarray")
     if len(pairs) == 0:
         return None
-    click_bits = local_run_bits(arr)
+    click_bits = arr.run_bits
     bits = np.zeros((n_comp, click_bits.shape[1]), dtype=np.uint64)
-    np.bitwise_or.at(bits, comp, click_bits)
+    in_partial = np.zeros(n_comp, dtype=bool)
+    in_partial[partial] = True
+    mine = in_partial[comp]  # only the clusters that can take part
+    np.bitwise_or.at(bits, comp[mine], click_bits[mine])
     return size, cx, cy, bits, partial[pairs[:, 0]], partial[pairs[:, 1]]
 
 
@@ -165,8 +168,13 @@ def _candidate_moves(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, bit
         return None
     size, cx, cy, bits, a, b = found
     src, dst = np.concatenate([a, b]), np.concatenate([b, a])
-    order = np.argsort(comp, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(size)[:-1]])
+    # clicks of the source clusters only, grouped by cluster (a small subset of all clicks)
+    is_src = np.zeros(len(size), dtype=bool)
+    is_src[src] = True
+    sub = np.flatnonzero(is_src[comp])
+    order = sub[np.argsort(comp[sub], kind="stable")]
+    sub_size = np.where(is_src, size, 0)
+    starts = np.concatenate([[0], np.cumsum(sub_size)[:-1]])
     reps = size[src]
     click = order[np.repeat(starts[src], reps) + _ranges(reps)]
     target = np.repeat(dst, reps)
@@ -177,7 +185,7 @@ def _candidate_moves(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, bit
     return click, target, own, new, len(size)
 
 
-def reassign_clicks(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, rounds: int = 8) -> np.ndarray:
+def reassign_clicks(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, rounds: int = 4) -> np.ndarray:
     """Constrained k-means sweeps over incomplete clusters, then dissolution of a cluster
     whose every click fits a neighbouring cluster its run has not clicked.
 
@@ -188,7 +196,7 @@ def reassign_clicks(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, roun
     shortest mean move) is dissolved. This repairs
     cells cut across by pairwise matching when two cells are closer than the click jitter.
     """
-    bits_click = local_run_bits(arr)
+    bits_click = arr.run_bits
     n_key = arr.n_runs + 1
     _, comp = np.unique(comp, return_inverse=True)
     for _ in range(rounds):
