@@ -17,6 +17,7 @@ def main(verbose: int) -> None:
 
 # Command modules register themselves on ``main``; imported last so ``main`` exists.
 from cellspot.cli import (  # noqa: E402,F401
+    app_cmds,
     consensus_cmds,
     demo_cmds,
     export_cmds,

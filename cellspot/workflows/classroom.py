@@ -317,7 +317,9 @@ def submit_run(
 
     Idempotent on ``client_key`` (one key per displayed image): a double submit, a reload
     after submit or a second tab with the same key stores nothing new and returns the first
-    run (``created=False``), also under concurrent submits. On a gold image the result
+    run (``created=False``), also under concurrent submits. A student's second run on an
+    image they already submitted (another tab, another key) is not stored either: the
+    earlier run is returned with ``created=False``. On a gold image the result
     carries :class:`GoldFeedback` (the run is flagged ``is_gold_check``; the student's
     reliability against gold is updated by the next :func:`cellspot.workflows.aggregate.aggregate`).
     Raises :class:`ImageNotFoundError`, :class:`cellspot.store.queries.InvalidClickError`,
@@ -328,8 +330,14 @@ def submit_run(
     gold = session.execute(
         select(GoldCell.x, GoldCell.y, GoldCell.label).where(GoldCell.image_id == image.id)
         .order_by(GoldCell.id)).tuples().all()
-    run, created = queries.submit_task_run(
-        session, image, annotator, clean, client_key, source="app", is_gold_check=bool(gold))
+    earlier = session.execute(
+        select(TaskRun).where(TaskRun.image_id == image.id, TaskRun.annotator_id == annotator.id,
+                              TaskRun.client_key != client_key).order_by(TaskRun.id).limit(1)).scalar_one_or_none()
+    if earlier is not None:  # a second tab (another key) on an image this student already did
+        run, created = earlier, False
+    else:
+        run, created = queries.submit_task_run(
+            session, image, annotator, clean, client_key, source="app", is_gold_check=bool(gold))
     if created:  # exactly what was just inserted
         stored = [(float(x), float(y), str(label)) for x, y, label in clean]
     else:  # the first submit's clicks, whatever this one sent

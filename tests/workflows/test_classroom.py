@@ -155,6 +155,18 @@ def test_submit_stores_once(session, room) -> None:
     assert _count(session, TaskRun) == 1
 
 
+def test_second_tab_with_another_key_does_not_store_a_second_run(session, room) -> None:
+    project, images = room
+    student = c.join_class(session, "7B", "ann")
+    other = c.join_class(session, "7B", "bob")
+    first = c.submit_run(session, student, images["a"].id, [(10, 12, "alive")], "tab-1")
+    second = c.submit_run(session, student, images["a"].id, [(20, 22, "dead"), (30, 32, "dead")], "tab-2")
+    assert first.created and not second.created
+    assert second.task_run_id == first.task_run_id and second.n_clicks == 1
+    assert c.submit_run(session, other, images["a"].id, [(20, 22, "dead")], "tab-3").created  # others may
+    assert _count(session, TaskRun) == 2 and _count(session, Click) == 2
+
+
 @pytest.mark.parametrize(
     ("clicks", "error"),
     [

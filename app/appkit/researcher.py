@@ -1,0 +1,73 @@
+"""Shared by the researcher pages: the project picker and short-lived cached summaries.
+
+Summaries are cached with ``st.cache_data`` for a few seconds, keyed by the database URL and
+the project, so several researcher tabs and the auto-refreshing class view do not repeat the
+same queries; pages clear the cache after they write.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from appkit import resources, roles
+from cellspot.store.models import Project
+from cellspot.store.queries import project_summaries
+from cellspot.workflows.dashboard import Activity, Results, class_activity, results
+
+SUMMARY_TTL_S = 5
+
+
+@st.cache_data(ttl=SUMMARY_TTL_S, show_spinner=False)
+def projects(url: str) -> pd.DataFrame:
+    """One row per project with its counts (:func:`cellspot.store.queries.project_summaries`)."""
+    with resources.session() as session:
+        return project_summaries(session)
+
+
+@st.cache_data(ttl=SUMMARY_TTL_S, show_spinner=False)
+def activity(url: str, project_id: int, window_minutes: int, class_code: str | None) -> Activity:
+    """:func:`cellspot.workflows.dashboard.class_activity` of a project (cached briefly)."""
+    with resources.session() as session:
+        project = session.get(Project, project_id)
+        return class_activity(session, project, window_minutes=window_minutes, class_code=class_code)
+
+
+@st.cache_data(ttl=SUMMARY_TTL_S, show_spinner=False)
+def project_results(url: str, project_id: int, min_confidence: float = 0.0) -> Results:
+    """:func:`cellspot.workflows.dashboard.results` of a project (cached briefly)."""
+    with resources.session() as session:
+        project = session.get(Project, project_id)
+        return results(session, project, min_confidence=min_confidence)
+
+
+def refresh() -> None:
+    """Forget the cached summaries (after a write)."""
+    for cached in (projects, activity, project_results):
+        cached.clear()
+
+
+def url() -> str:
+    return resources.settings().resolved_database_url
+
+
+def page_header(title: str) -> Project | None:
+    """The page title with the project picker beside it; returns the chosen project (``None``
+    when there is none). Stops the page unless a researcher is logged in."""
+    roles.require_researcher()
+    title_col, pick_col = st.columns([3, 1], vertical_alignment="bottom")
+    title_col.title(title)
+    table = projects(url())
+    if table.empty:
+        return None
+    ids = table["project_id"].astype(int).tolist()
+    names = dict(zip(ids, table["project"].astype(str)))
+    current = st.session_state.get("r_project_id")
+    if current not in ids:
+        default = resources.settings().default_project
+        current = next((i for i in ids if names[i] == default), ids[0])
+    chosen = pick_col.selectbox("Project", ids, index=ids.index(current), format_func=names.get,
+                                key="r_project_pick")
+    st.session_state["r_project_id"] = chosen
+    with resources.session() as session:
+        return session.get(Project, chosen)

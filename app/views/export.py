@@ -1,0 +1,48 @@
+"""Export: the same dataset as ``cellspot export`` (cells, clicks, reliability, images, COCO
+keypoints, crops, manifest), zipped and downloadable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+from appkit import researcher, resources, roles
+
+from cellspot.crops import SplitError
+from cellspot.export import ExportError, NoSnapshotError
+from cellspot.workflows.dashboard import export_zip
+
+roles.require_researcher()  # every researcher page checks again
+project = researcher.page_header("Export")
+if project is None:
+    st.info("No project yet: create one on the Setup page.")
+    st.stop()
+
+st.write(f"Exports the latest consensus of **{project.name}** like `cellspot export`: cells, clicks, "
+         "annotator reliability, per-image table, COCO keypoints, crops and a manifest with checksums.")
+with st.form("export"):
+    cols = st.columns(3)
+    crop_size = cols[0].number_input("Crop size (px)", 16, 512, 96, step=8)
+    min_confidence = cols[1].number_input("Minimum confidence", 0.0, 1.0, 0.5, step=0.05)
+    seed = cols[2].number_input("Split seed", 0, 2**31 - 1, 0)
+    build = st.form_submit_button("Build the export", type="primary")
+
+if build:
+    try:
+        with st.spinner("Exporting..."):
+            with resources.session() as session:
+                path = export_zip(session, project, resources.settings(), crop_size=int(crop_size),
+                                  min_confidence=float(min_confidence), seed=int(seed))
+    except NoSnapshotError:
+        st.error("There is no consensus yet: press 'Recompute consensus' on the Class page first.")
+    except (ExportError, SplitError) as exc:
+        st.error(f"The export failed: {exc}")
+    else:
+        st.session_state[f"export_path-{project.id}"] = str(path)
+
+done = st.session_state.get(f"export_path-{project.id}")
+if done and Path(done).is_file():
+    path = Path(done)
+    st.success(f"Export ready: {path.name} ({path.stat().st_size / 1e6:.1f} MB), kept in {path.parent}.")
+    st.download_button("Download the zip", path.read_bytes(), file_name=path.name, mime="application/zip",
+                       type="primary", key="export_download")

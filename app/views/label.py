@@ -1,0 +1,243 @@
+"""The labelling page: pick a label, click the cells, submit, get the next image.
+
+The draft (marks, undo history, zoom) lives in the session; a submit stores one task run
+through :func:`cellspot.workflows.classroom.submit_run` with a ``client_key`` made once per
+displayed image, so a double click on Submit, a rerun during the submit or a second submit
+of the same image stores one run.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import streamlit as st
+from appkit import canvas, keys, resources, roles
+from appkit.marks import ZOOMS, apply_click, counts, pan, view_window
+
+from cellspot.render import ImageUnavailableError, draw_markers
+from cellspot.store.models import Annotator, Image
+from cellspot.store.queries import ClientKeyConflictError, InvalidClickError
+from cellspot.workflows.classroom import (
+    GoldFeedback,
+    ImageNotFoundError,
+    next_image,
+    student_progress,
+    submit_run,
+)
+
+LABELS = {  # label -> (button text, key, what the marker looks like)
+    "alive": ("◯ Alive", "A", "circle with A"),
+    "dead": ("☒ Dead", "D", "square with X and D"),
+    "not_sure": ("△ Not sure", "N", "triangle with ?"),
+}
+HISTORY_LIMIT = 200
+
+student = roles.require_student()
+state = st.session_state
+state.setdefault("current_label", "alive")
+state.setdefault("zoom", 1)
+
+
+# --------------------------------------------------------------------------- task
+
+
+def new_task(exclude: tuple[int, ...] = ()) -> dict | None:
+    """Pick the next image for this student and start an empty draft with a new client key."""
+    with resources.session() as session:
+        annotator = session.get(Annotator, student.annotator_id)
+        image = next_image(session, annotator, exclude_ids=exclude) if annotator else None
+        task = None if image is None else {
+            "image_id": image.id, "name": image.name, "width": image.width, "height": image.height,
+            "client_key": f"app-{uuid.uuid4().hex}", "annotator_id": student.annotator_id,
+        }
+    state.update(task=task, marks=[], history=[], centre=None)  # the zoom level stays
+    return task
+
+
+def set_marks(marks: list) -> None:
+    state["history"] = [*state.get("history", []), list(state["marks"])][-HISTORY_LIMIT:]
+    state["marks"] = marks
+
+
+def undo() -> None:
+    if state.get("history"):
+        state["marks"] = state["history"].pop()
+
+
+def clear() -> None:
+    if state.get("marks"):
+        set_marks([])
+
+
+def set_label(label: str) -> None:
+    state["current_label"] = label
+
+
+def set_zoom(step: int) -> None:
+    i = ZOOMS.index(state["zoom"]) if state["zoom"] in ZOOMS else 0
+    state["zoom"] = ZOOMS[min(max(i + step, 0), len(ZOOMS) - 1)]
+
+
+def move(dx: int, dy: int) -> None:
+    task = state["task"]
+    view = view_window(task["width"], task["height"], state["zoom"], state.get("centre"))
+    state["centre"] = pan(view, dx, dy)
+
+
+@st.cache_data(ttl=15, show_spinner=False)
+def progress_line(annotator_id: int, submitted: int) -> str:
+    """The progress line (cached briefly; ``submitted`` refreshes it after each submit)."""
+    with resources.session() as session:
+        annotator = session.get(Annotator, annotator_id)
+        p = student_progress(session, annotator)
+    return (f"Today you did **{p.done_today}** image(s) ({p.done_total} in all) · "
+            f"your class did **{p.class_total_today}** today · {p.images_left} left for you")
+
+
+def submit(client_key: str) -> None:
+    """Store the draft as one run (idempotent on the task's client key), then move on.
+
+    A click on the Submit button of an image that is no longer shown does nothing.
+    """
+    task = state.get("task")
+    if not task or task["client_key"] != client_key:
+        return
+    marks = [(float(x), float(y), str(label)) for x, y, label in state["marks"]]
+    try:
+        with resources.session() as session:
+            annotator = session.get(Annotator, student.annotator_id)
+            result = submit_run(session, annotator, task["image_id"], marks, task["client_key"])
+    except (InvalidClickError, ClientKeyConflictError, ImageNotFoundError) as exc:
+        state["notice"] = ("error", f"This image could not be saved: {exc}. Here is another one.")
+        new_task(exclude=(task["image_id"],))
+        return
+    state["submitted"] = state.get("submitted", 0) + 1
+    if result.gold_feedback is not None:
+        state["feedback"] = {"task": task, "marks": marks, "result": result.gold_feedback}
+    else:
+        state.pop("feedback", None)
+    what = "Saved" if result.created else "Already saved"
+    state["notice"] = ("success", f"{what}: {result.n_clicks} mark(s) on {task['name']}.")
+    new_task()
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+def feedback_headline(fb: GoldFeedback) -> str:
+    s = fb.summary()
+    return (f"Check image: you found {s['found']} of {s['gold']} cells with the right label"
+            f" · {s['mislabelled']} with the other label · {s['missed']} missed"
+            f" · {s['unsure']} marked not sure · {s['extra']} extra mark(s)")
+
+
+def show_feedback(feedback: dict) -> None:
+    """How the last (gold) image compares with the expert's cells: your marks beside the
+    expert cells you missed or labelled differently."""
+    fb: GoldFeedback = feedback["result"]
+    with st.expander(feedback_headline(fb), expanded=True):
+        task = feedback["task"]
+        with resources.session() as session:
+            image = session.get(Image, task["image_id"])
+        try:
+            rgb = resources.display_rgb(image)
+        except (ImageUnavailableError, AttributeError):
+            return
+        to_learn = [(c.x, c.y, c.label) for c in (*fb.missed, *fb.mislabelled)]
+        left, right = st.columns(2)
+        left.image(draw_markers(rgb, feedback["marks"], scale=2.0, radius=13), caption="Your marks",
+                   width="stretch")
+        right.image(draw_markers(rgb, to_learn, scale=2.0, radius=13),
+                    caption=f"The expert's cells you missed or labelled differently ({len(to_learn)})",
+                    width="stretch")
+        st.button("Hide", key="hide_feedback", on_click=lambda: state.pop("feedback", None))
+
+
+# --------------------------------------------------------------------------- page
+
+if state.get("task") is None or state["task"].get("annotator_id") != student.annotator_id:
+    new_task()
+task = state["task"]
+
+if "notice" in state:  # toasts do not push the next image down
+    kind, text = state.pop("notice")
+    if kind == "success":
+        st.toast(text, icon=":material/check_circle:")
+    else:
+        st.error(text)
+    if state.get("feedback"):
+        st.toast(feedback_headline(state["feedback"]["result"]) + " (details below the image)",
+                 icon=":material/school:")
+
+if task is None:
+    st.title("All done!")
+    st.write("You have labelled every image that is open to you. Thank you!")
+    st.markdown(progress_line(student.annotator_id, state.get("submitted", 0)))
+    if st.button("Look for new images"):
+        st.rerun()
+    if state.get("feedback"):
+        show_feedback(state["feedback"])
+    st.stop()
+
+key = f"canvas-{task['client_key']}"
+view = view_window(task["width"], task["height"], state["zoom"], state.get("centre"))
+click = canvas.take_click(key)
+if click is not None:
+    set_marks(apply_click(state["marks"], click[0], click[1], state["current_label"],
+                          canvas.click_tolerance(view)))
+
+with resources.session() as session:
+    image = session.get(Image, task["image_id"])
+try:
+    rgb = resources.display_rgb(image) if image is not None else None
+except ImageUnavailableError:
+    rgb = None
+if rgb is None:
+    state["notice"] = ("error", f"The image {task['name']} cannot be shown; here is another one.")
+    new_task(exclude=(task["image_id"],))
+    st.rerun()
+
+keys.forward_keys_from_image_frames()
+picture_col, tools_col = st.columns([3, 1], gap="medium")
+
+with tools_col:
+    st.markdown(f"**{student.nickname}** · class {student.class_code}")
+    current = state["current_label"]
+    st.markdown(f"Label: **{LABELS[current][0]}** ({LABELS[current][2]})")
+    for label, (text, shortcut, _) in LABELS.items():
+        st.button(text, key=f"label-{label}", type="primary" if label == current else "secondary",
+                  on_click=set_label, args=(label,), shortcut=shortcut, width="stretch",
+                  help=f"Marks placed now are '{label.replace('_', ' ')}' (key {shortcut})")
+    n = counts(state["marks"])
+    st.markdown(f"◯ Alive **{n['alive']}** · ☒ Dead **{n['dead']}** · △ Not sure **{n['not_sure']}**")
+    undo_col, clear_col = st.columns(2)
+    undo_col.button("Undo", key="undo", on_click=undo, shortcut="U", disabled=not state["history"],
+                    width="stretch", help="Take back the last change (key U)")
+    clear_col.button("Clear", key="clear", on_click=clear, disabled=not state["marks"], width="stretch",
+                     help="Remove every mark (Undo brings them back)")
+    st.markdown(f"Zoom **{state['zoom']}×**")
+    st.button("Zoom in", key="zoom_in", icon=":material/zoom_in:", on_click=set_zoom, args=(1,),
+              shortcut="Z", disabled=state["zoom"] == ZOOMS[-1], width="stretch", help="Key Z")
+    st.button("Zoom out", key="zoom_out", icon=":material/zoom_out:", on_click=set_zoom, args=(-1,),
+              shortcut="Shift+Z", disabled=state["zoom"] == ZOOMS[0], width="stretch", help="Keys Shift+Z")
+    if state["zoom"] > 1:
+        for col, (name, dx, dy, arrow) in zip(
+            st.columns(4),
+            (("Left", -1, 0, "←"), ("Up", 0, -1, "↑"), ("Down", 0, 1, "↓"), ("Right", 1, 0, "→")),
+        ):
+            col.button(arrow, key=f"pan-{name}", on_click=move, args=(dx, dy), shortcut=name,
+                       help=f"Move the view ({name.lower()} arrow key)", width="stretch")
+    st.button("Submit", key=f"submit-{task['client_key']}", type="primary", shortcut="Ctrl+Enter",
+              on_click=submit, args=(task["client_key"],), width="stretch",
+              help="Save the marks of this image and get the next one (Ctrl+Enter)")
+
+with picture_col:
+    last = len(state["marks"]) - 1 if state["marks"] else None
+    where = "" if state["zoom"] == 1 else (
+        f" · showing x {view.x0}-{view.x0 + view.width - 1}, y {view.y0}-{view.y0 + view.height - 1}")
+    canvas.show(canvas.marked_picture(rgb, state["marks"], view, highlight=last), view, key)
+    st.caption(f"{task['name']} ({task['width']}×{task['height']} px){where}")
+    st.markdown(progress_line(student.annotator_id, state.get("submitted", 0)))
+
+if state.get("feedback"):
+    show_feedback(state["feedback"])

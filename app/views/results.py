@@ -1,0 +1,79 @@
+"""Results: alive / dead counts and viability per image, and viability by condition (plots).
+
+Every table here can be downloaded as CSV; the numbers come from the latest consensus
+snapshot (:func:`cellspot.workflows.dashboard.results`).
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import streamlit as st
+from appkit import researcher, roles
+
+roles.require_researcher()  # every researcher page checks again
+project = researcher.page_header("Results")
+if project is None:
+    st.info("No project yet: create one on the Setup page.")
+    st.stop()
+
+min_confidence = st.slider("Count only cells with a consensus confidence of at least", 0.0, 1.0, 0.0, 0.05,
+                           key="results_min_conf")
+res = researcher.project_results(researcher.url(), project.id, float(min_confidence))
+per_image, by_condition = res.per_image, res.by_condition
+if per_image.empty:
+    st.info("This project has no images yet.")
+    st.stop()
+
+counted = per_image.dropna(subset=["viability_pct"])
+row = st.columns(4)
+row[0].metric("Images", len(per_image))
+row[1].metric("Alive cells", int(per_image["n_alive"].sum()))
+row[2].metric("Dead cells", int(per_image["n_dead"].sum()))
+total = per_image["n_alive"].sum() + per_image["n_dead"].sum()
+row[3].metric("Viability", f"{100 * per_image['n_alive'].sum() / total:.1f} %" if total else "-")
+
+st.subheader("Viability by condition")
+groups = [c for c in by_condition.columns
+          if c not in ("n_images", "n_alive", "n_dead", "viability_pct", "viability_mean", "viability_sd")]
+if by_condition.empty or not groups:
+    st.info("No condition metadata to group by.")
+else:
+    plot = by_condition.assign(
+        group=by_condition[groups].apply(
+            lambda row: " · ".join(f"{k} {v}" if k in ("dose_uM", "time_h") else str(v)
+                                   for k, v in row.items() if str(v) not in ("", "nan", "None")), axis=1),
+        low=by_condition["viability_mean"] - by_condition["viability_sd"].fillna(0),
+        high=by_condition["viability_mean"] + by_condition["viability_sd"].fillna(0),
+    )
+    order = plot["group"].tolist()
+    bars = alt.Chart(plot).mark_bar().encode(
+        y=alt.Y("group:N", sort=order, title=None, axis=alt.Axis(labelLimit=480)),
+        x=alt.X("viability_pct:Q", title="viability % (alive / counted cells)", scale=alt.Scale(domain=[0, 100])),
+        tooltip=[*groups, "n_images", "n_alive", "n_dead", "viability_pct", "viability_mean", "viability_sd"],
+    )
+    errors = alt.Chart(plot).mark_errorbar().encode(
+        y=alt.Y("group:N", sort=order), x=alt.X("low:Q", title=""), x2="high:Q")
+    st.altair_chart(bars + errors, width="stretch")
+    st.caption("Bars: viability pooled over the cells of each condition; whiskers: mean ± SD over images.")
+    st.dataframe(by_condition, hide_index=True, width="stretch")
+    st.download_button("Download by condition (CSV)", by_condition.to_csv(index=False),
+                       f"{project.name}-viability-by-condition.csv", "text/csv")
+
+dose = next((c for c in ("meta_dose_uM", "meta_dose") if c in counted.columns), None)
+if dose is not None and counted[dose].notna().any():
+    st.subheader("Viability against dose")
+    time_col = next((c for c in ("meta_time_h", "meta_time") if c in counted.columns), None)
+    encoding = {"x": alt.X(f"{dose}:Q", title=dose.removeprefix("meta_")),
+                "y": alt.Y("viability_pct:Q", title="viability %", scale=alt.Scale(domain=[0, 100])),
+                "tooltip": ["image", dose, "n_alive", "n_dead", "viability_pct"]}
+    if time_col is not None:
+        encoding["color"] = alt.Color(f"{time_col}:N", title=time_col.removeprefix("meta_"))
+        encoding["shape"] = alt.Shape(f"{time_col}:N", title=time_col.removeprefix("meta_"))
+    st.altair_chart(alt.Chart(counted).mark_point(size=80, filled=True).encode(**encoding), width="stretch")
+
+st.subheader("Per image")
+st.dataframe(per_image, hide_index=True, width="stretch",
+             column_config={"viability_pct": st.column_config.NumberColumn("viability %", format="%.1f"),
+                            "mean_confidence": st.column_config.NumberColumn("mean confidence", format="%.2f")})
+st.download_button("Download per image (CSV)", per_image.to_csv(index=False),
+                   f"{project.name}-per-image.csv", "text/csv")

@@ -1,0 +1,159 @@
+"""Image review: consensus cells over the image, raw clicks on demand, per-cell details and
+adjudication (accept, relabel, delete, add) stored as expert cells that override consensus."""
+
+from __future__ import annotations
+
+import streamlit as st
+from appkit import canvas, researcher, resources, roles
+from appkit.marks import view_window
+from PIL import ImageDraw
+
+from cellspot.consensus import DEFAULT_METHOD
+from cellspot.render import ImageUnavailableError, draw_consensus, find_mark, to_display_pixels
+from cellspot.workflows.aggregate import aggregate
+from cellspot.workflows.dashboard import (
+    DEFAULT_PICK_TOLERANCE,
+    AdjudicationError,
+    adjudicate,
+    clear_expert_cells,
+    image_review,
+    researcher_annotator,
+)
+
+ACTIONS = {
+    "accept": "Accept the cell",
+    "relabel": "Relabel the cell",
+    "delete": "Delete the cell",
+    "add": "Add a cell here",
+}
+
+roles.require_researcher()  # every researcher page checks again
+project = researcher.page_header("Review")
+if project is None:
+    st.info("No project yet: create one on the Setup page.")
+    st.stop()
+
+per_image = researcher.project_results(researcher.url(), project.id).per_image
+if per_image.empty:
+    st.info("This project has no images yet: import some on the Setup page.")
+    st.stop()
+# least certain images first: those are the ones worth a look
+order = per_image.sort_values(["mean_confidence", "image"], na_position="last")
+info = {r.image_id: f"{r.image} · {r.status} · {r.n_runs} runs · "
+        + ("no cells" if r.mean_confidence != r.mean_confidence else f"confidence {r.mean_confidence:.2f}")
+        for r in order.itertuples(index=False)}
+image_id = st.selectbox("Image (least certain first)", order["image_id"].tolist(), format_func=info.get,
+                        key="review_image")
+
+with resources.session() as session:
+    review = image_review(session, image_id)
+try:
+    rgb = resources.display_rgb(review.image)
+except ImageUnavailableError as exc:
+    st.warning(f"{exc}. Its cells and clicks are listed below.")
+    rgb = None
+
+cells = review.cells.reset_index(drop=True)
+point_key = f"review_point-{image_id}"
+key = f"review-canvas-{image_id}"
+view = view_window(review.image.width, review.image.height, 1, None)
+click = canvas.take_click(key, slot="review")
+if click is not None:
+    st.session_state[point_key] = click
+point = st.session_state.get(point_key)
+selected = None
+if point is not None and len(cells):
+    selected = find_mark(list(cells[["x", "y", "label"]].itertuples(index=False, name=None)),
+                         point[0], point[1], DEFAULT_PICK_TOLERANCE)
+
+picture_col, side_col = st.columns([3, 2], gap="medium")
+with side_col:
+    kind = "expert cells (they override consensus)" if review.expert else (
+        f"consensus cells of snapshot {review.snapshot_id}" if review.snapshot_id else "no consensus yet")
+    st.markdown(f"**{len(cells)}** {kind} · **{review.clicks['task_run_id'].nunique()}** runs · "
+                f"**{len(review.clicks)}** raw clicks")
+    show_clicks = st.toggle("Show raw clicks", key="review_clicks")
+    st.caption("Shape = label (○ alive, □ with X dead); colour = probability of being alive "
+               "(orange dead → grey unsure → green alive); size = confidence; dots = raw clicks. "
+               "Click the image to pick a cell or a place.")
+
+    st.subheader("Adjudicate")
+    if point is None:
+        st.info("Click a cell (or an empty place, to add one) on the image.")
+    else:
+        where = f"({point[0]:.1f}, {point[1]:.1f})"
+        st.markdown(f"Picked point {where}" + (f" · cell #{selected}" if selected is not None else " · no cell there"))
+    action = st.radio("Action", list(ACTIONS), format_func=ACTIONS.get, horizontal=True, key="review_action")
+    label = st.radio("Label", ["alive", "dead"], horizontal=True, key="review_label",
+                     disabled=action not in ("relabel", "add"))
+    apply = st.button("Apply", type="primary", disabled=point is None, key="review_apply")
+    whole, back = st.columns(2)
+    accept_all = whole.button("Accept the whole image", key="review_accept_all",
+                              help="Store the image's current cells as expert cells")
+    to_consensus = back.button("Back to consensus", key="review_clear", disabled=not review.expert,
+                               help="Remove this image's expert cells")
+
+    message = None
+    try:
+        if apply and point is not None:
+            with resources.session() as session:
+                done = adjudicate(session, image_id, action, point[0], point[1],
+                                  label if action in ("relabel", "add") else None,
+                                  researcher=researcher_annotator(session, project))
+            message = (f"{ACTIONS[action]}: done; the image has {done.n_expert_cells} expert cells"
+                       + (f" ({done.seeded} copied from consensus first)" if done.seeded else "") + ".")
+        elif accept_all:
+            with resources.session() as session:
+                done = adjudicate(session, image_id, "accept",
+                                  researcher=researcher_annotator(session, project))
+            message = f"Accepted: the image has {done.n_expert_cells} expert cells."
+        elif to_consensus:
+            with resources.session() as session:
+                n = clear_expert_cells(session, image_id)
+            message = f"Removed {n} expert cells: the image follows consensus again."
+    except AdjudicationError as exc:
+        st.error(str(exc))
+    if message:
+        st.session_state.pop(point_key, None)
+        researcher.refresh()
+        st.session_state["review_message"] = message
+        st.rerun()
+    if "review_message" in st.session_state:
+        st.success(st.session_state.pop("review_message")
+                   + " Expert cells replace consensus in the next consensus computation.")
+    if st.button("Recompute consensus", key="review_aggregate"):
+        with st.spinner("Computing consensus..."):
+            with resources.session() as session:
+                report = aggregate(session, project, method=DEFAULT_METHOD)
+        researcher.refresh()
+        st.success(f"Snapshot {report.snapshot_id}: {report.cells} cells, {report.retired} images retired.")
+
+with picture_col:
+    if rgb is not None:
+        scale, factor = canvas.render_scale(view, "review"), canvas.screen_factor(view, "review")
+        picture = draw_consensus(rgb, cells, scale, clicks=review.clicks if show_clicks else None,
+                                 min_radius=5 * factor, max_radius=13 * factor, selected=selected)
+        if point is not None:  # the picked point: a small cross
+            px, py = to_display_pixels(point[0], point[1], scale, review.image.width, review.image.height)
+            draw = ImageDraw.Draw(picture)
+            arm = 9 * factor
+            for width, colour in ((round(5 * factor), (0, 0, 0)), (round(2 * factor), (255, 255, 255))):
+                draw.line([(px - arm, py), (px + arm, py)], fill=colour, width=width)
+                draw.line([(px, py - arm), (px, py + arm)], fill=colour, width=width)
+        canvas.show(picture, view, key)
+        st.caption(f"{review.image.name} ({review.image.width}×{review.image.height} px) · "
+                   f"status {review.image.status}")
+
+st.subheader("Cells")
+if selected is not None:
+    st.markdown(f"Selected cell #{selected}:")
+    st.dataframe(cells.iloc[[selected]], hide_index=False, width="stretch")
+    near = review.clicks[((review.clicks["x"] - cells.at[selected, "x"]) ** 2
+                          + (review.clicks["y"] - cells.at[selected, "y"]) ** 2) <= DEFAULT_PICK_TOLERANCE**2]
+    st.markdown(f"Raw clicks within {DEFAULT_PICK_TOLERANCE:g} px of it: **{len(near)}**")
+    st.dataframe(near, hide_index=True, width="stretch")
+with st.expander(f"All cells ({len(cells)})", expanded=selected is None):
+    st.dataframe(cells, width="stretch")
+if show_clicks:
+    with st.expander(f"Raw clicks ({len(review.clicks)})"):
+        st.dataframe(review.clicks, hide_index=True, width="stretch")

@@ -1,0 +1,238 @@
+"""Project setup: create a project; import images (upload or server folder) with metadata, click
+exports (tidy CSV, PyBossa) and expert cells; class codes, target runs, retirement, gold rate."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import streamlit as st
+from appkit import researcher, resources, roles
+
+from cellspot.consensus import DEFAULT_METHOD
+from cellspot.importers import (
+    CellspotImportError,
+    import_clicks,
+    import_gold,
+    import_images,
+)
+from cellspot.store.models import Project
+from cellspot.workflows.aggregate import aggregate
+from cellspot.workflows.dashboard import DashboardError, create_project, update_project_settings
+
+IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "zip"]
+NEW_PROJECT_DEFAULTS = {"target_runs_per_image": 5, "retire_min_runs": 3, "retire_min_confidence": 0.9,
+                        "gold_rate": 0.1, "feedback_radius": 20.0}
+
+roles.require_researcher()  # every researcher page checks again
+project = researcher.page_header("Setup")
+
+
+def _settings_inputs(current: dict, prefix: str) -> dict:
+    """The project-setting widgets; returns the values typed (validated by the workflow)."""
+    cols = st.columns(3)
+    codes = cols[0].text_input(
+        "Class codes (comma-separated)", ", ".join(current.get("class_codes") or []), key=f"{prefix}_codes",
+        help="Students join with one of these; 2 to 32 letters, digits, - or _. Each code names one project.")
+    target = cols[1].number_input("Target runs per image", 1, 1000, int(current.get("target_runs_per_image", 5)),
+                                  key=f"{prefix}_target")
+    gold = cols[2].number_input("Gold rate", 0.0, 1.0, float(current.get("gold_rate", 0.1)), step=0.05,
+                                key=f"{prefix}_gold",
+                                help="Share of images served from the expert-marked (gold) images")
+    cols = st.columns(3)
+    min_runs = cols[0].number_input("Retire after at least ... runs", 1, 1000, int(current.get("retire_min_runs", 3)),
+                                    key=f"{prefix}_min_runs")
+    min_conf = cols[1].number_input("... when every cell has confidence ≥", 0.0, 1.0,
+                                    float(current.get("retire_min_confidence", 0.9)), step=0.05,
+                                    key=f"{prefix}_min_conf")
+    radius = cols[2].number_input("Feedback radius (px)", 1.0, 500.0, float(current.get("feedback_radius", 20.0)),
+                                  key=f"{prefix}_radius",
+                                  help="A student's mark this close to an expert cell counts as finding it")
+    return {"class_codes": codes, "target_runs_per_image": int(target), "gold_rate": float(gold),
+            "retire_min_runs": int(min_runs), "retire_min_confidence": float(min_conf),
+            "feedback_radius": float(radius)}
+
+
+def _problems(problems: Iterable[object], tmp: str) -> list[str]:
+    """Problem lines with the temporary upload folder stripped (they name the uploaded file)."""
+    strip = re.compile(re.escape(tmp.rstrip("/")) + r"/upload-[^/]+/")
+    return [strip.sub("", str(p)) for p in problems]
+
+
+def _save_uploads(files, tmp: str) -> list[Path]:
+    """Write uploaded files to ``tmp/upload-*/<their name>`` (names kept: they become image names)."""
+    paths = []
+    for upload in files:
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp))
+        path = folder / Path(upload.name).name
+        path.write_bytes(upload.getbuffer())
+        paths.append(path)
+    return paths
+
+
+def _show_image_report(report, tmp: str) -> None:
+    st.success(report.summary())
+    errors = _problems(report.errors, tmp)
+    if errors:
+        st.error("Not imported:\n\n" + "\n".join(f"- {e}" for e in errors))
+    duplicates = _problems(report.duplicates, tmp)
+    if duplicates:
+        st.warning("Already in the project:\n\n" + "\n".join(f"- {d}" for d in duplicates))
+
+
+# --------------------------------------------------------------------------- create
+
+with st.expander("Create a project", expanded=researcher.projects(researcher.url()).empty):
+    with st.form("create_project"):
+        name = st.text_input("Name", key="new_name")
+        description = st.text_area("Description", key="new_description", height=68)
+        values = _settings_inputs(NEW_PROJECT_DEFAULTS, "new")
+        create = st.form_submit_button("Create", type="primary")
+    if create:
+        try:
+            with resources.session() as session:
+                project = create_project(session, name, description, **values)
+                new_id = project.id
+        except DashboardError as exc:
+            st.error(str(exc))
+        else:
+            researcher.refresh()
+            st.session_state["r_project_id"] = new_id
+            st.session_state.pop("r_project_pick", None)  # the picker follows r_project_id
+            st.session_state["setup_message"] = f"Project {name.strip()!r} created."
+            st.rerun()
+
+if "setup_message" in st.session_state:
+    st.success(st.session_state.pop("setup_message"))
+if project is None:
+    st.info("No project yet: create one above.")
+    st.stop()
+
+st.header(project.name)
+summary = researcher.projects(researcher.url()).set_index("project_id").loc[project.id]
+st.caption(f"{summary['images']} images ({summary['retired']} retired) · {summary['annotators']} annotators · "
+           f"{summary['task_runs']} runs · {summary['clicks']} clicks · {summary['gold_cells']} expert cells · "
+           f"{summary['snapshots']} consensus snapshots")
+
+# --------------------------------------------------------------------------- settings
+
+with st.expander("Class codes and rules", expanded=True):
+    with st.form("project_settings"):
+        values = _settings_inputs(project.settings or {}, f"p{project.id}")
+        save = st.form_submit_button("Save", type="primary")
+    if save:
+        try:
+            with resources.session() as session:
+                update_project_settings(session, session.get(Project, project.id), **values)
+        except DashboardError as exc:
+            st.error(str(exc))
+        else:
+            researcher.refresh()
+            st.success("Saved.")
+
+# --------------------------------------------------------------------------- images
+
+st.subheader("Images")
+upload_tab, folder_tab = st.tabs(["Upload files or a zip", "Folder on the server"])
+with upload_tab:
+    with st.form("upload_images", clear_on_submit=True):
+        files = st.file_uploader("Images (TIFF, PNG, JPEG; 8/16-bit, grey or RGB) or zip archives",
+                                 type=IMAGE_TYPES, accept_multiple_files=True, key="upload_images")
+        meta = st.file_uploader("Metadata CSV (optional): image, condition, drug, dose, time, ...",
+                                type=["csv"], key="upload_meta")
+        go = st.form_submit_button("Import", type="primary")
+    if go and files:
+        with tempfile.TemporaryDirectory(prefix="cellspot-upload-") as tmp:
+            paths = _save_uploads(files, tmp)
+            meta_path = _save_uploads([meta], tmp)[0] if meta is not None else None
+            try:
+                with st.spinner(f"Importing {len(paths)} file(s)..."):
+                    with resources.session() as session:
+                        report = import_images(session, session.get(Project, project.id), paths,
+                                               settings=resources.settings(), metadata_csv=meta_path)
+            except CellspotImportError as exc:
+                st.error(_problems([exc], tmp)[0])
+            else:
+                researcher.refresh()
+                _show_image_report(report, tmp)
+    elif go:
+        st.warning("Choose at least one file.")
+with folder_tab:
+    with st.form("folder_images"):
+        folder = st.text_input("Folder (or zip, or image) on the server", key="folder_path",
+                               help="Read recursively; only image files and zips are imported.")
+        folder_meta = st.text_input("Metadata CSV on the server (optional)", key="folder_meta")
+        go_folder = st.form_submit_button("Import", type="primary")
+    if go_folder:
+        source = Path(folder.strip()).expanduser()
+        meta_path = Path(folder_meta.strip()).expanduser() if folder_meta.strip() else None
+        if not folder.strip() or not source.exists():
+            st.error(f"{source} does not exist on the server.")
+        elif meta_path is not None and not meta_path.is_file():
+            st.error(f"The metadata file {meta_path} does not exist on the server.")
+        else:
+            try:
+                with st.spinner(f"Importing {source}..."):
+                    with resources.session() as session:
+                        report = import_images(session, session.get(Project, project.id), [source],
+                                               settings=resources.settings(), metadata_csv=meta_path)
+            except CellspotImportError as exc:
+                st.error(str(exc))
+            else:
+                researcher.refresh()
+                _show_image_report(report, "/nonexistent")
+
+# --------------------------------------------------------------------------- clicks and expert cells
+
+st.subheader("Clicks and expert cells")
+clicks_col, gold_col = st.columns(2)
+with clicks_col:
+    with st.form("upload_clicks", clear_on_submit=True):
+        click_file = st.file_uploader("Click export: tidy CSV or PyBossa task runs", type=["csv"],
+                                      key="upload_clicks")
+        fmt = st.selectbox("Format", ["auto", "csv", "pybossa"], key="clicks_format",
+                           format_func={"auto": "detect", "csv": "tidy CSV", "pybossa": "PyBossa task runs"}.get)
+        skip = st.checkbox("Import the valid rows when some are invalid", key="clicks_skip")
+        go_clicks = st.form_submit_button("Import clicks", type="primary")
+    if go_clicks and click_file is not None:
+        with tempfile.TemporaryDirectory(prefix="cellspot-upload-") as tmp:
+            path = _save_uploads([click_file], tmp)[0]
+            try:
+                with st.spinner("Importing clicks..."):
+                    with resources.session() as session:
+                        report = import_clicks(session, session.get(Project, project.id), path, format=fmt,
+                                               skip_invalid=skip, settings=resources.settings())
+            except CellspotImportError as exc:
+                st.error(_problems([exc], tmp)[0])
+            else:
+                researcher.refresh()
+                st.success(_problems([report.summary()], tmp)[0])
+                if report.rejects_path:
+                    st.warning(f"{report.rejected} rejected rows, with reasons, in {report.rejects_path}")
+with gold_col:
+    with st.form("upload_gold", clear_on_submit=True):
+        gold_file = st.file_uploader("Expert cells CSV: image, x, y, label", type=["csv"], key="upload_gold")
+        go_gold = st.form_submit_button("Import expert cells", type="primary")
+    if go_gold and gold_file is not None:
+        with tempfile.TemporaryDirectory(prefix="cellspot-upload-") as tmp:
+            path = _save_uploads([gold_file], tmp)[0]
+            try:
+                with resources.session() as session:
+                    report = import_gold(session, session.get(Project, project.id), path,
+                                         source=f"import:{gold_file.name}")
+            except CellspotImportError as exc:
+                st.error(_problems([exc], tmp)[0])
+            else:
+                researcher.refresh()
+                st.success(report.summary())
+
+st.subheader("Consensus")
+if st.button("Recompute consensus", key="setup_aggregate",
+             help="Cells, reliability and retirement from every click (after imports or new rules)"):
+    with st.spinner("Computing consensus..."):
+        with resources.session() as session:
+            agg = aggregate(session, session.get(Project, project.id), method=DEFAULT_METHOD)
+    researcher.refresh()
+    st.success(f"Snapshot {agg.snapshot_id}: {agg.cells} cells on {agg.images} images, {agg.retired} retired.")

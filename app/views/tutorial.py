@@ -1,0 +1,64 @@
+"""A short tutorial: how to mark cells, with example alive and dead cells (skippable)."""
+
+from __future__ import annotations
+
+import streamlit as st
+from appkit import resources, roles
+
+from cellspot.render import ImageUnavailableError, example_crop
+from cellspot.store.models import Image, Project
+from cellspot.workflows.classroom import tutorial_examples
+
+student = roles.require_student()
+
+
+
+
+def _to_labelling() -> None:
+    st.session_state["tutorial_done"] = True
+    st.switch_page("views/label.py")
+
+
+st.title("How to spot cells")
+if st.button("Skip the tutorial", key="skip", help="Go straight to labelling."):
+    _to_labelling()
+
+st.markdown(
+    """
+1. **Pick a label** with the buttons beside the image, or with the keys
+   **A** (alive), **D** (dead) and **N** (not sure).
+2. **Click or tap the centre of each cell** to place a mark of that label. Each label has its
+   own shape and letter: alive ◯ **A**, dead ☒ **D**, not sure △ **?**.
+3. Click a mark again to **remove** it (or, with another label picked, to **change** it).
+   **Undo** (key **U**) takes back the last change, **Clear** removes every mark.
+4. Use **Zoom** for small cells; the arrow buttons (or arrow keys) move the view.
+5. When every cell is marked, press **Submit** (**Ctrl+Enter**). The next image appears.
+
+**Alive** cells are flat and spread out, with a clear outline and a nucleus.
+**Dead** cells (apoptotic) are small, round, bright or shrunken, often detached or in pieces.
+If you cannot tell, mark **not sure**: that is better than guessing.
+"""
+)
+
+with resources.session() as session:
+    project = session.get(Project, student.project_id)
+    examples = tutorial_examples(session, project, n=3)
+    images = {e.image_id: session.get(Image, e.image_id) for e in examples}
+
+if examples:
+    st.subheader("Examples from this class's images")
+    cols = st.columns(min(len(examples), 6))
+    for col, example in zip(cols, examples):
+        try:
+            rgb = resources.display_rgb(images[example.image_id])
+        except ImageUnavailableError:
+            continue
+        word = "Alive" if example.label == "alive" else "Dead"
+        col.image(example_crop(rgb, example.x, example.y, example.label, size=96, zoom=2.0),
+                  caption=f"{word} ({'expert' if example.source == 'gold' else 'class consensus'})",
+                  width="stretch")
+else:
+    st.info("This class has no example cells yet.")
+
+if st.button("Start labelling", type="primary", key="start"):
+    _to_labelling()

@@ -1,0 +1,469 @@
+"""One ``streamlit.testing.v1.AppTest`` test (or a small table of them) per page of the app, on a
+seeded temporary store (see conftest.py): what a student or researcher does, and what the
+store holds afterwards."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from app_testkit import CLASS_CODE, PASSWORD, REPO
+from PIL import Image as PILImage
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from cellspot.store.models import Annotator, Click, GoldCell, Image, Project, TaskRun
+
+RESEARCHER_PAGES = ["class_view", "review", "results", "setup", "export"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def titles(at) -> list[str]:
+    return [t.value for t in at.title]
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def no_exception(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def join(at, code: str = CLASS_CODE, nickname: str = "ana"):
+    at.run()
+    at.text_input(key="join_code").input(code)
+    at.text_input(key="join_nickname").input(nickname)
+    at.button[0].click().run()
+    no_exception(at)
+    return at
+
+
+def start_labelling(at, nickname: str = "ana"):
+    join(at, nickname=nickname)
+    at.button(key="skip").click().run()
+    no_exception(at)
+    return at
+
+
+def login(at, password: str = PASSWORD):
+    at.run()
+    at.switch_page("views/login.py").run()
+    at.text_input(key="login_password").input(password)
+    at.button[0].click().run()
+    no_exception(at)
+    return at
+
+
+def click_image(at, x: float, y: float, shown_width: float, stamp: int):
+    """A click at display pixel (x, y) on the clickable image shown ``shown_width`` px wide."""
+    key = f"canvas-{at.session_state['task']['client_key']}"
+    view = at.session_state[f"{key}.view"]
+    at.session_state[key] = {"x": x, "y": y, "width": shown_width,
+                             "height": shown_width * view.height / view.width, "unix_time": stamp}
+    return at.run()
+
+
+def count(engine, model, *where) -> int:
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+
+# --------------------------------------------------------------------------- join
+
+
+def test_join_creates_the_student_and_opens_the_tutorial(app, app_engine):
+    join(app, code=" demo ", nickname="  Ana  ")
+    assert app.session_state["role"] == "student"
+    assert "How to spot cells" in titles(app)
+    assert app.query_params["class"] == CLASS_CODE and app.query_params["nick"] == "Ana"
+    assert count(app_engine, Annotator, Annotator.nickname == "Ana", Annotator.role == "student") == 1
+
+
+@pytest.mark.parametrize(("code", "nickname", "message"), [
+    ("NOPE", "ana", "no class has the code"),
+    ("", "ana", "class code is empty"),
+    (CLASS_CODE, "   ", "nickname is empty"),
+    (CLASS_CODE, "a\x07b", "control characters"),
+])
+def test_join_refuses_bad_input_with_a_message(app, code, nickname, message):
+    join(app, code=code, nickname=nickname)
+    assert "role" not in app.session_state
+    assert message in texts(app.error).lower()
+
+
+def test_a_reloaded_tab_rejoins_from_the_url(app):
+    app.query_params["class"] = CLASS_CODE
+    app.query_params["nick"] = "ana"
+    app.run()
+    no_exception(app)
+    assert app.session_state["role"] == "student"
+    assert app.session_state["tutorial_done"] is True  # straight back to labelling
+
+
+# --------------------------------------------------------------------------- tutorial
+
+
+def test_tutorial_shows_alive_and_dead_examples_and_can_be_skipped(app):
+    join(app)
+    captions = " ".join(c for img in app.image for c in img.captions)
+    assert "Alive" in captions and "Dead" in captions
+    app.button(key="skip").click().run()
+    no_exception(app)
+    assert app.session_state["tutorial_done"] is True
+    assert app.session_state["task"] is not None  # the label page picked an image
+
+
+# --------------------------------------------------------------------------- label
+
+
+@pytest.mark.parametrize(("button", "label"), [("label-dead", "dead"), ("label-not_sure", "not_sure"),
+                                               ("label-alive", "alive")])
+def test_label_buttons_change_the_current_label(app, button, label):
+    start_labelling(app)
+    app.button(key=button).click().run()
+    assert app.session_state["current_label"] == label
+    assert app.button(key=button).proto.type == "primary"
+    assert f"Label: **{app.button(key=button).label}**" in texts(app.markdown)
+
+
+@pytest.mark.parametrize(("zoom", "shown_width", "display", "expected"), [
+    (1, 384, (100, 50), (100.0, 50.0)),          # shown at original size: pixel for pixel
+    (1, 768, (201, 101), (100.25, 50.25)),       # shown twice as large
+    (1, 192, (50, 25), (100.5, 50.5)),           # shown at half size
+    (2, 768, (0, 0), (96.0, 72.0)),              # zoom 2 around the centre: window starts at (96, 72)
+    (4, 768, (767, 575), (239.0, 179.0)),        # zoom 4: a 96x72 window from (144, 108), last pixel
+])
+def test_a_click_places_a_mark_at_the_original_pixel(app, zoom, shown_width, display, expected):
+    start_labelling(app)
+    app.session_state["zoom"] = zoom
+    app.run()
+    task = app.session_state["task"]
+    assert (task["width"], task["height"]) == (384, 288)
+    click_image(app, *display, shown_width=shown_width, stamp=1)
+    (x, y, label), = app.session_state["marks"]
+    assert (x, y) == pytest.approx(expected, abs=0.01)
+    assert label == "alive"
+    click_image(app, *display, shown_width=shown_width, stamp=1)  # the same click again: used once
+    assert len(app.session_state["marks"]) == 1
+
+
+def test_clicking_a_mark_relabels_or_removes_it_undo_and_clear(app):
+    start_labelling(app)
+    click_image(app, 100, 100, 384, stamp=1)
+    click_image(app, 200, 150, 384, stamp=2)
+    assert [m[2] for m in app.session_state["marks"]] == ["alive", "alive"]
+    app.button(key="label-dead").click().run()
+    click_image(app, 101, 99, 384, stamp=3)  # on the first mark, another label: relabel
+    assert [m[2] for m in app.session_state["marks"]] == ["dead", "alive"]
+    click_image(app, 100, 100, 384, stamp=4)  # again, same label: remove
+    assert [m[:2] for m in app.session_state["marks"]] == [(200.0, 150.0)]
+    assert "Alive **1** · ☒ Dead **0**" in texts(app.markdown)
+    app.button(key="undo").click().run()
+    assert [m[2] for m in app.session_state["marks"]] == ["dead", "alive"]
+    app.button(key="clear").click().run()
+    assert app.session_state["marks"] == []
+    app.button(key="undo").click().run()
+    assert len(app.session_state["marks"]) == 2
+
+
+def test_submit_stores_one_run_and_a_repeat_stores_nothing(app, app_engine):
+    start_labelling(app, nickname="bea")
+    first = dict(app.session_state["task"])
+    click_image(app, 10, 20, 384, stamp=1)
+    app.button(key="label-dead").click().run()
+    click_image(app, 300, 200, 384, stamp=2)
+    app.button(key=f"submit-{first['client_key']}").click().run()
+    no_exception(app)
+    assert "Saved: 2 mark(s)" in texts(app.toast)
+    with Session(app_engine) as session:
+        runs = session.scalars(select(TaskRun).where(TaskRun.client_key == first["client_key"])).all()
+        assert len(runs) == 1 and runs[0].image_id == first["image_id"]
+        clicks = session.execute(select(Click.x, Click.y, Click.label).where(Click.task_run_id == runs[0].id)
+                                 .order_by(Click.click_index)).tuples().all()
+    assert clicks == [(10.0, 20.0, "alive"), (300.0, 200.0, "dead")]
+    second = app.session_state["task"]
+    assert second["image_id"] != first["image_id"] and second["client_key"] != first["client_key"]
+    assert app.session_state["marks"] == []
+    # a repeat of the same submit (a rerun interrupted after the commit, a second click that
+    # reached the server late): the same key stores nothing new
+    app.session_state["task"] = first
+    app.session_state["marks"] = [(10.0, 20.0, "alive")]
+    app.run()
+    app.button(key=f"submit-{first['client_key']}").click().run()
+    assert "Already saved" in texts(app.toast)
+    assert count(app_engine, TaskRun, TaskRun.client_key == first["client_key"]) == 1
+    assert count(app_engine, Click, Click.task_run_id == runs[0].id) == 2
+
+
+def test_a_gold_image_shows_feedback_after_submit(app, app_engine):
+    start_labelling(app)
+    with Session(app_engine) as session:
+        gold_id = session.scalar(select(GoldCell.image_id).limit(1))
+        image = session.get(Image, gold_id)
+        cell = session.scalars(select(GoldCell).where(GoldCell.image_id == gold_id)).first()
+        n_gold = count(app_engine, GoldCell, GoldCell.image_id == gold_id)
+        task = {"image_id": image.id, "name": image.name, "width": image.width, "height": image.height,
+                "client_key": "app-test-gold", "annotator_id": app.session_state["annotator_id"]}
+    app.session_state["task"] = task
+    app.session_state["current_label"] = cell.label
+    app.session_state["marks"] = [(cell.x, cell.y, cell.label)]
+    app.run()
+    app.button(key="submit-app-test-gold").click().run()
+    no_exception(app)
+    feedback = [e.label for e in app.expander]
+    assert any(f"you found 1 of {n_gold} cells" in label and f"{n_gold - 1} missed" in label for label in feedback)
+    captions = {c for img in app.image for c in img.captions}
+    assert "Your marks" in captions
+    assert f"The expert's cells you missed or labelled differently ({n_gold - 1})" in captions
+    assert "you found 1 of" in texts(app.toast)
+
+
+def test_when_nothing_is_left_the_student_is_told(app, app_engine):
+    start_labelling(app)
+    for _ in range(10):
+        task = app.session_state["task"]
+        if task is None:
+            break
+        app.button(key=f"submit-{task['client_key']}").click().run()
+        no_exception(app)
+    assert "All done!" in titles(app)
+    assert count(app_engine, TaskRun, TaskRun.annotator_id == app.session_state["annotator_id"]) >= 1
+
+
+def test_leave_forgets_the_student(app):
+    start_labelling(app)
+    app.switch_page("views/leave.py").run()
+    # a page change keeps the class and nickname in the URL (a reload carries on labelling)
+    assert (app.query_params.get("class"), app.query_params.get("nick")) == (CLASS_CODE, "ana")
+    app.button[0].click().run()
+    no_exception(app)
+    assert "role" not in app.session_state and "task" not in app.session_state
+    assert "class" not in app.query_params and "nick" not in app.query_params
+    assert "Cell spotting" in titles(app)
+
+
+# --------------------------------------------------------------------------- access control
+
+
+@pytest.mark.parametrize("page", RESEARCHER_PAGES)
+@pytest.mark.parametrize(("who", "offered"), [
+    ("anonymous", {"join.py", "login.py"}),
+    ("student", {"tutorial.py", "label.py", "leave.py"}),
+])
+def test_researcher_pages_are_out_of_reach_without_the_password(app, page, who, offered):
+    """The navigation of a session without the password does not even register them."""
+    if who == "student":
+        start_labelling(app)
+    else:
+        app.run()
+    with pytest.raises(ValueError, match="Could not find a navigation page") as refused:
+        app.switch_page(f"views/{page}.py")
+    known = set(re.findall(r"views/(\w+\.py)", str(refused.value).split("Known pages:")[1]))
+    assert known == offered
+
+
+@pytest.mark.parametrize("page", RESEARCHER_PAGES)
+def test_researcher_pages_check_the_role_themselves(app, page):
+    """Even when a page is run directly (not through the navigation), it shows nothing."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(REPO / "app" / "views" / f"{page}.py"), default_timeout=30).run()
+    assert "This page is for researchers" in texts(at.error)
+    assert not at.metric and not at.dataframe
+
+
+def test_wrong_password_is_refused_and_slowed_down(app):
+    login(app, "not the password")
+    assert "Wrong password" in texts(app.error)
+    assert "role" not in app.session_state
+    login(app, PASSWORD)  # at once: refused without being checked
+    assert "Too many wrong passwords" in texts(app.error)
+    assert "role" not in app.session_state
+    time.sleep(0.6)
+    login(app, PASSWORD)
+    assert app.session_state["role"] == "researcher"
+    assert "Class" in titles(app)
+
+
+def test_the_password_is_never_echoed(app):
+    login(app, "hunter2-typo")
+    rendered = " ".join(str(e.value) for e in (*app.error, *app.markdown, *app.warning, *app.success))
+    assert "hunter2" not in rendered
+
+
+def test_without_a_configured_password_nobody_logs_in(app, monkeypatch):
+    monkeypatch.delenv("CELLSPOT_RESEARCHER_PASSWORD")
+    app.run()
+    app.switch_page("views/login.py").run()
+    assert "No researcher password is configured" in texts(app.warning)
+    assert not app.text_input
+
+
+def test_the_password_can_come_from_streamlit_secrets(app, monkeypatch):
+    monkeypatch.delenv("CELLSPOT_RESEARCHER_PASSWORD")
+    app.secrets["researcher_password"] = "from secrets"
+    login(app, "from secrets")
+    assert app.session_state["role"] == "researcher"
+
+
+# --------------------------------------------------------------------------- researcher pages
+
+
+def test_class_view_shows_the_live_numbers(app, app_engine):
+    start_labelling(app, nickname="cleo")
+    task = app.session_state["task"]
+    click_image(app, 50, 50, 384, stamp=1)
+    app.button(key=f"submit-{task['client_key']}").click().run()
+    app.switch_page("views/leave.py").run()
+    app.button[0].click().run()
+    login(app)
+    no_exception(app)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Students active"].endswith("/ 3")  # 2 simulated students + cleo
+    assert metrics["Images unseen"] == "0"
+    students = app.dataframe[0].value
+    assert "cleo" in set(students["nickname"])
+    assert int(students.loc[students["nickname"] == "cleo", "runs"].iloc[0]) == 1
+    n_runs = count(app_engine, TaskRun)
+    assert f"{n_runs} runs" in texts(app.caption)
+    app.button[0].click().run()  # Recompute consensus
+    assert "Snapshot" in texts(app.success)
+
+
+def test_review_adjudication_stores_expert_cells(app, app_engine):
+    login(app)
+    app.switch_page("views/review.py").run()
+    no_exception(app)
+    image_id = app.selectbox(key="review_image").value
+    cells = app.dataframe[-1].value
+    target = cells.iloc[0]
+    key = f"review-canvas-{image_id}"
+    view = app.session_state[f"{key}.view"]
+    app.session_state[key] = {"x": target["x"], "y": target["y"], "width": view.width,
+                              "height": view.height, "unix_time": 7}
+    app.run()
+    assert "cell #0" in texts(app.markdown)
+    app.radio(key="review_action").set_value("relabel").run()
+    new_label = "dead" if target["label"] == "alive" else "alive"
+    app.radio(key="review_label").set_value(new_label).run()
+    app.button(key="review_apply").click().run()
+    no_exception(app)
+    assert "Relabel the cell: done" in texts(app.success)
+    with Session(app_engine) as session:
+        expert = session.scalars(select(GoldCell).where(GoldCell.image_id == image_id)).all()
+    assert len(expert) >= len(cells) - (1 if cells["from_gold"].all() else 0)
+    moved = [c for c in expert if abs(c.x - target["x"]) < 1e-6 and abs(c.y - target["y"]) < 1e-6]
+    assert moved and moved[0].label == new_label and moved[0].source == "adjudication"
+
+
+def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
+    login(app)
+    app.switch_page("views/review.py").run()
+    image_id = app.selectbox(key="review_image").value
+    n_cells = len(app.dataframe[-1].value)
+    app.button(key="review_accept_all").click().run()
+    no_exception(app)
+    assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == n_cells
+    assert "expert cells (they override consensus)" in texts(app.markdown)
+    app.button(key="review_clear").click().run()
+    no_exception(app)
+    assert f"Removed {n_cells} expert cells" in texts(app.success)
+    assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == 0
+
+
+def test_results_show_counts_viability_and_conditions(app):
+    login(app)
+    app.switch_page("views/results.py").run()
+    no_exception(app)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["Images"] == "4"
+    per_image, by_condition = app.dataframe[-1].value, app.dataframe[0].value
+    assert len(per_image) == 4 and {"n_alive", "n_dead", "viability_pct"} <= set(per_image.columns)
+    assert {"condition", "viability_pct"} <= set(by_condition.columns)
+    assert {d.label for d in app.download_button} >= {"Download per image (CSV)"}
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
+        buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_path):
+    login(app)
+    app.switch_page("views/setup.py").run()
+    no_exception(app)
+    app.text_input(key="new_name").input("Lab 7")
+    app.text_input(key="new_codes").input("bio7a, bio7b")
+    app.button[0].click().run()  # Create
+    no_exception(app)
+    assert "Project 'Lab 7' created." in texts(app.success)
+    with Session(app_engine) as session:
+        project = session.scalar(select(Project).where(Project.name == "Lab 7"))
+        assert project.settings["class_codes"] == ["BIO7A", "BIO7B"]
+    assert app.session_state["r_project_id"] == project.id
+
+    # a class code that another project has is refused with a message
+    app.text_input(key=f"p{project.id}_codes").input("DEMO")
+    [b for b in app.button if b.label == "Save"][0].click().run()
+    assert "DEMO" in texts(app.error) and "already belong" in texts(app.error)
+
+    # upload: two good images, a corrupt one and a zip; the corrupt one is named, the others import
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("zipped.png", _png(3))
+    app.file_uploader(key="upload_images").set_value([
+        ("a.png", _png(1), "image/png"), ("b.png", _png(2), "image/png"),
+        ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png"),
+        ("more.zip", archive.getvalue(), "application/zip"),
+    ])
+    app.file_uploader(key="upload_meta").set_value(("meta.csv", b"image,condition\na.png,control\n", "text/csv"))
+    [b for b in app.button if b.label == "Import"][0].click().run()
+    no_exception(app)
+    assert "3 image(s) imported" in texts(app.success)
+    errors = texts(app.error)
+    assert "broken.png" in errors and "cellspot-upload" not in errors
+    with Session(app_engine) as session:
+        names = set(session.scalars(select(Image.name).where(Image.project_id == project.id)))
+        meta = session.scalar(select(Image.meta).where(Image.project_id == project.id, Image.name == "a.png"))
+    assert names == {"a.png", "b.png", "zipped.png"}
+    assert meta.get("condition") == "control"
+
+    # a folder on the server
+    folder = tmp_path / "server_images"
+    folder.mkdir()
+    (folder / "c.png").write_bytes(_png(4))
+    app.text_input(key="folder_path").input(str(folder))
+    [b for b in app.button if b.label == "Import"][1].click().run()
+    no_exception(app)
+    assert "1 image(s) imported" in texts(app.success)
+
+
+def test_export_builds_a_downloadable_zip(app, store):
+    login(app)
+    app.switch_page("views/export.py").run()
+    no_exception(app)
+    app.button[0].click().run()  # Build the export
+    no_exception(app)
+    assert "Export ready" in texts(app.success)
+    zips = list(store.exports_dir.glob("*.zip"))
+    assert len(zips) == 1
+    with zipfile.ZipFile(zips[0]) as zf:
+        assert any(name.endswith("manifest.json") for name in zf.namelist())
+    assert [d.label for d in app.download_button] == ["Download the zip"]
+
+
+def test_logout_ends_the_researcher_session(app):
+    login(app)
+    app.switch_page("views/logout.py").run()
+    app.button[0].click().run()
+    assert "role" not in app.session_state and "researcher_ok" not in app.session_state
+    assert "Cell spotting" in titles(app)

@@ -1,0 +1,306 @@
+"""End-to-end in a real browser: Debian Chromium driven by Playwright against `cellspot app`.
+
+The server runs on a seeded temporary store (project ``e2e``, class code ``E2E``, four images
+of 1000x750 pixels, shown smaller than that) with the researcher password in
+``CELLSPOT_RESEARCHER_PASSWORD``. What the browser did is checked in the store itself
+(SQLAlchemy on the same database). The tests of this module are one journey and run in
+order: a student labels and submits, a second student gets another image, the researcher
+sees the runs and exports, a wrong password is refused. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from e2e_server import E2E_PASSWORD, AppServer, SeededStore
+from st_ui import (
+    click_button,
+    click_image_pixel,
+    dataframe_rows,
+    go_to,
+    nav_links,
+    open_app,
+    screenshot,
+    wait_idle,
+)
+
+pytestmark = pytest.mark.slow
+
+expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
+
+TOLERANCE_PX = 1.0
+RESEARCHER_PAGES = ("Class", "Review", "Results", "Setup", "Export")
+# (x, y, label, how the label is picked) in original image pixels; far apart (> marker size)
+FIRST_STUDENT_MARKS = [
+    (150, 120, "alive", "button"),
+    (620, 410, "alive", "button"),
+    (330, 560, "dead", "key"),
+    (820, 200, "not_sure", "button"),
+]
+UNDONE_MARK = (480, 300, "dead", "button")  # placed last, removed, undone...: never stored
+LABEL_BUTTONS = {"alive": "Alive", "dead": "Dead", "not_sure": "Not sure"}
+LABEL_KEYS = {"alive": "a", "dead": "d", "not_sure": "n"}
+
+
+@dataclass
+class Journey:
+    """What earlier steps of the journey left for later ones."""
+
+    first_run: dict | None = None
+    second_run: dict | None = None
+
+
+@pytest.fixture(scope="module")
+def journey() -> Journey:
+    return Journey()
+
+
+# --------------------------------------------------------------------------- store
+
+
+def stored_runs(store: SeededStore, nickname: str) -> list[dict]:
+    """Every task run of student ``nickname`` in the store: image, client key, clicks (x, y, label)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from cellspot.store.db import make_engine
+    from cellspot.store.models import Annotator, Click, Image, TaskRun
+
+    engine = make_engine(store.database_url)
+    try:
+        with Session(engine) as session:
+            runs = session.execute(
+                select(TaskRun.id, TaskRun.client_key, Image.id, Image.name)
+                .join(Annotator, TaskRun.annotator_id == Annotator.id)
+                .join(Image, TaskRun.image_id == Image.id)
+                .where(Annotator.nickname == nickname, Annotator.class_code == store.class_code)
+                .order_by(TaskRun.id)
+            ).all()
+            out = []
+            for run_id, key, image_id, image_name in runs:
+                clicks = session.execute(
+                    select(Click.x, Click.y, Click.label).where(Click.task_run_id == run_id)
+                    .order_by(Click.click_index)
+                ).all()
+                out.append({"id": run_id, "client_key": key, "image_id": image_id, "image": image_name,
+                            "clicks": [tuple(c) for c in clicks]})
+    finally:
+        engine.dispose()
+    return out
+
+
+def store_totals(store: SeededStore) -> tuple[int, int]:
+    """(task runs, clicks) in the store."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from cellspot.store.db import make_engine
+    from cellspot.store.models import Click, TaskRun
+
+    engine = make_engine(store.database_url)
+    try:
+        with Session(engine) as session:
+            return (session.scalar(select(func.count()).select_from(TaskRun)) or 0,
+                    session.scalar(select(func.count()).select_from(Click)) or 0)
+    finally:
+        engine.dispose()
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def join_as(page, url: str, class_code: str, nickname: str) -> None:
+    """Open the app, join the class and skip the tutorial: the labelling page is shown."""
+    open_app(page, url)
+    page.get_by_role("textbox", name="Class code").fill(class_code)
+    page.get_by_role("textbox", name="Nickname").fill(nickname)
+    click_button(page, "Join")
+    expect(page.get_by_role("button", name="Skip the tutorial")).to_be_visible()
+    click_button(page, "Skip the tutorial")
+    expect(page.get_by_role("button", name=re.compile("Submit"))).to_be_visible()
+
+
+def shown_image(page) -> tuple[str, tuple[int, int]]:
+    """Name and (width, height) of the image on the labelling page, from its caption."""
+    caption = page.get_by_text(re.compile(r"\(\d+×\d+ px\)")).first.inner_text()
+    match = re.search(r"^(\S+) \((\d+)×(\d+) px\)", caption)
+    assert match, f"unexpected image caption {caption!r}"
+    return match.group(1), (int(match.group(2)), int(match.group(3)))
+
+
+def pick_label(page, label: str, how: str) -> None:
+    """Make ``label`` current with its button or its keyboard key; checks the page says so."""
+    if how == "key":
+        page.keyboard.press(LABEL_KEYS[label])
+        wait_idle(page)
+    else:
+        click_button(page, LABEL_BUTTONS[label])
+    expect(page.get_by_text(re.compile(r"^Label: .*" + re.escape(LABEL_BUTTONS[label])))).to_be_visible()
+
+
+def expect_counts(page, alive: int, dead: int, not_sure: int) -> None:
+    expect(page.get_by_text(re.compile(
+        rf"Alive {alive} · ☒ Dead {dead} · △ Not sure {not_sure}$"))).to_be_visible()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_student_labels_and_one_run_holds_the_clicked_pixels(
+    app_server: AppServer, seeded_store: SeededStore, new_page, artifacts_dir: Path, journey: Journey
+) -> None:
+    page = new_page()
+    join_as(page, app_server.url, seeded_store.class_code, "ada")
+    assert not set(nav_links(page)) & set(RESEARCHER_PAGES), f"a student is offered {nav_links(page)}"
+    name, size = shown_image(page)
+    assert name in seeded_store.images and size == seeded_store.images[name][1:]
+
+    counts = {"alive": 0, "dead": 0, "not_sure": 0}
+    for x, y, label, how in [*FIRST_STUDENT_MARKS, UNDONE_MARK]:
+        pick_label(page, label, how)
+        click_image_pixel(page, x, y, size)
+        counts[label] += 1
+        expect_counts(page, **counts)
+    screenshot(page, artifacts_dir / "e2e-label-page-5-marks.png")
+
+    # clicking an existing mark with its own label removes it; Undo brings it back
+    click_image_pixel(page, UNDONE_MARK[0], UNDONE_MARK[1], size)
+    counts[UNDONE_MARK[2]] -= 1
+    expect_counts(page, **counts)
+    click_button(page, "Undo")
+    counts[UNDONE_MARK[2]] += 1
+    expect_counts(page, **counts)
+    # ... and the next Undo takes back placing it
+    click_button(page, "Undo")
+    counts[UNDONE_MARK[2]] -= 1
+    expect_counts(page, **counts)
+    screenshot(page, artifacts_dir / "e2e-label-page.png")
+    assert stored_runs(seeded_store, "ada") == [], "nothing may be stored before Submit"
+
+    # a double click on Submit must still store one run
+    page.get_by_role("button", name=re.compile("Submit")).dblclick()
+    wait_idle(page)
+    expect(page.get_by_text(re.compile(rf"Saved: {len(FIRST_STUDENT_MARKS)} mark\(s\) on {re.escape(name)}"))
+           ).to_be_visible()
+    next_name, _ = shown_image(page)
+    assert next_name != name, "after Submit the next image is shown"
+
+    runs = stored_runs(seeded_store, "ada")
+    assert len(runs) == 1, f"expected exactly one stored run, got {runs}"
+    run = runs[0]
+    assert run["image"] == name
+    assert len(run["clicks"]) == len(FIRST_STUDENT_MARKS), run["clicks"]
+    for (x, y, label, _how), (sx, sy, slabel) in zip(FIRST_STUDENT_MARKS, run["clicks"], strict=True):
+        assert slabel == label
+        assert abs(sx - x) <= TOLERANCE_PX and abs(sy - y) <= TOLERANCE_PX, (
+            f"{label} mark aimed at image pixel ({x}, {y}) was stored at ({sx}, {sy})")
+    journey.first_run = run
+
+
+def test_second_student_gets_another_image(
+    app_server: AppServer, seeded_store: SeededStore, new_page, journey: Journey
+) -> None:
+    if journey.first_run is None:
+        pytest.skip("the first student's run was not stored (previous test failed)")
+    page = new_page()
+    join_as(page, app_server.url, seeded_store.class_code, "bob")
+    name, size = shown_image(page)
+    assert name != journey.first_run["image"], "the second student got the first student's image"
+    pick_label(page, "alive", "button")
+    x, y = size[0] // 2, size[1] // 2
+    click_image_pixel(page, x, y, size)
+    expect_counts(page, alive=1, dead=0, not_sure=0)
+    click_button(page, "Submit")
+    expect(page.get_by_text(re.compile(rf"Saved: 1 mark\(s\) on {re.escape(name)}"))).to_be_visible()
+    runs = stored_runs(seeded_store, "bob")
+    assert len(runs) == 1 and runs[0]["image"] == name, runs
+    assert runs[0]["image_id"] != journey.first_run["image_id"]
+    (sx, sy, label), = runs[0]["clicks"]
+    assert label == "alive" and abs(sx - x) <= TOLERANCE_PX and abs(sy - y) <= TOLERANCE_PX
+    journey.second_run = runs[0]
+
+
+def test_reload_mid_image_and_after_submit_keeps_the_student_and_stores_one_run(
+    app_server: AppServer, seeded_store: SeededStore, new_page
+) -> None:
+    page = new_page()
+    join_as(page, app_server.url, seeded_store.class_code, "cy")
+    name, size = shown_image(page)
+    click_image_pixel(page, 100, 100, size)
+    expect_counts(page, alive=1, dead=0, not_sure=0)
+
+    page.reload()  # mid-image: the draft may be lost, the student stays in
+    wait_idle(page)
+    expect(page.get_by_role("button", name=re.compile("Submit")),
+           f"after a reload mid-image the page is: {page.inner_text('body')[:300]!r}").to_be_visible()
+    name, size = shown_image(page)
+    counts_text = page.get_by_text(re.compile(r"Alive \d+ · ☒ Dead")).first.inner_text()
+    if "Alive 0" in counts_text:  # the draft was lost: mark again
+        click_image_pixel(page, 100, 100, size)
+    expect_counts(page, alive=1, dead=0, not_sure=0)
+    click_button(page, "Submit")
+    expect(page.get_by_text(re.compile(rf"Saved: 1 mark\(s\) on {re.escape(name)}"))).to_be_visible()
+
+    page.reload()  # after submit: never a second run
+    wait_idle(page)
+    expect(page.get_by_role("button", name=re.compile("Submit")),
+           f"after a reload after submit the page is: {page.inner_text('body')[:300]!r}").to_be_visible()
+    runs = stored_runs(seeded_store, "cy")
+    assert len(runs) == 1 and runs[0]["image"] == name and len(runs[0]["clicks"]) == 1, runs
+
+
+def test_researcher_sees_the_runs_and_exports(
+    app_server: AppServer, seeded_store: SeededStore, new_page, artifacts_dir: Path,
+    journey: Journey, tmp_path: Path,
+) -> None:
+    if journey.first_run is None:
+        pytest.skip("the first student's run was not stored (previous test failed)")
+    page = new_page()
+    open_app(page, app_server.url)
+    assert not set(nav_links(page)) & set(RESEARCHER_PAGES)
+    go_to(page, "Researcher login")
+    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD)
+    click_button(page, "Log in")
+    expect(page.get_by_role("heading", name="Class")).to_be_visible()
+    assert set(RESEARCHER_PAGES) <= set(nav_links(page)), nav_links(page)
+
+    n_runs, n_clicks = store_totals(seeded_store)
+    expect(page.get_by_text(re.compile(rf"^{n_runs} runs, {n_clicks} clicks in all"))).to_be_visible()
+    students = {row.get("nickname"): row for row in dataframe_rows(page)}
+    assert "ada" in students, f"the class table lists {list(students)}"
+    assert students["ada"].get("runs") == "1", students["ada"]
+
+    click_button(page, "Recompute consensus")
+    expect(page.get_by_text(re.compile(r"^Snapshot \d+: "))).to_be_visible(timeout=60_000)
+    screenshot(page, artifacts_dir / "e2e-dashboard-class.png")
+
+    go_to(page, "Export")
+    expect(page.get_by_role("heading", name="Export")).to_be_visible()
+    click_button(page, "Build the export")
+    expect(page.get_by_text(re.compile(r"^Export ready: "))).to_be_visible(timeout=60_000)
+    screenshot(page, artifacts_dir / "e2e-dashboard-export.png")
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download the zip").click()
+    target = tmp_path / "export.zip"
+    download_info.value.save_as(target)
+    with zipfile.ZipFile(target) as archive:
+        names = archive.namelist()
+    assert any(n.endswith("manifest.json") for n in names), names[:20]
+    assert any("clicks" in n for n in names), names[:20]
+
+
+def test_wrong_researcher_password_is_refused(app_server: AppServer, new_page) -> None:
+    page = new_page()
+    open_app(page, app_server.url)
+    go_to(page, "Researcher login")
+    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD + "-wrong")
+    click_button(page, "Log in")
+    expect(page.get_by_text(re.compile("Wrong password"))).to_be_visible()
+    assert E2E_PASSWORD not in page.inner_text("body")
+    expect(page.get_by_role("textbox", name="Password")).to_have_value("")
+    assert not set(nav_links(page)) & set(RESEARCHER_PAGES), nav_links(page)
+    expect(page.get_by_role("textbox", name="Password")).to_be_visible()
