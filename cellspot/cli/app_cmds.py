@@ -63,17 +63,14 @@ def prepare_store(build_demo_if_empty: bool = True) -> str:
     from sqlalchemy import func, select
 
     from cellspot.settings import get_settings
-    from cellspot.store.db import make_engine, transaction
-    from cellspot.store.migrate import upgrade
+    from cellspot.store.db import transaction
+    from cellspot.store.migrate import prepare_store
     from cellspot.store.models import Project
     from cellspot.workflows.demo import build_demo
 
     settings = get_settings()
-    for folder in (settings.home, settings.images_dir, settings.exports_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings=settings)
+    engine = prepare_store(settings)
     try:
-        upgrade(engine)
         with transaction(engine) as session:
             n_projects = session.scalar(select(func.count()).select_from(Project)) or 0
             if n_projects or not build_demo_if_empty:

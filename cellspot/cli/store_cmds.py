@@ -38,15 +38,11 @@ def open_store(settings: Settings | None = None) -> Engine:
 def init_cmd() -> None:
     """Create CELLSPOT_HOME and upgrade the database to the newest schema."""
     from cellspot.settings import get_settings
-    from cellspot.store.db import make_engine
-    from cellspot.store.migrate import current_revision, upgrade
+    from cellspot.store.migrate import current_revision, prepare_store
 
     settings = get_settings()
-    for folder in (settings.home, settings.images_dir, settings.exports_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings=settings)
+    engine = prepare_store(settings)
     try:
-        upgrade(engine)
         revision = current_revision(engine)
     finally:
         engine.dispose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from pathlib import Path
 
@@ -12,6 +14,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
 
 import cellspot
+
+if TYPE_CHECKING:
+    from cellspot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,24 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), revision)
     log.info("database %s upgraded to %s", _safe_url(engine), revision)
+
+
+def prepare_store(settings: "Settings") -> Engine:
+    """Create ``CELLSPOT_HOME`` and its folders, then an engine on a database at head.
+
+    The caller disposes of the engine.
+    """
+    from cellspot.store.db import make_engine
+
+    for folder in (settings.home, settings.images_dir, settings.exports_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings=settings)
+    try:
+        upgrade(engine)
+    except Exception:
+        engine.dispose()
+        raise
+    return engine
 
 
 def downgrade(engine: Engine, revision: str) -> None:
