@@ -165,20 +165,24 @@ def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
     ri, rj = rank[arr.run[j]], rank[arr.run[i]]  # slot of the partner's run, seen from i / j
     used = np.zeros((n, slots), dtype=bool)
     matched = np.zeros(len(i), dtype=bool)
+    # round one: nearest candidates only (a second nearest can only win once the nearest
+    # is taken); later rounds scan only the edges still alive
+    cand = np.flatnonzero(~second)
     for r in range(rounds):
-        # round one: nearest candidates only (a second nearest can only win once the
-        # nearest is taken)
-        live = np.flatnonzero(~matched & ~used[i, ri] & ~used[j, rj] & (~second if r == 0 else True))
+        if r == 1:
+            cand = np.concatenate([cand, np.flatnonzero(second)])
+        live = cand[~matched[cand] & ~used[i[cand], ri[cand]] & ~used[j[cand], rj[cand]]]
         if len(live) == 0:
             break
         best_i = group_min(i[live] * slots + ri[live], d_key[live], n * slots)
         best_j = group_min(j[live] * slots + rj[live], d_key[live], n * slots)
         win = live[best_i & best_j]
-        if len(win) == 0:
+        if len(win) == 0 and r > 0:
             break
         matched[win] = True
         used[i[win], ri[win]] = True
         used[j[win], rj[win]] = True
+        cand = live
     return i[matched], j[matched], d[matched]
 
 
