@@ -221,7 +221,6 @@ def cluster_clicks(arr: ClickArrays, scale: Scale) -> np.ndarray:
     comp = split_conflicts(arr, comp.astype(np.int64), i, j, d)
     comp = merge_fragments(arr, comp, scale.radius)
     comp = reassign_clicks(arr, comp, scale.radius)
-    comp = merge_fragments(arr, comp, scale.radius)
     # renumber by (image, first click) so results are deterministic and readable
     first = np.full(comp.max() + 1, n, dtype=np.int64)
     np.minimum.at(first, comp, np.arange(n))

@@ -9,6 +9,7 @@ Every function here keeps the invariant: no cluster holds two clicks of one run.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -193,12 +194,32 @@ def reassign_clicks(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, roun
     clicked yet when that centre is nearer than its own; of several clicks of one run bound
     for the same cluster, the one that gains most moves. When no click gains, the cheapest
     cluster of each image that can be spread entirely over its neighbours (smallest, then
-    shortest mean move) is dissolved. This repairs
-    cells cut across by pairwise matching when two cells are closer than the click jitter.
+    shortest mean move) is dissolved, and complementary fragments are joined again. This
+    repairs cells cut across by pairwise matching when two cells are closer than the click
+    jitter. Only the images with incomplete neighbouring clusters are worked on.
     """
+    _, comp = np.unique(comp, return_inverse=True)
+    found = _incomplete_neighbours(arr, comp, radius)
+    if found is None:
+        return comp
+    # work on the images that have incomplete neighbours only: a small share of all clicks
+    touched = np.zeros(arr.n_images, dtype=bool)
+    image_of = np.zeros(int(comp.max()) + 1, dtype=np.int64)
+    image_of[comp] = arr.image
+    touched[image_of[found[4]]] = True
+    mask = touched[arr.image]
+    sub = replace(arr, x=arr.x[mask], y=arr.y[mask], label=arr.label[mask], image=arr.image[mask],
+                  run=arr.run[mask], annotator=arr.annotator[mask])
+    _, sub_comp = np.unique(comp[mask], return_inverse=True)
+    sub_comp = merge_fragments(sub, _reassign(sub, sub_comp, radius, rounds), radius)
+    out = comp.copy()
+    out[mask] = comp.max() + 1 + sub_comp
+    return out
+
+
+def _reassign(arr: ClickArrays, comp: np.ndarray, radius: np.ndarray, rounds: int) -> np.ndarray:
     bits_click = arr.run_bits
     n_key = arr.n_runs + 1
-    _, comp = np.unique(comp, return_inverse=True)
     for _ in range(rounds):
         found = _candidate_moves(arr, comp, radius, bits_click)
         if found is None:
