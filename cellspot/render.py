@@ -16,6 +16,8 @@ an X and "D", not sure = triangle with "?".
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import logging
 import math
 from collections.abc import Sequence
@@ -167,7 +169,9 @@ def scaled_image(rgb: np.ndarray, scale: float) -> PILImage.Image:
     return img.resize(size, resample)
 
 
+@lru_cache(maxsize=32)
 def _font(size: int) -> ImageFont.ImageFont:
+    """The marker letter font, loaded once per size (it is drawn for every mark on every rerun)."""
     try:
         return ImageFont.load_default(size=max(8, size))
     except TypeError:  # Pillow < 10.1
