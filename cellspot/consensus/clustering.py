@@ -97,48 +97,74 @@ class Neighbours:
 CANDIDATES_PER_RUN = 2
 
 
-def nearest_per_run(arr: ClickArrays, k: int | None = None) -> Neighbours:
-    """One k-nearest-neighbour query over all images at once (see :class:`Neighbours`)."""
+@dataclass(frozen=True)
+class _Knn:
+    """The k nearest clicks of every click (all images in one query), sorted by distance."""
+
+    dist: np.ndarray  # (n, k) float32, inf where missing
+    idx: np.ndarray  # (n, k) int32 (int64 for huge n), n where missing
+    slot: np.ndarray  # (n,) run slot of every click (:func:`run_rank` of its run)
+    spacing: np.ndarray  # (n,) distance to the nearest other click of the same run (inf if none)
+    max_runs: int
+
+
+def _knn(arr: ClickArrays, k: int | None = None) -> _Knn:
     n = len(arr.x)
-    empty = np.empty(0, dtype=np.int64)
-    if n < 2:
-        return Neighbours(np.full(n, np.inf), empty, empty, np.empty(0), np.empty(0, dtype=bool))
+    if n == 0:
+        return _Knn(np.empty((0, 1)), np.empty((0, 1), dtype=np.int64), np.empty(0, dtype=np.int64),
+                    np.empty(0), 1)
     max_runs = int(np.bincount(arr.run_image).max())
     k = min(n, k or int(np.clip(2 * max_runs + 1, 8, 48)))
     pts, gap = offset_coordinates(arr.x, arr.y, arr.image)
     tree = cKDTree(pts, balanced_tree=False, compact_nodes=False)  # faster to build, as fast to query
     dist, idx = tree.query(pts, k=k, distance_upper_bound=gap / 2, workers=-1)
-    del pts
+    del pts, tree
     # (n, k) tables dominate peak memory on big inputs: keep them small
-    dist = dist.astype(np.float32)
-    idx = idx.astype(np.int32 if n < 2**31 - 1 else np.int64)
-    found = (idx < n) & (idx != np.arange(n)[:, None])  # self removed by index, not by rank
-    idx[~found] = 0
-    run32 = arr.run.astype(np.int32)
-    nb_run = run32[idx]
-    same = found & (nb_run == run32[:, None])
-    first_same = np.argmax(same, axis=1)
-    spacing = np.where(same.any(axis=1), dist[np.arange(n), first_same], np.inf).astype(np.float64)
-    # neighbours come sorted by distance, so after a stable sort by run the first entries
-    # of every run are its nearest clicks
-    sentinel = np.iinfo(np.int32).max
-    nb_run[~found | same] = sentinel
-    del same, found
-    order = np.argsort(nb_run, axis=1, kind="stable").astype(np.int8 if k <= 127 else np.int32)
-    r_sorted = np.take_along_axis(nb_run, order, axis=1)
-    del nb_run
-    new_run = np.ones(r_sorted.shape, dtype=bool)
-    new_run[:, 1:] = r_sorted[:, 1:] != r_sorted[:, :-1]
-    cols_k = np.arange(k)[None, :]
-    start = np.maximum.accumulate(np.where(new_run, cols_k, 0), axis=1)
-    within = cols_k - start
-    keep = (within < CANDIDATES_PER_RUN) & (r_sorted != sentinel)
-    del r_sorted, new_run, start
-    rows, cols = np.nonzero(keep)
-    del keep
-    picked = order[rows, cols].astype(np.int64)
-    return Neighbours(spacing, rows.astype(np.int64), idx[rows, picked].astype(np.int64),
-                      dist[rows, picked].astype(np.float64), within[rows, cols] > 0)
+    dist = dist.reshape(n, k).astype(np.float32)
+    idx = idx.reshape(n, k).astype(np.int32 if n < 2**31 - 1 else np.int64)
+    slot = run_rank(arr)[arr.run].astype(np.int32)
+    # self removed by index, not by rank (duplicate clicks); missing neighbours point at n
+    same = (np.append(slot, -1)[idx] == slot[:, None]) & (idx != np.arange(n)[:, None])
+    first = np.argmax(same, axis=1)
+    spacing = np.where(same[np.arange(n), first], dist[np.arange(n), first], np.inf).astype(np.float64)
+    return _Knn(dist, idx, slot, spacing, max_runs)
+
+
+def nearest_per_run(arr: ClickArrays, knn: _Knn, bound: np.ndarray) -> Neighbours:
+    """Candidate pairs shorter than ``bound`` (n_images,) from the k-nearest table.
+
+    The neighbours of a click come sorted by distance, so walking the k columns in order
+    and counting, per (click, run slot), how many clicks of that run were already seen
+    gives each run's nearest and second nearest click without sorting the table; a click
+    leaves the walk at its first neighbour beyond its image's bound.
+    """
+    n = len(arr.x)
+    seen = np.zeros((n, max(knn.max_runs, 1)), dtype=np.uint8)  # clicks of each run slot met so far
+    rows = np.arange(n)
+    limit = bound[arr.image]
+    src, dst, dd, second = [], [], [], []
+    for c in range(knn.idx.shape[1]):
+        d = knn.dist[rows, c].astype(np.float64)
+        near = d < limit[rows]
+        rows, d = rows[near], d[near]
+        if len(rows) == 0:
+            break
+        j = knn.idx[rows, c].astype(np.int64)
+        s = knn.slot[j]
+        other = (s != knn.slot[rows]) & (j != rows)
+        ro, so, jo, do = rows[other], s[other], j[other], d[other]
+        met = seen[ro, so]
+        seen[ro, so] = met + 1  # one entry per row and column: no repeated (row, slot) here
+        keep = met < CANDIDATES_PER_RUN
+        src.append(ro[keep])
+        dst.append(jo[keep])
+        dd.append(do[keep])
+        second.append(met[keep] > 0)
+    if not src:
+        empty = np.empty(0, dtype=np.int64)
+        return Neighbours(knn.spacing, empty, empty, np.empty(0), np.empty(0, dtype=bool))
+    return Neighbours(knn.spacing, np.concatenate(src), np.concatenate(dst), np.concatenate(dd),
+                      np.concatenate(second))
 
 
 def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
@@ -188,16 +214,17 @@ def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
 
 def estimate_scale(arr: ClickArrays, cell_radius: float | None = None) -> Scale:
     """Estimate each image's merge radius from the clicks (see module docstring)."""
-    nb = nearest_per_run(arr)
-    has = np.isfinite(nb.spacing)
+    knn = _knn(arr)
+    has = np.isfinite(knn.spacing)
     # nobody clicked two cells: no spacing bound, the click jitter alone sets the radius
-    pooled_spacing = float(np.median(nb.spacing[has])) if has.any() else np.inf
-    spacing = _group_median(nb.spacing[has], arr.image[has], arr.n_images, pooled_spacing)
+    pooled_spacing = float(np.median(knn.spacing[has])) if has.any() else np.inf
+    spacing = _group_median(knn.spacing[has], arr.image[has], arr.n_images, pooled_spacing)
     if cell_radius:
         r = np.full(arr.n_images, float(cell_radius))
-        edges = match_runs(arr, nb, r)
+        edges = match_runs(arr, nearest_per_run(arr, knn, r), r)
         return Scale(r, spacing, r / JITTER_FACTOR, pooled_spacing, float(cell_radius) / JITTER_FACTOR, edges)
-    i, j, d = match_runs(arr, nb, spacing)
+    i, j, d = match_runs(arr, nearest_per_run(arr, knn, spacing), spacing)
+    del knn
     pooled_jitter = float(np.median(d)) if len(d) else np.inf
     jitter = _group_median(d, arr.image[i], arr.n_images, pooled_jitter)
     radius = np.maximum(np.minimum(SPACING_FACTOR * spacing, JITTER_FACTOR * jitter), MIN_RADIUS_PX)
