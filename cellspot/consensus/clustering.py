@@ -188,26 +188,28 @@ def match_runs(arr: ClickArrays, nb: Neighbours, radius: np.ndarray,
     d_key = d + np.arange(len(d)) * (1e-9 * max(float(d.max()), 1.0) / len(d))
     rank = run_rank(arr)
     slots = int(rank.max()) + 1
-    ri, rj = rank[arr.run[j]], rank[arr.run[i]]  # slot of the partner's run, seen from i / j
-    used = np.zeros((n, slots), dtype=bool)
+    # flat (click, partner run slot) keys, seen from i and from j
+    ui = i * slots + rank[arr.run[j]]
+    uj = j * slots + rank[arr.run[i]]
+    used = np.zeros(n * slots, dtype=bool)
     matched = np.zeros(len(i), dtype=bool)
     # round one: nearest candidates only (a second nearest can only win once the nearest
-    # is taken); later rounds scan only the edges still alive
+    # is taken); later rounds scan only the edges still alive (a matched edge has used
+    # both of its keys, so it is never alive again)
     cand = np.flatnonzero(~second)
     for r in range(rounds):
         if r == 1:
             cand = np.concatenate([cand, np.flatnonzero(second)])
-        live = cand[~matched[cand] & ~used[i[cand], ri[cand]] & ~used[j[cand], rj[cand]]]
+        live = cand[~(used[ui[cand]] | used[uj[cand]])]
         if len(live) == 0:
             break
-        best_i = group_min(i[live] * slots + ri[live], d_key[live], n * slots)
-        best_j = group_min(j[live] * slots + rj[live], d_key[live], n * slots)
-        win = live[best_i & best_j]
+        dk = d_key[live]
+        win = live[group_min(ui[live], dk, n * slots) & group_min(uj[live], dk, n * slots)]
         if len(win) == 0 and r > 0:
             break
         matched[win] = True
-        used[i[win], ri[win]] = True
-        used[j[win], rj[win]] = True
+        used[ui[win]] = True
+        used[uj[win]] = True
         cand = live
     return i[matched], j[matched], d[matched]
 
