@@ -24,6 +24,14 @@ class Settings(BaseSettings):
     )
     default_project: str = Field(default="demo", description="Project used when a command names none.")
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    queue_url: str | None = Field(
+        default=None,
+        description="Job queue: None = a SQLite huey queue at `home`/queue.db; "
+        "'redis://host:6379/0' = a Redis queue shared by workers on several machines.",
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads torch may use per job; None = the CPUs this process may use."
+    )
     researcher_password: SecretStr | None = Field(
         default=None,
         description="Plain researcher password (CELLSPOT_RESEARCHER_PASSWORD); hashed once in memory.",
@@ -59,6 +67,17 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'cellspot.db').resolve()}"
+
+    @property
+    def resolved_queue_url(self) -> str:
+        """The job queue URL: the explicit one, or ``sqlite:///<home>/queue.db``."""
+        if self.queue_url:
+            return self.queue_url
+        return f"sqlite:///{(self.home / 'queue.db').resolve()}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
 
     @property
     def images_dir(self) -> Path:

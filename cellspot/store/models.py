@@ -255,3 +255,81 @@ class AnnotatorReliability(Base):
     n_clicks: Mapped[int] = mapped_column(Integer)
 
     snapshot: Mapped[ConsensusSnapshot] = relationship(back_populates="reliabilities")
+
+
+MODEL_KINDS = ("classifier", "detector")
+RUN_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class ModelRun(Base):
+    """One training run of a model: its config, data, progress, metrics and checkpoint folder.
+
+    ``version`` ("classifier-0007") is unique and grows per kind. ``path`` is the checkpoint
+    folder, relative to ``CELLSPOT_HOME`` when inside it (``models/<kind>/<version>``).
+    ``progress`` is the latest :class:`cellspot.ml.common.Progress` as a dict, ``curves`` one
+    row per finished epoch. At most one ``done`` run per project and kind is active
+    (enforced by :func:`cellspot.ml.registry.promote`). ``project_id`` is ``NULL`` for runs
+    trained on a plain annotated folder.
+    """
+
+    __tablename__ = "model_runs"
+    __table_args__ = (
+        CheckConstraint(_in("kind", MODEL_KINDS), name="kind"),
+        CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        Index("ix_model_runs_project_kind", "project_id", "kind"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    preset: Mapped[str] = mapped_column(String(64), default="cpu-fast")
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    data_source: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    data_snapshot_id: Mapped[str | None] = mapped_column(String(200))
+    snapshot_id: Mapped[int | None] = mapped_column(
+        ForeignKey("consensus_snapshots.id", ondelete="SET NULL")
+    )
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    curves: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    path: Mapped[str | None] = mapped_column(String(1000))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    promoted_at: Mapped[datetime | None] = mapped_column()
+
+
+class PredictionCell(Base):
+    """A cell predicted by the models: position, label and probability, with the model runs used.
+
+    ``label``/``p_alive``/``uncertainty`` are ``NULL`` when no classifier ran; ``score`` is the
+    detector's confidence (``NULL`` when the positions did not come from a detector).
+    """
+
+    __tablename__ = "prediction_cells"
+    __table_args__ = (
+        CheckConstraint(_in("label", CELL_LABELS), name="label"),
+        CheckConstraint("p_alive >= 0 AND p_alive <= 1", name="p_alive_range"),
+        Index("ix_prediction_cells_image_detector", "image_id", "detector_run_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    detector_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_runs.id", ondelete="SET NULL")
+    )
+    classifier_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_runs.id", ondelete="SET NULL"), index=True
+    )
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(16))
+    p_alive: Mapped[float | None] = mapped_column(Float)
+    uncertainty: Mapped[float | None] = mapped_column(Float)
+    score: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

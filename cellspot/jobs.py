@@ -1,0 +1,168 @@
+"""Background jobs on a huey task queue: training runs and project predictions.
+
+The queue is embedded by default (a SQLite file ``CELLSPOT_HOME/queue.db``, no server) and
+moves to Redis by setting ``CELLSPOT_QUEUE_URL=redis://host:6379/0``, so workers on other
+machines (with GPUs) can share it. ``cellspot worker`` runs the consumer.
+
+A :class:`JobQueue` binds a huey instance to the settings that the tasks run with: the
+worker trains with the store, home and thread count it was started with, and the producer
+only sends run ids. :func:`get_queue` caches one queue per (queue URL, database URL, home).
+
+Order for callers: create the run and **commit**, then enqueue (a worker may pick the task
+up at once and must see the row); :func:`cellspot.workflows.models.queue_training` does both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huey import Huey, RedisHuey, SqliteHuey
+from huey.api import Result, TaskWrapper
+
+if TYPE_CHECKING:
+    from cellspot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "cellspot"
+SQLITE_PREFIX = "sqlite:///"
+REDIS_PREFIXES = ("redis://", "rediss://", "unix://")
+
+_QUEUES: dict[tuple[str, str, str, int | None], JobQueue] = {}
+_QUEUES_LOCK = threading.Lock()
+
+
+class JobQueueError(ValueError):
+    """The queue URL is not one cellspot can use."""
+
+
+@dataclass(frozen=True)
+class JobQueue:
+    """A huey instance with cellspot's tasks registered on it.
+
+    ``train(run_id, resume=None, device=None)`` and ``predict(project, detector=None,
+    classifier=None)`` enqueue
+    (or, with ``huey.immediate = True``, run at once) and return a huey :class:`Result`.
+    """
+
+    huey: Huey
+    train: TaskWrapper
+    predict: TaskWrapper
+    settings: Settings
+
+
+def make_huey(url: str, *, name: str | None = None) -> Huey:
+    """A bare huey instance for ``url``: ``sqlite:///path/queue.db`` or ``redis://host:port/db``.
+
+    ``name`` (default :data:`QUEUE_NAME`) separates queues that share one Redis database.
+    """
+    name = name or QUEUE_NAME
+    if url.startswith(SQLITE_PREFIX):
+        path = Path(url[len(SQLITE_PREFIX):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return SqliteHuey(name, filename=str(path))
+    if url.startswith(REDIS_PREFIXES):
+        return RedisHuey(name, url=url)
+    raise JobQueueError(
+        f"unsupported queue URL {url!r}; use sqlite:///path/to/queue.db or redis://host:6379/0 "
+        "(CELLSPOT_QUEUE_URL; unset = SQLite file in CELLSPOT_HOME)"
+    )
+
+
+def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWrapper]:
+    @huey.task(name="cellspot.train")
+    def train_task(run_id: int, resume: bool | None = None, device: str | None = None) -> dict[str, Any]:
+        """Train model run ``run_id`` (see :func:`cellspot.workflows.models.run_training`)."""
+        from cellspot.workflows.models import run_training
+
+        run = run_training(settings, run_id, resume=resume, device=device)
+        return {"run_id": run.id, "version": run.version, "status": run.status, "error": run.error}
+
+    @huey.task(name="cellspot.predict")
+    def predict_task(project: str, detector: str | None = None, classifier: str | None = None) -> dict[str, Any]:
+        """Predict every image of ``project`` and store the cells; ``detector`` / ``classifier``
+        are run versions or ids (default: the project's active runs)."""
+        from cellspot.ml.predict import predict_project
+        from cellspot.ml.registry import get_run
+        from cellspot.store.db import make_engine, transaction
+        from cellspot.store.queries import get_project
+
+        engine = make_engine(settings=settings)
+        try:
+            with transaction(engine) as session:
+                report = predict_project(
+                    session, settings, get_project(session, project),
+                    detector_run=get_run(session, detector) if detector else None,
+                    classifier_run=get_run(session, classifier) if classifier else None,
+                )
+        finally:
+            engine.dispose()
+        summary = {key: getattr(report, key, None) for key in
+                   ("project", "detector_version", "classifier_version", "images", "cells", "alive", "dead",
+                    "seconds")}
+        log.info("predictions stored: %s", summary)
+        return summary
+
+    return train_task, predict_task
+
+
+def get_queue(settings: Settings) -> JobQueue:
+    """The job queue for ``settings`` (one per queue URL, database URL and home)."""
+    key = (
+        settings.resolved_queue_url, settings.resolved_database_url,
+        str(settings.home.resolve()), settings.torch_threads,
+    )
+    with _QUEUES_LOCK:
+        queue = _QUEUES.get(key)
+        if queue is None:
+            huey = make_huey(key[0])
+            train, predict = _register_tasks(huey, settings)
+            queue = _QUEUES[key] = JobQueue(huey=huey, train=train, predict=predict, settings=settings)
+            log.debug("job queue %s ready", _safe(key[0]))
+    return queue
+
+
+def get_huey(settings: Settings) -> Huey:
+    """The huey instance of :func:`get_queue` (for a consumer or ``huey.immediate``)."""
+    return get_queue(settings).huey
+
+
+def enqueue_training(
+    settings: Settings, run_id: int, *, resume: bool | None = None, device: str | None = None
+) -> Result | None:
+    """Put training run ``run_id`` (already committed) on the queue."""
+    result = get_queue(settings).train(run_id, resume=resume, device=device)
+    log.info("training run %d queued on %s", run_id, _safe(settings.resolved_queue_url))
+    return result
+
+
+def enqueue_prediction(
+    settings: Settings, project: str, *, detector: str | None = None, classifier: str | None = None
+) -> Result | None:
+    """Put a prediction over ``project`` on the queue (model runs by version; default active)."""
+    return get_queue(settings).predict(project, detector=detector, classifier=classifier)
+
+
+def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any) -> None:
+    """Run the huey consumer for ``settings`` in this process until SIGINT / SIGTERM."""
+    if workers < 1:
+        raise JobQueueError(f"workers must be >= 1, got {workers}")
+    huey = get_huey(settings)
+    options = {"periodic": False, **consumer_options}  # cellspot has no periodic tasks
+    consumer = huey.create_consumer(workers=workers, worker_type="thread", **options)
+    log.info("worker on %s with %d thread(s)", _safe(settings.resolved_queue_url), workers)
+    consumer.run()
+
+
+def _safe(url: str) -> str:
+    """``url`` without a password (redis://:secret@host -> redis://:***@host)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,225 @@
+"""Shared pieces of every training run: progress events, cancellation, device, threads and
+checkpoint folders.
+
+A checkpoint is a folder::
+
+    weights.pt      the model's ``state_dict`` (load with :func:`load_weights`, ``weights_only=True``)
+    config.json     the typed training config (``dataclasses.asdict``) plus ``kind`` and versions
+    metrics.json    final metrics on the validation / test images
+    curves.json     one row per epoch: losses, metrics, seconds
+    resume.pt       optional: model + optimiser + scheduler + epoch, to resume a cancelled run
+
+Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+from cellspot.ml.files import CONFIG_FILE, CURVES_FILE, METRICS_FILE, RESUME_FILE, WEIGHTS_FILE  # noqa: F401
+
+
+class TrainingError(ValueError):
+    """Training cannot start or go on (no data, bad config, unreadable checkpoint)."""
+
+
+class TrainingCancelled(RuntimeError):
+    """Raised inside ``fit`` when ``should_stop()`` returned true; ``resume.pt`` is saved first."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event of a training run (sent after every step and every epoch).
+
+    ``step``/``steps`` count batches within the epoch; ``epoch`` is 1-based.
+    ``phase``: "train", "val", "epoch_end", "calibrate", "done".
+    """
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    phase: str = "train"
+    train_loss: float | None = None
+    val_loss: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """Overall completion in [0, 1] (epochs and steps)."""
+        if self.epochs <= 0:
+            return 0.0
+        inner = self.step / self.steps if self.steps else 0.0
+        return float(min(1.0, max(0.0, ((self.epoch - 1) + inner) / self.epochs)))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["metrics"] = dict(self.metrics)
+        out["fraction"] = self.fraction
+        return out
+
+
+ProgressFn = Callable[[Progress], None]
+StopFn = Callable[[], bool]
+
+
+class EtaClock:
+    """Elapsed time and a simple ETA from the completed fraction."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eta(self, fraction: float) -> float | None:
+        if fraction <= 0:
+            return None
+        return self.elapsed() * (1.0 - fraction) / fraction
+
+
+@dataclass
+class FitResult:
+    """What a ``fit`` returns: where the checkpoint is and what it scored."""
+
+    model_dir: Path
+    metrics: dict[str, Any]
+    curves: list[dict[str, Any]]
+    epochs_run: int
+    best_epoch: int
+    seconds: float
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """``prefer`` ("cpu", "cuda", "cuda:1") or CUDA when available, else CPU."""
+    if prefer:
+        if prefer.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainingError(f"device {prefer!r} asked for, but CUDA is not available here")
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads: ``n`` or the CPUs this process may use (at least 1).
+
+    Returns the number set. Inter-op threads stay at torch's default.
+    """
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            n = os.cpu_count() or 1
+    n = max(1, int(n))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and numpy's legacy global generator."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"{path} is missing: not a cellspot model folder?") from None
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a ``state_dict`` (or resume state) with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path} is missing: not a cellspot model folder?")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise TrainingError(f"cannot load weights from {path}: {exc}") from exc
+
+
+def save_checkpoint(
+    model_dir: Path,
+    state_dict: Mapping[str, Any],
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    curves: list[dict[str, Any]],
+) -> None:
+    """Write the checkpoint folder (weights, config, metrics, curves)."""
+    model_dir = Path(model_dir)
+    save_torch(model_dir / WEIGHTS_FILE, {k: v.detach().cpu() for k, v in state_dict.items()})
+    write_json(model_dir / CONFIG_FILE, config)
+    write_json(model_dir / METRICS_FILE, metrics)
+    write_json(model_dir / CURVES_FILE, curves)
+    log.info("checkpoint written to %s", model_dir)
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    return read_json(Path(model_dir) / CONFIG_FILE)
+
+
+def read_metrics(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / METRICS_FILE
+    return read_json(path) if path.exists() else {}
+
+
+def read_curves(model_dir: Path) -> list[dict[str, Any]]:
+    path = Path(model_dir) / CURVES_FILE
+    return read_json(path) if path.exists() else []

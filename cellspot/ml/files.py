@@ -1,0 +1,7 @@
+"""File names of a model folder (no torch here, so the dashboard can use them cheaply)."""
+
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "curves.json"
+RESUME_FILE = "resume.pt"

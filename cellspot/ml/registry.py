@@ -1,0 +1,342 @@
+"""The model registry: training runs in the store, their checkpoint folders, promote / roll back.
+
+Every training run is one :class:`~cellspot.store.models.ModelRun` row with a version such as
+``classifier-0007`` (unique, growing per kind), its config, data source and snapshot,
+progress, curves, metrics and checkpoint folder (``models/<kind>/<version>`` under
+``CELLSPOT_HOME``). One ``done`` run per project and kind is *active*: the one the
+dashboard and ``cellspot predict`` use by default. :func:`promote` makes a run active and
+remembers when; :func:`rollback` undoes the latest promotion, so repeated roll-backs walk
+back through the promotion history.
+
+No torch here: the dashboard imports this module. Helpers take a caller-owned session,
+flush when they write and never commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cellspot.store.models import MODEL_KINDS, ModelRun, Project, utcnow
+
+if TYPE_CHECKING:
+    from cellspot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "cpu-fast"
+#: metrics shown as columns of :func:`runs_frame`, per kind, in this order
+KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "classifier": ("balanced_accuracy", "accuracy", "f1", "roc_auc", "ece"),
+    "detector": ("f1", "precision", "recall"),
+}
+RUNS_FRAME_COLUMNS = [
+    "version", "kind", "status", "preset", "created", "seconds", "progress", "active",
+    "data_snapshot_id", "error",
+]
+_VERSION_RE = re.compile(r"^(?P<kind>[a-z]+)-(?P<number>\d+)$")
+_ModelRef = int | str | ModelRun
+
+
+class RegistryError(ValueError):
+    """A registry operation is not allowed (unknown kind, run not done, nothing to roll back to)."""
+
+
+class RunNotFoundError(LookupError):
+    """No model run with the given id or version."""
+
+
+def check_kind(kind: str) -> str:
+    """``kind`` if it is a model kind, else :class:`RegistryError` listing the valid ones."""
+    if kind not in MODEL_KINDS:
+        raise RegistryError(f"unknown model kind {kind!r}; valid kinds: {', '.join(MODEL_KINDS)}")
+    return kind
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: mappings/lists recursively, numpy/torch scalars via
+    ``.item()``, paths as strings, NaN/inf as ``None`` (portable JSON columns)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
+        try:
+            return jsonable(obj.item())
+        except (TypeError, ValueError):
+            pass
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def next_version(session: Session, kind: str) -> str:
+    """The next free version of ``kind``: one above the highest stored (``classifier-0001`` first)."""
+    check_kind(kind)
+    versions = session.scalars(select(ModelRun.version).where(ModelRun.kind == kind)).all()
+    numbers = [int(m["number"]) for v in versions if (m := _VERSION_RE.match(v))]
+    return f"{kind}-{max(numbers, default=0) + 1:04d}"
+
+
+def relative_path(settings: Settings, folder: Path) -> str:
+    """``folder`` relative to ``CELLSPOT_HOME`` when inside it, else absolute (as stored in ``path``)."""
+    home = settings.home.resolve()
+    folder = Path(folder).resolve()
+    try:
+        return folder.relative_to(home).as_posix()
+    except ValueError:
+        return str(folder)
+
+
+def create_run(
+    session: Session,
+    kind: str,
+    *,
+    project: Project | None = None,
+    preset: str = DEFAULT_PRESET,
+    config: Mapping[str, Any] | None = None,
+    data_source: Mapping[str, Any] | None = None,
+    snapshot_id: int | None = None,
+    path: str | None = None,
+) -> ModelRun:
+    """Add a queued run with the next version of ``kind`` and flush it.
+
+    ``config``: config overrides for the trainer's ``config_for(preset, **config)`` (the
+    resolved config replaces them when training starts). ``data_source``: where the training
+    data comes from (``{"kind": "consensus", ...}``, see :mod:`cellspot.workflows.models`).
+    ``path``: the checkpoint folder as stored (default ``models/<kind>/<version>``).
+    """
+    check_kind(kind)
+    if not preset or not preset.strip():
+        raise RegistryError("preset must be a non-empty name such as 'cpu-fast' or 'quality'")
+    version = next_version(session, kind)
+    run = ModelRun(
+        project_id=project.id if project is not None else None,
+        kind=kind,
+        version=version,
+        status="queued",
+        preset=preset,
+        config=jsonable(dict(config or {})),
+        data_source=jsonable(dict(data_source or {})),
+        snapshot_id=snapshot_id,
+        metrics={},
+        progress={},
+        curves=[],
+        path=path or f"models/{kind}/{version}",
+        is_active=False,
+        cancel_requested=False,
+        created_at=utcnow(),
+    )
+    session.add(run)
+    session.flush()
+    log.info("model run %s created (preset %s, project id %s)", version, preset, run.project_id)
+    return run
+
+
+def get_run(session: Session, ref: _ModelRef) -> ModelRun:
+    """The run with id ``ref`` (int or digits) or version ``ref`` (``"classifier-0003"``)."""
+    if isinstance(ref, ModelRun):
+        return ref
+    run: ModelRun | None
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        run = session.get(ModelRun, int(ref))
+    else:
+        run = session.scalar(select(ModelRun).where(ModelRun.version == ref))
+    if run is None:
+        known = session.scalars(select(ModelRun.version).order_by(ModelRun.id.desc()).limit(5)).all()
+        hint = ", ".join(known) if known else "none yet"
+        raise RunNotFoundError(f"no model run {ref!r}; latest versions: {hint}")
+    return run
+
+
+def _same_group(project_id: int | None, kind: str):  # noqa: ANN202 - SQL expression list
+    project_clause = (
+        ModelRun.project_id.is_(None) if project_id is None else ModelRun.project_id == project_id
+    )
+    return [project_clause, ModelRun.kind == kind]
+
+
+def _project_id(project: Project | None) -> int | None:
+    return project.id if project is not None else None
+
+
+def active_run(session: Session, project: Project | None, kind: str) -> ModelRun | None:
+    """The active run of ``kind`` in ``project`` (``None`` = runs without a project), or ``None``."""
+    check_kind(kind)
+    stmt = (
+        select(ModelRun)
+        .where(*_same_group(_project_id(project), kind), ModelRun.is_active.is_(True))
+        .order_by(ModelRun.promoted_at.desc(), ModelRun.id.desc())
+        .limit(1)
+    )
+    return session.scalar(stmt)
+
+
+def model_dir(settings: Settings, run: ModelRun) -> Path:
+    """The checkpoint folder of ``run`` (``path`` relative to ``CELLSPOT_HOME`` or absolute)."""
+    path = Path(run.path or f"models/{run.kind}/{run.version}")
+    return path if path.is_absolute() else settings.home / path
+
+
+def promote(session: Session, run: ModelRun) -> ModelRun:
+    """Make ``run`` (status ``done``) the active model of its project and kind; flush."""
+    if run.status != "done":
+        raise RegistryError(f"cannot promote {run.version}: its status is {run.status!r}, only 'done' runs can be")
+    others = session.scalars(
+        select(ModelRun).where(
+            *_same_group(run.project_id, run.kind), ModelRun.is_active.is_(True), ModelRun.id != run.id
+        )
+    ).all()
+    for other in others:
+        other.is_active = False
+    run.is_active = True
+    run.promoted_at = utcnow()
+    session.flush()
+    log.info("model run %s promoted (was active: %s)", run.version, [o.version for o in others] or "none")
+    return run
+
+
+def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
+    """Undo the latest promotion of ``kind`` in ``project``: the active run loses its promotion
+    and the previously promoted ``done`` run becomes active again; flush. Returns that run.
+
+    :class:`RegistryError` when no earlier promoted run exists.
+    """
+    check_kind(kind)
+    current = active_run(session, project, kind)
+    stmt = (
+        select(ModelRun)
+        .where(*_same_group(_project_id(project), kind), ModelRun.status == "done",
+               ModelRun.promoted_at.is_not(None))
+        .order_by(ModelRun.promoted_at.desc(), ModelRun.id.desc())
+    )
+    if current is not None:
+        stmt = stmt.where(ModelRun.id != current.id)
+    previous = session.scalars(stmt.limit(1)).first()
+    where = f"project {project.name!r}" if project is not None else "runs without a project"
+    if previous is None:
+        active = current.version if current is not None else "none"
+        raise RegistryError(f"no earlier promoted {kind} to roll back to in {where} (active: {active})")
+    if current is not None:
+        current.is_active = False
+        current.promoted_at = None
+    previous.is_active = True
+    session.flush()
+    log.info("%s rolled back in %s: %s -> %s", kind, where,
+             current.version if current is not None else "none", previous.version)
+    return previous
+
+
+def _seconds(run: ModelRun) -> float:
+    if run.started_at is None or run.finished_at is None:
+        return math.nan
+    return (_aware(run.finished_at) - _aware(run.started_at)).total_seconds()
+
+
+def _aware(ts):  # noqa: ANN001, ANN202 - SQLite returns naive UTC datetimes
+    from datetime import timezone
+
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
+
+
+def _number(value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out
+
+
+def list_runs(session: Session, project: Project | None, kind: str | None = None) -> list[ModelRun]:
+    """Runs of ``project`` (``None`` = without a project), newest first, optionally of one kind."""
+    stmt = select(ModelRun).where(
+        ModelRun.project_id.is_(None) if project is None else ModelRun.project_id == project.id
+    )
+    if kind is not None:
+        stmt = stmt.where(ModelRun.kind == check_kind(kind))
+    return list(session.scalars(stmt.order_by(ModelRun.id.desc())).all())
+
+
+def runs_frame(session: Session, project: Project | None, kind: str | None = None) -> pd.DataFrame:
+    """One row per run of ``project``, newest first.
+
+    Columns: :data:`RUNS_FRAME_COLUMNS` (``seconds`` = training time, NaN until finished;
+    ``progress`` = completed fraction in [0, 1]) followed by the :data:`KEY_METRICS` of the
+    kinds shown (NaN where a run has no such metric).
+    """
+    runs = list_runs(session, project, kind)
+    kinds = [kind] if kind is not None else list(MODEL_KINDS)
+    metric_cols = list(dict.fromkeys(m for k in kinds for m in KEY_METRICS[k]))
+    rows = []
+    for run in runs:
+        metrics = run.metrics or {}
+        fraction = 1.0 if run.status == "done" else _number((run.progress or {}).get("fraction", 0.0))
+        row = {
+            "version": run.version, "kind": run.kind, "status": run.status, "preset": run.preset,
+            "created": run.created_at, "seconds": _seconds(run), "progress": fraction,
+            "active": bool(run.is_active), "data_snapshot_id": run.data_snapshot_id, "error": run.error,
+        }
+        row.update({m: _number(metrics.get(m)) for m in metric_cols})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=RUNS_FRAME_COLUMNS + metric_cols)
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) metrics dict as ``{"a.b": value}``; lists are left out."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(value, prefix=f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
+    """Numeric metrics of runs ``a`` and ``b`` side by side.
+
+    Index: metric names (nested ones as ``"a.b"``) plus ``seconds`` and ``epochs``; columns:
+    the two versions and ``difference`` (b - a). NaN where a run lacks a metric.
+    """
+    run_a, run_b = get_run(session, a), get_run(session, b)
+    if run_a.id == run_b.id:
+        raise RegistryError(f"compare two different runs, got {run_a.version} twice")
+    values = []
+    for run in (run_a, run_b):
+        flat = flatten_metrics(run.metrics or {})
+        flat["seconds"] = _seconds(run)
+        flat["epochs"] = float(len(run.curves or []))
+        values.append(flat)
+    names = list(dict.fromkeys([*values[0], *values[1]]))
+    frame = pd.DataFrame(
+        {run_a.version: [values[0].get(n, math.nan) for n in names],
+         run_b.version: [values[1].get(n, math.nan) for n in names]},
+        index=pd.Index(names, name="metric"),
+    )
+    frame["difference"] = frame[run_b.version] - frame[run_a.version]
+    return frame
+
+
+def run_curves(run: ModelRun) -> pd.DataFrame:
+    """The per-epoch curves of ``run`` (one row per epoch, sorted; column ``epoch`` first)."""
+    rows = [dict(r) for r in (run.curves or [])]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame({"epoch": pd.Series([], dtype="int64")})
+    if "epoch" in frame.columns:
+        frame = frame.sort_values("epoch", kind="stable").reset_index(drop=True)
+        frame = frame[["epoch", *[c for c in frame.columns if c != "epoch"]]]
+    return frame

@@ -1,0 +1,512 @@
+"""Training as a job: the one path from a model run in the store to a checkpoint folder.
+
+:func:`run_training` is used by ``cellspot train`` (foreground), the worker (``cellspot
+worker`` via :mod:`cellspot.jobs`), the dashboard (through the queue) and the tests. It
+loads the run's training data (consensus snapshot, expert cells or an annotated folder),
+calls the kind's ``fit`` function and keeps the run row up to date with its own short
+sessions, so the dashboard sees progress while training runs:
+
+* ``progress``: the latest :class:`~cellspot.ml.common.Progress` (at most about once per
+  :data:`PROGRESS_INTERVAL_S`, always at the end of an epoch);
+* ``curves``: one row per finished epoch;
+* ``cancel_requested`` is read at most every :data:`CANCEL_POLL_S` seconds and stops the
+  fit (which saves ``resume.pt`` first);
+* ``status`` queued -> running -> done | failed | cancelled, with times, error, metrics.
+
+The first ``done`` run of a kind in a project becomes active; later ones need
+:func:`cellspot.ml.registry.promote`.
+
+Starting a job is two steps in this order: :func:`start_training` adds the queued run
+(caller commits), then :func:`enqueue` puts it on the queue; :func:`queue_training` does
+both with its own session. Runs on a plain folder (``cellspot train --images ...``) are
+stored the same way with ``project_id`` NULL, so there is one training path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cellspot.ml import registry
+from cellspot.store.models import ModelRun, Project, utcnow
+
+if TYPE_CHECKING:
+    from cellspot.ml.common import FitResult, Progress, ProgressFn
+    from cellspot.ml.data import TrainingData
+    from cellspot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 1.0
+CANCEL_POLL_S = 1.0
+STORE_SOURCES = ("consensus", "expert")
+RUN_FILE = "run.json"
+
+
+class WorkflowError(ValueError):
+    """A training job cannot be started, cancelled or resumed as asked."""
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """How one model kind trains: ``config_for(preset, **overrides)`` -> typed config and
+    ``fit(data, config, out_dir, *, progress, should_stop, resume, device)`` -> FitResult."""
+
+    config_for: Callable[..., Any]
+    fit: Callable[..., FitResult]
+
+
+def _classifier_config(preset: str, **overrides: Any) -> Any:
+    from cellspot.ml import classifier
+
+    return classifier.config_for(preset, **overrides)
+
+
+def _classifier_fit(*args: Any, **kwargs: Any) -> FitResult:
+    from cellspot.ml import classifier
+
+    return classifier.fit_classifier(*args, **kwargs)
+
+
+def _detector_config(preset: str, **overrides: Any) -> Any:
+    from cellspot.ml import detector
+
+    return detector.config_for(preset, **overrides)
+
+
+def _detector_fit(*args: Any, **kwargs: Any) -> FitResult:
+    from cellspot.ml import detector
+
+    return detector.fit_detector(*args, **kwargs)
+
+
+#: model kind -> trainer (the real ones import torch lazily; tests swap in a fake one)
+TRAINERS: dict[str, Trainer] = {
+    "classifier": Trainer(_classifier_config, _classifier_fit),
+    "detector": Trainer(_detector_config, _detector_fit),
+}
+
+
+def get_trainer(kind: str) -> Trainer:
+    """The trainer of ``kind``; :class:`WorkflowError` lists the known kinds."""
+    try:
+        return TRAINERS[kind]
+    except KeyError:
+        raise WorkflowError(f"no trainer for model kind {kind!r}; known: {', '.join(TRAINERS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# training data
+# ---------------------------------------------------------------------------------------------
+
+def _load_store_source(session: Session, settings: Settings, run: ModelRun) -> TrainingData:
+    from cellspot.ml.data import load_store
+
+    source = run.data_source
+    project = session.get(Project, run.project_id) if run.project_id is not None else None
+    if project is None:
+        raise WorkflowError(f"run {run.version} trains on {source.get('kind')!r} data but has no project")
+    return load_store(session, settings, project, source=source["kind"], snapshot=source.get("snapshot_id"))
+
+
+def _load_folder_source(session: Session, settings: Settings, run: ModelRun) -> TrainingData:
+    from cellspot.ml.data import load_folder
+
+    source = run.data_source
+    masks = source.get("masks")
+    return load_folder(Path(source["images"]), Path(source["annotations"]), Path(masks) if masks else None)
+
+
+#: ``data_source["kind"]`` -> loader(session, settings, run) -> TrainingData
+DATA_SOURCES: dict[str, Callable[[Session, Settings, ModelRun], TrainingData]] = {
+    "consensus": _load_store_source,
+    "expert": _load_store_source,
+    "folder": _load_folder_source,
+}
+
+
+def load_training_data(session: Session, settings: Settings, run: ModelRun) -> TrainingData:
+    """The training data named by ``run.data_source``."""
+    kind = (run.data_source or {}).get("kind")
+    loader = DATA_SOURCES.get(kind)  # type: ignore[arg-type]
+    if loader is None:
+        raise WorkflowError(f"run {run.version} has data source {kind!r}; known: {', '.join(DATA_SOURCES)}")
+    return loader(session, settings, run)
+
+
+# ---------------------------------------------------------------------------------------------
+# creating, queueing, cancelling and resuming runs
+# ---------------------------------------------------------------------------------------------
+
+def _overrides(epochs: int | None, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = dict(overrides or {})
+    if epochs is not None:
+        if epochs < 1:
+            raise WorkflowError(f"epochs must be >= 1, got {epochs}")
+        out["epochs"] = int(epochs)
+    return out
+
+
+def start_training(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    kind: str,
+    *,
+    preset: str = registry.DEFAULT_PRESET,
+    epochs: int | None = None,
+    source: str = "consensus",
+    overrides: Mapping[str, Any] | None = None,
+    out_dir: Path | None = None,
+) -> ModelRun:
+    """Add a queued run of ``kind`` trained on ``project``'s ``source`` data; flush, no commit.
+
+    ``source``: "consensus" (pinned to the project's latest snapshot now) or "expert".
+    Then commit and call :func:`enqueue` (or :func:`run_training` in the foreground).
+    """
+    from cellspot.store.queries import latest_snapshot
+
+    get_trainer(kind)
+    if source not in STORE_SOURCES:
+        raise WorkflowError(f"unknown data source {source!r}; use one of: {', '.join(STORE_SOURCES)}")
+    data_source: dict[str, Any] = {"kind": source, "project": project.name}
+    snapshot_id = None
+    if source == "consensus":
+        snapshot = latest_snapshot(session, project)
+        if snapshot is None:
+            raise WorkflowError(
+                f"project {project.name!r} has no consensus snapshot yet; run `cellspot aggregate` first"
+            )
+        snapshot_id = data_source["snapshot_id"] = snapshot.id
+    return registry.create_run(
+        session, kind, project=project, preset=preset, config=_overrides(epochs, overrides),
+        data_source=data_source, snapshot_id=snapshot_id,
+        path=registry.relative_path(settings, out_dir) if out_dir is not None else None,
+    )
+
+
+def start_folder_training(
+    session: Session,
+    settings: Settings,
+    kind: str,
+    images: Path,
+    annotations: Path,
+    masks: Path | None = None,
+    *,
+    preset: str = registry.DEFAULT_PRESET,
+    epochs: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    out_dir: Path | None = None,
+) -> ModelRun:
+    """Add a queued run (no project) trained on an annotated folder; flush, no commit."""
+    get_trainer(kind)
+    data_source = {
+        "kind": "folder",
+        "images": str(Path(images).resolve()),
+        "annotations": str(Path(annotations).resolve()),
+        "masks": str(Path(masks).resolve()) if masks is not None else None,
+    }
+    return registry.create_run(
+        session, kind, project=None, preset=preset, config=_overrides(epochs, overrides),
+        data_source=data_source,
+        path=registry.relative_path(settings, out_dir) if out_dir is not None else None,
+    )
+
+
+def enqueue(settings: Settings, run_id: int, *, resume: bool | None = None, device: str | None = None) -> None:
+    """Put the committed run ``run_id`` on the job queue (see :mod:`cellspot.jobs`)."""
+    from cellspot.jobs import enqueue_training
+
+    enqueue_training(settings, run_id, resume=resume, device=device)
+
+
+def _own_session(settings: Settings, work: Callable[[Session], ModelRun]) -> ModelRun:
+    from cellspot.store.db import make_engine, transaction
+
+    engine = make_engine(settings=settings)
+    try:
+        with transaction(engine) as session:
+            return work(session)
+    finally:
+        engine.dispose()
+
+
+def queue_training(
+    settings: Settings, project_name: str, kind: str, *, preset: str = registry.DEFAULT_PRESET,
+    epochs: int | None = None, source: str = "consensus", device: str | None = None,
+) -> ModelRun:
+    """Create the run in its own committed transaction, then enqueue it (dashboard button)."""
+    from cellspot.store.queries import get_project
+
+    def work(session: Session) -> ModelRun:
+        project = get_project(session, project_name)
+        return start_training(session, settings, project, kind, preset=preset, epochs=epochs, source=source)
+
+    run = _own_session(settings, work)
+    enqueue(settings, run.id, device=device)
+    return run
+
+
+def cancel_run(session: Session, run: ModelRun | int | str) -> ModelRun:
+    """Ask ``run`` to stop: a queued run is cancelled at once, a running one at its next
+    check (it saves ``resume.pt`` first); flush, no commit."""
+    run = registry.get_run(session, run)
+    if run.status == "queued":
+        run.status = "cancelled"
+        run.finished_at = utcnow()
+        run.error = "cancelled before it started"
+    elif run.status == "running":
+        run.cancel_requested = True
+    else:
+        raise WorkflowError(f"run {run.version} is already {run.status}; only queued or running runs can be cancelled")
+    session.flush()
+    log.info("cancel of run %s requested (status now %s)", run.version, run.status)
+    return run
+
+
+def resume_run(session: Session, settings: Settings, run: ModelRun | int | str) -> ModelRun:
+    """Queue a cancelled or failed run again, to go on from its ``resume.pt``; flush, no commit.
+
+    Then commit and call ``enqueue(settings, run.id, resume=True)`` (:func:`queue_resume`
+    does both).
+    """
+    from cellspot.ml.files import RESUME_FILE  # noqa: PLC0415 - no torch import for the dashboard
+
+    run = registry.get_run(session, run)
+    if run.status not in ("cancelled", "failed"):
+        raise WorkflowError(f"run {run.version} is {run.status}; only cancelled or failed runs can be resumed")
+    checkpoint = registry.model_dir(settings, run) / RESUME_FILE
+    if not checkpoint.is_file():
+        raise WorkflowError(f"run {run.version} has no {checkpoint} to resume from; start a new run instead")
+    run.status = "queued"
+    run.cancel_requested = False
+    run.error = None
+    run.finished_at = None
+    session.flush()
+    return run
+
+
+def queue_resume(settings: Settings, ref: int | str, *, device: str | None = None) -> ModelRun:
+    """:func:`resume_run` in its own committed transaction, then enqueue with ``resume=True``."""
+    run = _own_session(settings, lambda session: resume_run(session, settings, ref))
+    enqueue(settings, run.id, resume=True, device=device)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# running a training job
+# ---------------------------------------------------------------------------------------------
+
+class _StoreReporter:
+    """Progress callback: forwards every event, writes ``progress``/``curves`` to the store."""
+
+    def __init__(self, factory: sessionmaker[Session], run_id: int, curves: list[dict[str, Any]],
+                 forward: ProgressFn | None) -> None:
+        self.factory, self.run_id, self.forward = factory, run_id, forward
+        self.curves = curves
+        self.last_write = float("-inf")
+        self.latest: dict[str, Any] = {}
+
+    def __call__(self, event: Progress) -> None:
+        if self.forward is not None:
+            self.forward(event)
+        self.latest = registry.jsonable(event.to_dict())
+        now = time.monotonic()
+        if event.phase == "epoch_end":
+            row = {"epoch": event.epoch, "train_loss": event.train_loss, "val_loss": event.val_loss,
+                   **dict(event.metrics), "elapsed_s": event.elapsed_s}
+            self.curves = [r for r in self.curves if r.get("epoch", 0) < event.epoch] + [registry.jsonable(row)]
+        elif now - self.last_write < PROGRESS_INTERVAL_S:
+            return
+        self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        values: dict[str, Any] = {"curves": self.curves}
+        if self.latest:
+            values["progress"] = self.latest
+        with self.factory() as session, session.begin():
+            session.execute(update(ModelRun).where(ModelRun.id == self.run_id).values(**values))
+        self.last_write = time.monotonic() if now is None else now
+
+
+class _CancelPoll:
+    """``should_stop``: reads ``cancel_requested`` at most every :data:`CANCEL_POLL_S` seconds."""
+
+    def __init__(self, factory: sessionmaker[Session], run_id: int) -> None:
+        self.factory, self.run_id = factory, run_id
+        self.last_poll = float("-inf")
+        self.stop = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.stop or now - self.last_poll < CANCEL_POLL_S:
+            return self.stop
+        self.last_poll = now
+        with self.factory() as session:
+            flag = session.scalar(select(ModelRun.cancel_requested).where(ModelRun.id == self.run_id))
+        self.stop = flag is None or bool(flag)
+        return self.stop
+
+
+def _claim(factory: sessionmaker[Session], run_id: int) -> bool:
+    """Atomically move run ``run_id`` from queued to running (False when not queued)."""
+    with factory() as session, session.begin():
+        result = session.execute(
+            update(ModelRun)
+            .where(ModelRun.id == run_id, ModelRun.status == "queued")
+            .values(status="running", started_at=utcnow(), finished_at=None, cancel_requested=False, error=None)
+        )
+        return result.rowcount == 1
+
+
+def _resolve_config(trainer: Trainer, preset: str, stored: Mapping[str, Any]) -> Any:
+    """The typed config from ``preset`` and the stored overrides (unknown stored keys dropped
+    when the config is a dataclass, so a stored full config resolves to itself)."""
+    overrides = {k: v for k, v in stored.items() if k != "preset"}
+    default = trainer.config_for(preset)
+    if dataclasses.is_dataclass(default):
+        fields = dataclasses.fields(default)
+        unknown = sorted(set(overrides) - {f.name for f in fields})
+        if unknown:
+            allowed = ", ".join(sorted(f.name for f in fields if f.init))
+            raise WorkflowError(f"unknown config fields {unknown}; allowed: {allowed}")
+        derived = {f.name for f in fields if not f.init}
+        overrides = {k: v for k, v in overrides.items() if k not in derived}
+    return trainer.config_for(preset, **overrides)
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return registry.jsonable(dataclasses.asdict(config))
+    return registry.jsonable(dict(config))
+
+
+def _finish(factory: sessionmaker[Session], run_id: int, **values: Any) -> ModelRun:
+    with factory() as session, session.begin():
+        run = session.get(ModelRun, run_id)
+        assert run is not None  # claimed by this job; rows are not deleted while running
+        for key, value in values.items():
+            setattr(run, key, value)
+        run.finished_at = utcnow()
+        run.cancel_requested = False
+        if run.status == "done" and registry.active_run(session, _project_of(session, run), run.kind) is None:
+            registry.promote(session, run)
+        session.flush()
+        session.expunge(run)
+    return run
+
+
+def _project_of(session: Session, run: ModelRun) -> Project | None:
+    return session.get(Project, run.project_id) if run.project_id is not None else None
+
+
+def _prepare(session: Session, settings: Settings, run_id: int, resume: bool | None
+             ) -> tuple[Trainer, Any, TrainingData, Path, bool, list[dict[str, Any]]]:
+    from cellspot.ml.common import RESUME_FILE, TrainingError
+
+    run = session.get(ModelRun, run_id)
+    assert run is not None
+    trainer = get_trainer(run.kind)
+    config = _resolve_config(trainer, run.preset, run.config or {})
+    if settings.torch_threads is not None and getattr(config, "threads", "absent") is None:
+        config = dataclasses.replace(config, threads=settings.torch_threads)  # the fit sets its own threads
+    out_dir = registry.model_dir(settings, run)
+    has_resume = (out_dir / RESUME_FILE).is_file()
+    if resume and not has_resume:
+        raise TrainingError(f"cannot resume {run.version}: {out_dir / RESUME_FILE} does not exist")
+    resume_flag = has_resume if resume is None else bool(resume)
+    data = load_training_data(session, settings, run)
+    run.config = _config_dict(config)
+    run.data_snapshot_id = data.snapshot_id
+    if data.source.get("kind") == "consensus" and data.source.get("snapshot_id") is not None:
+        run.snapshot_id = int(data.source["snapshot_id"])
+    curves = [dict(r) for r in (run.curves or [])] if resume_flag else []
+    run.curves = curves
+    run.progress = {}
+    return trainer, config, data, out_dir, resume_flag, curves
+
+
+def _write_run_file(out_dir: Path, run: ModelRun) -> None:
+    from cellspot.ml.common import write_json
+
+    write_json(out_dir / RUN_FILE, {
+        "version": run.version, "kind": run.kind, "preset": run.preset, "data_source": run.data_source,
+        "data_snapshot_id": run.data_snapshot_id, "snapshot_id": run.snapshot_id,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+    })
+
+
+def run_training(
+    settings: Settings,
+    run_id: int,
+    *,
+    progress: ProgressFn | None = None,
+    resume: bool | None = None,
+    device: str | None = None,
+) -> ModelRun:
+    """Train the queued run ``run_id`` and record everything in the store; returns the final
+    run (detached). A run that is not queued (already taken, cancelled) is left alone.
+
+    ``progress`` also receives every event (the CLI's progress bars). ``resume``: ``None`` =
+    go on from ``resume.pt`` when the run's folder has one, ``True`` = must, ``False`` =
+    start over. Errors end the run as ``failed`` with the message in ``error`` (not raised);
+    Ctrl-C ends it as ``cancelled`` and is re-raised.
+    """
+    from cellspot.ml.common import TrainingCancelled, configure_threads
+    from cellspot.store.db import make_engine, session_factory
+
+    engine = make_engine(settings=settings)
+    factory = session_factory(engine)
+    try:
+        if not _claim(factory, run_id):
+            with factory() as session:
+                run = registry.get_run(session, run_id)
+                session.expunge(run)
+            log.warning("run %s is %s, not queued: not training it", run.version, run.status)
+            return run
+        threads = configure_threads(settings.torch_threads)
+        reporter: _StoreReporter | None = None
+        try:
+            with factory() as session, session.begin():
+                trainer, config, data, out_dir, resume_flag, curves = _prepare(session, settings, run_id, resume)
+            log.info("training run %d: %d images, %d cells, %d CPU threads, resume=%s",
+                     run_id, len(data.images), data.n_cells(), threads, resume_flag)
+            reporter = _StoreReporter(factory, run_id, curves, progress)
+            result = trainer.fit(data, config, out_dir, progress=reporter, should_stop=_CancelPoll(factory, run_id),
+                                 resume=resume_flag, device=device)
+        except TrainingCancelled:
+            _flush_quietly(reporter)
+            return _finish(factory, run_id, status="cancelled", error="cancelled on request; resume to go on")
+        except KeyboardInterrupt:
+            _flush_quietly(reporter)
+            _finish(factory, run_id, status="cancelled", error="interrupted (Ctrl-C)")
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
+            log.exception("training run %d failed", run_id)
+            _flush_quietly(reporter)
+            return _finish(factory, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        final = {**reporter.latest, "phase": "done", "fraction": 1.0}
+        run = _finish(factory, run_id, status="done", error=None, metrics=registry.jsonable(result.metrics),
+                      curves=registry.jsonable(result.curves) or reporter.curves, progress=final)
+        _write_run_file(out_dir, run)
+        log.info("training run %s done in %.1f s: %s", run.version, result.seconds, run.metrics)
+        return run
+    finally:
+        engine.dispose()
+
+
+def _flush_quietly(reporter: _StoreReporter | None) -> None:
+    if reporter is None:
+        return
+    try:
+        reporter.flush()
+    except Exception:  # noqa: BLE001 - the final status write matters more
+        log.exception("could not write the last progress")

@@ -1,0 +1,141 @@
+"""Model registry on SQLite and PostgreSQL: versions, lookup, promote / rollback, frames."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from cellspot.ml import registry
+from cellspot.store.models import ModelRun, utcnow
+from cellspot.store.queries import get_or_create_project
+
+
+@pytest.fixture
+def project(session):
+    return get_or_create_project(session, "demo")
+
+
+def _done_run(session, project, kind: str = "classifier", status: str = "done", **metrics) -> ModelRun:
+    run = registry.create_run(session, kind, project=project)
+    run.status = status
+    run.started_at = utcnow() - timedelta(seconds=90)
+    run.finished_at = utcnow()
+    run.metrics = metrics
+    session.flush()
+    return run
+
+
+def test_versions_grow_per_kind_and_runs_are_found_by_id_or_version(session, project) -> None:
+    versions = [registry.create_run(session, k, project=project).version
+                for k in ("classifier", "detector", "classifier", "classifier")]
+    assert versions == ["classifier-0001", "detector-0001", "classifier-0002", "classifier-0003"]
+    run = registry.get_run(session, "classifier-0002")
+    assert registry.get_run(session, run.id) is run and registry.get_run(session, str(run.id)) is run
+    assert run.status == "queued" and run.path == "models/classifier/classifier-0002"
+    with pytest.raises(registry.RunNotFoundError,
+                       match="no model run 'classifier-0099'; latest versions: classifier-0003"):
+        registry.get_run(session, "classifier-0099")
+    with pytest.raises(registry.RegistryError, match="valid kinds: classifier, detector"):
+        registry.create_run(session, "segmenter", project=project)
+
+
+def test_create_run_stores_plain_json(session, project) -> None:
+    import numpy as np
+
+    run = registry.create_run(session, "detector", project=project, preset="quality",
+                              config={"epochs": np.int64(4), "radius": float("nan"), "path": Path("/x")})
+    assert run.config == {"epochs": 4, "radius": None, "path": "/x"}
+
+
+# each case: statuses of runs 1..n, then steps ("promote", i) / ("rollback",) with the
+# expected active run number after the step, or an error message the step must raise
+PROMOTE_CASES = {
+    "promote then roll back": (["done", "done"], [("promote", 1, 1), ("promote", 2, 2), ("rollback", 1)]),
+    "roll back twice walks the history": (
+        ["done", "done", "done"],
+        [("promote", 1, 1), ("promote", 2, 2), ("promote", 3, 3), ("rollback", 2), ("rollback", 1)],
+    ),
+    "nothing to roll back to": (["done"], [("promote", 1, 1), ("rollback", "no earlier promoted classifier")]),
+    "a rolled-back run leaves the history": (
+        ["done", "done", "done"],
+        [("promote", 1, 1), ("promote", 2, 2), ("rollback", 1), ("promote", 3, 3), ("rollback", 1)],
+    ),
+    "only done runs can be promoted": (["done", "failed"], [("promote", 1, 1), ("promote", 2, "only 'done'")]),
+    "re-promoting the active run is harmless": (["done", "done"], [("promote", 1, 1), ("promote", 1, 1)]),
+    "unpromoted done runs are not rollback targets": (
+        ["done", "done"], [("promote", 2, 2), ("rollback", "no earlier promoted")],
+    ),
+}
+
+
+@pytest.mark.parametrize("statuses, steps", list(PROMOTE_CASES.values()), ids=list(PROMOTE_CASES))
+def test_promote_and_rollback(session, project, statuses, steps) -> None:
+    runs = [_done_run(session, project, status=s) for s in statuses]
+    other = get_or_create_project(session, "other")
+    elsewhere = _done_run(session, other)
+    registry.promote(session, elsewhere)
+    for step in steps:
+        action, *args, expected = step
+        if isinstance(expected, str):
+            with pytest.raises(registry.RegistryError, match=expected):
+                _apply(session, project, runs, action, args)
+            continue
+        _apply(session, project, runs, action, args)
+        active = registry.active_run(session, project, "classifier")
+        assert active is runs[expected - 1]
+        assert sum(r.is_active for r in runs) == 1
+    assert registry.active_run(session, other, "classifier") is elsewhere  # other projects untouched
+    assert registry.active_run(session, project, "detector") is None
+
+
+def _apply(session, project, runs, action, args) -> None:
+    if action == "promote":
+        registry.promote(session, runs[args[0] - 1])
+    else:
+        registry.rollback(session, project, "classifier")
+
+
+def test_model_dir_is_under_home_unless_absolute(session, project, settings, tmp_path) -> None:
+    run = registry.create_run(session, "classifier", project=project)
+    assert registry.model_dir(settings, run) == settings.home / "models/classifier/classifier-0001"
+    assert registry.relative_path(settings, settings.home / "models" / "x") == "models/x"
+    elsewhere = tmp_path / "elsewhere"
+    run.path = registry.relative_path(settings, elsewhere)
+    assert run.path == str(elsewhere.resolve()) and registry.model_dir(settings, run) == elsewhere.resolve()
+
+
+def test_runs_frame_compare_and_curves(session, project) -> None:
+    a = _done_run(session, project, balanced_accuracy=0.9, accuracy=0.95, per_class={"dead": {"recall": 0.8}},
+                  confusion_matrix=[[1, 2], [3, 4]])
+    b = _done_run(session, project, balanced_accuracy=0.93, accuracy=0.94)
+    registry.promote(session, b)
+    det = registry.create_run(session, "detector", project=project)
+    det.progress = {"fraction": 0.25}
+    b.curves = [{"epoch": 2, "train_loss": 0.5}, {"epoch": 1, "train_loss": 0.9}]
+    session.flush()
+
+    frame = registry.runs_frame(session, project)
+    assert list(frame["version"]) == ["detector-0001", "classifier-0002", "classifier-0001"]
+    assert list(frame.columns[:len(registry.RUNS_FRAME_COLUMNS)]) == registry.RUNS_FRAME_COLUMNS
+    assert list(frame["active"]) == [False, True, False]
+    assert list(frame["progress"]) == [0.25, 1.0, 1.0]
+    assert frame.loc[1, "balanced_accuracy"] == 0.93 and math.isnan(frame.loc[0, "balanced_accuracy"])
+    assert frame.loc[1, "seconds"] == pytest.approx(90, abs=1) and math.isnan(frame.loc[0, "seconds"])
+    assert list(registry.runs_frame(session, project, "detector")["version"]) == ["detector-0001"]
+    assert registry.runs_frame(session, None).empty
+
+    cmp = registry.compare_runs(session, "classifier-0001", b.id)
+    assert list(cmp.columns) == ["classifier-0001", "classifier-0002", "difference"]
+    assert cmp.loc["balanced_accuracy", "difference"] == pytest.approx(0.03)
+    assert cmp.loc["per_class.dead.recall", "classifier-0001"] == 0.8
+    assert math.isnan(cmp.loc["per_class.dead.recall", "classifier-0002"])
+    assert "confusion_matrix" not in cmp.index and cmp.loc["epochs", "classifier-0002"] == 2
+    with pytest.raises(registry.RegistryError, match="two different runs"):
+        registry.compare_runs(session, a.version, a.id)
+
+    curves = registry.run_curves(b)
+    assert list(curves["epoch"]) == [1, 2] and list(curves.columns) == ["epoch", "train_loss"]
+    assert list(registry.run_curves(a).columns) == ["epoch"] and registry.run_curves(a).empty

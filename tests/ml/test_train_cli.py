@@ -1,0 +1,177 @@
+"""``cellspot train``, ``cellspot worker`` and ``cellspot models ...`` with click's CliRunner.
+
+Most tests use the fake trainer (tests/fake_trainer.py); the last one trains the real
+classifier for one epoch on a tiny synthetic folder (skipped while the model modules are missing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cellspot.cli import main
+from cellspot.ml.common import METRICS_FILE, RESUME_FILE
+from fake_trainer import FakeFit, install, load_run, request_cancel, seed_project
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny annotated folder: 6 RGB images 64x64 with bright (alive) and dark (dead) discs."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["image,x,y,label"]
+    yy, xx = np.mgrid[:64, :64]
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        pixels = rng.integers(90, 110, (64, 64, 3)).astype(np.uint8)
+        for x, y, label in [(16, 16, "alive"), (48, 40, "dead" if i % 2 else "alive"), (20, 48, "dead")]:
+            disc = (xx - x) ** 2 + (yy - y) ** 2 <= 36
+            pixels[disc] = 230 if label == "alive" else 20
+            rows.append(f"img{i}.png,{x},{y},{label}")
+        Image.fromarray(pixels).save(images / f"img{i}.png")
+    csv = tmp_path / "annotations.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return images, csv
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--project", "demo", "--images", "{images}", "--annotations", "{csv}"], "either --project or --images"),
+        (["--images", "{images}"], "--images and --annotations go together"),
+        (["--annotations", "{csv}"], "--images and --annotations go together"),
+        (["--masks", "{images}"], "--masks needs --images"),
+        (["--images", "{images}", "--annotations", "{csv}", "--source", "expert"], "--source"),
+        (["--preset", "huge"], "'huge' is not one of 'cpu-fast', 'quality'"),
+        (["--epochs", "0"], "0 is not in the range x>=1"),
+    ],
+)
+def test_bad_option_combinations_are_usage_errors(settings, folder, extra, message) -> None:
+    images, csv = folder
+    code, out = _run("train", "classifier", *[e.format(images=images, csv=csv) for e in extra])
+    assert code == 2 and message in out
+
+
+def test_unknown_project_and_missing_snapshot_are_clear_errors(settings, monkeypatch) -> None:
+    install(monkeypatch)
+    seed_project(settings)
+    code, out = _run("train", "classifier", "--project", "nope")
+    assert code == 1 and "no project named 'nope'; existing projects: 'demo'" in out
+    code, out = _run("train", "classifier", "--resume")
+    assert code == 1 and "nothing to resume" in out
+
+
+def test_foreground_training_registers_runs_and_models_commands(settings, monkeypatch) -> None:
+    fit = install(monkeypatch)
+    seed_project(settings)
+    code, out = _run("train", "classifier", "--project", "demo", "--epochs", "2")
+    assert code == 0, out
+    assert "classifier-0001 done (active): accuracy 0.700" in out
+    assert (settings.home / "models/classifier/classifier-0001" / METRICS_FILE).is_file()
+    code, out = _run("train", "classifier", "--epochs", "4", "--preset", "quality")  # default project
+    assert code == 0 and "classifier-0002 done:" in out and "(active)" not in out
+    assert [c["start_epoch"] for c in fit.calls] == [1, 1]
+
+    code, out = _run("models", "list")
+    assert code == 0 and out.splitlines()[0].split()[:4] == ["version", "kind", "status", "preset"]
+    assert "classifier-0002" in out and "quality" in out
+    assert _run("models", "compare", "classifier-0001", "classifier-0002")[1].count("balanced_accuracy") == 1
+    assert _run("models", "promote", "classifier-0002") == (0, "classifier-0002 is now the active classifier\n")
+    assert _run("models", "rollback", "classifier") == (0, "classifier-0001 is the active classifier again\n")
+    code, out = _run("models", "rollback", "classifier")
+    assert code == 1 and "no earlier promoted classifier" in out
+    code, out = _run("models", "promote", "classifier-0042")
+    assert code == 1 and "no model run 'classifier-0042'" in out
+
+
+def test_folder_training_without_project_and_custom_out(settings, folder, tmp_path, monkeypatch) -> None:
+    install(monkeypatch)
+    images, csv = folder
+    out_dir = tmp_path / "my_model"
+    code, out = _run("train", "detector", "--images", images, "--annotations", csv, "--out", out_dir)
+    assert code == 0, out
+    assert out.strip().splitlines()[-1] == str(out_dir.resolve())
+    run = load_run(settings, "detector-0001")
+    assert run.project_id is None and run.path == str(out_dir.resolve())
+    assert run.data_source == {"kind": "folder", "images": str(images.resolve()),
+                               "annotations": str(csv.resolve()), "masks": None}
+    assert (out_dir / METRICS_FILE).is_file()
+    code, out = _run("models", "list", "--folder")
+    assert code == 0 and "detector-0001" in out
+
+
+def test_cancelled_run_resumes_with_resume_flag(settings, monkeypatch) -> None:
+    seed_project(settings)
+    fit = install(monkeypatch, FakeFit(hook=lambda e, s: request_cancel(settings, 1) if (e, s) == (2, 1) else None))
+    code, out = _run("train", "classifier", "--epochs", "3")
+    assert code == 1 and "classifier-0001 cancelled; go on with `cellspot train classifier --resume`" in out
+    assert (settings.home / "models/classifier/classifier-0001" / RESUME_FILE).is_file()
+    fit.hook = None
+    code, out = _run("train", "classifier", "--resume", "--epochs", "4")
+    assert code == 0 and "classifier-0001 done (active)" in out
+    assert [(c["start_epoch"], c["resume"]) for c in fit.calls] == [(1, False), (2, True)]
+    assert [r["epoch"] for r in load_run(settings, 1).curves] == [1, 2, 3, 4]
+
+
+def test_background_queues_a_job_and_models_cancel(settings, monkeypatch) -> None:
+    from cellspot.jobs import get_huey
+
+    fit = install(monkeypatch)
+    seed_project(settings)
+    code, out = _run("train", "detector", "--background")
+    assert code == 0 and out.splitlines()[0] == "detector-0001"
+    assert get_huey(settings).pending_count() == 1
+    assert load_run(settings, "detector-0001").status == "queued" and fit.calls == []
+    assert _run("models", "cancel", "detector-0001") == (0, "detector-0001: cancelled\n")
+    code, out = _run("models", "cancel", "detector-0001")
+    assert code == 1 and "already cancelled" in out
+    get_huey(settings).flush()
+
+
+def test_worker_shares_cpu_threads_between_workers(settings, monkeypatch) -> None:
+    import os
+
+    import cellspot.jobs
+
+    calls = []
+    monkeypatch.setattr(cellspot.jobs, "run_worker", lambda s, workers: calls.append((s.torch_threads, workers)))
+    assert _run("worker", "--workers", "2")[0] == 0
+    cpus = len(os.sched_getaffinity(0))
+    assert calls == [(max(1, cpus // 2), 2)]
+    monkeypatch.setenv("CELLSPOT_TORCH_THREADS", "1")
+    assert _run("worker")[0] == 0 and calls[-1] == (1, 1)
+
+
+def _real_models_missing() -> str | None:
+    for module, name in [("cellspot.ml.classifier", "fit_classifier"), ("cellspot.ml.data", "load_folder")]:
+        if importlib.util.find_spec(module) is None or not hasattr(importlib.import_module(module), name):
+            return f"{module}.{name} is not there yet"
+    return None
+
+
+@pytest.mark.slow
+def test_real_classifier_trains_one_epoch_through_the_cli(settings, folder, monkeypatch) -> None:
+    reason = _real_models_missing()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("CELLSPOT_TORCH_THREADS", "1")
+    images, csv = folder
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv, "--epochs", "1",
+                     "--device", "cpu")
+    assert code == 0, out
+    run = load_run(settings, "classifier-0001")
+    assert run.status == "done" and run.is_active and len(run.curves) >= 1
+    assert run.data_snapshot_id.startswith("folder:") and "balanced_accuracy" in run.metrics
+    folder_out = settings.home / "models/classifier/classifier-0001"
+    assert (folder_out / "weights.pt").is_file() and (folder_out / "run.json").is_file()

@@ -1,0 +1,180 @@
+"""The huey job queue: queue URLs, immediate mode with progress and cancel, a real SQLite queue
+round trip with a consumer thread, and the same on Redis (skipped when no server answers)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import uuid
+
+import pytest
+from huey import RedisHuey, SqliteHuey
+
+from cellspot import jobs
+from cellspot.settings import Settings
+from cellspot.store.db import make_engine, transaction
+from cellspot.store.queries import get_project
+from cellspot.workflows import models as wf
+from fake_trainer import FakeFit, install, load_run, request_cancel, seed_project
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def _queued_run(settings, **kwargs) -> int:
+    engine = make_engine(settings=settings)
+    try:
+        with transaction(engine) as session:
+            return wf.start_training(session, settings, get_project(session, "demo"), "classifier", **kwargs).id
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [("sqlite:///{home}/q/queue.db", SqliteHuey), ("redis://127.0.0.1:6379/15", RedisHuey),
+     ("amqp://localhost", "unsupported queue URL 'amqp://localhost'; use sqlite:///")],
+)
+def test_make_huey_by_url(tmp_path, url, expected) -> None:
+    url = url.format(home=tmp_path)
+    if isinstance(expected, str):
+        with pytest.raises(jobs.JobQueueError, match=expected):
+            jobs.make_huey(url)
+        return
+    huey = jobs.make_huey(url)
+    assert isinstance(huey, expected) and huey.name == jobs.QUEUE_NAME
+    if expected is SqliteHuey:
+        assert (tmp_path / "q").is_dir()
+
+
+def test_queue_is_cached_per_store_and_defaults_to_sqlite_in_home(settings, tmp_path) -> None:
+    queue = jobs.get_queue(settings)
+    assert jobs.get_queue(Settings(home=settings.home, database_url=settings.database_url)) is queue
+    assert isinstance(queue.huey, SqliteHuey)
+    assert settings.resolved_queue_url == f"sqlite:///{(settings.home / 'queue.db').resolve()}"
+    other = Settings(home=tmp_path / "other", database_url=settings.database_url)
+    assert jobs.get_queue(other) is not queue
+    assert jobs._safe("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+
+
+@pytest.fixture
+def immediate(settings):
+    huey = jobs.get_huey(settings)
+    huey.immediate = True
+    yield jobs.get_queue(settings)
+    huey.immediate = False
+
+
+def test_job_reports_progress_and_can_be_cancelled_then_resumed(settings, immediate, monkeypatch) -> None:
+    seed_project(settings)
+    run_id = _queued_run(settings, epochs=3)
+    progress_seen: list[int] = []
+
+    def dashboard(epoch: int, step: int) -> None:
+        progress_seen.append(load_run(settings, run_id).progress.get("step", 0))
+        if (epoch, step) == (2, 1):
+            request_cancel(settings, run_id)
+
+    fit = install(monkeypatch, FakeFit(hook=dashboard))
+    result = immediate.train(run_id)
+    assert result.get() == {"run_id": run_id, "version": "classifier-0001", "status": "cancelled",
+                            "error": "cancelled on request; resume to go on"}
+    assert progress_seen[:4] == [0, 1, 2, 3]  # each step's progress was in the store before the next
+    run = load_run(settings, run_id)
+    assert run.status == "cancelled" and [r["epoch"] for r in run.curves] == [1]
+
+    fit.hook = None
+    assert wf.queue_resume(settings, "classifier-0001").status == "queued"  # commits, then enqueues
+    run = load_run(settings, run_id)
+    assert run.status == "done" and run.is_active and [r["epoch"] for r in run.curves] == [1, 2, 3]
+    assert [c["start_epoch"] for c in fit.calls] == [1, 2]
+
+
+def test_queue_training_creates_and_runs_the_job(settings, immediate, monkeypatch) -> None:
+    seed_project(settings)
+    fit = install(monkeypatch)
+    run = wf.queue_training(settings, "demo", "detector", preset="quality", epochs=1, device="cpu")
+    assert run.version == "detector-0001"
+    assert load_run(settings, run.id).status == "done" and fit.calls[0]["device"] == "cpu"
+
+
+def _round_trip(settings, monkeypatch) -> None:
+    """Enqueue on a real queue, run a consumer thread until the job is done, stop it."""
+    seed_project(settings)
+    install(monkeypatch)
+    queue = jobs.get_queue(settings)
+    queue.huey.flush()
+    run_id = _queued_run(settings, epochs=2)
+    result = queue.train(run_id)
+    assert queue.huey.pending_count() == 1 and load_run(settings, run_id).status == "queued"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    consumer = queue.huey.create_consumer(workers=1, periodic=False, initial_delay=0.05, max_delay=0.2,
+                                          check_worker_health=False)
+    consumer.start()
+    try:
+        out = result.get(blocking=True, timeout=30)
+    finally:
+        consumer.stop(graceful=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert out["status"] == "done"
+    run = load_run(settings, run_id)
+    assert run.status == "done" and [r["epoch"] for r in run.curves] == [1, 2]
+    assert queue.huey.pending_count() == 0
+
+
+def test_sqlite_queue_round_trip_with_consumer_thread(settings, monkeypatch) -> None:
+    _round_trip(settings, monkeypatch)
+    assert (settings.home / "queue.db").is_file()
+
+
+def _redis_skip_reason() -> str | None:
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                return f"{REDIS_HOST}:{REDIS_PORT} answers, but not like Redis"
+    except OSError as exc:
+        return f"Redis at {REDIS_HOST}:{REDIS_PORT} does not answer: {exc}"
+    return None
+
+
+def test_redis_queue_round_trip_with_consumer_thread(settings, monkeypatch) -> None:
+    reason = _redis_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # a database number no one else uses in this test; a unique name keeps parallel runs apart
+    monkeypatch.setattr(jobs, "QUEUE_NAME", f"cellspot-test-{uuid.uuid4().hex[:8]}")
+    redis_settings = settings.model_copy(update={"queue_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/15"})
+    try:
+        _round_trip(redis_settings, monkeypatch)
+    finally:
+        jobs.get_huey(redis_settings).flush()
+
+
+def test_predict_task_resolves_runs_by_version_and_commits(settings, immediate, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import cellspot.ml.predict
+    from cellspot.ml import registry
+    from cellspot.store.models import Project
+
+    seed_project(settings)
+    run_id = _queued_run(settings)
+    calls = []
+
+    def fake_predict(session, settings_, project, *, detector_run=None, classifier_run=None, progress=None):
+        calls.append((project.name, detector_run, classifier_run.version))
+        project.description = "predicted"  # a write the task must commit
+        return SimpleNamespace(project=project.name, detector_version="d", classifier_version=classifier_run.version,
+                               images=2, cells=5, alive=4, dead=1, seconds=0.1)
+
+    monkeypatch.setattr(cellspot.ml.predict, "predict_project", fake_predict)
+    out = jobs.enqueue_prediction(settings, "demo", classifier="classifier-0001").get()
+    assert calls == [("demo", None, "classifier-0001")]
+    assert out == {"project": "demo", "detector_version": "d", "classifier_version": "classifier-0001",
+                   "images": 2, "cells": 5, "alive": 4, "dead": 1, "seconds": 0.1}
+    engine = make_engine(settings=settings)
+    with transaction(engine) as session:
+        assert session.get(Project, 1).description == "predicted"
+        assert registry.get_run(session, run_id).status == "queued"
+    engine.dispose()

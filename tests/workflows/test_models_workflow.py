@@ -1,0 +1,206 @@
+"""The one training path (run_training) with a fake trainer: progress in the store while it
+runs, throttling, cancel mid-way, resume from the saved epoch, failures, auto-activation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from cellspot.ml import registry
+from cellspot.ml.common import RESUME_FILE
+from cellspot.store.db import make_engine, session_factory, transaction
+from cellspot.store.models import ModelRun
+from cellspot.store.queries import get_project
+from cellspot.workflows import models as wf
+from fake_trainer import FakeFit, install, load_run, request_cancel, seed_project
+
+
+@pytest.fixture
+def store(settings):
+    seed_project(settings)
+    engine = make_engine(settings=settings)
+    yield engine
+    engine.dispose()
+
+
+def _new_run(engine, settings, kind: str = "classifier", **kwargs) -> int:
+    with transaction(engine) as session:
+        run = wf.start_training(session, settings, get_project(session, "demo"), kind, **kwargs)
+        return run.id
+
+
+def test_progress_is_visible_while_training_and_run_is_recorded(settings, store, monkeypatch) -> None:
+    seen: list[dict] = []
+
+    def peek(epoch: int, step: int) -> None:  # a dashboard reading in its own session mid-run
+        with session_factory(store)() as session:
+            run = session.scalars(select(ModelRun)).one()
+            seen.append({"status": run.status, "progress": dict(run.progress), "curves": len(run.curves)})
+
+    install(monkeypatch, FakeFit(hook=peek))
+    events = []
+    run_id = _new_run(store, settings, epochs=2)
+    run = wf.run_training(settings, run_id, progress=events.append)
+
+    assert run.status == "done" and run.error is None and run.is_active
+    assert len(events) == 2 * 3 + 2  # every step and epoch end reaches the caller
+    assert all(s["status"] == "running" for s in seen)
+    assert seen[0]["progress"] == {}  # nothing yet before the first step
+    mid = seen[4]  # epoch 2, step 2: the previous step is stored
+    assert (mid["progress"]["epoch"], mid["progress"]["step"], mid["curves"]) == (2, 1, 1)
+    stored = load_run(settings, run_id)
+    assert [r["epoch"] for r in stored.curves] == [1, 2]
+    assert stored.progress["phase"] == "done" and stored.progress["fraction"] == 1.0
+    assert stored.metrics["accuracy"] == pytest.approx(0.7) and stored.metrics["nan_metric"] is None
+    assert stored.config == {"preset": "cpu-fast", "epochs": 2, "steps": 3, "lr": 0.1, "threads": None}
+    assert stored.data_snapshot_id == "consensus:1" and stored.snapshot_id == 1
+    assert stored.started_at is not None and stored.finished_at >= stored.started_at
+    folder = registry.model_dir(settings, stored)
+    assert folder == settings.home / "models" / "classifier" / "classifier-0001"
+    assert json.loads((folder / wf.RUN_FILE).read_text())["data_snapshot_id"] == "consensus:1"
+
+
+def test_progress_writes_are_throttled_but_epoch_ends_always_written(settings, store, monkeypatch) -> None:
+    seen: list[dict] = []
+
+    def peek(epoch: int, step: int) -> None:
+        with session_factory(store)() as session:
+            seen.append(dict(session.scalars(select(ModelRun)).one().progress))
+
+    install(monkeypatch, FakeFit(hook=peek))
+    monkeypatch.setattr(wf, "PROGRESS_INTERVAL_S", 3600.0)
+    wf.run_training(settings, _new_run(store, settings, epochs=2))
+    # the first step is written (no write yet), later steps of the hour are not, epoch 1's end is
+    assert (seen[1]["epoch"], seen[1]["step"], seen[1]["phase"]) == (1, 1, "train")
+    assert seen[2] == seen[1]
+    assert (seen[3]["epoch"], seen[3]["phase"]) == (1, "epoch_end")
+
+
+def test_cancel_mid_way_then_resume_goes_on_from_saved_epoch(settings, store, monkeypatch) -> None:
+    run_id = _new_run(store, settings, epochs=3)
+    hook = lambda e, s: request_cancel(settings, run_id) if (e, s) == (2, 2) else None  # noqa: E731
+    fit = install(monkeypatch, FakeFit(hook=hook))
+    run = wf.run_training(settings, run_id)
+
+    assert run.status == "cancelled" and not run.is_active and "resume" in run.error
+    stored = load_run(settings, run_id)
+    assert stored.progress["epoch"] == 2 and not stored.cancel_requested
+    assert [r["epoch"] for r in stored.curves] == [1]
+    folder = registry.model_dir(settings, stored)
+    assert (folder / RESUME_FILE).is_file()
+
+    with transaction(store) as session:
+        wf.resume_run(session, settings, "classifier-0001")
+    fit.hook = None
+    run = wf.run_training(settings, run_id)
+    assert run.status == "done" and run.is_active
+    assert [c["start_epoch"] for c in fit.calls] == [1, 2] and [c["resume"] for c in fit.calls] == [False, True]
+    assert [r["epoch"] for r in load_run(settings, run_id).curves] == [1, 2, 3]
+
+
+def test_failure_is_recorded_and_not_raised(settings, store, monkeypatch) -> None:
+    install(monkeypatch, FakeFit(fail_at=2))
+    run = wf.run_training(settings, _new_run(store, settings))
+    assert run.status == "failed" and run.error == "ValueError: fake failure in epoch 2"
+    assert not run.is_active and run.finished_at is not None
+    assert [r["epoch"] for r in load_run(settings, run.id).curves] == [1]
+
+
+def test_bad_config_override_fails_the_run_with_allowed_fields(settings, store, monkeypatch) -> None:
+    install(monkeypatch)
+    run = wf.run_training(settings, _new_run(store, settings, overrides={"bogus": 1}))
+    assert run.status == "failed" and "bogus" in run.error and "epochs" in run.error
+
+
+def test_only_first_done_run_becomes_active(settings, store, monkeypatch) -> None:
+    install(monkeypatch)
+    first = wf.run_training(settings, _new_run(store, settings))
+    second = wf.run_training(settings, _new_run(store, settings))
+    detector = wf.run_training(settings, _new_run(store, settings, kind="detector"))
+    assert (first.is_active, second.is_active, detector.is_active) == (True, False, True)
+    assert (first.version, second.version, detector.version) == ("classifier-0001", "classifier-0002", "detector-0001")
+
+
+def test_a_run_that_is_not_queued_is_left_alone(settings, store, monkeypatch) -> None:
+    fit = install(monkeypatch)
+    run_id = _new_run(store, settings)
+    wf.run_training(settings, run_id)
+    again = wf.run_training(settings, run_id)  # e.g. a duplicate task on the queue
+    assert again.status == "done" and len(fit.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "expected_status", "cancel_requested", "error"),
+    [
+        ("queued", "cancelled", False, None),
+        ("running", "running", True, None),
+        ("done", "done", False, "already done"),
+        ("cancelled", "cancelled", False, "already cancelled"),
+    ],
+)
+def test_cancel_run(settings, store, status, expected_status, cancel_requested, error) -> None:
+    run_id = _new_run(store, settings)
+    with transaction(store) as session:
+        session.get(ModelRun, run_id).status = status
+    with transaction(store) as session:
+        if error:
+            with pytest.raises(wf.WorkflowError, match=error):
+                wf.cancel_run(session, run_id)
+        else:
+            wf.cancel_run(session, "classifier-0001")
+    run = load_run(settings, run_id)
+    assert (run.status, run.cancel_requested) == (expected_status, cancel_requested)
+
+
+@pytest.mark.parametrize(
+    ("status", "with_checkpoint", "error"),
+    [("done", True, "only cancelled or failed"), ("cancelled", False, "no .* to resume from"),
+     ("failed", True, None)],
+)
+def test_resume_run_rules(settings, store, status, with_checkpoint, error) -> None:
+    run_id = _new_run(store, settings)
+    with transaction(store) as session:
+        run = session.get(ModelRun, run_id)
+        run.status = status
+        if with_checkpoint:
+            folder = registry.model_dir(settings, run)
+            folder.mkdir(parents=True)
+            (folder / RESUME_FILE).write_text("{}")
+    with transaction(store) as session:
+        if error:
+            with pytest.raises(wf.WorkflowError, match=error):
+                wf.resume_run(session, settings, run_id)
+        else:
+            assert wf.resume_run(session, settings, run_id).status == "queued"
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "error"),
+    [
+        ("segmenter", {}, "no trainer for model kind 'segmenter'; known: classifier, detector"),
+        ("classifier", {"source": "crowd"}, "unknown data source 'crowd'"),
+        ("classifier", {"epochs": 0}, "epochs must be >= 1"),
+    ],
+)
+def test_start_training_rejects_bad_requests(settings, store, kind, kwargs, error) -> None:
+    with transaction(store) as session, pytest.raises(wf.WorkflowError, match=error):
+        wf.start_training(session, settings, get_project(session, "demo"), kind, **kwargs)
+
+
+def test_consensus_training_needs_a_snapshot(settings, store) -> None:
+    from cellspot.store.queries import get_or_create_project
+
+    with transaction(store) as session, pytest.raises(wf.WorkflowError, match="cellspot aggregate"):
+        wf.start_training(session, settings, get_or_create_project(session, "empty"), "classifier")
+    with transaction(store) as session:  # expert cells need no snapshot
+        run = wf.start_training(session, settings, get_project(session, "empty"), "detector", source="expert")
+        assert run.data_source == {"kind": "expert", "project": "empty"} and run.snapshot_id is None
+
+
+def test_torch_threads_setting_reaches_the_config(settings, store, monkeypatch) -> None:
+    install(monkeypatch)
+    threaded = settings.model_copy(update={"torch_threads": 1})
+    run = wf.run_training(threaded, _new_run(store, settings))
+    assert run.status == "done" and run.config["threads"] == 1
