@@ -22,5 +22,7 @@ from cellspot.cli import (  # noqa: E402,F401
     demo_cmds,
     export_cmds,
     import_cmds,
+    model_cmds,
+    predict_cmds,
     store_cmds,
 )

@@ -1,0 +1,629 @@
+"""Prediction: find every cell in images, say whether it is alive, count viability per image.
+
+One path for the CLI (``cellspot predict``), the dashboard and the tests:
+
+* :func:`predict_images` runs a :class:`Detector` and a :class:`Classifier` (the loaded models
+  of :mod:`cellspot.ml.detector` / :mod:`cellspot.ml.classifier`, or anything with the same
+  methods) over image files of any bit depth and channel count (read with
+  :func:`cellspot.imaging.read_image`, normalised by :func:`cellspot.imaging.to_display_rgb8`).
+  Models are loaded once by the caller; the classifier sees all cells of an image in one call;
+  the next image is read in a background thread while the models work on the current one.
+* :func:`write_outputs` writes ``cells.csv``, ``summary.csv`` and ``overlays/<stem>.png``
+  (plus ``errors.csv`` when files were skipped) atomically.
+* :func:`predict_project` predicts every image of a project with pixels using its active models
+  and stores the cells (:func:`store_predictions`; :func:`match_project_images` finds the
+  project's images among arbitrary files; :func:`predictions_frame` reads them back).
+
+Per cell: ``label`` is "alive" when ``p_alive >= 0.5`` (:data:`ALIVE_THRESHOLD`), else "dead";
+``uncertainty`` is the binary entropy of ``p_alive`` in bits,
+``H(p) = -p log2 p - (1 - p) log2 (1 - p)``: 0 for a sure call, 1 at ``p_alive = 0.5``. It is
+the classifier's uncertainty about the label only; the detector's confidence that there is a
+cell at all is kept separately as ``score`` (stored in the store, not in ``cells.csv``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from cellspot.imaging import IMAGE_SUFFIXES, ImageReadError, read_image, to_display_rgb8
+from cellspot.ml.overlay import Outline, instance_ids
+
+log = logging.getLogger(__name__)
+
+CELL_COLUMNS = ["image", "x", "y", "label", "p_alive", "uncertainty", "detector_version", "classifier_version"]
+"""Columns of ``cells.csv`` and :attr:`PredictionResult.cells`, in this order."""
+DETAIL_COLUMNS = CELL_COLUMNS + ["score", "diameter"]
+"""Columns of :attr:`ImagePrediction.cells`: :data:`CELL_COLUMNS` plus the detector ``score``
+and the cell ``diameter`` in pixels (from its instance area, else the detector's radius)."""
+SUMMARY_COLUMNS = ["image", "alive", "dead", "viability_pct", "n_cells"]
+"""Columns of ``summary.csv``: counts per image; ``viability_pct = 100 * alive / n_cells``
+(empty when an image has no cells)."""
+ERROR_COLUMNS = ["image", "path", "error"]
+ALIVE_THRESHOLD = 0.5
+DEFAULT_DIAMETER = 12.0
+"""Cell diameter (pixels) for the overlay marks when neither instances nor the detector's
+config give one."""
+READ_AHEAD = 2
+
+ProgressCallback = Callable[[int, int, str], None]
+"""Called after each image as ``progress(done, total, image_name)``."""
+
+
+class PredictionError(ValueError):
+    """Prediction cannot run: unreadable image, no images, bad model output, no active model."""
+
+
+class NoActiveModelError(PredictionError, LookupError):
+    """The project has no active model of a kind and none was given."""
+
+
+# --------------------------------------------------------------------------- model protocols
+
+
+class DetectionsLike(Protocol):
+    """What a detector returns: ``xy`` ``(N, 2)`` float centres (x, y) in pixels, ``scores``
+    ``(N,)`` in [0, 1], ``labels`` ``(H, W)`` int32 instances (0 = background) or ``None``."""
+
+    @property
+    def xy(self) -> np.ndarray: ...
+
+    @property
+    def scores(self) -> np.ndarray: ...
+
+    @property
+    def labels(self) -> np.ndarray | None: ...
+
+
+class Detector(Protocol):
+    """A loaded cell detector (:class:`cellspot.ml.detector.LoadedDetector` fits)."""
+
+    @property
+    def version(self) -> str: ...
+
+    def detect(self, pixels: np.ndarray) -> DetectionsLike:
+        """Cells in ``pixels`` ``(H, W, 3)`` uint8."""
+        ...
+
+
+class Classifier(Protocol):
+    """A loaded alive/dead classifier (:class:`cellspot.ml.classifier.LoadedClassifier` fits)."""
+
+    @property
+    def version(self) -> str: ...
+
+    def predict_cells(self, pixels: np.ndarray, xy: np.ndarray) -> np.ndarray:
+        """``(N,)`` p_alive of the cells at ``xy`` ``(N, 2)`` in ``pixels`` ``(H, W, 3)`` uint8."""
+        ...
+
+
+def load_detector_dir(model_dir: str | Path) -> Detector:
+    """The detector in checkpoint folder ``model_dir`` (lazy import keeps torch out until needed)."""
+    from cellspot.ml.detector import load_detector
+
+    return load_detector(Path(model_dir))
+
+
+def load_classifier_dir(model_dir: str | Path) -> Classifier:
+    """The classifier in checkpoint folder ``model_dir``."""
+    from cellspot.ml.classifier import load_classifier
+
+    return load_classifier(Path(model_dir))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """An image that could not be predicted: its name, file and the reason."""
+
+    image: str
+    path: str
+    error: str
+
+
+@dataclass
+class ImagePrediction:
+    """The cells of one image. ``cells``: :data:`DETAIL_COLUMNS`; ``outline``: instance
+    boundaries for the overlay (``None`` when the detector gave no instances)."""
+
+    image: str
+    source: Path
+    width: int
+    height: int
+    cells: pd.DataFrame
+    outline: Outline | None = None
+
+
+@dataclass
+class PredictionResult:
+    """What :func:`predict_images` found: per-image predictions, the files it skipped, timing."""
+
+    images: list[ImagePrediction]
+    detector_version: str
+    classifier_version: str
+    errors: list[ImageError] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def details(self) -> pd.DataFrame:
+        """Every cell with :data:`DETAIL_COLUMNS`."""
+        frames = [p.cells for p in self.images if len(p.cells)]
+        if not frames:
+            return _empty(DETAIL_COLUMNS)
+        return pd.concat(frames, ignore_index=True)
+
+    @property
+    def cells(self) -> pd.DataFrame:
+        """Every cell with exactly :data:`CELL_COLUMNS` (the ``cells.csv`` table)."""
+        return self.details[CELL_COLUMNS]
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """Counts and viability per predicted image (:data:`SUMMARY_COLUMNS`)."""
+        return summarize(self.details, [p.image for p in self.images])
+
+    @property
+    def errors_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([vars(e) for e in self.errors], columns=ERROR_COLUMNS)
+
+
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=float if c not in ("image", "label") else object) for c in columns})
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def binary_entropy(p_alive: np.ndarray) -> np.ndarray:
+    """``(N,)`` binary entropy in bits of ``(N,)`` probabilities: 0 at 0 and 1, 1 at 0.5."""
+    p = np.clip(np.asarray(p_alive, float), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
+    return np.nan_to_num(h, nan=0.0)
+
+
+def summarize(cells: pd.DataFrame, images: Iterable[str] | None = None) -> pd.DataFrame:
+    """Per image: alive, dead, viability % and n_cells (:data:`SUMMARY_COLUMNS`).
+
+    ``cells``: columns ``image``, ``label``. ``images``: every image to list, in order, with
+    zeros for those without cells (default: the images in ``cells``, sorted).
+    ``viability_pct`` = ``100 * alive / n_cells``, rounded to 2 decimals; NaN without cells.
+    """
+    names = list(images) if images is not None else sorted(cells["image"].unique())
+    counts = pd.crosstab(cells["image"], cells["label"]) if len(cells) else pd.DataFrame()
+    table = counts.reindex(index=names, columns=["alive", "dead"], fill_value=0).fillna(0).astype(int)
+    table["n_cells"] = table["alive"] + table["dead"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["viability_pct"] = (100.0 * table["alive"] / table["n_cells"].where(table["n_cells"] > 0)).round(2)
+    table.index.name = "image"
+    return table.reset_index()[SUMMARY_COLUMNS]
+
+
+def cell_diameters(xy: np.ndarray, labels: np.ndarray | None, fallback: float) -> np.ndarray:
+    """``(N,)`` diameters in pixels: of the circle with the area of the instance under each
+    centre; cells on background get the median of the others, else ``fallback``."""
+    n = len(xy)
+    if labels is None or n == 0 or not np.any(labels):
+        return np.full(n, float(fallback))
+    ids = instance_ids(labels, xy)
+    areas = np.bincount(np.asarray(labels).ravel().astype(np.int64, copy=False))
+    diam = np.where(ids > 0, 2.0 * np.sqrt(areas[ids] / math.pi), np.nan)
+    found = diam[np.isfinite(diam)]
+    return np.where(np.isfinite(diam), diam, float(np.median(found)) if found.size else float(fallback))
+
+
+def detector_diameter(detector: Any) -> float:
+    """Twice the ``radius`` of the detector's config when it has one, else :data:`DEFAULT_DIAMETER`."""
+    config = getattr(detector, "config", None)
+    radius = config.get("radius") if isinstance(config, Mapping) else getattr(config, "radius", None)
+    try:
+        return 2.0 * float(radius) if radius and float(radius) > 0 else DEFAULT_DIAMETER
+    except (TypeError, ValueError):
+        return DEFAULT_DIAMETER
+
+
+def predict_pixels(
+    pixels: np.ndarray, detector: Detector, classifier: Classifier, *, name: str = "image"
+) -> tuple[pd.DataFrame, Outline | None]:
+    """Detect and classify the cells of one ``(H, W, 3)`` uint8 image.
+
+    Returns the cells (:data:`DETAIL_COLUMNS` without ``image`` and the versions) and the
+    instance outline. Raises :class:`PredictionError` naming ``name`` when a model returns
+    arrays of the wrong shape or probabilities outside [0, 1].
+    """
+    found = detector.detect(pixels)
+    xy = np.asarray(found.xy, float).reshape(-1, 2)
+    n = len(xy)
+    scores = np.asarray(found.scores, float).reshape(-1) if found.scores is not None else np.ones(n)
+    labels = getattr(found, "labels", None)
+    if len(scores) != n:
+        raise PredictionError(f"{name}: the detector returned {n} centres but {len(scores)} scores")
+    p_alive = np.asarray(classifier.predict_cells(pixels, xy), float).reshape(-1) if n else np.zeros(0)
+    if len(p_alive) != n:
+        raise PredictionError(f"{name}: the classifier returned {len(p_alive)} probabilities for {n} cells")
+    if n and not (np.all(p_alive >= 0.0) and np.all(p_alive <= 1.0)):
+        raise PredictionError(f"{name}: the classifier returned p_alive outside [0, 1] (or NaN)")
+    alive = p_alive >= ALIVE_THRESHOLD
+    cells = pd.DataFrame({
+        "x": np.round(xy[:, 0], 2), "y": np.round(xy[:, 1], 2),
+        "label": np.where(alive, "alive", "dead").astype(object),
+        "p_alive": np.round(p_alive, 4), "uncertainty": np.round(binary_entropy(p_alive), 4),
+        "score": np.round(scores, 4),
+        "diameter": np.round(cell_diameters(xy, labels, detector_diameter(detector)), 2),
+    })
+    outline = Outline.from_labels(labels, xy, alive) if labels is not None and np.any(labels) else None
+    return cells, outline
+
+
+# --------------------------------------------------------------------------- images in, tables out
+
+
+def collect_images(inputs: Mapping[str, str | Path] | Iterable[str | Path]) -> dict[str, Path]:
+    """Image name -> file for files and folders.
+
+    A folder contributes every file under it (recursive, hidden parts skipped) ending in
+    :data:`cellspot.imaging.IMAGE_SUFFIXES`, named by its path relative to the folder (as in
+    annotation CSVs); a file is named by its file name and always tried. A mapping is taken as
+    it is. Raises :class:`PredictionError` for a missing path, two files with one name, or no
+    images at all.
+    """
+    if isinstance(inputs, Mapping):
+        found = {str(name): Path(path) for name, path in inputs.items()}
+    else:
+        found = {}
+        for raw in inputs:
+            for name, path in _expand(Path(raw)):
+                if name in found and found[name] != path:
+                    raise PredictionError(f"two images are named {name!r}: {found[name]} and {path}; rename one")
+                found[name] = path
+    if not found:
+        raise PredictionError(f"no images found; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+    return found
+
+
+def _expand(path: Path) -> Iterator[tuple[str, Path]]:
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            relative = child.relative_to(path)
+            if child.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in relative.parts):
+                yield relative.as_posix(), child
+    elif path.is_file():
+        yield path.name, path
+    else:
+        raise PredictionError(f"{path}: no such file or folder")
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """The image file at ``path`` as ``(H, W, 3)`` uint8 (:class:`ImageReadError` names the file)."""
+    loaded = read_image(path)
+    return to_display_rgb8(loaded.array, loaded.bit_depth)
+
+
+def _read_ahead(items: list[tuple[str, Path]]) -> Iterator[tuple[str, Path, Future]]:
+    """``(name, path, future of pixels)`` in order, reading up to :data:`READ_AHEAD` files ahead."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellspot-read") as pool:
+        pending: deque[tuple[str, Path, Future]] = deque()
+        for name, path in items:
+            pending.append((name, path, pool.submit(read_pixels, path)))
+            if len(pending) > READ_AHEAD:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+
+
+def predict_images(
+    paths: Mapping[str, str | Path] | Iterable[str | Path],
+    detector: Detector,
+    classifier: Classifier,
+    *,
+    progress: ProgressCallback | None = None,
+    skip_invalid: bool = False,
+) -> PredictionResult:
+    """Detect and classify the cells of every image in ``paths`` (see :func:`collect_images`).
+
+    An unreadable file raises :class:`PredictionError` naming it; with ``skip_invalid`` it is
+    listed in :attr:`PredictionResult.errors` and the others still run.
+    """
+    sources = collect_images(paths)
+    start = time.perf_counter()
+    result = PredictionResult([], str(detector.version), str(classifier.version))
+    for done, (name, path, future) in enumerate(_read_ahead(list(sources.items())), start=1):
+        try:
+            pixels = future.result()
+        except ImageReadError as exc:
+            if not skip_invalid:
+                raise PredictionError(f"cannot read image {name!r} ({exc.path}): {exc.reason}") from exc
+            log.warning("skipping %s: %s", path, exc.reason)
+            result.errors.append(ImageError(name, str(path), exc.reason))
+        else:
+            cells, outline = predict_pixels(pixels, detector, classifier, name=name)
+            cells.insert(0, "image", name)
+            cells["detector_version"] = result.detector_version
+            cells["classifier_version"] = result.classifier_version
+            h, w = pixels.shape[:2]
+            result.images.append(ImagePrediction(name, path, int(w), int(h), cells[DETAIL_COLUMNS], outline))
+        if progress is not None:
+            progress(done, len(sources), name)
+    result.seconds = time.perf_counter() - start
+    log.info("predicted %d image(s) in %.1f s (%d skipped)", len(result.images), result.seconds, len(result.errors))
+    return result
+
+
+
+# --------------------------------------------------------------------------- output files
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where :func:`write_outputs` put things (``overlays``/``errors`` ``None`` when not written)."""
+
+    cells: Path
+    summary: Path
+    overlays: Path | None
+    errors: Path | None
+    n_overlays: int = 0
+
+
+def overlay_names(images: Iterable[str]) -> dict[str, str]:
+    """Image name -> overlay file relative to ``overlays/``: ``<stem>.png`` (folders kept), or
+    ``<name>.png`` when two images share a stem (``a.png`` and ``a.tif``)."""
+    names = list(images)
+    stems = [str(Path(n).with_suffix(".png")) for n in names]
+    clash = {s for s in stems if stems.count(s) > 1}
+    return {n: (f"{n}.png" if s in clash else s) for n, s in zip(names, stems)}
+
+
+def write_outputs(result: PredictionResult, out_dir: str | Path, *, overlays: bool = True) -> OutputPaths:
+    """Write ``cells.csv``, ``summary.csv``, ``overlays/<stem>.png`` and ``errors.csv`` (only
+    when files were skipped) into ``out_dir``.
+
+    Everything is first written to a hidden folder inside ``out_dir`` and renamed into place at
+    the end, so a failed run leaves the folder as it was; a new run replaces the files and the
+    whole ``overlays/`` folder of an earlier one. Overlays re-read the source images.
+    """
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".cellspot-predict-", dir=out_dir))
+    try:
+        result.cells.to_csv(staging / "cells.csv", index=False)
+        result.summary.to_csv(staging / "summary.csv", index=False)
+        if result.errors:
+            result.errors_frame.to_csv(staging / "errors.csv", index=False)
+        n_overlays = _write_overlays(result, staging / "overlays") if overlays else 0
+        for name in ("cells.csv", "summary.csv", "errors.csv"):
+            if (staging / name).exists():
+                (staging / name).replace(out_dir / name)
+            elif (out_dir / name).exists():
+                (out_dir / name).unlink()  # an errors.csv left by an earlier run
+        if overlays:
+            if (out_dir / "overlays").exists():
+                (out_dir / "overlays").rename(staging / "old-overlays")
+            (staging / "overlays").rename(out_dir / "overlays")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote predictions of %d image(s) to %s", len(result.images), out_dir)
+    return OutputPaths(out_dir / "cells.csv", out_dir / "summary.csv", out_dir / "overlays" if overlays else None,
+                       out_dir / "errors.csv" if result.errors else None, n_overlays)
+
+
+def _write_overlays(result: PredictionResult, folder: Path) -> int:
+    from cellspot.ml.overlay import draw_overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = overlay_names(p.image for p in result.images)
+    for pred in result.images:
+        try:
+            pixels = read_pixels(pred.source)
+        except ImageReadError as exc:
+            raise PredictionError(f"cannot re-read image {pred.image!r} for its overlay ({exc.path}): "
+                                  f"{exc.reason}") from exc
+        target = folder / names[pred.image]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        draw_overlay(pixels, pred.cells, pred.outline).save(target, format="PNG")
+    return len(result.images)
+
+
+# --------------------------------------------------------------------------- the store
+
+SQL_CHUNK = 500
+
+
+@dataclass
+class ProjectPrediction:
+    """What :func:`predict_project` did: the run ids and versions, counts, and skipped images."""
+
+    project: str
+    detector_run_id: int
+    classifier_run_id: int
+    detector_version: str
+    classifier_version: str
+    images: int
+    cells: int
+    alive: int
+    dead: int
+    errors: list[ImageError]
+    seconds: float
+    result: PredictionResult
+
+    @property
+    def viability_pct(self) -> float:
+        return round(100.0 * self.alive / self.cells, 2) if self.cells else float("nan")
+
+
+def no_active_model_message(project_name: str, kind: str) -> str:
+    """The error text for a project without an active ``kind`` model."""
+    return (f"project {project_name!r} has no active {kind} model; train one with "
+            f"`cellspot train {kind} --project {project_name}` (and promote it), or pass --{kind} MODEL_DIR")
+
+
+def active_runs(session: Any, project: Any) -> tuple[Any, Any]:
+    """``(detector run, classifier run)`` active in ``project``; :class:`NoActiveModelError`
+    names the missing kind and how to train one."""
+    from cellspot.ml import registry
+
+    runs = []
+    for kind in ("detector", "classifier"):
+        run = registry.active_run(session, project, kind)
+        if run is None:
+            raise NoActiveModelError(no_active_model_message(project.name, kind))
+        runs.append(run)
+    return runs[0], runs[1]
+
+
+def predict_project(
+    session: Any,
+    settings: Any,
+    project: Any,
+    *,
+    detector_run: Any = None,
+    classifier_run: Any = None,
+    progress: ProgressCallback | None = None,
+) -> ProjectPrediction:
+    """Predict every image of ``project`` that has pixels and store the cells.
+
+    ``detector_run`` / ``classifier_run``: :class:`cellspot.store.models.ModelRun` rows (default:
+    the project's active ones; :class:`NoActiveModelError` when there is none). Images whose
+    file is missing or unreadable are skipped and listed in the report. Earlier predictions of
+    the same model pair for these images are replaced (:func:`store_predictions`); the session
+    is flushed, never committed.
+    """
+    from sqlalchemy import select
+
+    from cellspot.ml import registry
+    from cellspot.render import ImageUnavailableError, image_file
+    from cellspot.store.models import Image
+
+    if detector_run is None or classifier_run is None:
+        active_detector, active_classifier = active_runs(session, project)
+        detector_run, classifier_run = detector_run or active_detector, classifier_run or active_classifier
+    detector = load_detector_dir(registry.model_dir(settings, detector_run))
+    classifier = load_classifier_dir(registry.model_dir(settings, classifier_run))
+    rows = session.scalars(select(Image).where(Image.project_id == project.id, Image.has_pixels.is_(True))
+                           .order_by(Image.name)).all()
+    sources, missing = {}, []
+    for image in rows:
+        try:
+            sources[image.name] = image_file(settings, image)
+        except ImageUnavailableError as exc:
+            missing.append(ImageError(image.name, str(image.path), str(exc)))
+    if not sources:
+        raise PredictionError(f"project {project.name!r} has no images with readable pixels; import some first")
+    result = predict_images(sources, detector, classifier, progress=progress, skip_invalid=True)
+    result.errors[:0] = missing
+    store_predictions(session, {image.name: image for image in rows}, result, detector_run, classifier_run)
+    cells = result.details
+    n_alive = int((cells["label"] == "alive").sum())
+    return ProjectPrediction(
+        project.name, detector_run.id, classifier_run.id, result.detector_version, result.classifier_version,
+        len(result.images), len(cells), n_alive, len(cells) - n_alive, result.errors, result.seconds, result,
+    )
+
+
+def store_predictions(
+    session: Any, images: Mapping[str, Any], result: PredictionResult, detector_run: Any, classifier_run: Any
+) -> int:
+    """Store the cells of every predicted image found in ``images`` (name -> store ``Image``).
+
+    Earlier rows of the same ``(detector_run, classifier_run)`` pair on those images are
+    deleted first, so re-running replaces rather than duplicates; other model pairs' rows stay.
+    Flushes, never commits (the caller's transaction makes the swap atomic). Returns the number
+    of rows inserted.
+    """
+    from sqlalchemy import delete, insert
+
+    from cellspot.store.models import PredictionCell
+
+    preds = [p for p in result.images if p.image in images]
+    ids = [images[p.image].id for p in preds]
+    for start in range(0, len(ids), SQL_CHUNK):
+        session.execute(delete(PredictionCell).where(
+            PredictionCell.image_id.in_(ids[start:start + SQL_CHUNK]),
+            PredictionCell.detector_run_id == detector_run.id,
+            PredictionCell.classifier_run_id == classifier_run.id,
+        ))
+    rows = [
+        {"image_id": image_id, "detector_run_id": detector_run.id, "classifier_run_id": classifier_run.id,
+         "x": float(x), "y": float(y), "label": str(label), "p_alive": float(p), "uncertainty": float(u),
+         "score": float(s)}
+        for pred, image_id in zip(preds, ids)
+        for x, y, label, p, u, s in pred.cells[["x", "y", "label", "p_alive", "uncertainty", "score"]]
+        .itertuples(index=False, name=None)
+    ]
+    for start in range(0, len(rows), SQL_CHUNK):
+        session.execute(insert(PredictionCell), rows[start:start + SQL_CHUNK])
+    session.flush()
+    log.info("stored %d predicted cells on %d image(s) (detector run %s, classifier run %s)",
+             len(rows), len(ids), detector_run.id, classifier_run.id)
+    return len(rows)
+
+
+def match_project_images(session: Any, project: Any, result: PredictionResult) -> dict[str, Any]:
+    """Result image name -> the project's ``Image`` it is: same file content (sha256), or, for a
+    project image without pixels (clicks only), the same name and size."""
+    from sqlalchemy import select
+
+    from cellspot.imaging import sha256_file
+    from cellspot.store.models import Image
+
+    rows = session.scalars(select(Image).where(Image.project_id == project.id)).all()
+    by_sha = {image.sha256: image for image in rows if image.sha256}
+    by_name = {image.name: image for image in rows if not image.has_pixels}
+    matched = {}
+    for pred in result.images:
+        image = by_sha.get(sha256_file(pred.source))
+        if image is None:
+            candidate = by_name.get(pred.image) or by_name.get(Path(pred.image).name)
+            if candidate is not None and (candidate.width, candidate.height) == (pred.width, pred.height):
+                image = candidate
+        if image is not None:
+            matched[pred.image] = image
+    return matched
+
+
+def predictions_frame(
+    session: Any, project: Any, detector_run_id: int | None = None, classifier_run_id: int | None = None
+) -> pd.DataFrame:
+    """Stored predicted cells of ``project`` (optionally of one detector / classifier run).
+
+    Columns: ``image_id, image, x, y, label, p_alive, uncertainty, score, detector_run_id,
+    classifier_run_id, detector_version, classifier_version, created_at``, ordered by image.
+    :func:`summarize` turns it into counts and viability per image.
+    """
+    from sqlalchemy import select
+    from sqlalchemy.orm import aliased
+
+    from cellspot.store.models import Image, ModelRun, PredictionCell
+
+    det, cls = aliased(ModelRun), aliased(ModelRun)
+    pc = PredictionCell
+    stmt = (
+        select(pc.image_id, Image.name, pc.x, pc.y, pc.label, pc.p_alive, pc.uncertainty, pc.score,
+               pc.detector_run_id, pc.classifier_run_id, det.version, cls.version, pc.created_at)
+        .join(Image, Image.id == pc.image_id)
+        .outerjoin(det, det.id == pc.detector_run_id)
+        .outerjoin(cls, cls.id == pc.classifier_run_id)
+        .where(Image.project_id == project.id)
+        .order_by(Image.name, pc.id)
+    )
+    if detector_run_id is not None:
+        stmt = stmt.where(pc.detector_run_id == detector_run_id)
+    if classifier_run_id is not None:
+        stmt = stmt.where(pc.classifier_run_id == classifier_run_id)
+    columns = ["image_id", "image", "x", "y", "label", "p_alive", "uncertainty", "score", "detector_run_id",
+               "classifier_run_id", "detector_version", "classifier_version", "created_at"]
+    return pd.DataFrame(session.execute(stmt).all(), columns=columns)

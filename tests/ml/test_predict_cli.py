@@ -1,0 +1,197 @@
+"""``cellspot predict`` on tiny images, with fake models behind the loaders (see test_predict.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image as PILImage
+
+from cellspot.cli import main
+from cellspot.ml import predict
+from cellspot.ml.predict import CELL_COLUMNS, SUMMARY_COLUMNS
+
+try:  # the fakes live in test_predict.py; tests/ml may or may not be a package
+    from ml.test_predict import CELLS, FakeClassifier, FakeDetector, disc_pixels, write_images
+except ImportError:
+    from test_predict import CELLS, FakeClassifier, FakeDetector, disc_pixels, write_images
+
+
+def _run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _ok(*args: str | Path) -> Result:
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    loaded: list[Path] = []
+
+    def detector(model_dir):
+        loaded.append(Path(model_dir))
+        return FakeDetector(version=Path(model_dir).name)
+
+    def classifier(model_dir):
+        loaded.append(Path(model_dir))
+        return FakeClassifier(version=Path(model_dir).name)
+
+    monkeypatch.setattr(predict, "load_detector_dir", detector)
+    monkeypatch.setattr(predict, "load_classifier_dir", classifier)
+    return loaded
+
+
+@pytest.fixture
+def model_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    det, cls = tmp_path / "models" / "det-x", tmp_path / "models" / "cls-y"
+    det.mkdir(parents=True)
+    cls.mkdir(parents=True)
+    return det, cls
+
+
+def _store_project(settings, images: Path, *, active: bool = True):
+    """Init the store, import ``images`` into project "p", optionally with active runs."""
+    from cellspot.importers import import_images
+    from cellspot.ml import registry
+    from cellspot.store.db import transaction
+    from cellspot.store.migrate import prepare_store
+    from cellspot.store.queries import get_or_create_project
+
+    engine = prepare_store(settings)
+    with transaction(engine) as session:
+        project = get_or_create_project(session, "p")
+        import_images(session, project, [images], settings)
+        if active:
+            for kind in ("detector", "classifier"):
+                run = registry.create_run(session, kind, project=project)
+                run.status = "done"
+                registry.promote(session, run)
+    return engine
+
+
+def _stored(engine) -> pd.DataFrame:
+    from cellspot.store.db import session_factory
+    from cellspot.store.queries import get_project
+
+    with session_factory(engine)() as session:
+        return predict.predictions_frame(session, get_project(session, "p"))
+
+
+def test_predict_cli_with_model_folders(settings, tmp_path: Path, fakes, model_dirs) -> None:
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "out"
+    result = _ok("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1])
+
+    assert fakes == list(model_dirs)  # each model loaded once for all images
+    cells = pd.read_csv(out / "cells.csv")
+    assert list(cells.columns) == CELL_COLUMNS
+    assert set(cells.detector_version) == {"det-x"} and set(cells.classifier_version) == {"cls-y"}
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert summary.set_index("image").n_cells.to_dict() == {n: len(c) for n, c in CELLS.items()}
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(CELLS)
+    assert "predicted 3 image(s) with det-x + cls-y" in result.output
+    assert "4 (2 alive, 2 dead; viability 50.0%)" in result.output
+    assert f"cells:    {out / 'cells.csv'}" in result.output
+    assert "not stored: there is no cellspot store here" in result.output
+    assert not settings.home.exists()  # predicting with folders creates no store
+
+
+def test_predict_cli_no_overlays_and_single_file(settings, tmp_path: Path, fakes, model_dirs) -> None:
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "out"
+    _ok("predict", images / "well_b.png", "--out", out, "--detector", model_dirs[0], "--classifier",
+        model_dirs[1], "--no-overlays", "--no-store")
+    assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "summary.csv"]
+    assert pd.read_csv(out / "cells.csv").label.tolist() == ["dead"]
+
+
+def test_predict_cli_bad_file(settings, tmp_path: Path, fakes, model_dirs) -> None:
+    images = write_images(tmp_path / "images")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    out = tmp_path / "out"
+    args = ("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1])
+    failed = _run(*args)
+    assert failed.exit_code != 0 and "broken.png" in failed.output and "Traceback" not in failed.output
+    assert not out.exists() or not (out / "cells.csv").exists()
+    result = _ok(*args, "--skip-invalid")
+    assert "skipped 1 unreadable file(s)" in result.output
+    assert pd.read_csv(out / "errors.csv").image.tolist() == ["broken.png"]
+
+
+def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path, fakes) -> None:
+    from cellspot.ml import registry
+    from cellspot.store.db import session_factory
+    from cellspot.store.queries import get_project
+
+    images = write_images(tmp_path / "images")
+    engine = _store_project(settings, images)
+    extra = write_images(tmp_path / "more", {"elsewhere.png": [(30, 30, "alive")]})
+    try:
+        result = _ok("predict", images, extra / "elsewhere.png", "--out", tmp_path / "out", "--project", "p")
+        with session_factory(engine)() as session:
+            project = get_project(session, "p")
+            active = [registry.active_run(session, project, k) for k in ("detector", "classifier")]
+        assert fakes == [registry.model_dir(settings, run) for run in active]
+        assert "stored 4 cells on 3 image(s) of project 'p'" in result.output
+        stored = _stored(engine)
+        assert len(stored) == 4 and set(stored.detector_version) == {active[0].version}
+        assert "elsewhere.png" not in set(stored.image)
+
+        _ok("predict", images, "--out", tmp_path / "out", "--project", "p")  # again: replaced
+        assert len(_stored(engine)) == 4
+        _ok("predict", images, "--out", tmp_path / "out", "--project", "p", "--no-store")
+        assert len(_stored(engine)) == 4
+
+        folders = [str(registry.model_dir(settings, run)) for run in active]
+        for folder in folders:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        given = _ok("predict", images, "--out", tmp_path / "out", "--project", "p",
+                    "--detector", folders[0], "--classifier", folders[1])
+        assert "stored 4 cells" in given.output  # the active folders given explicitly count as active
+    finally:
+        engine.dispose()
+
+
+def test_predict_cli_other_models_are_not_stored(settings, tmp_path: Path, fakes, model_dirs) -> None:
+    images = write_images(tmp_path / "images")
+    engine = _store_project(settings, images)
+    try:
+        args = ("predict", images, "--out", tmp_path / "out", "--project", "p",
+                "--detector", model_dirs[0], "--classifier", model_dirs[1])
+        assert "not stored: the models are not the active ones of project 'p'" in _ok(*args).output
+        forced = _run(*args, "--store")
+        assert forced.exit_code != 0 and "--store needs the active models" in forced.output
+        assert len(_stored(engine)) == 0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("with_store", [True, False])
+def test_predict_cli_without_active_models_says_how_to_train(settings, tmp_path: Path, fakes, with_store) -> None:
+    images = write_images(tmp_path / "images")
+    if with_store:
+        _store_project(settings, images, active=False).dispose()
+    result = _run("predict", images, "--out", tmp_path / "out", "--project", "p")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    if with_store:
+        assert "train one with `cellspot train detector --project p`" in result.output
+    else:
+        assert "cellspot init" in result.output and "--detector MODEL_DIR" in result.output
+    assert fakes == []
+
+
+def test_predict_cli_reads_any_mode(settings, tmp_path: Path, fakes, model_dirs) -> None:
+    rgb = disc_pixels([(10, 10, "alive"), (40, 30, "dead")])
+    PILImage.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    PILImage.fromarray(rgb).convert("P", palette=PILImage.Palette.ADAPTIVE, colors=8).save(tmp_path / "palette.png")
+    _ok("predict", tmp_path / "gray.png", tmp_path / "palette.png", "--out", tmp_path / "out",
+        "--detector", model_dirs[0], "--classifier", model_dirs[1])
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("image")
+    assert summary.n_cells.to_dict() == {"gray.png": 2, "palette.png": 2}
