@@ -1,0 +1,154 @@
+"""Charts and short texts of the Models page: training curves, progress lines, metric tables.
+
+Pure helpers over plain data (lists of dicts, DataFrames) plus the Altair chart builders; no
+store access and no Streamlit calls, so they are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+LOSS_COLUMNS = ("train_loss", "val_loss")
+NOT_CURVES = ("epoch", "step", "steps", "epochs", "seconds", "elapsed_s", "eta_s", "lr", "phase", "time")
+
+
+def curves_frame(curves: Any) -> pd.DataFrame:
+    """One row per epoch from ``curves`` (a list of dicts or a DataFrame, as stored with a run).
+
+    Missing ``epoch`` numbers are filled 1, 2, ...; nested dicts (``metrics``) are flattened
+    into their own columns. Returns an empty frame with an ``epoch`` column when there is none.
+    """
+    if curves is None:
+        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    if isinstance(curves, pd.DataFrame):
+        rows = curves.to_dict("records")
+    else:
+        rows = [dict(r) for r in curves]
+    flat = []
+    for row in rows:
+        nested = row.pop("metrics", None)
+        if isinstance(nested, Mapping):
+            row = {**row, **{k: v for k, v in nested.items() if k not in row}}
+        flat.append(row)
+    table = pd.DataFrame(flat)
+    if table.empty:
+        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    if "epoch" not in table.columns:
+        table.insert(0, "epoch", range(1, len(table) + 1))
+    return table
+
+
+def curves_long(curves: Any, run: str | None = None) -> pd.DataFrame:
+    """``curves`` (see :func:`curves_frame`) as long rows ``epoch, series, value[, run]``.
+
+    Only numeric series are kept (losses and metrics, not timings or the epoch itself).
+    """
+    table = curves_frame(curves)
+    series = [c for c in table.columns if c not in NOT_CURVES
+              and pd.api.types.is_numeric_dtype(table[c]) and table[c].notna().any()]
+    long = table.melt(id_vars=["epoch"], value_vars=series, var_name="series", value_name="value")
+    long = long.dropna(subset=["value"])
+    long["kind"] = ["loss" if "loss" in s else "metric" for s in long["series"]]
+    if run is not None:
+        long["run"] = run
+    return long.reset_index(drop=True)
+
+
+def curves_chart(long: pd.DataFrame, title: str = "") -> alt.Chart | alt.LayerChart | alt.HConcatChart:
+    """Losses (left) and metrics (right) against epoch from :func:`curves_long` rows; when the
+    rows carry a ``run`` column each run gets its own dash (two runs overlaid)."""
+    compare = "run" in long.columns and long["run"].nunique() > 1
+    charts = []
+    for kind, heading in (("loss", "loss"), ("metric", "metrics")):
+        part = long[long["kind"] == kind]
+        if part.empty:
+            continue
+        encoding: dict[str, Any] = {
+            "x": alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1, format="d")),
+            "y": alt.Y("value:Q", title=heading),
+            "color": alt.Color("series:N", title=None),
+            "tooltip": ["epoch", "series", alt.Tooltip("value:Q", format=".4f")],
+        }
+        if compare:
+            encoding["strokeDash"] = alt.StrokeDash("run:N", title="run")
+            encoding["tooltip"] = ["run", *encoding["tooltip"]]
+        charts.append(alt.Chart(part, title=f"{title} {heading}".strip()).mark_line(point=True)
+                      .encode(**encoding).properties(height=220))
+    if not charts:
+        return alt.Chart(pd.DataFrame({"epoch": [], "value": []})).mark_line()
+    return charts[0] if len(charts) == 1 else alt.hconcat(*charts).resolve_scale(color="independent")
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``75`` -> ``"1 min 15 s"``; ``None`` or not finite -> ``"-"``."""
+    if seconds is None or not math.isfinite(float(seconds)) or seconds < 0:
+        return "-"
+    seconds = int(round(float(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def progress_fraction(progress: Mapping[str, Any] | None) -> float:
+    """The completed fraction in [0, 1] of a stored progress dict (0 when unknown)."""
+    if not progress:
+        return 0.0
+    value = progress.get("fraction")
+    if value is None:
+        epochs, epoch = progress.get("epochs") or 0, progress.get("epoch") or 0
+        steps, step = progress.get("steps") or 0, progress.get("step") or 0
+        value = ((epoch - 1) + (step / steps if steps else 0.0)) / epochs if epochs else 0.0
+    try:
+        return float(min(1.0, max(0.0, float(value))))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def progress_text(progress: Mapping[str, Any] | None) -> str:
+    """One line for the progress bar: ``"epoch 2/5 · step 3/10 · train loss 0.412 · ETA 1 min 05 s"``."""
+    if not progress:
+        return "waiting for the worker to start"
+    parts = []
+    if progress.get("epochs"):
+        parts.append(f"epoch {progress.get('epoch', 0)}/{progress['epochs']}")
+    if progress.get("steps"):
+        parts.append(f"step {progress.get('step', 0)}/{progress['steps']}")
+    if progress.get("phase") and progress.get("phase") not in ("train",):
+        parts.append(str(progress["phase"]))
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
+        if progress.get(key) is not None:
+            parts.append(f"{label} {float(progress[key]):.3f}")
+    parts.append(f"{100 * progress_fraction(progress):.0f} %")
+    if progress.get("eta_s") is not None:
+        parts.append(f"ETA {format_seconds(progress['eta_s'])}")
+    if progress.get("message"):
+        parts.append(str(progress["message"]))
+    return " · ".join(parts)
+
+
+def scalar_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The plain numbers of a metrics dict (confusion matrices and other nested values dropped)."""
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[str(key)] = float(value)
+    return out
+
+
+def short_metrics(metrics: Mapping[str, Any] | None, keys: Iterable[str] = (
+        "balanced_accuracy", "accuracy", "f1", "roc_auc", "ece", "dice", "iou", "precision", "recall"),
+        limit: int = 3) -> str:
+    """A short ``"balanced_accuracy 0.951 · f1 0.930"`` summary of the best-known metrics."""
+    values = scalar_metrics(metrics)
+    chosen = [k for k in keys if k in values][:limit] or list(values)[:limit]
+    return " · ".join(f"{k} {values[k]:.3f}" for k in chosen)

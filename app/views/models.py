@@ -1,0 +1,253 @@
+"""Models: train the alive/dead classifier and the cell detector, watch them train, compare
+runs, promote or roll back, and predict the whole project with the active models.
+
+The page only queues jobs (:mod:`cellspot.workflows.models`, :mod:`cellspot.jobs`): a
+``cellspot worker`` process trains and predicts. Runs that are queued or running refresh on
+their own every 2 s (``st.fragment(run_every=...)``); the rest of the page does not rerun.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from appkit import charts, model_runs, researcher, resources, roles
+
+from cellspot.jobs import JobQueueError
+from cellspot.ml.overlay import draw_overlay
+from cellspot.ml.predict import DEFAULT_DIAMETER
+from cellspot.ml.registry import KEY_METRICS, RegistryError, RunNotFoundError
+from cellspot.render import ImageUnavailableError
+from cellspot.store.models import MODEL_KINDS
+from cellspot.workflows.models import STORE_SOURCES, WorkflowError
+
+REFRESH_S = 2
+PRESETS = ("cpu-fast", "quality")
+PRESET_HELP = "cpu-fast: small model, minutes on a laptop CPU · quality: larger model, meant for a GPU worker"
+ERRORS = (WorkflowError, RegistryError, RunNotFoundError, JobQueueError, LookupError)
+WORKER_HINT = ("No worker seems to be running: {version} has waited {waited} in the queue. Start one in a "
+               "terminal with `cellspot worker` (same CELLSPOT_HOME and database as this app); it picks the "
+               "run up at once.")
+
+roles.require_researcher()  # every researcher page checks again
+project = researcher.page_header("Models")
+if project is None:
+    st.info("No project yet: create one on the Setup page.")
+    st.stop()
+URL = model_runs.url()
+
+notice = st.session_state.pop("models_notice", None)
+if notice:
+    st.success(notice)
+
+
+def act(action, *args) -> None:
+    """Run a page action; its message is shown after the rerun, its error at once."""
+    try:
+        st.session_state["models_notice"] = action(*args)
+    except ERRORS as exc:
+        st.error(str(exc))
+        return
+    st.rerun()
+
+
+# --------------------------------------------------------------------------- train
+
+with st.form("models_train", border=True):
+    st.subheader("Train a model")
+    cols = st.columns([2, 2, 2, 2])
+    kind = cols[0].radio("Model", MODEL_KINDS, key="train_kind", horizontal=True,
+                         help="classifier: alive or dead for each cell · detector: finds the cells (U-Net)")
+    preset = cols[1].radio("Preset", PRESETS, key="train_preset", horizontal=True, help=PRESET_HELP)
+    source = cols[2].radio("Train on", STORE_SOURCES, key="train_source", horizontal=True,
+                           help="consensus: the latest consensus snapshot · expert: expert cells only")
+    epochs = cols[3].number_input("Epochs (optional)", min_value=1, max_value=1000, value=None, step=1,
+                                  key="train_epochs", placeholder="preset default")
+    submitted = st.form_submit_button("Train", type="primary", icon=":material/model_training:")
+    st.caption("Training runs in the background worker (`cellspot worker`); this page queues it and "
+               "shows its progress.")
+if submitted:
+    act(lambda: f"{model_runs.train(project.name, kind, preset, epochs, source)} queued.")
+
+
+
+def live_states(table: pd.DataFrame) -> tuple[tuple[str, str], ...]:
+    """``(version, status)`` of the queued and running runs of ``table``."""
+    rows = table[table["status"].isin(model_runs.LIVE_STATUSES)]
+    return tuple(zip(rows["version"], rows["status"]))
+
+
+runs = model_runs.runs(URL, project.id)
+live = live_states(runs)
+
+
+# --------------------------------------------------------------------------- live runs
+
+def show_curves(curves: pd.DataFrame, key: str, title: str = "") -> None:
+    long = charts.curves_long(curves)
+    if long.empty:
+        st.caption("No finished epoch yet.")
+    else:
+        st.altair_chart(charts.curves_chart(long, title), width="stretch", key=key)
+
+
+def live_run(version: str) -> None:
+    view = model_runs.run_view(URL, version)
+    with st.container(border=True):
+        st.markdown(f"**{view.version}** · {view.status} · preset {view.preset}")
+        st.progress(charts.progress_fraction(view.progress), text=charts.progress_text(view.progress))
+        waited = view.queued_for_s()
+        if waited > model_runs.WORKER_WAIT_S:
+            st.warning(WORKER_HINT.format(version=view.version, waited=charts.format_seconds(waited)),
+                       icon=":material/warning:")
+        elif view.status == "queued":
+            st.caption("Queued: waiting for a worker to pick it up.")
+        show_curves(view.curves, key=f"live-curves-{version}")
+        if st.button("Cancel", key=f"cancel-{version}", icon=":material/stop:",
+                     help="A queued run is cancelled at once; a running one stops at its next check and "
+                          "can be resumed later"):
+            act(model_runs.cancel, version)
+
+
+@st.fragment(run_every=REFRESH_S if live else None)
+def live_runs(expected: tuple[tuple[str, str], ...]) -> None:
+    now = live_states(model_runs.runs(URL, project.id))
+    if now != expected:  # a run started, finished or was added: history and buttons change too
+        st.rerun()
+    for version, _status in now:
+        live_run(version)
+
+
+if live:
+    st.subheader("Training now")
+    live_runs(live)
+
+
+# --------------------------------------------------------------------------- history
+
+st.subheader("Run history")
+if runs.empty:
+    st.info("No model yet: train one above (a classifier and a detector are both needed to predict).")
+    st.stop()
+
+metric_cols = [c for c in dict.fromkeys(m for k in MODEL_KINDS for m in KEY_METRICS[k])
+               if c in runs.columns and runs[c].notna().any()]
+history = runs[["version", "kind", "status", "preset", "active", *metric_cols, "progress", "seconds", "created",
+                "data_snapshot_id", "error"]]
+st.dataframe(history, hide_index=True, width="stretch", key="models_history", column_config={
+    "active": st.column_config.CheckboxColumn("active"),
+    "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+    "seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
+    "created": st.column_config.DatetimeColumn("created (UTC)", format="YYYY-MM-DD HH:mm"),
+    **{c: st.column_config.NumberColumn(c, format="%.3f") for c in metric_cols},
+})
+st.download_button("Download run history (CSV)", history.to_csv(index=False), f"{project.name}-model-runs.csv",
+                   "text/csv")
+
+versions = runs["version"].tolist()
+chosen = st.selectbox("Run", versions, key="models_run", help="Details, curves and actions of one run")
+view = model_runs.run_view(URL, chosen)
+with st.container(border=True):
+    st.markdown(f"**{view.version}** · {view.kind} · {view.status} · preset {view.preset}"
+                + (" · **active**" if view.is_active else "")
+                + (f" · data {view.data_snapshot_id}" if view.data_snapshot_id else ""))
+    if view.error:
+        (st.error if view.status == "failed" else st.caption)(view.error)
+    if view.metrics:
+        st.caption(charts.short_metrics(view.metrics, limit=6))
+    show_curves(view.curves, key=f"curves-{view.version}")
+    buttons = st.columns(4)
+    if buttons[0].button("Promote", key="models_promote", icon=":material/verified:",
+                         disabled=view.status != "done" or view.is_active,
+                         help="Make this run the active model of its kind (used by Predict project)"):
+        act(model_runs.promote, view.version)
+    if buttons[1].button("Resume", key="models_resume", icon=":material/play_arrow:",
+                         disabled=view.status not in ("cancelled", "failed"),
+                         help="Queue a cancelled or failed run again from its last checkpoint"):
+        act(model_runs.resume, view.version)
+    if buttons[2].button("Cancel", key="models_cancel", icon=":material/stop:",
+                         disabled=view.status not in model_runs.LIVE_STATUSES):
+        act(model_runs.cancel, view.version)
+    with st.expander("Config and all metrics"):
+        st.json({"config": view.config, "metrics": view.metrics}, expanded=False)
+
+
+# --------------------------------------------------------------------------- compare
+
+st.subheader("Compare two runs")
+if len(versions) < 2:
+    st.info("Train a second run to compare it with the first.")
+else:
+    pick = st.columns(2)
+    first = pick[0].selectbox("Run A", versions, index=1, key="compare_a")
+    second = pick[1].selectbox("Run B", versions, index=0, key="compare_b")
+    if first == second:
+        st.info("Pick two different runs.")
+    else:
+        table = model_runs.compare(URL, first, second)
+        st.dataframe(table, width="stretch", key="models_compare",
+                     column_config={c: st.column_config.NumberColumn(c, format="%.4f") for c in table.columns})
+        overlaid = pd.concat([charts.curves_long(model_runs.run_view(URL, v).curves, run=v) for v in (first, second)],
+                             ignore_index=True)
+        if overlaid.empty:
+            st.caption("Neither run has finished an epoch yet.")
+        else:
+            st.altair_chart(charts.curves_chart(overlaid), width="stretch", key="compare-curves")
+            st.caption(f"Solid / dashed: {first} / {second} (by run).")
+
+
+# --------------------------------------------------------------------------- active models, predictions
+
+st.subheader("Active models and predictions")
+active = model_runs.active_versions(URL, project.id)
+row = st.columns(4)
+for i, kind_name in enumerate(MODEL_KINDS):
+    row[2 * i].metric(f"Active {kind_name}", active[kind_name] or "none")
+    if row[2 * i + 1].button(f"Roll back {kind_name}", key=f"rollback-{kind_name}", icon=":material/undo:",
+                             disabled=active[kind_name] is None,
+                             help=f"Make the previously promoted {kind_name} active again"):
+        act(model_runs.rollback, project.id, kind_name)
+
+missing = model_runs.missing_model(project.id)
+if st.button("Predict project", key="models_predict", icon=":material/batch_prediction:", disabled=missing is not None,
+             help="Queue a job that finds and classifies the cells of every image with the active models"):
+    act(model_runs.predict, project.name, active["detector"], active["classifier"])
+if missing:
+    st.caption(f"Predict project needs an active classifier and detector: {missing}")
+
+cells = model_runs.predictions(URL, project.id)
+if cells.empty:
+    st.info("No predictions yet: press Predict project once a classifier and a detector are active.")
+    st.stop()
+
+pairs = cells[["detector_version", "classifier_version"]].drop_duplicates().apply(tuple, axis=1).tolist()
+wanted = (active["detector"], active["classifier"])
+pair = st.selectbox("Predictions of", pairs, index=pairs.index(wanted) if wanted in pairs else len(pairs) - 1,
+                    format_func=lambda p: f"detector {p[0]} + classifier {p[1]}", key="models_pair")
+cells = cells[(cells["detector_version"] == pair[0]) & (cells["classifier_version"] == pair[1])]
+per_image = researcher.project_results(researcher.url(), project.id).per_image
+names = dict(zip(per_image["image_id"].astype(int), per_image["image"].astype(str)))
+summary = model_runs.summary(cells, list(names.values()))
+
+left, right = st.columns([3, 2], gap="medium")
+with right:
+    totals = summary[["alive", "dead"]].sum()
+    counted = int(totals.sum())
+    st.markdown(f"**{counted}** cells on **{int((summary['n_cells'] > 0).sum())}** images · viability "
+                + (f"**{100 * totals['alive'] / counted:.1f} %**" if counted else "-"))
+    st.dataframe(summary, hide_index=True, width="stretch", key="models_summary",
+                 column_config={"viability_pct": st.column_config.NumberColumn("viability %", format="%.1f")})
+    st.download_button("Download per-image counts (CSV)", summary.to_csv(index=False),
+                       f"{project.name}-predicted-counts.csv", "text/csv")
+    st.download_button("Download predicted cells (CSV)", cells.to_csv(index=False),
+                       f"{project.name}-predicted-cells.csv", "text/csv")
+with left:
+    image_id = st.selectbox("Image", list(names), format_func=names.get, key="models_image")
+    size = st.slider("Mark size (px)", 4, 60, int(DEFAULT_DIAMETER), key="models_mark_size")
+    shown = cells[cells["image_id"] == image_id].assign(diameter=float(size))
+    try:
+        rgb = resources.display_rgb(model_runs.image_row(image_id))
+    except ImageUnavailableError as exc:
+        st.warning(f"{exc}. Its predicted cells are counted in the table.")
+    else:
+        st.image(draw_overlay(rgb, shown[shown["label"].isin(("alive", "dead"))]), width="stretch",
+                 caption=f"{names[image_id]}: {len(shown)} predicted cells (○ alive, □ with X dead)")

@@ -1,0 +1,268 @@
+"""The Models page (``streamlit.testing.v1.AppTest`` on the seeded demo store, see conftest.py)
+and its chart helpers (pure).
+
+No worker runs here: the queue calls (``enqueue`` / ``enqueue_prediction``) are replaced by
+recorders, and finished runs and predictions are put in the store through the registry API.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import app_testkit  # noqa: F401 - puts app/ on sys.path
+import pandas as pd
+import pytest
+from app_testkit import REPO
+from appkit import charts
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cellspot.ml import registry
+from cellspot.store.models import Image, ModelRun, PredictionCell, Project, utcnow
+
+CURVES = [{"epoch": 1, "train_loss": 0.9, "val_loss": 1.0, "balanced_accuracy": 0.6, "elapsed_s": 3.0},
+          {"epoch": 2, "train_loss": 0.5, "val_loss": 0.7, "balanced_accuracy": 0.8, "elapsed_s": 6.0}]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def no_exception(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def open_models(at):
+    """The Models page of a logged-in researcher (the state the login page leaves; the login
+    itself is tested in test_pages.py)."""
+    at.session_state["role"] = "researcher"
+    at.session_state["researcher_ok"] = True
+    at.switch_page("views/models.py").run()
+    no_exception(at)
+    return at
+
+
+def button(at, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def add_run(engine, kind: str, status: str = "done", *, metrics: dict | None = None, curves=(),
+            promote: bool = False, progress: dict | None = None, age_s: float = 0.0) -> str:
+    """A run of the demo project put in the store through the registry; its version."""
+    with Session(engine) as session, session.begin():
+        project = session.scalar(select(Project))
+        run = registry.create_run(session, kind, project=project, preset="cpu-fast", config={"epochs": 2})
+        run.status, run.metrics, run.curves = status, metrics or {}, list(curves)
+        run.progress = progress or ({"fraction": 1.0, "phase": "done"} if status == "done" else {})
+        run.created_at = utcnow() - timedelta(seconds=age_s)
+        if status == "done":
+            run.started_at, run.finished_at = run.created_at, run.created_at + timedelta(seconds=42)
+        if promote:
+            registry.promote(session, run)
+        return run.version
+
+
+def runs_in_store(engine) -> dict[str, tuple[str, str, bool]]:
+    with Session(engine) as session:
+        return {r.version: (r.kind, r.status, r.is_active) for r in session.scalars(select(ModelRun))}
+
+
+def table(at, column: str) -> pd.DataFrame:
+    """The first table shown with ``column`` (or with it as its index name)."""
+    for frame in at.dataframe:
+        value = frame.value
+        if column in value.columns or value.index.name == column:
+            return value
+    raise LookupError(f"no table with a {column!r} column")
+
+
+def charts_shown(at) -> int:
+    return len(at.get("vega_lite_chart"))
+
+
+# --------------------------------------------------------------------------- page
+
+
+def test_only_researchers_see_the_models_page(app):
+    from streamlit.testing.v1 import AppTest
+
+    app.run()
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        app.switch_page("views/models.py")
+    at = AppTest.from_file(str(REPO / "app" / "views" / "models.py"), default_timeout=30).run()
+    assert "This page is for researchers" in texts(at.error)
+    assert not at.dataframe
+
+
+def test_empty_state_says_train_one(app):
+    open_models(app)
+    assert "Models" in [t.value for t in app.title]
+    assert "No model yet: train one" in texts(app.info)
+    assert button(app, "Train").proto.is_form_submitter
+    assert not app.dataframe
+
+
+def test_train_queues_a_run_and_shows_it_live(app, app_engine, monkeypatch):
+    queued = []
+    monkeypatch.setattr("cellspot.workflows.models.enqueue",
+                        lambda settings, run_id, **kw: queued.append((run_id, kw)))
+    open_models(app)
+    app.radio(key="train_kind").set_value("detector")
+    app.number_input(key="train_epochs").set_value(3)
+    button(app, "Train").click().run()
+    no_exception(app)
+    stored = runs_in_store(app_engine)
+    assert list(stored.values()) == [("detector", "queued", False)]
+    version = next(iter(stored))
+    with Session(app_engine) as session:
+        run = session.scalar(select(ModelRun))
+        assert run.config == {"epochs": 3} and run.data_source["kind"] == "consensus"
+        assert [q[0] for q in queued] == [run.id]
+    assert f"{version} queued." in texts(app.success)
+    assert "Training now" in [s.value for s in app.subheader]
+    assert "waiting for a worker" in texts(app.caption)
+    history = table(app, "version")
+    assert history[["version", "kind", "status"]].values.tolist() == [[version, "detector", "queued"]]
+
+
+def test_a_run_left_in_the_queue_says_to_start_a_worker_and_can_be_cancelled(app, app_engine):
+    version = add_run(app_engine, "classifier", "queued", age_s=120)
+    open_models(app)
+    warning = texts(app.warning)
+    assert "No worker seems to be running" in warning and "cellspot worker" in warning and version in warning
+    app.button(key=f"cancel-{version}").click().run()
+    no_exception(app)
+    assert runs_in_store(app_engine)[version][1] == "cancelled"
+    assert "Training now" not in [s.value for s in app.subheader]
+
+
+def test_a_running_run_shows_its_progress_and_curves(app, app_engine):
+    progress = {"epoch": 2, "epochs": 5, "step": 3, "steps": 10, "phase": "train", "train_loss": 0.4,
+                "fraction": 0.26, "eta_s": 65.0}
+    version = add_run(app_engine, "classifier", "running", curves=CURVES[:1], progress=progress)
+    open_models(app)
+    bar = app.get("progress")[0]
+    assert bar.value == 26
+    assert "epoch 2/5" in bar.text and "step 3/10" in bar.text and "ETA 1 min 05 s" in bar.text
+    assert charts_shown(app) >= 1
+    assert version in texts(app.markdown)
+
+
+def test_history_details_and_comparison_of_finished_runs(app, app_engine):
+    old = add_run(app_engine, "classifier", metrics={"balanced_accuracy": 0.8, "f1": 0.7}, curves=CURVES,
+                  promote=True)
+    new = add_run(app_engine, "classifier", metrics={"balanced_accuracy": 0.9, "f1": 0.85}, curves=CURVES)
+    open_models(app)
+    history = table(app, "version").set_index("version")
+    assert history.loc[old, "active"] and not history.loc[new, "active"]
+    assert history.loc[new, "balanced_accuracy"] == pytest.approx(0.9)
+    assert charts_shown(app) == 2  # the chosen run's curves, the two runs overlaid
+    compared = table(app, "metric")
+    assert list(compared.columns) == [old, new, "difference"]
+    assert compared.loc["balanced_accuracy", "difference"] == pytest.approx(0.1)
+    assert {m.label: m.value for m in app.metric}["Active classifier"] == old
+
+
+def test_promote_and_roll_back_change_the_active_model(app, app_engine):
+    old = add_run(app_engine, "classifier", metrics={"f1": 0.7}, promote=True)
+    new = add_run(app_engine, "classifier", metrics={"f1": 0.8})
+    open_models(app)
+    app.selectbox(key="models_run").set_value(new).run()
+    app.button(key="models_promote").click().run()
+    no_exception(app)
+    assert f"{new} is now the active classifier." in texts(app.success)
+    assert runs_in_store(app_engine)[new][2] and not runs_in_store(app_engine)[old][2]
+    assert {m.label: m.value for m in app.metric}["Active classifier"] == new
+    app.button(key="rollback-classifier").click().run()
+    no_exception(app)
+    assert runs_in_store(app_engine)[old][2] and not runs_in_store(app_engine)[new][2]
+    assert f"{old} is the active classifier again" in texts(app.success)
+
+
+def test_a_failed_run_can_be_resumed_not_promoted(app, app_engine):
+    add_run(app_engine, "detector", "failed")
+    open_models(app)
+    assert app.button(key="models_promote").disabled
+    assert not app.button(key="models_resume").disabled
+    assert app.button(key="models_cancel").disabled
+
+
+def test_predict_queues_a_job_and_the_viewer_shows_stored_predictions(app, app_engine, monkeypatch):
+    asked = []
+    monkeypatch.setattr("cellspot.jobs.enqueue_prediction", lambda settings, project, **kw: asked.append(project))
+    detector = add_run(app_engine, "detector", promote=True)
+    classifier = add_run(app_engine, "classifier", promote=True)
+    with Session(app_engine) as session, session.begin():
+        runs = {r.version: r.id for r in session.scalars(select(ModelRun))}
+        image = session.scalars(select(Image).order_by(Image.name)).first()
+        image_id, image_name = image.id, image.name
+        for x, label, p in [(20.0, "alive", 0.9), (60.0, "alive", 0.8), (100.0, "dead", 0.1)]:
+            session.add(PredictionCell(image_id=image_id, detector_run_id=runs[detector],
+                                       classifier_run_id=runs[classifier], x=x, y=30.0, label=label,
+                                       p_alive=p, uncertainty=0.5, score=0.9))
+    open_models(app)
+    app.button(key="models_predict").click().run()
+    no_exception(app)
+    assert asked == ["demo"] and "Prediction queued" in texts(app.success)
+    summary = table(app, "viability_pct").set_index("image")
+    assert len(summary) == 4  # every image of the project, zeros where nothing was predicted
+    assert summary.loc[image_name, ["alive", "dead"]].tolist() == [2, 1]
+    assert summary.loc[image_name, "viability_pct"] == pytest.approx(66.67)
+    app.selectbox(key="models_image").set_value(image_id).run()
+    assert any("3 predicted cells" in c for img in app.image for c in img.captions)
+
+
+def test_predict_is_disabled_without_active_models(app, app_engine):
+    add_run(app_engine, "classifier", promote=True)
+    open_models(app)
+    assert app.button(key="models_predict").disabled
+    assert "no active detector model" in texts(app.caption)
+    assert "No predictions yet" in texts(app.info)
+
+
+# --------------------------------------------------------------------------- chart helpers (pure)
+
+
+@pytest.mark.parametrize(("progress", "parts"), [
+    (None, ["waiting for the worker"]),
+    ({"epoch": 1, "epochs": 4, "step": 5, "steps": 10, "fraction": 0.125}, ["epoch 1/4", "step 5/10", "12 %"]),
+    ({"epoch": 3, "epochs": 4, "step": 0, "steps": 0, "phase": "epoch_end", "val_loss": 0.25},
+     ["epoch 3/4", "epoch_end", "val loss 0.250", "50 %"]),
+    ({"fraction": 1.0, "phase": "done", "eta_s": 0}, ["done", "100 %", "ETA 0 s"]),
+])
+def test_progress_text(progress, parts):
+    text = charts.progress_text(progress)
+    assert all(p in text for p in parts), text
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (None, "-"), (float("nan"), "-"), (-1, "-"), (0, "0 s"), (59.6, "1 min 00 s"), (75, "1 min 15 s"),
+    (3 * 3600 + 120, "3 h 02 min"),
+])
+def test_format_seconds(seconds, text):
+    assert charts.format_seconds(seconds) == text
+
+
+@pytest.mark.parametrize("curves", [CURVES, pd.DataFrame(CURVES),
+                                    [{"train_loss": 0.9, "metrics": {"balanced_accuracy": 0.6}},
+                                     {"train_loss": 0.5, "metrics": {"balanced_accuracy": 0.8}}]])
+def test_curves_long_keeps_losses_and_metrics_per_epoch(curves):
+    long = charts.curves_long(curves, run="r1")
+    assert set(long["series"]) >= {"train_loss", "balanced_accuracy"} and "elapsed_s" not in set(long["series"])
+    assert long.loc[long["series"] == "train_loss", ["epoch", "value"]].values.tolist() == [[1, 0.9], [2, 0.5]]
+    assert set(long.loc[long["series"] == "balanced_accuracy", "kind"]) == {"metric"}
+    assert set(long["run"]) == {"r1"}
+    chart = charts.curves_chart(long).to_dict()
+    assert "hconcat" in chart  # losses beside metrics
+
+
+def test_curves_long_of_nothing_is_empty():
+    assert charts.curves_long(None).empty and charts.curves_long([]).empty
+
+
+def test_short_metrics_prefers_the_key_numbers_and_skips_nested_ones():
+    metrics = {"confusion": [[1, 2], [3, 4]], "f1": 0.5, "balanced_accuracy": 0.75, "n": True}
+    assert charts.short_metrics(metrics) == "balanced_accuracy 0.750 · f1 0.500"
