@@ -24,5 +24,6 @@ from cellspot.cli import (  # noqa: E402,F401
     import_cmds,
     model_cmds,
     predict_cmds,
+    queue_cmds,
     store_cmds,
 )

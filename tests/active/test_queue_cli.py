@@ -1,0 +1,115 @@
+"""``cellspot queue`` through CliRunner on a SQLite store in tmp_path (the ``settings`` fixture
+points CELLSPOT_* there): before any model, with stored predictions, and its errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+
+from cellspot.cli import main
+
+from .test_signals import IMAGES, add_images, add_predictions, add_snapshot
+
+
+def _run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _ok(*args: str | Path) -> Result:
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def _csv(result: Result) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(result.stdout))
+
+
+@pytest.fixture
+def store(settings):
+    """A migrated store with project "p": images, runs and a snapshot; returns a function that
+    adds active predictions."""
+    from cellspot.store.db import make_engine, transaction
+    from cellspot.store.migrate import upgrade
+    from cellspot.store.queries import get_or_create_project
+
+    engine = make_engine(settings=settings)
+    upgrade(engine)
+    with transaction(engine) as session:
+        project = get_or_create_project(session, "p")
+        add_snapshot(session, project, add_images(session, project))
+
+    def predict() -> None:
+        from cellspot.store.models import Image
+
+        with transaction(engine) as session:
+            project = get_or_create_project(session, "p")
+            images = {i.name: i for i in session.query(Image).filter_by(project_id=project.id)}
+            add_predictions(session, project, images)
+
+    yield predict
+    engine.dispose()
+
+
+def test_queue_before_any_model(store) -> None:
+    result = _ok("queue", "--project", "p")
+    table = _csv(result)
+    assert list(table.columns[:4]) == ["image", "score", "strategy", "reason"]
+    labelable = sorted(n for n, (pixels, _, retired, _) in IMAGES.items() if pixels and not retired)
+    assert sorted(table["image"]) == labelable  # retired and pixel-less images left out
+    assert (table["strategy"] == "combined").all() and table["score"].notna().all()
+    assert table["image"].iloc[-1] == "sure.png"  # confident and seen three times
+    assert table["reason"].str.contains("no model prediction").all()
+    assert "no model predictions" in result.stderr
+
+
+def test_queue_with_predictions_to_a_file(store, tmp_path: Path) -> None:
+    store()
+    out = tmp_path / "q" / "queue.csv"
+    result = _ok("queue", "--project", "p", "--strategy", "conflict", "--top", "1", "--out", out)
+    table = pd.read_csv(out)
+    assert table["image"].tolist() == ["conflict.png"] and table["n_conflicts"].tolist() == [1]
+    assert result.stdout == "" and "detector-0001 + classifier-0001" in result.stderr
+    everything = _csv(_ok("queue", "--project", "p", "--all", "--diversity", "0"))
+    assert sorted(everything["image"]) == sorted(IMAGES)
+    assert everything["score"].is_monotonic_decreasing  # --diversity 0: by score only
+
+
+def test_random_queue_is_seeded(store) -> None:
+    first = _csv(_ok("queue", "--project", "p", "--strategy", "random", "--seed", "7"))["image"].tolist()
+    again = _csv(_ok("queue", "--project", "p", "--strategy", "random", "--seed", "7"))["image"].tolist()
+    assert first == again
+
+
+def test_queue_after_a_real_aggregation(store) -> None:
+    _ok("aggregate", "--project", "p")
+    table = _csv(_ok("queue", "--project", "p", "--strategy", "crowd", "--all"))
+    assert table["score"].notna().sum() == sum(runs > 0 for _, runs, _, _ in IMAGES.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--strategy", "magic"], 2, "unknown acquisition strategy 'magic'; valid: bald, classifier, combined"),
+        (["--project", "nope"], 1, "no project named 'nope'; existing projects: 'p'"),
+        (["--snapshot", "999"], 1, "consensus snapshot 999 does not exist"),
+        (["--top", "0"], 2, "--top"),
+        (["--strategy", "bald"], 1, "needs mc_samples"),
+    ],
+)
+def test_queue_errors(store, args: list[str], code: int, message: str) -> None:
+    if "--project" not in args:
+        args = ["--project", "p", *args]
+    result = _run("queue", *args)
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_list_strategies() -> None:
+    result = _ok("queue", "--list-strategies")
+    assert "combined" in result.output and "(default)" in result.output and "bald" in result.output
