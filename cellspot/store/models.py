@@ -333,3 +333,88 @@ class PredictionCell(Base):
     uncertainty: Mapped[float | None] = mapped_column(Float)
     score: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+ROUND_STATUSES = ("open", "closed", "rolled_back")
+
+
+class ALRound(Base):
+    """One active-learning round of a project: the ranked queue of images students get next.
+
+    ``number`` counts a project's rounds from 1. At most one round per project is ``open``
+    (:func:`cellspot.active.rounds.open_round` closes the previous one); a rolled-back round
+    keeps its number and queue for the history. ``params`` holds what the ranking used
+    (``top``, ``target_runs``, the consensus snapshot, the model versions, runs so far);
+    ``detector_run_id`` / ``classifier_run_id`` name the models whose predictions were scored
+    (``NULL`` before any model exists).
+    """
+
+    __tablename__ = "al_rounds"
+    __table_args__ = (
+        CheckConstraint(_in("status", ROUND_STATUSES), name="status"),
+        UniqueConstraint("project_id", "number", name="uq_al_rounds_project_number"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    strategy: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    detector_run_id: Mapped[int | None] = mapped_column(ForeignKey("model_runs.id", ondelete="SET NULL"))
+    classifier_run_id: Mapped[int | None] = mapped_column(ForeignKey("model_runs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column()
+
+    queue: Mapped[list[ALQueueItem]] = relationship(
+        back_populates="round", cascade="all, delete-orphan", order_by="ALQueueItem.rank"
+    )
+
+
+class ALQueueItem(Base):
+    """One image in a round's queue: its ``rank`` (1 = asked first), score and why.
+
+    ``components`` holds the per-signal scores that made ``score`` (JSON object of numbers);
+    ``score`` is ``NULL`` when the strategy gave none (a non-finite value).
+    """
+
+    __tablename__ = "al_queue"
+    __table_args__ = (
+        UniqueConstraint("round_id", "image_id", name="uq_al_queue_round_image"),
+        UniqueConstraint("round_id", "rank", name="uq_al_queue_round_rank"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("al_rounds.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
+    components: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+    round: Mapped[ALRound] = relationship(back_populates="queue")
+
+
+class ImageLease(Base):
+    """An image handed to a student and not submitted yet; it stops counting at ``expires_at``.
+
+    ``slot`` numbers the concurrent leases of one image (0, 1, ... below the round's target
+    runs): the unique ``(image_id, slot)`` pair is what makes two students racing for the last
+    free place of an image collide in the database, so one of them moves on
+    (:mod:`cellspot.active.scheduler`). A student holds at most one lease per image.
+    """
+
+    __tablename__ = "image_leases"
+    __table_args__ = (
+        UniqueConstraint("image_id", "annotator_id", name="uq_image_leases_image_annotator"),
+        UniqueConstraint("image_id", "slot", name="uq_image_leases_image_slot"),
+        CheckConstraint("slot >= 0", name="slot_nonnegative"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), index=True)
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("al_rounds.id", ondelete="SET NULL"), index=True)
+    slot: Mapped[int] = mapped_column(Integer)
+    leased_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()

@@ -236,6 +236,8 @@ def next_image(
     annotator: Annotator,
     rng: random.Random | None = None,
     exclude_ids: Collection[int] = (),
+    *,
+    now: datetime | None = None,
 ) -> Image | None:
     """The image to show ``annotator`` next, or ``None`` when nothing is left for them.
 
@@ -246,21 +248,58 @@ def next_image(
     pool is empty the other is used. Within the pool, one of the images with the fewest runs,
     uniformly at random (so students in one room get different images).
 
-    This is the one function the next issue replaces with the uncertainty-ranked queue.
+    While the project has an open active-learning round, the non-gold image comes from the
+    round's queue instead (:func:`cellspot.active.scheduler.next_queued_image`: best rank
+    first, leased to this student until it is submitted or the lease expires at ``now`` +
+    ``settings["lease_seconds"]``); when the queue has nothing for this student, a gold image
+    if one is open, else ``None``. Without an open round the behaviour above is unchanged.
     """
     rng = rng or random.Random()
+    project = session.get(Project, annotator.project_id)
+    from cellspot.active.rounds import current_round  # lazy: keeps the classroom import light
+
+    round_ = current_round(session, project)
+    if round_ is not None:
+        return _next_in_round(session, project, annotator, round_, rng, exclude_ids, now)
     frame = _open_images(session, annotator, exclude_ids)
     if frame.empty:
         return None
-    project = session.get(Project, annotator.project_id)
-    rate = float((project.settings or {}).get("gold_rate", DEFAULT_GOLD_RATE) or 0.0)
+    rate = _gold_rate(project)
     want_gold = rng.random() < rate
     pool = frame[frame["gold"] == want_gold]
     if pool.empty:
         pool = frame
+    return _least_runs(session, pool, rng)
+
+
+def _gold_rate(project: Project) -> float:
+    return float((project.settings or {}).get("gold_rate", DEFAULT_GOLD_RATE) or 0.0)
+
+
+def _least_runs(session: Session, pool: pd.DataFrame, rng: random.Random) -> Image:
+    """One of the ``pool`` images with the fewest runs, uniformly at random."""
     least = pool[pool["n_runs"] == pool["n_runs"].min()]
     image_id = int(least["image_id"].iloc[rng.randrange(len(least))])
     return session.get(Image, image_id)
+
+
+def _next_in_round(
+    session: Session, project: Project, annotator: Annotator, round_: Any, rng: random.Random,
+    exclude_ids: Collection[int], now: datetime | None,
+) -> Image | None:
+    """:func:`next_image` while ``round_`` is open: gold at its rate, else the round's queue."""
+    from cellspot.active import scheduler
+
+    frame = _open_images(session, annotator, exclude_ids)
+    gold = frame[frame["gold"]]
+    if not gold.empty and rng.random() < _gold_rate(project):
+        scheduler.release_leases(session, annotator.id)  # the student moved on to a check image
+        return _least_runs(session, gold, rng)
+    image = scheduler.next_queued_image(session, project, annotator, now=now, exclude_ids=exclude_ids,
+                                        round_=round_)
+    if image is None and not gold.empty:
+        return _least_runs(session, gold, rng)
+    return image
 
 
 # --------------------------------------------------------------------------- submit
@@ -322,6 +361,7 @@ def submit_run(
     earlier run is returned with ``created=False``. On a gold image the result
     carries :class:`GoldFeedback` (the run is flagged ``is_gold_check``; the student's
     reliability against gold is updated by the next :func:`cellspot.workflows.aggregate.aggregate`).
+    Submitting ends the student's lease on the image (:mod:`cellspot.active.scheduler`).
     Raises :class:`ImageNotFoundError`, :class:`cellspot.store.queries.InvalidClickError`,
     :class:`cellspot.store.queries.ClientKeyConflictError`. Flushes, never commits.
     """
@@ -348,6 +388,9 @@ def submit_run(
     if gold:
         project = session.get(Project, annotator.project_id)
         feedback = compare_with_gold(gold, stored, feedback_radius(project))
+    from cellspot.active.scheduler import release_leases  # lazy: keeps the classroom import light
+
+    release_leases(session, annotator.id, image.id)  # submitting ends this student's lease on it
     if created:
         log.info("run %d stored: annotator %d, image %d, %d clicks", run.id, annotator.id, image.id, len(stored))
     else:
