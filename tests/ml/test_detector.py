@@ -1,0 +1,157 @@
+"""Detector: build, loss, overfitting, fit with progress, checkpoint round trip, cancel + resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cellspot.ml.common import RESUME_FILE, Progress, TrainingCancelled, TrainingError
+from cellspot.ml.data import AnnotatedImage, TrainingData
+from cellspot.ml.detector import (
+    PRESETS, DetectorLoss, build_model, config_for, fit_detector, load_detector, resolve_target,
+)
+from cellspot.ml.targets import render_targets
+
+TINY = dict(encoder="tu-mobilenetv3_small_050", encoder_depth=3, decoder_channels=(16, 8, 8), tile=32, infer_tile=64, overlap=8,
+            batch_size=2, epochs=2, steps_per_epoch=2, patience=5, max_minutes=None, threads=1, lr=3e-3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the tests are tiny and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _image(name: str, split: str, seed: int, size: int = 48, with_mask: bool = False) -> AnnotatedImage:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(6, size - 6, (4, 2))
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), np.int32)
+    for k, (x, y) in enumerate(xy, start=1):
+        mask[np.hypot(xx - x, yy - y) <= 4] = k
+    pixels = np.repeat((20 + 200 * (mask > 0))[..., None], 3, axis=2).astype(np.uint8)
+    cells = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "label": "alive", "p_alive": 1.0, "weight": 1.0,
+                          "diameter": 8.0})
+    return AnnotatedImage(name, pixels, cells, split, mask if with_mask else None)
+
+
+def _data(with_mask: bool = False) -> TrainingData:
+    splits = ["train", "train", "train", "val", "test"]
+    return TrainingData([_image(f"im{i}.png", s, i, with_mask=with_mask) for i, s in enumerate(splits)],
+                        {"kind": "folder", "annotations_sha256": "abc123"})
+
+
+def test_presets_build_and_run_forward_backward() -> None:
+    for preset in PRESETS:
+        config = config_for(preset)
+        model = build_model(config)
+        x = torch.randn(2, 3, config.divisor * 2, config.divisor * 2)
+        out = model(x)
+        assert out.shape == (2, 2, *x.shape[2:])
+        loss = DetectorLoss(config.loss)(out, torch.rand_like(out))
+        loss.backward()
+        assert all(p.grad is not None for p in model.segmentation_head.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters() if p.ndim > 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(arch="mask-rcnn"), "arch must be one of"),
+        (dict(tile=100), "multiple of 16"),
+        (dict(loss="mse"), "loss must be one of"),
+        (dict(decoder_channels=(8, 8)), "decoder_channels"),
+        (dict(colour="red"), "unknown detector config field"),
+    ],
+)
+def test_bad_configs_raise(overrides: dict, match: str) -> None:
+    with pytest.raises(TrainingError, match=match):
+        config_for("cpu-fast", **overrides)
+    with pytest.raises(TrainingError, match="valid presets"):
+        config_for("turbo")
+
+
+@pytest.mark.parametrize("loss", ["dice_bce", "focal"])
+def test_a_tiny_batch_overfits(loss: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(config_for("cpu-fast", **{**TINY, "loss": loss}))
+    ims = [_image("a", "train", seed, size=32) for seed in (3, 4)]
+    x = torch.from_numpy(np.stack([((im.pixels / 255.0 - 0.5) / 0.3).transpose(2, 0, 1) for im in ims]).astype(np.float32))
+    y = torch.from_numpy(np.stack([render_targets((32, 32), im.cells, 4.0, "disk") for im in ims]))
+    loss_fn, opt = DetectorLoss(loss), torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = last = None
+    for _ in range(40):
+        value = loss_fn(model(x), y)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        first = float(value.detach()) if first is None else first
+        last = float(value.detach())
+    assert last < 0.4 * first
+
+
+def test_target_kind_auto_uses_masks_only_when_every_image_has_one() -> None:
+    assert resolve_target(config_for(**TINY), _data(with_mask=True)) == "mask"
+    assert resolve_target(config_for(**TINY), _data()) == "disk"
+    with pytest.raises(TrainingError, match="needs an instance mask"):
+        resolve_target(config_for(**{**TINY, "target": "mask"}), _data())
+
+
+def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> None:
+    events: list[Progress] = []
+    data = _data(with_mask=True)
+    result = fit_detector(data, config_for(**TINY), tmp_path / "det-1", progress=events.append)
+    phases = [e.phase for e in events]
+    assert phases.count("train") == 4 and phases.count("epoch_end") == 2 and phases[-1] == "done"
+    assert all(e.eta_s is not None and e.train_loss is not None for e in events if e.phase == "train")
+    assert "instance_f1" in events[phases.index("epoch_end")].metrics
+    assert {"f1", "instance_f1", "val_f1", "split"} <= set(result.metrics) and result.metrics["split"] == "test"
+    config = json.loads((tmp_path / "det-1" / "config.json").read_text())
+    assert config["kind"] == "detector" and config["target_kind"] == "mask"
+    assert config["channels"] == ["foreground", "centre"] and config["data_snapshot_id"] == "folder:abc123"
+    assert config["radius"] == pytest.approx(4.0, abs=0.5)
+    assert set(config["postprocess"]) == {"threshold", "min_distance", "peak_threshold", "min_area"}
+    assert not (tmp_path / "det-1" / RESUME_FILE).exists()
+
+    loaded = load_detector(tmp_path / "det-1")
+    assert loaded.version == "det-1" and loaded.radius == config["radius"]
+    pixels = data.images[4].pixels
+    expected = loaded.predict(pixels)
+    assert expected.shape == (2, 48, 48)
+    again = load_detector(tmp_path / "det-1")
+    np.testing.assert_allclose(again.predict(pixels), expected, atol=1e-6)
+    det = loaded.detect(pixels)
+    assert det.labels.shape == (48, 48) and det.xy.shape[1] == 2 and len(det.scores) == len(det.xy)
+
+
+def test_cancel_saves_resume_and_resume_continues(tmp_path: Path) -> None:
+    data, config = _data(), config_for(**TINY)
+    polls = iter([False, False, False, True])
+    with pytest.raises(TrainingCancelled):
+        fit_detector(data, config, tmp_path / "m", should_stop=lambda: next(polls, False))
+    assert (tmp_path / "m" / RESUME_FILE).is_file() and not (tmp_path / "m" / "weights.pt").exists()
+    events: list[Progress] = []
+    result = fit_detector(data, config, tmp_path / "m", resume=True, progress=events.append)
+    steps = [(e.epoch, e.step) for e in events if e.phase == "train"]
+    assert steps == [(2, 2)]  # epoch 1 and the first step of epoch 2 were done before the cancel
+    assert [row["epoch"] for row in result.curves] == [1, 2]
+    assert (tmp_path / "m" / "weights.pt").is_file() and not (tmp_path / "m" / RESUME_FILE).exists()
+    with pytest.raises(TrainingError, match="different config"):
+        polls = iter([True])
+        with pytest.raises(TrainingCancelled):
+            fit_detector(data, config, tmp_path / "n", should_stop=lambda: next(polls, False))
+        fit_detector(data, config_for(**{**TINY, "lr": 1e-4}), tmp_path / "n", resume=True)
+
+
+def test_load_rejects_other_kinds(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "classifier"}))
+    with pytest.raises(TrainingError, match="not a detector"):
+        load_detector(tmp_path)

@@ -1,0 +1,106 @@
+"""Post-processing on synthetic discs and one-to-one instance matching on crafted label images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellspot.ml.postprocess import PostprocessError, counts_to_scores, match_instances, postprocess
+from cellspot.ml.targets import render_targets
+
+
+def _disc_probs(shape, centres, radius):
+    """Probability maps as a perfect network would give them: the rendered targets."""
+    cells = pd.DataFrame({"x": [c[0] for c in centres], "y": [c[1] for c in centres]})
+    return render_targets(shape, cells, radius, "disk")
+
+
+@pytest.mark.parametrize(
+    "centres, radius",
+    [
+        ([(10, 10), (30, 12), (50, 40)], 5.0),
+        ([(20, 20), (29, 20)], 5.0),             # touching discs (distance 9 < 2r)
+        ([(15.5, 20.5), (23.0, 26.0), (40, 8)], 6.0),  # off-grid centres, two overlap
+        ([(0, 0), (63, 47)], 4.0),               # on the image corners
+    ],
+)
+def test_every_disc_centre_is_found_and_touching_discs_are_separated(centres, radius) -> None:
+    prob = _disc_probs((48, 64), centres, radius)
+    det = postprocess(prob, threshold=0.5, min_distance=3, peak_threshold=0.3)
+    assert len(det) == len(centres)
+    d = np.hypot(det.xy[:, None, 0] - np.array(centres)[None, :, 0], det.xy[:, None, 1] - np.array(centres)[None, :, 1])
+    assert d.min(axis=0).max() <= 1.0
+    assert det.labels.dtype == np.int32 and det.labels.shape == (48, 64)
+    ids = [det.labels[int(round(y)), int(round(x))] for x, y in det.xy]
+    assert len(set(ids)) == len(centres) and 0 not in ids
+    assert np.all((det.labels > 0) == (prob[0] > 0.5))
+    assert np.all((det.scores > 0.9) & (det.scores <= 1.0))
+
+
+def test_min_distance_merges_close_peaks_and_peak_threshold_drops_faint_ones() -> None:
+    prob = _disc_probs((40, 40), [(10, 10), (14, 10), (30, 30)], 3.0)
+    prob[1, 25:35, 25:35] *= 0.2
+    det = postprocess(prob, min_distance=6, peak_threshold=0.3)
+    assert len(det) == 1
+
+
+def test_foreground_without_a_peak_becomes_a_cell_when_large_enough() -> None:
+    prob = np.zeros((2, 30, 30), np.float32)
+    prob[0, 5:15, 5:15] = 0.9  # no centre response at all
+    prob[0, 20:22, 20:22] = 0.9
+    assert len(postprocess(prob, min_area=0)) == 0
+    det = postprocess(prob, min_area=10)
+    assert len(det) == 1 and det.xy[0] == pytest.approx([9.5, 9.5])
+    assert (det.labels == 1).sum() == 100
+
+
+def test_min_area_drops_small_seeded_instances() -> None:
+    prob = _disc_probs((40, 40), [(10, 10), (30, 30)], 4.0)
+    prob[0, 26:35, 26:35] = 0.0  # the second cell has a peak but almost no foreground
+    assert len(postprocess(prob, min_area=0)) == 2
+    det = postprocess(prob, min_area=10)
+    assert len(det) == 1 and det.xy[0] == pytest.approx([10, 10], abs=0.5)
+    assert set(np.unique(det.labels)) == {0, 1}
+
+
+def test_bad_input_raises() -> None:
+    with pytest.raises(PostprocessError, match="C>=2"):
+        postprocess(np.zeros((1, 5, 5), np.float32))
+    with pytest.raises(PostprocessError, match="min_distance"):
+        postprocess(np.zeros((2, 5, 5), np.float32), min_distance=0)
+
+
+def _labels(*boxes):
+    out = np.zeros((20, 20), np.int32)
+    for value, (r0, r1, c0, c1) in boxes:
+        out[r0:r1, c0:c1] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "truth, pred, tp, fp, fn, mean_iou",
+    [
+        (_labels((1, (0, 4, 0, 4))), _labels((9, (0, 4, 0, 4))), 1, 0, 0, 1.0),   # ids need not agree
+        (_labels((1, (0, 4, 0, 4))), _labels((1, (0, 4, 0, 2))), 1, 0, 0, 0.5),   # IoU exactly 0.5 counts
+        (_labels((1, (0, 4, 0, 4))), _labels((1, (0, 4, 0, 1))), 0, 1, 1, 0.0),   # IoU 0.25
+        (_labels((1, (0, 4, 0, 4)), (2, (0, 4, 4, 8))), _labels((5, (0, 4, 0, 8))), 1, 0, 1, 0.5),  # merged: IoU 0.5 with one
+        (_labels((1, (0, 4, 0, 8))), _labels((1, (0, 4, 0, 5)), (2, (0, 4, 5, 8))), 1, 1, 0, 0.625),  # split
+        (_labels(), _labels((3, (5, 9, 5, 9))), 0, 1, 0, 0.0),
+        (_labels(), _labels(), 0, 0, 0, 0.0),
+    ],
+)
+def test_match_instances(truth, pred, tp, fp, fn, mean_iou) -> None:
+    m = match_instances(truth, pred, iou=0.5)
+    assert (m["tp"], m["fp"], m["fn"]) == (tp, fp, fn)
+    assert m["mean_iou"] == pytest.approx(mean_iou)
+    assert m["f1"] == pytest.approx(counts_to_scores(tp, fp, fn)["f1"])
+
+
+def test_match_instances_is_one_to_one_and_optimal() -> None:
+    truth = _labels((1, (0, 10, 0, 10)), (2, (10, 20, 0, 10)))
+    pred = _labels((1, (0, 11, 0, 10)), (2, (11, 20, 0, 10)))
+    m = match_instances(truth, pred, iou=0.5)
+    assert m["tp"] == 2 and m["mean_iou"] == pytest.approx((100 / 110 + 90 / 100) / 2)
+    with pytest.raises(PostprocessError, match="shape"):
+        match_instances(truth, pred[:5])

@@ -1,0 +1,85 @@
+"""Tiled prediction: the blend of overlapping tiles reproduces the untiled output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellspot.ml.tiling import (
+    TilingError, blend_window, normalize_image, predict_tiled, tile_length, tile_starts,
+)
+
+
+def _pixel_model(seed: int = 0) -> torch.nn.Module:
+    """A 1x1 convolution: translation-equivariant with no reach, so tiles cannot change it."""
+    torch.manual_seed(seed)
+    return torch.nn.Conv2d(3, 2, kernel_size=1)
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _untiled(model: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.from_numpy(normalize_image(pixels))[None]))[0].numpy()
+
+
+@pytest.mark.parametrize(
+    "h, w, tile, overlap",
+    [(37, 53, 32, 8), (97, 61, 32, 12), (64, 64, 32, 0), (20, 13, 32, 8), (129, 33, 64, 16), (101, 101, 32, 16)],
+)
+def test_tiles_reproduce_the_untiled_result(h: int, w: int, tile: int, overlap: int) -> None:
+    model, pixels = _pixel_model(), _image(h, w)
+    out = predict_tiled(model, pixels, tile, overlap, "cpu", divisor=32, batch_size=3)
+    assert out.shape == (2, h, w) and out.dtype == np.float32
+    np.testing.assert_allclose(out, _untiled(model, pixels), atol=1e-5)
+
+
+def test_conv3x3_matches_away_from_tile_seams() -> None:
+    torch.manual_seed(1)
+    model = torch.nn.Conv2d(3, 2, kernel_size=3, padding=1, padding_mode="reflect")
+    pixels = _image(80, 80, 1)
+    out = predict_tiled(model, pixels, 64, 24, "cpu", divisor=32)
+    ref = _untiled(model, pixels)
+    # tiles start at 0 and 16: every pixel except the image's own border is >= 1 px inside some tile
+    np.testing.assert_allclose(out[:, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=2e-2)
+
+
+@pytest.mark.parametrize("n, tile, overlap", [(100, 32, 8), (32, 32, 8), (33, 32, 16), (500, 256, 32)])
+def test_tile_starts_cover_the_axis_with_the_overlap(n: int, tile: int, overlap: int) -> None:
+    starts = tile_starts(n, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == max(n, tile)
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize(
+    "n, tile, overlap, divisor, expected",
+    [(1024, 256, 32, 16, 240), (1024, 256, 32, 32, 256), (200, 256, 32, 32, 224), (256, 256, 32, 32, 256),
+     (257, 256, 32, 32, 160), (1024, 512, 32, 16, 368)],
+)
+def test_tile_length_shares_the_axis_evenly(n: int, tile: int, overlap: int, divisor: int, expected: int) -> None:
+    length = tile_length(n, tile, overlap, divisor)
+    assert length == expected and length % divisor == 0
+    starts = tile_starts(max(n, length), length, overlap)
+    assert starts[-1] + length >= n and all(b - a <= length - overlap for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("h, w, overlap", [(32, 32, 8), (64, 40, 16), (16, 16, 0)])
+def test_window_is_positive_symmetric_and_one_in_the_middle(h: int, w: int, overlap: int) -> None:
+    win = blend_window(h, w, overlap)
+    assert win.shape == (h, w) and win.min() > 0 and win.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(win, win[::-1, ::-1])
+    assert win[h // 2, w // 2] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("tile, overlap, match", [(30, 4, "multiple of 32"), (32, 20, "overlap")])
+def test_bad_tiling_raises(tile: int, overlap: int, match: str) -> None:
+    with pytest.raises(TilingError, match=match):
+        predict_tiled(_pixel_model(), _image(40, 40), tile, overlap, "cpu")
+
+
+def test_normalize_rejects_grey_arrays() -> None:
+    with pytest.raises(TilingError, match=r"\(H, W, 3\)"):
+        normalize_image(np.zeros((5, 5), np.uint8))
