@@ -219,16 +219,16 @@ def load_ldc(bench: Bench) -> Any:
 # --------------------------------------------------------------------------------- classifier steps
 
 
-def classifier_config(bench: Bench) -> Any:
+def classifier_config(bench: Bench, **extra: Any) -> Any:
     from cellspot.ml.classifier import config_for
 
-    over: dict[str, Any] = {"seed": bench.args.seed, "threads": bench.args.threads}
+    over: dict[str, Any] = {"seed": bench.args.seed, "threads": bench.args.threads, **extra}
     if bench.quick:
         over.update(epochs=2, patience=2)  # epochs=1 x ~5 steps trips OneCycleLR (see report)
     return config_for(bench.args.cls_preset, **over)
 
 
-def train_classifier(bench: Bench, data: Any, name: str) -> tuple[Any, float]:
+def train_classifier(bench: Bench, data: Any, name: str, **config: Any) -> tuple[Any, float]:
     """Fit (or, with ``--reuse``, load) a classifier in ``out/models/name``; returns it and its training seconds."""
     from cellspot.ml.classifier import fit_classifier, load_classifier
     from cellspot.ml.common import read_metrics
@@ -241,7 +241,7 @@ def train_classifier(bench: Bench, data: Any, name: str) -> tuple[Any, float]:
         update, close = fit_progress(f"train {name}")
         start = time.perf_counter()
         try:
-            fit_classifier(data, classifier_config(bench), model_dir, progress=update, device=bench.args.device)
+            fit_classifier(data, classifier_config(bench, **config), model_dir, progress=update, device=bench.args.device)
         finally:
             close()
         seconds = time.perf_counter() - start
@@ -368,7 +368,8 @@ def step_malaria(bench: Bench) -> None:
         data = subset(data, {"train": 300, "val": 60, "test": 150}, bench.args.seed)
     print(f"\nNIH malaria: {({s: len(data.split(s)) for s in ('train', 'val', 'test')})} crops per split "
           f"(by patient)")
-    model, seconds = train_classifier(bench, data, "malaria-classifier")
+    # whole 50 px cells: the default 40 px crop would cut into them
+    model, seconds = train_classifier(bench, data, "malaria-classifier", crop_size=50, epochs=30, patience=10)
     radius = min(model.config.crop_size / 2 - 1, 24.0)
     base, base_info = baseline_classifier(bench, data, model.config.crop_size, radius)
     res = evaluate_classifiers(data.split("test"), model, base, radius, "malaria test crops")
