@@ -6,7 +6,7 @@ Start it with ``cellspot app`` (what ``make run`` does); Streamlit options follo
 
 * nobody yet: Join a class, Researcher login;
 * a student: Tutorial, Label, Leave;
-* a researcher: Class, Review, Results, Models, Setup, Export, Log out.
+* a researcher: Class, Review, Results, Models, Rounds, Setup, Export, Log out.
 
 Pages are thin: they call ``cellspot`` workflow functions and hold no SQL or algorithms.
 """
@@ -30,6 +30,7 @@ CLASS = st.Page("views/class_view.py", title="Class", icon=":material/groups:", 
 REVIEW = st.Page("views/review.py", title="Review", icon=":material/rule:", url_path="review")
 RESULTS = st.Page("views/results.py", title="Results", icon=":material/bar_chart:", url_path="results")
 MODELS = st.Page("views/models.py", title="Models", icon=":material/model_training:", url_path="models")
+ROUNDS = st.Page("views/rounds.py", title="Rounds", icon=":material/low_priority:", url_path="rounds")
 SETUP = st.Page("views/setup.py", title="Setup", icon=":material/settings:", url_path="setup")
 EXPORT = st.Page("views/export.py", title="Export", icon=":material/download:", url_path="export")
 LOGOUT = st.Page("views/logout.py", title="Log out", icon=":material/logout:", url_path="logout")
@@ -39,7 +40,7 @@ if roles.role() == roles.STUDENT:
     first = LABEL if st.session_state.get("tutorial_done") else TUTORIAL
     pages = [first, *(p for p in (TUTORIAL, LABEL) if p is not first), LEAVE]
 elif roles.is_researcher():
-    pages = [CLASS, REVIEW, RESULTS, MODELS, SETUP, EXPORT, LOGOUT]
+    pages = [CLASS, REVIEW, RESULTS, MODELS, ROUNDS, SETUP, EXPORT, LOGOUT]
 else:
     pages = [JOIN, LOGIN]
 

@@ -8,6 +8,10 @@ A :class:`JobQueue` binds a huey instance to the settings that the tasks run wit
 worker trains with the store, home and thread count it was started with, and the producer
 only sends run ids. :func:`get_queue` caches one queue per (queue URL, database URL, home).
 
+Automatic rounds (:mod:`cellspot.workflows.rounds`): the periodic task ``cellspot.auto_check``
+runs once a minute in every worker and queues ``cellspot.auto_round`` for the projects whose
+automatic mode is due (retrain both models, predict, open the next round).
+
 Order for callers: create the run and **commit**, then enqueue (a worker may pick the task
 up at once and must see the row); :func:`cellspot.workflows.models.queue_training` does both.
 """
@@ -20,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huey import Huey, RedisHuey, SqliteHuey
+from huey import Huey, RedisHuey, SqliteHuey, crontab
 from huey.api import Result, TaskWrapper
+from huey.exceptions import TaskLockedException
 
 if TYPE_CHECKING:
     from cellspot.settings import Settings
@@ -44,8 +49,8 @@ class JobQueueError(ValueError):
 class JobQueue:
     """A huey instance with cellspot's tasks registered on it.
 
-    ``train(run_id, resume=None, device=None)`` and ``predict(project, detector=None,
-    classifier=None)`` enqueue
+    ``train(run_id, resume=None, device=None)``, ``predict(project, detector=None,
+    classifier=None)`` and ``auto_round(project)`` enqueue
     (or, with ``huey.immediate = True``, run at once) and return a huey :class:`Result`.
     """
 
@@ -53,6 +58,7 @@ class JobQueue:
     train: TaskWrapper
     predict: TaskWrapper
     settings: Settings
+    auto_round: TaskWrapper
 
 
 def make_huey(url: str, *, name: str | None = None) -> Huey:
@@ -73,7 +79,7 @@ def make_huey(url: str, *, name: str | None = None) -> Huey:
     )
 
 
-def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWrapper]:
+def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWrapper, TaskWrapper]:
     @huey.task(name="cellspot.train")
     def train_task(run_id: int, resume: bool | None = None, device: str | None = None) -> dict[str, Any]:
         """Train model run ``run_id`` (see :func:`cellspot.workflows.models.run_training`)."""
@@ -107,7 +113,27 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         log.info("predictions stored: %s", summary)
         return summary
 
-    return train_task, predict_task
+    @huey.task(name="cellspot.auto_round")
+    def auto_round_task(project: str) -> dict[str, Any]:
+        """Retrain, predict and open the next round of ``project`` (one at a time per project;
+        see :func:`cellspot.workflows.rounds.run_auto_round`)."""
+        from cellspot.workflows.rounds import run_auto_round
+
+        try:
+            with huey.lock_task(f"auto-round-{project}"):
+                return run_auto_round(settings, project).as_dict()
+        except TaskLockedException:
+            log.warning("automatic round of %r already running; this one is dropped", project)
+            return {"project": project, "status": "skipped", "message": "already running"}
+
+    @huey.periodic_task(crontab(minute="*"), name="cellspot.auto_check")
+    def auto_check_task() -> list[str]:
+        """Queue the automatic rounds that are due (:func:`cellspot.workflows.rounds.check_auto_rounds`)."""
+        from cellspot.workflows.rounds import check_auto_rounds
+
+        return check_auto_rounds(settings)
+
+    return train_task, predict_task, auto_round_task
 
 
 def get_queue(settings: Settings) -> JobQueue:
@@ -120,8 +146,9 @@ def get_queue(settings: Settings) -> JobQueue:
         queue = _QUEUES.get(key)
         if queue is None:
             huey = make_huey(key[0])
-            train, predict = _register_tasks(huey, settings)
-            queue = _QUEUES[key] = JobQueue(huey=huey, train=train, predict=predict, settings=settings)
+            train, predict, auto_round = _register_tasks(huey, settings)
+            queue = _QUEUES[key] = JobQueue(huey=huey, train=train, predict=predict, settings=settings,
+                                            auto_round=auto_round)
             log.debug("job queue %s ready", _safe(key[0]))
     return queue
 
@@ -147,12 +174,19 @@ def enqueue_prediction(
     return get_queue(settings).predict(project, detector=detector, classifier=classifier)
 
 
+def enqueue_auto_round(settings: Settings, project: str) -> Result | None:
+    """Put an automatic round of ``project`` on the queue (:mod:`cellspot.workflows.rounds`)."""
+    result = get_queue(settings).auto_round(project)
+    log.info("automatic round of %r queued on %s", project, _safe(settings.resolved_queue_url))
+    return result
+
+
 def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any) -> None:
     """Run the huey consumer for ``settings`` in this process until SIGINT / SIGTERM."""
     if workers < 1:
         raise JobQueueError(f"workers must be >= 1, got {workers}")
     huey = get_huey(settings)
-    options = {"periodic": False, **consumer_options}  # cellspot has no periodic tasks
+    options = {"periodic": True, **consumer_options}  # cellspot.auto_check, once a minute
     consumer = huey.create_consumer(workers=workers, worker_type="thread", **options)
     log.info("worker on %s with %d thread(s)", _safe(settings.resolved_queue_url), workers)
     consumer.run()

@@ -25,5 +25,6 @@ from cellspot.cli import (  # noqa: E402,F401
     model_cmds,
     predict_cmds,
     queue_cmds,
+    round_cmds,
     store_cmds,
 )

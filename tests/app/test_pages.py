@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from cellspot.store.models import Annotator, Click, GoldCell, Image, Project, TaskRun
 
-RESEARCHER_PAGES = ["class_view", "review", "results", "models", "setup", "export"]
+RESEARCHER_PAGES = ["class_view", "review", "results", "models", "rounds", "setup", "export"]
 
 
 # --------------------------------------------------------------------------- helpers

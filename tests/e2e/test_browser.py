@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 expect = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").expect
 
 TOLERANCE_PX = 1.0
-RESEARCHER_PAGES = ("Class", "Review", "Results", "Models", "Setup", "Export")
+RESEARCHER_PAGES = ("Class", "Review", "Results", "Models", "Rounds", "Setup", "Export")
 # (x, y, label, how the label is picked) in original image pixels; far apart (> marker size)
 FIRST_STUDENT_MARKS = [
     (150, 120, "alive", "button"),

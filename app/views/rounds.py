@@ -1,0 +1,161 @@
+"""Rounds: open the next labelling round (the images the system is least sure about go to the
+students first), see its queue and why each image is there, roll it back, follow the learning
+curve, and switch on the automatic mode.
+
+The page only calls :mod:`cellspot.workflows.rounds` through ``appkit.rounds_view``; the
+automatic mode runs in the background worker (``cellspot worker``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+from appkit import researcher, roles, rounds_view
+
+from cellspot.workflows.rounds import DEFAULT_STRATEGY
+
+ERRORS = (ValueError, LookupError)  # the workflow's errors (strategy, scores, rounds, settings, queue)
+
+roles.require_researcher()  # every researcher page checks again
+project = researcher.page_header("Rounds")
+if project is None:
+    st.info("No project yet: create one on the Setup page.")
+    st.stop()
+URL = rounds_view.url()
+
+notice = st.session_state.pop("rounds_notice", None)
+if notice:
+    st.success(notice)
+
+
+def act(action, *args) -> None:
+    """Run a page action; its message is shown after the rerun, its error at once."""
+    try:
+        st.session_state["rounds_notice"] = action(*args)
+    except ERRORS as exc:
+        st.error(str(exc))
+        return
+    researcher.refresh()
+    st.rerun()
+
+
+strategies = rounds_view.strategies()
+names = strategies["name"].tolist()
+summaries = dict(zip(strategies["name"], strategies["summary"]))
+
+
+# --------------------------------------------------------------------------- open a round
+
+with st.form("rounds_open", border=True):
+    st.subheader("Open a new round")
+    cols = st.columns([3, 1])
+    strategy = cols[0].selectbox("Strategy", names, index=names.index(DEFAULT_STRATEGY), key="round_strategy",
+                                 format_func=lambda n: f"{n}: {summaries[n]}",
+                                 help="How images are ranked; combined blends crowd and model signals")
+    top = cols[1].number_input("Top N images (optional)", min_value=1, value=None, step=1, key="round_top",
+                               placeholder="all images")
+    st.caption(rounds_view.models_caption(rounds_view.sources(URL, project.id)))
+    submitted = st.form_submit_button("Open round", type="primary", icon=":material/playlist_add:")
+if submitted:
+    act(rounds_view.open_round, project.id, strategy, top)
+
+
+# --------------------------------------------------------------------------- current round
+
+st.subheader("Current round")
+current = rounds_view.current(URL, project.id)
+if current is None:
+    st.info("No round is open: students get the images with the fewest runs. Open a round above.")
+else:
+    st.markdown(f"**Round {current.number}** · {current.strategy} · {current.images} queued · "
+                f"{current.task_runs} task runs since it opened · scored with {current.models}")
+    if st.button("Roll back this round", key="rounds_rollback", icon=":material/undo:",
+                 help="Undo this round: the round before it (if any) serves the students again"):
+        act(rounds_view.rollback, project.id)
+    queue = rounds_view.queue(URL, project.id)
+    if queue.empty:
+        st.info("The queue is empty: students get gold images only while this round is open.")
+    else:
+        if queue["score"].isna().all():
+            st.warning(f"No image got a {current.strategy} score (it needs model predictions): the queue is in "
+                       "image order. Before a model exists, open a combined, crowd or coverage round.")
+        shown = rounds_view.queue_with_thumbnails(queue)
+        components = shown.columns[len(rounds_view.QUEUE_SHOWN):]
+        st.dataframe(shown, hide_index=True, width="stretch", key="rounds_queue", column_config={
+            "thumbnail": st.column_config.ImageColumn("preview", width="small"),
+            "score": st.column_config.NumberColumn("score", format="%.3f"),
+            "n_runs": st.column_config.NumberColumn("runs"),
+            **{c: st.column_config.NumberColumn(c, format="%.3f") for c in components},
+        })
+        st.download_button("Download the queue (CSV)", queue.drop(columns=["components"]).to_csv(index=False),
+                           f"{project.name}-round-{current.number}.csv", "text/csv")
+
+
+# --------------------------------------------------------------------------- history
+
+st.subheader("Round history")
+rounds = rounds_view.history(URL, project.id)
+if rounds.empty:
+    st.info("No round yet.")
+else:
+    table = rounds[rounds_view.HISTORY_SHOWN]
+    st.dataframe(table, hide_index=True, width="stretch", key="rounds_history", column_config={
+        "created_at": st.column_config.DatetimeColumn("opened (UTC)", format="YYYY-MM-DD HH:mm"),
+        "closed_at": st.column_config.DatetimeColumn("closed (UTC)", format="YYYY-MM-DD HH:mm"),
+        "task_runs_at_open": st.column_config.NumberColumn("task runs at open"),
+        "task_runs": st.column_config.NumberColumn("task runs in round"),
+    })
+    st.download_button("Download the round history (CSV)", table.to_csv(index=False),
+                       f"{project.name}-rounds.csv", "text/csv")
+
+
+# --------------------------------------------------------------------------- learning curve
+
+st.subheader("Learning curve")
+points = rounds_view.curve(URL, project.id)
+if points.empty:
+    st.info("The curve starts with the first round opened after a model has been trained: each round adds the "
+            "task runs collected so far and the metrics of the models it used.")
+else:
+    st.altair_chart(rounds_view.curve_chart(points), width="stretch", key="rounds_curve")
+    st.caption("One point per round (rolled-back rounds left out). Each model is measured on its own validation "
+               "split, so read the trend rather than exact differences.")
+    st.download_button("Download the learning curve (CSV)", points.to_csv(index=False),
+                       f"{project.name}-learning-curve.csv", "text/csv")
+
+
+# --------------------------------------------------------------------------- automatic mode
+
+st.subheader("Automatic mode")
+status = rounds_view.auto(URL, project.id)
+with st.form("rounds_auto", border=True):
+    cols = st.columns([1, 1, 2, 1], vertical_alignment="bottom")
+    enabled = cols[0].toggle("Automatic mode", value=status.settings.enabled, key="auto_enabled",
+                             help="Retrain both models in the background and refresh the queue on its own")
+    every = cols[1].number_input("Retrain after N new task runs", min_value=1, max_value=1_000_000, step=1,
+                                 value=status.settings.every_runs, key="auto_every")
+    auto_strategy = cols[2].selectbox("Strategy of the new rounds", names, key="auto_strategy",
+                                      index=names.index(status.settings.strategy))
+    auto_top = cols[3].number_input("Top N (optional)", min_value=1, step=1, value=status.settings.top,
+                                    key="auto_top", placeholder="all images")
+    saved = st.form_submit_button("Save", icon=":material/save:")
+if saved:
+    act(rounds_view.save_auto, project.id, enabled, every, auto_strategy, auto_top)
+
+if status.pending_since is not None:
+    st.info(f"An automatic round is queued or running since {status.pending_since:%Y-%m-%d %H:%M} UTC "
+            "(the runs show on the Models page).", icon=":material/hourglass_top:")
+else:
+    st.caption(f"{status.new_runs} new task runs since the last training"
+               + (f"; {status.runs_to_go} more start the next automatic round." if status.settings.enabled
+                  else "."))
+if status.last:
+    last = status.last
+    when = str(last.get("finished_at") or "")[:16].replace("T", " ")
+    text = f"Last automatic round: {last.get('status')} at {when} UTC · {last.get('message')}"
+    (st.error if last.get("status") == "failed" else st.caption)(text)
+if st.button("Run an automatic round now", key="rounds_auto_now", icon=":material/autorenew:",
+             disabled=status.pending_since is not None,
+             help="Aggregate, retrain the detector and the classifier, predict and open a new round, in the worker"):
+    act(rounds_view.run_auto_now, project.id)
+st.caption("The worker (`cellspot worker`) checks once a minute; it trains on the latest consensus and promotes "
+           "the new models (roll back on the Models page). Training takes a few minutes on a laptop CPU.")

@@ -1,0 +1,220 @@
+"""The Rounds page (``streamlit.testing.v1.AppTest`` on the seeded demo store, see conftest.py)
+and its helpers: open a round (crowd-only default, injected scores), queue with thumbnails,
+roll back, history, learning curve from fake model metrics, automatic mode.
+
+No worker runs here: the automatic round's enqueue is replaced by a recorder, and model runs
+are put in the store through the registry API.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from datetime import timedelta
+
+import app_testkit  # noqa: F401 - puts app/ on sys.path
+import numpy as np
+import pandas as pd
+import pytest
+from appkit import rounds_view
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cellspot.ml import registry
+from cellspot.store.models import Image, Project, utcnow
+from cellspot.workflows import rounds as wr
+
+# --------------------------------------------------------------------------- helpers
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def no_exception(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def open_rounds(at):
+    """The Rounds page of a logged-in researcher (the login itself is tested in test_pages.py)."""
+    at.session_state["role"] = "researcher"
+    at.session_state["researcher_ok"] = True
+    at.switch_page("views/rounds.py").run()
+    no_exception(at)
+    return at
+
+
+TABLE_COLUMNS = {"rounds_queue": "thumbnail", "rounds_history": "target_runs"}
+
+
+def table(at, key: str) -> pd.DataFrame:
+    """The queue or history table (told apart by a column only it has)."""
+    found = [frame.value for frame in at.dataframe if TABLE_COLUMNS[key] in frame.value.columns]
+    assert found, f"no table {key!r}"
+    return found[0]
+
+
+def image_names(engine) -> list[str]:
+    with Session(engine) as session:
+        return session.scalars(select(Image.name).order_by(Image.id)).all()
+
+
+def scores_for(names: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"image": names, "score": [0.9 - 0.1 * i for i in range(len(names))],
+                         "reason": [f"because {n[:7]}" for n in names], "crowd": [0.25] * len(names)})
+
+
+def open_in_store(engine, order: list[int], strategy: str = "crowd", *, minutes: int = 0) -> None:
+    names = image_names(engine)
+    with Session(engine) as session, session.begin():
+        wr.open_new_round(session, "demo", strategy=strategy, scores=scores_for([names[i] for i in order]),
+                          now=utcnow() + timedelta(minutes=minutes))
+
+
+def done_run(engine, kind: str, metrics: dict, *, minutes: int = 0) -> str:
+    with Session(engine) as session, session.begin():
+        run = registry.create_run(session, kind, project=session.scalar(select(Project)))
+        run.status, run.metrics, run.finished_at = "done", metrics, utcnow() + timedelta(minutes=minutes)
+        registry.promote(session, run)
+        return run.version
+
+
+# --------------------------------------------------------------------------- page
+
+
+def test_empty_state_explains_each_part(app):
+    open_rounds(app)
+    assert "Rounds" in [t.value for t in app.title]
+    info = texts(app.info)
+    assert "No round is open" in info and "No round yet." in info and "The curve starts" in info
+    assert "crowd and coverage signals only" in texts(app.caption)
+    assert "8 new task runs since the last training." in texts(app.caption)
+    assert app.selectbox(key="round_strategy").value == "combined"
+    assert not app.toggle(key="auto_enabled").value
+    assert not app.dataframe and not app.get("vega_lite_chart")
+
+
+def test_open_a_crowd_only_round_shows_its_queue_with_thumbnails(app, app_engine):
+    open_rounds(app)
+    app.number_input(key="round_top").set_value(3)
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    assert "Opened round 1 (combined, 3 images, crowd and coverage signals only)" in texts(app.success)
+    assert "Round 1" in texts(app.markdown)
+    queue = table(app, "rounds_queue")
+    assert list(queue["rank"]) == [1, 2, 3] and queue["score"].is_monotonic_decreasing
+    assert queue["reason"].str.contains("crowd disagreement").all()
+    assert queue["thumbnail"].str.startswith("data:image/png;base64,").all()
+    assert {"crowd_rank", "coverage"} <= set(queue.columns)
+    history = table(app, "rounds_history")
+    assert history[["round", "status", "strategy", "images"]].values.tolist() == [[1, "open", "combined", 3]]
+    with Session(app_engine) as session:
+        assert wr.current_round_info(session, "demo").images == 3
+
+
+def test_injected_scores_and_their_reasons_are_shown(app, app_engine, monkeypatch):
+    names = image_names(app_engine)
+    chosen = [names[2], names[0]]
+    monkeypatch.setattr("cellspot.active.rounds.default_scorer",
+                        lambda session, project, strategy, top: scores_for(chosen))
+    open_rounds(app)
+    app.selectbox(key="round_strategy").set_value("crowd")
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    queue = table(app, "rounds_queue")
+    assert queue[["image", "reason"]].values.tolist() == [[names[2], f"because {names[2][:7]}"],
+                                                          [names[0], f"because {names[0][:7]}"]]
+    assert queue["crowd"].tolist() == [0.25, 0.25]
+
+
+@pytest.mark.parametrize(("strategy", "shown", "text"), [
+    ("bald", "error", "strategy 'bald' needs mc_samples"),
+    ("classifier", "warning", "No image got a classifier score (it needs model predictions)"),
+])
+def test_strategies_that_need_models_say_so(app, strategy, shown, text):
+    open_rounds(app)
+    app.selectbox(key="round_strategy").set_value(strategy)
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    assert text in texts(getattr(app, shown))
+
+
+def test_roll_back_reopens_the_previous_round(app, app_engine):
+    open_in_store(app_engine, [0, 1])
+    open_in_store(app_engine, [3], strategy="coverage", minutes=1)
+    open_rounds(app)
+    assert len(table(app, "rounds_queue")) == 1
+    app.button(key="rounds_rollback").click().run()
+    no_exception(app)
+    assert "Round 2 rolled back; round 1 is open again." in texts(app.success)
+    assert len(table(app, "rounds_queue")) == 2
+    history = table(app, "rounds_history")
+    assert history[["round", "status"]].values.tolist() == [[2, "rolled_back"], [1, "open"]]
+    app.button(key="rounds_rollback").click().run()
+    assert "no round is open now" in texts(app.success) and "No round is open" in texts(app.info)
+
+
+def test_learning_curve_plots_task_runs_against_model_metrics(app, app_engine):
+    done_run(app_engine, "classifier", {"balanced_accuracy": 0.7, "accuracy": 0.75})
+    done_run(app_engine, "detector", {"f1": 0.6})
+    open_in_store(app_engine, [0], minutes=1)
+    done_run(app_engine, "classifier", {"balanced_accuracy": 0.85, "accuracy": 0.9}, minutes=2)
+    open_in_store(app_engine, [1], minutes=3)
+    open_rounds(app)
+    charts = app.get("vega_lite_chart")
+    assert len(charts) == 1
+    spec = json.loads(charts[0].proto.spec)
+    assert spec["encoding"]["x"]["field"] == "task_runs" and spec["encoding"]["y"]["field"] == "value"
+    with Session(app_engine) as session:
+        curve = wr.learning_curve(session, "demo")
+    balanced = curve[curve["series"] == "classifier balanced_accuracy"]
+    assert balanced[["round", "version", "value"]].values.tolist() == [[1, "classifier-0001", 0.7],
+                                                                       [2, "classifier-0002", 0.85]]
+    assert "One point per round" in texts(app.caption)
+
+
+def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch):
+    queued = []
+    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round", lambda settings, project: queued.append(project))
+    open_rounds(app)
+    app.toggle(key="auto_enabled").set_value(True)
+    app.number_input(key="auto_every").set_value(5)
+    app.selectbox(key="auto_strategy").set_value("crowd")
+    app.button(key="FormSubmitter:rounds_auto-Save").click().run()
+    no_exception(app)
+    assert "after every 5 new task runs" in texts(app.success)
+    with Session(app_engine) as session:
+        stored = wr.AutoSettings.from_project(session.scalar(select(Project)))
+    assert (stored.enabled, stored.every_runs, stored.strategy, stored.top) == (True, 5, "crowd", None)
+    assert "8 new task runs since the last training; 0 more start the next automatic round." in texts(app.caption)
+    app.button(key="rounds_auto_now").click().run()
+    no_exception(app)
+    assert queued == ["demo"] and "Automatic round queued" in texts(app.success)
+    assert "An automatic round is queued or running" in texts(app.info)
+    assert app.button(key="rounds_auto_now").disabled
+
+
+# --------------------------------------------------------------------------- helpers (pure)
+
+
+@pytest.mark.parametrize(("shape", "size", "expected"), [
+    ((40, 100, 3), 64, (64, 26)), ((10, 10, 3), 64, (10, 10)), ((300, 150, 3), 32, (16, 32)),
+])
+def test_data_uri_is_a_small_png(shape, size, expected):
+    uri = rounds_view.data_uri(np.full(shape, 128, np.uint8), size)
+    assert uri.startswith("data:image/png;base64,")
+    picture = PILImage.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert picture.size == expected
+
+
+@pytest.mark.parametrize(("sources", "parts"), [
+    (wr.ScoringSources(None, None, None, None), ["crowd and coverage signals only."]),
+    (wr.ScoringSources("d-1", "c-1", None, None), ["crowd and coverage signals only", "predict the project"]),
+    (wr.ScoringSources("d-1", "c-1", "d-1", "c-1"), ["Scores the predictions of d-1 + c-1."]),
+    (wr.ScoringSources("d-2", "c-1", "d-1", "c-1"), ["predictions of d-1 + c-1", "active models (d-2 + c-1)"]),
+])
+def test_models_caption(sources, parts):
+    text = rounds_view.models_caption(sources)
+    assert all(p in text for p in parts), text

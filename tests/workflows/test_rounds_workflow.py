@@ -1,0 +1,310 @@
+"""The Rounds workflows: open (crowd-only before any model), roll back, history, queue,
+learning curve from model metrics, automatic-mode settings, trigger and job, and ``cellspot round``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from cellspot.active.strategies import MissingSignalError, UnknownStrategyError
+from cellspot.cli import main
+from cellspot.ml import registry
+from cellspot.store.db import transaction
+from cellspot.store.migrate import prepare_store
+from cellspot.store.models import Image, ModelRun, Project
+from cellspot.store.queries import get_or_create_annotator, get_project, submit_task_run
+from cellspot.workflows import rounds as wr
+from cellspot.workflows.demo import build_demo
+from fake_trainer import FakeFit, install
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def engine(settings):
+    """A store with the demo project: 4 images, 2 simulated students, consensus computed."""
+    eng = prepare_store(settings)
+    with transaction(eng) as session:
+        build_demo(session, settings, n_images=4, n_students=2, seed=3)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db(engine):
+    with transaction(engine) as session:
+        yield session
+
+
+def _scores(session, order: list[int]) -> pd.DataFrame:
+    """Injected scores, best first, for the demo images at positions ``order`` (by id)."""
+    names = session.scalars(select(Image.name).order_by(Image.id)).all()
+    return pd.DataFrame({"image": [names[i] for i in order], "score": [1.0 - 0.1 * k for k in range(len(order))],
+                         "reason": [f"why {i}" for i in order], "crowd": [0.5] * len(order)})
+
+
+def _submit(session, n: int, start: int = 0, when: datetime | None = None) -> None:
+    """``n`` more task runs by new students (one image each), submitted at ``when``."""
+    project = get_project(session, "demo")
+    image = session.scalars(select(Image).where(Image.project_id == project.id).order_by(Image.id)).first()
+    for i in range(start, start + n):
+        annotator = get_or_create_annotator(session, project, f"extra{i}", "DEMO")
+        run, _ = submit_task_run(session, image, annotator, [(10.0, 10.0, "alive")], f"key-{i}")
+        if when is not None:
+            run.submitted_at = when
+    session.flush()
+
+
+def _done_run(session, kind: str, metrics: dict, finished: datetime, promote: bool = True) -> ModelRun:
+    run = registry.create_run(session, kind, project=get_project(session, "demo"))
+    run.status, run.metrics, run.finished_at = "done", metrics, finished
+    return registry.promote(session, run) if promote else run
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def test_open_round_before_any_model_uses_crowd_signals(db) -> None:
+    sources = wr.scoring_sources(db, "demo")
+    assert sources.crowd_only and not sources.stale
+    info = wr.open_new_round(db, "demo", top=3, now=T0)
+    assert (info.number, info.status, info.strategy, info.images, info.top) == (1, "open", "combined", 3, 3)
+    assert info.crowd_only and "crowd and coverage signals only" in info.describe()
+    assert info.task_runs_at_open == 8 and info.snapshot_id is not None
+    queue = wr.queue_table(db, "demo")
+    assert list(queue["rank"]) == [1, 2, 3] and queue["score"].is_monotonic_decreasing
+    assert queue["reason"].str.contains("crowd disagreement").all()
+    assert {"crowd_rank", "coverage"} <= set(queue.columns)
+    assert wr.current_round_info(db, "demo") == info
+
+
+@pytest.mark.parametrize(("strategy", "error", "match"), [
+    ("nope", UnknownStrategyError, "unknown acquisition strategy 'nope'; valid: bald, classifier"),
+    ("bald", MissingSignalError, "strategy 'bald' needs mc_samples"),
+])
+def test_open_round_errors_name_the_problem(db, strategy, error, match) -> None:
+    with pytest.raises(error, match=match):
+        wr.open_new_round(db, "demo", strategy=strategy)
+    assert wr.current_round_info(db, "demo") is None
+
+
+def test_rollback_walks_back_and_history_is_newest_first(db) -> None:
+    first = wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [0, 1]), now=T0)
+    second = wr.open_new_round(db, "demo", strategy="coverage", scores=_scores(db, [2, 3, 1]),
+                               now=T0 + timedelta(hours=1))
+    assert list(wr.queue_table(db, "demo")["reason"]) == ["why 2", "why 3", "why 1"]
+    assert list(wr.queue_table(db, "demo", number=1)["reason"]) == ["why 0", "why 1"]
+    undone, restored = wr.rollback_current(db, "demo")
+    assert (undone.number, undone.status, restored.number, restored.status) == (2, "rolled_back", 1, "open")
+    table = wr.history(db, "demo")
+    assert list(zip(table["round"], table["status"], table["images"])) == [(2, "rolled_back", 3), (1, "open", 2)]
+    undone, restored = wr.rollback_current(db, "demo")
+    assert (undone.number, restored) == (first.number, None) and second.number == 2
+    with pytest.raises(wr.RoundsWorkflowError, match="has no open round to roll back"):
+        wr.rollback_current(db, "demo")
+    assert wr.queue_table(db, "demo").empty
+
+
+def test_learning_curve_pairs_task_runs_with_model_metrics(db) -> None:
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [0]), now=T0)  # before any model
+    _done_run(db, "classifier", {"balanced_accuracy": 0.7, "accuracy": 0.8}, T0 + timedelta(minutes=5))
+    _done_run(db, "detector", {"f1": 0.5, "precision": float("nan")}, T0 + timedelta(minutes=5))
+    _submit(db, 3)
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [1]), now=T0 + timedelta(hours=1))
+    cls = _done_run(db, "classifier", {"balanced_accuracy": 0.9, "accuracy": 0.95}, T0 + timedelta(hours=2))
+    _submit(db, 2, start=3)
+    wr.open_new_round(db, "demo", strategy="crowd", now=T0 + timedelta(hours=3),
+                      scores=_scores(db, [2]).assign(classifier_run_id=cls.id))
+    _submit(db, 1, start=5)
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [3]), now=T0 + timedelta(hours=4))
+    wr.rollback_current(db, "demo")  # round 4 leaves the curve
+
+    curve = wr.learning_curve(db, "demo")
+    got = {(r.round, r.task_runs, r.series): (r.version, r.value) for r in curve.itertuples()}
+    assert got == {
+        (2, 11, "detector f1"): ("detector-0001", 0.5),
+        (2, 11, "classifier balanced_accuracy"): ("classifier-0001", 0.7),
+        (2, 11, "classifier accuracy"): ("classifier-0001", 0.8),
+        (3, 13, "detector f1"): ("detector-0001", 0.5),
+        (3, 13, "classifier balanced_accuracy"): ("classifier-0002", 0.9),
+        (3, 13, "classifier accuracy"): ("classifier-0002", 0.95),
+    }
+    assert set(wr.learning_curve(db, "demo", include_rolled_back=True)["round"]) == {2, 3, 4}
+
+
+# --------------------------------------------------------------------------- automatic mode
+
+
+@pytest.mark.parametrize(("changes", "error"), [
+    ({"every_runs": 0}, "every_runs must be a whole number from 1 to 1000000, got 0"),
+    ({"every_runs": 2.5}, "every_runs must be a whole number"),
+    ({"strategy": "nope"}, "unknown acquisition strategy 'nope'"),
+    ({"preset": "huge"}, "preset must be one of cpu-fast, quality, got 'huge'"),
+    ({"enabled": "yes"}, "enabled must be true or false"),
+    ({"top": 0}, "top must be a whole number from 1"),
+    ({"speed": 3}, r"unknown automatic-mode settings \['speed'\]"),
+])
+def test_auto_settings_are_validated_and_nothing_changes(db, changes, error) -> None:
+    with pytest.raises(wr.AutoSettingsError, match=error):
+        wr.set_auto_settings(db, "demo", **changes)
+    assert wr.AUTO_KEY not in get_project(db, "demo").settings
+
+
+def test_auto_settings_round_trip_keep_other_project_settings(db) -> None:
+    stored = wr.set_auto_settings(db, "demo", enabled=True, every_runs="20", top=5)
+    assert stored == wr.AutoSettings(enabled=True, every_runs=20, top=5)
+    project = get_project(db, "demo")
+    assert wr.AutoSettings.from_project(project) == stored and project.settings["class_codes"] == ["DEMO"]
+
+
+@pytest.fixture
+def enqueued(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round", lambda settings, project: calls.append(project))
+    return calls
+
+
+def test_trigger_counts_new_runs_and_queues_only_after_commit(engine, settings, enqueued) -> None:
+    with transaction(engine) as session:
+        decision = wr.maybe_auto_retrain(session, settings, "demo", now=T0)
+        assert (decision.queued, decision.reason) == (False, "automatic mode is off")
+        wr.set_auto_settings(session, "demo", enabled=True, every_runs=10)
+        decision = wr.maybe_auto_retrain(session, settings, "demo", now=T0)
+        assert (decision.queued, decision.reason) == (False, "8 of 10 new task runs")
+        assert decision.status.runs_to_go == 2
+        _submit(session, 2)
+    with pytest.raises(RuntimeError, match="caller failed"), transaction(engine) as session:
+        assert wr.maybe_auto_retrain(session, settings, "demo", now=T0).queued
+        raise RuntimeError("caller failed")  # rolled back: nothing queued, nothing marked
+    assert enqueued == []
+    with transaction(engine) as session:
+        decision = wr.maybe_auto_retrain(session, settings, "demo", now=T0)
+        assert decision.queued and enqueued == []  # not before the commit
+    assert enqueued == ["demo"]
+    with transaction(engine) as session:
+        status = wr.auto_status(session, "demo", now=T0)
+        assert (status.pending_since, status.baseline_runs, status.new_runs) == (T0, 10, 0)
+        _submit(session, 10, start=2)
+        assert wr.maybe_auto_retrain(session, settings, "demo", now=T0).reason.startswith("an automatic round is "
+                                                                                         "already pending")
+        later = T0 + wr.AUTO_STALE_AFTER + timedelta(minutes=1)
+        assert wr.maybe_auto_retrain(session, settings, "demo", now=later).queued  # the lost one is retried
+    assert enqueued == ["demo", "demo"]
+
+
+def test_a_manual_training_resets_the_counter(db, settings) -> None:
+    wr.set_auto_settings(db, "demo", enabled=True, every_runs=3)
+    assert wr.auto_status(db, "demo").due
+    registry.create_run(db, "classifier", project=get_project(db, "demo"))  # queued from the Models page
+    _submit(db, 2)
+    status = wr.auto_status(db, "demo")
+    assert (status.baseline_runs, status.new_runs, status.due) == (8, 2, False)
+
+
+def _predict_recorder(calls: list[tuple[str, ...]]):
+    def predict(session, settings, project):
+        det, cls = (registry.active_run(session, project, k).version for k in ("detector", "classifier"))
+        calls.append((project.name, det, cls))
+    return predict
+
+
+def test_auto_round_retrains_predicts_and_opens_the_next_round(engine, settings, monkeypatch) -> None:
+    install(monkeypatch)
+    with transaction(engine) as session:
+        wr.set_auto_settings(session, "demo", enabled=True, every_runs=5, strategy="crowd", top=2, epochs=1)
+        wr.open_new_round(session, "demo", now=T0)
+    predicted: list[tuple[str, ...]] = []
+    report = wr.run_auto_round(settings, "demo", predict=_predict_recorder(predicted), now=T0)
+    assert report.status == "done", report.message
+    assert report.runs == {"detector": "detector-0001", "classifier": "classifier-0001"}
+    assert report.run_status == {"detector-0001": "done", "classifier-0001": "done"}
+    assert report.promoted == ["detector-0001", "classifier-0001"] and report.round == 2
+    assert predicted == [("demo", "detector-0001", "classifier-0001")]
+    assert report.predicted == "detector-0001 + classifier-0001"
+    with transaction(engine) as session:
+        info = wr.current_round_info(session, "demo")
+        assert (info.number, info.strategy, info.images) == (2, "crowd", 2)
+        state = get_project(session, "demo").settings[wr.AUTO_STATE_KEY]
+        assert state["pending_since"] is None and state["last"]["round"] == 2
+        assert wr.auto_status(session, "demo").last["status"] == "done"
+
+    report = wr.run_auto_round(settings, "demo", predict=_predict_recorder(predicted), now=T0)
+    assert report.promoted == ["detector-0002", "classifier-0002"]  # later runs promoted by the mode
+    assert len(predicted) == 2 and report.round == 3
+
+
+def test_auto_round_failure_is_recorded_and_clears_pending(engine, settings, monkeypatch, enqueued) -> None:
+    install(monkeypatch)
+    with transaction(engine) as session:
+        wr.set_auto_settings(session, "demo", enabled=True, strategy="bald")  # needs MC-dropout samples
+        assert wr.maybe_auto_retrain(session, settings, "demo", force=True, now=T0).queued  # forced: off, 8 < 50
+    assert enqueued == ["demo"]
+    report = wr.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0)
+    assert report.status == "failed" and "MissingSignalError" in report.message
+    with transaction(engine) as session:
+        status = wr.auto_status(session, "demo", now=T0)
+        assert status.pending_since is None and status.last["status"] == "failed"
+
+
+def test_a_failed_training_is_reported_and_the_queue_still_refreshed(engine, settings, monkeypatch) -> None:
+    install(monkeypatch, FakeFit(fail_at=1))
+    with transaction(engine) as session:
+        wr.set_auto_settings(session, "demo", enabled=True, strategy="coverage")
+    report = wr.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0)
+    assert report.status == "failed" and report.round == 1 and report.promoted == []
+    assert report.run_status == {"detector-0001": "failed", "classifier-0001": "failed"}
+    assert report.message.startswith("training detector-0001 failed, classifier-0001 failed (see the Models page)")
+    assert "no active detector and classifier: crowd signals only" in report.message
+
+
+def test_worker_periodic_check_runs_the_round_through_the_queue(engine, settings, monkeypatch) -> None:
+    from cellspot import jobs
+
+    install(monkeypatch)
+    monkeypatch.setattr(wr, "_predict", lambda session, settings_, project: None)
+    huey = jobs.get_huey(settings)
+    huey.immediate = True
+    try:
+        with transaction(engine) as session:
+            wr.set_auto_settings(session, "demo", enabled=True, every_runs=8, strategy="coverage", epochs=1)
+        assert wr.check_auto_rounds(settings, now=T0) == ["demo"]  # immediate mode: the round ran on commit
+        assert wr.check_auto_rounds(settings, now=T0) == []  # counter reset
+    finally:
+        huey.immediate = False
+    with transaction(engine) as session:
+        assert wr.current_round_info(session, "demo").strategy == "coverage"
+        assert {r.status for r in session.scalars(select(ModelRun))} == {"done"}
+        assert session.scalar(select(Project)).settings[wr.AUTO_STATE_KEY]["trigger"] == "auto"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_round_cli_open_list_rollback(engine) -> None:
+    runner = CliRunner()
+    out = runner.invoke(main, ["round", "open", "--strategy", "crowd", "--top", "2"])
+    assert out.exit_code == 0, out.output
+    assert "round 1 (crowd, 2 images, crowd and coverage signals only) opened" in out.output
+    out = runner.invoke(main, ["round", "list", "--queue", "--project", "demo"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].split()[:4] == ["round", "status", "strategy", "images"]
+    assert lines[1].split()[:4] == ["1", "open", "crowd", "2"]
+    assert lines[1].split()[4:6] == ["-", "-"]  # no model yet
+    assert sum("crowd unsure" in line for line in lines) == 2
+    out = runner.invoke(main, ["round", "rollback"])
+    assert (out.exit_code, out.output.strip()) == (0, "round 1 rolled back; no round is open now")
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["round", "open", "--strategy", "nope"], 2, "unknown acquisition strategy 'nope'"),
+    (["round", "rollback"], 1, "has no open round to roll back"),
+    (["round", "list", "--project", "missing"], 1, "missing"),
+])
+def test_round_cli_errors(engine, args, code, message) -> None:
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == code and message in out.output, out.output
