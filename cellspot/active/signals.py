@@ -7,6 +7,8 @@ Two layers:
 * :func:`image_signals` -- reads a project from the store (a consensus snapshot, the task runs
   per image, one model pair's stored predictions) and calls :func:`build_signals`. SQLAlchemy
   is imported inside the store functions only, so the pure layer stays free of it.
+* :func:`image_mc_samples` (optional, for the ``bald`` strategy) -- MC-dropout samples of the
+  same pair's classifier at its stored cells; torch is imported only when it is called.
 
 Columns of the table (:data:`SIGNAL_COLUMNS` after the caller's image columns):
 
@@ -415,6 +417,53 @@ def model_cells_frame(
     ).all()
     columns = ["image", "image_id", "x", "y", "label", "p_alive", "uncertainty", "score", "created_at"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def image_mc_samples(
+    session: Any,
+    settings: Any,
+    project: Any,
+    *,
+    detector_run_id: int | None = None,
+    classifier_run_id: int | None = None,
+    samples: int = 20,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """MC-dropout samples for the ``bald`` strategy, at the same cells :func:`image_signals` reads.
+
+    The model pair is chosen as in :func:`image_signals` (:func:`prediction_pair`); its
+    classifier is loaded and sampled at the pair's stored cells of every image with readable
+    pixels (:func:`cellspot.ml.predict.mc_samples_for_images`). Returns image name ->
+    ``(n_cells, T)`` p_alive samples, to pass as
+    ``score_images("bald", signals, mc_samples=...)``. Optional and slower than the signals
+    (one encoder pass per cell); torch is imported only here. Raises
+    :class:`NoPredictionsError` when there are no stored predictions (or none with a
+    classifier). Reads only; the caller owns the session.
+    """
+    from sqlalchemy import select
+
+    from cellspot.ml import registry
+    from cellspot.ml.predict import load_classifier_dir, mc_samples_for_images
+    from cellspot.render import ImageUnavailableError, image_file
+    from cellspot.store.models import Image, ModelRun
+    from cellspot.store.queries import get_project
+
+    if isinstance(project, str):
+        project = get_project(session, project)
+    pair = prediction_pair(session, project, detector_run_id, classifier_run_id)
+    run = session.get(ModelRun, pair[1]) if pair is not None and pair[1] is not None else None
+    if run is None:
+        raise NoPredictionsError(f"project {project.name!r} has no stored predictions of a classifier; run "
+                                 f"`cellspot predict --project {project.name}` first")
+    cells = model_cells_frame(session, project, pair[0], pair[1])
+    paths = {}
+    for image in session.scalars(select(Image).where(Image.project_id == project.id, Image.has_pixels.is_(True))):
+        try:
+            paths[image.name] = image_file(settings, image)
+        except ImageUnavailableError as exc:
+            log.warning("no MC samples for %s: %s", image.name, exc)
+    classifier = load_classifier_dir(registry.model_dir(settings, run))
+    return mc_samples_for_images(paths, cells, classifier, samples=samples, seed=seed)
 
 
 def crowd_cells_frame(session: Any, project: Any, snapshot: Any = None) -> pd.DataFrame:

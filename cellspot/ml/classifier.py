@@ -76,9 +76,11 @@ class ClassifierConfig:
     imbalance by per-class loss ``weights``, a class-balanced ``sampler``, or ``none``;
     ``input_scale``: the crop is resized by this factor before the encoder (2.0 helps small
     details such as malaria parasites in 50 px crops, at 4x the compute);
-    ``weights_path``: optional local file with pretrained encoder weights (a ``state_dict``,
-    loaded with ``weights_only=True``; the head is left out); ``threads``: CPU threads
-    (``None``: every CPU this process may use).
+    ``dropout``: rate of the dropout layer before the head (regularises training; sampled at
+    inference for MC dropout, :meth:`LoadedClassifier.predict_crops_mc`; checkpoints without
+    the field load with this default); ``weights_path``: optional local file with pretrained
+    encoder weights (a ``state_dict``, loaded with ``weights_only=True``; the head is left
+    out); ``threads``: CPU threads (``None``: every CPU this process may use).
     """
 
     preset: str = "cpu-fast"
@@ -155,22 +157,44 @@ def config_from_dict(values: dict[str, Any]) -> ClassifierConfig:
 
 
 class CropClassifier(nn.Module):
-    """timm encoder with one output: the alive logit. Input ``(N, 3, S, S)`` float in [0, 1]."""
+    """timm encoder with one output: the alive logit. Input ``(N, 3, S, S)`` float in [0, 1].
+
+    ``forward = head(features(x))``: ``features`` is the encoder's pooled pre-logits
+    ``(N, F)``; ``head`` applies ``self.dropout`` (an ``nn.Dropout(dropout)``, the network's only
+    stochastic layer: the encoder is built with ``drop_rate=0``) and the encoder's classifier.
+    This is the computation timm does with ``drop_rate=dropout``, with the same state_dict
+    keys (dropout has no parameters), so checkpoints load either way. Dropout right before the
+    head lets MC dropout (:meth:`LoadedClassifier.predict_crops_mc`) sample it while batch
+    norm stays in eval mode, running the encoder once for all samples.
+    """
 
     def __init__(self, encoder: str, dropout: float = 0.0, input_scale: float = 1.0) -> None:
         super().__init__()
         import timm
 
         self.input_scale = float(input_scale)
-        self.backbone = timm.create_model(encoder, pretrained=False, num_classes=1, in_chans=3, drop_rate=dropout)
+        self.backbone = timm.create_model(encoder, pretrained=False, num_classes=1, in_chans=3, drop_rate=0.0)
+        self.dropout = nn.Dropout(float(dropout))
         self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5), persistent=False)
         self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, S, S)`` -> ``(N,)`` alive logits."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, S, S)`` -> ``(N, F)`` pooled encoder features (pre-logits, before dropout)."""
         if self.input_scale != 1.0:
             x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
-        return self.backbone((x - self.mean) / self.std)[:, 0]
+        return self.backbone.forward_head(self.backbone.forward_features((x - self.mean) / self.std), pre_logits=True)
+
+    def head(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, F)`` features -> ``(N,)`` alive logits (dropout, then the encoder's classifier).
+
+        ``mask``: an ``(N, F)`` dropout mask used instead of the dropout layer (MC dropout
+        without switching the shared model to training mode)."""
+        dropped = self.dropout(features) if mask is None else features * mask
+        return self.backbone.get_classifier()(dropped)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, S, S)`` -> ``(N,)`` alive logits."""
+        return self.head(self.features(x))
 
 
 def build_model(config: ClassifierConfig) -> CropClassifier:
@@ -613,11 +637,8 @@ class LoadedClassifier:
 
     def predict_crops(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """``crops`` ``(N, S, S, 3)`` uint8 with ``S = config.crop_size`` -> calibrated ``p_alive`` ``(N,)`` float32."""
-        crops = np.asarray(crops)
-        if crops.ndim != 4 or crops.shape[1:] != (self.config.crop_size, self.config.crop_size, 3):
-            raise ValueError(f"expected crops of shape (N, {self.config.crop_size}, {self.config.crop_size}, 3); "
-                             f"got {crops.shape}")
-        logits = predict_logits(self.model, crops.astype(np.uint8, copy=False), self.device, batch_size)
+        crops = self._check_crops(crops)
+        logits = predict_logits(self.model, crops, self.device, batch_size)
         return (1.0 / (1.0 + np.exp(-logits.astype(np.float64) / self.temperature))).astype(np.float32)
 
     def predict_cells(self, pixels: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -628,6 +649,63 @@ class LoadedClassifier:
             return np.empty(0, np.float32)
         crops = np.stack([crop_around(pixels, float(x), float(y), size) for x, y in xy])
         return self.predict_crops(crops)
+
+    def predict_crops_mc(
+        self, crops: np.ndarray, samples: int = 20, seed: int = 0, batch_size: int = 256
+    ) -> np.ndarray:
+        """MC-dropout samples of calibrated ``p_alive``: ``crops`` ``(N, S, S, 3)`` uint8 -> ``(N, T)``
+        float32 with ``T = samples``.
+
+        Sample ``t`` is ``sigmoid(head_t(f) / temperature)``: ``f`` the encoder features in eval
+        mode (batch norm uses its running statistics), ``head_t`` the classifier head with
+        dropout on (rate ``config.dropout``, a fresh mask per sample and crop, drawn from a
+        ``torch.Generator`` seeded with ``seed``: the same seed gives the same samples; neither
+        the global RNG nor the model's train / eval mode changes, so a shared model stays safe).
+        Dropout sits only before the head (:class:`CropClassifier`), so the encoder runs once
+        and the ``T`` samples cost ``T`` small matrix products.
+        With ``config.dropout == 0`` every sample equals :meth:`predict_crops`.
+        :func:`cellspot.active.strategies.mutual_information` turns the samples into BALD.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+            raise ValueError(f"samples must be a positive integer; got {samples!r}")
+        crops = self._check_crops(crops)
+        model, rate = self.model, float(self.model.dropout.p)
+        model.eval()
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(crops), batch_size):
+                feats = model.features(images_to_tensor(crops[i:i + batch_size]).to(self.device)).float()
+                logits = [model.head(feats, _dropout_mask(feats, rate, generator)) for _ in range(int(samples))]
+                out.append(torch.stack(logits, dim=1).double().cpu())
+        if not out:
+            return np.empty((0, int(samples)), np.float32)
+        return torch.sigmoid(torch.cat(out) / self.temperature).numpy().astype(np.float32)
+
+    def predict_cells_mc(self, pixels: np.ndarray, xy: np.ndarray, samples: int = 20, seed: int = 0) -> np.ndarray:
+        """MC-dropout ``p_alive`` samples ``(N, T)`` of the cells at ``xy`` ``(N, 2)`` (x, y pixels) of
+        ``pixels`` ``(H, W, 3)`` uint8; see :meth:`predict_crops_mc`."""
+        xy = np.asarray(xy, float).reshape(-1, 2)
+        size = self.config.crop_size
+        if not len(xy):
+            return self.predict_crops_mc(np.empty((0, size, size, 3), np.uint8), samples, seed)
+        crops = np.stack([crop_around(pixels, float(x), float(y), size) for x, y in xy])
+        return self.predict_crops_mc(crops, samples, seed)
+
+    def _check_crops(self, crops: np.ndarray) -> np.ndarray:
+        crops = np.asarray(crops)
+        if crops.ndim != 4 or crops.shape[1:] != (self.config.crop_size, self.config.crop_size, 3):
+            raise ValueError(f"expected crops of shape (N, {self.config.crop_size}, {self.config.crop_size}, 3); "
+                             f"got {crops.shape}")
+        return crops.astype(np.uint8, copy=False)
+
+
+def _dropout_mask(features: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Inverted-dropout mask shaped like ``features``: 0 with probability ``rate``, else ``1 / (1 - rate)``."""
+    if rate <= 0.0:
+        return torch.ones_like(features)
+    keep = torch.rand(features.shape, generator=generator, device=features.device) >= rate
+    return keep.to(features.dtype) / (1.0 - rate)
 
 
 def load_classifier(model_dir: Path | str, device: str | None = None) -> LoadedClassifier:

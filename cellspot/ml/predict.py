@@ -8,6 +8,8 @@ One path for the CLI (``cellspot predict``), the dashboard and the tests:
   :func:`cellspot.imaging.read_image`, normalised by :func:`cellspot.imaging.to_display_rgb8`).
   Models are loaded once by the caller; the classifier sees all cells of an image in one call;
   the next image is read in a background thread while the models work on the current one.
+* :func:`mc_samples_for_images` draws MC-dropout samples of ``p_alive`` at given cells (for the
+  BALD acquisition strategy) with a classifier that has ``predict_cells_mc``.
 * :func:`write_outputs` writes ``cells.csv``, ``summary.csv`` and ``overlays/<stem>.png``
   (plus ``errors.csv`` when files were skipped) atomically.
 * :func:`predict_project` predicts every image of a project with pixels using its active models
@@ -26,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -360,6 +363,56 @@ def predict_images(
     log.info("predicted %d image(s) in %.1f s (%d skipped)", len(result.images), result.seconds, len(result.errors))
     return result
 
+
+class MCClassifier(Classifier, Protocol):
+    """A classifier that also gives MC-dropout samples (:class:`cellspot.ml.classifier.LoadedClassifier` fits)."""
+
+    def predict_cells_mc(self, pixels: np.ndarray, xy: np.ndarray, samples: int = 20, seed: int = 0) -> np.ndarray:
+        """``(N, T)`` p_alive samples of the cells at ``xy`` ``(N, 2)`` in ``pixels`` ``(H, W, 3)`` uint8."""
+        ...
+
+
+def mc_samples_for_images(
+    paths: Mapping[str, str | Path] | Iterable[str | Path],
+    cells: pd.DataFrame,
+    classifier: MCClassifier,
+    *,
+    samples: int = 20,
+    seed: int = 0,
+    skip_invalid: bool = True,
+) -> dict[str, np.ndarray]:
+    """MC-dropout samples of ``p_alive`` at given cells, for BALD
+    (:func:`cellspot.active.strategies.score_images` ``("bald", ..., mc_samples=...)``).
+
+    ``paths``: image files as for :func:`predict_images` (name -> file, or files / folders);
+    ``cells``: the cells to sample, columns ``image, x, y`` (e.g. stored predictions,
+    :func:`predictions_frame`). Returns image name -> ``(n_cells, T)`` float32 samples
+    (``T = samples``), rows in the order of that image's rows in ``cells``; an image of
+    ``paths`` without cells gets ``(0, T)``. Cells of images not in ``paths`` are ignored. Each
+    image draws its masks from ``seed`` and its name, so its samples do not depend on which
+    other images are sampled. An unreadable file is skipped with a warning (or raises
+    :class:`PredictionError` when ``skip_invalid`` is false).
+    """
+    missing = [c for c in ("image", "x", "y") if c not in cells.columns]
+    if missing:
+        raise PredictionError(f"cells lacks column(s) {missing}; has {list(cells.columns)}")
+    sources = collect_images(paths)
+    by_image = {str(k): g[["x", "y"]].to_numpy(float) for k, g in cells.groupby(cells["image"].astype(str), sort=False)}
+    out: dict[str, np.ndarray] = {}
+    for name, path, future in _read_ahead(list(sources.items())):
+        try:
+            pixels = future.result()
+        except ImageReadError as exc:
+            if not skip_invalid:
+                raise PredictionError(f"cannot read image {name!r} ({exc.path}): {exc.reason}") from exc
+            log.warning("no MC samples for %s: %s", path, exc.reason)
+            continue
+        image_seed = (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+        xy = by_image.get(name, np.empty((0, 2)))
+        out[name] = np.asarray(classifier.predict_cells_mc(pixels, xy, samples=samples, seed=image_seed), np.float32)
+    log.info("MC-dropout samples (T=%d) for %d cells on %d image(s)", samples,
+             sum(len(v) for v in out.values()), len(out))
+    return out
 
 
 # --------------------------------------------------------------------------- output files
