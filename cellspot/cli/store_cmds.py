@@ -57,14 +57,23 @@ def init_cmd() -> None:
 @click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Cell radius hint in pixels (the default method estimates it).")
 @click.option("--min-runs", type=click.IntRange(min=1), default=None,
-              help="Retire images with at least this many runs [project setting retire_min_runs, default 3].")
+              help="Retire images with at least this many runs ... [project setting retire_min_runs, default 3].")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
-              help="... whose cells all have at least this confidence [retire_min_confidence, default 0.9].")
+              help="... whose cells all have at least this label confidence, with the cells and their count "
+                   "settled [retire_min_confidence, default 0.9].")
+@click.option("--max-runs", type=click.IntRange(min=1), default=None,
+              help="Retire images with this many runs whatever their consensus [retire_max_runs, default 10].")
 def aggregate_cmd(
     project_name: str | None, method: str | None, cell_radius: float | None,
-    min_runs: int | None, min_confidence: float | None,
+    min_runs: int | None, min_confidence: float | None, max_runs: int | None,
 ) -> None:
-    """Compute a consensus snapshot of a project's clicks and apply the retirement rule."""
+    """Compute a consensus snapshot of a project's clicks and apply adaptive retirement.
+
+    An image retires once it has --min-runs runs and every cell's label, every cell's
+    existence and the cell count have settled, or once it has --max-runs runs. The cell
+    thresholds come from the project settings retire_min_cell_certainty (default 0.5) and
+    retire_count_tolerance (default 0.25).
+    """
     from cellspot.consensus import DEFAULT_METHOD, UnknownMethodError
     from cellspot.settings import get_settings
     from cellspot.store.db import transaction
@@ -77,7 +86,7 @@ def aggregate_cmd(
     try:
         with transaction(engine) as session:
             report = aggregate(session, name, method=method or DEFAULT_METHOD, cell_radius=cell_radius,
-                               min_runs=min_runs, min_confidence=min_confidence)
+                               min_runs=min_runs, min_confidence=min_confidence, max_runs=max_runs)
     except (ProjectNotFoundError, UnknownMethodError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
@@ -87,9 +96,10 @@ def aggregate_cmd(
         f"{report.cells} cells ({report.gold_cells} gold) on {report.images} images from "
         f"{report.clicks} clicks in {report.task_runs} runs, {report.annotators} annotators rated"
     )
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.retire_reasons.items()))
     click.echo(
         f"retired: {report.retired} images ({report.newly_retired} new, "
-        f"{report.reactivated} back to active)"
+        f"{report.reactivated} back to active); decisions: {reasons or 'none'}"
     )
 
 

@@ -1,20 +1,26 @@
-"""Aggregate a project's clicks into a consensus snapshot and apply the retirement rule.
+"""Aggregate a project's clicks into a consensus snapshot and apply adaptive retirement.
 
 One function, :func:`aggregate`, used by ``cellspot aggregate``, the demo and the app.
-The caller owns the session: it flushes, never commits.
+Retirement is :func:`cellspot.active.retirement.apply_retirement` with the policy of
+:func:`retirement_policy`: an image retires once every cell's label and existence and the
+cell count have settled (after ``min_runs`` runs), or after ``max_runs`` runs whatever its
+consensus. :class:`RetirementRule` / :func:`settled_images` are the earlier fixed rule (runs
+and confidence only), kept for comparison. The caller owns the session: it flushes, never
+commits.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from cellspot.active.retirement import RetirementPolicy, apply_retirement
 from cellspot.consensus import DEFAULT_METHOD, ConsensusResult, get_method, run_consensus
 from cellspot.store.models import (
     AnnotatorReliability,
@@ -31,7 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_RETIRE_MIN_RUNS = 3
 DEFAULT_RETIRE_MIN_CONFIDENCE = 0.9
 DEFAULT_GOLD_RADIUS = 35.0  # px, for counting the runs that clicked near a gold cell
-_CHUNK = 500  # ids per IN (...) list
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,9 @@ class AggregateReport:
 
     ``images``: images with at least one run or gold cell; ``cells``: consensus cells stored
     (``gold_cells`` of them from experts); ``retired``: images retired after this run
-    (``newly_retired`` of them by this run, ``reactivated`` went back to active).
+    (``newly_retired`` of them by this run, ``reactivated`` went back to active);
+    ``retire_reasons``: how many images got each retirement decision
+    (:data:`cellspot.active.retirement.REASONS`, e.g. ``{"settled": 3, "few_runs": 1}``).
     """
 
     snapshot_id: int
@@ -54,6 +61,7 @@ class AggregateReport:
     retired: int
     newly_retired: int
     reactivated: int
+    retire_reasons: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +69,10 @@ class AggregateReport:
 
 @dataclass(frozen=True)
 class RetirementRule:
-    """An image retires with ``>= min_runs`` runs and every cell's confidence ``>= min_confidence``."""
+    """The earlier fixed rule: an image retires with ``>= min_runs`` runs and every cell's
+    confidence ``>= min_confidence``. :func:`aggregate` now applies the adaptive
+    :class:`cellspot.active.retirement.RetirementPolicy`, which equals this rule through
+    ``RetirementPolicy.from_rule``."""
 
     min_runs: int = DEFAULT_RETIRE_MIN_RUNS
     min_confidence: float = DEFAULT_RETIRE_MIN_CONFIDENCE
@@ -83,6 +94,35 @@ class RetirementRule:
         return cls(int(runs), float(conf))
 
 
+def retirement_policy(
+    project: Project,
+    min_runs: int | None = None,
+    min_confidence: float | None = None,
+    max_runs: int | None = None,
+) -> RetirementPolicy:
+    """The adaptive retirement policy of ``project``: its settings (``retire_min_runs``,
+    ``retire_min_confidence``, ``retire_max_runs``, ``retire_min_cell_certainty``,
+    ``retire_count_tolerance``; :meth:`RetirementPolicy.for_project`) overridden by the
+    arguments that are not ``None``.
+
+    When no maximum is configured (neither ``max_runs`` nor the setting) and ``min_runs``
+    exceeds the default maximum (10), there is no maximum, as before adaptive retirement,
+    rather than a cap below the minimum. Raises
+    :class:`cellspot.active.retirement.RetirementPolicyError` (a ``ValueError``) for a bad
+    threshold.
+    """
+    settings = project.settings or {}
+    wanted = {"min_runs": min_runs, "min_confidence": min_confidence, "max_runs": max_runs}
+    floor = min_runs if min_runs is not None else settings.get("retire_min_runs")
+    default_cap = RetirementPolicy.max_runs
+    if (max_runs is None and "retire_max_runs" not in settings and floor is not None
+            and default_cap is not None and int(floor) > default_cap):
+        log.info("project %r: retire_min_runs %s exceeds the default max_runs %d: no maximum",
+                 project.name, floor, default_cap)
+        return replace(RetirementPolicy.for_project(project, **{**wanted, "max_runs": int(floor)}), max_runs=None)
+    return RetirementPolicy.for_project(project, **wanted)
+
+
 def aggregate(
     session: Session,
     project: Project | str,
@@ -90,18 +130,29 @@ def aggregate(
     cell_radius: float | None = None,
     min_runs: int | None = None,
     min_confidence: float | None = None,
+    max_runs: int | None = None,
+    *,
+    policy: RetirementPolicy | None = None,
 ) -> AggregateReport:
     """Run consensus ``method`` over every click of ``project`` and store the result.
 
     Writes a :class:`ConsensusSnapshot` with its cells (gold cells replace the consensus
-    cells of their image) and annotator reliabilities, then retires images that meet the
-    :class:`RetirementRule` (``min_runs`` / ``min_confidence`` override the project's
-    settings) and reactivates retired images that no longer do.
+    cells of their image) and annotator reliabilities, then applies adaptive retirement
+    (:func:`cellspot.active.retirement.apply_retirement` on the new snapshot): images whose
+    consensus has settled, or that reached ``max_runs`` runs, retire; retired images that no
+    longer qualify become active again. ``policy``: the thresholds (default
+    :func:`retirement_policy` of the project, with ``min_runs`` / ``min_confidence`` /
+    ``max_runs`` overriding its settings; give either ``policy`` or those). The snapshot's
+    ``created_at`` is the moment the clicks were read, so retirement counts exactly the runs
+    the consensus saw; its ``stats`` record the counts, the thresholds and the decisions.
     """
     get_method(method)  # an unknown name fails before any work, listing the valid ones
     if isinstance(project, str):
         project = get_project(session, project)
-    rule = RetirementRule.for_project(project, min_runs, min_confidence)
+    if policy is not None and (min_runs, min_confidence, max_runs) != (None, None, None):
+        raise TypeError("give either policy or min_runs / min_confidence / max_runs, not both")
+    policy = policy or retirement_policy(project, min_runs, min_confidence, max_runs)
+    started = utcnow()
     clicks = clicks_frame(session, project)
     runs = runs_frame(session, project)
     gold = gold_frame(session, project)
@@ -109,23 +160,26 @@ def aggregate(
     image_ids = _image_ids(session, project)
     cells = _with_gold(_map_cells(result.cells, image_ids), gold, clicks, runs, _radius(result, cell_radius))
 
-    snapshot = ConsensusSnapshot(project_id=project.id, method=method, params=_jsonable(result.params))
+    snapshot = ConsensusSnapshot(project_id=project.id, method=method, params=_jsonable(result.params),
+                                 created_at=started)
     session.add(snapshot)
     session.flush()
     _insert_cells(session, snapshot.id, cells)
     n_annotators = _insert_reliabilities(session, snapshot.id, result.annotators, runs)
-    retired, newly, back = _apply_retirement(session, project, snapshot.id, cells, runs, rule)
+    session.flush()
+    change = apply_retirement(session, project, snapshot, policy)
+    reasons = change.as_dict()["reasons"]
 
     report = AggregateReport(
         snapshot_id=snapshot.id, method=method,
         images=int(pd.concat([runs["image_id"], gold["image_id"]]).nunique()),
         cells=len(cells), gold_cells=int(cells["from_gold"].sum()), annotators=n_annotators,
-        task_runs=len(runs), clicks=len(clicks), retired=retired, newly_retired=newly,
-        reactivated=back,
+        task_runs=len(runs), clicks=len(clicks), retired=change.n_retired, newly_retired=len(change.retired),
+        reactivated=len(change.reactivated), retire_reasons=reasons,
     )
     snapshot.stats = {
         **{k: v for k, v in report.as_dict().items() if k not in ("snapshot_id", "method")},
-        "retire_min_runs": rule.min_runs, "retire_min_confidence": rule.min_confidence,
+        **{f"retire_{k}": v for k, v in asdict(policy).items()},
     }
     session.flush()
     log.info("project %r: snapshot %d (%s): %s", project.name, snapshot.id, method, snapshot.stats)
@@ -248,7 +302,8 @@ def _insert_reliabilities(
 
 
 def settled_images(cells: pd.DataFrame, runs: pd.DataFrame, rule: RetirementRule) -> set[int]:
-    """Ids of images with ``>= rule.min_runs`` runs whose cells are all confident enough.
+    """Ids of images with ``>= rule.min_runs`` runs whose cells are all confident enough
+    (the earlier fixed rule; :func:`aggregate` applies the adaptive policy).
 
     An image with enough runs and no cells counts as settled (nothing to find).
     """
@@ -257,40 +312,6 @@ def settled_images(cells: pd.DataFrame, runs: pd.DataFrame, rule: RetirementRule
     min_conf = cells.groupby("image_id")["confidence"].min()
     unsure = set(min_conf[min_conf < rule.min_confidence].index.astype(int))
     return enough - unsure
-
-
-def _apply_retirement(
-    session: Session, project: Project, snapshot_id: int, cells: pd.DataFrame,
-    runs: pd.DataFrame, rule: RetirementRule,
-) -> tuple[int, int, int]:
-    """Retire settled images, reactivate the others; returns (retired, newly retired, reactivated)."""
-    settled = settled_images(cells, runs, rule)
-    rows = session.execute(select(Image.id, Image.status).where(Image.project_id == project.id))
-    status = dict(rows.tuples().all())
-    to_retire = [i for i in settled if status.get(i) == "active"]
-    to_activate = [i for i, s in status.items() if s == "retired" and i not in settled]
-    now = utcnow()
-    _bulk_update(session, to_retire, {"status": "retired", "retired_at": now,
-                                      "retired_snapshot_id": snapshot_id})
-    _bulk_update(session, to_activate, {"status": "active", "retired_at": None,
-                                        "retired_snapshot_id": None})
-    retired = sum(1 for i, s in status.items() if s == "retired") - len(to_activate) + len(to_retire)
-    return retired, len(to_retire), len(to_activate)
-
-
-def _bulk_update(session: Session, ids: list[int], values: dict[str, Any]) -> None:
-    """UPDATE images ``ids`` in chunks, then expire those columns of loaded Image objects."""
-    ids = sorted(ids)
-    for start in range(0, len(ids), _CHUNK):
-        session.execute(
-            update(Image).where(Image.id.in_(ids[start:start + _CHUNK])).values(**values),
-            execution_options={"synchronize_session": False},
-        )
-    # "fetch"/"evaluate" only refresh attributes already loaded; expiring reloads them all
-    wanted = set(ids)
-    for obj in list(session.identity_map.values()):
-        if isinstance(obj, Image) and obj.id in wanted:
-            session.expire(obj, list(values))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -175,3 +175,19 @@ def db(sqlite_engine) -> Session:
     with Session(sqlite_engine, expire_on_commit=False) as sess:
         yield sess
         sess.rollback()
+
+
+@pytest.mark.parametrize("settings_", [{}, {"retire_min_confidence": 0.5, "retire_max_runs": 3}])
+def test_aggregate_applies_this_policy(db, settings_) -> None:
+    """``aggregate`` retires with the project's adaptive policy: applying it again to the new
+    snapshot changes nothing and gives the same decisions."""
+    from cellspot.workflows.aggregate import aggregate
+
+    project, images, _ = _setup(db)
+    project.settings = settings_
+    db.flush()
+    report = aggregate(db, project)
+    again = r.apply_retirement(db, project, report.snapshot_id)
+    assert (again.retired, again.reactivated, again.n_retired) == ((), (), report.retired)
+    assert again.as_dict()["reasons"] == report.retire_reasons
+    assert again.policy == r.RetirementPolicy.for_project(project)

@@ -1,4 +1,5 @@
-"""aggregate(): snapshot, cells, reliabilities, gold override, retirement and its reversal."""
+"""aggregate(): snapshot, cells, reliabilities, gold override, adaptive retirement and its reversal,
+the thresholds from settings and the CLI options."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from cellspot.active import retirement as r
 from cellspot.consensus import DEFAULT_METHOD
 from cellspot.store import queries as q
 from cellspot.store.models import AnnotatorReliability, ConsensusCell, GoldCell, Image
-from cellspot.workflows.aggregate import RetirementRule, aggregate, settled_images
+from cellspot.workflows.aggregate import RetirementRule, aggregate, retirement_policy, settled_images
 
 CELLS = [(20.0, 20.0, "alive"), (60.0, 30.0, "dead")]
 JITTER = [(0.0, 0.0), (1.5, -1.0), (-1.0, 2.0), (2.0, 1.0)]
@@ -157,3 +159,165 @@ def test_rule_rejects_bad_values(override) -> None:
 
     with pytest.raises(ValueError, match="retirement"):
         RetirementRule.for_project(Project(name="p", settings={}), **override)
+
+
+# --------------------------------------------------------------------------- adaptive retirement
+
+
+@pytest.fixture
+def mixed(session: Session):
+    """'sure' (3 agreeing runs), 'split' (2 alive / 1 dead on one cell), 'scatter' (3 runs by other
+    students clicking two cells each, never the same ones: the cell count is not settled),
+    'young' (1 run)."""
+    project = q.get_or_create_project(session, "mixed")
+    images = {n: Image(project=project, name=n, width=100, height=80) for n in ("sure", "split", "scatter", "young")}
+    session.add_all(images.values())
+    session.flush()
+    students = [q.get_or_create_annotator(session, project, f"s{i}", "7b") for i in range(6)]
+    for i in range(3):
+        dx, dy = JITTER[i]
+        q.submit_task_run(session, images["sure"], students[i], [(20 + dx, 20 + dy, "alive")], f"sure-{i}")
+        split = [(20 + dx, 20 + dy, "dead" if i == 2 else "alive"), (60 + dx, 30 + dy, "dead")]
+        q.submit_task_run(session, images["split"], students[i], split, f"split-{i}")
+        scatter = [(10.0 + 30 * i, 10.0, "alive"), (10.0 + 30 * i, 60.0, "dead")]
+        q.submit_task_run(session, images["scatter"], students[3 + i], scatter, f"scatter-{i}")
+    q.submit_task_run(session, images["young"], students[0], [(20.0, 20.0, "alive")], "young-0")
+    session.flush()
+    return project, images
+
+
+UNSETTLED = {"count_unsettled", "cell_unsure"}
+
+# thresholds (CLI-style overrides or project settings) -> (retired images, reason of 'scatter')
+ADAPTIVE_CASES = [
+    # the count check keeps 'scatter' active (the fixed rule retired an image whose runs
+    # found no common cell); 'split' has every label above 0.5
+    ({"min_confidence": 0.5}, {}, {"sure", "split"}, UNSETTLED),
+    # max_runs retires whatever the consensus
+    ({"min_runs": 2, "min_confidence": 1.0, "max_runs": 3}, {}, {"sure", "split", "scatter"}, {"max_runs"}),
+    ({}, {"retire_min_confidence": 1.0, "retire_max_runs": 3}, {"sure", "split", "scatter"}, {"max_runs"}),
+    # the other checks switched off in the settings: the fixed rule (runs + confidence), which
+    # retires 'scatter' although its runs share no cell
+    ({}, {"retire_min_confidence": 0.5, "retire_max_runs": None, "retire_count_tolerance": None,
+          "retire_min_cell_certainty": 0.0}, {"sure", "split", "scatter"}, {"settled"}),
+]
+
+
+@pytest.mark.parametrize(("overrides", "project_settings", "retired", "scatter_reason"), ADAPTIVE_CASES)
+def test_aggregate_applies_the_adaptive_policy(session, mixed, overrides, project_settings, retired,
+                                               scatter_reason) -> None:
+    project, images = mixed
+    project.settings = project_settings
+    session.flush()
+    report = aggregate(session, project, method=_method(), **overrides)
+    status = {n: img.status for n, img in images.items()}
+    assert {n for n, s in status.items() if s == "retired"} == retired
+    assert status["young"] == "active"
+    snap = q.latest_snapshot(session, project)
+    decisions = r.apply_retirement(session, project, snap, retirement_policy(project, **overrides))
+    reason = dict(zip(decisions.decisions["image_id"], decisions.decisions["reason"]))
+    assert reason[images["scatter"].id] in scatter_reason and reason[images["young"].id] == "few_runs"
+    assert report.retired == len(retired) and sum(report.retire_reasons.values()) == len(images)
+
+
+def test_snapshot_records_thresholds_and_decisions(session, mixed) -> None:
+    project, images = mixed
+    report = aggregate(session, project, method=_method(), min_confidence=0.5, max_runs=7)
+    stats = q.latest_snapshot(session, project).stats
+    assert (stats["retire_min_runs"], stats["retire_min_confidence"], stats["retire_max_runs"]) == (3, 0.5, 7)
+    assert (stats["retire_min_cell_certainty"], stats["retire_count_tolerance"]) == (0.5, 0.25)
+    assert stats["retire_reasons"] == report.retire_reasons
+    assert report.retire_reasons["settled"] == 2 and report.retire_reasons["few_runs"] == 1
+
+
+def test_retirement_counts_only_the_runs_the_snapshot_saw(session, mixed) -> None:
+    project, images = mixed
+    aggregate(session, project, method=_method(), min_confidence=0.5)
+    snap = q.latest_snapshot(session, project)
+    late = q.get_or_create_annotator(session, project, "late", "7b")
+    q.submit_task_run(session, images["young"], late, [(20.0, 20.0, "alive")], "young-late")
+    session.flush()
+    change = r.apply_retirement(session, project, snap, r.RetirementPolicy(min_runs=2, min_confidence=0.5))
+    assert images["young"].id not in change.retired  # its second run came after the snapshot
+
+
+def test_policy_and_thresholds_are_exclusive(session, mixed) -> None:
+    project, _ = mixed
+    with pytest.raises(TypeError, match="either policy"):
+        aggregate(session, project, method=_method(), min_runs=2, policy=r.RetirementPolicy())
+    report = aggregate(session, project, method=_method(), policy=r.RetirementPolicy(min_runs=1, max_runs=1))
+    assert report.retired == 4 and report.retire_reasons == {"max_runs": 4}
+
+
+@pytest.mark.parametrize(
+    ("project_settings", "override", "expected"),
+    [
+        ({}, {}, r.RetirementPolicy()),
+        ({"retire_min_runs": 5, "retire_min_confidence": 0.8}, {}, r.RetirementPolicy(min_runs=5, min_confidence=0.8)),
+        ({"retire_min_runs": 5}, {"min_runs": 2, "min_confidence": 0.7, "max_runs": 4},
+         r.RetirementPolicy(min_runs=2, min_confidence=0.7, max_runs=4)),
+        ({"retire_max_runs": 6, "retire_count_tolerance": None}, {},
+         r.RetirementPolicy(max_runs=6, count_tolerance=None)),
+        # a minimum above the default cap of 10 with no cap configured: no cap (not an error)
+        ({"retire_min_runs": 12}, {}, r.RetirementPolicy(min_runs=12, max_runs=None)),
+        ({}, {"min_runs": 15}, r.RetirementPolicy(min_runs=15, max_runs=None)),
+        ({"retire_min_runs": 12}, {"max_runs": 20}, r.RetirementPolicy(min_runs=12, max_runs=20)),
+    ],
+)
+def test_retirement_policy_from_settings_and_overrides(project_settings, override, expected) -> None:
+    from cellspot.store.models import Project
+
+    assert retirement_policy(Project(name="p", settings=project_settings), **override) == expected
+
+
+@pytest.mark.parametrize(
+    ("project_settings", "override", "match"),
+    [
+        ({}, {"min_runs": 5, "max_runs": 4}, r"max_runs \(4\) must be >= min_runs \(5\)"),
+        ({"retire_min_runs": 12, "retire_max_runs": 10}, {}, r"max_runs \(10\) must be >= min_runs \(12\)"),
+        ({}, {"min_confidence": 1.5}, r"min_confidence must be in \[0, 1\]"),
+    ],
+)
+def test_retirement_policy_rejects_bad_thresholds(project_settings, override, match) -> None:
+    from cellspot.store.models import Project
+
+    with pytest.raises(ValueError, match=match):
+        retirement_policy(Project(name="p", settings=project_settings), **override)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from cellspot.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        (["--min-confidence", "0.5"], 0, "retired: 1 images (1 new, 0 back to active); decisions: settled 1"),
+        (["--min-confidence", "1.0", "--min-runs", "2", "--max-runs", "3"], 0, "decisions: max_runs 1"),
+        (["--min-runs", "4", "--max-runs", "3"], 1, "max_runs (3) must be >= min_runs (4)"),
+        (["--max-runs", "0"], 2, "--max-runs"),
+    ],
+)
+def test_cli_aggregate_thresholds(settings, args, code, expected) -> None:
+    from cellspot.store.db import make_engine, transaction
+
+    assert _cli("init")[0] == 0
+    engine = make_engine(settings=settings)
+    with transaction(engine) as session:
+        project = q.get_or_create_project(session, "demo")
+        image = Image(project=project, name="a.png", width=100, height=100)
+        session.add(image)
+        for i in range(3):
+            student = q.get_or_create_annotator(session, project, f"s{i}")
+            q.submit_task_run(session, image, student, [(10.0 + i, 10.0, "alive"), (50.0, 60.0 - i, "dead")], f"k{i}")
+    engine.dispose()
+    exit_code, out = _cli("aggregate", "--project", "demo", *args)
+    assert exit_code == code and expected in out, out
