@@ -1,0 +1,269 @@
+"""Simulated active-learning rounds: the pure bookkeeping behind ``bench/active_learning.py``.
+
+Pure module (numpy, pandas, the pure :mod:`cellspot.simulate` and :mod:`cellspot.active`
+scoring; no torch, no database). The benchmark trains the models; everything that decides
+*who labels what* and *how the learning curves compare* lives here so tests can check it.
+
+* :class:`ClickBank` -- every image's task runs simulated up front, in a fixed order per
+  image (run ``0, 1, 2, ...`` by distinct students of one class). Labelling an image with
+  ``k`` more runs *reveals* its next ``k`` runs, so two strategies that both pick an image
+  see the same clicks on it (common random numbers: the curves differ by the choice of
+  images, not by the luck of the simulated clicks).
+* :func:`candidates` -- the images a round may pick: not retired, room for ``k`` more runs,
+  and (``unlabelled_only``, the random baseline) never labelled.
+* :func:`choose_batch` -- score with a strategy of :mod:`cellspot.active.strategies` over the
+  whole pool (as the queue does), keep the candidates, select a batch
+  (:func:`cellspot.active.select.select_batch`).
+* :func:`runs_to_target`, :func:`mean_curves`, :func:`compare_strategies` -- task runs needed
+  to reach a fraction of the reference metric (the model trained on every image labelled),
+  on the seed-averaged curve, and the ratio to random sampling with its verdict.
+
+Formulas. With ``m_s(b)`` the metric of seed ``s`` after ``b`` task runs and ``M_s`` the
+reference metric of seed ``s``, the relative curve is ``r(b) = mean_s m_s(b) / M_s``; the
+runs to target are the first ``b`` with ``r(b) >= q`` (``q = 0.95``), linearly interpolated
+between the two budgets around the crossing. ``ratio = b_strategy / b_random``; when random
+never gets there within the largest budget ``B``, only ``ratio < b_strategy / B`` is known
+(``censored``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cellspot.active.select import select_batch
+from cellspot.active.strategies import score_images
+
+log = logging.getLogger(__name__)
+
+BANK_RUN_COLUMNS = ["image", "task_run", "annotator", "position"]
+CURVE_KEYS = ["dataset", "strategy", "seed", "round", "task_runs", "metric"]
+MEAN_CURVE_COLUMNS = ["dataset", "strategy", "round", "task_runs", "relative", "relative_std", "metric",
+                      "metric_std", "n_seeds"]
+COMPARE_COLUMNS = ["dataset", "strategy", "runs_to_target", "reached", "ratio_to_random", "ratio_bound",
+                   "censored", "target_met", "max_task_runs", "final_relative"]
+DEFAULT_QUANTILE = 0.95
+DEFAULT_MAX_RATIO = 0.6
+
+
+class SimulationError(ValueError):
+    """Bad simulation input: more runs than the bank holds, unknown images, bad curves."""
+
+
+# --------------------------------------------------------------------------- the click bank
+
+
+@dataclass(frozen=True)
+class ClickBank:
+    """Pre-simulated task runs of every image.
+
+    ``runs``: :data:`BANK_RUN_COLUMNS` (``task_run`` str, unique; ``position`` 0.. per image,
+    the order in which the runs are revealed). ``clicks``: ``image, annotator, task_run, x,
+    y, label`` of those runs (``task_run`` str). ``depth``: runs per image in the bank.
+    """
+
+    runs: pd.DataFrame
+    clicks: pd.DataFrame
+    depth: int
+
+    def reveal(self, counts: Mapping[str, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The first ``counts[image]`` runs of each image and their clicks: ``(runs, clicks)``.
+
+        Images not in ``counts`` (or with 0) contribute nothing. Raises
+        :class:`SimulationError` for a count above :attr:`depth` or an image not in the bank.
+        """
+        bad = {str(k): int(v) for k, v in counts.items() if not 0 <= int(v) <= self.depth}
+        if bad:
+            raise SimulationError(f"an image can reveal 0..{self.depth} runs; asked for {bad}")
+        wanted = pd.Series({str(k): int(v) for k, v in counts.items() if int(v) > 0}, dtype="int64")
+        unknown = sorted(set(wanted.index) - set(self.runs["image"]))
+        if unknown:
+            raise SimulationError(f"{len(unknown)} image(s) are not in the click bank, e.g. {unknown[:3]}")
+        limit = self.runs["image"].map(wanted).fillna(0).to_numpy()
+        runs = self.runs[self.runs["position"].to_numpy() < limit].reset_index(drop=True)
+        clicks = self.clicks[self.clicks["task_run"].isin(set(runs["task_run"]))].reset_index(drop=True)
+        return runs, clicks
+
+
+def build_click_bank(
+    truth_cells: pd.DataFrame,
+    images: pd.DataFrame,
+    depth: int,
+    n_students: int,
+    profile: str,
+    rng: np.random.Generator,
+) -> ClickBank:
+    """Simulate ``depth`` runs of every image of ``images`` by distinct students of one class.
+
+    ``truth_cells``: ``image, x, y, label (alive|dead), diameter``; ``images``: ``image,
+    width, height``. The class (``n_students`` persistent skills of crowd ``profile``, see
+    :mod:`cellspot.simulate`) is drawn once; each image's students are a random order of the
+    class. Deterministic given ``rng``.
+    """
+    from cellspot.simulate import draw_students, get_profile, random_runs, simulate_crowd
+
+    if not 1 <= depth <= n_students:
+        raise SimulationError(f"depth must be in [1, n_students={n_students}] (distinct students per image), "
+                              f"got {depth}")
+    prof = get_profile(profile)
+    students = draw_students(n_students, prof, rng)
+    runs = random_runs(images, depth, n_students, rng)
+    sim = simulate_crowd(truth_cells, images, runs, prof, rng, students=students)
+    runs = sim.runs.assign(task_run=sim.runs["task_run"].astype(str))
+    runs["position"] = runs.groupby("image", sort=False).cumcount().astype("int64")
+    clicks = sim.clicks.assign(task_run=sim.clicks["task_run"].astype(str))
+    log.info("click bank: %d images x %d runs, %d clicks", len(images), depth, len(clicks))
+    return ClickBank(runs=runs[BANK_RUN_COLUMNS].reset_index(drop=True), clicks=clicks.reset_index(drop=True),
+                     depth=depth)
+
+
+# --------------------------------------------------------------------------- choosing a batch
+
+
+def candidates(
+    n_runs: Mapping[str, int],
+    *,
+    k: int,
+    depth: int,
+    retired: Collection[str] = (),
+    unlabelled_only: bool = False,
+) -> list[str]:
+    """Images that may get ``k`` more runs, in the order of ``n_runs``.
+
+    An image qualifies when it is not ``retired``, ``n_runs + k <= depth`` (the bank, i.e.
+    the distinct students, has room) and, with ``unlabelled_only``, it has no run yet. With
+    ``unlabelled_only`` and no unlabelled image left, the labelled ones qualify again (so a
+    baseline never stalls before the others).
+    """
+    if k < 1:
+        raise SimulationError(f"k (runs per chosen image) must be >= 1, got {k}")
+    gone = set(map(str, retired))
+    room = [str(im) for im, n in n_runs.items() if str(im) not in gone and int(n) + k <= depth]
+    if unlabelled_only:
+        fresh = [im for im in room if int(n_runs[im]) == 0]
+        return fresh or room
+    return room
+
+
+def choose_batch(
+    strategy: str,
+    signals: pd.DataFrame,
+    allowed: Iterable[str],
+    n: int,
+    *,
+    seed: int = 0,
+    diversity: float = 0.0,
+) -> pd.DataFrame:
+    """The ``n`` images to label next among ``allowed``, best first.
+
+    ``signals`` (the signal table of every pool image, :func:`cellspot.active.build_signals`)
+    is scored as a whole with ``strategy`` (normalisations such as ranks use the whole
+    pool, as the round queue does), then restricted to ``allowed`` and passed to
+    :func:`cellspot.active.select.select_batch` with ``diversity``. Returns the chosen score
+    rows (``image, score, strategy, reason, ..., batch_rank, novelty``).
+    """
+    keep = set(map(str, allowed))
+    scored = score_images(strategy, signals, seed=seed)
+    scored = scored[scored["image"].astype(str).isin(keep)].reset_index(drop=True)
+    if scored.empty or n <= 0:
+        return scored.iloc[:0].assign(batch_rank=pd.Series(dtype="int64"), novelty=pd.Series(dtype=float))
+    return select_batch(scored, n=min(n, len(scored)), signals=signals, diversity=diversity)
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def runs_to_target(task_runs: Iterable[float], values: Iterable[float], target: float) -> float:
+    """The first budget where ``values`` reach ``target``, linearly interpolated; NaN if never.
+
+    ``task_runs`` ``(n,)`` increasing budgets, ``values`` ``(n,)`` the metric at each (NaN
+    points are skipped). Reached at the first point -> that point's budget.
+    """
+    x = np.asarray(list(task_runs), float)
+    y = np.asarray(list(values), float)
+    if x.shape != y.shape:
+        raise SimulationError(f"task_runs and values differ in length: {x.shape} vs {y.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) > 1 and np.any(np.diff(x) <= 0):
+        raise SimulationError("task_runs must be strictly increasing")
+    hit = np.flatnonzero(y >= target)
+    if not len(hit):
+        return float("nan")
+    i = int(hit[0])
+    if i == 0:
+        return float(x[0])
+    x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+    return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
+
+
+def mean_curves(curves: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
+    """Seed-averaged learning curves, absolute and relative to each seed's reference.
+
+    ``curves``: :data:`CURVE_KEYS` (one row per dataset, strategy, seed and round);
+    ``references``: ``dataset, seed, metric`` (the model trained with every image labelled).
+    Returns :data:`MEAN_CURVE_COLUMNS`, one row per dataset, strategy and round
+    (``task_runs`` is the mean over seeds; the benchmark spends the same runs per round).
+    """
+    missing = [c for c in CURVE_KEYS if c not in curves.columns]
+    if missing:
+        raise SimulationError(f"curves lack column(s) {missing}")
+    ref = references.set_index(["dataset", "seed"])["metric"]
+    keys = pd.MultiIndex.from_frame(curves[["dataset", "seed"]])
+    scale = ref.reindex(keys).to_numpy(float)
+    if np.isnan(scale).any():
+        raise SimulationError("every (dataset, seed) of the curves needs a reference metric")
+    rel = curves.assign(relative=curves["metric"].to_numpy(float) / scale)
+    g = rel.groupby(["dataset", "strategy", "round"], sort=True)
+    out = pd.DataFrame({
+        "task_runs": g["task_runs"].mean(), "relative": g["relative"].mean(), "relative_std": g["relative"].std(ddof=0),
+        "metric": g["metric"].mean(), "metric_std": g["metric"].std(ddof=0), "n_seeds": g["seed"].nunique(),
+    }).reset_index()
+    return out[MEAN_CURVE_COLUMNS]
+
+
+def compare_strategies(
+    mean: pd.DataFrame,
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+    baseline: str = "random",
+    max_ratio: float = DEFAULT_MAX_RATIO,
+) -> pd.DataFrame:
+    """Task runs each strategy needs to reach ``quantile`` of the reference, and the ratio to ``baseline``.
+
+    ``mean``: :func:`mean_curves`. Returns :data:`COMPARE_COLUMNS`, one row per dataset and
+    strategy: ``runs_to_target`` (NaN when not reached), ``ratio_to_random`` =
+    runs / baseline runs when both reached; when only the strategy reached,
+    ``ratio_bound`` = runs / the largest budget of the baseline (the true ratio is below it)
+    and ``censored``; ``target_met`` = ratio (or bound) ``<= max_ratio`` (None for the
+    baseline itself or when the strategy did not reach).
+    """
+    rows = []
+    for (dataset, strategy), c in mean.groupby(["dataset", "strategy"], sort=True):
+        c = c.sort_values("round")
+        rows.append({"dataset": dataset, "strategy": strategy,
+                     "runs_to_target": runs_to_target(c["task_runs"], c["relative"], quantile),
+                     "max_task_runs": float(c["task_runs"].max()), "final_relative": float(c["relative"].iloc[-1])})
+    table = pd.DataFrame(rows, columns=["dataset", "strategy", "runs_to_target", "max_task_runs", "final_relative"])
+    out = []
+    for row in table.itertuples(index=False):
+        base = table[(table["dataset"] == row.dataset) & (table["strategy"] == baseline)]
+        b = float(base["runs_to_target"].iloc[0]) if len(base) else float("nan")
+        b_max = float(base["max_task_runs"].iloc[0]) if len(base) else float("nan")
+        mine = float(row.runs_to_target)
+        ratio = bound = float("nan")
+        censored, met = False, None
+        if row.strategy != baseline and np.isfinite(mine):
+            if np.isfinite(b):
+                ratio = mine / b if b > 0 else float("nan")
+                met = bool(ratio <= max_ratio)
+            elif np.isfinite(b_max) and b_max > 0:
+                bound, censored = mine / b_max, True
+                met = bool(bound <= max_ratio)
+        out.append({**row._asdict(), "reached": bool(np.isfinite(mine)), "ratio_to_random": ratio,
+                    "ratio_bound": bound, "censored": censored, "target_met": met})
+    return pd.DataFrame(out, columns=COMPARE_COLUMNS)
