@@ -231,6 +231,14 @@ def classifier_config(bench: Bench, **extra: Any) -> Any:
 def train_classifier(bench: Bench, data: Any, name: str, **config: Any) -> tuple[Any, float]:
     """Fit (or, with ``--reuse``, load) a classifier in ``out/models/name``; returns it and its training seconds."""
     from cellspot.ml.classifier import fit_classifier, load_classifier
+
+    return _train_or_reuse(bench, data, name, fit_classifier, load_classifier, classifier_config(bench, **config))
+
+
+def _train_or_reuse(bench: Bench, data: Any, name: str, fit: Callable[..., Any], load: Callable[..., Any],
+                    config: Any) -> tuple[Any, float]:
+    """Fit a model into ``out/models/name`` with a progress bar, or with ``--reuse`` take the
+    one already there; returns the loaded model and its training seconds."""
     from cellspot.ml.common import read_metrics
 
     model_dir = bench.model_dir(name)
@@ -241,11 +249,11 @@ def train_classifier(bench: Bench, data: Any, name: str, **config: Any) -> tuple
         update, close = fit_progress(f"train {name}")
         start = time.perf_counter()
         try:
-            fit_classifier(data, classifier_config(bench, **config), model_dir, progress=update, device=bench.args.device)
+            fit(data, config, model_dir, progress=update, device=bench.args.device)
         finally:
             close()
         seconds = time.perf_counter() - start
-    return load_classifier(model_dir, device=bench.args.device), seconds
+    return load(model_dir, device=bench.args.device), seconds
 
 
 def baseline_classifier(bench: Bench, data: Any, crop_size: int, radius: float) -> tuple[Any, dict[str, Any]]:
@@ -396,22 +404,9 @@ def detector_config(bench: Bench) -> Any:
 
 
 def train_detector(bench: Bench, data: Any, name: str) -> tuple[Any, float]:
-    from cellspot.ml.common import read_metrics
     from cellspot.ml.detector import fit_detector, load_detector
 
-    model_dir = bench.model_dir(name)
-    if bench.args.reuse and (model_dir / "weights.pt").is_file():
-        seconds = float(read_metrics(model_dir).get("seconds", float("nan")))
-        print(f"{name}: reusing {model_dir} (trained in {seconds:.0f} s)")
-    else:
-        update, close = fit_progress(f"train {name}")
-        start = time.perf_counter()
-        try:
-            fit_detector(data, detector_config(bench), model_dir, progress=update, device=bench.args.device)
-        finally:
-            close()
-        seconds = time.perf_counter() - start
-    return load_detector(model_dir, device=bench.args.device), seconds
+    return _train_or_reuse(bench, data, name, fit_detector, load_detector, detector_config(bench))
 
 
 def tune_baseline(bench: Bench, images: list[Any], kind: str, score: Callable[[list[Any], list[Any]], float],

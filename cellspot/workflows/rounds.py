@@ -610,15 +610,14 @@ def _join(*parts: str) -> str:
 
 def _prepare_auto(session: Session, settings: Settings, project_name: str, report: AutoReport
                   ) -> tuple[AutoReport, dict[str, int]]:
-    """Steps 1-2a: aggregate, retire, create the two queued training runs."""
-    from cellspot.active.retirement import apply_retirement
+    """Steps 1-2a: aggregate (which applies the adaptive retirement), create the two queued
+    training runs."""
     from cellspot.workflows.aggregate import aggregate
     from cellspot.workflows.models import start_training
 
     project = _project(session, project_name)
     cfg = AutoSettings.from_project(project)
     agg = aggregate(session, project)
-    apply_retirement(session, project, agg.snapshot_id)
     runs = {kind: start_training(session, settings, project, kind, preset=cfg.preset, epochs=cfg.epochs)
             for kind in MODEL_ORDER}
     return (replace(report, snapshot_id=agg.snapshot_id, runs={k: r.version for k, r in runs.items()}),
