@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet")
 LOSSES = ("dice_bce", "focal", "dice_focal")
-POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area")
+POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area", "border_margin")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class DetectorConfig:
     ``radius``: cell radius in pixels, None = estimated from the data. ``max_minutes``: stop
     after the epoch that passes this wall-clock budget (None = no budget). Post-processing
     defaults (``threshold``, ``peak_threshold``, ``min_distance`` (None = 0.5 x radius),
-    ``min_area``) are replaced by values tuned on val when ``tune_postprocess``.
+    ``min_area``, ``border_margin``) are replaced by values tuned on val when ``tune_postprocess``.
     """
 
     preset: str = "cpu-fast"
@@ -86,6 +86,7 @@ class DetectorConfig:
     peak_threshold: float = 0.3
     min_distance: int | None = None
     min_area: int = 0
+    border_margin: float = 0.0
     tune_postprocess: bool = True
 
     def __post_init__(self) -> None:
@@ -133,6 +134,7 @@ def _validate(c: DetectorConfig) -> None:
         (c.radius is None or c.radius > 0, f"radius must be positive or None, got {c.radius}"),
         (min(c.batch_size, c.epochs, c.steps_per_epoch) >= 1, "batch_size, epochs and steps_per_epoch must be >= 1"),
         (c.lr > 0 and c.patience >= 1, "lr must be > 0 and patience >= 1"),
+        (c.border_margin >= 0, f"border_margin must be >= 0 pixels, got {c.border_margin}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -250,7 +252,7 @@ def default_postprocess(config: DetectorConfig, radius: float) -> dict[str, Any]
     """Post-processing parameters of ``config``; ``min_distance`` None -> half the radius."""
     md = config.min_distance if config.min_distance is not None else max(1, int(round(0.5 * radius)))
     return dict(threshold=config.threshold, min_distance=int(md), peak_threshold=config.peak_threshold,
-                min_area=int(config.min_area))
+                min_area=int(config.min_area), border_margin=float(config.border_margin))
 
 
 def evaluate(images: list[AnnotatedImage], probs: list[np.ndarray], params: dict[str, Any],
@@ -286,12 +288,13 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
     Coordinate ascent over a small grid (one parameter at a time, the others fixed, up to
     ``passes`` rounds): ~15 evaluations a round instead of the ~100 of the full grid.
     Thresholds and minimum area only matter with masks; for points only the peak parameters
-    are searched.
+    and the border margin (data whose annotators skipped cells cut by the border) are searched.
     """
     has_masks = bool(images) and all(im.mask is not None for im in images)
     grid: dict[str, tuple] = dict(
         peak_threshold=(0.05, 0.1, 0.2, 0.3, 0.45, 0.6),
-        min_distance=tuple(sorted({max(1, int(round(radius * f))) for f in (0.3, 0.5, 0.75, 1.0, 1.5)})))
+        min_distance=tuple(sorted({max(1, int(round(radius * f))) for f in (0.3, 0.5, 0.75, 1.0, 1.5)})),
+        border_margin=tuple(sorted({0.0, *(round(radius * f, 1) for f in (0.2, 0.35, 0.5))})))
     if has_masks:
         grid.update(threshold=(0.35, 0.5, 0.65), min_area=(0, max(2, int(0.1 * np.pi * radius ** 2)),
                                                          max(3, int(0.25 * np.pi * radius ** 2))))

@@ -49,6 +49,7 @@ def postprocess(
     min_distance: int = 3,
     peak_threshold: float = 0.3,
     min_area: int = 0,
+    border_margin: float = 0.0,
 ) -> Detections:
     """Cells from ``prob`` ``(C >= 2, H, W)`` float probabilities.
 
@@ -58,12 +59,17 @@ def postprocess(
     negated centre map inside the foreground ``prob[0] > threshold``, seeded by those peaks.
     With ``min_area > 0``, instances of fewer than ``min_area`` pixels are dropped and
     foreground components that hold no peak become cells of their own (centre = centroid)
-    when they have at least ``min_area`` pixels.
+    when they have at least ``min_area`` pixels. With ``border_margin > 0``, cells whose
+    centre lies closer than ``border_margin`` pixels to the image border are dropped with
+    their instance (for annotation protocols that skip cells cut by the border: the peak of a
+    cut cell sits on the border; tuned on val, 0 where border cells are annotated).
     """
     if prob.ndim != 3 or prob.shape[0] < 2:
         raise PostprocessError(f"prob must be (C>=2, H, W) with foreground and centre maps, got {prob.shape}")
     if min_distance < 1:
         raise PostprocessError(f"min_distance must be >= 1 pixel, got {min_distance}")
+    if not border_margin >= 0:
+        raise PostprocessError(f"border_margin must be >= 0 pixels, got {border_margin}")
     fg_prob = np.asarray(prob[0], dtype=np.float32)
     centre = np.asarray(prob[1], dtype=np.float32)
     fg = fg_prob > threshold
@@ -77,18 +83,26 @@ def postprocess(
     if min_area > 0:
         labels, xy, scores = _drop_small(labels, xy, scores, min_area)
         labels, xy, scores = _add_unseeded(fg & (labels == 0), labels, xy, scores, centre, fg_prob, min_area)
+    if border_margin > 0 and len(xy):
+        h, w = centre.shape
+        edge = np.minimum.reduce([xy[:, 0], xy[:, 1], (w - 1) - xy[:, 0], (h - 1) - xy[:, 1]])
+        labels, xy, scores = _keep(labels, xy, scores, edge >= border_margin)
     return Detections(xy=xy, scores=scores, labels=labels)
 
 
-def _drop_small(labels, xy, scores, min_area):
-    """Remove seeded instances with fewer than ``min_area`` pixels; renumber the rest 1..n."""
-    area = np.bincount(labels.ravel(), minlength=len(xy) + 1)[1:]
-    keep = area >= min_area
+def _keep(labels, xy, scores, keep):
+    """Only the cells where ``keep``; their instances renumbered 1..n, the others' pixels 0."""
     if keep.all():
         return labels, xy, scores
     lut = np.zeros(len(xy) + 1, dtype=np.int32)
     lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[labels], xy[keep], scores[keep]
+
+
+def _drop_small(labels, xy, scores, min_area):
+    """Remove seeded instances with fewer than ``min_area`` pixels; renumber the rest 1..n."""
+    area = np.bincount(labels.ravel(), minlength=len(xy) + 1)[1:]
+    return _keep(labels, xy, scores, area >= min_area)
 
 
 def _refine(centre: np.ndarray, peaks: np.ndarray) -> np.ndarray:

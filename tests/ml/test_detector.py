@@ -118,7 +118,7 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     assert config["kind"] == "detector" and config["target_kind"] == "mask"
     assert config["channels"] == ["foreground", "centre"] and config["data_snapshot_id"] == "folder:abc123"
     assert config["radius"] == pytest.approx(4.0, abs=0.5)
-    assert set(config["postprocess"]) == {"threshold", "min_distance", "peak_threshold", "min_area"}
+    assert set(config["postprocess"]) == {"threshold", "min_distance", "peak_threshold", "min_area", "border_margin"}
     assert not (tmp_path / "det-1" / RESUME_FILE).exists()
 
     loaded = load_detector(tmp_path / "det-1")

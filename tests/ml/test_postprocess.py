@@ -64,11 +64,22 @@ def test_min_area_drops_small_seeded_instances() -> None:
     assert set(np.unique(det.labels)) == {0, 1}
 
 
+def test_border_margin_drops_cells_centred_on_the_border_with_their_instance() -> None:
+    prob = _disc_probs((40, 50), [(0.5, 20), (25, 20), (48, 2)], 4.0)
+    assert len(postprocess(prob)) == 3
+    det = postprocess(prob, border_margin=3.0)
+    assert len(det) == 1 and det.xy[0] == pytest.approx([25, 20], abs=0.5)
+    assert set(np.unique(det.labels)) == {0, 1}
+    assert (det.labels == 1).sum() == ((prob[0] > 0.5)[:, 10:40]).sum()  # the kept cell's pixels only
+
+
 def test_bad_input_raises() -> None:
     with pytest.raises(PostprocessError, match="C>=2"):
         postprocess(np.zeros((1, 5, 5), np.float32))
     with pytest.raises(PostprocessError, match="min_distance"):
         postprocess(np.zeros((2, 5, 5), np.float32), min_distance=0)
+    with pytest.raises(PostprocessError, match="border_margin"):
+        postprocess(np.zeros((2, 5, 5), np.float32), border_margin=-1)
 
 
 def _labels(*boxes):
