@@ -19,6 +19,7 @@ from cellspot.ml.classifier import (
     classification_metrics,
     config_for,
     crops_from_data,
+    dihedral_views,
     fit_classifier,
     fit_temperature,
     load_classifier,
@@ -80,6 +81,28 @@ def test_forward_and_backward(input_scale):
     assert logits.shape == (4,)
     logits.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_dihedral_views_are_the_eight_distinct_symmetries():
+    x = torch.arange(9.0).reshape(1, 1, 3, 3)
+    views = dihedral_views(x)
+    assert len(views) == 8 and torch.equal(views[0], x)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+
+
+def test_tta_logits_do_not_change_when_the_crop_is_rotated_or_flipped():
+    torch.manual_seed(0)
+    model = CropClassifier(ENCODER).eval()
+    crops = np.random.default_rng(0).integers(0, 255, (3, 24, 24, 3), dtype=np.uint8)
+    turned = np.ascontiguousarray(np.flip(np.rot90(crops, 1, axes=(1, 2)), axis=2))
+    plain = predict_logits(model, crops, torch.device("cpu"))
+    assert not np.allclose(plain, predict_logits(model, turned, torch.device("cpu")), atol=1e-4)
+    tta = predict_logits(model, crops, torch.device("cpu"), tta=True)
+    np.testing.assert_allclose(tta, predict_logits(model, turned, torch.device("cpu"), tta=True), atol=1e-5)
+    views = dihedral_views(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255)
+    with torch.no_grad():
+        expected = torch.stack([model(v) for v in views]).mean(0).numpy()
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
 
 
 def test_a_tiny_batch_overfits():
@@ -171,7 +194,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     torch.manual_seed(1)
     model = build_model(cfg).eval()
     crops = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    logits = predict_logits(model, crops, torch.device("cpu"))
+    logits = predict_logits(model, crops, torch.device("cpu"), tta=cfg.tta)
     save_checkpoint(tmp_path / "classifier-0001", model.state_dict(),
                     {**asdict(cfg), "kind": "classifier", "temperature": 2.0}, {}, [])
     loaded = load_classifier(tmp_path / "classifier-0001")
