@@ -3,14 +3,17 @@ exports (tidy CSV, PyBossa) and expert cells; class codes, target runs, retireme
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
 from pathlib import Path
 
 import streamlit as st
 from appkit import researcher, resources, roles
 
+from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
 from cellspot.consensus import DEFAULT_METHOD
 from cellspot.importers import (
     CellspotImportError,
@@ -22,16 +25,31 @@ from cellspot.store.models import Project
 from cellspot.workflows.aggregate import aggregate
 from cellspot.workflows.dashboard import DashboardError, create_project, update_project_settings
 
+log = logging.getLogger(__name__)
+
 IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "zip"]
-NEW_PROJECT_DEFAULTS = {"target_runs_per_image": 5, "retire_min_runs": 3, "retire_min_confidence": 0.9,
-                        "gold_rate": 0.1, "feedback_radius": 20.0}
+DEFAULT_POLICY = RetirementPolicy()
+NEW_PROJECT_DEFAULTS = {"target_runs_per_image": 5, "gold_rate": 0.1, "feedback_radius": 20.0,
+                        **{SETTING_KEYS[f.name]: getattr(DEFAULT_POLICY, f.name) for f in fields(RetirementPolicy)}}
 
 roles.require_researcher()  # every researcher page checks again
 project = researcher.page_header("Setup")
 
 
+def _retirement_shown(current: Mapping) -> RetirementPolicy:
+    """The retirement policy of the settings ``current`` (to fill the form), the default one
+    when they do not make a valid policy."""
+    try:
+        return RetirementPolicy.from_settings(current)
+    except (TypeError, ValueError) as exc:  # RetirementPolicyError is a ValueError
+        log.warning("retirement settings %s do not make a policy (%s): showing the defaults",
+                    {k: current.get(k) for k in SETTING_KEYS.values() if k in current}, exc)
+        return DEFAULT_POLICY
+
+
 def _settings_inputs(current: dict, prefix: str) -> dict:
     """The project-setting widgets; returns the values typed (validated by the workflow)."""
+    policy = _retirement_shown(current)
     cols = st.columns(3)
     codes = cols[0].text_input(
         "Class codes (comma-separated)", ", ".join(current.get("class_codes") or []), key=f"{prefix}_codes",
@@ -42,17 +60,40 @@ def _settings_inputs(current: dict, prefix: str) -> dict:
                                 key=f"{prefix}_gold",
                                 help="Share of images served from the expert-marked (gold) images")
     cols = st.columns(3)
-    min_runs = cols[0].number_input("Retire after at least ... runs", 1, 1000, int(current.get("retire_min_runs", 3)),
-                                    key=f"{prefix}_min_runs")
+    min_runs = cols[0].number_input("Retire after at least ... runs", 1, 1000, int(policy.min_runs),
+                                    key=f"{prefix}_min_runs",
+                                    help="No image retires on its consensus before it has this many runs.")
     min_conf = cols[1].number_input("... when every cell has confidence ≥", 0.0, 1.0,
-                                    float(current.get("retire_min_confidence", 0.9)), step=0.05,
-                                    key=f"{prefix}_min_conf")
+                                    float(policy.min_confidence), step=0.05, key=f"{prefix}_min_conf",
+                                    help="Every consensus cell's label (alive or dead) must be at least this sure.")
+    certainty = cols[2].number_input(
+        "... and every cell's existence certainty ≥", 0.0, 1.0, float(policy.min_cell_certainty), step=0.05,
+        key=f"{prefix}_min_cell_certainty",
+        help="Each cell's probability p of being a cell must be far from 0.5: |2p − 1| at least this "
+             "(0.5 means p ≤ 0.25 or p ≥ 0.75); 0 skips this check.")
+    cols = st.columns(3)
+    check_count = cols[0].checkbox(
+        "... and the cell count agrees", policy.count_tolerance is not None, key=f"{prefix}_count_check",
+        help="Untick to retire without comparing the number of clicks per run with the consensus count.")
+    shown_tolerance = policy.count_tolerance if policy.count_tolerance is not None else DEFAULT_POLICY.count_tolerance
+    tolerance = cols[0].number_input(
+        "Count tolerance (share of the cells)", 0.0, 10.0, float(shown_tolerance or 0.0), step=0.05,
+        key=f"{prefix}_count_tolerance",
+        help="The median number of clicks per run must be within this share of the consensus cell count "
+             "(at least 1 click off is always allowed).")
+    max_runs = cols[1].number_input(
+        "Retire after at most ... runs (0 = no maximum)", 0, 1000, int(policy.max_runs or 0),
+        key=f"{prefix}_max_runs",
+        help="An image with this many runs retires whatever its consensus; 0 never retires by run count.")
     radius = cols[2].number_input("Feedback radius (px)", 1.0, 500.0, float(current.get("feedback_radius", 20.0)),
                                   key=f"{prefix}_radius",
                                   help="A student's mark this close to an expert cell counts as finding it")
     return {"class_codes": codes, "target_runs_per_image": int(target), "gold_rate": float(gold),
             "retire_min_runs": int(min_runs), "retire_min_confidence": float(min_conf),
-            "feedback_radius": float(radius)}
+            "feedback_radius": float(radius),
+            SETTING_KEYS["min_cell_certainty"]: float(certainty),
+            SETTING_KEYS["count_tolerance"]: float(tolerance) if check_count else None,
+            SETTING_KEYS["max_runs"]: int(max_runs) or None}
 
 
 def _problems(problems: Iterable[object], tmp: str) -> list[str]:
@@ -125,7 +166,8 @@ with st.expander("Class codes and rules", expanded=True):
     if save:
         try:
             with resources.session() as session:
-                update_project_settings(session, session.get(Project, project.id), **values)
+                stored = session.get(Project, project.id)
+                update_project_settings(session, stored, **values)
         except DashboardError as exc:
             st.error(str(exc))
         else:

@@ -13,7 +13,10 @@ or, whatever its consensus, once it has ``max_runs`` runs. An image with enough 
 cells counts as settled when the runs agree there is nothing to click. Thresholds come from
 the project settings (``retire_min_runs``, ``retire_min_confidence``, ``retire_max_runs``,
 ``retire_min_cell_certainty``, ``retire_count_tolerance``; the first two are those of
-:class:`cellspot.workflows.aggregate.RetirementRule`).
+:class:`cellspot.workflows.aggregate.RetirementRule`). When the settings raise
+``retire_min_runs`` above the default ``max_runs`` without setting ``retire_max_runs``, there
+is no maximum (as before adaptive retirement); a ``retire_max_runs`` set below
+``retire_min_runs`` is refused.
 
 :func:`decide` is pure (a table of per-image features in, decisions out);
 :func:`apply_retirement` reads a snapshot, decides, and retires / reactivates images.
@@ -24,6 +27,7 @@ With :meth:`RetirementPolicy.from_rule` the decisions equal
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -56,7 +60,9 @@ class RetirementPolicy:
     """Thresholds of adaptive retirement (see the module docstring for the rules).
 
     ``max_runs=None`` never retires by run count; ``count_tolerance=None`` skips the
-    count-agreement check; ``min_cell_certainty=0`` skips the ``p_cell`` check.
+    count-agreement check; ``min_cell_certainty=0`` skips the ``p_cell`` check. Built
+    directly, ``max_runs`` must be ``None`` or ``>= min_runs``; from settings
+    (:meth:`from_settings`) an unset ``max_runs`` gives way to a larger ``min_runs``.
     """
 
     min_runs: int = 3
@@ -81,21 +87,51 @@ class RetirementPolicy:
     @classmethod
     def for_project(cls, project: Project, **overrides: Any) -> RetirementPolicy:
         """The policy from ``project.settings`` (keys :data:`SETTING_KEYS`), then ``overrides``
-        (``None`` overrides are ignored). Raises :class:`RetirementPolicyError`."""
+        (``None`` overrides are ignored); see :meth:`from_settings`. Raises
+        :class:`RetirementPolicyError`."""
+        return cls.from_settings(project.settings or {}, **overrides)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], **overrides: Any) -> RetirementPolicy:
+        """The policy from project ``settings`` (keys :data:`SETTING_KEYS`), then ``overrides``
+        (policy field names; ``None`` overrides are ignored).
+
+        A ``None`` setting switches ``max_runs`` / ``count_tolerance`` off (other ``None``
+        settings are ignored). When neither the settings nor ``overrides`` give ``max_runs``
+        and ``min_runs`` exceeds the default ``max_runs``, there is no maximum rather than a
+        cap below the minimum. A ``max_runs`` that is given and below ``min_runs`` raises
+        :class:`RetirementPolicyError` naming both settings and values; so does any threshold
+        out of range.
+        """
         unknown = set(overrides) - set(SETTING_KEYS)
         if unknown:
             raise TypeError(f"unknown retirement thresholds {sorted(unknown)}; allowed: {sorted(SETTING_KEYS)}")
-        settings = project.settings or {}
+        defaults = {f.name: f.default for f in fields(cls)}
         values: dict[str, Any] = {}
-        for f in fields(cls):
-            value = overrides.get(f.name)
-            if value is None and SETTING_KEYS[f.name] in settings:
-                value = settings[SETTING_KEYS[f.name]]
-                if value is None and f.name in ("max_runs", "count_tolerance"):
-                    values[f.name] = None  # explicitly switched off in the settings
-                    continue
-            if value is not None:
-                values[f.name] = _cast(f.name, value)
+        sources: dict[str, str] = {}  # field -> where its value came from, for error messages
+        for name in defaults:
+            key = SETTING_KEYS[name]
+            if overrides.get(name) is not None:
+                values[name], sources[name] = _cast(name, overrides[name]), "given"
+            elif key in settings and (settings[key] is not None or name in _SWITCHABLE):
+                value = settings[key]  # None: explicitly switched off in the settings
+                values[name] = None if value is None else _cast(name, value)
+                sources[name] = "project setting"
+        min_runs = values.get("min_runs", defaults["min_runs"])
+        default_max = defaults["max_runs"]
+        if "max_runs" not in values and default_max is not None and min_runs > default_max:
+            log.info("retire_min_runs %d exceeds the default max_runs %d and retire_max_runs is not set: "
+                     "no maximum", min_runs, default_max)
+            values["max_runs"] = None
+        max_runs = values.get("max_runs", default_max)
+        if max_runs is not None and min_runs >= 1 and max_runs < min_runs:
+            def show(name: str, value: Any) -> str:
+                return f"{SETTING_KEYS[name]} = {value} ({sources.get(name, 'default')})"
+
+            raise RetirementPolicyError(
+                f"retirement max_runs ({max_runs}) must be >= min_runs ({min_runs}), or None: "
+                f"{show('max_runs', max_runs)} is below {show('min_runs', min_runs)}; raise "
+                f"{SETTING_KEYS['max_runs']}, lower {SETTING_KEYS['min_runs']}, or switch the maximum off")
         return cls(**values)
 
     @classmethod
@@ -108,6 +144,9 @@ class RetirementPolicy:
 
 def _cast(name: str, value: Any) -> int | float:
     return int(value) if name in ("min_runs", "max_runs") else float(value)
+
+
+_SWITCHABLE = ("max_runs", "count_tolerance")  # the thresholds a None setting switches off
 
 
 # --------------------------------------------------------------------------- pure part

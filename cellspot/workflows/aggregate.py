@@ -12,7 +12,7 @@ commits.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -107,20 +107,12 @@ def retirement_policy(
 
     When no maximum is configured (neither ``max_runs`` nor the setting) and ``min_runs``
     exceeds the default maximum (10), there is no maximum, as before adaptive retirement,
-    rather than a cap below the minimum. Raises
+    rather than a cap below the minimum (:meth:`RetirementPolicy.from_settings`). Raises
     :class:`cellspot.active.retirement.RetirementPolicyError` (a ``ValueError``) for a bad
     threshold.
     """
-    settings = project.settings or {}
-    wanted = {"min_runs": min_runs, "min_confidence": min_confidence, "max_runs": max_runs}
-    floor = min_runs if min_runs is not None else settings.get("retire_min_runs")
-    default_cap = RetirementPolicy.max_runs
-    if (max_runs is None and "retire_max_runs" not in settings and floor is not None
-            and default_cap is not None and int(floor) > default_cap):
-        log.info("project %r: retire_min_runs %s exceeds the default max_runs %d: no maximum",
-                 project.name, floor, default_cap)
-        return replace(RetirementPolicy.for_project(project, **{**wanted, "max_runs": int(floor)}), max_runs=None)
-    return RetirementPolicy.for_project(project, **wanted)
+    return RetirementPolicy.for_project(project, min_runs=min_runs, min_confidence=min_confidence,
+                                        max_runs=max_runs)
 
 
 def aggregate(

@@ -605,6 +605,13 @@ def _float_in(lo: float, hi: float, low_open: bool = False) -> Callable[[str, An
     return check
 
 
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check``, except that ``None`` (switched off) passes as ``None``."""
+    def optional(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+    return optional
+
+
 def _class_codes(name: str, value: Any) -> list[str]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple, set)):
@@ -629,6 +636,9 @@ PROJECT_SETTING_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "target_runs_per_image": _int_in(1, 1000),
     "retire_min_runs": _int_in(1, 1000),
     "retire_min_confidence": _float_in(0.0, 1.0),
+    "retire_max_runs": _optional(_int_in(1, 1000)),
+    "retire_min_cell_certainty": _float_in(0.0, 1.0),
+    "retire_count_tolerance": _optional(_float_in(0.0, 10.0)),
     "gold_rate": _float_in(0.0, 1.0),
     "feedback_radius": _float_in(0.0, 500.0, low_open=True),
 }
@@ -649,6 +659,17 @@ def validate_project_settings(changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_retirement(settings: dict[str, Any]) -> None:
+    """The retirement thresholds of ``settings`` must make a policy together (e.g. max runs
+    not below min runs); raises :class:`InvalidProjectSettingError` naming the settings."""
+    from cellspot.active.retirement import RetirementPolicy, RetirementPolicyError
+
+    try:
+        RetirementPolicy.from_settings(settings)
+    except RetirementPolicyError as exc:
+        raise InvalidProjectSettingError(str(exc)) from exc
+
+
 def _check_codes_free(session: Session, project_id: int | None, codes: list[str]) -> None:
     for other in session.scalars(select(Project).where(Project.id != (project_id or -1))):
         taken = {normalize_class_code(c) for c in (other.settings or {}).get("class_codes") or []}
@@ -663,13 +684,17 @@ def update_project_settings(session: Session, project: Project, **changes: Any) 
 
     Keys: ``class_codes`` (list or comma-separated; 2-32 of A-Z 0-9 - _, stored upper case,
     unique across projects), ``target_runs_per_image``, ``retire_min_runs`` (1..1000),
-    ``retire_min_confidence``, ``gold_rate`` (0..1), ``feedback_radius`` (px, > 0).
+    ``retire_min_confidence``, ``gold_rate`` (0..1), ``feedback_radius`` (px, > 0), and the
+    other retirement thresholds (:data:`cellspot.active.retirement.SETTING_KEYS`:
+    ``retire_max_runs`` and ``retire_count_tolerance`` may be ``None`` = off,
+    ``retire_min_cell_certainty`` 0..1), which must make a policy together.
     Nothing is changed when any value is invalid. Flushes, never commits.
     """
     clean = validate_project_settings(changes)
     if "class_codes" in clean:
         _check_codes_free(session, project.id, clean["class_codes"])
     new = {**(project.settings or {}), **clean}
+    _check_retirement(new)
     project.settings = new  # a new dict, so the JSON column is marked dirty
     session.flush()
     log.info("project %r settings updated: %s", project.name, sorted(clean))
@@ -690,6 +715,7 @@ def create_project(session: Session, name: str, description: str = "", **setting
     clean = validate_project_settings(settings)
     if "class_codes" in clean:
         _check_codes_free(session, None, clean["class_codes"])
+    _check_retirement(clean)
     project = Project(name=name, description=str(description or ""), settings=clean)
     session.add(project)
     session.flush()

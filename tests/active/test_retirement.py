@@ -113,6 +113,55 @@ def test_bad_policy_is_refused(settings, overrides, error, match) -> None:
         r.RetirementPolicy.for_project(Project(name="p", settings=settings), **overrides)
 
 
+
+@pytest.mark.parametrize(
+    ("settings", "overrides", "expected"),
+    [
+        # a min_runs above the default max_runs (10) with no max_runs set: no maximum
+        ({"retire_min_runs": 15}, {}, r.RetirementPolicy(min_runs=15, max_runs=None)),
+        ({"retire_min_runs": "12", "retire_min_confidence": 0.8}, {},
+         r.RetirementPolicy(min_runs=12, min_confidence=0.8, max_runs=None)),
+        ({}, {"min_runs": 11}, r.RetirementPolicy(min_runs=11, max_runs=None)),
+        ({"retire_min_runs": 15}, {"max_runs": None}, r.RetirementPolicy(min_runs=15, max_runs=None)),
+        # ... up to the default the default maximum stays
+        ({"retire_min_runs": 10}, {}, r.RetirementPolicy(min_runs=10, max_runs=10)),
+        # a max_runs set explicitly is kept
+        ({"retire_min_runs": 15, "retire_max_runs": 20}, {}, r.RetirementPolicy(min_runs=15, max_runs=20)),
+        ({"retire_min_runs": 15, "retire_max_runs": None}, {}, r.RetirementPolicy(min_runs=15, max_runs=None)),
+        ({"retire_min_runs": 15}, {"max_runs": 15}, r.RetirementPolicy(min_runs=15, max_runs=15)),
+        # an override min_runs below the default takes the default maximum again
+        ({"retire_min_runs": 15}, {"min_runs": 4}, r.RetirementPolicy(min_runs=4, max_runs=10)),
+    ],
+)
+def test_max_runs_follows_a_large_min_runs_unless_set(settings, overrides, expected) -> None:
+    assert r.RetirementPolicy.for_project(Project(name="p", settings=settings), **overrides) == expected
+    assert r.RetirementPolicy.from_settings(settings, **overrides) == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "overrides", "match"),
+    [
+        ({"retire_min_runs": 15, "retire_max_runs": 10}, {},
+         r"retire_max_runs = 10 \(project setting\) is below retire_min_runs = 15 \(project setting\)"),
+        ({"retire_max_runs": 12}, {"min_runs": 15},
+         r"retire_max_runs = 12 \(project setting\) is below retire_min_runs = 15 \(given\)"),
+        ({"retire_min_runs": 8}, {"max_runs": 5},
+         r"retire_max_runs = 5 \(given\) is below retire_min_runs = 8 \(project setting\)"),
+        ({"retire_max_runs": 2}, {},
+         r"retire_max_runs = 2 \(project setting\) is below retire_min_runs = 3 \(default\)"),
+    ],
+)
+def test_contradictory_min_and_max_runs_are_refused(settings, overrides, match) -> None:
+    with pytest.raises(r.RetirementPolicyError, match=match):
+        r.RetirementPolicy.for_project(Project(name="p", settings=settings), **overrides)
+
+
+def test_policy_built_directly_still_checks_max_against_min_runs() -> None:
+    with pytest.raises(r.RetirementPolicyError, match=r"max_runs \(10\) must be >= min_runs \(15\)"):
+        r.RetirementPolicy(min_runs=15)
+    assert r.RetirementPolicy(min_runs=15, max_runs=None).max_runs is None
+
+
 # --------------------------------------------------------------------------- the store
 
 

@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
 from cellspot.store.models import Annotator, Click, GoldCell, Image, Project, TaskRun
 
 RESEARCHER_PAGES = ["class_view", "review", "results", "models", "rounds", "setup", "export"]
@@ -409,6 +410,9 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
     with Session(app_engine) as session:
         project = session.scalar(select(Project).where(Project.name == "Lab 7"))
         assert project.settings["class_codes"] == ["BIO7A", "BIO7B"]
+        # every retirement threshold is stored, at the RetirementPolicy defaults
+        assert {k: project.settings[k] for k in SETTING_KEYS.values()} == {
+            key: getattr(RetirementPolicy(), name) for name, key in SETTING_KEYS.items()}
     assert app.session_state["r_project_id"] == project.id
 
     # a class code that another project has is refused with a message
@@ -445,6 +449,61 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
     [b for b in app.button if b.label == "Import"][1].click().run()
     no_exception(app)
     assert "1 image(s) imported" in texts(app.success)
+
+
+
+def _demo_settings(engine) -> tuple[int, dict]:
+    with Session(engine) as session:
+        project = session.scalars(select(Project).order_by(Project.id)).first()
+        return project.id, dict(project.settings or {})
+
+
+def test_setup_saves_the_adaptive_retirement_thresholds(app, app_engine):
+    login(app)
+    app.switch_page("views/setup.py").run()
+    no_exception(app)
+    pid, before = _demo_settings(app_engine)
+    app.number_input(key=f"p{pid}_min_runs").set_value(12)
+    app.number_input(key=f"p{pid}_max_runs").set_value(20)
+    app.number_input(key=f"p{pid}_min_cell_certainty").set_value(0.3)
+    app.checkbox(key=f"p{pid}_count_check").uncheck()
+    [b for b in app.button if b.label == "Save"][0].click().run()
+    no_exception(app)
+    assert "Saved." in texts(app.success) and not app.error
+    _, after = _demo_settings(app_engine)
+    assert after["retire_min_runs"] == 12 and after["retire_max_runs"] == 20
+    assert after["retire_min_cell_certainty"] == pytest.approx(0.3)
+    assert "retire_count_tolerance" in after and after["retire_count_tolerance"] is None
+    assert after["class_codes"] == before["class_codes"]  # the other settings are kept
+    assert RetirementPolicy.from_settings(after) == RetirementPolicy(
+        min_runs=12, max_runs=20, min_cell_certainty=0.3, count_tolerance=None,
+        min_confidence=after["retire_min_confidence"])
+
+    # 0 switches the maximum off; ticking the count check stores its tolerance
+    app.number_input(key=f"p{pid}_max_runs").set_value(0)
+    app.checkbox(key=f"p{pid}_count_check").check()
+    app.number_input(key=f"p{pid}_count_tolerance").set_value(0.4)
+    [b for b in app.button if b.label == "Save"][0].click().run()
+    no_exception(app)
+    _, after = _demo_settings(app_engine)
+    assert "retire_max_runs" in after and after["retire_max_runs"] is None
+    assert after["retire_count_tolerance"] == pytest.approx(0.4) and after["retire_min_runs"] == 12
+
+
+def test_setup_refuses_a_maximum_below_the_minimum_runs(app, app_engine):
+    login(app)
+    app.switch_page("views/setup.py").run()
+    no_exception(app)
+    pid, before = _demo_settings(app_engine)
+    app.number_input(key=f"p{pid}_min_runs").set_value(15)
+    app.number_input(key=f"p{pid}_max_runs").set_value(10)
+    app.number_input(key=f"p{pid}_min_cell_certainty").set_value(0.2)
+    [b for b in app.button if b.label == "Save"][0].click().run()
+    no_exception(app)
+    errors = texts(app.error)
+    assert "retire_max_runs = 10" in errors and "retire_min_runs = 15" in errors
+    assert "Saved." not in texts(app.success)
+    assert _demo_settings(app_engine) == (pid, before)  # nothing stored
 
 
 def test_export_builds_a_downloadable_zip(app, store):

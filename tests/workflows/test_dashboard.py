@@ -227,6 +227,13 @@ def test_results_without_metadata_or_snapshot(session, project) -> None:
         ({"gold_rate": "lots"}, None, "gold_rate"),
         ({"feedback_radius": 0}, None, "feedback_radius"),
         ({"colour": "red"}, None, "unknown project setting 'colour'; allowed: class_codes"),
+        ({"retire_max_runs": "12", "retire_min_cell_certainty": 0.4, "retire_count_tolerance": None},
+         {"retire_max_runs": 12, "retire_min_cell_certainty": 0.4, "retire_count_tolerance": None}, None),
+        ({"retire_max_runs": None, "retire_count_tolerance": 0.5},
+         {"retire_max_runs": None, "retire_count_tolerance": 0.5}, None),
+        ({"retire_max_runs": 0}, None, "retire_max_runs must be a whole number from 1 to 1000"),
+        ({"retire_min_cell_certainty": 2}, None, "retire_min_cell_certainty"),
+        ({"retire_min_runs": 8, "retire_max_runs": 5}, None, "retire_max_runs = 5 .* retire_min_runs = 8"),
     ],
 )
 def test_update_project_settings(session, project, changes, expected, error) -> None:
