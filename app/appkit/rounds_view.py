@@ -20,6 +20,7 @@ import streamlit as st
 from PIL import Image as PILImage
 
 from appkit import resources
+from cellspot.active.rounds import DEFAULT_TARGET_RUNS, target_runs_for
 from cellspot.active.strategies import list_strategies
 from cellspot.imaging import ImageReadError
 from cellspot.render import ImageUnavailableError, image_file, read_display_rgb
@@ -29,6 +30,7 @@ from cellspot.workflows import rounds as workflow
 TTL_S = 2.0
 THUMB_PX = 64  # longest side of a queue thumbnail
 THUMB_ROWS = 60  # thumbnails for the best N queued images (the rest of the table has none)
+TARGET_RUNS_MAX = 50  # the most runs per image the page offers (a larger project default raises it)
 QUEUE_SHOWN = ["thumbnail", "rank", "image", "score", "reason", "status", "n_runs"]
 HISTORY_SHOWN = ["round", "status", "strategy", "images", "top", "target_runs", "detector_version",
                  "classifier_version", "snapshot_id", "task_runs_at_open", "task_runs", "created_at", "closed_at"]
@@ -102,16 +104,29 @@ def refresh() -> None:
         cached.clear()
 
 
+def default_target_runs(project: Project) -> int:
+    """Runs per queued image a new round of ``project`` gets unless told otherwise
+    (:func:`cellspot.active.rounds.target_runs_for`); :data:`DEFAULT_TARGET_RUNS` when the
+    project's ``target_runs`` setting is not a whole number >= 1 (the page sends its own)."""
+    try:
+        return target_runs_for(project)
+    except (TypeError, ValueError):
+        return DEFAULT_TARGET_RUNS
+
+
 # --------------------------------------------------------------------------- actions
 
 
-def open_round(project_id: int, strategy: str, top: int | None) -> str:
-    """Open the next round with ``strategy`` (the best ``top`` images, or all); the message."""
+def open_round(project_id: int, strategy: str, top: int | None, target_runs: int | None = None) -> str:
+    """Open the next round with ``strategy`` (the best ``top`` images, or all), each queued
+    image served to ``target_runs`` students (``None``: the project's default); the message."""
     with resources.session() as session:
         info = workflow.open_new_round(session, _project(session, project_id), strategy=strategy,
-                                       top=int(top) if top else None)
+                                       top=int(top) if top else None,
+                                       target_runs=int(target_runs) if target_runs is not None else None)
     refresh()
-    return f"Opened {info.describe()}: students get its images first."
+    runs = f"{info.target_runs} run{'s' if info.target_runs != 1 else ''} per image"
+    return f"Opened {info.describe()}: students get its images first, {runs}."
 
 
 def rollback(project_id: int) -> str:

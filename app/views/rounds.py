@@ -47,16 +47,23 @@ summaries = dict(zip(strategies["name"], strategies["summary"]))
 
 with st.form("rounds_open", border=True):
     st.subheader("Open a new round")
-    cols = st.columns([3, 1])
+    cols = st.columns([3, 1, 1])
     strategy = cols[0].selectbox("Strategy", names, index=names.index(DEFAULT_STRATEGY), key="round_strategy",
                                  format_func=lambda n: f"{n}: {summaries[n]}",
                                  help="How images are ranked; combined blends crowd and model signals")
     top = cols[1].number_input("Top N images (optional)", min_value=1, value=None, step=1, key="round_top",
                                placeholder="all images")
+    default_runs = rounds_view.default_target_runs(project)
+    # keyed by project: a keyed widget keeps its value, so switching projects shows the new default
+    target_runs = cols[2].number_input(
+        "Runs per image this round", min_value=1, max_value=max(rounds_view.TARGET_RUNS_MAX, default_runs),
+        value=default_runs, step=1, key=f"round_target_runs_{project.id}",
+        help="Each queued image is served to this many students in the round. 1 spreads the runs over more "
+             "images, and an image comes back in a later round while the crowd still disputes it.")
     st.caption(rounds_view.models_caption(rounds_view.sources(URL, project.id)))
     submitted = st.form_submit_button("Open round", type="primary", icon=":material/playlist_add:")
 if submitted:
-    act(rounds_view.open_round, project.id, strategy, top)
+    act(rounds_view.open_round, project.id, strategy, top, target_runs)
 
 
 # --------------------------------------------------------------------------- current round

@@ -63,10 +63,12 @@ def current_round(session: Session, project: Project) -> ALRound | None:
 
 def target_runs_for(project: Project, round_: ALRound | None = None) -> int:
     """Runs each queued image should get in a round: the round's ``params["target_runs"]``,
-    else ``project.settings["target_runs"]``, else :data:`DEFAULT_TARGET_RUNS`."""
+    else the project setting ``target_runs_per_image`` (the Setup page's "Target runs per
+    image"; ``target_runs`` is read as an older name of it), else :data:`DEFAULT_TARGET_RUNS`."""
     value = (round_.params or {}).get("target_runs") if round_ is not None else None
     if value is None:
-        value = (project.settings or {}).get("target_runs", DEFAULT_TARGET_RUNS)
+        settings = project.settings or {}
+        value = settings.get("target_runs_per_image", settings.get("target_runs", DEFAULT_TARGET_RUNS))
     target = int(value)
     if target < 1:
         raise ValueError(f"target_runs must be >= 1, got {value!r}")

@@ -60,7 +60,7 @@ def round_group() -> None:
               "--list-strategies`.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Queue only the N best images [default: all].")
 @click.option("--target-runs", type=click.IntRange(min=1), default=None,
-              help="Runs per queued image in this round [default: the project's target_runs, else 3].")
+              help="Runs per queued image in this round [default: the project setting target_runs_per_image, else 3].")
 def open_cmd(project_name: str | None, strategy: str | None, top: int | None, target_runs: int | None) -> None:
     """Open the next round: rank the images with the active models (crowd and coverage
     signals only before any model exists); the open round closes."""

@@ -209,3 +209,12 @@ def test_next_image_without_a_round_behaves_as_before(db) -> None:
     rounds.rollback_round(db, round_)
     picks = {c.next_image(db, ann, random.Random(s)).name for s in range(20)}
     assert picks == set(NAMES)  # all images with the fewest runs, at random
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({}, rounds.DEFAULT_TARGET_RUNS), ({"target_runs": 4}, 4), ({"target_runs_per_image": 2}, 2),
+    ({"target_runs_per_image": 1, "target_runs": 4}, 1),
+])
+def test_target_runs_come_from_the_setup_pages_setting(session: Session, values, expected) -> None:
+    project, _ = _project(session, **values)
+    assert rounds.target_runs_for(project) == expected

@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cellspot.active.rounds import target_runs_for
 from cellspot.ml import registry
 from cellspot.store.models import Image, Project, utcnow
 from cellspot.workflows import rounds as wr
@@ -73,6 +74,18 @@ def open_in_store(engine, order: list[int], strategy: str = "crowd", *, minutes:
                           now=utcnow() + timedelta(minutes=minutes))
 
 
+def demo_project(engine) -> tuple[int, int]:
+    """``(id, target_runs_for)`` of the demo project, read from the store."""
+    with Session(engine) as session:
+        project = session.scalar(select(Project).where(Project.name == "demo"))
+        return project.id, target_runs_for(project)
+
+
+def runs_input(at, project_id: int):
+    """The "Runs per image this round" input (keyed by project)."""
+    return at.number_input(key=f"round_target_runs_{project_id}")
+
+
 def done_run(engine, kind: str, metrics: dict, *, minutes: int = 0) -> str:
     with Session(engine) as session, session.begin():
         run = registry.create_run(session, kind, project=session.scalar(select(Project)))
@@ -112,6 +125,47 @@ def test_open_a_crowd_only_round_shows_its_queue_with_thumbnails(app, app_engine
     assert history[["round", "status", "strategy", "images"]].values.tolist() == [[1, "open", "combined", 3]]
     with Session(app_engine) as session:
         assert wr.current_round_info(session, "demo").images == 3
+
+
+def test_runs_per_image_defaults_to_the_projects_target_runs(app, app_engine):
+    project_id, expected = demo_project(app_engine)
+    open_rounds(app)
+    shown = runs_input(app, project_id)
+    assert shown.label == "Runs per image this round"
+    assert shown.value == expected and (shown.min, shown.max) == (1, rounds_view.TARGET_RUNS_MAX)
+    assert "served to this many students" in shown.help
+
+
+def test_runs_per_image_default_follows_the_project_setting(app, app_engine):
+    with Session(app_engine) as session, session.begin():
+        project = session.scalar(select(Project).where(Project.name == "demo"))
+        project.settings = {**(project.settings or {}), "target_runs_per_image": 7}
+    project_id, expected = demo_project(app_engine)
+    assert expected == 7
+    open_rounds(app)
+    assert runs_input(app, project_id).value == 7
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    assert "7 runs per image" in texts(app.success)
+    with Session(app_engine) as session:
+        assert wr.current_round_info(session, "demo").target_runs == 7
+
+
+def test_open_a_round_with_one_run_per_image(app, app_engine):
+    project_id, default = demo_project(app_engine)
+    assert default != 1  # the input changes what the round stores
+    open_rounds(app)
+    runs_input(app, project_id).set_value(1)
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    assert "students get its images first, 1 run per image." in texts(app.success)
+    history = table(app, "rounds_history")
+    assert history[["round", "status", "target_runs"]].values.tolist() == [[1, "open", 1]]
+    with Session(app_engine) as session:
+        assert wr.current_round_info(session, "demo").target_runs == 1
+        stored = wr.history(session, "demo")
+    assert stored["target_runs"].tolist() == [1]
+    assert runs_input(app, project_id).value == 1  # the form keeps what was typed
 
 
 def test_injected_scores_and_their_reasons_are_shown(app, app_engine, monkeypatch):
