@@ -24,7 +24,7 @@ fixed for the seed; a constant cost for every strategy, not on the budget axis);
 images keep their ground truth.
 
 Rounds, for each strategy: the seed (``--seed-images`` random pool images, the same for every
-strategy; LDC seeds must hold both classes) gets ``k`` runs each; then, ``--rounds`` times:
+strategy; LDC seeds must hold both classes) gets ``--runs-per-image`` runs each; then, ``--rounds`` times:
 consensus of all clicks so far (:func:`cellspot.consensus.run_consensus`, default method),
 train from scratch with a fixed small budget of optimisation steps (classifier about
 ``--cls-steps`` steps, 3 to 24 epochs; detector ``--det-epochs x --det-steps`` steps; no
@@ -33,13 +33,20 @@ predict the pool (strategies that read model signals only), build the signal tab
 (:func:`cellspot.active.build_signals`), retire settled images
 (:mod:`cellspot.active.retirement`, default thresholds, ``max_runs = depth``), score with
 the strategy and select ``--batch`` images batch-aware
-(:func:`cellspot.active.select.select_batch`, ``--diversity``; 0 for random), reveal ``k``
-runs of each. Every round spends the same task runs, so budgets are equal across strategies.
+(:func:`cellspot.active.select.select_batch`, ``--diversity``; 0 for random), reveal the
+arm's ``k`` runs of each. Every round spends the same task runs (``batch x
+--runs-per-image``), so budgets are equal across arms.
 
-Strategies: ``random`` (random *unlabelled* images, the classic fixed-coverage baseline),
-``crowd`` (crowd disagreement only), ``model`` (the model-only strategy: ``classifier`` on
-LDC, ``detector`` on DSB) and ``combined`` (the default blend); any registered strategy
-name may be given too.
+Arms: ``random`` (random *unlabelled* images with ``--runs-per-image`` (3) runs each: the
+classic fixed-coverage baseline the target is measured against), ``crowd`` (crowd
+disagreement only), ``model`` (the model-only strategy: ``classifier`` on LDC, ``detector``
+on DSB) and ``combined`` (the default blend); any registered strategy name may be given too.
+Every arm but ``random`` gives ``--adaptive-runs`` (1) run per chosen image and round and
+picks three times as many images: an image gets more runs only when the strategy brings it
+back in a later round (the crowd disputes it, the model conflicts with it), as the project's
+rounds do with ``target_runs`` 1. ``NAME@K`` sets an arm's runs per image; the default arms
+include ``random@1`` (random unlabelled images, one run each), an ablation that separates the
+gain of spreading runs over more images from the gain of choosing the images.
 
 Reference ("all images labelled"): the same model and budget trained once per seed on every
 pool image labelled with ``k`` runs. Reported: the learning curves (metric / reference,
@@ -79,14 +86,14 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DATASETS = ("ldc", "dsb")
-ARMS = ("random", "crowd", "model", "combined")
+ARMS = ("random", "random@1", "crowd", "model", "combined")
 MODEL_STRATEGY = {"ldc": "classifier", "dsb": "detector"}
 MODEL_FREE = {"random", "crowd", "coverage"}  # strategies that read no model signal
 METRIC = {"ldc": "balanced_accuracy", "dsb": "f1"}
 EXTRA_METRICS = {"ldc": ("accuracy", "roc_auc", "ece"), "dsb": ("precision", "recall", "instance_f1")}
 #: per-dataset defaults of the round plan (full run, --quick)
 PLAN = {
-    "ldc": {"seed_images": 10, "batch": 15, "rounds": 8},
+    "ldc": {"seed_images": 10, "batch": 8, "rounds": 10},
     "dsb": {"seed_images": 3, "batch": 4, "rounds": 5},
 }
 QUICK_PLAN = {
@@ -409,18 +416,38 @@ def signal_radius(params: dict[str, Any]) -> float:
     return snapshot_radius(SimpleNamespace(params=params))
 
 
+def parse_arm(arm: str, args: argparse.Namespace) -> tuple[str, int]:
+    """``(strategy, k)`` of an arm ``NAME`` or ``NAME@K``: the strategy that scores (``model`` ->
+    the dataset's model strategy is resolved later) and the task runs each chosen image gets
+    per round. Without ``@K``: ``--runs-per-image`` for ``random`` (the fixed-coverage
+    baseline), ``--adaptive-runs`` for the others."""
+    name, _, k = arm.partition("@")
+    if k:
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"arm {arm!r}: the runs after '@' must be a positive integer")
+        return name, int(k)
+    return name, args.runs_per_image if name == "random" else args.adaptive_runs
+
+
+def round_batch(plan: dict[str, int], args: argparse.Namespace, k: int) -> int:
+    """Images an arm picks per round: every arm spends ``plan['batch'] x --runs-per-image`` task
+    runs per round, so an arm giving ``k`` runs per image picks that many runs / ``k`` images."""
+    return max(1, plan["batch"] * args.runs_per_image // k)
+
+
 def run_arm(setup: Setup, arm: str, args: argparse.Namespace, plan: dict[str, int], work: Path) -> list[dict]:
     """One strategy's learning curve on one seed: a record per round."""
     from cellspot.active import build_signals
     from cellspot.active.rounds import QUEUE_DIVERSITY
     from cellspot.active.simulation import candidates, choose_batch
 
-    strategy = setup.ds.model if arm == "model" else arm
-    k, bank = args.runs_per_image, setup.bank
+    name, k = parse_arm(arm, args)
+    strategy = setup.ds.model if name == "model" else name
+    bank, batch_size = setup.bank, round_batch(plan, args, k)
     diversity = 0.0 if strategy == "random" else (QUEUE_DIVERSITY if args.diversity is None else args.diversity)
     n_runs = {name: 0 for name in setup.pool}
-    for name in setup.seed_images:
-        n_runs[name] = k
+    for name in setup.seed_images:  # the same labelled seed for every arm
+        n_runs[name] = args.runs_per_image
     records = []
     for rnd in range(plan["rounds"] + 1):
         t0 = time.perf_counter()
@@ -433,7 +460,8 @@ def run_arm(setup: Setup, arm: str, args: argparse.Namespace, plan: dict[str, in
             metrics, model = train_eval(setup, cells_by_image(cells, labelled), args, folder)
             t2 = time.perf_counter()
             rec: dict[str, Any] = {
-                "dataset": setup.ds.name, "strategy": arm, "scorer": strategy, "seed": setup.seed, "round": rnd,
+                "dataset": setup.ds.name, "strategy": arm, "scorer": strategy, "runs_per_image": k,
+                "seed": setup.seed, "round": rnd,
                 "task_runs": int(sum(n_runs.values())), "labelled_images": len(labelled),
                 "metric": metrics.get(METRIC[setup.ds.name], float("nan")), "metrics": metrics,
                 "consensus_cells": int(cells["image"].isin(set(setup.pool)).sum()) if len(cells) else 0,
@@ -448,7 +476,7 @@ def run_arm(setup: Setup, arm: str, args: argparse.Namespace, plan: dict[str, in
                 signals = build_signals(images, cells[cells["image"].isin(set(setup.pool))], predicted,
                                         predicted_images=setup.pool if predicted is not None else None,
                                         radius=signal_radius(params))
-                batch = choose_batch(strategy, signals, allowed, plan["batch"], seed=setup.seed * 1000 + rnd,
+                batch = choose_batch(strategy, signals, allowed, batch_size, seed=setup.seed * 1000 + rnd,
                                      diversity=diversity)
                 chosen = batch["image"].astype(str).tolist()
                 for name in chosen:
@@ -617,8 +645,10 @@ def report(args: argparse.Namespace, setups: list[dict], records: list[dict], re
     md = [f"# Active-learning benchmark ({'QUICK smoke run: not meaningful' if args.quick else 'full run'}"
           f"{'' if final else ', PARTIAL'})\n",
           f"{args.threads} CPU threads, {len(args.seeds)} seed(s), crowd profile {args.profile}, class of "
-          f"{args.students} students, {args.runs_per_image} task runs per chosen image, up to {args.max_runs} per "
-          f"image; {seconds / 60:.1f} min.\n",
+          f"{args.students} students; task runs per chosen image and round: {args.runs_per_image} for random "
+          f"(fixed coverage), {args.adaptive_runs} for the other arms unless NAME@K says otherwise (an arm "
+          f"giving k runs per image picks batch x {args.runs_per_image} / k images, so every arm spends the "
+          f"same runs per round); up to {args.max_runs} per image; {seconds / 60:.1f} min.\n",
           "Metric: LDC classifier balanced accuracy on the true test cells; DSB detector point F1 on the "
           "test images. Relative = metric / the same model trained with every pool image labelled.\n"]
     plans = pd.DataFrame([{"dataset": d, **p} for d, p in args.plans.items()])
@@ -663,12 +693,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny pools, 2 rounds, 1 seed, minimal training (< 5 min)")
     p.add_argument("--datasets", type=parse_list, default=list(DATASETS), help="comma-separated: ldc,dsb")
     p.add_argument("--strategies", type=parse_list, default=list(ARMS),
-                   help="comma-separated; 'model' = classifier on LDC, detector on DSB; or any registered strategy")
+                   help="comma-separated arms NAME or NAME@K (K task runs per chosen image and round); "
+                        "'model' = classifier on LDC, detector on DSB; or any registered strategy")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 3; 1 with --quick)")
     p.add_argument("--rounds", type=int, default=None, help="rounds after the seed (default per dataset)")
     p.add_argument("--batch", type=int, default=None, help="images chosen per round (default per dataset)")
     p.add_argument("--seed-images", type=int, default=None, help="images in the labelled seed (default per dataset)")
     p.add_argument("--runs-per-image", type=int, default=3, help="task runs each chosen image gets (default 3)")
+    p.add_argument("--adaptive-runs", type=int, default=1,
+                   help="task runs per chosen image and round for every arm but random (default 1: an image "
+                        "comes back in a later round while the crowd disputes it); NAME@K sets one arm's")
     p.add_argument("--max-runs", type=int, default=10, help="most runs per image = retirement max_runs (default 10)")
     p.add_argument("--students", type=int, default=20, help="simulated class size (default 20)")
     p.add_argument("--profile", default="realistic")
@@ -699,11 +733,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown dataset(s) {bad}; valid: {','.join(DATASETS)}")
     from cellspot.active import STRATEGIES
 
-    unknown = sorted(set(args.strategies) - set(STRATEGIES) - {"model"})
+    if not 1 <= args.adaptive_runs <= args.max_runs:
+        p.error("need 1 <= --adaptive-runs <= --max-runs")
+    try:
+        names = {parse_arm(a, args)[0] for a in args.strategies}
+    except ValueError as exc:
+        p.error(str(exc))
+    unknown = sorted(names - set(STRATEGIES) - {"model"})
     if unknown:
         p.error(f"unknown strategy(ies) {unknown}; valid: model, {', '.join(sorted(STRATEGIES))}")
-    if "bald" in args.strategies:
+    if "bald" in names:
         p.error("bald needs MC-dropout samples, which this benchmark does not draw")
+    if "random" not in args.strategies and len(args.strategies) > 1:
+        p.error("the arms need the baseline 'random' (ratios are to it)")
     args.ldc_positions = args.ldc_positions or ("truth" if args.quick else "detector")
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     args.seeds = list(range(n_seeds))

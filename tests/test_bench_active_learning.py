@@ -256,8 +256,8 @@ def test_retired_images_follow_the_default_policy(al) -> None:
 @pytest.mark.parametrize("argv, check", [
     (["--quick"], lambda a: a.seeds == [0] and a.plans["ldc"]["rounds"] == 2 and a.plans["dsb"]["batch"] == 2
      and a.ldc_positions == "truth"),
-    ([], lambda a: a.seeds == [0, 1, 2] and a.strategies == ["random", "crowd", "model", "combined"]
-     and a.ldc_positions == "detector" and a.det_minutes is None),
+    ([], lambda a: a.seeds == [0, 1, 2] and a.strategies == ["random", "random@1", "crowd", "model", "combined"]
+     and a.ldc_positions == "detector" and a.det_minutes is None and a.adaptive_runs == 1),
     (["--datasets", "dsb", "--batch", "5", "--rounds", "0", "--seeds", "2"],
      lambda a: list(a.plans) == ["dsb"] and a.plans["dsb"] == {"seed_images": 3, "batch": 5, "rounds": 0}
      and a.seeds == [0, 1]),
@@ -267,10 +267,28 @@ def test_parse_args(al, argv, check) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--strategies", "random,nope"], ["--datasets", "bccd"],
-                                  ["--strategies", "bald"], ["--runs-per-image", "11"]])
+                                  ["--strategies", "bald"], ["--runs-per-image", "11"],
+                                  ["--strategies", "random,combined@0"], ["--strategies", "random,combined@x"],
+                                  ["--strategies", "combined,crowd"], ["--adaptive-runs", "0"]])
 def test_parse_args_rejects(al, argv) -> None:
     with pytest.raises(SystemExit):
         al.parse_args(argv)
+
+
+@pytest.mark.parametrize("arm, expected", [
+    ("random", ("random", 3)), ("random@1", ("random", 1)), ("combined", ("combined", 1)),
+    ("combined@2", ("combined", 2)), ("model", ("model", 1)),
+])
+def test_parse_arm_runs_per_image(al, arm, expected) -> None:
+    assert al.parse_arm(arm, al.parse_args([])) == expected
+
+
+@pytest.mark.parametrize("k, expected", [(3, 8), (1, 24), (2, 12), (5, 4), (24, 1)])
+def test_round_batch_spends_equal_runs_per_round(al, k, expected) -> None:
+    args = al.parse_args([])
+    batch = al.round_batch({"batch": 8}, args, k)
+    assert batch == expected
+    assert batch * k <= 8 * args.runs_per_image
 
 
 def test_simulation_module_is_pure() -> None:
