@@ -62,7 +62,8 @@ def init_cmd() -> None:
               help="... whose cells all have at least this label confidence, with the cells and their count "
                    "settled [retire_min_confidence, default 0.9].")
 @click.option("--max-runs", type=click.IntRange(min=1), default=None,
-              help="Retire images with this many runs whatever their consensus [retire_max_runs, default 10].")
+              help="Retire images with this many runs whatever their consensus [retire_max_runs, default 10; "
+                   "no maximum when min runs is above 10 and retire_max_runs is not set].")
 def aggregate_cmd(
     project_name: str | None, method: str | None, cell_radius: float | None,
     min_runs: int | None, min_confidence: float | None, max_runs: int | None,
