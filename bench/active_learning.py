@@ -83,6 +83,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers, however this file is run
+from benchkit import fmt, start_run  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DATASETS = ("ldc", "dsb")
@@ -516,16 +519,6 @@ def reference(setup: Setup, args: argparse.Namespace, work: Path) -> dict[str, A
 # --------------------------------------------------------------------------------- report
 
 
-def fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
 def md_table(frame: pd.DataFrame, digits: int = 3) -> str:
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
     for row in frame.itertuples(index=False):
@@ -761,18 +754,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
-    if not SHARED.is_dir():
-        print(f"skipped: the real data folder {SHARED} is absent")
+    if not start_run(args, SHARED):
         return 0
-    from threadpoolctl import threadpool_limits
-
-    from cellspot.ml.common import configure_threads
-
-    threadpool_limits(args.threads)
-    configure_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="al-models-", dir=args.out))
     setups, records, references = [], [], []
     start = time.perf_counter()

@@ -49,14 +49,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-try:  # run as a script (bench/ on sys.path) or as ``python -m bench.models``
-    from baselines import (
-        WatershedParams, crop_features, default_grid, fit_best_classifier, tune_watershed, watershed_detect,
-    )
-except ImportError:  # pragma: no cover
-    from bench.baselines import (
-        WatershedParams, crop_features, default_grid, fit_best_classifier, tune_watershed, watershed_detect,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helpers, however this file is run
+from baselines import (  # noqa: E402
+    WatershedParams, crop_features, default_grid, fit_best_classifier, tune_watershed, watershed_detect,
+)
+from benchkit import fmt as _fmt, start_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -177,13 +174,8 @@ def peak_rss_mib() -> float:
 
 
 def fmt(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.{digits}f}"
-    return str(v)
+    """:func:`benchkit.fmt` with 4 decimals by default."""
+    return _fmt(v, digits)
 
 
 def side_by_side(title: str, rows: dict[str, dict[str, float]], keys: list[str]) -> str:
@@ -690,19 +682,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
-    if not SHARED.is_dir():
-        print(f"skipped: the real data folder {SHARED} is absent")
+    if not start_run(args, SHARED, seed=args.seed):
         return 0
-    from threadpoolctl import threadpool_limits
-
-    from cellspot.ml.common import configure_threads, seed_everything
-
-    threadpool_limits(args.threads)
-    configure_threads(args.threads)
-    seed_everything(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args=args, out=args.out)
     start = time.perf_counter()
     for step in STEPS:
