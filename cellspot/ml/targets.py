@@ -169,11 +169,14 @@ def _mask_targets(mask: np.ndarray) -> np.ndarray:
     h, w = mask.shape
     out = np.zeros((2, h, w), dtype=np.float32)
     inside = mask > 0
-    # a pixel whose 3x3 neighbourhood holds another instance is a touching boundary
-    hi = ndimage.maximum_filter(mask, size=3, mode="nearest")
-    lo = ndimage.minimum_filter(np.where(inside, mask, np.iinfo(np.int64).max).astype(np.int64), size=3,
-                                mode="nearest")
-    touching = inside & ((hi != mask) | ((lo != mask) & (lo != np.iinfo(np.int64).max)))
+    # a pixel whose 3x3 neighbourhood holds another instance is a touching boundary; background
+    # pixels take a value above every label for the minimum (a small sentinel: scipy's filters
+    # do not keep int64's maximum)
+    labels = mask.astype(np.int64)
+    above = int(labels.max()) + 1
+    hi = ndimage.maximum_filter(labels, size=3, mode="nearest")
+    lo = ndimage.minimum_filter(np.where(inside, labels, above), size=3, mode="nearest")
+    touching = inside & ((hi != labels) | ((lo != labels) & (lo != above)))
     out[0] = (inside & ~touching).astype(np.float32)
     centres, diameters = mask_centroids(mask)
     for (x, y), d in zip(centres, diameters):

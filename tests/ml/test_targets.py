@@ -56,6 +56,8 @@ def test_mask_targets_foreground_centroids_and_touching_boundary() -> None:
     assert out[0][mask == 0].max() == 0.0
     assert out[0, 8, 10] == 0.0 and out[0, 8, 11] == 0.0  # touching pixels removed
     assert out[0, 8, 6] == 1.0 and out[0, 15, 25] == 1.0
+    assert out[0][mask == 7].min() == 1.0  # an instance touching no other keeps every pixel, its edge too
+    assert out[0, 4, 3] == 1.0 and out[0, 11, 18] == 1.0
     xy, diam = mask_centroids(mask)
     np.testing.assert_allclose(xy, [[6.5, 7.5], [14.5, 7.5], [25.5, 15.5]])
     np.testing.assert_allclose(diam, 2 * np.sqrt(np.array([64, 64, 16]) / np.pi))
