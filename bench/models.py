@@ -667,7 +667,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--cls-preset", default="cpu-fast")
     p.add_argument("--det-preset", default="cpu-fast")
-    p.add_argument("--det-minutes", type=float, default=8.0, help="wall-clock budget of each detector training")
+    p.add_argument("--det-minutes", type=float, default=9.0, help="wall-clock budget of each detector training")
     p.add_argument("--students", type=int, default=5)
     p.add_argument("--profile", default="realistic")
     p.add_argument("--reuse", action="store_true", help="load models already in OUT/models instead of training")

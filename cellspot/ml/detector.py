@@ -3,16 +3,20 @@
 One training path (:func:`fit_detector`) for the CLI, the dashboard and the tests; a
 checkpoint folder (:mod:`cellspot.ml.common`) loaded back by :func:`load_detector`.
 
-* Targets (:mod:`cellspot.ml.targets`): two channels, foreground and a centre heatmap,
-  from points (disks or Gaussians of a radius estimated from the data or set) or from
-  instance masks when every image has one (``target="auto"``).
-* Training on random tiles (reflect-padded when an image is smaller), with augmentation;
+* Targets (:mod:`cellspot.ml.targets`): two channels, foreground and a centre map, from
+  points (disks or Gaussians of a radius estimated from the data or set) or from instance
+  masks when every image has one (``target="auto"``); the centre map is a Gaussian peak per
+  point, or for masks each nucleus's normalised distance to its edge (``centre="auto"``).
+* Training on random tiles (reflect-padded when an image is smaller), with augmentation
+  (flips, 90-degree rotations, scale jitter, gain / offset, noise, optional polarity
+  inversion and grey conversion);
   Dice + BCE (default) or focal loss; validation after each epoch by tiled prediction of the
   whole val images: point F1 (matched within half a diameter) and, with masks, instance F1 at
   IoU >= 0.5; early stopping on it; a wall-clock budget (``max_minutes``).
 * After training, the post-processing parameters (thresholds, peak distance, minimum area)
   are tuned on the val images by a small grid search and saved in ``config.json``.
-* Inference: :func:`cellspot.ml.tiling.predict_tiled` then :func:`cellspot.ml.postprocess.postprocess`.
+* Inference: :func:`cellspot.ml.tiling.predict_tiled` (optionally averaged over the 8
+  flips / rotations, ``tta``) then :func:`cellspot.ml.postprocess.postprocess`.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import segmentation_models_pytorch as smp
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cellspot.crops import reflect_indices
 from cellspot.evaluation import match_cells
@@ -37,15 +43,15 @@ from cellspot.ml.common import (
     seed_everything,
 )
 from cellspot.ml.data import AnnotatedImage, TrainingData
-from cellspot.ml.postprocess import Detections, counts_to_scores, match_instances, postprocess
-from cellspot.ml.targets import CHANNELS, TARGET_KINDS, estimate_radius, render_targets
+from cellspot.ml.postprocess import SEED_KINDS, Detections, counts_to_scores, match_instances, postprocess
+from cellspot.ml.targets import CENTRE_KINDS, CHANNELS, TARGET_KINDS, estimate_radius, render_targets
 from cellspot.ml.tiling import normalize_image, predict_tiled
 
 log = logging.getLogger(__name__)
 
 ARCHS = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet")
 LOSSES = ("dice_bce", "focal", "dice_focal")
-POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area", "border_margin")
+POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area", "border_margin", "seeds")
 
 
 @dataclass
@@ -55,10 +61,19 @@ class DetectorConfig:
     ``encoder_depth`` sets the network's divisibility ``2 ** encoder_depth``; ``tile`` (training
     tiles) and ``infer_tile`` must be multiples of it. ``target``: "auto" (masks when every
     image has one, else "disk") or one of :data:`cellspot.ml.targets.TARGET_KINDS`.
+    ``centre``: the centre channel, "auto" (the normalised distance for masks, a Gaussian for
+    points) or one of :data:`cellspot.ml.targets.CENTRE_KINDS`.
     ``radius``: cell radius in pixels, None = estimated from the data. ``max_minutes``: stop
     after the epoch that passes this wall-clock budget (None = no budget). Post-processing
     defaults (``threshold``, ``peak_threshold``, ``min_distance`` (None = 0.5 x radius),
-    ``min_area``, ``border_margin``) are replaced by values tuned on val when ``tune_postprocess``.
+    ``min_area``, ``border_margin``, ``seeds``) are replaced by values tuned on val when
+    ``tune_postprocess``. Augmentation of the training tiles: ``scale_jitter`` (tiles resized by
+    a factor drawn log-uniformly from [1 / scale_jitter, scale_jitter]; 1 = off), ``invert``
+    and ``gray`` (probabilities of negating the normalised tile, so dark cells on a light
+    background look like bright ones on a dark background, and of replacing its colours by
+    their mean). ``tta``: inference averages the 8 flips / rotations of every tile (8x the
+    compute, smoother maps). ``ema``: decay of the exponential moving average of the weights
+    that is validated, kept and saved (0 = the raw weights).
     """
 
     preset: str = "cpu-fast"
@@ -68,17 +83,19 @@ class DetectorConfig:
     decoder_channels: tuple[int, ...] = (64, 32, 16, 16)
     weights_path: str | None = None
     target: str = "auto"
+    centre: str = "auto"
     radius: float | None = None
     loss: str = "dice_bce"
     tile: int = 128
     infer_tile: int = 512
     overlap: int = 32
     batch_size: int = 8
-    epochs: int = 40
-    steps_per_epoch: int = 25
+    epochs: int = 48
+    steps_per_epoch: int = 50
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    patience: int = 8
+    ema: float = 0.99
+    patience: int = 20
     max_minutes: float | None = 9.0
     seed: int = 0
     threads: int | None = None
@@ -87,7 +104,12 @@ class DetectorConfig:
     min_distance: int | None = None
     min_area: int = 0
     border_margin: float = 0.0
+    seeds: str = "peaks"
     tune_postprocess: bool = True
+    scale_jitter: float = 1.25
+    invert: float = 0.0
+    gray: float = 0.0
+    tta: bool = False
 
     def __post_init__(self) -> None:
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
@@ -124,6 +146,11 @@ def _validate(c: DetectorConfig) -> None:
         (c.arch in ARCHS, f"arch must be one of {ARCHS}, got {c.arch!r}"),
         (c.loss in LOSSES, f"loss must be one of {LOSSES}, got {c.loss!r}"),
         (c.target in ("auto",) + TARGET_KINDS, f"target must be 'auto' or one of {TARGET_KINDS}, got {c.target!r}"),
+        (c.centre in ("auto",) + CENTRE_KINDS, f"centre must be 'auto' or one of {CENTRE_KINDS}, got {c.centre!r}"),
+        (c.seeds in SEED_KINDS, f"seeds must be one of {SEED_KINDS}, got {c.seeds!r}"),
+        (1.0 <= c.scale_jitter <= 4.0, f"scale_jitter must be in [1, 4], got {c.scale_jitter}"),
+        (0.0 <= c.invert <= 1.0 and 0.0 <= c.gray <= 1.0,
+         f"invert and gray are probabilities in [0, 1], got {c.invert} and {c.gray}"),
         (3 <= c.encoder_depth <= 5, f"encoder_depth must be 3..5, got {c.encoder_depth}"),
         (c.arch not in ("unet", "unetplusplus") or len(c.decoder_channels) == c.encoder_depth,
          f"decoder_channels needs encoder_depth={c.encoder_depth} entries, got {c.decoder_channels}"),
@@ -134,6 +161,7 @@ def _validate(c: DetectorConfig) -> None:
         (c.radius is None or c.radius > 0, f"radius must be positive or None, got {c.radius}"),
         (min(c.batch_size, c.epochs, c.steps_per_epoch) >= 1, "batch_size, epochs and steps_per_epoch must be >= 1"),
         (c.lr > 0 and c.patience >= 1, "lr must be > 0 and patience >= 1"),
+        (0.0 <= c.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {c.ema}"),
         (c.border_margin >= 0, f"border_margin must be >= 0 pixels, got {c.border_margin}"),
     ]
     for ok, message in checks:
@@ -198,18 +226,27 @@ def resolve_target(config: DetectorConfig, data: TrainingData) -> str:
     return config.target
 
 
+def resolve_centre(config: DetectorConfig, kind: str) -> str:
+    """The centre channel: ``config.centre``, or for "auto" the normalised distance with masks
+    (one level cuts a core out of nuclei of any size) and a Gaussian with points."""
+    if config.centre != "auto":
+        return config.centre
+    return "distance" if kind == "mask" else "gaussian"
+
+
 def resolve_radius(config: DetectorConfig, data: TrainingData) -> float:
     if config.radius is not None:
         return float(config.radius)
     return estimate_radius([im.cells for im in data.images], [im.mask for im in data.images])
 
 
-def _prepare(images: list[AnnotatedImage], kind: str, radius: float, tile: int) -> list[_Prepared]:
+def _prepare(images: list[AnnotatedImage], kind: str, radius: float, tile: int,
+             centre: str = "gaussian") -> list[_Prepared]:
     out = []
     for im in images:
         h, w = im.pixels.shape[:2]
         image = normalize_image(im.pixels)
-        target = render_targets((h, w), im.cells, radius, kind, im.mask)
+        target = render_targets((h, w), im.cells, radius, kind, im.mask, centre)
         if h < tile or w < tile:
             rows, cols = reflect_indices(0, max(h, tile), h), reflect_indices(0, max(w, tile), w)
             image, target = image[:, rows][:, :, cols], target[:, rows][:, :, cols]
@@ -217,26 +254,68 @@ def _prepare(images: list[AnnotatedImage], kind: str, radius: float, tile: int) 
     return out
 
 
-def _sample_batch(prepared: list[_Prepared], tile: int, batch: int,
-                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class TileAugment:
+    """Augmentation of the training tiles (see :class:`DetectorConfig`): ``scale_jitter`` >= 1,
+    probabilities ``invert`` and ``gray``."""
+
+    scale_jitter: float = 1.0
+    invert: float = 0.0
+    gray: float = 0.0
+
+    @classmethod
+    def of(cls, config: DetectorConfig) -> TileAugment:
+        return cls(float(config.scale_jitter), float(config.invert), float(config.gray))
+
+
+def _window(p: _Prepared, side: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``side`` x ``side`` window of ``p`` (image and target), reflected where it
+    runs past the image (a zoomed-out window may be larger than the image)."""
+    _, h, w = p.image.shape
+    y0, x0 = int(rng.integers(0, max(h - side, 0) + 1)), int(rng.integers(0, max(w - side, 0) + 1))
+    if side <= h and side <= w:
+        return p.image[:, y0:y0 + side, x0:x0 + side], p.target[:, y0:y0 + side, x0:x0 + side]
+    rows, cols = reflect_indices(y0, side, h), reflect_indices(x0, side, w)
+    return p.image[:, rows][:, :, cols], p.target[:, rows][:, :, cols]
+
+
+def _resize(planes: np.ndarray, side: int) -> np.ndarray:
+    """``(C, s, s)`` float32 -> ``(C, side, side)``: area averaging when shrinking, bilinear otherwise."""
+    mode = cv2.INTER_AREA if planes.shape[1] > side else cv2.INTER_LINEAR
+    out = cv2.resize(np.ascontiguousarray(planes.transpose(1, 2, 0)), (side, side), interpolation=mode)
+    return out.reshape(side, side, -1).transpose(2, 0, 1)
+
+
+def _sample_batch(prepared: list[_Prepared], tile: int, batch: int, rng: np.random.Generator,
+                  augment: TileAugment = TileAugment()) -> tuple[torch.Tensor, torch.Tensor]:
     """Random augmented tiles: images ``(B, 3, tile, tile)``, targets ``(B, 2, tile, tile)``.
 
-    Images are picked in proportion to their area. Augmentation: flips, 90-degree rotations,
-    random gain / offset / gamma-like contrast on the normalised intensities, Gaussian noise.
+    Images are picked in proportion to their area. Augmentation: a scale factor drawn
+    log-uniformly from ``[1 / scale_jitter, scale_jitter]`` (a window of ``tile / factor``
+    pixels resized to ``tile``, targets with it), flips, 90-degree rotations, random gain /
+    offset on the normalised intensities, Gaussian noise, and with their probabilities a
+    negated tile (polarity inversion: the normalised image of ``255 - pixels``) and a grey
+    tile (every channel the mean of the three).
     """
     area = np.array([p.image.shape[1] * p.image.shape[2] for p in prepared], dtype=float)
     picks = rng.choice(len(prepared), size=batch, p=area / area.sum())
     xs, ys = [], []
     for k in picks:
-        p = prepared[k]
-        y0 = int(rng.integers(0, p.image.shape[1] - tile + 1))
-        x0 = int(rng.integers(0, p.image.shape[2] - tile + 1))
-        img = p.image[:, y0:y0 + tile, x0:x0 + tile]
-        tgt = p.target[:, y0:y0 + tile, x0:x0 + tile]
+        side = tile
+        if augment.scale_jitter > 1.0:
+            factor = float(np.exp(rng.uniform(-1.0, 1.0) * np.log(augment.scale_jitter)))
+            side = max(8, int(round(tile / factor)))
+        img, tgt = _window(prepared[k], side, rng)
+        if side != tile:
+            img, tgt = _resize(img, tile), np.clip(_resize(tgt, tile), 0.0, 1.0)
         turns, flip = int(rng.integers(4)), bool(rng.integers(2))
         img, tgt = np.rot90(img, turns, axes=(1, 2)), np.rot90(tgt, turns, axes=(1, 2))
         if flip:
             img, tgt = img[:, :, ::-1], tgt[:, :, ::-1]
+        if augment.gray > 0 and rng.random() < augment.gray:
+            img = np.broadcast_to(img.mean(axis=0, keepdims=True), img.shape)
+        if augment.invert > 0 and rng.random() < augment.invert:
+            img = -img
         img = img * rng.uniform(0.8, 1.25) + rng.uniform(-0.3, 0.3)
         if rng.random() < 0.3:
             img = img + rng.normal(0.0, rng.uniform(0.02, 0.15), img.shape)
@@ -252,7 +331,7 @@ def default_postprocess(config: DetectorConfig, radius: float) -> dict[str, Any]
     """Post-processing parameters of ``config``; ``min_distance`` None -> half the radius."""
     md = config.min_distance if config.min_distance is not None else max(1, int(round(0.5 * radius)))
     return dict(threshold=config.threshold, min_distance=int(md), peak_threshold=config.peak_threshold,
-                min_area=int(config.min_area), border_margin=float(config.border_margin))
+                min_area=int(config.min_area), border_margin=float(config.border_margin), seeds=config.seeds)
 
 
 def evaluate(images: list[AnnotatedImage], probs: list[np.ndarray], params: dict[str, Any],
@@ -287,10 +366,14 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
 
     Coordinate ascent over a small grid (one parameter at a time, the others fixed, up to
     ``passes`` rounds): ~15 evaluations a round instead of the ~100 of the full grid.
-    Thresholds and minimum area only matter with masks; for points only the peak parameters
-    and the border margin (data whose annotators skipped cells cut by the border) are searched.
+    Thresholds, minimum area and the seed kind (peaks or cores, see
+    :func:`cellspot.ml.postprocess.postprocess`) only matter with masks; for points only the
+    peak parameters and the border margin (data whose annotators skipped cells cut by the
+    border) are searched.
     """
     has_masks = bool(images) and all(im.mask is not None for im in images)
+    if has_masks and "seeds" not in start:
+        start = {**start, "seeds": "peaks"}
     grid: dict[str, tuple] = dict(
         peak_threshold=(0.05, 0.1, 0.2, 0.3, 0.45, 0.6),
         min_distance=tuple(sorted({max(1, int(round(radius * f))) for f in (0.3, 0.5, 0.75, 1.0, 1.5)})),
@@ -298,12 +381,27 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
     if has_masks:
         grid.update(threshold=(0.35, 0.5, 0.65), min_area=(0, max(2, int(0.1 * np.pi * radius ** 2)),
                                                          max(3, int(0.25 * np.pi * radius ** 2))))
-    best = dict(start)
-    best_metrics = evaluate(images, probs, best, radius)
+    # each seed kind gets its own ascent: the best peak level of one is a poor start for the other
+    starts = [{**start, "seeds": kind} for kind in SEED_KINDS] if has_masks else [dict(start)]
+    best, best_metrics = starts[0], evaluate(images, probs, starts[0], radius)
     key = primary_metric(best_metrics)
+    for first in starts:
+        params, metrics = _ascend(images, probs, radius, first, grid, key, passes)
+        if metrics[key] > best_metrics[key]:
+            best, best_metrics = params, metrics
+    log.info("post-processing tuned on %d val images: %s -> %s %.4f", len(images), best, key, best_metrics[key])
+    return best, best_metrics
+
+
+def _ascend(images: list[AnnotatedImage], probs: list[np.ndarray], radius: float, start: dict[str, Any],
+            grid: dict[str, tuple], key: str, passes: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Coordinate ascent of ``key`` from ``start`` over ``grid`` (one parameter at a time)."""
+    best, best_metrics = dict(start), evaluate(images, probs, start, radius)
     for _ in range(passes):
         changed = False
         for name, values in grid.items():
+            if name == "min_distance" and best.get("seeds") == "cores":
+                continue  # cores need no distance between seeds
             for value in values:
                 if value == best[name]:
                     continue
@@ -313,7 +411,6 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
                     best, best_metrics, changed = params, metrics, True
         if not changed:
             break
-    log.info("post-processing tuned on %d val images: %s -> %s %.4f", len(images), best, key, best_metrics[key])
     return best, best_metrics
 
 
@@ -365,10 +462,18 @@ class _Run:
     def __init__(self, config: DetectorConfig, out_dir: Path, kind: str, radius: float,
                  device: torch.device, progress: ProgressFn | None) -> None:
         self.config, self.out_dir, self.kind, self.radius, self.device = config, out_dir, kind, radius, device
+        self.centre = resolve_centre(config, kind)
+        self.augment = TileAugment.of(config)
         self.progress = progress
-        self.model = build_model(config).to(device)
+        # channels-last: convolutions run about 15 % faster on CPU
+        self.model = build_model(config).to(device, memory_format=torch.channels_last)
         self.loss_fn = DetectorLoss(config.loss)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # validation, the kept weights and the checkpoint use the exponential moving average of the
+        # weights (batch-norm statistics included) when ``ema`` > 0: steadier than the last step's
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+                    if config.ema > 0 else None)
+        self.net = self.ema.module if self.ema is not None else self.model
         self.pp = default_postprocess(config, radius)
         self.epoch, self.step = 1, 0  # next epoch; steps done in it
         self.curves: list[dict[str, Any]] = []
@@ -382,16 +487,17 @@ class _Run:
     # -- setup
     def prepare(self, train: list[AnnotatedImage], val: list[AnnotatedImage]) -> None:
         self.train_images, self.val_images = train, val
-        self.prepared = _prepare(train, self.kind, self.radius, self.config.tile)
-        self.val_targets = [render_targets(im.pixels.shape[:2], im.cells, self.radius, self.kind, im.mask)
-                            for im in val]
+        self.prepared = _prepare(train, self.kind, self.radius, self.config.tile, self.centre)
+        self.val_targets = [render_targets(im.pixels.shape[:2], im.cells, self.radius, self.kind, im.mask,
+                                           self.centre) for im in val]
 
     def resume_state(self) -> dict[str, Any]:
         plain = json.loads(json.dumps(dict(
             epoch=self.epoch, step=self.step, curves=self.curves, losses=self.losses, best_score=self.best_score,
             best_epoch=self.best_epoch, bad=self.bad, elapsed=self.elapsed(), radius=self.radius), default=float))
+        ema = self.ema.state_dict() if self.ema is not None else {}
         return dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), best_state=self.best_state,
-                    config=_config_key(self.config), **plain)
+                    ema=ema, config=_config_key(self.config), **plain)
 
     def load_resume(self) -> None:
         path = self.out_dir / RESUME_FILE
@@ -404,6 +510,8 @@ class _Run:
                                 "or start afresh with resume=False")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
         self.epoch, self.step, self.curves = int(state["epoch"]), int(state["step"]), list(state["curves"])
         self.losses, self.best_state = list(state["losses"]), dict(state["best_state"])
         self.best_score, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
@@ -457,20 +565,26 @@ class _Run:
     def train_step(self) -> None:
         c = self.config
         rng = np.random.default_rng([c.seed, self.epoch, self.step])
-        x, y = _sample_batch(self.prepared, c.tile, c.batch_size, rng)
+        x, y = _sample_batch(self.prepared, c.tile, c.batch_size, rng, self.augment)
         lr = self.set_lr()
-        loss = self.loss_fn(self.model(x.to(self.device)), y.to(self.device))
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        loss = self.loss_fn(self.model(x), y.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.losses.append(float(loss.detach()))
         self.step += 1
         self.emit("train", train_loss=float(np.mean(self.losses)), message=f"lr {lr:.2e}")
 
-    def val_probs(self) -> list[np.ndarray]:
+    def val_probs(self, tta: bool = False) -> list[np.ndarray]:
+        """Probabilities of the val images (without test-time augmentation during training: 8x cheaper)."""
+        return [self.predict(im.pixels, tta) for im in self.val_images]
+
+    def predict(self, pixels: np.ndarray, tta: bool) -> np.ndarray:
         c = self.config
-        return [predict_tiled(self.model, im.pixels, c.infer_tile, c.overlap, self.device, divisor=c.divisor)
-                for im in self.val_images]
+        return predict_tiled(self.net, pixels, c.infer_tile, c.overlap, self.device, divisor=c.divisor, tta=tta)
 
     def end_epoch(self) -> bool:
         """Validate, keep the best weights; True when training should stop."""
@@ -484,7 +598,7 @@ class _Run:
         score = metrics[key]
         if score > self.best_score:
             self.best_score, self.best_epoch, self.bad = score, self.epoch, 0
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
         else:
             self.bad += 1
         self.emit("epoch_end", train_loss=row["train_loss"], val_loss=val_loss,
@@ -501,8 +615,8 @@ class _Run:
     # -- end
     def finish(self, data: TrainingData) -> FitResult:
         if self.best_state:
-            self.model.load_state_dict(self.best_state)
-        probs = self.val_probs()
+            self.net.load_state_dict(self.best_state)
+        probs = self.val_probs(self.config.tta)
         params, val_metrics = (tune_postprocess(self.val_images, probs, self.radius, self.pp)
                                if self.config.tune_postprocess else (self.pp, evaluate(self.val_images, probs,
                                                                                        self.pp, self.radius)))
@@ -510,15 +624,13 @@ class _Run:
         split = "test" if test else "val"
         metrics = val_metrics
         if test:
-            c = self.config
-            test_probs = [predict_tiled(self.model, im.pixels, c.infer_tile, c.overlap, self.device,
-                                        divisor=c.divisor) for im in test]
+            test_probs = [self.predict(im.pixels, self.config.tta) for im in test]
             metrics = evaluate(test, test_probs, params, self.radius)
         final = {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}, "split": split,
                  "n_eval_images": len(test) if test else len(self.val_images), "best_epoch": self.best_epoch,
                  "epochs_run": self.epoch, "stopped_early": self.stopped_early, "seconds": self.elapsed()}
         config = self.checkpoint_config(params, data)
-        save_checkpoint(self.out_dir, self.model.state_dict(), config, final, self.curves)
+        save_checkpoint(self.out_dir, self.net.state_dict(), config, final, self.curves)
         (self.out_dir / RESUME_FILE).unlink(missing_ok=True)
         self.emit("done", metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                   message=f"{split} {primary_metric(metrics)} {metrics[primary_metric(metrics)]:.4f}")
@@ -529,7 +641,7 @@ class _Run:
         cfg = asdict(self.config)
         cfg.update(params)
         cfg.update(kind="detector", radius=self.radius, radius_estimated=self.config.radius is None,
-                   target_kind=self.kind, channels=list(CHANNELS), postprocess=params, divisor=self.config.divisor,
+                   target_kind=self.kind, centre_kind=self.centre, channels=list(CHANNELS), postprocess=params, divisor=self.config.divisor,
                    data_snapshot_id=data.snapshot_id, data_source=data.source,
                    versions={"torch": torch.__version__, "segmentation_models_pytorch": smp.__version__})
         return cfg
@@ -568,7 +680,8 @@ class LoadedDetector:
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """``(2, H, W)`` float32 probabilities (foreground, centre) of ``pixels`` ``(H, W, 3)`` uint8."""
         c = self.config
-        return predict_tiled(self.model, pixels, c.infer_tile, c.overlap, self.device, divisor=c.divisor)
+        return predict_tiled(self.model, pixels, c.infer_tile, c.overlap, self.device, divisor=c.divisor,
+                             tta=bool(c.tta))
 
     def detect(self, pixels: np.ndarray, **overrides: Any) -> Detections:
         """Cells of ``pixels`` ``(H, W, 3)`` uint8; ``overrides`` replace post-processing parameters."""
@@ -592,6 +705,6 @@ def load_detector(model_dir: Path, device: str | None = None) -> LoadedDetector:
         model.load_state_dict(load_weights(model_dir / WEIGHTS_FILE))
     except RuntimeError as exc:
         raise TrainingError(f"weights in {model_dir} do not fit the network in its config.json: {exc}") from exc
-    model.to(dev).eval()
+    model.to(dev, memory_format=torch.channels_last).eval()
     params = raw.get("postprocess") or default_postprocess(config, config.radius or 1.0)
     return LoadedDetector(config=config, version=model_dir.name, model=model, device=dev, params=dict(params))

@@ -19,6 +19,9 @@ from skimage.segmentation import watershed
 
 log = logging.getLogger(__name__)
 
+#: how watershed seeds are found on the centre map: local maxima, or connected cores above a level
+SEED_KINDS: tuple[str, ...] = ("peaks", "cores")
+
 
 class PostprocessError(ValueError):
     """Bad post-processing input (wrong shape or parameter out of range)."""
@@ -50,12 +53,18 @@ def postprocess(
     peak_threshold: float = 0.3,
     min_area: int = 0,
     border_margin: float = 0.0,
+    seeds: str = "peaks",
 ) -> Detections:
     """Cells from ``prob`` ``(C >= 2, H, W)`` float probabilities.
 
-    Centres are local maxima of the centre map (``skimage.feature.peak_local_max``) at least
-    ``min_distance`` pixels apart and above ``peak_threshold``, refined to sub-pixel by the
-    centre-weighted mean of their 3x3 neighbourhood. Instances are the watershed of the
+    ``seeds="peaks"``: centres are local maxima of the centre map
+    (``skimage.feature.peak_local_max``) at least ``min_distance`` pixels apart and above
+    ``peak_threshold``, refined to sub-pixel by the centre-weighted mean of their 3x3
+    neighbourhood. ``seeds="cores"``: every connected region of the centre map above
+    ``peak_threshold`` is one cell (its centre the centre-weighted mean of the region;
+    ``min_distance`` is not used), which needs no cell size, so it suits images whose cells
+    differ much in size (a normalised-distance centre map, see :mod:`cellspot.ml.targets`).
+    Instances are the watershed of the
     negated centre map inside the foreground ``prob[0] > threshold``, seeded by those peaks.
     With ``min_area > 0``, instances of fewer than ``min_area`` pixels are dropped and
     foreground components that hold no peak become cells of their own (centre = centroid)
@@ -70,16 +79,21 @@ def postprocess(
         raise PostprocessError(f"min_distance must be >= 1 pixel, got {min_distance}")
     if not border_margin >= 0:
         raise PostprocessError(f"border_margin must be >= 0 pixels, got {border_margin}")
+    if seeds not in SEED_KINDS:
+        raise PostprocessError(f"seeds must be one of {', '.join(SEED_KINDS)}, got {seeds!r}")
     fg_prob = np.asarray(prob[0], dtype=np.float32)
     centre = np.asarray(prob[1], dtype=np.float32)
     fg = fg_prob > threshold
-    peaks = peak_local_max(centre, min_distance=int(min_distance), threshold_abs=float(peak_threshold),
-                           exclude_border=False)
-    markers = np.zeros(centre.shape, dtype=np.int32)
-    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    if seeds == "peaks":
+        peaks = peak_local_max(centre, min_distance=int(min_distance), threshold_abs=float(peak_threshold),
+                               exclude_border=False)
+        markers = np.zeros(centre.shape, dtype=np.int32)
+        markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+        xy = _refine(centre, peaks)
+        scores = centre[peaks[:, 0], peaks[:, 1]].astype(np.float64)
+    else:
+        markers, xy, scores = _cores(centre, float(peak_threshold))
     labels = watershed(-centre, markers, mask=fg | (markers > 0)).astype(np.int32)
-    xy = _refine(centre, peaks)
-    scores = centre[peaks[:, 0], peaks[:, 1]].astype(np.float64)
     if min_area > 0:
         labels, xy, scores = _drop_small(labels, xy, scores, min_area)
         labels, xy, scores = _add_unseeded(fg & (labels == 0), labels, xy, scores, centre, fg_prob, min_area)
@@ -115,6 +129,18 @@ def _refine(centre: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     cols = np.clip(peaks[:, None, 1] + offs[None, :, 1], 0, w - 1)
     wts = centre[rows, cols].astype(np.float64) + 1e-9
     return np.stack([(wts * cols).sum(1) / wts.sum(1), (wts * rows).sum(1) / wts.sum(1)], axis=1)
+
+
+def _cores(centre: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected regions of ``centre > level``: markers ``(H, W)`` int32 (1..n), their
+    centre-weighted mean ``(x, y)`` ``(n, 2)`` and their highest value ``(n,)``."""
+    markers, n = ndimage.label(centre > level)
+    if n == 0:
+        return markers.astype(np.int32), np.empty((0, 2)), np.empty(0)
+    ids = np.arange(1, n + 1)
+    com = np.asarray(ndimage.center_of_mass(centre, markers, ids), dtype=np.float64).reshape(-1, 2)
+    top = np.asarray(ndimage.maximum(centre, markers, ids), dtype=np.float64)
+    return markers.astype(np.int32), com[:, ::-1].copy(), top
 
 
 def _add_unseeded(orphans, labels, xy, scores, centre, fg_prob, min_area):

@@ -11,10 +11,15 @@ Two output channels (:data:`CHANNELS`), the same for every kind so one network f
     ``"mask"``: the instance mask, with the pixels where two instances touch set to 0, so the
     foreground of touching nuclei falls apart into separate pieces.
 ``centre``
-    a Gaussian peak (value 1) at every cell centre (points) or instance centroid (masks), with
-    ``sigma = radius / 3`` (points) or a third of each instance's equivalent radius (masks);
-    max over cells. Peaks of this map seed the watershed in :mod:`cellspot.ml.postprocess`, so
-    touching cells are separated.
+    ``centre="gaussian"``: a Gaussian peak (value 1) at every cell centre (points) or instance
+    centroid (masks), with ``sigma = radius / 3`` (points) or a third of each instance's
+    equivalent radius (masks); max over cells. ``centre="distance"``: the normalised distance
+    to the cell's edge, 1 at the innermost pixel and falling to 0 at the edge (masks: the
+    Euclidean distance transform of each instance divided by its maximum; points: the cone
+    ``1 - d / radius``). The distance map has the same height and a width proportional to the
+    cell whatever its size, so one threshold cuts a core out of every cell of an image with
+    nuclei of many sizes. Peaks or cores of this map seed the watershed in
+    :mod:`cellspot.ml.postprocess`, so touching cells are separated.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHANNELS: tuple[str, str] = ("foreground", "centre")
 TARGET_KINDS: tuple[str, ...] = ("disk", "gaussian", "mask")
+CENTRE_KINDS: tuple[str, ...] = ("gaussian", "distance")
 #: sigma of the centre Gaussian as a fraction of the cell radius
 CENTRE_SIGMA = 1.0 / 3.0
 MIN_RADIUS, MAX_RADIUS = 1.5, 128.0
@@ -46,25 +52,29 @@ def render_targets(
     radius: float,
     kind: str = "disk",
     mask: np.ndarray | None = None,
+    centre: str = "gaussian",
 ) -> np.ndarray:
     """Render the detector targets of one image.
 
     ``shape``: ``(H, W)``. ``cells``: a table with columns ``x``, ``y`` or an ``(N, 2)`` array of
     ``(x, y)``; ignored for ``kind="mask"``. ``radius``: cell radius in pixels (> 0).
     ``kind``: one of :data:`TARGET_KINDS`. ``mask``: ``(H, W)`` int instance labels (0 =
-    background), required for ``"mask"``.
+    background), required for ``"mask"``. ``centre``: one of :data:`CENTRE_KINDS`, the
+    centre channel (see the module docstring).
 
     Returns ``(2, H, W)`` float32 in [0, 1]: channels :data:`CHANNELS`.
     """
     h, w = _check_shape(shape)
     if kind not in TARGET_KINDS:
         raise TargetError(f"unknown target kind {kind!r}; valid kinds: {', '.join(TARGET_KINDS)}")
+    if centre not in CENTRE_KINDS:
+        raise TargetError(f"unknown centre kind {centre!r}; valid kinds: {', '.join(CENTRE_KINDS)}")
     if kind == "mask":
         if mask is None:
             raise TargetError("target kind 'mask' needs an instance mask, got None")
         if mask.shape != (h, w):
             raise TargetError(f"mask shape {mask.shape} does not match image shape {(h, w)}")
-        return _mask_targets(np.asarray(mask))
+        return _mask_targets(np.asarray(mask), centre)
     if not np.isfinite(radius) or radius <= 0:
         raise TargetError(f"radius must be a positive number of pixels, got {radius!r}")
     xy = points_of(cells)
@@ -72,7 +82,10 @@ def render_targets(
     fg_fn = _disk if kind == "disk" else _gaussian_blob
     for x, y in xy:
         _paint_max(out[0], x, y, radius, fg_fn)
-        _paint_max(out[1], x, y, radius * CENTRE_SIGMA, _gaussian)
+        if centre == "gaussian":
+            _paint_max(out[1], x, y, radius * CENTRE_SIGMA, _gaussian)
+        else:
+            _paint_max(out[1], x, y, radius, _cone)
     return out
 
 
@@ -147,6 +160,10 @@ def _gaussian_blob(d2: np.ndarray, r: float) -> np.ndarray:
     return _gaussian(d2, 0.5 * r)
 
 
+def _cone(d2: np.ndarray, r: float) -> np.ndarray:
+    return np.clip(1.0 - np.sqrt(d2) / max(float(r), 0.5), 0.0, 1.0).astype(np.float32)
+
+
 def _gaussian(d2: np.ndarray, sigma: float) -> np.ndarray:
     sigma = max(float(sigma), 0.5)
     return np.exp(-d2 / (2.0 * sigma * sigma)).astype(np.float32)
@@ -155,7 +172,7 @@ def _gaussian(d2: np.ndarray, sigma: float) -> np.ndarray:
 def _paint_max(plane: np.ndarray, x: float, y: float, scale: float, fn) -> None:
     """``plane = max(plane, fn(squared distance to (x, y), scale))`` in a local window."""
     h, w = plane.shape
-    reach = int(np.ceil(3.0 * max(scale, 0.5))) + 1
+    reach = int(np.ceil(3.0 * max(scale, 0.5))) + 1  # 3 sigma of a Gaussian; 3x the reach of a cone
     x0, x1 = max(0, int(np.floor(x)) - reach), min(w, int(np.ceil(x)) + reach + 1)
     y0, y1 = max(0, int(np.floor(y)) - reach), min(h, int(np.ceil(y)) + reach + 1)
     if x0 >= x1 or y0 >= y1:
@@ -165,7 +182,7 @@ def _paint_max(plane: np.ndarray, x: float, y: float, scale: float, fn) -> None:
     np.maximum(plane[y0:y1, x0:x1], fn(d2, scale), out=plane[y0:y1, x0:x1])
 
 
-def _mask_targets(mask: np.ndarray) -> np.ndarray:
+def _mask_targets(mask: np.ndarray, centre: str = "gaussian") -> np.ndarray:
     h, w = mask.shape
     out = np.zeros((2, h, w), dtype=np.float32)
     inside = mask > 0
@@ -178,7 +195,27 @@ def _mask_targets(mask: np.ndarray) -> np.ndarray:
     lo = ndimage.minimum_filter(np.where(inside, labels, above), size=3, mode="nearest")
     touching = inside & ((hi != labels) | ((lo != labels) & (lo != above)))
     out[0] = (inside & ~touching).astype(np.float32)
+    if centre == "distance":
+        out[1] = _normalised_distance(mask, inside & ~touching)
+        return out
     centres, diameters = mask_centroids(mask)
     for (x, y), d in zip(centres, diameters):
         _paint_max(out[1], x, y, 0.5 * d * CENTRE_SIGMA, _gaussian)
     return out
+
+
+def _normalised_distance(mask: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """``(H, W)`` float32: each instance's distance to its edge (touching boundaries count as
+    edges, ``core`` is the foreground without them) divided by the instance's largest
+    distance, so every instance peaks at 1 whatever its size; 0 outside."""
+    dist = ndimage.distance_transform_edt(core)
+    labels = np.where(core, mask, 0)
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if len(ids) == 0:
+        return np.zeros(mask.shape, np.float32)
+    peak = np.zeros(int(ids.max()) + 1, dtype=np.float64)
+    peak[ids] = ndimage.maximum(dist, labels, ids)
+    scale = peak[labels]
+    out = np.divide(dist, scale, out=np.zeros_like(dist), where=scale > 0)
+    return out.astype(np.float32)

@@ -88,6 +88,7 @@ def predict_tiled(
     *,
     divisor: int = 32,
     batch_size: int = 4,
+    tta: bool = False,
 ) -> np.ndarray:
     """Sigmoid probabilities of ``model`` over a whole image.
 
@@ -96,7 +97,8 @@ def predict_tiled(
     of ``divisor``, the network's divisibility, 2**encoder_depth); tiles shrink to share each
     axis evenly (:func:`tile_length`), and images smaller than a tile are processed as one
     reflect-padded piece rounded up to ``divisor``. ``overlap``: pixels
-    shared by neighbouring tiles (< tile / 2).
+    shared by neighbouring tiles (< tile / 2). ``tta``: every tile's output is the mean over
+    its 8 flips / 90-degree rotations (each mapped back), 8x the compute.
 
     Returns ``(C, H, W)`` float32 in [0, 1].
     """
@@ -118,8 +120,8 @@ def predict_tiled(
     weight = torch.zeros((ph, pw), device=device)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i:i + batch_size]
-        batch = torch.stack([src[:, y:y + th, x:x + tw] for y, x in chunk])
-        prob = torch.sigmoid(model(batch).float())
+        batch = torch.stack([src[:, y:y + th, x:x + tw] for y, x in chunk]).contiguous(memory_format=torch.channels_last)
+        prob = _dihedral_mean(model, batch) if tta else torch.sigmoid(model(batch).float())
         if acc is None:
             acc = torch.zeros((prob.shape[1], ph, pw), device=device)
         for (y, x), p in zip(chunk, prob):
@@ -127,6 +129,20 @@ def predict_tiled(
             weight[y:y + th, x:x + tw] += window
     out = (acc / weight)[:, :h, :w]
     return out.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _dihedral_mean(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean sigmoid output ``(B, C, h, w)`` over the 8 flips / rotations of ``batch``, each mapped back."""
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            view = torch.rot90(batch, k, dims=(2, 3))
+            view = torch.flip(view, dims=(3,)) if flip else view
+            out = torch.sigmoid(model(view.contiguous()).float())
+            out = torch.flip(out, dims=(3,)) if flip else out
+            out = torch.rot90(out, -k, dims=(2, 3))
+            total = out if total is None else total + out
+    return total / 8.0
 
 
 def _reflect_pad(image: np.ndarray, ph: int, pw: int) -> np.ndarray:

@@ -13,7 +13,8 @@ import torch
 from cellspot.ml.common import RESUME_FILE, Progress, TrainingCancelled, TrainingError
 from cellspot.ml.data import AnnotatedImage, TrainingData
 from cellspot.ml.detector import (
-    PRESETS, DetectorLoss, build_model, config_for, fit_detector, load_detector, resolve_target,
+    PRESETS, DetectorLoss, TileAugment, _Prepared, _sample_batch, build_model, config_for, fit_detector,
+    load_detector, resolve_centre, resolve_target,
 )
 from cellspot.ml.targets import render_targets
 
@@ -70,6 +71,12 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(loss="mse"), "loss must be one of"),
         (dict(decoder_channels=(8, 8)), "decoder_channels"),
         (dict(colour="red"), "unknown detector config field"),
+        (dict(centre="ring"), "centre must be"),
+        (dict(seeds="blobs"), "seeds must be one of"),
+        (dict(scale_jitter=0.5), "scale_jitter must be in"),
+        (dict(invert=1.5), "probabilities"),
+        (dict(gray=-0.1), "probabilities"),
+        (dict(ema=1.0), "ema must be in"),
     ],
 )
 def test_bad_configs_raise(overrides: dict, match: str) -> None:
@@ -105,6 +112,45 @@ def test_target_kind_auto_uses_masks_only_when_every_image_has_one() -> None:
         resolve_target(config_for(**{**TINY, "target": "mask"}), _data())
 
 
+def test_centre_auto_is_the_distance_map_for_masks_and_a_gaussian_for_points() -> None:
+    assert resolve_centre(config_for(**TINY), "mask") == "distance"
+    assert resolve_centre(config_for(**TINY), "disk") == "gaussian"
+    assert resolve_centre(config_for(**{**TINY, "centre": "gaussian"}), "mask") == "gaussian"
+
+
+def _prepared(size: int = 40) -> _Prepared:
+    """A ramp image (so a negation or a zoom shows) with a target of one disc in the middle."""
+    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    image = np.stack([np.broadcast_to(ramp, (size, size)), np.broadcast_to(ramp[:, None], (size, size)),
+                      np.zeros((size, size), np.float32)])
+    yy, xx = np.mgrid[:size, :size]
+    disc = (np.hypot(xx - size / 2, yy - size / 2) <= size / 8).astype(np.float32)
+    return _Prepared(np.ascontiguousarray(image), np.stack([disc, disc]))
+
+
+@pytest.mark.parametrize("augment", [TileAugment(), TileAugment(scale_jitter=2.0), TileAugment(1.5, 1.0, 1.0)])
+def test_sampled_tiles_have_the_tile_shape_and_targets_in_range(augment: TileAugment) -> None:
+    x, y = _sample_batch([_prepared()], 32, 6, np.random.default_rng(0), augment)
+    assert x.shape == (6, 3, 32, 32) and y.shape == (6, 2, 32, 32)
+    assert x.dtype == torch.float32 and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+def test_scale_jitter_changes_the_cell_area_and_invert_gray_act_on_the_image() -> None:
+    base = _prepared(64)
+    plain = [_sample_batch([base], 64, 1, np.random.default_rng(s))[1][0, 0].sum().item() for s in range(8)]
+    zoomed = [_sample_batch([base], 64, 1, np.random.default_rng(s), TileAugment(scale_jitter=2.0))[1][0, 0].sum()
+              .item() for s in range(8)]
+    assert np.ptp(plain) < 1.0  # flips and rotations keep the disc's area
+    assert np.ptp(zoomed) > 0.3 * np.mean(plain)
+    gray = _sample_batch([base], 64, 4, np.random.default_rng(1), TileAugment(gray=1.0))[0]
+    # channel 2 was all zeros: grey, it follows the others (up to the per-channel noise)
+    assert min(np.corrcoef(t[0].ravel(), t[2].ravel())[0, 1] for t in gray.numpy()) > 0.8
+    for seed in range(4):  # the same window and turn; the inverted ramp runs the other way
+        plain_x = _sample_batch([base], 64, 1, np.random.default_rng(seed))[0][0, 0].numpy()
+        inverted = _sample_batch([base], 64, 1, np.random.default_rng(seed), TileAugment(invert=1.0))[0][0, 0].numpy()
+        assert np.corrcoef(plain_x.ravel(), inverted.ravel())[0, 1] < -0.9
+
+
 def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> None:
     events: list[Progress] = []
     data = _data(with_mask=True)
@@ -115,10 +161,11 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     assert "instance_f1" in events[phases.index("epoch_end")].metrics
     assert {"f1", "instance_f1", "val_f1", "split"} <= set(result.metrics) and result.metrics["split"] == "test"
     config = json.loads((tmp_path / "det-1" / "config.json").read_text())
-    assert config["kind"] == "detector" and config["target_kind"] == "mask"
+    assert config["kind"] == "detector" and config["target_kind"] == "mask" and config["centre_kind"] == "distance"
     assert config["channels"] == ["foreground", "centre"] and config["data_snapshot_id"] == "folder:abc123"
     assert config["radius"] == pytest.approx(4.0, abs=0.5)
-    assert set(config["postprocess"]) == {"threshold", "min_distance", "peak_threshold", "min_area", "border_margin"}
+    assert set(config["postprocess"]) == {"threshold", "min_distance", "peak_threshold", "min_area", "border_margin",
+                                          "seeds"}
     assert not (tmp_path / "det-1" / RESUME_FILE).exists()
 
     loaded = load_detector(tmp_path / "det-1")

@@ -115,3 +115,36 @@ def test_match_instances_is_one_to_one_and_optimal() -> None:
     assert m["tp"] == 2 and m["mean_iou"] == pytest.approx((100 / 110 + 90 / 100) / 2)
     with pytest.raises(PostprocessError, match="shape"):
         match_instances(truth, pred[:5])
+
+
+def _mask_probs(mask: np.ndarray) -> np.ndarray:
+    """Maps as a perfect network trained on ``mask`` would give them (normalised-distance centre)."""
+    return render_targets(mask.shape, pd.DataFrame({"x": [], "y": []}), 1.0, "mask", mask, centre="distance")
+
+
+def test_cores_find_cells_of_very_different_sizes_that_one_peak_distance_cannot() -> None:
+    yy, xx = np.mgrid[:64, :96]
+    mask = np.zeros((64, 96), np.int32)
+    mask[np.hypot(xx - 22, yy - 30) <= 16] = 1                 # a big nucleus
+    for k, (x, y) in enumerate([(60, 10), (68, 10), (76, 10), (84, 10), (60, 50), (70, 50)], start=2):
+        mask[np.hypot(xx - x, yy - y) <= 3.5] = k              # small ones, some touching
+    prob = _mask_probs(mask)
+    cores = postprocess(prob, threshold=0.5, peak_threshold=0.5, seeds="cores")
+    assert len(cores) == 7
+    scores = match_instances(mask, cores.labels, 0.5)
+    assert scores["tp"] == 7 and scores["fp"] == 0
+    assert cores.scores == pytest.approx(np.ones(7), abs=1e-6)
+    # peaks far enough apart for the big nucleus merge the touching small ones
+    assert len(postprocess(prob, threshold=0.5, peak_threshold=0.5, min_distance=12, seeds="peaks")) < 7
+
+
+def test_core_centres_are_the_weighted_centres_of_the_cores() -> None:
+    mask = np.zeros((30, 30), np.int32)
+    mask[5:16, 8:19] = 1  # an 11x11 square centred on (13, 10)
+    det = postprocess(_mask_probs(mask), peak_threshold=0.3, seeds="cores")
+    assert len(det) == 1 and det.xy[0] == pytest.approx([13.0, 10.0])
+
+
+def test_unknown_seed_kind_raises() -> None:
+    with pytest.raises(PostprocessError, match="seeds must be one of"):
+        postprocess(np.zeros((2, 8, 8), np.float32), seeds="blobs")

@@ -88,3 +88,33 @@ def test_estimate_radius_prefers_masks_then_diameters_then_spacing() -> None:
     assert estimate_radius([grid]) == pytest.approx(5.0)
     with pytest.raises(TargetError, match="cannot estimate"):
         estimate_radius([_cells((1, 1))])
+
+
+def test_distance_centre_peaks_at_one_in_every_instance_whatever_its_size() -> None:
+    mask = np.zeros((40, 60), np.int32)
+    yy, xx = np.mgrid[:40, :60]
+    mask[np.hypot(xx - 12, yy - 12) <= 9] = 3      # big disc
+    mask[np.hypot(xx - 40, yy - 10) <= 3] = 8      # small disc
+    mask[20:30, 30:40] = 5                         # square touching the one below
+    mask[30:38, 30:40] = 6
+    out = render_targets(mask.shape, pd.DataFrame({"x": [], "y": []}), 1.0, "mask", mask, centre="distance")
+    for label in (3, 8, 5, 6):
+        assert out[1][mask == label].max() == pytest.approx(1.0)
+    assert out[1][mask == 0].max() == 0.0 and out[1].min() >= 0.0
+    assert out[1, 12, 12] == pytest.approx(1.0) and out[1, 10, 40] == pytest.approx(1.0)
+    assert out[1, 29, 35] == 0.0 and out[1, 30, 35] == 0.0  # the touching boundary is an edge
+    assert 0.4 < out[1, 12, 17] < 0.6  # halfway out of the big disc
+    np.testing.assert_array_equal(out[0], render_targets(mask.shape, _cells(), 1.0, "mask", mask)[0])
+
+
+@pytest.mark.parametrize("radius", [3.0, 6.5])
+def test_distance_centre_of_points_is_a_cone(radius: float) -> None:
+    out = render_targets((41, 41), _cells((20, 20)), radius, "disk", centre="distance")
+    assert out[1, 20, 20] == pytest.approx(1.0)
+    assert out[1, 20, 20 + int(radius) + 1] == 0.0
+    assert out[1, 20, 21] == pytest.approx(1.0 - 1.0 / radius)
+
+
+def test_unknown_centre_kind_raises() -> None:
+    with pytest.raises(TargetError, match="unknown centre kind"):
+        render_targets((10, 10), _cells((1, 1)), 3.0, "disk", centre="ring")

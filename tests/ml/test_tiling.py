@@ -83,3 +83,25 @@ def test_bad_tiling_raises(tile: int, overlap: int, match: str) -> None:
 def test_normalize_rejects_grey_arrays() -> None:
     with pytest.raises(TilingError, match=r"\(H, W, 3\)"):
         normalize_image(np.zeros((5, 5), np.uint8))
+
+
+@pytest.mark.parametrize("h, w, tile", [(37, 53, 32), (64, 96, 64)])
+def test_test_time_augmentation_keeps_a_pixelwise_model_unchanged(h: int, w: int, tile: int) -> None:
+    # a 1x1 convolution commutes with every flip and rotation: the 8-view mean is its own output
+    model, pixels = _pixel_model(2), _image(h, w, 2)
+    plain = predict_tiled(model, pixels, tile, 8, "cpu", divisor=32)
+    np.testing.assert_allclose(predict_tiled(model, pixels, tile, 8, "cpu", divisor=32, tta=True), plain, atol=1e-5)
+
+
+def test_test_time_augmentation_averages_an_orientation_dependent_model() -> None:
+    # an antisymmetric gradient filter: each view mapped back gives sigmoid(+g) or sigmoid(-g) of a
+    # horizontal or vertical gradient g, in pairs, so the 8-view mean is exactly 0.5 everywhere
+    conv = torch.nn.Conv2d(3, 2, kernel_size=3, padding=1, padding_mode="reflect", bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 0], conv.weight[:, :, 1, 2] = -1.0, 1.0
+    pixels = _image(64, 64, 3)
+    plain = predict_tiled(conv, pixels, 64, 0, "cpu", divisor=32)
+    averaged = predict_tiled(conv, pixels, 64, 0, "cpu", divisor=32, tta=True)
+    assert np.abs(plain - 0.5).max() > 0.2
+    np.testing.assert_allclose(averaged, 0.5, atol=1e-5)
