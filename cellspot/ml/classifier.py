@@ -47,6 +47,7 @@ from cellspot.ml.common import (
     TrainingCancelled,
     TrainingError,
     configure_threads,
+    ema_model,
     load_weights,
     pick_device,
     read_config,
@@ -83,7 +84,9 @@ class ClassifierConfig:
     the inference compute; used for the temperature, the final metrics and prediction, not for
     the per-epoch validation of early stopping); ``weights_path``: optional local file with pretrained
     encoder weights (a ``state_dict``, loaded with ``weights_only=True``; the head is left
-    out); ``threads``: CPU threads (``None``: every CPU this process may use).
+    out); ``threads``: CPU threads (``None``: every CPU this process may use); ``ema``: decay
+    per step of an exponential moving average of the weights that is validated, kept,
+    calibrated and saved instead of the raw weights (0 = off).
     """
 
     preset: str = "cpu-fast"
@@ -94,6 +97,7 @@ class ClassifierConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     dropout: float = 0.1
+    ema: float = 0.0
     input_scale: float = 1.0
     patience: int = 6
     monitor: str = "balanced_accuracy"
@@ -121,6 +125,8 @@ class ClassifierConfig:
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.dropout < 1 and self.patience >= 1):
             raise TrainingError("need lr > 0, weight_decay >= 0, 0 <= dropout < 1 and patience >= 1; got "
                                 f"{self.lr}, {self.weight_decay}, {self.dropout}, {self.patience}")
+        if not 0.0 <= self.ema < 1.0:
+            raise TrainingError(f"ema must be in [0, 1) (0 = off); got {self.ema}")
         if not 0.25 <= self.input_scale <= 4.0:
             raise TrainingError(f"input_scale must be within [0.25, 4]; got {self.input_scale}")
         if self.monitor not in MONITORS:
@@ -454,6 +460,10 @@ class _Run:
         self.model = build_model(cfg).to(device)
         self.steps = _steps_per_epoch(len(train.crops), cfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # with ``ema`` > 0, validation, the kept weights, calibration and the checkpoint use the
+        # exponential moving average of the weights (batch-norm statistics included)
+        self.ema = ema_model(self.model, cfg.ema)
+        self.net = self.ema.module if self.ema is not None else self.model
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, WarmupCosine(cfg.epochs * self.steps))
         self.state = _State()
         self.clock = EtaClock()
@@ -464,6 +474,7 @@ class _Run:
         s = self.state
         save_torch(self.out_dir / RESUME_FILE, {
             "config": json.dumps(asdict(self.cfg), sort_keys=True), "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "epoch": s.epoch, "step": s.step, "loss_sum": s.loss_sum, "loss_count": s.loss_count,
             "best_key": s.best_key, "best_epoch": s.best_epoch, "bad_epochs": s.bad_epochs, "curves": s.curves,
@@ -477,6 +488,8 @@ class _Run:
             raise TrainingError(f"{path} was written with another config; resume with the same config "
                                 f"or start a new run")
         self.model.load_state_dict(saved["model"])
+        if self.ema is not None and saved.get("ema"):
+            self.ema.load_state_dict(saved["ema"])
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -521,6 +534,8 @@ class _Run:
             loss.backward()
             self.opt.step()
             self.sched.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             s.step, s.loss_sum, s.loss_count = step + 1, s.loss_sum + float(loss.detach()) * len(idx), s.loss_count + len(idx)
             self.emit("train", epoch, step + 1, train_loss=s.loss_sum / s.loss_count)
         return s.loss_sum / max(1, s.loss_count)
@@ -531,12 +546,12 @@ class _Run:
             epoch, started = s.epoch, time.perf_counter()
             train_loss = self.train_epoch(epoch)
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": self.sched.get_last_lr()[0]}
-            row.update(_validate(self.model, self.sets["val"], self.val_w, self.device))  # no TTA: 8x cheaper
+            row.update(_validate(self.net, self.sets["val"], self.val_w, self.device))  # no TTA: 8x cheaper
             row["seconds"] = time.perf_counter() - started
             has_val = "val_loss" in row
             if not has_val or _improved(cfg, row, s):
                 s.best_epoch, s.bad_epochs = epoch, 0
-                s.best_state = copy.deepcopy(self.model.state_dict())
+                s.best_state = copy.deepcopy(self.net.state_dict())
             else:
                 s.bad_epochs += 1
             s.curves.append(row)
@@ -549,13 +564,13 @@ class _Run:
                 log.info("early stop after epoch %d (best epoch %d)", epoch, s.best_epoch)
                 break
         if s.best_state is not None:
-            self.model.load_state_dict(s.best_state)
+            self.net.load_state_dict(s.best_state)
 
     def finish(self) -> tuple[float, dict[str, Any]]:
         """Temperature on val, metrics on test (or val); returns (temperature, metrics)."""
         val, test = self.sets["val"], self.sets["test"]
         self.emit("calibrate", self.cfg.epochs, self.steps, message="temperature scaling")
-        val_logits = predict_logits(self.model, val.crops, self.device, tta=self.cfg.tta)
+        val_logits = predict_logits(self.net, val.crops, self.device, tta=self.cfg.tta)
         temperature = fit_temperature(val_logits, val.p_alive, val.weight)
         metrics: dict[str, Any] = {
             "temperature": temperature,
@@ -566,7 +581,7 @@ class _Run:
         if not len(chosen.crops):
             log.warning("no validation or test cells: metrics are on the training crops")
             name, chosen = "train", self.sets["train"]
-        logits = predict_logits(self.model, chosen.crops, self.device, tta=self.cfg.tta)
+        logits = predict_logits(self.net, chosen.crops, self.device, tta=self.cfg.tta)
         p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64) / temperature))
         metrics.update(classification_metrics(chosen.label, p))
         metrics["split"] = name
@@ -634,7 +649,7 @@ def fit_classifier(
     saved_config = {**asdict(cfg), "kind": KIND, "temperature": temperature, "output": "alive logit",
                     "positive_class": "dead", "versions": _versions(), "device": str(dev), "threads": threads,
                     "data": {"snapshot_id": data.snapshot_id, "source": data.source}}
-    save_checkpoint(out_dir, run.model.state_dict(), saved_config, metrics, run.state.curves)
+    save_checkpoint(out_dir, run.net.state_dict(), saved_config, metrics, run.state.curves)
     resume_path.unlink(missing_ok=True)
     run.emit("done", cfg.epochs, run.steps, metrics={k: v for k, v in metrics.items()
                                                      if isinstance(v, float) and math.isfinite(v)})

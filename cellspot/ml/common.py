@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +224,24 @@ def read_metrics(model_dir: Path) -> dict[str, Any]:
 def read_curves(model_dir: Path) -> list[dict[str, Any]]:
     path = Path(model_dir) / CURVES_FILE
     return read_json(path) if path.exists() else []
+
+
+def ema_model(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (None when ``decay`` is 0).
+
+    Call ``.update_parameters(model)`` after every optimiser step; ``.module`` is the averaged
+    network. The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so
+    a short run (a few dozen steps) averages over its recent steps rather than dragging its
+    random initialisation along; the first update copies the model.
+    """
+    if decay <= 0:
+        return None
+
+    def average(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+        steps = int(n)
+        d = min(float(decay), (1.0 + steps) / (10.0 + steps))
+        if not avg.is_floating_point():  # integer buffers (batch-norm counters) take the latest value
+            return new.detach().clone()
+        return avg.detach() * d + new.detach() * (1.0 - d)
+
+    return AveragedModel(model, avg_fn=average, use_buffers=True)

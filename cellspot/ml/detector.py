@@ -33,13 +33,12 @@ import numpy as np
 import pandas as pd
 import segmentation_models_pytorch as smp
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cellspot.crops import reflect_indices
 from cellspot.evaluation import match_cells
 from cellspot.ml.common import (
     RESUME_FILE, WEIGHTS_FILE, EtaClock, FitResult, Progress, ProgressFn, StopFn, TrainingCancelled, TrainingError,
-    configure_threads, load_weights, pick_device, read_config, save_checkpoint, save_torch,
+    configure_threads, ema_model, load_weights, pick_device, read_config, save_checkpoint, save_torch,
     seed_everything,
 )
 from cellspot.ml.data import AnnotatedImage, TrainingData
@@ -471,8 +470,7 @@ class _Run:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         # validation, the kept weights and the checkpoint use the exponential moving average of the
         # weights (batch-norm statistics included) when ``ema`` > 0: steadier than the last step's
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-                    if config.ema > 0 else None)
+        self.ema = ema_model(self.model, config.ema)
         self.net = self.ema.module if self.ema is not None else self.model
         self.pp = default_postprocess(config, radius)
         self.epoch, self.step = 1, 0  # next epoch; steps done in it
