@@ -177,6 +177,7 @@ def test_crops_and_balance_weights():
         (lambda: ClassifierConfig(monitor="auc"), "allowed: balanced_accuracy, loss"),
         (lambda: ClassifierConfig(epochs=0), "epochs must be a positive integer"),
         (lambda: ClassifierConfig(input_scale=8.0), r"input_scale must be within \[0.25, 4\]"),
+        (lambda: ClassifierConfig(ema=1.0), r"ema must be in \[0, 1\)"),
     ],
 )
 def test_bad_configs_are_refused(call, message):
@@ -235,8 +236,9 @@ def test_fit_writes_a_checkpoint_and_reports_progress(tmp_path):
     assert again["brier"] == pytest.approx(metrics["brier"], abs=1e-6) and again["confusion"] == metrics["confusion"]
 
 
-def test_cancel_writes_resume_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
-    cfg = config_for("cpu-fast", **TINY)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_cancel_writes_resume_and_resume_finishes_like_an_uninterrupted_run(tmp_path, ema):
+    cfg = config_for("cpu-fast", **{**TINY, "ema": ema})
     calls = {"n": 0}
 
     def stop_at_fifth_step() -> bool:
@@ -255,7 +257,7 @@ def test_cancel_writes_resume_and_resume_finishes_like_an_uninterrupted_run(tmp_
     np.testing.assert_allclose(load_classifier(tmp_path / "run").predict_crops(crops),
                                load_classifier(tmp_path / "straight").predict_crops(crops), atol=1e-5)
     assert [c["train_loss"] for c in resumed.curves] == pytest.approx([c["train_loss"] for c in straight.curves])
-    other = config_for("cpu-fast", **{**TINY, "lr": 0.01})
+    other = config_for("cpu-fast", **{**TINY, "ema": ema, "lr": 0.01})
     with pytest.raises(TrainingCancelled):
         fit_classifier(_data(), other, tmp_path / "x", should_stop=lambda: True)
     with pytest.raises(TrainingError, match="another config"):
