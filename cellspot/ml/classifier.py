@@ -97,7 +97,7 @@ class ClassifierConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     dropout: float = 0.1
-    ema: float = 0.0
+    ema: float = 0.98
     input_scale: float = 1.0
     patience: int = 6
     monitor: str = "balanced_accuracy"
