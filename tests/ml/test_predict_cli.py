@@ -13,10 +13,10 @@ from cellspot.cli import main
 from cellspot.ml import predict
 from cellspot.ml.predict import CELL_COLUMNS, SUMMARY_COLUMNS
 
-try:  # the fakes live in test_predict.py; tests/ml may or may not be a package
-    from ml.test_predict import CELLS, FakeClassifier, FakeDetector, disc_pixels, write_images
+try:  # the fake_loaders live in test_predict.py; tests/ml may or may not be a package
+    from ml.test_predict import CELLS, disc_pixels, fake_loaders, write_images  # noqa: F401 (fixture)
 except ImportError:
-    from test_predict import CELLS, FakeClassifier, FakeDetector, disc_pixels, write_images
+    from test_predict import CELLS, disc_pixels, fake_loaders, write_images  # noqa: F401 (fixture)
 
 
 def _run(*args: str | Path) -> Result:
@@ -28,23 +28,6 @@ def _ok(*args: str | Path) -> Result:
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     return result
-
-
-@pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    loaded: list[Path] = []
-
-    def detector(model_dir):
-        loaded.append(Path(model_dir))
-        return FakeDetector(version=Path(model_dir).name)
-
-    def classifier(model_dir):
-        loaded.append(Path(model_dir))
-        return FakeClassifier(version=Path(model_dir).name)
-
-    monkeypatch.setattr(predict, "load_detector_dir", detector)
-    monkeypatch.setattr(predict, "load_classifier_dir", classifier)
-    return loaded
 
 
 @pytest.fixture
@@ -83,12 +66,12 @@ def _stored(engine) -> pd.DataFrame:
         return predict.predictions_frame(session, get_project(session, "p"))
 
 
-def test_predict_cli_with_model_folders(settings, tmp_path: Path, fakes, model_dirs) -> None:
+def test_predict_cli_with_model_folders(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"
     result = _ok("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1])
 
-    assert fakes == list(model_dirs)  # each model loaded once for all images
+    assert fake_loaders == list(model_dirs)  # each model loaded once for all images
     cells = pd.read_csv(out / "cells.csv")
     assert list(cells.columns) == CELL_COLUMNS
     assert set(cells.detector_version) == {"det-x"} and set(cells.classifier_version) == {"cls-y"}
@@ -103,7 +86,7 @@ def test_predict_cli_with_model_folders(settings, tmp_path: Path, fakes, model_d
     assert not settings.home.exists()  # predicting with folders creates no store
 
 
-def test_predict_cli_no_overlays_and_single_file(settings, tmp_path: Path, fakes, model_dirs) -> None:
+def test_predict_cli_no_overlays_and_single_file(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"
     _ok("predict", images / "well_b.png", "--out", out, "--detector", model_dirs[0], "--classifier",
@@ -112,7 +95,7 @@ def test_predict_cli_no_overlays_and_single_file(settings, tmp_path: Path, fakes
     assert pd.read_csv(out / "cells.csv").label.tolist() == ["dead"]
 
 
-def test_predict_cli_bad_file(settings, tmp_path: Path, fakes, model_dirs) -> None:
+def test_predict_cli_bad_file(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
     out = tmp_path / "out"
@@ -125,7 +108,7 @@ def test_predict_cli_bad_file(settings, tmp_path: Path, fakes, model_dirs) -> No
     assert pd.read_csv(out / "errors.csv").image.tolist() == ["broken.png"]
 
 
-def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path, fakes) -> None:
+def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path, fake_loaders) -> None:
     from cellspot.ml import registry
     from cellspot.store.db import session_factory
     from cellspot.store.queries import get_project
@@ -138,7 +121,7 @@ def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path,
         with session_factory(engine)() as session:
             project = get_project(session, "p")
             active = [registry.active_run(session, project, k) for k in ("detector", "classifier")]
-        assert fakes == [registry.model_dir(settings, run) for run in active]
+        assert fake_loaders == [registry.model_dir(settings, run) for run in active]
         assert "stored 4 cells on 3 image(s) of project 'p'" in result.output
         stored = _stored(engine)
         assert len(stored) == 4 and set(stored.detector_version) == {active[0].version}
@@ -159,7 +142,7 @@ def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path,
         engine.dispose()
 
 
-def test_predict_cli_other_models_are_not_stored(settings, tmp_path: Path, fakes, model_dirs) -> None:
+def test_predict_cli_other_models_are_not_stored(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     engine = _store_project(settings, images)
     try:
@@ -174,7 +157,7 @@ def test_predict_cli_other_models_are_not_stored(settings, tmp_path: Path, fakes
 
 
 @pytest.mark.parametrize("with_store", [True, False])
-def test_predict_cli_without_active_models_says_how_to_train(settings, tmp_path: Path, fakes, with_store) -> None:
+def test_predict_cli_without_active_models_says_how_to_train(settings, tmp_path: Path, fake_loaders, with_store) -> None:
     images = write_images(tmp_path / "images")
     if with_store:
         _store_project(settings, images, active=False).dispose()
@@ -184,10 +167,10 @@ def test_predict_cli_without_active_models_says_how_to_train(settings, tmp_path:
         assert "train one with `cellspot train detector --project p`" in result.output
     else:
         assert "cellspot init" in result.output and "--detector MODEL_DIR" in result.output
-    assert fakes == []
+    assert fake_loaders == []
 
 
-def test_predict_cli_reads_any_mode(settings, tmp_path: Path, fakes, model_dirs) -> None:
+def test_predict_cli_reads_any_mode(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     rgb = disc_pixels([(10, 10, "alive"), (40, 30, "dead")])
     PILImage.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
     PILImage.fromarray(rgb).convert("P", palette=PILImage.Palette.ADAPTIVE, colors=8).save(tmp_path / "palette.png")
