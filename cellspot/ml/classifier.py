@@ -38,7 +38,6 @@ from cellspot.evaluation import expected_calibration_error
 from cellspot.ml.augment import augment_crops, crop_transforms, images_to_tensor
 from cellspot.ml.common import (
     RESUME_FILE,
-    WEIGHTS_FILE,
     EtaClock,
     FitResult,
     Progress,
@@ -50,7 +49,7 @@ from cellspot.ml.common import (
     ema_model,
     load_weights,
     pick_device,
-    read_config,
+    restore_model,
     save_checkpoint,
     save_torch,
     seed_everything,
@@ -755,16 +754,8 @@ def load_classifier(model_dir: Path | str, device: str | None = None) -> LoadedC
     a classifier checkpoint.
     """
     model_dir = Path(model_dir)
-    raw = read_config(model_dir)
-    if raw.get("kind") != KIND:
-        raise TrainingError(f"{model_dir} holds a {raw.get('kind')!r} model, not a {KIND}")
-    cfg = config_from_dict(raw)
+    raw, cfg, model = restore_model(model_dir, KIND, config_from_dict, build_model)
     dev = pick_device(device)
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(load_weights(model_dir / WEIGHTS_FILE))
-    except RuntimeError as exc:
-        raise TrainingError(f"weights in {model_dir} do not fit encoder {cfg.encoder!r}: {exc}") from exc
     model.to(dev).eval()
     return LoadedClassifier(config=cfg, version=model_dir.name, model=model,
                             temperature=float(raw.get("temperature") or 1.0), device=dev, raw_config=raw)

@@ -216,6 +216,31 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return read_json(Path(model_dir) / CONFIG_FILE)
 
 
+def restore_model(
+    model_dir: Path | str,
+    kind: str,
+    make_config: Callable[[dict[str, Any]], Any],
+    build: Callable[[Any], torch.nn.Module],
+) -> tuple[dict[str, Any], Any, torch.nn.Module]:
+    """Rebuild the network of checkpoint folder ``model_dir`` on the CPU, weights loaded with
+    ``weights_only=True``: returns (raw config.json, ``make_config(raw)``, the network).
+
+    Raises :class:`TrainingError` when the folder holds another kind of model, or when its
+    weights do not fit the network its config describes.
+    """
+    model_dir = Path(model_dir)
+    raw = read_config(model_dir)
+    if raw.get("kind") != kind:
+        raise TrainingError(f"{model_dir} holds a {raw.get('kind')!r} model, not a {kind}")
+    config = make_config(raw)
+    model = build(config)
+    try:
+        model.load_state_dict(load_weights(model_dir / WEIGHTS_FILE))
+    except RuntimeError as exc:
+        raise TrainingError(f"weights in {model_dir} do not fit the network in its config.json: {exc}") from exc
+    return raw, config, model
+
+
 def read_metrics(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / METRICS_FILE
     return read_json(path) if path.exists() else {}

@@ -37,8 +37,8 @@ import torch
 from cellspot.crops import reflect_indices
 from cellspot.evaluation import match_cells
 from cellspot.ml.common import (
-    RESUME_FILE, WEIGHTS_FILE, EtaClock, FitResult, Progress, ProgressFn, StopFn, TrainingCancelled, TrainingError,
-    configure_threads, ema_model, load_weights, pick_device, read_config, save_checkpoint, save_torch,
+    RESUME_FILE, EtaClock, FitResult, Progress, ProgressFn, StopFn, TrainingCancelled, TrainingError,
+    configure_threads, ema_model, load_weights, pick_device, restore_model, save_checkpoint, save_torch,
     seed_everything,
 )
 from cellspot.ml.data import AnnotatedImage, TrainingData
@@ -692,17 +692,13 @@ class LoadedDetector:
 def load_detector(model_dir: Path, device: str | None = None) -> LoadedDetector:
     """Rebuild the detector of checkpoint folder ``model_dir`` (weights loaded with ``weights_only=True``)."""
     model_dir = Path(model_dir)
-    raw = read_config(model_dir)
-    if raw.get("kind") != "detector":
-        raise TrainingError(f"{model_dir} holds a {raw.get('kind')!r} model, not a detector")
     names = {f.name for f in dataclasses.fields(DetectorConfig)}
-    config = DetectorConfig(**{k: v for k, v in raw.items() if k in names and k != "weights_path"})
+
+    def make_config(raw: dict[str, Any]) -> DetectorConfig:
+        return DetectorConfig(**{k: v for k, v in raw.items() if k in names and k != "weights_path"})
+
+    raw, config, model = restore_model(model_dir, "detector", make_config, build_model)
     dev = pick_device(device)
-    model = build_model(config)
-    try:
-        model.load_state_dict(load_weights(model_dir / WEIGHTS_FILE))
-    except RuntimeError as exc:
-        raise TrainingError(f"weights in {model_dir} do not fit the network in its config.json: {exc}") from exc
     model.to(dev, memory_format=torch.channels_last).eval()
     params = raw.get("postprocess") or default_postprocess(config, config.radius or 1.0)
     return LoadedDetector(config=config, version=model_dir.name, model=model, device=dev, params=dict(params))
