@@ -140,6 +140,13 @@ def config_for(preset: str = "cpu-fast", **overrides: Any) -> DetectorConfig:
     return DetectorConfig(**{**PRESETS[preset], **overrides, "preset": preset})
 
 
+def config_from_dict(values: dict[str, Any]) -> DetectorConfig:
+    """Rebuild a config from ``config.json`` (extra keys such as ``kind`` are ignored, and
+    ``weights_path``: a checkpoint's weights replace the pretrained encoder file)."""
+    names = {f.name for f in dataclasses.fields(DetectorConfig)}
+    return DetectorConfig(**{k: v for k, v in values.items() if k in names and k != "weights_path"})
+
+
 def _validate(c: DetectorConfig) -> None:
     checks = [
         (c.arch in ARCHS, f"arch must be one of {ARCHS}, got {c.arch!r}"),
@@ -692,12 +699,7 @@ class LoadedDetector:
 def load_detector(model_dir: Path, device: str | None = None) -> LoadedDetector:
     """Rebuild the detector of checkpoint folder ``model_dir`` (weights loaded with ``weights_only=True``)."""
     model_dir = Path(model_dir)
-    names = {f.name for f in dataclasses.fields(DetectorConfig)}
-
-    def make_config(raw: dict[str, Any]) -> DetectorConfig:
-        return DetectorConfig(**{k: v for k, v in raw.items() if k in names and k != "weights_path"})
-
-    raw, config, model = restore_model(model_dir, "detector", make_config, build_model)
+    raw, config, model = restore_model(model_dir, "detector", config_from_dict, build_model)
     dev = pick_device(device)
     model.to(dev, memory_format=torch.channels_last).eval()
     params = raw.get("postprocess") or default_postprocess(config, config.radius or 1.0)
