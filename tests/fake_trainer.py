@@ -62,7 +62,8 @@ class FakeFit:
         if resume:
             state = json.loads((out_dir / RESUME_FILE).read_text())
             start, curves = state["epoch"] + 1, state["curves"]
-        self.calls.append({"resume": resume, "start_epoch": start, "images": len(data.images), "device": device})
+        self.calls.append({"resume": resume, "start_epoch": start, "images": len(data.images), "device": device,
+                           "config": config})
         clock = EtaClock()
         for epoch in range(start, config.epochs + 1):
             for step in range(1, config.steps + 1):

@@ -103,7 +103,8 @@ def _resumable(session: Session, settings: Settings, kind: str, project: Project
 
 def _prepare_run(session: Session, settings: Settings, kind: str, *, project_name: str | None,
                  images: Path | None, annotations: Path | None, masks: Path | None, source: str,
-                 out: Path | None, preset: str, epochs: int | None, resume: bool) -> tuple[ModelRun, bool]:
+                 out: Path | None, preset: str, epochs: int | None, resume: bool,
+                 overrides: dict[str, Any] | None = None) -> tuple[ModelRun, bool]:
     """The run to train (new, or the one to resume) and whether it must resume."""
     from cellspot.ml.common import RESUME_FILE
     from cellspot.store.queries import get_project
@@ -123,11 +124,25 @@ def _prepare_run(session: Session, settings: Settings, kind: str, *, project_nam
                                        f"with a {RESUME_FILE})")
     if images:
         run = wf.start_folder_training(session, settings, kind, images, annotations, masks, preset=preset,
-                                       epochs=epochs, out_dir=out)
+                                       epochs=epochs, overrides=overrides, out_dir=out)
     else:
         run = wf.start_training(session, settings, project, kind, preset=preset, epochs=epochs, source=source,
-                                out_dir=out)
+                                overrides=overrides, out_dir=out)
     return run, resume
+
+
+def _overrides(kind: str, preset: str, texts: tuple[str, ...]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` options -> config overrides, checked against ``kind``'s config now."""
+    from cellspot.ml.common import TrainingError, parse_override
+    from cellspot.workflows import models as wf
+
+    try:
+        overrides = dict(parse_override(text) for text in texts)
+        if overrides:
+            wf.get_trainer(kind).config_for(preset, **overrides)
+    except (TrainingError, TypeError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from None
+    return overrides
 
 
 @main.command("train")
@@ -146,6 +161,9 @@ def _prepare_run(session: Session, settings: Settings, kind: str, *, project_nam
               help="Checkpoint folder (default: CELLSPOT_HOME/models/<kind>/<version>).")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu-fast", show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's epochs.")
+@click.option("--set", "settings_", metavar="FIELD=VALUE", multiple=True,
+              help="Override one config field of the preset (repeatable), e.g. --set polarity=auto "
+                   "--set tta=true for a detector on mixed stained / fluorescence images.")
 @click.option("--resume", is_flag=True,
               help="Go on from resume.pt: the run at --out, else the newest cancelled/failed run of KIND.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
@@ -153,7 +171,8 @@ def _prepare_run(session: Session, settings: Settings, kind: str, *, project_nam
 @click.option("--background", is_flag=True, help="Queue the run for `cellspot worker` and print its version.")
 def train_command(kind: str, project_name: str | None, source: str | None, images: Path | None,
                   annotations: Path | None, masks: Path | None, out: Path | None, preset: str,
-                  epochs: int | None, resume: bool, device: str | None, background: bool) -> None:
+                  epochs: int | None, settings_: tuple[str, ...], resume: bool, device: str | None,
+                  background: bool) -> None:
     """Train a KIND (classifier or detector) model on a project or an annotated folder."""
     from cellspot.ml.common import TrainingError, pick_device
     from cellspot.ml.registry import RegistryError, model_dir
@@ -164,6 +183,9 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
     from cellspot.workflows import models as wf
 
     _check_sources(project_name, images, annotations, masks, source)
+    if settings_ and resume:
+        raise click.UsageError("--set changes the config; a resumed run keeps the config it started with")
+    overrides = _overrides(kind, preset, settings_)
     if device is not None and not background:
         try:
             pick_device(device)
@@ -175,7 +197,8 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
         with session_factory(engine)() as session, session.begin():
             run, must_resume = _prepare_run(
                 session, settings, kind, project_name=project_name, images=images, annotations=annotations,
-                masks=masks, source=source or "consensus", out=out, preset=preset, epochs=epochs, resume=resume)
+                masks=masks, source=source or "consensus", out=out, preset=preset, epochs=epochs, resume=resume,
+                overrides=overrides)
             run_id, version, folder = run.id, run.version, model_dir(settings, run)
     except (ProjectNotFoundError, wf.WorkflowError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None

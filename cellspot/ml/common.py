@@ -106,6 +106,21 @@ class FitResult:
     seconds: float
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE`` -> ``(FIELD, VALUE)``: a config override as typed on a command line.
+
+    The value is read as JSON when it parses (``3``, ``0.5``, ``true``, ``[64, 32]``), else kept
+    as text (``polarity=auto``). Raises :class:`TrainingError` without a ``=`` or a field name.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise TrainingError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def pick_device(prefer: str | None = None) -> torch.device:
     """``prefer`` ("cpu", "cuda", "cuda:1") or CUDA when available, else CPU."""
     if prefer:

@@ -44,7 +44,7 @@ from cellspot.ml.common import (
 from cellspot.ml.data import AnnotatedImage, TrainingData
 from cellspot.ml.postprocess import SEED_KINDS, Detections, counts_to_scores, match_instances, postprocess
 from cellspot.ml.targets import CENTRE_KINDS, CHANNELS, TARGET_KINDS, estimate_radius, render_targets
-from cellspot.ml.tiling import normalize_image, predict_tiled
+from cellspot.ml.tiling import POLARITIES, normalize_image, predict_tiled
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ class DetectorConfig:
     a factor drawn log-uniformly from [1 / scale_jitter, scale_jitter]; 1 = off), ``invert``
     and ``gray`` (probabilities of negating the normalised tile, so dark cells on a light
     background look like bright ones on a dark background, and of replacing its colours by
-    their mean). ``tta``: inference averages the 8 flips / rotations of every tile (8x the
+    their mean). ``polarity``: "keep", or "auto": images whose grey levels are skewed towards
+    dark (dark objects on a light background) are negated after normalisation, in training and
+    inference alike (:func:`cellspot.ml.tiling.normalize_image`). ``tta``: inference averages the 8 flips / rotations of every tile (8x the
     compute, smoother maps). ``ema``: decay of the exponential moving average of the weights
     that is validated, kept and saved (0 = the raw weights).
     """
@@ -108,6 +110,7 @@ class DetectorConfig:
     scale_jitter: float = 1.25
     invert: float = 0.0
     gray: float = 0.0
+    polarity: str = "keep"
     tta: bool = False
 
     def __post_init__(self) -> None:
@@ -157,6 +160,7 @@ def _validate(c: DetectorConfig) -> None:
         (1.0 <= c.scale_jitter <= 4.0, f"scale_jitter must be in [1, 4], got {c.scale_jitter}"),
         (0.0 <= c.invert <= 1.0 and 0.0 <= c.gray <= 1.0,
          f"invert and gray are probabilities in [0, 1], got {c.invert} and {c.gray}"),
+        (c.polarity in POLARITIES, f"polarity must be one of {POLARITIES}, got {c.polarity!r}"),
         (3 <= c.encoder_depth <= 5, f"encoder_depth must be 3..5, got {c.encoder_depth}"),
         (c.arch not in ("unet", "unetplusplus") or len(c.decoder_channels) == c.encoder_depth,
          f"decoder_channels needs encoder_depth={c.encoder_depth} entries, got {c.decoder_channels}"),
@@ -247,11 +251,11 @@ def resolve_radius(config: DetectorConfig, data: TrainingData) -> float:
 
 
 def _prepare(images: list[AnnotatedImage], kind: str, radius: float, tile: int,
-             centre: str = "gaussian") -> list[_Prepared]:
+             centre: str = "gaussian", polarity: str = "keep") -> list[_Prepared]:
     out = []
     for im in images:
         h, w = im.pixels.shape[:2]
-        image = normalize_image(im.pixels)
+        image = normalize_image(im.pixels, polarity)
         target = render_targets((h, w), im.cells, radius, kind, im.mask, centre)
         if h < tile or w < tile:
             rows, cols = reflect_indices(0, max(h, tile), h), reflect_indices(0, max(w, tile), w)
@@ -492,7 +496,8 @@ class _Run:
     # -- setup
     def prepare(self, train: list[AnnotatedImage], val: list[AnnotatedImage]) -> None:
         self.train_images, self.val_images = train, val
-        self.prepared = _prepare(train, self.kind, self.radius, self.config.tile, self.centre)
+        self.prepared = _prepare(train, self.kind, self.radius, self.config.tile, self.centre,
+                                 self.config.polarity)
         self.val_targets = [render_targets(im.pixels.shape[:2], im.cells, self.radius, self.kind, im.mask,
                                            self.centre) for im in val]
 
@@ -589,7 +594,8 @@ class _Run:
 
     def predict(self, pixels: np.ndarray, tta: bool) -> np.ndarray:
         c = self.config
-        return predict_tiled(self.net, pixels, c.infer_tile, c.overlap, self.device, divisor=c.divisor, tta=tta)
+        return predict_tiled(self.net, pixels, c.infer_tile, c.overlap, self.device, divisor=c.divisor, tta=tta,
+                             polarity=c.polarity)
 
     def end_epoch(self) -> bool:
         """Validate, keep the best weights; True when training should stop."""
@@ -686,7 +692,7 @@ class LoadedDetector:
         """``(2, H, W)`` float32 probabilities (foreground, centre) of ``pixels`` ``(H, W, 3)`` uint8."""
         c = self.config
         return predict_tiled(self.model, pixels, c.infer_tile, c.overlap, self.device, divisor=c.divisor,
-                             tta=bool(c.tta))
+                             tta=bool(c.tta), polarity=c.polarity)
 
     def detect(self, pixels: np.ndarray, **overrides: Any) -> Detections:
         """Cells of ``pixels`` ``(H, W, 3)`` uint8; ``overrides`` replace post-processing parameters."""

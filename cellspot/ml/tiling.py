@@ -25,17 +25,42 @@ class TilingError(ValueError):
     """Bad tiling request (tile not a multiple of the divisibility, overlap too large, bad image)."""
 
 
-def normalize_image(pixels: np.ndarray) -> np.ndarray:
+#: how :func:`normalize_image` treats the image's polarity: "keep" it, or "auto": negate the
+#: standardised image when its grey levels are skewed towards dark (a light background with
+#: dark objects: brightfield, stained tissue), so every image reaches the network as bright
+#: objects on a dark background, like fluorescence
+POLARITIES = ("keep", "auto")
+
+
+def normalize_image(pixels: np.ndarray, polarity: str = "keep") -> np.ndarray:
     """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32, standardised by the image's own mean / std.
 
     One mean and one std over all channels (colour relations are kept), so brightfield,
-    fluorescence and stained images reach the network on a comparable scale.
+    fluorescence and stained images reach the network on a comparable scale. ``polarity``
+    (:data:`POLARITIES`): "auto" negates the result when the skewness of the grey levels
+    (the mean of the three channels) is negative, i.e. most pixels are brighter than the mean.
     """
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise TilingError(f"pixels must be (H, W, 3) uint8 RGB, got shape {pixels.shape}")
+    if polarity not in POLARITIES:
+        raise TilingError(f"polarity must be one of {POLARITIES}, got {polarity!r}")
     x = pixels.astype(np.float32) / 255.0
     mean, std = float(x.mean()), float(x.std())
-    return np.ascontiguousarray(((x - mean) / max(std, 1e-3)).transpose(2, 0, 1))
+    out = (x - mean) / max(std, 1e-3)
+    if polarity == "auto" and dark_objects(pixels):
+        out = -out
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def dark_objects(pixels: np.ndarray) -> bool:
+    """True when the grey levels of ``pixels`` ``(H, W, 3)`` are skewed towards dark (negative
+    skewness): a light background with dark objects."""
+    grey = pixels.astype(np.float64).mean(axis=2)
+    centred = grey - grey.mean()
+    spread = float(np.sqrt((centred ** 2).mean()))
+    if spread < 1e-6:
+        return False
+    return float((centred ** 3).mean()) / spread ** 3 < 0.0
 
 
 def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
@@ -89,6 +114,7 @@ def predict_tiled(
     divisor: int = 32,
     batch_size: int = 4,
     tta: bool = False,
+    polarity: str = "keep",
 ) -> np.ndarray:
     """Sigmoid probabilities of ``model`` over a whole image.
 
@@ -98,7 +124,8 @@ def predict_tiled(
     axis evenly (:func:`tile_length`), and images smaller than a tile are processed as one
     reflect-padded piece rounded up to ``divisor``. ``overlap``: pixels
     shared by neighbouring tiles (< tile / 2). ``tta``: every tile's output is the mean over
-    its 8 flips / 90-degree rotations (each mapped back), 8x the compute.
+    its 8 flips / 90-degree rotations (each mapped back), 8x the compute. ``polarity``: see
+    :func:`normalize_image`.
 
     Returns ``(C, H, W)`` float32 in [0, 1].
     """
@@ -106,7 +133,7 @@ def predict_tiled(
         raise TilingError(f"tile must be a positive multiple of {divisor}, got {tile}")
     if not 0 <= overlap < tile // 2 + 1:
         raise TilingError(f"overlap must be in [0, tile/2] = [0, {tile // 2}], got {overlap}")
-    image = normalize_image(pixels)
+    image = normalize_image(pixels, polarity)
     _, h, w = image.shape
     th, tw = tile_length(h, tile, overlap, divisor), tile_length(w, tile, overlap, divisor)
     ph, pw = max(h, th), max(w, tw)

@@ -77,6 +77,7 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(invert=1.5), "probabilities"),
         (dict(gray=-0.1), "probabilities"),
         (dict(ema=1.0), "ema must be in"),
+        (dict(polarity="flip"), "polarity must be one of"),
     ],
 )
 def test_bad_configs_raise(overrides: dict, match: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cellspot.ml.tiling import (
-    TilingError, blend_window, normalize_image, predict_tiled, tile_length, tile_starts,
+    TilingError, blend_window, dark_objects, normalize_image, predict_tiled, tile_length, tile_starts,
 )
 
 
@@ -83,6 +83,33 @@ def test_bad_tiling_raises(tile: int, overlap: int, match: str) -> None:
 def test_normalize_rejects_grey_arrays() -> None:
     with pytest.raises(TilingError, match=r"\(H, W, 3\)"):
         normalize_image(np.zeros((5, 5), np.uint8))
+    with pytest.raises(TilingError, match="polarity must be one of"):
+        normalize_image(np.zeros((5, 5, 3), np.uint8), "flip")
+
+
+def _discs(dark: bool) -> np.ndarray:
+    """Three small discs on a 64 x 64 background: dark discs on light or light discs on dark."""
+    yy, xx = np.mgrid[:64, :64]
+    inside = np.zeros((64, 64), bool)
+    for cy, cx in [(16, 16), (40, 20), (30, 48)]:
+        inside |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 36
+    grey = np.where(inside, 40, 210) if dark else np.where(inside, 210, 40)
+    return np.repeat(grey[:, :, None], 3, axis=2).astype(np.uint8)
+
+
+def test_auto_polarity_turns_dark_objects_bright() -> None:
+    dark, bright = _discs(dark=True), _discs(dark=False)
+    assert dark_objects(dark) and not dark_objects(bright)
+    assert not dark_objects(np.full((8, 8, 3), 128, np.uint8))  # flat: nothing to decide
+    # "auto" negates the dark-object image: it matches the bright-object image exactly (same levels)
+    np.testing.assert_allclose(normalize_image(dark, "auto"), normalize_image(bright), atol=1e-5)
+    np.testing.assert_allclose(normalize_image(dark, "auto"), -normalize_image(dark), atol=1e-6)
+    # a bright-object image is left as it is
+    np.testing.assert_array_equal(normalize_image(bright, "auto"), normalize_image(bright))
+    # tiled prediction applies it too: a pixelwise model sees the same input for both images
+    model = _pixel_model(4)
+    np.testing.assert_allclose(predict_tiled(model, dark, 32, 8, "cpu", polarity="auto"),
+                               predict_tiled(model, bright, 32, 8, "cpu"), atol=1e-5)
 
 
 @pytest.mark.parametrize("h, w, tile", [(37, 53, 32), (64, 96, 64)])

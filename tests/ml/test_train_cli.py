@@ -63,6 +63,32 @@ def test_bad_option_combinations_are_usage_errors(settings, folder, extra, messa
     assert code == 2 and message in out
 
 
+@pytest.mark.parametrize(
+    ("kind", "extra", "message"),
+    [
+        ("detector", ["--set", "polarity=flip"], "polarity must be one of"),
+        ("detector", ["--set", "colour=red"], "unknown detector config field(s) ['colour']"),
+        ("classifier", ["--set", "input_scale"], "expected FIELD=VALUE, got 'input_scale'"),
+        ("classifier", ["--set", "input_scale=9"], "input_scale must be within [0.25, 4]"),
+        ("detector", ["--set", "tta=true", "--resume"], "a resumed run keeps the config it started with"),
+    ],
+)
+def test_bad_config_overrides_are_usage_errors(settings, kind, extra, message) -> None:
+    code, out = _run("train", kind, *extra)
+    assert code == 2 and message in " ".join(out.split()), out
+
+
+def test_config_overrides_reach_the_stored_run_and_the_fit(settings, monkeypatch) -> None:
+    fit = install(monkeypatch)
+    seed_project(settings)
+    code, out = _run("train", "classifier", "--set", "lr=0.5", "--set", "steps=2", "--epochs", "2")
+    assert code == 0, out
+    stored = load_run(settings, 1).config
+    assert {k: stored[k] for k in ("lr", "steps", "epochs", "preset")} == {"lr": 0.5, "steps": 2, "epochs": 2,
+                                                                         "preset": "cpu-fast"}
+    assert (fit.calls[0]["config"].lr, fit.calls[0]["config"].steps) == (0.5, 2)
+
+
 def test_unknown_project_and_missing_snapshot_are_clear_errors(settings, monkeypatch) -> None:
     install(monkeypatch)
     seed_project(settings)
