@@ -235,6 +235,16 @@ def test_classifier_epochs_keep_the_step_budget(al, n_crops, batch, steps, expec
     assert al.classifier_epochs(n_crops, batch, steps) == expected
 
 
+def test_detector_config_negates_dark_nuclei_on_dsb_only(al) -> None:
+    from types import SimpleNamespace
+
+    args = al.parse_args([])
+    configs = {name: al.detector_config(SimpleNamespace(ds=SimpleNamespace(name=name), radius=7.0, seed=1), args)
+               for name in ("ldc", "dsb")}
+    assert (configs["ldc"].polarity, configs["dsb"].polarity) == ("keep", "auto")
+    assert all(c.target == "disk" and c.radius == 7.0 and not c.tta for c in configs.values())
+
+
 def test_n_labelled_cells_counts_trainable_cells(al) -> None:
     cells = {"a": pd.DataFrame({"label": ["alive", "dead", "unknown"], "p_alive": [0.9, 0.1, np.nan],
                                 "weight": [0.8, 0.0, 1.0]}),
