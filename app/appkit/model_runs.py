@@ -122,10 +122,19 @@ def refresh() -> None:
 # --------------------------------------------------------------------------- actions
 
 
-def train(project_name: str, kind: str, preset: str, epochs: int | None, source: str) -> str:
-    """Queue a training run (:func:`cellspot.workflows.models.queue_training`); its version."""
+def train(project_name: str, kind: str, preset: str, epochs: int | None, source: str, fields: str = "") -> str:
+    """Queue a training run (:func:`cellspot.workflows.models.queue_training`); its version.
+
+    ``fields``: config overrides typed as ``FIELD=VALUE`` pairs separated by spaces.
+    """
+    from cellspot.ml.common import TrainingError, parse_override
+
+    try:
+        overrides = dict(parse_override(item) for item in fields.split())
+    except TrainingError as exc:
+        raise workflow.WorkflowError(f"config fields: {exc}") from None
     run = workflow.queue_training(resources.settings(), project_name, kind, preset=preset, epochs=epochs,
-                                  source=source)
+                                  source=source, overrides=overrides)
     refresh()
     return run.version
 

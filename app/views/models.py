@@ -62,11 +62,15 @@ with st.form("models_train", border=True):
                            help="consensus: the latest consensus snapshot · expert: expert cells only")
     epochs = cols[3].number_input("Epochs (optional)", min_value=1, max_value=1000, value=None, step=1,
                                   key="train_epochs", placeholder="preset default")
+    fields_text = st.text_input(
+        "Config fields (optional)", key="train_set", placeholder="e.g. polarity=auto tta=true",
+        help="FIELD=VALUE pairs separated by spaces, over the preset: any field of the model's config, e.g. "
+             "polarity=auto for a detector on stained or brightfield images (dark nuclei on a light background).")
     submitted = st.form_submit_button("Train", type="primary", icon=":material/model_training:")
     st.caption("Training runs in the background worker (`cellspot worker`); this page queues it and "
                "shows its progress.")
 if submitted:
-    act(lambda: f"{model_runs.train(project.name, kind, preset, epochs, source)} queued.")
+    act(lambda: f"{model_runs.train(project.name, kind, preset, epochs, source, fields_text)} queued.")
 
 
 

@@ -137,12 +137,9 @@ def _overrides(kind: str, preset: str, texts: tuple[str, ...]) -> dict[str, Any]
     from cellspot.workflows import models as wf
 
     try:
-        overrides = dict(parse_override(text) for text in texts)
-        if overrides:
-            wf.get_trainer(kind).config_for(preset, **overrides)
-    except (TrainingError, TypeError) as exc:
+        return wf.check_config(kind, preset, dict(parse_override(text) for text in texts))
+    except (TrainingError, wf.WorkflowError) as exc:
         raise click.BadParameter(str(exc), param_hint="--set") from None
-    return overrides
 
 
 @main.command("train")

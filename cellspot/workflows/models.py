@@ -155,6 +155,20 @@ def _overrides(epochs: int | None, overrides: Mapping[str, Any] | None) -> dict[
     return out
 
 
+def check_config(kind: str, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` as a dict once ``kind``'s ``config_for(preset, **overrides)`` accepts them;
+    else :class:`WorkflowError` saying which field is wrong (checked before a run is queued,
+    so a typo does not wait in the queue to fail)."""
+    trainer = get_trainer(kind)
+    try:
+        _resolve_config(trainer, preset, overrides)
+    except WorkflowError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise WorkflowError(f"bad {kind} config: {exc}") from None
+    return dict(overrides)
+
+
 def start_training(
     session: Session,
     settings: Settings,
@@ -187,7 +201,8 @@ def start_training(
             )
         snapshot_id = data_source["snapshot_id"] = snapshot.id
     return registry.create_run(
-        session, kind, project=project, preset=preset, config=_overrides(epochs, overrides),
+        session, kind, project=project, preset=preset,
+        config=check_config(kind, preset, _overrides(epochs, overrides)),
         data_source=data_source, snapshot_id=snapshot_id,
         path=registry.relative_path(settings, out_dir) if out_dir is not None else None,
     )
@@ -215,7 +230,8 @@ def start_folder_training(
         "masks": str(Path(masks).resolve()) if masks is not None else None,
     }
     return registry.create_run(
-        session, kind, project=None, preset=preset, config=_overrides(epochs, overrides),
+        session, kind, project=None, preset=preset,
+        config=check_config(kind, preset, _overrides(epochs, overrides)),
         data_source=data_source,
         path=registry.relative_path(settings, out_dir) if out_dir is not None else None,
     )
@@ -242,13 +258,16 @@ def _own_session(settings: Settings, work: Callable[[Session], ModelRun]) -> Mod
 def queue_training(
     settings: Settings, project_name: str, kind: str, *, preset: str = registry.DEFAULT_PRESET,
     epochs: int | None = None, source: str = "consensus", device: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> ModelRun:
-    """Create the run in its own committed transaction, then enqueue it (dashboard button)."""
+    """Create the run in its own committed transaction, then enqueue it (dashboard button);
+    ``overrides``: config fields over the preset (:func:`check_config`)."""
     from cellspot.store.queries import get_project
 
     def work(session: Session) -> ModelRun:
         project = get_project(session, project_name)
-        return start_training(session, settings, project, kind, preset=preset, epochs=epochs, source=source)
+        return start_training(session, settings, project, kind, preset=preset, epochs=epochs, source=source,
+                              overrides=overrides)
 
     run = _own_session(settings, work)
     enqueue(settings, run.id, device=device)

@@ -105,6 +105,22 @@ def test_empty_state_says_train_one(app):
     assert not app.dataframe
 
 
+@pytest.mark.parametrize(("fields", "message"), [
+    ("polarity=flip", "polarity must be one of"),
+    ("colour=red", "unknown config fields ['colour']"),
+    ("tta", "config fields: expected FIELD=VALUE, got 'tta'"),
+])
+def test_bad_config_fields_are_refused_and_nothing_is_queued(app, app_engine, monkeypatch, fields, message):
+    monkeypatch.setattr("cellspot.workflows.models.enqueue", lambda *a, **kw: pytest.fail("must not queue"))
+    open_models(app)
+    app.radio(key="train_kind").set_value("detector")
+    app.text_input(key="train_set").set_value(fields)
+    button(app, "Train").click().run()
+    no_exception(app)
+    assert message in texts(app.error)
+    assert runs_in_store(app_engine) == {}
+
+
 def test_train_queues_a_run_and_shows_it_live(app, app_engine, monkeypatch):
     queued = []
     monkeypatch.setattr("cellspot.workflows.models.enqueue",
@@ -112,6 +128,7 @@ def test_train_queues_a_run_and_shows_it_live(app, app_engine, monkeypatch):
     open_models(app)
     app.radio(key="train_kind").set_value("detector")
     app.number_input(key="train_epochs").set_value(3)
+    app.text_input(key="train_set").set_value("polarity=auto  tta=true")
     button(app, "Train").click().run()
     no_exception(app)
     stored = runs_in_store(app_engine)
@@ -119,7 +136,8 @@ def test_train_queues_a_run_and_shows_it_live(app, app_engine, monkeypatch):
     version = next(iter(stored))
     with Session(app_engine) as session:
         run = session.scalar(select(ModelRun))
-        assert run.config == {"epochs": 3} and run.data_source["kind"] == "consensus"
+        assert run.config == {"polarity": "auto", "tta": True, "epochs": 3}
+        assert run.data_source["kind"] == "consensus"
         assert [q[0] for q in queued] == [run.id]
     assert f"{version} queued." in texts(app.success)
     assert "Training now" in [s.value for s in app.subheader]

@@ -67,7 +67,7 @@ def test_bad_option_combinations_are_usage_errors(settings, folder, extra, messa
     ("kind", "extra", "message"),
     [
         ("detector", ["--set", "polarity=flip"], "polarity must be one of"),
-        ("detector", ["--set", "colour=red"], "unknown detector config field(s) ['colour']"),
+        ("detector", ["--set", "colour=red"], "unknown config fields ['colour']; allowed:"),
         ("classifier", ["--set", "input_scale"], "expected FIELD=VALUE, got 'input_scale'"),
         ("classifier", ["--set", "input_scale=9"], "input_scale must be within [0.25, 4]"),
         ("detector", ["--set", "tta=true", "--resume"], "a resumed run keeps the config it started with"),

@@ -108,9 +108,22 @@ def test_failure_is_recorded_and_not_raised(settings, store, monkeypatch) -> Non
     assert [r["epoch"] for r in load_run(settings, run.id).curves] == [1]
 
 
-def test_bad_config_override_fails_the_run_with_allowed_fields(settings, store, monkeypatch) -> None:
+def test_bad_config_override_is_refused_before_a_run_is_stored(settings, store, monkeypatch) -> None:
     install(monkeypatch)
-    run = wf.run_training(settings, _new_run(store, settings, overrides={"bogus": 1}))
+    with pytest.raises(wf.WorkflowError, match=r"unknown config fields \['bogus'\]; allowed: .*epochs"):
+        _new_run(store, settings, overrides={"bogus": 1})
+    with pytest.raises(wf.WorkflowError, match="bad classifier config: .*"):
+        _new_run(store, settings, overrides={"epochs": "many"}, preset="turbo")
+    with session_factory(store)() as session:
+        assert session.scalars(select(ModelRun)).all() == []
+
+
+def test_stored_config_that_no_longer_fits_fails_the_run_with_allowed_fields(settings, store, monkeypatch) -> None:
+    install(monkeypatch)
+    run_id = _new_run(store, settings)
+    with transaction(store) as session:  # e.g. written by another version of cellspot
+        session.get(ModelRun, run_id).config = {"bogus": 1}
+    run = wf.run_training(settings, run_id)
     assert run.status == "failed" and "bogus" in run.error and "epochs" in run.error
 
 
