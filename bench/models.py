@@ -389,9 +389,7 @@ def detector_config(bench: Bench, **extra: Any) -> Any:
     from cellspot.ml.detector import config_for
 
     over: dict[str, Any] = {"seed": bench.args.seed, "threads": bench.args.threads,
-                            "max_minutes": bench.args.det_minutes}
-    over.update(extra)
-    over.update(bench.args.det_set)
+                            "max_minutes": bench.args.det_minutes, **extra, **bench.args.det_set}
     if bench.quick:
         over.update(epochs=1, steps_per_epoch=3, max_minutes=0.5)
     return config_for(bench.args.det_preset, **over)

@@ -127,10 +127,10 @@ def train(project_name: str, kind: str, preset: str, epochs: int | None, source:
 
     ``fields``: config overrides typed as ``FIELD=VALUE`` pairs separated by spaces.
     """
-    from cellspot.ml.common import TrainingError, parse_override
+    from cellspot.ml.common import TrainingError, parse_overrides
 
     try:
-        overrides = dict(parse_override(item) for item in fields.split())
+        overrides = parse_overrides(fields.split())
     except TrainingError as exc:
         raise workflow.WorkflowError(f"config fields: {exc}") from None
     run = workflow.queue_training(resources.settings(), project_name, kind, preset=preset, epochs=epochs,

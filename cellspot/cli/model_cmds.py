@@ -133,11 +133,11 @@ def _prepare_run(session: Session, settings: Settings, kind: str, *, project_nam
 
 def _overrides(kind: str, preset: str, texts: tuple[str, ...]) -> dict[str, Any]:
     """``--set FIELD=VALUE`` options -> config overrides, checked against ``kind``'s config now."""
-    from cellspot.ml.common import TrainingError, parse_override
+    from cellspot.ml.common import TrainingError, parse_overrides
     from cellspot.workflows import models as wf
 
     try:
-        return wf.check_config(kind, preset, dict(parse_override(text) for text in texts))
+        return wf.check_config(kind, preset, parse_overrides(texts))
     except (TrainingError, wf.WorkflowError) as exc:
         raise click.BadParameter(str(exc), param_hint="--set") from None
 

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` items -> ``{FIELD: VALUE}`` (see :func:`parse_override`; a later item wins)."""
+    return dict(parse_override(item) for item in items)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:

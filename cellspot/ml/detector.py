@@ -73,8 +73,9 @@ class DetectorConfig:
     their mean). ``polarity``: "keep", or "auto": images whose grey levels are skewed towards
     dark (dark objects on a light background) are negated after normalisation, in training and
     inference alike (:func:`cellspot.ml.tiling.normalize_image`). ``tta``: inference averages
-    the 8 flips / rotations of every tile (8x the compute, smoother maps). ``ema``: decay of the exponential moving average of the weights
-    that is validated, kept and saved (0 = the raw weights).
+    the 8 flips / rotations of every tile (8x the compute, smoother maps). ``ema``: decay of
+    the exponential moving average of the weights that is validated, kept and saved (0 = the
+    raw weights).
     """
 
     preset: str = "cpu-fast"

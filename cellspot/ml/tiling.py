@@ -55,12 +55,12 @@ def normalize_image(pixels: np.ndarray, polarity: str = "keep") -> np.ndarray:
 def dark_objects(pixels: np.ndarray) -> bool:
     """True when the grey levels of ``pixels`` ``(H, W, 3)`` are skewed towards dark (negative
     skewness): a light background with dark objects."""
+    from scipy.stats import skew  # heavy module: loaded on first use only
+
     grey = pixels.astype(np.float64).mean(axis=2)
-    centred = grey - grey.mean()
-    spread = float(np.sqrt((centred ** 2).mean()))
-    if spread < 1e-6:
+    if float(grey.std()) < 1e-6:  # flat: nothing to decide (and no skewness to compute)
         return False
-    return float((centred ** 3).mean()) / spread ** 3 < 0.0
+    return float(skew(grey, axis=None)) < 0.0
 
 
 def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
