@@ -21,6 +21,9 @@ NIH malaria by patient, :func:`cellspot.ml.data.load_crop_folder`).
   of the matched cells; baseline watershed + feature classifier.
 * ``cost``     training seconds (classifier on the LDC crops, LDC detector), prediction
   images/s at 256x256 and seconds for one 1024x1024 image (detect + classify), peak RSS.
+* ``seeds``    (only when named in ``--only``) the LDC true-box and malaria classifiers trained
+  again with ``--seeds`` training seeds on the same split: the metric per seed, its spread,
+  the metric of the seeds' ensemble, and how many test cells every seed gets wrong.
 
 The LDC detector and classifier trained by one step are reused by the later ones.
 
@@ -28,6 +31,7 @@ The LDC detector and classifier trained by one step are reused by the later ones
     python bench/models.py --quick                 # smoke run, tiny subsets and epochs (< 3 min)
     python bench/models.py --only ldc-cls,malaria  # some steps
     python bench/models.py --only pipeline,cost --reuse   # reuse models in bench/out/models
+    python bench/models.py --only seeds --seeds 3  # training-seed spread of the classifiers (~20 min)
 
 Writes bench/out/models.json and bench/out/models.md (bench/out is not tracked).
 """
@@ -58,8 +62,14 @@ from benchkit import fmt as _fmt, start_run  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 STEPS = ("ldc-cls", "malaria", "dsb-det", "ldc-det", "pipeline", "cost")
+#: steps run only when named in ``--only``
+EXTRA_STEPS = ("seeds",)
 
 log = logging.getLogger("bench.models")
+
+#: malaria crops are whole 50 px cells (the default 40 px crop would cut into them); more epochs
+#: and patience than the preset for this bigger, noisier set
+MALARIA_CLASSIFIER: dict[str, Any] = {"crop_size": 50, "epochs": 30, "patience": 10}
 
 
 @dataclasses.dataclass
@@ -359,17 +369,23 @@ def consensus_variant(bench: Bench, data: Any, radius: float) -> None:
                                 baseline=res["baseline"]["balanced_accuracy"]))
 
 
-def step_malaria(bench: Bench) -> None:
-    from cellspot.ml.data import load_crop_folder
+def load_malaria(bench: Bench) -> Any:
+    if "malaria" not in bench.cache:
+        from cellspot.ml.data import load_crop_folder
 
-    data = load_crop_folder(SHARED / "nih_malaria_cells_50px", positive_label="Parasitized", group_column="patient",
-                            seed=bench.args.seed)
-    if bench.quick:
-        data = subset(data, {"train": 300, "val": 60, "test": 150}, bench.args.seed)
-    print(f"\nNIH malaria: {({s: len(data.split(s)) for s in ('train', 'val', 'test')})} crops per split "
-          f"(by patient)")
-    # whole 50 px cells: the default 40 px crop would cut into them
-    model, seconds = train_classifier(bench, data, "malaria-classifier", crop_size=50, epochs=30, patience=10)
+        data = load_crop_folder(SHARED / "nih_malaria_cells_50px", positive_label="Parasitized",
+                                group_column="patient", seed=bench.args.seed)
+        if bench.quick:
+            data = subset(data, {"train": 300, "val": 60, "test": 150}, bench.args.seed)
+        print(f"\nNIH malaria: {({s: len(data.split(s)) for s in ('train', 'val', 'test')})} crops per split "
+              f"(by patient)")
+        bench.cache["malaria"] = data
+    return bench.cache["malaria"]
+
+
+def step_malaria(bench: Bench) -> None:
+    data = load_malaria(bench)
+    model, seconds = train_classifier(bench, data, "malaria-classifier", **MALARIA_CLASSIFIER)
     radius = min(model.config.crop_size / 2 - 1, 24.0)
     base, base_info = baseline_classifier(bench, data, model.config.crop_size, radius)
     res = evaluate_classifiers(data.split("test"), model, base, radius, "malaria test crops")
@@ -380,6 +396,62 @@ def step_malaria(bench: Bench) -> None:
     bench.details["malaria"] = {"results": res, "baseline": base_info, "train_seconds": seconds, "table": text}
     bench.targets.append(Target("malaria", "malaria accuracy", res["model"]["accuracy"], 0.96,
                                 baseline=res["baseline"]["accuracy"]))
+
+
+def seed_spread(label: np.ndarray, probs: list[np.ndarray], metric: str) -> dict[str, Any]:
+    """How much of a classifier's test error depends on its training seed.
+
+    ``label`` ``(N,)`` 1 = alive; ``probs`` one calibrated ``p_alive`` ``(N,)`` per training
+    seed (same data and split). Returns ``metric`` (a key of ``classification_metrics``) per
+    seed, their mean / sd / min / max, the metric of the ensemble (mean logit over the seeds),
+    and how many test cells every seed gets wrong (``wrong_in_all``) or at least one seed
+    does (``wrong_in_any``): when ``wrong_in_all`` is most of each seed's errors, another seed
+    or an ensemble of seeds will not fix them.
+    """
+    from cellspot.ml.classifier import classification_metrics
+
+    if not probs:
+        raise ValueError("seed_spread needs at least one seed's predictions")
+    label = np.asarray(label)
+    p = np.clip(np.stack([np.asarray(q, float) for q in probs]), 1e-7, 1 - 1e-7)
+    if p.shape[1] != len(label):
+        raise ValueError(f"{p.shape[1]} predictions per seed for {len(label)} labels")
+    values = np.array([classification_metrics(label, q)[metric] for q in p])
+    mean_logit = np.log(p / (1 - p)).mean(axis=0)
+    wrong = (p >= 0.5) != (label == 1)[None, :]
+    return {"metric": metric, "per_seed": values.tolist(), "mean": float(values.mean()),
+            "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "min": float(values.min()),
+            "max": float(values.max()),
+            "ensemble": float(classification_metrics(label, 1 / (1 + np.exp(-mean_logit)))[metric]),
+            "errors_per_seed": wrong.sum(axis=1).tolist(), "wrong_in_all": int(wrong.all(axis=0).sum()),
+            "wrong_in_any": int(wrong.any(axis=0).sum()), "n": int(len(label))}
+
+
+def step_seeds(bench: Bench) -> None:
+    """The classifier steps' models again with ``--seeds`` training seeds on the same split."""
+    from cellspot.ml.classifier import crops_from_data
+
+    n = bench.args.seeds
+    sets = {"ldc": (load_ldc(bench), {}, "balanced_accuracy"),
+            "malaria": (load_malaria(bench), MALARIA_CLASSIFIER, "accuracy")}
+    lines = [f"\n### Classifier training seeds ({n} seeds, split seed {bench.args.seed})\n",
+             "| data | metric | per seed | mean (sd) | ensemble of the seeds | errors per seed | "
+             "wrong in every seed / in any |", "|---|---|---|---|---|---|---|"]
+    results = {}
+    for name, (data, extra, metric) in sets.items():
+        probs = []
+        for k in range(n):
+            model, _ = train_classifier(bench, data, f"{name}-classifier-seed{k}", **extra,
+                                        seed=bench.args.seed + k)
+            crops = crops_from_data(data.split("test"), model.config.crop_size)
+            probs.append(model.predict_crops(crops.crops))
+        res = results[name] = seed_spread(crops.label, probs, metric)
+        lines.append(f"| {name} ({res['n']} test cells) | {metric} | {', '.join(fmt(v) for v in res['per_seed'])} | "
+                     f"{fmt(res['mean'])} ({fmt(res['sd'])}) | {fmt(res['ensemble'])} | "
+                     f"{', '.join(map(str, res['errors_per_seed']))} | {res['wrong_in_all']} / {res['wrong_in_any']} |")
+    text = "\n".join(lines)
+    print(text)
+    bench.details["seeds"] = {"seeds": n, "results": results, "table": text}
 
 
 # --------------------------------------------------------------------------------- detector steps
@@ -627,7 +699,7 @@ def step_cost(bench: Bench) -> None:
 
 STEP_FUNCTIONS: dict[str, Callable[[Bench], None]] = {
     "ldc-cls": step_ldc_cls, "malaria": step_malaria, "dsb-det": step_dsb_det,
-    "ldc-det": step_ldc_det, "pipeline": step_pipeline, "cost": step_cost,
+    "ldc-det": step_ldc_det, "pipeline": step_pipeline, "cost": step_cost, "seeds": step_seeds,
 }
 
 
@@ -682,7 +754,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny subsets and epochs: a smoke run in < 3 min")
     p.add_argument("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=list(STEPS),
-                   help=f"comma-separated steps of {','.join(STEPS)} (default all)")
+                   help=f"comma-separated steps of {','.join(STEPS + EXTRA_STEPS)} (default: "
+                        f"{','.join(STEPS)})")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training seeds of the 'seeds' step: the LDC and malaria classifiers trained again on "
+                        "the same split, to see how much of their test error depends on the seed (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and scikit-learn (default 2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
@@ -700,9 +776,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="log the library's INFO messages")
     args = p.parse_args(argv)
     args.cls_set, args.det_set = dict(args.cls_set), dict(args.det_set)
-    unknown = sorted(set(args.only) - set(STEPS))
+    unknown = sorted(set(args.only) - set(STEPS + EXTRA_STEPS))
     if unknown:
-        p.error(f"unknown step(s) {unknown}; valid: {','.join(STEPS)}")
+        p.error(f"unknown step(s) {unknown}; valid: {','.join(STEPS + EXTRA_STEPS)}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1; got {args.seeds}")
     return args
 
 
@@ -712,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bench = Bench(args=args, out=args.out)
     start = time.perf_counter()
-    for step in STEPS:
+    for step in STEPS + EXTRA_STEPS:
         if step in args.only:
             t0 = time.perf_counter()
             print(f"\n## {step}")
