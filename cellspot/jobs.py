@@ -92,7 +92,7 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
     def predict_task(project: str, detector: str | None = None, classifier: str | None = None) -> dict[str, Any]:
         """Predict every image of ``project`` and store the cells; ``detector`` / ``classifier``
         are run versions or ids (default: the project's active runs)."""
-        from cellspot.ml.predict import predict_project
+        from cellspot.ml.project_predictions import predict_project
         from cellspot.ml.registry import get_run
         from cellspot.store.db import make_engine, transaction
         from cellspot.store.queries import get_project

@@ -154,7 +154,7 @@ def test_redis_queue_round_trip_with_consumer_thread(settings, monkeypatch) -> N
 def test_predict_task_resolves_runs_by_version_and_commits(settings, immediate, monkeypatch) -> None:
     from types import SimpleNamespace
 
-    import cellspot.ml.predict
+    import cellspot.ml.project_predictions
     from cellspot.ml import registry
     from cellspot.store.models import Project
 
@@ -168,7 +168,7 @@ def test_predict_task_resolves_runs_by_version_and_commits(settings, immediate, 
         return SimpleNamespace(project=project.name, detector_version="d", classifier_version=classifier_run.version,
                                images=2, cells=5, alive=4, dead=1, seconds=0.1)
 
-    monkeypatch.setattr(cellspot.ml.predict, "predict_project", fake_predict)
+    monkeypatch.setattr(cellspot.ml.project_predictions, "predict_project", fake_predict)
     out = jobs.enqueue_prediction(settings, "demo", classifier="classifier-0001").get()
     assert calls == [("demo", None, "classifier-0001")]
     assert out == {"project": "demo", "detector_version": "d", "classifier_version": "classifier-0001",

@@ -18,7 +18,8 @@ import streamlit as st
 
 from appkit import resources
 from cellspot.ml import registry
-from cellspot.ml.predict import NoActiveModelError, active_runs, predictions_frame, summarize
+from cellspot.ml.predict import NoActiveModelError, summarize
+from cellspot.ml.project_predictions import active_runs, predictions_frame
 from cellspot.store.models import Image, Project
 from cellspot.workflows import models as workflow
 
@@ -103,7 +104,7 @@ def active_versions(url: str, project_id: int) -> dict[str, str | None]:
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def predictions(url: str, project_id: int) -> pd.DataFrame:
-    """Every stored predicted cell of the project (:func:`cellspot.ml.predict.predictions_frame`)."""
+    """Every stored predicted cell of the project (:func:`cellspot.ml.project_predictions.predictions_frame`)."""
     with resources.session() as session:
         return predictions_frame(session, _project(session, project_id))
 

@@ -70,7 +70,7 @@ def _resolve_models(engine: Engine | None, settings: Settings, project_name: str
     if engine is None:  # only when both folders are given (see _open_store)
         return _Models(given["detector"], given["classifier"])  # type: ignore[arg-type]
     from cellspot.ml import registry
-    from cellspot.ml.predict import no_active_model_message
+    from cellspot.ml.project_predictions import no_active_model_message
     from cellspot.store.db import session_factory
     from cellspot.store.queries import ProjectNotFoundError, get_project
 
@@ -99,7 +99,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def _store(engine: Engine, project_name: str, models: _Models, result: Any) -> tuple[int, int]:
     """Store the predictions of the project's images among ``result``: ``(images, cells)``."""
-    from cellspot.ml.predict import match_project_images, store_predictions
+    from cellspot.ml.project_predictions import match_project_images, store_predictions
     from cellspot.store.db import transaction
     from cellspot.store.models import ModelRun
     from cellspot.store.queries import get_project

@@ -5,5 +5,6 @@
 * :mod:`cellspot.ml.augment`: albumentations pipelines.
 * :mod:`cellspot.ml.classifier`, :mod:`cellspot.ml.detector`: models, ``fit`` and inference.
 * :mod:`cellspot.ml.registry`: model runs in the store, promote / roll back.
-* :mod:`cellspot.ml.predict`: detect + classify images, write CSVs / overlays, store predictions.
+* :mod:`cellspot.ml.predict`: detect + classify images, write CSVs / overlays.
+* :mod:`cellspot.ml.project_predictions`: predict a project's images and keep the cells in the store.
 """

@@ -560,7 +560,7 @@ PredictFn = Callable[[Session, "Settings", Project], Any]
 
 
 def _predict(session: Session, settings: Settings, project: Project) -> Any:
-    from cellspot.ml.predict import predict_project
+    from cellspot.ml.project_predictions import predict_project
 
     return predict_project(session, settings, project)
 
@@ -573,7 +573,7 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
     project's auto state, which is always cleared of its pending mark. A failed training
     also marks the report failed, but the queue is still refreshed (new consensus, the
     models that are active). ``predict``: the
-    prediction step (default :func:`cellspot.ml.predict.predict_project`; tests swap it).
+    prediction step (default :func:`cellspot.ml.project_predictions.predict_project`; tests swap it).
     """
     from cellspot.store.db import make_engine, transaction
 

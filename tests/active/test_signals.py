@@ -1,5 +1,5 @@
 """The per-image signal table read from a tiny store: snapshot cells, runs per image, one
-model pair's stored predictions (written with :func:`cellspot.ml.predict.store_predictions`)."""
+model pair's stored predictions (written with :func:`cellspot.ml.project_predictions.store_predictions`)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def add_snapshot(session, project, images: dict, radius: float = 5.0):
 def add_predictions(session, project, images: dict, model=MODEL, *, promote: bool = True):
     """A done detector + classifier pair and its predictions of every image with pixels."""
     from cellspot.ml import registry
-    from cellspot.ml.predict import DETAIL_COLUMNS, ImagePrediction, PredictionResult, store_predictions
+    from cellspot.ml.predict import DETAIL_COLUMNS, ImagePrediction, PredictionResult
+    from cellspot.ml.project_predictions import store_predictions
     from cellspot.store.models import utcnow
 
     runs = []

@@ -18,7 +18,7 @@ import pytest
 import tifffile
 from PIL import Image as PILImage
 
-from cellspot.ml import predict
+from cellspot.ml import predict, project_predictions
 from cellspot.ml.overlay import ALIVE, DEAD, NO_CELL, Outline, draw_overlay
 from cellspot.ml.predict import (
     CELL_COLUMNS,
@@ -343,8 +343,9 @@ def fake_loaders(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         loaded.append(Path(model_dir))
         return FakeClassifier(version=Path(model_dir).name)
 
-    monkeypatch.setattr(predict, "load_detector_dir", detector)
-    monkeypatch.setattr(predict, "load_classifier_dir", classifier)
+    for module in (predict, project_predictions):  # the CLI loads through predict, projects through the other
+        monkeypatch.setattr(module, "load_detector_dir", detector)
+        monkeypatch.setattr(module, "load_classifier_dir", classifier)
     return loaded
 
 
@@ -352,12 +353,12 @@ def test_predict_project_stores_and_replaces(session, settings, project_with_run
     from cellspot.ml import registry
 
     project, det, cls = project_with_runs
-    report = predict.predict_project(session, settings, project)
+    report = project_predictions.predict_project(session, settings, project)
     assert fake_loaders == [registry.model_dir(settings, det), registry.model_dir(settings, cls)]
     assert (report.images, report.cells, report.alive, report.dead) == (3, 4, 2, 2)
     assert report.viability_pct == 50.0 and report.errors == []
 
-    frame = predict.predictions_frame(session, project)
+    frame = project_predictions.predictions_frame(session, project)
     assert len(frame) == 4
     assert set(frame.detector_version) == {det.version} and set(frame.classifier_version) == {cls.version}
     assert set(frame.detector_run_id) == {det.id}
@@ -365,13 +366,14 @@ def test_predict_project_stores_and_replaces(session, settings, project_with_run
     by_image = predict.summarize(frame).set_index("image")
     assert by_image.loc["well_a.png", ["alive", "dead"]].tolist() == [2, 1]
 
-    predict.predict_project(session, settings, project)  # same pair again: replaced, not doubled
-    assert len(predict.predictions_frame(session, project)) == 4
+    project_predictions.predict_project(session, settings, project)  # same pair again: replaced, not doubled
+    assert len(project_predictions.predictions_frame(session, project)) == 4
 
     other = registry.create_run(session, "classifier", project=project)
-    predict.predict_project(session, settings, project, classifier_run=other)  # another pair: kept apart
-    assert len(predict.predictions_frame(session, project)) == 8
-    assert len(predict.predictions_frame(session, project, detector_run_id=det.id, classifier_run_id=other.id)) == 4
+    project_predictions.predict_project(session, settings, project, classifier_run=other)  # another pair: kept apart
+    assert len(project_predictions.predictions_frame(session, project)) == 8
+    frame = project_predictions.predictions_frame(session, project, detector_run_id=det.id, classifier_run_id=other.id)
+    assert len(frame) == 4
 
 
 def test_predict_project_without_active_model(session, settings, fake_loaders) -> None:
@@ -379,14 +381,14 @@ def test_predict_project_without_active_model(session, settings, fake_loaders) -
 
     project = get_or_create_project(session, "empty")
     with pytest.raises(predict.NoActiveModelError, match=r"train one with `cellspot train detector --project empty`"):
-        predict.predict_project(session, settings, project)
+        project_predictions.predict_project(session, settings, project)
 
 
 def test_match_project_images_by_content(session, settings, project_with_runs, tmp_path: Path) -> None:
     project = project_with_runs[0]
     copies = write_images(tmp_path / "copies", {"renamed.png": CELLS["well_a.png"], "new.png": [(5, 5, "dead")]})
     result = predict_images([copies], FakeDetector(), FakeClassifier())
-    matched = predict.match_project_images(session, project, result)
+    matched = project_predictions.match_project_images(session, project, result)
     assert {name: image.name for name, image in matched.items()} == {"renamed.png": "well_a.png"}
 
 

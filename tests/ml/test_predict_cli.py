@@ -10,7 +10,7 @@ from click.testing import CliRunner, Result
 from PIL import Image as PILImage
 
 from cellspot.cli import main
-from cellspot.ml import predict
+from cellspot.ml import project_predictions
 from cellspot.ml.predict import CELL_COLUMNS, SUMMARY_COLUMNS
 
 try:  # the fake_loaders live in test_predict.py; tests/ml may or may not be a package
@@ -63,7 +63,7 @@ def _stored(engine) -> pd.DataFrame:
     from cellspot.store.queries import get_project
 
     with session_factory(engine)() as session:
-        return predict.predictions_frame(session, get_project(session, "p"))
+        return project_predictions.predictions_frame(session, get_project(session, "p"))
 
 
 def test_predict_cli_with_model_folders(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
