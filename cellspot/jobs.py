@@ -8,7 +8,7 @@ A :class:`JobQueue` binds a huey instance to the settings that the tasks run wit
 worker trains with the store, home and thread count it was started with, and the producer
 only sends run ids. :func:`get_queue` caches one queue per (queue URL, database URL, home).
 
-Automatic rounds (:mod:`cellspot.workflows.rounds`): the periodic task ``cellspot.auto_check``
+Automatic rounds (:mod:`cellspot.workflows.auto_rounds`): the periodic task ``cellspot.auto_check``
 runs once a minute in every worker and queues ``cellspot.auto_round`` for the projects whose
 automatic mode is due (retrain both models, predict, open the next round).
 
@@ -116,8 +116,8 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
     @huey.task(name="cellspot.auto_round")
     def auto_round_task(project: str) -> dict[str, Any]:
         """Retrain, predict and open the next round of ``project`` (one at a time per project;
-        see :func:`cellspot.workflows.rounds.run_auto_round`)."""
-        from cellspot.workflows.rounds import run_auto_round
+        see :func:`cellspot.workflows.auto_rounds.run_auto_round`)."""
+        from cellspot.workflows.auto_rounds import run_auto_round
 
         try:
             with huey.lock_task(f"auto-round-{project}"):
@@ -128,8 +128,8 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
 
     @huey.periodic_task(crontab(minute="*"), name="cellspot.auto_check")
     def auto_check_task() -> list[str]:
-        """Queue the automatic rounds that are due (:func:`cellspot.workflows.rounds.check_auto_rounds`)."""
-        from cellspot.workflows.rounds import check_auto_rounds
+        """Queue the automatic rounds that are due (:func:`cellspot.workflows.auto_rounds.check_auto_rounds`)."""
+        from cellspot.workflows.auto_rounds import check_auto_rounds
 
         return check_auto_rounds(settings)
 
@@ -175,7 +175,7 @@ def enqueue_prediction(
 
 
 def enqueue_auto_round(settings: Settings, project: str) -> Result | None:
-    """Put an automatic round of ``project`` on the queue (:mod:`cellspot.workflows.rounds`)."""
+    """Put an automatic round of ``project`` on the queue (:mod:`cellspot.workflows.auto_rounds`)."""
     result = get_queue(settings).auto_round(project)
     log.info("automatic round of %r queued on %s", project, _safe(settings.resolved_queue_url))
     return result

@@ -1,5 +1,5 @@
 """The Rounds page's reads (briefly cached), actions, thumbnails and learning-curve chart, over
-:mod:`cellspot.workflows.rounds`.
+:mod:`cellspot.workflows.rounds` and :mod:`cellspot.workflows.auto_rounds`.
 
 Glue only: which images are queued, why, and when the automatic mode fires are decided by the
 workflow. Reads are cached with ``st.cache_data`` for :data:`TTL_S` seconds and forgotten by
@@ -25,6 +25,7 @@ from cellspot.active.strategies import list_strategies
 from cellspot.imaging import ImageReadError
 from cellspot.render import ImageUnavailableError, image_file, read_display_rgb
 from cellspot.store.models import Image, Project
+from cellspot.workflows import auto_rounds as auto_workflow
 from cellspot.workflows import rounds as workflow
 
 TTL_S = 2.0
@@ -86,10 +87,10 @@ def sources(url: str, project_id: int) -> workflow.ScoringSources:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def auto(url: str, project_id: int) -> workflow.AutoStatus:
-    """The automatic mode's settings and counter (:func:`cellspot.workflows.rounds.auto_status`)."""
+def auto(url: str, project_id: int) -> auto_workflow.AutoStatus:
+    """The automatic mode's settings and counter (:func:`cellspot.workflows.auto_rounds.auto_status`)."""
     with resources.session() as session:
-        return workflow.auto_status(session, _project(session, project_id))
+        return auto_workflow.auto_status(session, _project(session, project_id))
 
 
 @st.cache_data(show_spinner=False)
@@ -141,7 +142,7 @@ def rollback(project_id: int) -> str:
 def save_auto(project_id: int, enabled: bool, every_runs: int, strategy: str, top: int | None) -> str:
     """Store the automatic-mode settings; the message."""
     with resources.session() as session:
-        new = workflow.set_auto_settings(session, _project(session, project_id), enabled=bool(enabled),
+        new = auto_workflow.set_auto_settings(session, _project(session, project_id), enabled=bool(enabled),
                                          every_runs=every_runs, strategy=strategy, top=int(top) if top else None)
     refresh()
     if not new.enabled:
@@ -153,7 +154,7 @@ def save_auto(project_id: int, enabled: bool, every_runs: int, strategy: str, to
 def run_auto_now(project_id: int) -> str:
     """Queue an automatic round now (retrain, predict, open a round); the message."""
     with resources.session() as session:
-        decision = workflow.maybe_auto_retrain(session, resources.settings(), _project(session, project_id),
+        decision = auto_workflow.maybe_auto_retrain(session, resources.settings(), _project(session, project_id),
                                                force=True)
     refresh()
     if not decision.queued:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from cellspot.active.rounds import target_runs_for
 from cellspot.ml import registry
 from cellspot.store.models import Image, Project, utcnow
+from cellspot.workflows import auto_rounds as ar
 from cellspot.workflows import rounds as wr
 
 # --------------------------------------------------------------------------- helpers
@@ -240,7 +241,7 @@ def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch
     no_exception(app)
     assert "after every 5 new task runs" in texts(app.success)
     with Session(app_engine) as session:
-        stored = wr.AutoSettings.from_project(session.scalar(select(Project)))
+        stored = ar.AutoSettings.from_project(session.scalar(select(Project)))
     assert (stored.enabled, stored.every_runs, stored.strategy, stored.top) == (True, 5, "crowd", None)
     assert "8 new task runs since the last training; 0 more start the next automatic round." in texts(app.caption)
     app.button(key="rounds_auto_now").click().run()

@@ -17,6 +17,7 @@ from cellspot.store.db import transaction
 from cellspot.store.migrate import prepare_store
 from cellspot.store.models import Image, ModelRun, Project
 from cellspot.store.queries import get_or_create_annotator, get_project, submit_task_run
+from cellspot.workflows import auto_rounds as ar
 from cellspot.workflows import rounds as wr
 from cellspot.workflows.demo import build_demo
 from fake_trainer import FakeFit, install
@@ -149,16 +150,16 @@ def test_learning_curve_pairs_task_runs_with_model_metrics(db) -> None:
     ({"speed": 3}, r"unknown automatic-mode settings \['speed'\]"),
 ])
 def test_auto_settings_are_validated_and_nothing_changes(db, changes, error) -> None:
-    with pytest.raises(wr.AutoSettingsError, match=error):
-        wr.set_auto_settings(db, "demo", **changes)
-    assert wr.AUTO_KEY not in get_project(db, "demo").settings
+    with pytest.raises(ar.AutoSettingsError, match=error):
+        ar.set_auto_settings(db, "demo", **changes)
+    assert ar.AUTO_KEY not in get_project(db, "demo").settings
 
 
 def test_auto_settings_round_trip_keep_other_project_settings(db) -> None:
-    stored = wr.set_auto_settings(db, "demo", enabled=True, every_runs="20", top=5)
-    assert stored == wr.AutoSettings(enabled=True, every_runs=20, top=5)
+    stored = ar.set_auto_settings(db, "demo", enabled=True, every_runs="20", top=5)
+    assert stored == ar.AutoSettings(enabled=True, every_runs=20, top=5)
     project = get_project(db, "demo")
-    assert wr.AutoSettings.from_project(project) == stored and project.settings["class_codes"] == ["DEMO"]
+    assert ar.AutoSettings.from_project(project) == stored and project.settings["class_codes"] == ["DEMO"]
 
 
 @pytest.fixture
@@ -170,38 +171,38 @@ def enqueued(monkeypatch) -> list[str]:
 
 def test_trigger_counts_new_runs_and_queues_only_after_commit(engine, settings, enqueued) -> None:
     with transaction(engine) as session:
-        decision = wr.maybe_auto_retrain(session, settings, "demo", now=T0)
+        decision = ar.maybe_auto_retrain(session, settings, "demo", now=T0)
         assert (decision.queued, decision.reason) == (False, "automatic mode is off")
-        wr.set_auto_settings(session, "demo", enabled=True, every_runs=10)
-        decision = wr.maybe_auto_retrain(session, settings, "demo", now=T0)
+        ar.set_auto_settings(session, "demo", enabled=True, every_runs=10)
+        decision = ar.maybe_auto_retrain(session, settings, "demo", now=T0)
         assert (decision.queued, decision.reason) == (False, "8 of 10 new task runs")
         assert decision.status.runs_to_go == 2
         _submit(session, 2)
     with pytest.raises(RuntimeError, match="caller failed"), transaction(engine) as session:
-        assert wr.maybe_auto_retrain(session, settings, "demo", now=T0).queued
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0).queued
         raise RuntimeError("caller failed")  # rolled back: nothing queued, nothing marked
     assert enqueued == []
     with transaction(engine) as session:
-        decision = wr.maybe_auto_retrain(session, settings, "demo", now=T0)
+        decision = ar.maybe_auto_retrain(session, settings, "demo", now=T0)
         assert decision.queued and enqueued == []  # not before the commit
     assert enqueued == ["demo"]
     with transaction(engine) as session:
-        status = wr.auto_status(session, "demo", now=T0)
+        status = ar.auto_status(session, "demo", now=T0)
         assert (status.pending_since, status.baseline_runs, status.new_runs) == (T0, 10, 0)
         _submit(session, 10, start=2)
-        assert wr.maybe_auto_retrain(session, settings, "demo", now=T0).reason.startswith("an automatic round is "
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0).reason.startswith("an automatic round is "
                                                                                          "already pending")
-        later = T0 + wr.AUTO_STALE_AFTER + timedelta(minutes=1)
-        assert wr.maybe_auto_retrain(session, settings, "demo", now=later).queued  # the lost one is retried
+        later = T0 + ar.AUTO_STALE_AFTER + timedelta(minutes=1)
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=later).queued  # the lost one is retried
     assert enqueued == ["demo", "demo"]
 
 
 def test_a_manual_training_resets_the_counter(db, settings) -> None:
-    wr.set_auto_settings(db, "demo", enabled=True, every_runs=3)
-    assert wr.auto_status(db, "demo").due
+    ar.set_auto_settings(db, "demo", enabled=True, every_runs=3)
+    assert ar.auto_status(db, "demo").due
     registry.create_run(db, "classifier", project=get_project(db, "demo"))  # queued from the Models page
     _submit(db, 2)
-    status = wr.auto_status(db, "demo")
+    status = ar.auto_status(db, "demo")
     assert (status.baseline_runs, status.new_runs, status.due) == (8, 2, False)
 
 
@@ -215,10 +216,10 @@ def _predict_recorder(calls: list[tuple[str, ...]]):
 def test_auto_round_retrains_predicts_and_opens_the_next_round(engine, settings, monkeypatch) -> None:
     install(monkeypatch)
     with transaction(engine) as session:
-        wr.set_auto_settings(session, "demo", enabled=True, every_runs=5, strategy="crowd", top=2, epochs=1)
+        ar.set_auto_settings(session, "demo", enabled=True, every_runs=5, strategy="crowd", top=2, epochs=1)
         wr.open_new_round(session, "demo", now=T0)
     predicted: list[tuple[str, ...]] = []
-    report = wr.run_auto_round(settings, "demo", predict=_predict_recorder(predicted), now=T0)
+    report = ar.run_auto_round(settings, "demo", predict=_predict_recorder(predicted), now=T0)
     assert report.status == "done", report.message
     assert report.runs == {"detector": "detector-0001", "classifier": "classifier-0001"}
     assert report.run_status == {"detector-0001": "done", "classifier-0001": "done"}
@@ -228,11 +229,11 @@ def test_auto_round_retrains_predicts_and_opens_the_next_round(engine, settings,
     with transaction(engine) as session:
         info = wr.current_round_info(session, "demo")
         assert (info.number, info.strategy, info.images) == (2, "crowd", 2)
-        state = get_project(session, "demo").settings[wr.AUTO_STATE_KEY]
+        state = get_project(session, "demo").settings[ar.AUTO_STATE_KEY]
         assert state["pending_since"] is None and state["last"]["round"] == 2
-        assert wr.auto_status(session, "demo").last["status"] == "done"
+        assert ar.auto_status(session, "demo").last["status"] == "done"
 
-    report = wr.run_auto_round(settings, "demo", predict=_predict_recorder(predicted), now=T0)
+    report = ar.run_auto_round(settings, "demo", predict=_predict_recorder(predicted), now=T0)
     assert report.promoted == ["detector-0002", "classifier-0002"]  # later runs promoted by the mode
     assert len(predicted) == 2 and report.round == 3
 
@@ -240,21 +241,21 @@ def test_auto_round_retrains_predicts_and_opens_the_next_round(engine, settings,
 def test_auto_round_failure_is_recorded_and_clears_pending(engine, settings, monkeypatch, enqueued) -> None:
     install(monkeypatch)
     with transaction(engine) as session:
-        wr.set_auto_settings(session, "demo", enabled=True, strategy="bald")  # needs MC-dropout samples
-        assert wr.maybe_auto_retrain(session, settings, "demo", force=True, now=T0).queued  # forced: off, 8 < 50
+        ar.set_auto_settings(session, "demo", enabled=True, strategy="bald")  # needs MC-dropout samples
+        assert ar.maybe_auto_retrain(session, settings, "demo", force=True, now=T0).queued  # forced: off, 8 < 50
     assert enqueued == ["demo"]
-    report = wr.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0)
+    report = ar.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0)
     assert report.status == "failed" and "MissingSignalError" in report.message
     with transaction(engine) as session:
-        status = wr.auto_status(session, "demo", now=T0)
+        status = ar.auto_status(session, "demo", now=T0)
         assert status.pending_since is None and status.last["status"] == "failed"
 
 
 def test_a_failed_training_is_reported_and_the_queue_still_refreshed(engine, settings, monkeypatch) -> None:
     install(monkeypatch, FakeFit(fail_at=1))
     with transaction(engine) as session:
-        wr.set_auto_settings(session, "demo", enabled=True, strategy="coverage")
-    report = wr.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0)
+        ar.set_auto_settings(session, "demo", enabled=True, strategy="coverage")
+    report = ar.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0)
     assert report.status == "failed" and report.round == 1 and report.promoted == []
     assert report.run_status == {"detector-0001": "failed", "classifier-0001": "failed"}
     assert report.message.startswith("training detector-0001 failed, classifier-0001 failed (see the Models page)")
@@ -265,20 +266,20 @@ def test_worker_periodic_check_runs_the_round_through_the_queue(engine, settings
     from cellspot import jobs
 
     install(monkeypatch)
-    monkeypatch.setattr(wr, "_predict", lambda session, settings_, project: None)
+    monkeypatch.setattr(ar, "_predict", lambda session, settings_, project: None)
     huey = jobs.get_huey(settings)
     huey.immediate = True
     try:
         with transaction(engine) as session:
-            wr.set_auto_settings(session, "demo", enabled=True, every_runs=8, strategy="coverage", epochs=1)
-        assert wr.check_auto_rounds(settings, now=T0) == ["demo"]  # immediate mode: the round ran on commit
-        assert wr.check_auto_rounds(settings, now=T0) == []  # counter reset
+            ar.set_auto_settings(session, "demo", enabled=True, every_runs=8, strategy="coverage", epochs=1)
+        assert ar.check_auto_rounds(settings, now=T0) == ["demo"]  # immediate mode: the round ran on commit
+        assert ar.check_auto_rounds(settings, now=T0) == []  # counter reset
     finally:
         huey.immediate = False
     with transaction(engine) as session:
         assert wr.current_round_info(session, "demo").strategy == "coverage"
         assert {r.status for r in session.scalars(select(ModelRun))} == {"done"}
-        assert session.scalar(select(Project)).settings[wr.AUTO_STATE_KEY]["trigger"] == "auto"
+        assert session.scalar(select(Project)).settings[ar.AUTO_STATE_KEY]["trigger"] == "auto"
 
 
 # --------------------------------------------------------------------------- CLI
