@@ -11,7 +11,7 @@ from PIL import ImageDraw
 from cellspot.consensus import DEFAULT_METHOD
 from cellspot.render import ImageUnavailableError, draw_consensus, find_mark, to_display_pixels
 from cellspot.workflows.aggregate import aggregate
-from cellspot.workflows.dashboard import (
+from cellspot.workflows.review import (
     DEFAULT_PICK_TOLERANCE,
     AdjudicationError,
     adjudicate,

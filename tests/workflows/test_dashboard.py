@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from cellspot.store import queries as q
 from cellspot.store.models import ConsensusCell, ConsensusSnapshot, GoldCell, Image, Project
 from cellspot.workflows import dashboard as d
+from cellspot.workflows import review as rv
 from cellspot.workflows.aggregate import aggregate
 
 NOW = datetime(2025, 3, 4, 10, 0, tzinfo=timezone.utc)
@@ -101,17 +102,17 @@ def test_class_activity_after_aggregate(session, project, busy) -> None:
 
 
 def test_image_review_shows_consensus_then_expert_cells(session, project, images, busy) -> None:
-    with pytest.raises(d.ImageNotInStoreError):
-        d.image_review(session, 999_999)
-    assert d.image_review(session, images["a"].id).cells.empty  # no snapshot yet
+    with pytest.raises(rv.ImageNotInStoreError):
+        rv.image_review(session, 999_999)
+    assert rv.image_review(session, images["a"].id).cells.empty  # no snapshot yet
     aggregate(session, project)
-    review = d.image_review(session, images["a"].id)
+    review = rv.image_review(session, images["a"].id)
     assert not review.expert and len(review.cells) == 2 and len(review.clicks) == 6
-    assert list(review.cells.columns) == d.REVIEW_CELL_COLUMNS
-    assert list(review.clicks.columns) == d.REVIEW_CLICK_COLUMNS
+    assert list(review.cells.columns) == rv.REVIEW_CELL_COLUMNS
+    assert list(review.clicks.columns) == rv.REVIEW_CLICK_COLUMNS
     assert set(review.clicks["nickname"]) == {"s0", "s1", "s2"}
-    d.adjudicate(session, images["a"].id, "accept")
-    review = d.image_review(session, images["a"].id)
+    rv.adjudicate(session, images["a"].id, "accept")
+    review = rv.image_review(session, images["a"].id)
     assert review.expert and set(review.cells["source"]) == {"adjudication"}
     assert review.cells["support"].tolist() == [3, 3]
 
@@ -133,13 +134,13 @@ ADJUDICATIONS = [
 @pytest.mark.parametrize(("action", "x", "y", "label", "expected", "error"), ADJUDICATIONS)
 def test_adjudicate(session, project, images, busy, action, x, y, label, expected, error) -> None:
     aggregate(session, project)
-    researcher = d.researcher_annotator(session, project)
+    researcher = rv.researcher_annotator(session, project)
     image_id = images["a"].id
     if error:
-        with pytest.raises(d.AdjudicationError, match=error):
-            d.adjudicate(session, image_id, action, x, y, label, researcher)
+        with pytest.raises(rv.AdjudicationError, match=error):
+            rv.adjudicate(session, image_id, action, x, y, label, researcher)
         return
-    result = d.adjudicate(session, image_id, action, x, y, label, researcher)
+    result = rv.adjudicate(session, image_id, action, x, y, label, researcher)
     assert result.seeded == 2 and result.n_expert_cells == len(expected)
     stored = session.execute(sa.select(GoldCell.x, GoldCell.y, GoldCell.label, GoldCell.source,
                                        GoldCell.annotator_id).where(GoldCell.image_id == image_id)
@@ -157,11 +158,11 @@ def test_adjudicate(session, project, images, busy, action, x, y, label, expecte
 
 
 def test_adjudicate_without_snapshot_starts_empty(session, project, images) -> None:
-    res = d.adjudicate(session, images["c"].id, "add", 50, 40, "alive")
+    res = rv.adjudicate(session, images["c"].id, "add", 50, 40, "alive")
     assert (res.seeded, res.n_expert_cells, res.label) == (0, 1, "alive")
-    res = d.adjudicate(session, images["c"].id, "delete", 52, 41)
+    res = rv.adjudicate(session, images["c"].id, "delete", 52, 41)
     assert res.n_expert_cells == 0 and res.gold_cell_id is None
-    assert d.clear_expert_cells(session, images["c"].id) == 0
+    assert rv.clear_expert_cells(session, images["c"].id) == 0
 
 
 # --------------------------------------------------------------------------- results
