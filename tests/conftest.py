@@ -1,15 +1,20 @@
-"""Shared pytest fixtures: real-data folder, settings, migrated engines (SQLite + PostgreSQL), sessions."""
+"""Shared pytest fixtures: real-data folder, bench scripts, settings, migrated engines (SQLite +
+PostgreSQL), sessions."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +23,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def bench_script() -> Iterator[Callable[[str], ModuleType]]:
+    """``bench_script("models")`` loads ``bench/models.py`` by path (bench/ is a folder of
+    scripts, not a package) as the module ``bench_models``; it is unregistered when the test
+    module ends."""
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        loaded.append(spec.name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture

@@ -3,12 +3,10 @@ learning-curve summaries (cellspot.active.simulation) and the helpers of bench/a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,18 +24,11 @@ from cellspot.active.simulation import (
     runs_to_target,
 )
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "active_learning.py"
-
 
 @pytest.fixture(scope="module")
-def al():
-    """bench/active_learning.py loaded by path (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_active_learning", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def al(bench_script):
+    """bench/active_learning.py, loaded by path."""
+    return bench_script("active_learning")
 
 
 def truth(n_images: int = 4, n_cells: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:

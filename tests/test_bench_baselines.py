@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "baselines.py"
-
 
 @pytest.fixture(scope="module")
-def bl():
-    """bench/baselines.py loaded by path (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_baselines", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bl(bench_script):
+    """bench/baselines.py, loaded by path."""
+    return bench_script("baselines")
 
 
 def disc_image(centres, radius, shape=(96, 96), fg=200, bg=30, channel_scale=(1.0, 1.0, 1.0)):

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "models.py"
-
 
 @pytest.fixture(scope="module")
-def bm():
-    """bench/models.py loaded by path (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_models", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def bm(bench_script):
+    """bench/models.py, loaded by path."""
+    return bench_script("models")
 
 
 LABEL = np.array([1, 1, 1, 1, 0, 0])
