@@ -42,13 +42,7 @@ ENCODER = "mobilenetv3_small_050"
 TINY = {"encoder": ENCODER, "crop_size": 16, "batch_size": 8, "epochs": 3, "patience": 10, "threads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are fastest on one thread (and the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _culture(seed: int, n_dead: int) -> AnnotatedImage:

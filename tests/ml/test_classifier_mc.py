@@ -21,13 +21,7 @@ ENCODER = "mobilenetv3_small_050"
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are fastest on one thread (and the test machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _classifier(dropout: float, temperature: float = 1.5) -> LoadedClassifier:

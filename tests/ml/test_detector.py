@@ -22,13 +22,7 @@ TINY = dict(encoder="tu-mobilenetv3_small_050", encoder_depth=3, decoder_channel
             batch_size=2, epochs=2, steps_per_epoch=2, patience=5, max_minutes=None, threads=1, lr=3e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the tests are tiny and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(name: str, split: str, seed: int, size: int = 48, with_mask: bool = False) -> AnnotatedImage:
