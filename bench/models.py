@@ -64,6 +64,7 @@ SHARED = ROOT.parent / "shared" / "data"
 STEPS = ("ldc-cls", "malaria", "dsb-det", "ldc-det", "pipeline", "cost")
 #: steps run only when named in ``--only``
 EXTRA_STEPS = ("seeds",)
+ALL_STEPS = STEPS + EXTRA_STEPS
 
 log = logging.getLogger("bench.models")
 
@@ -403,7 +404,7 @@ def seed_spread(label: np.ndarray, probs: list[np.ndarray], metric: str) -> dict
 
     ``label`` ``(N,)`` 1 = alive; ``probs`` one calibrated ``p_alive`` ``(N,)`` per training
     seed (same data and split). Returns ``metric`` (a key of ``classification_metrics``) per
-    seed, their mean / sd / min / max, the metric of the ensemble (mean logit over the seeds),
+    seed, their mean / sd, the metric of the ensemble (mean logit over the seeds),
     and how many test cells every seed gets wrong (``wrong_in_all``) or at least one seed
     does (``wrong_in_any``): when ``wrong_in_all`` is most of each seed's errors, another seed
     or an ensemble of seeds will not fix them.
@@ -420,8 +421,7 @@ def seed_spread(label: np.ndarray, probs: list[np.ndarray], metric: str) -> dict
     mean_logit = np.log(p / (1 - p)).mean(axis=0)
     wrong = (p >= 0.5) != (label == 1)[None, :]
     return {"metric": metric, "per_seed": values.tolist(), "mean": float(values.mean()),
-            "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "min": float(values.min()),
-            "max": float(values.max()),
+            "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
             "ensemble": float(classification_metrics(label, 1 / (1 + np.exp(-mean_logit)))[metric]),
             "errors_per_seed": wrong.sum(axis=1).tolist(), "wrong_in_all": int(wrong.all(axis=0).sum()),
             "wrong_in_any": int(wrong.any(axis=0).sum()), "n": int(len(label))}
@@ -439,11 +439,11 @@ def step_seeds(bench: Bench) -> None:
              "wrong in every seed / in any |", "|---|---|---|---|---|---|---|"]
     results = {}
     for name, (data, extra, metric) in sets.items():
+        crops = crops_from_data(data.split("test"), classifier_config(bench, **extra).crop_size)
         probs = []
         for k in range(n):
             model, _ = train_classifier(bench, data, f"{name}-classifier-seed{k}", **extra,
                                         seed=bench.args.seed + k)
-            crops = crops_from_data(data.split("test"), model.config.crop_size)
             probs.append(model.predict_crops(crops.crops))
         res = results[name] = seed_spread(crops.label, probs, metric)
         lines.append(f"| {name} ({res['n']} test cells) | {metric} | {', '.join(fmt(v) for v in res['per_seed'])} | "
@@ -754,7 +754,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny subsets and epochs: a smoke run in < 3 min")
     p.add_argument("--only", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=list(STEPS),
-                   help=f"comma-separated steps of {','.join(STEPS + EXTRA_STEPS)} (default: "
+                   help=f"comma-separated steps of {','.join(ALL_STEPS)} (default: "
                         f"{','.join(STEPS)})")
     p.add_argument("--seeds", type=int, default=3,
                    help="training seeds of the 'seeds' step: the LDC and malaria classifiers trained again on "
@@ -776,9 +776,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="log the library's INFO messages")
     args = p.parse_args(argv)
     args.cls_set, args.det_set = dict(args.cls_set), dict(args.det_set)
-    unknown = sorted(set(args.only) - set(STEPS + EXTRA_STEPS))
+    unknown = sorted(set(args.only) - set(ALL_STEPS))
     if unknown:
-        p.error(f"unknown step(s) {unknown}; valid: {','.join(STEPS + EXTRA_STEPS)}")
+        p.error(f"unknown step(s) {unknown}; valid: {','.join(ALL_STEPS)}")
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1; got {args.seeds}")
     return args
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bench = Bench(args=args, out=args.out)
     start = time.perf_counter()
-    for step in STEPS + EXTRA_STEPS:
+    for step in ALL_STEPS:
         if step in args.only:
             t0 = time.perf_counter()
             print(f"\n## {step}")

@@ -459,8 +459,7 @@ def export_dataset(
         raise ExportError(f"min_confidence must be within [0, 1]; got {min_confidence!r}")
     outdir = Path(outdir)
     _check_outdir(outdir, overwrite)
-    if isinstance(project, str):
-        project = queries.get_project(session, project)
+    project = queries.as_project(session, project)
     snap = resolve_snapshot(session, project, snapshot)
 
     images = _images_frame(session, project)

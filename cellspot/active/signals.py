@@ -289,10 +289,9 @@ def image_signals(
     snapshot's cell radius, else :data:`DEFAULT_MATCH_RADIUS`). ``attrs`` holds
     :class:`SignalSources` as a dict. Reads only; the caller owns the session.
     """
-    from cellspot.store.queries import get_project, snapshot_cells_frame
+    from cellspot.store.queries import as_project, snapshot_cells_frame
 
-    if isinstance(project, str):
-        project = get_project(session, project)
+    project = as_project(session, project)
     snap = _snapshot(session, project, snapshot)
     images = _images_frame(session, project)
     crowd = snapshot_cells_frame(session, snap) if snap is not None else None
@@ -446,10 +445,9 @@ def image_mc_samples(
     from cellspot.ml.predict import load_classifier_dir, mc_samples_for_images
     from cellspot.render import ImageUnavailableError, image_file
     from cellspot.store.models import Image, ModelRun
-    from cellspot.store.queries import get_project
+    from cellspot.store.queries import as_project
 
-    if isinstance(project, str):
-        project = get_project(session, project)
+    project = as_project(session, project)
     pair = prediction_pair(session, project, detector_run_id, classifier_run_id)
     run = session.get(ModelRun, pair[1]) if pair is not None and pair[1] is not None else None
     if run is None:

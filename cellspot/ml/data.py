@@ -508,8 +508,7 @@ def load_store(
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise DataError(f"min_confidence must be within [0, 1]; got {min_confidence!r}")
     fractions = validate_fractions(fractions)
-    if isinstance(project, str):
-        project = queries.get_project(session, project)
+    project = queries.as_project(session, project)
     cells, info = _store_cells(session, project, source, snapshot, float(min_confidence))
     cells = cells[cells["confidence"] >= float(min_confidence)]
     rows = session.execute(

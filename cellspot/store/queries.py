@@ -124,6 +124,11 @@ def get_project(session: Session, name: str) -> Project:
     return project
 
 
+def as_project(session: Session, project: Project | str) -> Project:
+    """``project`` itself, or the project called ``project`` (:func:`get_project`)."""
+    return project if isinstance(project, Project) else get_project(session, project)
+
+
 def get_or_create_annotator(
     session: Session, project: Project, nickname: str, class_code: str = "", role: str = "student"
 ) -> Annotator:

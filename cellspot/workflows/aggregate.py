@@ -30,7 +30,7 @@ from cellspot.store.models import (
     Project,
     utcnow,
 )
-from cellspot.store.queries import clicks_frame, get_project, gold_frame, runs_frame
+from cellspot.store.queries import as_project, clicks_frame, gold_frame, runs_frame
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ def aggregate(
     the consensus saw; its ``stats`` record the counts, the thresholds and the decisions.
     """
     get_method(method)  # an unknown name fails before any work, listing the valid ones
-    if isinstance(project, str):
-        project = get_project(session, project)
+    project = as_project(session, project)
     if policy is not None and (min_runs, min_confidence, max_runs) != (None, None, None):
         raise TypeError("give either policy or min_runs / min_confidence / max_runs, not both")
     policy = policy or retirement_policy(project, min_runs, min_confidence, max_runs)

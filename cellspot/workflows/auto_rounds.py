@@ -35,9 +35,8 @@ from sqlalchemy.orm import Session
 from cellspot.active import rounds as al
 from cellspot.ml import registry
 from cellspot.store.models import Image, ModelRun, Project, TaskRun, utcnow
-from cellspot.workflows.rounds import (
-    DEFAULT_STRATEGY, MODEL_ORDER, RoundsWorkflowError, open_new_round, project_of,
-)
+from cellspot.store.queries import as_project
+from cellspot.workflows.rounds import DEFAULT_STRATEGY, MODEL_ORDER, RoundsWorkflowError, open_new_round
 
 if TYPE_CHECKING:
     from cellspot.settings import Settings
@@ -126,7 +125,7 @@ def _whole(value: Any, name: str, lo: int, hi: int) -> int:
 def set_auto_settings(session: Session, project: Project | str, **changes: Any) -> AutoSettings:
     """Validate ``changes`` (fields of :class:`AutoSettings`) and store them; flushes, no commit.
     Nothing changes when a value is invalid."""
-    project = project_of(session, project)
+    project = as_project(session, project)
     new = AutoSettings.validated(AutoSettings.from_project(project), **changes)
     project.settings = {**(project.settings or {}), AUTO_KEY: new.as_dict()}  # a new dict: marked dirty
     session.flush()
@@ -197,7 +196,7 @@ def _write_state(session: Session, project: Project, **changes: Any) -> None:
 
 def auto_status(session: Session, project: Project | str, now: datetime | None = None) -> AutoStatus:
     """The automatic-mode :class:`AutoStatus` of ``project`` (reads only)."""
-    project = project_of(session, project)
+    project = as_project(session, project)
     state = _state(project)
     newest = session.scalar(select(func.max(ModelRun.created_at)).where(
         ModelRun.project_id == project.id, ModelRun.status.in_(TRAINING_STATUSES)))
@@ -232,7 +231,7 @@ def maybe_auto_retrain(
     session's next commit; a rollback queues nothing. A queue that cannot be reached is
     logged, not raised (the mark then expires after :data:`AUTO_STALE_AFTER`).
     """
-    project = project_of(session, project)
+    project = as_project(session, project)
     session.refresh(project, with_for_update=True)  # PostgreSQL: one trigger at a time (SQLite locks on write)
     status = auto_status(session, project, now=now)
     if status.pending_since is not None:
@@ -344,7 +343,7 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
         with transaction(engine) as session:
             report = _promote_and_predict(session, settings, project_name, report, predict or _predict)
         with transaction(engine) as session:
-            cfg = AutoSettings.from_project(project_of(session, project_name))
+            cfg = AutoSettings.from_project(as_project(session, project_name))
             info = open_new_round(session, project_name, strategy=cfg.strategy, top=cfg.top, now=now)
             report = replace(report, round=info.number,
                              message=_join(report.message, f"{info.describe()} opened"))
@@ -355,7 +354,7 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
         report = replace(report, finished_at=(al.utc(now) or utcnow()).isoformat())
         try:
             with transaction(engine) as session:
-                _write_state(session, project_of(session, project_name), pending_since=None, last=report.as_dict())
+                _write_state(session, as_project(session, project_name), pending_since=None, last=report.as_dict())
         finally:
             engine.dispose()
     log.info("automatic round of %r %s: %s", project_name, report.status, report.message)
@@ -373,7 +372,7 @@ def _prepare_auto(session: Session, settings: Settings, project_name: str, repor
     from cellspot.workflows.aggregate import aggregate
     from cellspot.workflows.models import start_training
 
-    project = project_of(session, project_name)
+    project = as_project(session, project_name)
     cfg = AutoSettings.from_project(project)
     agg = aggregate(session, project)
     runs = {kind: start_training(session, settings, project, kind, preset=cfg.preset, epochs=cfg.epochs)
@@ -402,7 +401,7 @@ def _promote_and_predict(session: Session, settings: Settings, project_name: str
     from cellspot.active.signals import prediction_pair
     from cellspot.ml.predict import NoActiveModelError
 
-    project = project_of(session, project_name)
+    project = as_project(session, project_name)
     cfg = AutoSettings.from_project(project)
     promoted = []
     for version, status in report.run_status.items():

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from cellspot.active import rounds as al
 from cellspot.ml import registry
 from cellspot.store.models import ALRound, ModelRun, Project
+from cellspot.store.queries import as_project
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,6 @@ class ScoringSources:
         return any(active) and active != (self.scored_detector, self.scored_classifier)
 
 
-def project_of(session: Session, project: Project | str) -> Project:
-    """``project`` itself, or the project of that name (:func:`cellspot.store.queries.get_project`)."""
-    if isinstance(project, Project):
-        return project
-    from cellspot.store.queries import get_project
-
-    return get_project(session, project)
-
-
 def round_info(session: Session, project: Project, round_: ALRound) -> RoundInfo:
     """:class:`RoundInfo` of ``round_`` (a round of ``project``)."""
     rows = al.round_history(session, project)
@@ -140,7 +132,7 @@ def scoring_sources(session: Session, project: Project | str) -> ScoringSources:
     """The active detector / classifier versions and the prediction pair a new round would score."""
     from cellspot.active.signals import prediction_pair
 
-    project = project_of(session, project)
+    project = as_project(session, project)
     active = [registry.active_run(session, project, kind) for kind in MODEL_ORDER]
     pair = prediction_pair(session, project) or (None, None)
     scored = [session.get(ModelRun, i).version if i is not None else None for i in pair]
@@ -169,7 +161,7 @@ def open_new_round(
     """
     from cellspot.active.strategies import get_strategy
 
-    project = project_of(session, project)
+    project = as_project(session, project)
     if scores is None and scorer is None:
         get_strategy(strategy)  # an unknown name fails before any work
     round_ = al.open_round(session, project, strategy=strategy, top=top, scores=scores, scorer=scorer,
@@ -184,7 +176,7 @@ def rollback_current(session: Session, project: Project | str) -> tuple[RoundInf
 
     :class:`RoundsWorkflowError` when no round is open.
     """
-    project = project_of(session, project)
+    project = as_project(session, project)
     current = al.current_round(session, project)
     if current is None:
         raise RoundsWorkflowError(f"project {project.name!r} has no open round to roll back")
@@ -195,14 +187,14 @@ def rollback_current(session: Session, project: Project | str) -> tuple[RoundInf
 
 def current_round_info(session: Session, project: Project | str) -> RoundInfo | None:
     """The open round of ``project`` as :class:`RoundInfo`, or ``None``."""
-    project = project_of(session, project)
+    project = as_project(session, project)
     current = al.current_round(session, project)
     return round_info(session, project, current) if current is not None else None
 
 
 def history(session: Session, project: Project | str, now: datetime | None = None) -> pd.DataFrame:
     """One row per round, newest first (columns :data:`cellspot.active.rounds.HISTORY_COLUMNS`)."""
-    table = al.round_history(session, project_of(session, project), now=now)
+    table = al.round_history(session, as_project(session, project), now=now)
     return table.iloc[::-1].reset_index(drop=True)
 
 
@@ -210,7 +202,7 @@ def queue_table(session: Session, project: Project | str, number: int | None = N
     """The queue of round ``number`` (default: the open round) best first, with each image's
     score, reason and score components (:func:`cellspot.active.rounds.round_queue`); an empty
     frame with :data:`~cellspot.active.rounds.QUEUE_COLUMNS` when there is no such round."""
-    project = project_of(session, project)
+    project = as_project(session, project)
     if number is None:
         round_ = al.current_round(session, project)
     else:
@@ -233,7 +225,7 @@ def learning_curve(session: Session, project: Project | str, *, include_rolled_b
     kind); ``series`` = ``"<kind> <metric>"``. Oldest round first. Metrics come from each
     run's own validation split, so they compare trends, not exact numbers.
     """
-    project = project_of(session, project)
+    project = as_project(session, project)
     rounds = al.round_history(session, project)
     if not include_rolled_back:
         rounds = rounds[rounds["status"] != "rolled_back"]
@@ -271,6 +263,6 @@ def _latest_done(runs: list[ModelRun], kind: str, before: datetime | None) -> Mo
 
 __all__ = [
     "CURVE_COLUMNS", "DEFAULT_STRATEGY", "MODEL_ORDER", "RoundInfo", "RoundsWorkflowError", "ScoringSources",
-    "current_round_info", "history", "learning_curve", "open_new_round", "project_of", "queue_table",
+    "current_round_info", "history", "learning_curve", "open_new_round", "queue_table",
     "rollback_current", "round_info", "scoring_sources",
 ]
