@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -227,8 +228,6 @@ def test_classifier_epochs_keep_the_step_budget(al, n_crops, batch, steps, expec
 
 
 def test_detector_config_negates_dark_nuclei_on_dsb_only(al) -> None:
-    from types import SimpleNamespace
-
     args = al.parse_args([])
     configs = {name: al.detector_config(SimpleNamespace(ds=SimpleNamespace(name=name), radius=7.0, seed=1), args)
                for name in ("ldc", "dsb")}
@@ -256,9 +255,10 @@ def test_retired_images_follow_the_default_policy(al) -> None:
 
 @pytest.mark.parametrize("argv, check", [
     (["--quick"], lambda a: a.seeds == [0] and a.plans["ldc"]["rounds"] == 2 and a.plans["dsb"]["batch"] == 2
-     and a.ldc_positions == "truth"),
+     and a.ldc_positions == "truth" and a.trainings == 1),
     ([], lambda a: a.seeds == [0, 1, 2] and a.strategies == ["random", "random@1", "crowd", "model", "combined"]
-     and a.ldc_positions == "detector" and a.det_minutes is None and a.adaptive_runs == 1),
+     and a.ldc_positions == "detector" and a.det_minutes is None and a.adaptive_runs == 1 and a.trainings == 2),
+    (["--trainings", "3"], lambda a: a.trainings == 3),
     (["--datasets", "dsb", "--batch", "5", "--rounds", "0", "--seeds", "2"],
      lambda a: list(a.plans) == ["dsb"] and a.plans["dsb"] == {"seed_images": 3, "batch": 5, "rounds": 0}
      and a.seeds == [0, 1]),
@@ -270,7 +270,8 @@ def test_parse_args(al, argv, check) -> None:
 @pytest.mark.parametrize("argv", [["--strategies", "random,nope"], ["--datasets", "bccd"],
                                   ["--strategies", "bald"], ["--runs-per-image", "11"],
                                   ["--strategies", "random,combined@0"], ["--strategies", "random,combined@x"],
-                                  ["--strategies", "combined,crowd"], ["--adaptive-runs", "0"]])
+                                  ["--strategies", "combined,crowd"], ["--adaptive-runs", "0"],
+                                  ["--trainings", "0"]])
 def test_parse_args_rejects(al, argv) -> None:
     with pytest.raises(SystemExit):
         al.parse_args(argv)
@@ -298,3 +299,27 @@ def test_simulation_module_is_pure() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_mean_metrics_average_finite_values_per_key(al) -> None:
+    out = al.mean_metrics([{"f1": 0.6, "recall": 0.5}, {"f1": 0.8, "recall": float("nan")},
+                           {"f1": float("nan"), "precision": 0.9}])
+    assert out["f1"] == pytest.approx(0.7)
+    assert out["recall"] == pytest.approx(0.5)
+    assert out["precision"] == pytest.approx(0.9)
+    assert math.isnan(al.mean_metrics([{"f1": float("nan")}])["f1"])
+
+
+def test_training_seeds_differ_and_the_first_is_the_setups(al) -> None:
+    setup = SimpleNamespace(seed=2)
+    seeds = [al.training_seed(setup, t) for t in range(3)]
+    assert seeds[0] == 2 and len(set(seeds)) == 3
+
+
+def test_configs_take_the_training_seed(al) -> None:
+    args = al.parse_args([])
+    setup = SimpleNamespace(seed=1, radius=6.0, ds=SimpleNamespace(name="dsb"))
+    assert al.detector_config(setup, args).seed == 1
+    assert al.detector_config(setup, args, seed=1001).seed == 1001
+    assert al.classifier_config(setup, args, 200).seed == 1
+    assert al.classifier_config(setup, args, 200, seed=2001).seed == 2001
