@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from cellspot.cli import main
 from cellspot.export import verify_export
 from cellspot.store.db import make_engine, session_factory
 from cellspot.store.models import Click, ConsensusSnapshot, GoldCell, Image, Project, TaskRun
+from clikit import ok_cli, run_cli
 
 W, H, RADIUS = 64, 48, 4
 # image name -> (PIL mode, cells as (x, y, label))
@@ -32,17 +31,6 @@ IMAGES: dict[str, tuple[str, list[tuple[float, float, str]]]] = {
 }
 STUDENTS = ("s1", "s2", "s3")
 TABLES = ("projects", "images", "annotators", "task_runs", "clicks", "gold_cells")
-
-
-def _run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def _ok(*args: str) -> Result:
-    result = _run(*args)
-    assert result.exit_code == 0, f"cellspot {' '.join(args)} failed:\n{result.output}"
-    assert "Traceback" not in result.output
-    return result
 
 
 def _counts(settings) -> dict[str, int]:
@@ -103,33 +91,33 @@ def _nearest_truth(cells: pd.DataFrame) -> list[tuple[str, float, str]]:
 
 
 def test_main_chain_init_import_aggregate_export(settings, images_dir: Path, tmp_path: Path) -> None:
-    init = _ok("init")
+    init = ok_cli("init")
     assert "revision" in init.stdout and settings.home.is_dir()
 
-    imported = _ok("import", "images", str(images_dir), "--project", "lab")
+    imported = ok_cli("import", "images", str(images_dir), "--project", "lab")
     assert "4 image(s) imported" in imported.stdout
 
     rng = np.random.default_rng(0)
     good = _clicks_csv(tmp_path / "clicks.csv", rng)
     n_clicks = 3 * 12 - 1
-    first = _ok("import", "clicks", str(good), "--project", "lab")
+    first = ok_cli("import", "clicks", str(good), "--project", "lab")
     assert f"{n_clicks} clicks: {n_clicks} imported, 0 rejected" in first.stdout
     assert "runs: 13 imported" in first.stdout  # 4 images x 3 students + the zero-click run
     before = _counts(settings)
-    again = _ok("import", "clicks", str(good), "--project", "lab")
+    again = ok_cli("import", "clicks", str(good), "--project", "lab")
     assert f"0 imported, 0 rejected, {n_clicks} already present" in again.stdout
     assert _counts(settings) == before
 
     gold = tmp_path / "gold.csv"
     rows = [f"well_a.png,{x},{y},{label}" for x, y, label in IMAGES["well_a.png"][1]]
     gold.write_text("\n".join(["image,x,y,label", *rows]) + "\n")
-    _ok("import", "gold", str(gold), "--project", "lab")
+    ok_cli("import", "gold", str(gold), "--project", "lab")
 
-    agg = _ok("aggregate", "--project", "lab")
+    agg = ok_cli("aggregate", "--project", "lab")
     assert "12 cells (3 gold) on 4 images" in agg.stdout, agg.stdout
 
     out = tmp_path / "dataset"
-    exported = _ok("export", str(out), "--project", "lab", "--crop-size", "16", "--split", "0.5,0.25,0.25")
+    exported = ok_cli("export", str(out), "--project", "lab", "--crop-size", "16", "--split", "0.5,0.25,0.25")
     assert "clicks: 35 in 13 task runs (1 of them without clicks)" in exported.stdout
     assert verify_export(out) == []
 
@@ -159,16 +147,16 @@ def test_main_chain_init_import_aggregate_export(settings, images_dir: Path, tmp
 
 
 def test_bad_inputs_change_nothing_already_stored(settings, images_dir: Path, tmp_path: Path) -> None:
-    _ok("import", "images", str(images_dir), "--project", "lab")
+    ok_cli("import", "images", str(images_dir), "--project", "lab")
     clicks = _clicks_csv(tmp_path / "clicks.csv", np.random.default_rng(1))
-    _ok("import", "clicks", str(clicks), "--project", "lab")
+    ok_cli("import", "clicks", str(clicks), "--project", "lab")
     before = _counts(settings)
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "notes.png").write_text("not an image\n")
     (bad / "cut.png").write_bytes((images_dir / "well_a.png").read_bytes()[:60])
-    result = _run("import", "images", str(bad / "notes.png"), str(bad / "cut.png"), "--project", "lab")
+    result = run_cli("import", "images", str(bad / "notes.png"), str(bad / "cut.png"), "--project", "lab")
     assert result.exit_code == 1
     assert f"error: {bad / 'notes.png'}: not a PNG, JPEG or TIFF image" in result.stderr
     assert f"error: {bad / 'cut.png'}:" in result.stderr
@@ -182,20 +170,20 @@ def test_bad_inputs_change_nothing_already_stored(settings, images_dir: Path, tm
     for body, (line, field) in cases.items():
         path = tmp_path / "one_bad.csv"
         path.write_text("image,annotator,task_run,x,y,label\n" + body + "\nwell_b.png,s9,r8,5,5,dead\n")
-        result = _run("import", "clicks", str(path), "--project", "lab")
+        result = run_cli("import", "clicks", str(path), "--project", "lab")
         assert result.exit_code == 1 and f"{path}:{line}: {field}:" in result.stderr, result.output
         assert "nothing was imported" in result.stderr
         assert _counts(settings) == before
 
     missing = tmp_path / "missing.csv"
     missing.write_text("image,annotator,x,label\nwell_a.png,s9,5,alive\n")
-    result = _run("import", "clicks", str(missing), "--project", "lab")
+    result = run_cli("import", "clicks", str(missing), "--project", "lab")
     assert result.exit_code == 1 and f"{missing}:1: y: missing column" in result.stderr, result.output
     assert _counts(settings) == before
 
     skipped = tmp_path / "mixed.csv"
     skipped.write_text("image,annotator,x,y,label\nwell_a.png,s9,5,5,alive\nwell_a.png,s9,5,99,alive\n")
-    lenient = _ok("import", "clicks", str(skipped), "--project", "lab", "--skip-invalid")
+    lenient = ok_cli("import", "clicks", str(skipped), "--project", "lab", "--skip-invalid")
     rejects = Path(lenient.stdout.split("rejects: ")[1].strip())
     assert rejects.parent == settings.rejects_dir and rejects.is_file()
     table = pd.read_csv(rejects)
@@ -210,9 +198,9 @@ def test_clicks_before_images_then_pixels_attach(settings, images_dir: Path, tmp
     first.write_text("image,annotator,x,y,label\nwell_b.png,s1,20,10,alive\n")
     second = tmp_path / "second.csv"
     second.write_text("image,annotator,x,y,label\nwell_b.png,s2,50.5,30,dead\n")
-    _ok("import", "clicks", str(first), "--project", "lab")
-    _ok("import", "clicks", str(second), "--project", "lab")  # enlarges the record, no reject
-    result = _ok("import", "images", str(images_dir / "well_b.png"), "--project", "lab")
+    ok_cli("import", "clicks", str(first), "--project", "lab")
+    ok_cli("import", "clicks", str(second), "--project", "lab")  # enlarges the record, no reject
+    result = ok_cli("import", "images", str(images_dir / "well_b.png"), "--project", "lab")
     assert "1 attached to existing records" in result.stdout
 
     engine = make_engine(settings=settings)
@@ -226,11 +214,11 @@ def test_clicks_before_images_then_pixels_attach(settings, images_dir: Path, tmp
 def test_smaller_file_does_not_attach_to_clicks_beyond_it(settings, tmp_path: Path) -> None:
     path = tmp_path / "clicks.csv"
     path.write_text("image,annotator,x,y,label\nwell_b.png,s1,100,90,alive\n")
-    _ok("import", "clicks", str(path), "--project", "lab")
+    ok_cli("import", "clicks", str(path), "--project", "lab")
     small = tmp_path / "small"
     small.mkdir()
     _disc_image("RGB", []).save(small / "well_b.png")
-    result = _run("import", "images", str(small / "well_b.png"), "--project", "lab")
+    result = run_cli("import", "images", str(small / "well_b.png"), "--project", "lab")
     assert result.exit_code == 1 and "its clicks reach 101x91" in result.stderr
 
 
@@ -238,7 +226,7 @@ def test_same_click_file_in_two_projects(settings, tmp_path: Path) -> None:
     path = tmp_path / "clicks.csv"
     path.write_text("image,annotator,x,y,label\nwell_a.png,s1,5,5,alive\nwell_a.png,s2,6,5,alive\n")
     for project in ("one", "two"):
-        result = _ok("import", "clicks", str(path), "--project", project)
+        result = ok_cli("import", "clicks", str(path), "--project", project)
         assert "2 imported" in result.stdout
     engine = make_engine(settings=settings)
     with session_factory(engine)() as session:
@@ -252,12 +240,12 @@ def test_same_click_file_in_two_projects(settings, tmp_path: Path) -> None:
 
 
 def test_demo_then_export(settings, tmp_path: Path) -> None:
-    demo = _ok("demo", "--images", "3", "--students", "3")
+    demo = ok_cli("demo", "--images", "3", "--students", "3")
     assert "demo project 'demo'" in demo.stdout and "3 generated" in demo.stdout
     cells_line = _between(demo.stdout, "cells:", "(snapshot")  # " 20 alive, 9 dead "
     n_alive, n_dead = (int(v) for v in cells_line.replace("alive,", "").replace("dead", "").split())
     out = tmp_path / "demo_export"
-    exported = _ok("export", str(out), "--crop-size", "32", "--min-confidence", "0")
+    exported = ok_cli("export", str(out), "--crop-size", "32", "--min-confidence", "0")
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert (counts["cells_alive"], counts["cells_dead"]) == (n_alive, n_dead)
     assert counts["crops"] == n_alive + n_dead == len(pd.read_csv(out / "crops" / "index.csv"))
@@ -269,7 +257,7 @@ def test_demo_then_export(settings, tmp_path: Path) -> None:
         assert session.scalar(select(func.count()).select_from(ConsensusSnapshot)) == 1
         assert session.scalar(select(func.count()).select_from(GoldCell)) > 0
     engine.dispose()
-    again = _run("export", str(out))
+    again = run_cli("export", str(out))
     assert again.exit_code == 1 and "not empty" in again.stderr
 
 

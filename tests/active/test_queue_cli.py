@@ -8,22 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from cellspot.cli import main
+from clikit import ok_cli, run_cli
 
 from .test_signals import IMAGES, add_images, add_predictions, add_snapshot
-
-
-def _run(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _ok(*args: str | Path) -> Result:
-    result = _run(*args)
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
-    return result
 
 
 def _csv(result: Result) -> pd.DataFrame:
@@ -57,7 +46,7 @@ def store(settings):
 
 
 def test_queue_before_any_model(store) -> None:
-    result = _ok("queue", "--project", "p")
+    result = ok_cli("queue", "--project", "p")
     table = _csv(result)
     assert list(table.columns[:4]) == ["image", "score", "strategy", "reason"]
     labelable = sorted(n for n, (pixels, _, retired, _) in IMAGES.items() if pixels and not retired)
@@ -71,24 +60,24 @@ def test_queue_before_any_model(store) -> None:
 def test_queue_with_predictions_to_a_file(store, tmp_path: Path) -> None:
     store()
     out = tmp_path / "q" / "queue.csv"
-    result = _ok("queue", "--project", "p", "--strategy", "conflict", "--top", "1", "--out", out)
+    result = ok_cli("queue", "--project", "p", "--strategy", "conflict", "--top", "1", "--out", out)
     table = pd.read_csv(out)
     assert table["image"].tolist() == ["conflict.png"] and table["n_conflicts"].tolist() == [1]
     assert result.stdout == "" and "detector-0001 + classifier-0001" in result.stderr
-    everything = _csv(_ok("queue", "--project", "p", "--all", "--diversity", "0"))
+    everything = _csv(ok_cli("queue", "--project", "p", "--all", "--diversity", "0"))
     assert sorted(everything["image"]) == sorted(IMAGES)
     assert everything["score"].is_monotonic_decreasing  # --diversity 0: by score only
 
 
 def test_random_queue_is_seeded(store) -> None:
-    first = _csv(_ok("queue", "--project", "p", "--strategy", "random", "--seed", "7"))["image"].tolist()
-    again = _csv(_ok("queue", "--project", "p", "--strategy", "random", "--seed", "7"))["image"].tolist()
+    first = _csv(ok_cli("queue", "--project", "p", "--strategy", "random", "--seed", "7"))["image"].tolist()
+    again = _csv(ok_cli("queue", "--project", "p", "--strategy", "random", "--seed", "7"))["image"].tolist()
     assert first == again
 
 
 def test_queue_after_a_real_aggregation(store) -> None:
-    _ok("aggregate", "--project", "p")
-    table = _csv(_ok("queue", "--project", "p", "--strategy", "crowd", "--all"))
+    ok_cli("aggregate", "--project", "p")
+    table = _csv(ok_cli("queue", "--project", "p", "--strategy", "crowd", "--all"))
     assert table["score"].notna().sum() == sum(runs > 0 for _, runs, _, _ in IMAGES.values())
 
 
@@ -105,11 +94,11 @@ def test_queue_after_a_real_aggregation(store) -> None:
 def test_queue_errors(store, args: list[str], code: int, message: str) -> None:
     if "--project" not in args:
         args = ["--project", "p", *args]
-    result = _run("queue", *args)
+    result = run_cli("queue", *args)
     assert result.exit_code == code, result.output
     assert message in result.output and "Traceback" not in result.output
 
 
 def test_list_strategies() -> None:
-    result = _ok("queue", "--list-strategies")
+    result = ok_cli("queue", "--list-strategies")
     assert "combined" in result.output and "(default)" in result.output and "bald" in result.output

@@ -6,17 +6,12 @@ import io
 from pathlib import Path
 
 import numpy as np
-from click.testing import CliRunner
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from cellspot.cli import main
 from cellspot.store.db import make_engine, transaction
 from cellspot.store.models import Click, GoldCell, Image, Project
-
-
-def _run(*args: str):
-    return CliRunner().invoke(main, list(args))
+from clikit import run_cli
 
 
 def _png(path: Path, value: int) -> Path:
@@ -42,13 +37,13 @@ def test_import_images_creates_project_and_reports_bad_files(settings, tmp_path:
     (folder / "broken.png").write_bytes(b"nope")
     meta = tmp_path / "meta.csv"
     meta.write_text("image,drug\na.png,taxol\n")
-    result = _run("import", "images", str(folder), "--project", "lab", "--metadata", str(meta))
+    result = run_cli("import", "images", str(folder), "--project", "lab", "--metadata", str(meta))
     assert result.exit_code == 1
     assert "project 'lab': 2 image(s) imported" in result.stdout
     assert f"error: {folder / 'broken.png'}: not a PNG, JPEG or TIFF image" in result.stderr
     assert "1 file(s) or metadata line(s) could not be imported" in result.stderr
     assert _count(settings, Image) == 2  # the good files are kept
-    ok = _run("import", "images", str(folder / "a.png"))  # default project from the settings
+    ok = run_cli("import", "images", str(folder / "a.png"))  # default project from the settings
     assert ok.exit_code == 0, ok.output
     assert _count(settings, Project) == 2
 
@@ -56,7 +51,7 @@ def test_import_images_creates_project_and_reports_bad_files(settings, tmp_path:
 def test_import_images_bad_metadata_is_a_clean_error(settings, tmp_path: Path) -> None:
     meta = tmp_path / "meta.csv"
     meta.write_text("name,drug\n")
-    result = _run("import", "images", str(_png(tmp_path / "a.png", 1)), "--metadata", str(meta))
+    result = run_cli("import", "images", str(_png(tmp_path / "a.png", 1)), "--metadata", str(meta))
     assert result.exit_code == 1 and "no 'image' column" in result.stderr
     assert "Traceback" not in result.output
 
@@ -64,32 +59,32 @@ def test_import_images_bad_metadata_is_a_clean_error(settings, tmp_path: Path) -
 def test_import_clicks_strict_then_skip_invalid(settings, tmp_path: Path) -> None:
     path = tmp_path / "clicks.csv"
     path.write_text("image,annotator,x,y,label\na.png,s1,3,5,alive\na.png,s2,3,5,zombie\n")
-    strict = _run("import", "clicks", str(path))
+    strict = run_cli("import", "clicks", str(path))
     assert strict.exit_code == 1
     assert f"{path}:3: label: unknown label 'zombie'" in strict.stderr
     assert _count(settings, Click) == 0
-    lenient = _run("import", "clicks", str(path), "--skip-invalid", "--format", "csv")
+    lenient = run_cli("import", "clicks", str(path), "--skip-invalid", "--format", "csv")
     assert lenient.exit_code == 0, lenient.output
     assert "1 imported, 1 rejected" in lenient.stdout
     rejects = Path(lenient.stdout.split("rejects: ")[1].strip())
     assert rejects.is_file() and rejects.parent == settings.rejects_dir
-    again = _run("import", "clicks", str(path), "--skip-invalid")
+    again = run_cli("import", "clicks", str(path), "--skip-invalid")
     assert "0 imported, 1 rejected, 1 already present" in again.stdout
     assert _count(settings, Click) == 1
 
 
 def test_import_gold(settings, tmp_path: Path) -> None:
-    assert _run("import", "images", str(_png(tmp_path / "a.png", 1))).exit_code == 0
+    assert run_cli("import", "images", str(_png(tmp_path / "a.png", 1))).exit_code == 0
     gold = tmp_path / "gold.csv"
     gold.write_text("image,x,y,label\na.png,3,4,dead\nzzz.png,1,1,alive\n")
-    bad = _run("import", "gold", str(gold))
+    bad = run_cli("import", "gold", str(gold))
     assert bad.exit_code == 1 and f"{gold}:3: image: no image named 'zzz.png'" in bad.stderr
     gold.write_text("image,x,y,label\na.png,3,4,dead\n")
-    good = _run("import", "gold", str(gold))
+    good = run_cli("import", "gold", str(gold))
     assert good.exit_code == 0 and "1 imported" in good.stdout
     assert _count(settings, GoldCell) == 1
 
 
 def test_missing_input_is_a_usage_error(settings, tmp_path: Path) -> None:
-    result = _run("import", "clicks", str(tmp_path / "nope.csv"))
+    result = run_cli("import", "clicks", str(tmp_path / "nope.csv"))
     assert result.exit_code == 2 and "does not exist" in result.stderr

@@ -9,7 +9,6 @@ integration test runs real tiny models when :mod:`cellspot.ml.detector` and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,72 +32,15 @@ from cellspot.ml.predict import (
 )
 from cellspot.render import MARK_COLOURS
 
-W, H, RADIUS = 64, 48, 4
-ALIVE_RGB, DEAD_RGB = (40, 160, 40), (160, 40, 40)  # the fake classifier says p_alive 0.8 / 0.2
-# image name -> cells (x, y, label)
-CELLS = {
-    "well_a.png": [(12, 10, "alive"), (40, 20, "dead"), (20, 36, "alive")],
-    "well_b.png": [(50, 10, "dead")],
-    "well_c.png": [],
-}
-
-
-# --------------------------------------------------------------------------- fakes
-
-
-@dataclass(frozen=True)
-class FakeDetections:
-    xy: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-
-
-@dataclass
-class FakeDetector:
-    """Bright blobs (any channel > 50) are cells; centres are the blob centroids."""
-
-    version: str = "detector-fake"
-    config: dict = field(default_factory=lambda: {"radius": 5.0})
-    calls: int = 0
-
-    def detect(self, pixels: np.ndarray) -> FakeDetections:
-        from skimage.measure import label, regionprops
-
-        self.calls += 1
-        assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
-        labels = label(pixels.max(axis=2) > 50).astype(np.int32)
-        xy = np.array([[r.centroid[1], r.centroid[0]] for r in regionprops(labels)], float).reshape(-1, 2)
-        return FakeDetections(xy, np.full(len(xy), 0.9), labels)
-
-
-@dataclass
-class FakeClassifier:
-    """p_alive = green / (green + red) at the cell centre; one call per image (batched)."""
-
-    version: str = "classifier-fake"
-    calls: list[int] = field(default_factory=list)
-
-    def predict_cells(self, pixels: np.ndarray, xy: np.ndarray) -> np.ndarray:
-        self.calls.append(len(xy))
-        px = pixels[np.rint(xy[:, 1]).astype(int), np.rint(xy[:, 0]).astype(int)].astype(float)
-        return px[:, 1] / np.maximum(px[:, 0] + px[:, 1], 1.0)
-
-
-def disc_pixels(cells: list[tuple[float, float, str]], width: int = W, height: int = H) -> np.ndarray:
-    """(H, W, 3) uint8: dark background, a disc of RADIUS px per cell in its label's colour."""
-    yy, xx = np.mgrid[:height, :width]
-    rgb = np.full((height, width, 3), 10, np.uint8)
-    for x, y, label in cells:
-        rgb[(xx - x) ** 2 + (yy - y) ** 2 <= RADIUS**2] = ALIVE_RGB if label == "alive" else DEAD_RGB
-    return rgb
-
-
-def write_images(folder: Path, images: dict[str, list] = CELLS) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, cells in images.items():
-        PILImage.fromarray(disc_pixels(cells)).save(folder / name)
-    return folder
-
+from .predict_fakes import (
+    CELLS,
+    FakeClassifier,
+    FakeDetector,
+    H,
+    W,
+    disc_pixels,
+    write_images,
+)
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -328,25 +270,6 @@ def project_with_runs(session, settings, tmp_path: Path):
         runs.append(run)
     session.flush()
     return project, runs[0], runs[1]
-
-
-@pytest.fixture
-def fake_loaders(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Model loading returns fakes named after the folder; the folders asked for are recorded."""
-    loaded: list[Path] = []
-
-    def detector(model_dir):
-        loaded.append(Path(model_dir))
-        return FakeDetector(version=Path(model_dir).name)
-
-    def classifier(model_dir):
-        loaded.append(Path(model_dir))
-        return FakeClassifier(version=Path(model_dir).name)
-
-    for module in (predict, project_predictions):  # the CLI loads through predict, projects through the other
-        monkeypatch.setattr(module, "load_detector_dir", detector)
-        monkeypatch.setattr(module, "load_classifier_dir", classifier)
-    return loaded
 
 
 def test_predict_project_stores_and_replaces(session, settings, project_with_runs, fake_loaders) -> None:

@@ -1,4 +1,4 @@
-"""``cellspot predict`` on tiny images, with fake models behind the loaders (see test_predict.py)."""
+"""``cellspot predict`` on tiny images, with fake models behind the loaders (tests/ml/predict_fakes.py)."""
 
 from __future__ import annotations
 
@@ -6,28 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner, Result
 from PIL import Image as PILImage
 
-from cellspot.cli import main
 from cellspot.ml import project_predictions
 from cellspot.ml.predict import CELL_COLUMNS, SUMMARY_COLUMNS
+from clikit import ok_cli, run_cli
 
-try:  # the fake_loaders live in test_predict.py; tests/ml may or may not be a package
-    from ml.test_predict import CELLS, disc_pixels, fake_loaders, write_images  # noqa: F401 (fixture)
-except ImportError:
-    from test_predict import CELLS, disc_pixels, fake_loaders, write_images  # noqa: F401 (fixture)
-
-
-def _run(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _ok(*args: str | Path) -> Result:
-    result = _run(*args)
-    assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output
-    return result
+from .predict_fakes import CELLS, disc_pixels, write_images
 
 
 @pytest.fixture
@@ -69,7 +54,7 @@ def _stored(engine) -> pd.DataFrame:
 def test_predict_cli_with_model_folders(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"
-    result = _ok("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1])
+    result = ok_cli("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1])
 
     assert fake_loaders == list(model_dirs)  # each model loaded once for all images
     cells = pd.read_csv(out / "cells.csv")
@@ -89,7 +74,7 @@ def test_predict_cli_with_model_folders(settings, tmp_path: Path, fake_loaders, 
 def test_predict_cli_no_overlays_and_single_file(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"
-    _ok("predict", images / "well_b.png", "--out", out, "--detector", model_dirs[0], "--classifier",
+    ok_cli("predict", images / "well_b.png", "--out", out, "--detector", model_dirs[0], "--classifier",
         model_dirs[1], "--no-overlays", "--no-store")
     assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "summary.csv"]
     assert pd.read_csv(out / "cells.csv").label.tolist() == ["dead"]
@@ -100,10 +85,10 @@ def test_predict_cli_bad_file(settings, tmp_path: Path, fake_loaders, model_dirs
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
     out = tmp_path / "out"
     args = ("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1])
-    failed = _run(*args)
+    failed = run_cli(*args)
     assert failed.exit_code != 0 and "broken.png" in failed.output and "Traceback" not in failed.output
     assert not out.exists() or not (out / "cells.csv").exists()
-    result = _ok(*args, "--skip-invalid")
+    result = ok_cli(*args, "--skip-invalid")
     assert "skipped 1 unreadable file(s)" in result.output
     assert pd.read_csv(out / "errors.csv").image.tolist() == ["broken.png"]
 
@@ -117,7 +102,7 @@ def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path,
     engine = _store_project(settings, images)
     extra = write_images(tmp_path / "more", {"elsewhere.png": [(30, 30, "alive")]})
     try:
-        result = _ok("predict", images, extra / "elsewhere.png", "--out", tmp_path / "out", "--project", "p")
+        result = ok_cli("predict", images, extra / "elsewhere.png", "--out", tmp_path / "out", "--project", "p")
         with session_factory(engine)() as session:
             project = get_project(session, "p")
             active = [registry.active_run(session, project, k) for k in ("detector", "classifier")]
@@ -127,15 +112,15 @@ def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path,
         assert len(stored) == 4 and set(stored.detector_version) == {active[0].version}
         assert "elsewhere.png" not in set(stored.image)
 
-        _ok("predict", images, "--out", tmp_path / "out", "--project", "p")  # again: replaced
+        ok_cli("predict", images, "--out", tmp_path / "out", "--project", "p")  # again: replaced
         assert len(_stored(engine)) == 4
-        _ok("predict", images, "--out", tmp_path / "out", "--project", "p", "--no-store")
+        ok_cli("predict", images, "--out", tmp_path / "out", "--project", "p", "--no-store")
         assert len(_stored(engine)) == 4
 
         folders = [str(registry.model_dir(settings, run)) for run in active]
         for folder in folders:
             Path(folder).mkdir(parents=True, exist_ok=True)
-        given = _ok("predict", images, "--out", tmp_path / "out", "--project", "p",
+        given = ok_cli("predict", images, "--out", tmp_path / "out", "--project", "p",
                     "--detector", folders[0], "--classifier", folders[1])
         assert "stored 4 cells" in given.output  # the active folders given explicitly count as active
     finally:
@@ -148,8 +133,8 @@ def test_predict_cli_other_models_are_not_stored(settings, tmp_path: Path, fake_
     try:
         args = ("predict", images, "--out", tmp_path / "out", "--project", "p",
                 "--detector", model_dirs[0], "--classifier", model_dirs[1])
-        assert "not stored: the models are not the active ones of project 'p'" in _ok(*args).output
-        forced = _run(*args, "--store")
+        assert "not stored: the models are not the active ones of project 'p'" in ok_cli(*args).output
+        forced = run_cli(*args, "--store")
         assert forced.exit_code != 0 and "--store needs the active models" in forced.output
         assert len(_stored(engine)) == 0
     finally:
@@ -161,7 +146,7 @@ def test_predict_cli_without_active_models_says_how_to_train(settings, tmp_path:
     images = write_images(tmp_path / "images")
     if with_store:
         _store_project(settings, images, active=False).dispose()
-    result = _run("predict", images, "--out", tmp_path / "out", "--project", "p")
+    result = run_cli("predict", images, "--out", tmp_path / "out", "--project", "p")
     assert result.exit_code != 0 and "Traceback" not in result.output
     if with_store:
         assert "train one with `cellspot train detector --project p`" in result.output
@@ -174,7 +159,7 @@ def test_predict_cli_reads_any_mode(settings, tmp_path: Path, fake_loaders, mode
     rgb = disc_pixels([(10, 10, "alive"), (40, 30, "dead")])
     PILImage.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
     PILImage.fromarray(rgb).convert("P", palette=PILImage.Palette.ADAPTIVE, colors=8).save(tmp_path / "palette.png")
-    _ok("predict", tmp_path / "gray.png", tmp_path / "palette.png", "--out", tmp_path / "out",
+    ok_cli("predict", tmp_path / "gray.png", tmp_path / "palette.png", "--out", tmp_path / "out",
         "--detector", model_dirs[0], "--classifier", model_dirs[1])
     summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("image")
     assert summary.n_cells.to_dict() == {"gray.png": 2, "palette.png": 2}
