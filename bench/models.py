@@ -277,7 +277,8 @@ def baseline_classifier(bench: Bench, data: Any, crop_size: int, radius: float) 
 def evaluate_classifiers(test_images: list[Any], model: Any, baseline: Any, radius: float,
                          desc: str) -> dict[str, dict[str, Any]]:
     """Metrics of the model and of the baseline on the true cells of ``test_images``."""
-    from cellspot.ml.classifier import classification_metrics, crops_from_data
+    from cellspot.evaluation import classification_metrics
+    from cellspot.ml.classifier import crops_from_data
 
     crops = crops_from_data(test_images, model.config.crop_size)
     y = crops.label

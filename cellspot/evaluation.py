@@ -1,6 +1,6 @@
-"""Point-set evaluation: one-to-one matching of predicted cells to true cells.
+"""Evaluation: one-to-one matching of predicted cells to true cells, alive/dead classification metrics.
 
-Pure module (numpy, scipy, pandas). A predicted cell matches a true cell when they are in
+Pure module (numpy, scipy, pandas, scikit-learn). A predicted cell matches a true cell when they are in
 the same image and closer than half the true cell's diameter (``match_fraction`` of the
 diameter); matching is one-to-one and minimises the total distance (Hungarian).
 """
@@ -8,12 +8,15 @@ diameter); matching is one-to-one and minimises the total distance (Hungarian).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 _FAR = 1e12
+ECE_BINS = 15
+CONFUSION_LAYOUT = "[[tn, fp], [fn, tp]]: rows true alive, dead; columns predicted alive, dead"
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,43 @@ def point_metrics(truth: pd.DataFrame, pred: pd.DataFrame, match_fraction: float
 def _balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
     recalls = [np.mean(pred[truth == c] == c) for c in (True, False) if np.any(truth == c)]
     return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def classification_metrics(
+    y_alive: np.ndarray, p_alive: np.ndarray, weights: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Metrics of ``p_alive`` ``(N,)`` against the true labels ``y_alive`` ``(N,)`` (1 alive, 0 dead).
+
+    A cell is predicted dead when ``p_alive < 0.5``. Dead is the positive class: ``f1`` is the
+    F1 of dead, ``f1_macro`` the mean F1 of both classes, ``roc_auc`` ranks by ``1 - p_alive``
+    (NaN with one class), ``confusion`` is ``[[tn, fp], [fn, tp]]`` (:data:`CONFUSION_LAYOUT`).
+    ``ece``: expected calibration error of ``p_alive`` (15 equal-width bins); ``brier``: mean
+    squared error of ``p_alive``. ``weights``: optional sample weights (not used for ``ece``).
+    """
+    from sklearn import metrics as skm
+
+    y = np.asarray(y_alive).astype(int)
+    p = np.asarray(p_alive, float)
+    if len(y) != len(p):
+        raise ValueError(f"y_alive has {len(y)} values but p_alive has {len(p)}")
+    out: dict[str, Any] = {"n": int(len(y)), "n_alive": int(y.sum()), "n_dead": int(len(y) - y.sum())}
+    if not len(y):
+        return out
+    dead_true, dead_pred = 1 - y, (p < 0.5).astype(int)
+    sw = None if weights is None else np.asarray(weights, float)
+    cm = skm.confusion_matrix(dead_true, dead_pred, labels=[0, 1], sample_weight=sw)
+    recalls = [cm[k, k] / cm[k].sum() for k in (0, 1) if cm[k].sum() > 0]
+    both = len(np.unique(y)) == 2
+    out.update({
+        "accuracy": float(skm.accuracy_score(dead_true, dead_pred, sample_weight=sw)),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "f1": float(skm.f1_score(dead_true, dead_pred, pos_label=1, zero_division=0, sample_weight=sw)),
+        "f1_macro": float(skm.f1_score(dead_true, dead_pred, average="macro", labels=[0, 1],
+                                       zero_division=0, sample_weight=sw)),
+        "roc_auc": float(skm.roc_auc_score(dead_true, 1 - p, sample_weight=sw)) if both else float("nan"),
+        "ece": expected_calibration_error(p, y, n_bins=ECE_BINS),
+        "brier": float(np.average((p - y) ** 2, weights=sw)),
+        "confusion": cm.astype(int).tolist() if sw is None else cm.tolist(),
+        "confusion_layout": CONFUSION_LAYOUT,
+    })
+    return out

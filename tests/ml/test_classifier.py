@@ -9,14 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+from cellspot.evaluation import classification_metrics
 from cellspot.ml.classifier import (
-    CONFUSION_LAYOUT,
     ClassifierConfig,
     CropClassifier,
     WarmupCosine,
     balance_weights,
     build_model,
-    classification_metrics,
     config_for,
     crops_from_data,
     dihedral_views,
@@ -113,33 +112,6 @@ def test_a_tiny_batch_overfits():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.2 * losses[0]
-
-
-# (y_alive, p_alive, expected subset of the metrics)
-METRIC_CASES = [
-    ([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1],
-     {"accuracy": 1.0, "balanced_accuracy": 1.0, "f1": 1.0, "f1_macro": 1.0, "roc_auc": 1.0,
-      "confusion": [[2, 0], [0, 2]], "brier": (0.01 + 0.04 + 0.04 + 0.01) / 4}),
-    ([1, 1, 1, 0], [0.9, 0.9, 0.4, 0.9],  # one alive called dead, the dead cell called alive
-     {"accuracy": 0.5, "balanced_accuracy": 1 / 3, "f1": 0.0, "confusion": [[2, 1], [1, 0]], "n_dead": 1}),
-    ([1, 1, 1, 1, 0, 0], [0.9, 0.9, 0.9, 0.9, 0.9, 0.1],  # 4/5 of the cells in the 0.9 bin are alive
-     {"accuracy": 5 / 6, "balanced_accuracy": 0.75, "f1": 2 / 3, "ece": (5 * 0.1 + 0.1) / 6,
-      "confusion": [[4, 0], [1, 1]]}),
-]
-
-
-@pytest.mark.parametrize(("y", "p", "expected"), METRIC_CASES)
-def test_classification_metrics_on_hand_made_cases(y, p, expected):
-    metrics = classification_metrics(np.array(y), np.array(p))
-    for key, value in expected.items():
-        assert metrics[key] == (pytest.approx(value) if isinstance(value, float) else value), key
-    assert metrics["confusion_layout"] == CONFUSION_LAYOUT
-
-
-def test_metrics_with_one_class_have_no_auc():
-    metrics = classification_metrics(np.array([1, 1]), np.array([0.7, 0.2]))
-    assert np.isnan(metrics["roc_auc"]) and metrics["balanced_accuracy"] == 0.5
-    assert classification_metrics(np.array([]), np.array([])) == {"n": 0, "n_alive": 0, "n_dead": 0}
 
 
 def test_temperature_scaling_fixes_an_overconfident_model():
