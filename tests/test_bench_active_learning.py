@@ -22,6 +22,7 @@ from cellspot.active.simulation import (
     choose_batch,
     compare_strategies,
     mean_curves,
+    runs_to_stay,
     runs_to_target,
 )
 
@@ -73,6 +74,25 @@ def test_runs_to_target(x, y, target, expected) -> None:
 def test_runs_to_target_rejects_bad_curves(x, y) -> None:
     with pytest.raises(SimulationError):
         runs_to_target(x, y, 0.5)
+    with pytest.raises(SimulationError):
+        runs_to_stay(x, y, 0.5)
+
+
+@pytest.mark.parametrize("x, y, target, expected", [
+    ([10, 20, 30], [0.5, 0.8, 0.9], 0.7, 10 + (0.7 - 0.5) / 0.3 * 10),  # one crossing: as runs_to_target
+    ([10, 20, 30, 40], [0.5, 0.96, 0.8, 1.0], 0.95, 30 + (0.95 - 0.8) / 0.2 * 10),  # a lucky round does not count
+    ([10, 20, 30], [0.96, 0.97, 0.99], 0.95, 10.0),  # above from the seed on
+    ([10, 20, 30], [0.5, 0.96, 0.9], 0.95, math.nan),  # falls back below at the end
+    ([10, 20, 30], [0.5, math.nan, 1.0], 0.75, 20.0),  # NaN point skipped
+])
+def test_runs_to_stay(x, y, target, expected) -> None:
+    got = runs_to_stay(x, y, target)
+    if math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(expected)
+    first = runs_to_target(x, y, target)
+    assert math.isnan(got) or got >= first  # never earlier than the first crossing
 
 
 # --------------------------------------------------------------------------- curves and verdict
@@ -114,6 +134,21 @@ def test_compare_strategies_ratio_bound_and_verdict(random_curve, combined_curve
     assert row["target_met"] is met
     assert row["censored"] == (not math.isnan(bound))
     assert table.loc["random", "target_met"] is None
+
+
+def test_compare_strategies_robust_summaries() -> None:
+    # random dips after a lucky round 2; combined rises steadily
+    random_curve, combined_curve = [0.5, 0.96, 0.8, 0.97], [0.5, 0.9, 0.95, 0.97]
+    curves = pd.DataFrame(curve_rows("random", {0: random_curve}) + curve_rows("combined", {0: combined_curve}))
+    refs = pd.DataFrame({"dataset": ["ldc"], "seed": [0], "metric": [1.0]})
+    table = compare_strategies(mean_curves(curves, refs), quantile=0.95, max_ratio=0.6).set_index("strategy")
+    assert table.loc["random", "runs_to_target"] == pytest.approx(30 + 0.45 / 0.46 * 30)  # the lucky round
+    assert table.loc["random", "runs_to_stay"] == pytest.approx(90 + 0.15 / 0.17 * 30)
+    assert table.loc["combined", "runs_to_stay"] == pytest.approx(90.0)
+    assert table.loc["combined", "stay_ratio_to_random"] == pytest.approx(90.0 / (90 + 0.15 / 0.17 * 30))
+    assert math.isnan(table.loc["random", "stay_ratio_to_random"])
+    assert table.loc["random", "mean_relative"] == pytest.approx((0.96 + 0.8 + 0.97) / 3)  # the seed left out
+    assert table.loc["combined", "mean_relative"] == pytest.approx((0.9 + 0.95 + 0.97) / 3)
 
 
 def test_verdict_needs_every_dataset(al) -> None:
@@ -323,3 +358,32 @@ def test_configs_take_the_training_seed(al) -> None:
     assert al.detector_config(setup, args, seed=1001).seed == 1001
     assert al.classifier_config(setup, args, 200).seed == 1
     assert al.classifier_config(setup, args, 200, seed=2001).seed == 2001
+
+
+def test_report_only_summarises_a_saved_run_again(al, tmp_path) -> None:
+    records = (curve_rows("random", {0: [0.5, 0.96, 0.8, 0.97]}) + curve_rows("combined", {0: [0.5, 0.9, 0.95, 0.97]}))
+    saved = {"params": {**{k: (str(v) if hasattr(v, "is_dir") else v) for k, v in vars(al.parse_args([])).items()},
+                        "datasets": ["ldc"], "strategies": ["random", "combined"], "seeds": [0], "trainings": 2},
+             "plans": {"ldc": {"seed_images": 10, "batch": 8, "rounds": 3}},
+             "setups": [{"dataset": "ldc", "seed": 0}], "records": records,
+             "references": [{"dataset": "ldc", "seed": 0, "metric": 1.0, "task_runs": 846, "seconds": 1.0}],
+             "environment": {"seconds": 60.0}}
+    path = tmp_path / "run" / "active_learning.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(saved))
+    assert al.main(["--report-only", str(path), "--out", str(tmp_path / "again"), "--quantile", "0.9"]) == 0
+    md = (tmp_path / "again" / "active_learning.md").read_text()
+    assert "Task runs to reach 90% of the reference" in md
+    assert "2 training(s) per round" in md
+    again = json.loads((tmp_path / "again" / "active_learning.json").read_text())
+    rows = {r["strategy"]: r for r in again["comparison"]}
+    assert rows["combined"]["runs_to_target"] == pytest.approx(60.0)  # 0.9 reached at round 1
+    assert rows["random"]["runs_to_target"] == pytest.approx(30 + 0.4 / 0.46 * 30)
+    assert path.read_text() == json.dumps(saved)  # the saved run is not touched
+
+
+def test_report_only_names_a_bad_file(al, tmp_path) -> None:
+    bad = tmp_path / "active_learning.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a readable active_learning.json"):
+        al.main(["--report-only", str(bad), "--out", str(tmp_path / "o")])

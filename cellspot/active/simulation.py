@@ -14,7 +14,7 @@ scoring; no torch, no database). The benchmark trains the models; everything tha
 * :func:`choose_batch` -- score with a strategy of :mod:`cellspot.active.strategies` over the
   whole pool (as the queue does), keep the candidates, select a batch
   (:func:`cellspot.active.select.select_batch`).
-* :func:`runs_to_target`, :func:`mean_curves`, :func:`compare_strategies` -- task runs needed
+* :func:`runs_to_target`, :func:`runs_to_stay`, :func:`mean_curves`, :func:`compare_strategies` -- task runs needed
   to reach a fraction of the reference metric (the model trained on every image labelled),
   on the seed-averaged curve, and the ratio to random sampling with its verdict.
 
@@ -23,7 +23,9 @@ reference metric of seed ``s``, the relative curve is ``r(b) = mean_s m_s(b) / M
 runs to target are the first ``b`` with ``r(b) >= q`` (``q = 0.95``), linearly interpolated
 between the two budgets around the crossing. ``ratio = b_strategy / b_random``; when random
 never gets there within the largest budget ``B``, only ``ratio < b_strategy / B`` is known
-(``censored``).
+(``censored``). Robustness checks beside it: the runs from which ``r(b)`` stays ``>= q``
+(interpolated at the last crossing from below) and ``mean_relative``, the mean of ``r(b)``
+over the rounds after the seed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ CURVE_KEYS = ["dataset", "strategy", "seed", "round", "task_runs", "metric"]
 MEAN_CURVE_COLUMNS = ["dataset", "strategy", "round", "task_runs", "relative", "relative_std", "metric",
                       "metric_std", "n_seeds"]
 COMPARE_COLUMNS = ["dataset", "strategy", "runs_to_target", "reached", "ratio_to_random", "ratio_bound",
-                   "censored", "target_met", "max_task_runs", "final_relative"]
+                   "censored", "target_met", "runs_to_stay", "stay_ratio_to_random", "mean_relative",
+                   "max_task_runs", "final_relative"]
 DEFAULT_QUANTILE = 0.95
 DEFAULT_MAX_RATIO = 0.6
 
@@ -201,6 +204,31 @@ def runs_to_target(task_runs: Iterable[float], values: Iterable[float], target: 
     return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
 
 
+def runs_to_stay(task_runs: Iterable[float], values: Iterable[float], target: float) -> float:
+    """The budget from which ``values`` stay at or above ``target`` up to the last point,
+    linearly interpolated at the last crossing from below; NaN if the last point is below.
+
+    A robustness check on :func:`runs_to_target` (the first crossing), which a single lucky
+    round can decide on a noisy curve. Same inputs and errors as :func:`runs_to_target`.
+    """
+    x = np.asarray(list(task_runs), float)
+    y = np.asarray(list(values), float)
+    if x.shape != y.shape:
+        raise SimulationError(f"task_runs and values differ in length: {x.shape} vs {y.shape}")
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) > 1 and np.any(np.diff(x) <= 0):
+        raise SimulationError("task_runs must be strictly increasing")
+    if not len(x) or y[-1] < target:
+        return float("nan")
+    below = np.flatnonzero(y < target)
+    if not len(below):
+        return float(x[0])
+    i = int(below[-1])
+    x0, x1, y0, y1 = x[i], x[i + 1], y[i], y[i + 1]
+    return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
+
+
 def mean_curves(curves: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
     """Seed-averaged learning curves, absolute and relative to each seed's reference.
 
@@ -240,20 +268,33 @@ def compare_strategies(
     runs / baseline runs when both reached; when only the strategy reached,
     ``ratio_bound`` = runs / the largest budget of the baseline (the true ratio is below it)
     and ``censored``; ``target_met`` = ratio (or bound) ``<= max_ratio`` (None for the
-    baseline itself or when the strategy did not reach).
+    baseline itself or when the strategy did not reach). Two summaries that a single noisy
+    round cannot decide: ``runs_to_stay`` (:func:`runs_to_stay`: from where the curve stays
+    at or above the level) with ``stay_ratio_to_random``, and ``mean_relative``, the mean
+    relative metric over the rounds after the first (the labelled seed, the same for every
+    arm): the normalised area under the learning curve, comparable between the arms of a
+    dataset because they spend the same runs per round.
     """
     rows = []
     for (dataset, strategy), c in mean.groupby(["dataset", "strategy"], sort=True):
         c = c.sort_values("round")
+        after_seed = c["relative"].iloc[1:] if len(c) > 1 else c["relative"]
         rows.append({"dataset": dataset, "strategy": strategy,
                      "runs_to_target": runs_to_target(c["task_runs"], c["relative"], quantile),
+                     "runs_to_stay": runs_to_stay(c["task_runs"], c["relative"], quantile),
+                     "mean_relative": float(after_seed.mean()),
                      "max_task_runs": float(c["task_runs"].max()), "final_relative": float(c["relative"].iloc[-1])})
-    table = pd.DataFrame(rows, columns=["dataset", "strategy", "runs_to_target", "max_task_runs", "final_relative"])
+    table = pd.DataFrame(rows, columns=["dataset", "strategy", "runs_to_target", "runs_to_stay", "mean_relative",
+                                        "max_task_runs", "final_relative"])
     out = []
     for row in table.itertuples(index=False):
         base = table[(table["dataset"] == row.dataset) & (table["strategy"] == baseline)]
         b = float(base["runs_to_target"].iloc[0]) if len(base) else float("nan")
         b_max = float(base["max_task_runs"].iloc[0]) if len(base) else float("nan")
+        b_stay = float(base["runs_to_stay"].iloc[0]) if len(base) else float("nan")
+        stay = float(row.runs_to_stay)
+        stay_ratio = (stay / b_stay if row.strategy != baseline and np.isfinite(stay) and np.isfinite(b_stay)
+                      and b_stay > 0 else float("nan"))
         mine = float(row.runs_to_target)
         ratio = bound = float("nan")
         censored, met = False, None
@@ -265,5 +306,6 @@ def compare_strategies(
                 bound, censored = mine / b_max, True
                 met = bool(bound <= max_ratio)
         out.append({**row._asdict(), "reached": bool(np.isfinite(mine)), "ratio_to_random": ratio,
-                    "ratio_bound": bound, "censored": censored, "target_met": met})
+                    "ratio_bound": bound, "censored": censored, "target_met": met,
+                    "stay_ratio_to_random": stay_ratio})
     return pd.DataFrame(out, columns=COMPARE_COLUMNS)
