@@ -60,7 +60,7 @@ combined default reaches it with <= 60 % of the task runs random needs, on both 
 Wall time per round (consensus, training, prediction, selection) is measured with
 ``--threads`` CPU threads.
 
-    python bench/active_learning.py                     # everything (~70 min on 2 idle cores)
+    python bench/active_learning.py                     # everything, 5 arms (~3.5 h on 2 idle cores; --trainings 1 about halves it)
     python bench/active_learning.py --quick             # smoke run (< 5 min), not meaningful
     python bench/active_learning.py --datasets ldc --strategies random,combined --seeds 1
     python bench/active_learning.py --report-only bench/out/active_learning.json --out /tmp/again
