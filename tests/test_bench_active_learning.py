@@ -27,6 +27,14 @@ from cellspot.active.simulation import (
 )
 
 
+def assert_nan_or_approx(got: float, expected: float) -> None:
+    """``got`` is NaN where ``expected`` is, else approximately equal."""
+    if math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(expected)
+
+
 @pytest.fixture(scope="module")
 def al(bench_script):
     """bench/active_learning.py, loaded by path."""
@@ -63,11 +71,7 @@ def bank() -> ClickBank:
     ([10, 20, 30], [0.5, 0.95, 0.9], 0.95, 20.0),  # exactly at a point, dips after
 ])
 def test_runs_to_target(x, y, target, expected) -> None:
-    got = runs_to_target(x, y, target)
-    if math.isnan(expected):
-        assert math.isnan(got)
-    else:
-        assert got == pytest.approx(expected)
+    assert_nan_or_approx(runs_to_target(x, y, target), expected)
 
 
 @pytest.mark.parametrize("x, y", [([10, 10, 20], [0.1, 0.2, 0.3]), ([10, 20], [0.1])])
@@ -87,10 +91,7 @@ def test_runs_to_target_rejects_bad_curves(x, y) -> None:
 ])
 def test_runs_to_stay(x, y, target, expected) -> None:
     got = runs_to_stay(x, y, target)
-    if math.isnan(expected):
-        assert math.isnan(got)
-    else:
-        assert got == pytest.approx(expected)
+    assert_nan_or_approx(got, expected)
     first = runs_to_target(x, y, target)
     assert math.isnan(got) or got >= first  # never earlier than the first crossing
 

@@ -180,12 +180,9 @@ def choose_batch(
 # --------------------------------------------------------------------------- curves
 
 
-def runs_to_target(task_runs: Iterable[float], values: Iterable[float], target: float) -> float:
-    """The first budget where ``values`` reach ``target``, linearly interpolated; NaN if never.
-
-    ``task_runs`` ``(n,)`` increasing budgets, ``values`` ``(n,)`` the metric at each (NaN
-    points are skipped). Reached at the first point -> that point's budget.
-    """
+def _curve(task_runs: Iterable[float], values: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
+    """A learning curve as arrays without its NaN points; raises :class:`SimulationError` when
+    the lengths differ or the budgets do not strictly increase."""
     x = np.asarray(list(task_runs), float)
     y = np.asarray(list(values), float)
     if x.shape != y.shape:
@@ -194,6 +191,16 @@ def runs_to_target(task_runs: Iterable[float], values: Iterable[float], target: 
     x, y = x[ok], y[ok]
     if len(x) > 1 and np.any(np.diff(x) <= 0):
         raise SimulationError("task_runs must be strictly increasing")
+    return x, y
+
+
+def runs_to_target(task_runs: Iterable[float], values: Iterable[float], target: float) -> float:
+    """The first budget where ``values`` reach ``target``, linearly interpolated; NaN if never.
+
+    ``task_runs`` ``(n,)`` increasing budgets, ``values`` ``(n,)`` the metric at each (NaN
+    points are skipped). Reached at the first point -> that point's budget.
+    """
+    x, y = _curve(task_runs, values)
     hit = np.flatnonzero(y >= target)
     if not len(hit):
         return float("nan")
@@ -211,14 +218,7 @@ def runs_to_stay(task_runs: Iterable[float], values: Iterable[float], target: fl
     A robustness check on :func:`runs_to_target` (the first crossing), which a single lucky
     round can decide on a noisy curve. Same inputs and errors as :func:`runs_to_target`.
     """
-    x = np.asarray(list(task_runs), float)
-    y = np.asarray(list(values), float)
-    if x.shape != y.shape:
-        raise SimulationError(f"task_runs and values differ in length: {x.shape} vs {y.shape}")
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) > 1 and np.any(np.diff(x) <= 0):
-        raise SimulationError("task_runs must be strictly increasing")
+    x, y = _curve(task_runs, values)
     if not len(x) or y[-1] < target:
         return float("nan")
     below = np.flatnonzero(y < target)
