@@ -417,14 +417,14 @@ def train_eval(setup: Setup, labelled: dict[str, pd.DataFrame], args: argparse.N
     first training's model for the acquisition signals or None, the metric of each training).
     Averaging several trainings takes the optimisation's own noise out of the learning curves."""
     data = training_data(setup, labelled)
-    per, model = [], None
+    per, models = [], []
     for t in range(args.trainings):
         sub = folder / f"t{t}"
         sub.mkdir(parents=True, exist_ok=True)
-        metrics, m = train_once(setup, data, labelled, args, sub, training_seed(setup, t), load=t == 0)
+        metrics, model = train_once(setup, data, labelled, args, sub, training_seed(setup, t), load=t == 0)
         per.append(metrics)
-        model = m if t == 0 else model
-    return mean_metrics(per), model, [m.get(METRIC[setup.ds.name], float("nan")) for m in per]
+        models.append(model)
+    return mean_metrics(per), models[0], [m.get(METRIC[setup.ds.name], float("nan")) for m in per]
 
 
 def model_cells(setup: Setup, model: Any) -> pd.DataFrame:

@@ -23,7 +23,6 @@ Functions that take a session never commit (the caller owns it); :func:`run_auto
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta
@@ -36,6 +35,7 @@ from cellspot.active import rounds as al
 from cellspot.ml import registry
 from cellspot.store.models import Image, ModelRun, Project, TaskRun, utcnow
 from cellspot.store.queries import as_project
+from cellspot.workflows.dashboard import int_in
 from cellspot.workflows.rounds import DEFAULT_STRATEGY, MODEL_ORDER, RoundsWorkflowError, open_new_round
 
 if TYPE_CHECKING:
@@ -96,9 +96,10 @@ class AutoSettings:
         new = replace(base, **changes)
         if not isinstance(new.enabled, bool):
             raise AutoSettingsError(f"enabled must be true or false, got {new.enabled!r}")
-        every = _whole(new.every_runs, "every_runs", 1, 1_000_000)
-        top = None if new.top is None else _whole(new.top, "top", 1, 1_000_000)
-        epochs = None if new.epochs is None else _whole(new.epochs, "epochs", 1, 1000)
+        runs, thousand = int_in(1, 1_000_000, AutoSettingsError), int_in(1, 1000, AutoSettingsError)
+        every = runs("every_runs", new.every_runs)
+        top = None if new.top is None else runs("top", new.top)
+        epochs = None if new.epochs is None else thousand("epochs", new.epochs)
         try:
             get_strategy(str(new.strategy))
         except UnknownStrategyError as exc:
@@ -110,16 +111,6 @@ class AutoSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _whole(value: Any, name: str, lo: int, hi: int) -> int:
-    try:
-        number = math.nan if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number.is_integer() and lo <= number <= hi):
-        raise AutoSettingsError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
-    return int(number)
 
 
 def set_auto_settings(session: Session, project: Project | str, **changes: Any) -> AutoSettings:

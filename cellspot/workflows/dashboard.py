@@ -301,14 +301,16 @@ def _by_condition(per_image: pd.DataFrame, by: list[str] | None) -> pd.DataFrame
 # --------------------------------------------------------------------------- settings
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
+def int_in(lo: int, hi: int, error: type[Exception] = InvalidProjectSettingError) -> Callable[[str, Any], int]:
+    """A check ``(name, value) -> int`` that a setting is a whole number in ``[lo, hi]``
+    (``True`` / ``False`` are not numbers), raising ``error`` with the name and value otherwise."""
     def check(name: str, value: Any) -> int:
         try:
             number = math.nan if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
             number = math.nan
         if not (math.isfinite(number) and number.is_integer() and lo <= number <= hi):
-            raise InvalidProjectSettingError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+            raise error(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
         return int(number)
     return check
 
@@ -355,10 +357,10 @@ def _class_codes(name: str, value: Any) -> list[str]:
 
 PROJECT_SETTING_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "class_codes": _class_codes,
-    "target_runs_per_image": _int_in(1, 1000),
-    "retire_min_runs": _int_in(1, 1000),
+    "target_runs_per_image": int_in(1, 1000),
+    "retire_min_runs": int_in(1, 1000),
     "retire_min_confidence": _float_in(0.0, 1.0),
-    "retire_max_runs": _optional(_int_in(1, 1000)),
+    "retire_max_runs": _optional(int_in(1, 1000)),
     "retire_min_cell_certainty": _float_in(0.0, 1.0),
     "retire_count_tolerance": _optional(_float_in(0.0, 10.0)),
     "gold_rate": _float_in(0.0, 1.0),

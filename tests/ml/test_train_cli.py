@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from cellspot.cli import main
 from cellspot.ml.common import METRICS_FILE, RESUME_FILE
 from fake_trainer import FakeFit, install, load_run, request_cancel, seed_project
+from clikit import run_cli
 
 
 def _run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = run_cli(*args)
     return result.exit_code, result.output
 
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-from cellspot.cli import main
 from cellspot.store.db import make_engine, transaction
 from cellspot.store import queries as q
 from cellspot.store.migrate import current_revision, head_revision
 from cellspot.store.models import Image
+from clikit import run_cli
 
 
 def _run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
+    result = run_cli(*args)
     return result.exit_code, result.output
 
 
