@@ -42,7 +42,9 @@ from cellspot.ml.common import (
     seed_everything,
 )
 from cellspot.ml.data import AnnotatedImage, TrainingData
-from cellspot.ml.postprocess import SEED_KINDS, Detections, counts_to_scores, match_instances, postprocess
+from cellspot.ml.postprocess import (
+    SEED_KINDS, Detections, counts_to_scores, match_instances, postprocess, shape_prior,
+)
 from cellspot.ml.targets import CENTRE_KINDS, CHANNELS, TARGET_KINDS, estimate_radius, render_targets
 from cellspot.ml.tiling import POLARITIES, normalize_image, predict_tiled
 
@@ -50,7 +52,10 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet")
 LOSSES = ("dice_bce", "focal", "dice_focal")
-POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area", "border_margin", "seeds")
+POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area", "border_margin", "seeds",
+                    "min_solidity", "max_eccentricity")
+#: the shape prior keeps all but this fraction of the training masks' instances on each side
+SHAPE_QUANTILE = 0.01
 
 
 @dataclass
@@ -66,7 +71,11 @@ class DetectorConfig:
     after the epoch that passes this wall-clock budget (None = no budget). Post-processing
     defaults (``threshold``, ``peak_threshold``, ``min_distance`` (None = 0.5 x radius),
     ``min_area``, ``border_margin``, ``seeds``) are replaced by values tuned on val when
-    ``tune_postprocess``. Augmentation of the training tiles: ``scale_jitter`` (tiles resized by
+    ``tune_postprocess``. ``min_solidity`` / ``max_eccentricity``: the shape prior of
+    :func:`cellspot.ml.postprocess.postprocess`; None = estimated from the training masks
+    (:func:`cellspot.ml.postprocess.shape_prior` at :data:`SHAPE_QUANTILE`: 1 % of the true
+    instances fall outside each bound) and off for point annotations; 0 / 1 switch it off.
+    Augmentation of the training tiles: ``scale_jitter`` (tiles resized by
     a factor drawn log-uniformly from [1 / scale_jitter, scale_jitter]; 1 = off), ``invert``
     and ``gray`` (probabilities of negating the normalised tile, so dark cells on a light
     background look like bright ones on a dark background, and of replacing its colours by
@@ -107,6 +116,8 @@ class DetectorConfig:
     min_area: int = 0
     border_margin: float = 0.0
     seeds: str = "peaks"
+    min_solidity: float | None = None
+    max_eccentricity: float | None = None
     tune_postprocess: bool = True
     scale_jitter: float = 1.25
     invert: float = 0.0
@@ -174,6 +185,10 @@ def _validate(c: DetectorConfig) -> None:
         (c.lr > 0 and c.patience >= 1, "lr must be > 0 and patience >= 1"),
         (0.0 <= c.ema < 1.0, f"ema must be in [0, 1) (0 = off), got {c.ema}"),
         (c.border_margin >= 0, f"border_margin must be >= 0 pixels, got {c.border_margin}"),
+        (c.min_solidity is None or 0.0 <= c.min_solidity <= 1.0,
+         f"min_solidity must be in [0, 1] or None, got {c.min_solidity}"),
+        (c.max_eccentricity is None or 0.0 < c.max_eccentricity <= 1.0,
+         f"max_eccentricity must be in (0, 1] or None, got {c.max_eccentricity}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -339,10 +354,22 @@ def _sample_batch(prepared: list[_Prepared], tile: int, batch: int, rng: np.rand
 
 
 def default_postprocess(config: DetectorConfig, radius: float) -> dict[str, Any]:
-    """Post-processing parameters of ``config``; ``min_distance`` None -> half the radius."""
+    """Post-processing parameters of ``config``; ``min_distance`` None -> half the radius; an
+    unresolved (None) shape prior -> off."""
     md = config.min_distance if config.min_distance is not None else max(1, int(round(0.5 * radius)))
     return dict(threshold=config.threshold, min_distance=int(md), peak_threshold=config.peak_threshold,
-                min_area=int(config.min_area), border_margin=float(config.border_margin), seeds=config.seeds)
+                min_area=int(config.min_area), border_margin=float(config.border_margin), seeds=config.seeds,
+                min_solidity=float(config.min_solidity or 0.0),
+                max_eccentricity=float(1.0 if config.max_eccentricity is None else config.max_eccentricity))
+
+
+def resolve_shape(config: DetectorConfig, train: list[AnnotatedImage]) -> dict[str, float]:
+    """The shape prior: ``config``'s bounds, with each None estimated from the masks of
+    ``train`` (off when an image has no mask: points say nothing about shape)."""
+    estimated = (shape_prior([im.mask for im in train], SHAPE_QUANTILE)
+                 if train and all(im.mask is not None for im in train) else (0.0, 1.0))
+    return dict(min_solidity=float(estimated[0] if config.min_solidity is None else config.min_solidity),
+                max_eccentricity=float(estimated[1] if config.max_eccentricity is None else config.max_eccentricity))
 
 
 def evaluate(images: list[AnnotatedImage], probs: list[np.ndarray], params: dict[str, Any],
@@ -497,6 +524,9 @@ class _Run:
     # -- setup
     def prepare(self, train: list[AnnotatedImage], val: list[AnnotatedImage]) -> None:
         self.train_images, self.val_images = train, val
+        self.pp.update(resolve_shape(self.config, train))
+        log.info("shape prior: solidity >= %.3f, eccentricity <= %.3f", self.pp["min_solidity"],
+                 self.pp["max_eccentricity"])
         self.prepared = _prepare(train, self.kind, self.radius, self.config.tile, self.centre,
                                  self.config.polarity)
         self.val_targets = [render_targets(im.pixels.shape[:2], im.cells, self.radius, self.kind, im.mask,

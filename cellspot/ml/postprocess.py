@@ -15,12 +15,17 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from skimage.feature import peak_local_max
+from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
 log = logging.getLogger(__name__)
 
 #: how watershed seeds are found on the centre map: local maxima, or connected cores above a level
 SEED_KINDS: tuple[str, ...] = ("peaks", "cores")
+
+#: instances smaller than this (pixels) are left out of the shape prior and never dropped by
+#: shape: the solidity and eccentricity of a few pixels say little about the object
+SHAPE_MIN_AREA = 10
 
 
 class PostprocessError(ValueError):
@@ -54,6 +59,8 @@ def postprocess(
     min_area: int = 0,
     border_margin: float = 0.0,
     seeds: str = "peaks",
+    min_solidity: float = 0.0,
+    max_eccentricity: float = 1.0,
 ) -> Detections:
     """Cells from ``prob`` ``(C >= 2, H, W)`` float probabilities.
 
@@ -72,6 +79,11 @@ def postprocess(
     centre lies closer than ``border_margin`` pixels to the image border are dropped with
     their instance (for annotation protocols that skip cells cut by the border: the peak of a
     cut cell sits on the border; tuned on val, 0 where border cells are annotated).
+    ``min_solidity`` / ``max_eccentricity``: instances of at least :data:`SHAPE_MIN_AREA` pixels
+    whose solidity (area / convex-hull area) is lower, or whose eccentricity (of the ellipse
+    with the same second moments) is higher, are dropped with their cell: a shape prior against
+    thin, curved false positives such as cell borders in brightfield images (see
+    :func:`shape_prior`; 0 and 1 switch it off).
     """
     if prob.ndim != 3 or prob.shape[0] < 2:
         raise PostprocessError(f"prob must be (C>=2, H, W) with foreground and centre maps, got {prob.shape}")
@@ -81,6 +93,9 @@ def postprocess(
         raise PostprocessError(f"border_margin must be >= 0 pixels, got {border_margin}")
     if seeds not in SEED_KINDS:
         raise PostprocessError(f"seeds must be one of {', '.join(SEED_KINDS)}, got {seeds!r}")
+    if not (0.0 <= min_solidity <= 1.0 and 0.0 < max_eccentricity <= 1.0):
+        raise PostprocessError(f"min_solidity must be in [0, 1] and max_eccentricity in (0, 1], "
+                               f"got {min_solidity} and {max_eccentricity}")
     fg_prob = np.asarray(prob[0], dtype=np.float32)
     centre = np.asarray(prob[1], dtype=np.float32)
     fg = fg_prob > threshold
@@ -97,6 +112,8 @@ def postprocess(
     if min_area > 0:
         labels, xy, scores = _drop_small(labels, xy, scores, min_area)
         labels, xy, scores = _add_unseeded(fg & (labels == 0), labels, xy, scores, centre, fg_prob, min_area)
+    if (min_solidity > 0 or max_eccentricity < 1) and len(xy):
+        labels, xy, scores = _keep(labels, xy, scores, _shape_ok(labels, len(xy), min_solidity, max_eccentricity))
     if border_margin > 0 and len(xy):
         h, w = centre.shape
         edge = np.minimum.reduce([xy[:, 0], xy[:, 1], (w - 1) - xy[:, 0], (h - 1) - xy[:, 1]])
@@ -111,6 +128,36 @@ def _keep(labels, xy, scores, keep):
     lut = np.zeros(len(xy) + 1, dtype=np.int32)
     lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[labels], xy[keep], scores[keep]
+
+
+def _shapes(labels: np.ndarray) -> list[tuple[int, float, float]]:
+    """``(label, solidity, eccentricity)`` of every instance of ``labels`` with at least
+    :data:`SHAPE_MIN_AREA` pixels."""
+    return [(r.label, float(r.solidity), float(r.eccentricity))
+            for r in regionprops(np.asarray(labels, dtype=np.int32)) if r.area >= SHAPE_MIN_AREA]
+
+
+def _shape_ok(labels: np.ndarray, n: int, min_solidity: float, max_eccentricity: float) -> np.ndarray:
+    """``(n,)`` bool: cell ``k`` (instance ``k + 1``) passes the shape prior (small or empty
+    instances always pass)."""
+    ok = np.ones(n, dtype=bool)
+    for label, solidity, eccentricity in _shapes(labels):
+        ok[label - 1] = solidity >= min_solidity and eccentricity <= max_eccentricity
+    return ok
+
+
+def shape_prior(masks: list[np.ndarray], quantile: float = 0.01) -> tuple[float, float]:
+    """``(min_solidity, max_eccentricity)`` that all but a ``quantile`` fraction of the true
+    instances in ``masks`` (``(H, W)`` int labels; those of fewer than :data:`SHAPE_MIN_AREA`
+    pixels left out) pass on each side: the ``quantile`` of their solidity and the
+    ``1 - quantile`` quantile of their eccentricity. ``(0.0, 1.0)`` (no filter) when the masks
+    hold no such instance."""
+    if not 0.0 <= quantile < 0.5:
+        raise PostprocessError(f"quantile must be in [0, 0.5), got {quantile}")
+    shapes = np.array([s[1:] for m in masks for s in _shapes(m)], dtype=np.float64).reshape(-1, 2)
+    if not len(shapes):
+        return 0.0, 1.0
+    return float(np.quantile(shapes[:, 0], quantile)), float(np.quantile(shapes[:, 1], 1.0 - quantile))
 
 
 def _drop_small(labels, xy, scores, min_area):

@@ -13,8 +13,8 @@ import torch
 from cellspot.ml.common import RESUME_FILE, Progress, TrainingCancelled, TrainingError
 from cellspot.ml.data import AnnotatedImage, TrainingData
 from cellspot.ml.detector import (
-    PRESETS, DetectorLoss, TileAugment, _Prepared, _sample_batch, build_model, config_for, fit_detector,
-    load_detector, resolve_centre, resolve_target,
+    PRESETS, DetectorLoss, TileAugment, _Prepared, _sample_batch, build_model, config_for, default_postprocess,
+    fit_detector, load_detector, resolve_centre, resolve_shape, resolve_target,
 )
 from cellspot.ml.targets import render_targets
 
@@ -72,6 +72,8 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(gray=-0.1), "probabilities"),
         (dict(ema=1.0), "ema must be in"),
         (dict(polarity="flip"), "polarity must be one of"),
+        (dict(min_solidity=1.2), "min_solidity must be in"),
+        (dict(max_eccentricity=0.0), "max_eccentricity must be in"),
     ],
 )
 def test_bad_configs_raise(overrides: dict, match: str) -> None:
@@ -146,6 +148,19 @@ def test_scale_jitter_changes_the_cell_area_and_invert_gray_act_on_the_image() -
         assert np.corrcoef(plain_x.ravel(), inverted.ravel())[0, 1] < -0.9
 
 
+def test_shape_prior_comes_from_the_training_masks_unless_set_and_is_off_for_points() -> None:
+    masks, points = _data(with_mask=True), _data()
+    train = masks.split("train")
+    estimated = resolve_shape(config_for(**TINY), train)
+    # the training masks hold round discs: a high solidity bound, a low eccentricity one
+    assert 0.8 < estimated["min_solidity"] <= 1.0 and 0.0 <= estimated["max_eccentricity"] < 0.5
+    assert resolve_shape(config_for(**TINY), points.split("train")) == {"min_solidity": 0.0, "max_eccentricity": 1.0}
+    fixed = resolve_shape(config_for(**{**TINY, "min_solidity": 0.5}), train)
+    assert fixed == {"min_solidity": 0.5, "max_eccentricity": estimated["max_eccentricity"]}
+    off = default_postprocess(config_for(**TINY), 4.0)  # an unresolved prior post-processes without it
+    assert off["min_solidity"] == 0.0 and off["max_eccentricity"] == 1.0
+
+
 def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> None:
     events: list[Progress] = []
     data = _data(with_mask=True)
@@ -160,7 +175,8 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     assert config["channels"] == ["foreground", "centre"] and config["data_snapshot_id"] == "folder:abc123"
     assert config["radius"] == pytest.approx(4.0, abs=0.5)
     assert set(config["postprocess"]) == {"threshold", "min_distance", "peak_threshold", "min_area", "border_margin",
-                                          "seeds"}
+                                          "seeds", "min_solidity", "max_eccentricity"}
+    assert config["postprocess"]["min_solidity"] > 0.8  # the shape prior of the training discs
     assert not (tmp_path / "det-1" / RESUME_FILE).exists()
 
     loaded = load_detector(tmp_path / "det-1")

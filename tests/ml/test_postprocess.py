@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
-from cellspot.ml.postprocess import PostprocessError, counts_to_scores, match_instances, postprocess
+from cellspot.ml.postprocess import (
+    SHAPE_MIN_AREA, PostprocessError, counts_to_scores, match_instances, postprocess, shape_prior,
+)
 from cellspot.ml.targets import render_targets
 
 
@@ -73,6 +76,52 @@ def test_border_margin_drops_cells_centred_on_the_border_with_their_instance() -
     assert (det.labels == 1).sum() == ((prob[0] > 0.5)[:, 10:40]).sum()  # the kept cell's pixels only
 
 
+def _blob_and_arc_probs() -> np.ndarray:
+    """A round cell, a thin curved arc (like a cell border in brightfield) and a straight thin
+    bar, each with one centre peak."""
+    prob = _disc_probs((60, 90), [(12, 12)], 6.0)
+    yy, xx = np.mgrid[:60, :90]
+    ring = np.abs(np.hypot(xx - 45, yy - 45) - 15) <= 1.5
+    arc = ring & (yy < 45)  # the upper half of a ring: thin, curved, low solidity
+    bar = (np.abs(yy - 10) <= 1) & (xx >= 65) & (xx <= 85)  # thin and straight: eccentricity near 1
+    prob[0][arc | bar] = 0.9
+    prob[1][30, 45] = 0.9  # top of the arc
+    prob[1][10, 75] = 0.9
+    return prob
+
+
+def test_shape_prior_drops_thin_curved_and_elongated_instances_with_their_cells() -> None:
+    prob = _blob_and_arc_probs()
+    assert len(postprocess(prob, min_distance=3)) == 3
+    det = postprocess(prob, min_distance=3, min_solidity=0.8)
+    assert det.xy[:, 0] == pytest.approx([12, 75], abs=0.6)  # the arc is gone; the bar is solid
+    assert set(np.unique(det.labels)) == {0, 1, 2}
+    det = postprocess(prob, min_distance=3, min_solidity=0.8, max_eccentricity=0.95)
+    assert len(det) == 1 and det.xy[0] == pytest.approx([12, 12], abs=0.5)
+    assert np.array_equal(det.labels > 0, (prob[0] > 0.5) & (np.arange(90)[None, :] < 22))  # the disc's pixels only
+
+
+def test_shape_prior_spares_instances_too_small_to_judge() -> None:
+    prob = np.zeros((2, 20, 20), np.float32)
+    prob[0, 5, 5:5 + SHAPE_MIN_AREA - 1] = 0.9  # a line: eccentricity 1, solidity 1, but too few pixels
+    prob[1, 5, 8] = 0.9
+    assert len(postprocess(prob, max_eccentricity=0.5, min_solidity=1.0)) == 1
+
+
+def test_shape_prior_of_true_masks_is_their_quantile() -> None:
+    discs = _disc_probs((60, 90), [(12, 12), (40, 40), (70, 20)], 6.0)[0] > 0.5
+    masks = [ndimage.label(discs)[0].astype(np.int32)]
+    solidity, eccentricity = shape_prior(masks, 0.0)
+    assert 0.9 < solidity <= 1.0 and 0.0 <= eccentricity < 0.3  # round discs
+    bar = np.zeros((20, 40), np.int32)
+    bar[5:7, 5:35] = 1
+    low, high = shape_prior(masks + [bar], 0.0)
+    assert low == pytest.approx(solidity) and high > 0.99  # the bar sets the eccentricity bound
+    assert shape_prior([np.zeros((5, 5), np.int32)]) == (0.0, 1.0)
+    with pytest.raises(PostprocessError, match="quantile"):
+        shape_prior(masks, 0.5)
+
+
 def test_bad_input_raises() -> None:
     with pytest.raises(PostprocessError, match="C>=2"):
         postprocess(np.zeros((1, 5, 5), np.float32))
@@ -80,6 +129,10 @@ def test_bad_input_raises() -> None:
         postprocess(np.zeros((2, 5, 5), np.float32), min_distance=0)
     with pytest.raises(PostprocessError, match="border_margin"):
         postprocess(np.zeros((2, 5, 5), np.float32), border_margin=-1)
+    with pytest.raises(PostprocessError, match="min_solidity"):
+        postprocess(np.zeros((2, 5, 5), np.float32), min_solidity=1.5)
+    with pytest.raises(PostprocessError, match="max_eccentricity"):
+        postprocess(np.zeros((2, 5, 5), np.float32), max_eccentricity=0.0)
 
 
 def _labels(*boxes):
