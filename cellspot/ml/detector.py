@@ -56,6 +56,8 @@ POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area", "
                     "min_solidity", "max_eccentricity")
 #: the shape prior keeps all but this fraction of the training masks' instances on each side
 SHAPE_QUANTILE = 0.01
+#: which weights a run keeps: those of its best val epoch, or those of its last epoch
+KEEP_KINDS: tuple[str, ...] = ("best", "last")
 
 
 @dataclass
@@ -84,7 +86,10 @@ class DetectorConfig:
     inference alike (:func:`cellspot.ml.tiling.normalize_image`). ``tta``: inference averages
     the 8 flips / rotations of every tile (8x the compute, smoother maps). ``ema``: decay of
     the exponential moving average of the weights that is validated, kept and saved (0 = the
-    raw weights).
+    raw weights). ``keep``: "best" keeps the weights of the epoch with the best val metric and
+    stops early after ``patience`` epochs without a better one; "last" keeps the weights at the
+    end of the learning-rate schedule and never stops early (for a val split too small to tell
+    epochs apart: its best epoch is then a noisy pick, often from the early high-rate phase).
     """
 
     preset: str = "cpu-fast"
@@ -107,6 +112,7 @@ class DetectorConfig:
     weight_decay: float = 1e-4
     ema: float = 0.99
     patience: int = 20
+    keep: str = "best"
     max_minutes: float | None = 9.0
     seed: int = 0
     threads: int | None = None
@@ -173,6 +179,7 @@ def _validate(c: DetectorConfig) -> None:
         (0.0 <= c.invert <= 1.0 and 0.0 <= c.gray <= 1.0,
          f"invert and gray are probabilities in [0, 1], got {c.invert} and {c.gray}"),
         (c.polarity in POLARITIES, f"polarity must be one of {POLARITIES}, got {c.polarity!r}"),
+        (c.keep in KEEP_KINDS, f"keep must be one of {KEEP_KINDS}, got {c.keep!r}"),
         (3 <= c.encoder_depth <= 5, f"encoder_depth must be 3..5, got {c.encoder_depth}"),
         (c.arch not in ("unet", "unetplusplus") or len(c.decoder_channels) == c.encoder_depth,
          f"decoder_channels needs encoder_depth={c.encoder_depth} entries, got {c.decoder_channels}"),
@@ -651,12 +658,12 @@ class _Run:
         over_time = bool(self.config.max_minutes) and self.elapsed() > 60.0 * self.config.max_minutes
         if over_time:
             log.info("time budget of %.1f min used: stopping after epoch %d", self.config.max_minutes, self.epoch)
-        self.stopped_early = self.bad >= self.config.patience
+        self.stopped_early = self.config.keep == "best" and self.bad >= self.config.patience
         return self.stopped_early or over_time
 
     # -- end
     def finish(self, data: TrainingData) -> FitResult:
-        if self.best_state:
+        if self.best_state and self.config.keep == "best":
             self.net.load_state_dict(self.best_state)
         probs = self.val_probs(self.config.tta)
         params, val_metrics = (tune_postprocess(self.val_images, probs, self.radius, self.pp)
@@ -670,6 +677,7 @@ class _Run:
             metrics = evaluate(test, test_probs, params, self.radius)
         final = {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}, "split": split,
                  "n_eval_images": len(test) if test else len(self.val_images), "best_epoch": self.best_epoch,
+                 "kept_epoch": self.best_epoch if self.config.keep == "best" else self.epoch,
                  "epochs_run": self.epoch, "stopped_early": self.stopped_early, "seconds": self.elapsed()}
         config = self.checkpoint_config(params, data)
         save_checkpoint(self.out_dir, self.net.state_dict(), config, final, self.curves)

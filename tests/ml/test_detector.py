@@ -72,6 +72,7 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(gray=-0.1), "probabilities"),
         (dict(ema=1.0), "ema must be in"),
         (dict(polarity="flip"), "polarity must be one of"),
+        (dict(keep="first"), "keep must be one of"),
         (dict(min_solidity=1.2), "min_solidity must be in"),
         (dict(max_eccentricity=0.0), "max_eccentricity must be in"),
     ],
@@ -188,6 +189,16 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     np.testing.assert_allclose(again.predict(pixels), expected, atol=1e-6)
     det = loaded.detect(pixels)
     assert det.labels.shape == (48, 48) and det.xy.shape[1] == 2 and len(det.scores) == len(det.xy)
+
+
+@pytest.mark.parametrize("keep, epochs_run, kept_epoch, stopped_early", [("best", 2, 1, True), ("last", 4, 4, False)])
+def test_keep_best_stops_early_on_a_flat_val_metric_and_keep_last_runs_the_schedule(
+        tmp_path: Path, keep: str, epochs_run: int, kept_epoch: int, stopped_early: bool) -> None:
+    # a learning rate too small to change anything: the val metric stays where epoch 1 left it
+    config = config_for(**{**TINY, "epochs": 4, "patience": 1, "lr": 1e-12, "keep": keep})
+    result = fit_detector(_data(with_mask=True), config, tmp_path / keep)
+    assert result.metrics["epochs_run"] == epochs_run and result.metrics["kept_epoch"] == kept_epoch
+    assert result.metrics["best_epoch"] == 1 and result.metrics["stopped_early"] is stopped_early
 
 
 def test_cancel_saves_resume_and_resume_continues(tmp_path: Path) -> None:
