@@ -205,10 +205,7 @@ def runs_to_target(task_runs: Iterable[float], values: Iterable[float], target: 
     if not len(hit):
         return float("nan")
     i = int(hit[0])
-    if i == 0:
-        return float(x[0])
-    x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
-    return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
+    return float(x[0]) if i == 0 else _crossing(x, y, i - 1, target)
 
 
 def runs_to_stay(task_runs: Iterable[float], values: Iterable[float], target: float) -> float:
@@ -224,9 +221,13 @@ def runs_to_stay(task_runs: Iterable[float], values: Iterable[float], target: fl
     below = np.flatnonzero(y < target)
     if not len(below):
         return float(x[0])
-    i = int(below[-1])
-    x0, x1, y0, y1 = x[i], x[i + 1], y[i], y[i + 1]
-    return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
+    return _crossing(x, y, int(below[-1]), target)
+
+
+def _crossing(x: np.ndarray, y: np.ndarray, i: int, target: float) -> float:
+    """Where the segment from point ``i`` to point ``i + 1`` of the curve meets ``target``
+    (linear interpolation)."""
+    return float(x[i] + (target - y[i]) / (y[i + 1] - y[i]) * (x[i + 1] - x[i]))
 
 
 def mean_curves(curves: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
@@ -289,9 +290,8 @@ def compare_strategies(
     out = []
     for row in table.itertuples(index=False):
         base = table[(table["dataset"] == row.dataset) & (table["strategy"] == baseline)]
-        b = float(base["runs_to_target"].iloc[0]) if len(base) else float("nan")
-        b_max = float(base["max_task_runs"].iloc[0]) if len(base) else float("nan")
-        b_stay = float(base["runs_to_stay"].iloc[0]) if len(base) else float("nan")
+        b, b_max, b_stay = (base[["runs_to_target", "max_task_runs", "runs_to_stay"]].iloc[0].astype(float)
+                            if len(base) else (float("nan"),) * 3)
         stay = float(row.runs_to_stay)
         stay_ratio = (stay / b_stay if row.strategy != baseline and np.isfinite(stay) and np.isfinite(b_stay)
                       and b_stay > 0 else float("nan"))
