@@ -53,9 +53,11 @@ log = logging.getLogger(__name__)
 ARCHS = ("unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet")
 LOSSES = ("dice_bce", "focal", "dice_focal")
 POSTPROCESS_KEYS = ("threshold", "min_distance", "peak_threshold", "min_area", "border_margin", "seeds",
-                    "min_solidity", "max_eccentricity")
+                    "min_solidity", "max_eccentricity", "min_instance_prob")
 #: the shape prior keeps all but this fraction of the training masks' instances on each side
 SHAPE_QUANTILE = 0.01
+#: mean instance foreground probabilities that post-processing tuning tries as ``min_instance_prob``
+MIN_INSTANCE_PROB_GRID: tuple[float, ...] = (0.0, 0.6, 0.7, 0.8)
 #: which weights a run keeps: those of its best val epoch, or those of its last epoch
 KEEP_KINDS: tuple[str, ...] = ("best", "last")
 
@@ -77,6 +79,8 @@ class DetectorConfig:
     :func:`cellspot.ml.postprocess.postprocess`; None = estimated from the training masks
     (:func:`cellspot.ml.postprocess.shape_prior` at :data:`SHAPE_QUANTILE`: 1 % of the true
     instances fall outside each bound) and off for point annotations; 0 / 1 switch it off.
+    ``min_instance_prob``: the lowest mean foreground probability of a kept instance (0 = off;
+    tuning tries :data:`MIN_INSTANCE_PROB_GRID` when the data have masks).
     Augmentation of the training tiles: ``scale_jitter`` (tiles resized by
     a factor drawn log-uniformly from [1 / scale_jitter, scale_jitter]; 1 = off), ``invert``
     and ``gray`` (probabilities of negating the normalised tile, so dark cells on a light
@@ -124,6 +128,7 @@ class DetectorConfig:
     seeds: str = "peaks"
     min_solidity: float | None = None
     max_eccentricity: float | None = None
+    min_instance_prob: float = 0.0
     tune_postprocess: bool = True
     scale_jitter: float = 1.25
     invert: float = 0.0
@@ -196,6 +201,7 @@ def _validate(c: DetectorConfig) -> None:
          f"min_solidity must be in [0, 1] or None, got {c.min_solidity}"),
         (c.max_eccentricity is None or 0.0 < c.max_eccentricity <= 1.0,
          f"max_eccentricity must be in (0, 1] or None, got {c.max_eccentricity}"),
+        (0.0 <= c.min_instance_prob <= 1.0, f"min_instance_prob must be in [0, 1], got {c.min_instance_prob}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -367,7 +373,8 @@ def default_postprocess(config: DetectorConfig, radius: float) -> dict[str, Any]
     return dict(threshold=config.threshold, min_distance=int(md), peak_threshold=config.peak_threshold,
                 min_area=int(config.min_area), border_margin=float(config.border_margin), seeds=config.seeds,
                 min_solidity=float(config.min_solidity or 0.0),
-                max_eccentricity=float(1.0 if config.max_eccentricity is None else config.max_eccentricity))
+                max_eccentricity=float(1.0 if config.max_eccentricity is None else config.max_eccentricity),
+                min_instance_prob=float(config.min_instance_prob))
 
 
 def resolve_shape(config: DetectorConfig, train: list[AnnotatedImage]) -> dict[str, float]:
@@ -411,8 +418,9 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
 
     Coordinate ascent over a small grid (one parameter at a time, the others fixed, up to
     ``passes`` rounds): ~15 evaluations a round instead of the ~100 of the full grid.
-    Thresholds, minimum area and the seed kind (peaks or cores, see
-    :func:`cellspot.ml.postprocess.postprocess`) only matter with masks; for points only the
+    Thresholds, the lowest mean foreground probability of an instance, minimum area and the
+    seed kind (peaks or cores, see :func:`cellspot.ml.postprocess.postprocess`) only matter
+    with masks; for points only the
     peak parameters and the border margin (data whose annotators skipped cells cut by the
     border) are searched.
     """
@@ -424,8 +432,8 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
         min_distance=tuple(sorted({max(1, int(round(radius * f))) for f in (0.3, 0.5, 0.75, 1.0, 1.5)})),
         border_margin=tuple(sorted({0.0, *(round(radius * f, 1) for f in (0.2, 0.35, 0.5))})))
     if has_masks:
-        grid.update(threshold=(0.35, 0.5, 0.65), min_area=(0, max(2, int(0.1 * np.pi * radius ** 2)),
-                                                         max(3, int(0.25 * np.pi * radius ** 2))))
+        grid.update(threshold=(0.35, 0.5, 0.65), min_instance_prob=MIN_INSTANCE_PROB_GRID,
+                    min_area=(0, max(2, int(0.1 * np.pi * radius ** 2)), max(3, int(0.25 * np.pi * radius ** 2))))
     # each seed kind gets its own ascent: the best peak level of one is a poor start for the other
     starts = [{**start, "seeds": kind} for kind in SEED_KINDS] if has_masks else [dict(start)]
     best, best_metrics = starts[0], evaluate(images, probs, starts[0], radius)

@@ -61,6 +61,7 @@ def postprocess(
     seeds: str = "peaks",
     min_solidity: float = 0.0,
     max_eccentricity: float = 1.0,
+    min_instance_prob: float = 0.0,
 ) -> Detections:
     """Cells from ``prob`` ``(C >= 2, H, W)`` float probabilities.
 
@@ -83,7 +84,10 @@ def postprocess(
     whose solidity (area / convex-hull area) is lower, or whose eccentricity (of the ellipse
     with the same second moments) is higher, are dropped with their cell: a shape prior against
     thin, curved false positives such as cell borders in brightfield images (see
-    :func:`shape_prior`; 0 and 1 switch it off).
+    :func:`shape_prior`; 0 and 1 switch it off). ``min_instance_prob``: cells whose instance has a
+    mean foreground probability below it are dropped with their instance (the network's own
+    doubt: faint structures that pass a low ``threshold`` only in part; a cell that owns no
+    pixel is judged by the foreground probability at its centre; 0 switches it off).
     """
     if prob.ndim != 3 or prob.shape[0] < 2:
         raise PostprocessError(f"prob must be (C>=2, H, W) with foreground and centre maps, got {prob.shape}")
@@ -96,6 +100,8 @@ def postprocess(
     if not (0.0 <= min_solidity <= 1.0 and 0.0 < max_eccentricity <= 1.0):
         raise PostprocessError(f"min_solidity must be in [0, 1] and max_eccentricity in (0, 1], "
                                f"got {min_solidity} and {max_eccentricity}")
+    if not 0.0 <= min_instance_prob <= 1.0:
+        raise PostprocessError(f"min_instance_prob must be in [0, 1], got {min_instance_prob}")
     fg_prob = np.asarray(prob[0], dtype=np.float32)
     centre = np.asarray(prob[1], dtype=np.float32)
     fg = fg_prob > threshold
@@ -114,6 +120,8 @@ def postprocess(
         labels, xy, scores = _add_unseeded(fg & (labels == 0), labels, xy, scores, centre, fg_prob, min_area)
     if (min_solidity > 0 or max_eccentricity < 1) and len(xy):
         labels, xy, scores = _keep(labels, xy, scores, _shape_ok(labels, len(xy), min_solidity, max_eccentricity))
+    if min_instance_prob > 0 and len(xy):
+        labels, xy, scores = _keep(labels, xy, scores, _instance_prob(labels, xy, fg_prob) >= min_instance_prob)
     if border_margin > 0 and len(xy):
         h, w = centre.shape
         edge = np.minimum.reduce([xy[:, 0], xy[:, 1], (w - 1) - xy[:, 0], (h - 1) - xy[:, 1]])
@@ -128,6 +136,18 @@ def _keep(labels, xy, scores, keep):
     lut = np.zeros(len(xy) + 1, dtype=np.int32)
     lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[labels], xy[keep], scores[keep]
+
+
+def _instance_prob(labels: np.ndarray, xy: np.ndarray, fg_prob: np.ndarray) -> np.ndarray:
+    """``(n,)`` mean foreground probability over each cell's instance (for a cell that owns no
+    pixel: the probability at its centre pixel)."""
+    n = len(xy)
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1]
+    total = np.bincount(labels.ravel(), weights=fg_prob.ravel(), minlength=n + 1)[1:n + 1]
+    h, w = fg_prob.shape
+    cols = np.clip(np.rint(xy[:, 0]).astype(int), 0, w - 1)
+    rows = np.clip(np.rint(xy[:, 1]).astype(int), 0, h - 1)
+    return np.where(area > 0, total / np.maximum(area, 1), fg_prob[rows, cols])
 
 
 def _shapes(labels: np.ndarray) -> list[tuple[int, float, float]]:

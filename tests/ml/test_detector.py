@@ -13,8 +13,9 @@ import torch
 from cellspot.ml.common import RESUME_FILE, Progress, TrainingCancelled, TrainingError
 from cellspot.ml.data import AnnotatedImage, TrainingData
 from cellspot.ml.detector import (
-    PRESETS, DetectorLoss, TileAugment, _Prepared, _sample_batch, build_model, config_for, default_postprocess,
-    fit_detector, load_detector, resolve_centre, resolve_shape, resolve_target,
+    MIN_INSTANCE_PROB_GRID, POSTPROCESS_KEYS, PRESETS, DetectorLoss, TileAugment, _Prepared, _sample_batch,
+    build_model, config_for, default_postprocess, fit_detector, load_detector, resolve_centre, resolve_shape,
+    resolve_target,
 )
 from cellspot.ml.targets import render_targets
 
@@ -75,6 +76,7 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(keep="first"), "keep must be one of"),
         (dict(min_solidity=1.2), "min_solidity must be in"),
         (dict(max_eccentricity=0.0), "max_eccentricity must be in"),
+        (dict(min_instance_prob=1.5), "min_instance_prob must be in"),
     ],
 )
 def test_bad_configs_raise(overrides: dict, match: str) -> None:
@@ -175,8 +177,10 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     assert config["kind"] == "detector" and config["target_kind"] == "mask" and config["centre_kind"] == "distance"
     assert config["channels"] == ["foreground", "centre"] and config["data_snapshot_id"] == "folder:abc123"
     assert config["radius"] == pytest.approx(4.0, abs=0.5)
-    assert set(config["postprocess"]) == {"threshold", "min_distance", "peak_threshold", "min_area", "border_margin",
-                                          "seeds", "min_solidity", "max_eccentricity"}
+    assert set(config["postprocess"]) == set(POSTPROCESS_KEYS) == {
+        "threshold", "min_distance", "peak_threshold", "min_area", "border_margin", "seeds", "min_solidity",
+        "max_eccentricity", "min_instance_prob"}
+    assert config["postprocess"]["min_instance_prob"] in MIN_INSTANCE_PROB_GRID  # tuned on val: the data have masks
     assert config["postprocess"]["min_solidity"] > 0.8  # the shape prior of the training discs
     assert not (tmp_path / "det-1" / RESUME_FILE).exists()
 

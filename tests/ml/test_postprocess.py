@@ -122,6 +122,27 @@ def test_shape_prior_of_true_masks_is_their_quantile() -> None:
         shape_prior(masks, 0.5)
 
 
+def test_min_instance_prob_drops_instances_the_network_doubts_with_their_pixels() -> None:
+    prob = _disc_probs((40, 60), [(10, 10), (30, 20), (50, 30)], 4.0)
+    faint = prob[0] > 0.5
+    faint[:, :40] = False
+    prob[0][faint] = 0.6  # the third cell passes the threshold, but only just
+    prob[0][(prob[0] > 0.5) & (np.arange(60)[None, :] >= 20) & (np.arange(60)[None, :] < 40)] = 0.85
+    assert len(postprocess(prob, min_instance_prob=0.0)) == 3
+    det = postprocess(prob, min_instance_prob=0.7)
+    assert det.xy[:, 0] == pytest.approx([10, 30], abs=0.5)
+    assert set(np.unique(det.labels)) == {0, 1, 2} and not det.labels[:, 40:].any()
+    assert len(postprocess(prob, min_instance_prob=0.9)) == 1  # only the certain first cell
+
+
+def test_a_cell_seeded_outside_the_foreground_is_judged_by_its_seed_pixel() -> None:
+    prob = np.zeros((2, 20, 20), np.float32)
+    prob[1, 10, 10] = 0.9  # a centre peak outside the foreground: its instance is the seed pixel
+    prob[0, 10, 10] = 0.3
+    assert len(postprocess(prob, min_instance_prob=0.25)) == 1
+    assert len(postprocess(prob, min_instance_prob=0.35)) == 0
+
+
 def test_bad_input_raises() -> None:
     with pytest.raises(PostprocessError, match="C>=2"):
         postprocess(np.zeros((1, 5, 5), np.float32))
@@ -133,6 +154,8 @@ def test_bad_input_raises() -> None:
         postprocess(np.zeros((2, 5, 5), np.float32), min_solidity=1.5)
     with pytest.raises(PostprocessError, match="max_eccentricity"):
         postprocess(np.zeros((2, 5, 5), np.float32), max_eccentricity=0.0)
+    with pytest.raises(PostprocessError, match="min_instance_prob"):
+        postprocess(np.zeros((2, 5, 5), np.float32), min_instance_prob=-0.1)
 
 
 def _labels(*boxes):
