@@ -420,9 +420,8 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
     ``passes`` rounds): ~15 evaluations a round instead of the ~100 of the full grid.
     Thresholds, the lowest mean foreground probability of an instance, minimum area and the
     seed kind (peaks or cores, see :func:`cellspot.ml.postprocess.postprocess`) only matter
-    with masks; for points only the
-    peak parameters and the border margin (data whose annotators skipped cells cut by the
-    border) are searched.
+    with masks; for points only the peak parameters and the border margin (data whose
+    annotators skipped cells cut by the border) are searched.
     """
     has_masks = bool(images) and all(im.mask is not None for im in images)
     if has_masks and "seeds" not in start:
