@@ -97,10 +97,15 @@ class TrainingData:
 
     @property
     def has_masks(self) -> bool:
-        return bool(self.images) and all(im.mask is not None for im in self.images)
+        return all_masked(self.images)
 
     def n_cells(self) -> int:
         return int(sum(len(im.cells) for im in self.images))
+
+
+def all_masked(images: Sequence[AnnotatedImage]) -> bool:
+    """True when there are images and every one has an instance mask."""
+    return bool(images) and all(im.mask is not None for im in images)
 
 
 # ---------------------------------------------------------------- constants

@@ -41,7 +41,7 @@ from cellspot.ml.common import (
     configure_threads, ema_model, load_weights, pick_device, restore_model, save_checkpoint, save_torch,
     seed_everything,
 )
-from cellspot.ml.data import AnnotatedImage, TrainingData
+from cellspot.ml.data import AnnotatedImage, TrainingData, all_masked
 from cellspot.ml.postprocess import (
     SEED_KINDS, Detections, counts_to_scores, match_instances, postprocess, shape_prior,
 )
@@ -380,8 +380,7 @@ def default_postprocess(config: DetectorConfig, radius: float) -> dict[str, Any]
 def resolve_shape(config: DetectorConfig, train: list[AnnotatedImage]) -> dict[str, float]:
     """The shape prior: ``config``'s bounds, with each None estimated from the masks of
     ``train`` (off when an image has no mask: points say nothing about shape)."""
-    estimated = (shape_prior([im.mask for im in train], SHAPE_QUANTILE)
-                 if train and all(im.mask is not None for im in train) else (0.0, 1.0))
+    estimated = shape_prior([im.mask for im in train], SHAPE_QUANTILE) if all_masked(train) else (0.0, 1.0)
     return dict(min_solidity=float(estimated[0] if config.min_solidity is None else config.min_solidity),
                 max_eccentricity=float(estimated[1] if config.max_eccentricity is None else config.max_eccentricity))
 
@@ -401,7 +400,7 @@ def evaluate(images: list[AnnotatedImage], probs: list[np.ndarray], params: dict
     truth_df, pred_df = pd.concat(truth, ignore_index=True), pd.concat(pred, ignore_index=True)
     n_m = len(match_cells(truth_df, pred_df).truth)
     out = counts_to_scores(n_m, len(pred_df) - n_m, len(truth_df) - n_m)
-    if images and all(im.mask is not None for im in images):
+    if all_masked(images):
         per = [match_instances(im.mask, det.labels, 0.5) for im, det in zip(images, found)]
         inst = counts_to_scores(*(sum(m[k] for m in per) for k in ("tp", "fp", "fn")))
         out.update({f"instance_{k}": v for k, v in inst.items()})
@@ -423,7 +422,7 @@ def tune_postprocess(images: list[AnnotatedImage], probs: list[np.ndarray], radi
     with masks; for points only the peak parameters and the border margin (data whose
     annotators skipped cells cut by the border) are searched.
     """
-    has_masks = bool(images) and all(im.mask is not None for im in images)
+    has_masks = all_masked(images)
     if has_masks and "seeds" not in start:
         start = {**start, "seeds": "peaks"}
     grid: dict[str, tuple] = dict(

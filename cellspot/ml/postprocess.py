@@ -86,8 +86,7 @@ def postprocess(
     thin, curved false positives such as cell borders in brightfield images (see
     :func:`shape_prior`; 0 and 1 switch it off). ``min_instance_prob``: cells whose instance has a
     mean foreground probability below it are dropped with their instance (the network's own
-    doubt: faint structures that pass a low ``threshold`` only in part; a cell that owns no
-    pixel is judged by the foreground probability at its centre; 0 switches it off).
+    doubt: faint structures that pass a low ``threshold`` only in part; 0 switches it off).
     """
     if prob.ndim != 3 or prob.shape[0] < 2:
         raise PostprocessError(f"prob must be (C>=2, H, W) with foreground and centre maps, got {prob.shape}")
@@ -121,7 +120,8 @@ def postprocess(
     if (min_solidity > 0 or max_eccentricity < 1) and len(xy):
         labels, xy, scores = _keep(labels, xy, scores, _shape_ok(labels, len(xy), min_solidity, max_eccentricity))
     if min_instance_prob > 0 and len(xy):
-        labels, xy, scores = _keep(labels, xy, scores, _instance_prob(labels, xy, fg_prob) >= min_instance_prob)
+        sure = _instance_prob(labels, len(xy), fg_prob) >= min_instance_prob
+        labels, xy, scores = _keep(labels, xy, scores, sure)
     if border_margin > 0 and len(xy):
         h, w = centre.shape
         edge = np.minimum.reduce([xy[:, 0], xy[:, 1], (w - 1) - xy[:, 0], (h - 1) - xy[:, 1]])
@@ -138,16 +138,12 @@ def _keep(labels, xy, scores, keep):
     return lut[labels], xy[keep], scores[keep]
 
 
-def _instance_prob(labels: np.ndarray, xy: np.ndarray, fg_prob: np.ndarray) -> np.ndarray:
-    """``(n,)`` mean foreground probability over each cell's instance (for a cell that owns no
-    pixel: the probability at its centre pixel)."""
-    n = len(xy)
+def _instance_prob(labels: np.ndarray, n: int, fg_prob: np.ndarray) -> np.ndarray:
+    """``(n,)`` mean foreground probability over each cell's instance (every cell owns at least
+    its seed pixel: the watershed's mask includes the seeds)."""
     area = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1]
     total = np.bincount(labels.ravel(), weights=fg_prob.ravel(), minlength=n + 1)[1:n + 1]
-    h, w = fg_prob.shape
-    cols = np.clip(np.rint(xy[:, 0]).astype(int), 0, w - 1)
-    rows = np.clip(np.rint(xy[:, 1]).astype(int), 0, h - 1)
-    return np.where(area > 0, total / np.maximum(area, 1), fg_prob[rows, cols])
+    return total / np.maximum(area, 1)
 
 
 def _shapes(labels: np.ndarray) -> list[tuple[int, float, float]]:
@@ -158,8 +154,8 @@ def _shapes(labels: np.ndarray) -> list[tuple[int, float, float]]:
 
 
 def _shape_ok(labels: np.ndarray, n: int, min_solidity: float, max_eccentricity: float) -> np.ndarray:
-    """``(n,)`` bool: cell ``k`` (instance ``k + 1``) passes the shape prior (small or empty
-    instances always pass)."""
+    """``(n,)`` bool: cell ``k`` (instance ``k + 1``) passes the shape prior (instances of
+    fewer than :data:`SHAPE_MIN_AREA` pixels always pass)."""
     ok = np.ones(n, dtype=bool)
     for label, solidity, eccentricity in _shapes(labels):
         ok[label - 1] = solidity >= min_solidity and eccentricity <= max_eccentricity
