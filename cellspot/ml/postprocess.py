@@ -38,8 +38,8 @@ class Detections:
 
     ``xy``: ``(N, 2)`` float64 ``(x, y)`` pixel coordinates; ``scores``: ``(N,)`` float64 in
     [0, 1] (centre-map height); ``labels``: ``(H, W)`` int32 instance mask, instance ``k + 1``
-    belongs to cell ``k`` (0 = background; a cell may own no pixel when its peak lies outside
-    the foreground).
+    belongs to cell ``k`` (0 = background; every cell owns at least its seed pixel, even when
+    the seed lies outside the foreground).
     """
 
     xy: np.ndarray
