@@ -141,9 +141,7 @@ def _keep(labels, xy, scores, keep):
 def _instance_prob(labels: np.ndarray, n: int, fg_prob: np.ndarray) -> np.ndarray:
     """``(n,)`` mean foreground probability over each cell's instance (every cell owns at least
     its seed pixel: the watershed's mask includes the seeds)."""
-    area = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1]
-    total = np.bincount(labels.ravel(), weights=fg_prob.ravel(), minlength=n + 1)[1:n + 1]
-    return total / np.maximum(area, 1)
+    return np.asarray(ndimage.mean(fg_prob, labels, np.arange(1, n + 1)), dtype=np.float64).reshape(n)
 
 
 def _shapes(labels: np.ndarray) -> list[tuple[int, float, float]]:
