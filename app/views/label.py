@@ -162,7 +162,7 @@ task = state["task"]
 if "notice" in state:  # toasts do not push the next image down
     kind, text = state.pop("notice")
     if kind == "success":
-        st.toast(text, icon=":material/check_circle:")
+        st.toast(text, icon=":material/check_circle:", duration="long")  # 10 s: time to read it
     else:
         st.error(text)
     if state.get("feedback"):
