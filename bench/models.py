@@ -288,11 +288,16 @@ def evaluate_classifiers(test_images: list[Any], model: Any, baseline: Any, radi
     return {"model": classification_metrics(y, p_model), "baseline": classification_metrics(y, p_base)}
 
 
-def step_ldc_cls(bench: Bench) -> None:
+def cell_radius(data: Any) -> float:
+    """Half the typical cell diameter, estimated without the test split (for the baselines' features)."""
     from cellspot.ml.data import estimate_diameter
 
+    return estimate_diameter(data.without_test()) / 2
+
+
+def step_ldc_cls(bench: Bench) -> None:
     data = load_ldc(bench)
-    radius = estimate_diameter(data) / 2
+    radius = cell_radius(data)
     model, seconds = train_classifier(bench, data, "ldc-classifier")
     base, base_info = baseline_classifier(bench, data, model.config.crop_size, radius)
     res = evaluate_classifiers(data.split("test"), model, base, radius, "ldc test crops")
@@ -590,11 +595,9 @@ def step_ldc_det(bench: Bench) -> None:
 def ldc_classifiers(bench: Bench) -> tuple[Any, Any, float]:
     """The LDC classifier and baseline classifier (trained on true boxes), training them if needed."""
     if "ldc_classifier" not in bench.cache:
-        from cellspot.ml.data import estimate_diameter
-
         data = load_ldc(bench)
         model, seconds = train_classifier(bench, data, "ldc-classifier")
-        base, info = baseline_classifier(bench, data, model.config.crop_size, estimate_diameter(data) / 2)
+        base, info = baseline_classifier(bench, data, model.config.crop_size, cell_radius(data))
         bench.cache.update(ldc_classifier=model, ldc_baseline_classifier=base, ldc_classifier_seconds=seconds,
                            ldc_classifier_crops=info["n_train"] + info["n_val"])
     return bench.cache["ldc_classifier"], bench.cache["ldc_baseline_classifier"], bench.cache["ldc_classifier_seconds"]
@@ -603,11 +606,10 @@ def ldc_classifiers(bench: Bench) -> tuple[Any, Any, float]:
 def step_pipeline(bench: Bench) -> None:
     from cellspot.crops import crop_around
     from cellspot.evaluation import point_metrics
-    from cellspot.ml.data import estimate_diameter
 
     data = load_ldc(bench)
     test = data.split("test")
-    radius = estimate_diameter(data) / 2
+    radius = cell_radius(data)
     detector, _ = ldc_detector(bench)
     classifier, base_classifier, _ = ldc_classifiers(bench)
     params = ldc_watershed(bench)
@@ -649,13 +651,12 @@ def _time_pipeline(images: list[np.ndarray], detect: Callable[[np.ndarray], Any]
 
 def step_cost(bench: Bench) -> None:
     from cellspot.crops import crop_around
-    from cellspot.ml.data import estimate_diameter
 
     data = load_ldc(bench)
     detector, det_seconds = ldc_detector(bench)
     classifier, base_classifier, cls_seconds = ldc_classifiers(bench)
     params = ldc_watershed(bench)
-    radius = estimate_diameter(data) / 2
+    radius = cell_radius(data)
     size = classifier.config.crop_size
 
     def model(px: np.ndarray) -> np.ndarray:

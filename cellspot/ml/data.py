@@ -86,6 +86,12 @@ class TrainingData:
         """The images of one split ("train", "val", "test")."""
         return [im for im in self.images if im.split == name]
 
+    def without_test(self) -> TrainingData:
+        """The images a fit may look at (train and val), for estimates such as the cell size
+        that must not see the test split; all images when every one is a test image."""
+        seen = [im for im in self.images if im.split != "test"]
+        return TrainingData(seen, self.source) if seen else self
+
     @property
     def snapshot_id(self) -> str:
         kind = self.source.get("kind", "unknown")

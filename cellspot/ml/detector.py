@@ -274,9 +274,12 @@ def resolve_centre(config: DetectorConfig, kind: str) -> str:
 
 
 def resolve_radius(config: DetectorConfig, data: TrainingData) -> float:
+    """``config.radius``, or the radius estimated from the images the fit sees (train and val):
+    test images never shape the model, so its test metrics stay unbiased."""
     if config.radius is not None:
         return float(config.radius)
-    return estimate_radius([im.cells for im in data.images], [im.mask for im in data.images])
+    seen = data.without_test().images
+    return estimate_radius([im.cells for im in seen], [im.mask for im in seen])
 
 
 def _prepare(images: list[AnnotatedImage], kind: str, radius: float, tile: int,

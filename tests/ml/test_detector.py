@@ -14,8 +14,8 @@ from cellspot.ml.common import RESUME_FILE, Progress, TrainingCancelled, Trainin
 from cellspot.ml.data import AnnotatedImage, TrainingData
 from cellspot.ml.detector import (
     MIN_INSTANCE_PROB_GRID, POSTPROCESS_KEYS, PRESETS, DetectorLoss, TileAugment, _Prepared, _sample_batch,
-    build_model, config_for, default_postprocess, fit_detector, load_detector, resolve_centre, resolve_shape,
-    resolve_target,
+    build_model, config_for, default_postprocess, fit_detector, load_detector, resolve_centre, resolve_radius,
+    resolve_shape, resolve_target,
 )
 from cellspot.ml.targets import render_targets
 
@@ -116,6 +116,19 @@ def test_centre_auto_is_the_distance_map_for_masks_and_a_gaussian_for_points() -
     assert resolve_centre(config_for(**TINY), "mask") == "distance"
     assert resolve_centre(config_for(**TINY), "disk") == "gaussian"
     assert resolve_centre(config_for(**{**TINY, "centre": "gaussian"}), "mask") == "gaussian"
+
+
+def test_the_estimated_radius_comes_from_train_and_val_never_from_test() -> None:
+    data = _data(with_mask=True)  # 16 discs of radius 4 in train and val
+    test = data.split("test")[0]
+    yy, xx = np.mgrid[:200, :200]
+    test.mask = np.zeros((200, 200), np.int32)  # 25 discs of radius 9: more than the others, a leak would show
+    for k, (y, x) in enumerate([(y, x) for y in range(20, 200, 40) for x in range(20, 200, 40)], start=1):
+        test.mask[np.hypot(xx - x, yy - y) <= 9] = k
+    assert resolve_radius(config_for(), data) == pytest.approx(4.0, abs=0.6)
+    assert resolve_radius(config_for(radius=7.5), data) == 7.5
+    only_test = TrainingData([test], data.source)  # nothing else to estimate from: the test image is used
+    assert resolve_radius(config_for(), only_test) > 6.0
 
 
 def _prepared(size: int = 40) -> _Prepared:
