@@ -141,7 +141,7 @@ def _keep(labels, xy, scores, keep):
 def _instance_prob(labels: np.ndarray, n: int, fg_prob: np.ndarray) -> np.ndarray:
     """``(n,)`` mean foreground probability over each cell's instance (every cell owns at least
     its seed pixel: the watershed's mask includes the seeds)."""
-    return np.asarray(ndimage.mean(fg_prob, labels, np.arange(1, n + 1)), dtype=np.float64).reshape(n)
+    return ndimage.mean(fg_prob, labels, np.arange(1, n + 1))  # (n,) float64, also for n = 0
 
 
 def _shapes(labels: np.ndarray) -> list[tuple[int, float, float]]:
