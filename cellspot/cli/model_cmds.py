@@ -172,6 +172,7 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
                   background: bool) -> None:
     """Train a KIND (classifier or detector) model on a project or an annotated folder."""
     from cellspot.ml.common import TrainingError, pick_device
+    from cellspot.ml.data import DataError
     from cellspot.ml.registry import RegistryError, model_dir
     from cellspot.settings import get_settings
     from cellspot.store.db import session_factory
@@ -197,7 +198,7 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
                 masks=masks, source=source or "consensus", out=out, preset=preset, epochs=epochs, resume=resume,
                 overrides=overrides)
             run_id, version, folder = run.id, run.version, model_dir(settings, run)
-    except (ProjectNotFoundError, wf.WorkflowError, RegistryError) as exc:
+    except (ProjectNotFoundError, wf.WorkflowError, RegistryError, DataError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         engine.dispose()

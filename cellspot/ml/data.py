@@ -224,7 +224,8 @@ def read_annotations(path: Path | str) -> pd.DataFrame:
     """
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # blank lines are kept as rows so that row k is line k + 2 of the file, then dropped
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     except FileNotFoundError:
         raise DataError(f"annotation file {path} does not exist") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -237,6 +238,7 @@ def read_annotations(path: Path | str) -> pd.DataFrame:
             f"optional: {','.join(OPTIONAL_NUMERIC_COLUMNS)}; found: {list(table.columns)}"
         )
     table["_line"] = np.arange(len(table)) + 2
+    table = table[(table.drop(columns="_line") != "").any(axis=1)].reset_index(drop=True)
     names = table["image"].astype(str).str.strip()
     if (names == "").any():
         raise DataError(f"{_where(path, int(table['_line'][names == ''].iloc[0]), 'image')}: the image name is empty")
@@ -331,6 +333,28 @@ def _image_for_mask(images_dir: Path, mask: Path, masks_dir: Path) -> str | None
     return None
 
 
+def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
+                 masks_dir: Path | str | None = None) -> pd.DataFrame | None:
+    """The checks of :func:`load_folder` that need no pixels: the folders exist, the CSV reads
+    (:func:`read_annotations`) and every image it names is a file. Returns the CSV's table
+    (None without a CSV); raises :class:`DataError` naming the file, line and column."""
+    images_dir = Path(images_dir)
+    if annotations_csv is None and masks_dir is None:
+        raise DataError("a training folder needs an annotations CSV, a masks folder, or both")
+    if not images_dir.is_dir():
+        raise DataError(f"images folder {images_dir} does not exist")
+    if masks_dir is not None and not Path(masks_dir).is_dir():
+        raise DataError(f"masks folder {masks_dir} does not exist")
+    if annotations_csv is None:
+        return None
+    table = read_annotations(annotations_csv)
+    for name, rows in table.groupby("image", sort=True):
+        if not (images_dir / name).is_file():
+            raise DataError(f"{_where(Path(annotations_csv), int(rows['line'].iloc[0]), 'image')}: "
+                            f"image file {images_dir / name} does not exist")
+    return table
+
+
 def load_folder(
     images_dir: Path | str,
     annotations_csv: Path | str | None,
@@ -356,18 +380,8 @@ def load_folder(
     images_dir = Path(images_dir)
     masks = Path(masks_dir) if masks_dir is not None else None
     fractions = validate_fractions(fractions)
-    if annotations_csv is None and masks is None:
-        raise DataError("load_folder needs an annotations CSV, a masks folder, or both")
-    if not images_dir.is_dir():
-        raise DataError(f"images folder {images_dir} does not exist")
-    if masks is not None and not masks.is_dir():
-        raise DataError(f"masks folder {masks} does not exist")
-    table = read_annotations(annotations_csv) if annotations_csv is not None else None
+    table = check_folder(images_dir, annotations_csv, masks)
     by_image = {name: rows for name, rows in table.groupby("image", sort=True)} if table is not None else {}
-    for name, rows in by_image.items():
-        if not (images_dir / name).is_file():
-            raise DataError(f"{_where(Path(annotations_csv), int(rows['line'].iloc[0]), 'image')}: "
-                            f"image file {images_dir / name} does not exist")
     mask_only: list[str] = []
     if masks is not None:
         for mask_path in sorted(p for p in masks.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff")):
@@ -387,6 +401,7 @@ def load_folder(
             elif name in by_image:
                 log.info("image %s has no mask in %s", name, masks)
         if name in by_image:
+            _check_inside(by_image[name], pixels.shape[:2], Path(annotations_csv), name)
             cells = by_image[name][CELL_COLUMNS].reset_index(drop=True)
             if mask is not None:
                 cells = _diameters_from_mask(cells, mask)
@@ -404,6 +419,19 @@ def load_folder(
         source["masks"] = str(masks)
     log.info("loaded %d images with %d cells from %s", len(images), sum(len(i.cells) for i in images), images_dir)
     return TrainingData(images=images, source=source)
+
+
+def _check_inside(rows: pd.DataFrame, shape: tuple[int, ...], path: Path, name: str) -> None:
+    """:class:`DataError` naming the line of the first cell of ``rows`` outside its image of
+    ``shape`` ``(H, W)`` (``0 <= x <= W`` and ``0 <= y <= H``: pixel ``i`` covers ``[i, i + 1)``)."""
+    h, w = shape[:2]
+    for column, size in (("x", w), ("y", h)):
+        values = rows[column].to_numpy(float)
+        bad = (values < 0) | (values > size)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{_where(path, int(rows['line'].iloc[i]), column)}: {values[i]:g} is outside image "
+                            f"{name} ({w} x {h} pixels; {column} must be within [0, {size}])")
 
 
 def load_crop_folder(

@@ -36,6 +36,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cellspot.ml import registry
+from cellspot.ml.files import RUN_FILE
 from cellspot.store.models import ModelRun, Project, utcnow
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 1.0
 CANCEL_POLL_S = 1.0
 STORE_SOURCES = ("consensus", "expert")
-RUN_FILE = "run.json"
 
 
 class WorkflowError(ValueError):
@@ -160,13 +160,36 @@ def check_config(kind: str, preset: str, overrides: Mapping[str, Any]) -> dict[s
     else :class:`WorkflowError` saying which field is wrong (checked before a run is queued,
     so a typo does not wait in the queue to fail)."""
     trainer = get_trainer(kind)
+    wrong = _wrong_type(trainer, preset, overrides)
+    if wrong is not None:
+        raise WorkflowError(f"bad {kind} config: {wrong}")
     try:
         _resolve_config(trainer, preset, overrides)
     except WorkflowError:
         raise
     except (ValueError, TypeError) as exc:
-        raise WorkflowError(f"bad {kind} config: {exc}") from None
+        raise WorkflowError(f"bad {kind} config: {_wrong_type(trainer, preset, overrides) or exc}") from None
     return dict(overrides)
+
+
+def _wrong_type(trainer: Trainer, preset: str, overrides: Mapping[str, Any]) -> str | None:
+    """Which override has a value of the wrong type for its field (e.g. ``lr=abc``), or None."""
+    try:
+        default = trainer.config_for(preset)
+    except (ValueError, TypeError):
+        return None
+    for name, value in overrides.items():
+        if not hasattr(default, name) or value is None:
+            continue
+        current = getattr(default, name)
+        if isinstance(current, bool) and not isinstance(value, bool):
+            return f"{name} must be true or false, got {value!r}"
+        if isinstance(current, (int, float)) and not isinstance(current, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{name} must be a number (the preset has {current!r}), got {value!r}"
+        if isinstance(current, str) and not isinstance(value, str):
+            return f"{name} must be text (the preset has {current!r}), got {value!r}"
+    return None
 
 
 def start_training(
@@ -221,8 +244,14 @@ def start_folder_training(
     overrides: Mapping[str, Any] | None = None,
     out_dir: Path | None = None,
 ) -> ModelRun:
-    """Add a queued run (no project) trained on an annotated folder; flush, no commit."""
+    """Add a queued run (no project) trained on an annotated folder; flush, no commit.
+
+    The folder is checked first (:func:`cellspot.ml.data.check_folder`: folders, CSV, image
+    files), so a bad one raises :class:`cellspot.ml.data.DataError` and adds no run."""
+    from cellspot.ml.data import check_folder
+
     get_trainer(kind)
+    check_folder(images, annotations, masks)
     data_source = {
         "kind": "folder",
         "images": str(Path(images).resolve()),
@@ -479,7 +508,8 @@ def run_training(
     start over. Errors end the run as ``failed`` with the message in ``error`` (not raised);
     Ctrl-C ends it as ``cancelled`` and is re-raised.
     """
-    from cellspot.ml.common import TrainingCancelled, configure_threads
+    from cellspot.ml.common import TrainingCancelled, TrainingError, configure_threads
+    from cellspot.ml.data import DataError
     from cellspot.store.db import make_engine, session_factory
 
     engine = make_engine(settings=settings)
@@ -509,7 +539,10 @@ def run_training(
             _finish(factory, run_id, status="cancelled", error="interrupted (Ctrl-C)")
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
-            log.exception("training run %d failed", run_id)
+            if isinstance(exc, (DataError, TrainingError, WorkflowError)):  # bad input: the message says it all
+                log.error("training run %d failed: %s", run_id, exc)
+            else:
+                log.exception("training run %d failed", run_id)
             _flush_quietly(reporter)
             return _finish(factory, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         final = {**reporter.latest, "phase": "done", "fraction": 1.0}

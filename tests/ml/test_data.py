@@ -49,6 +49,8 @@ def _csv(tmp_path: Path, text: str) -> Path:
         (HEADER + "a.png,1,2,alive,,,9,7,5,17\n", ["line 2", "column 'xmax'"]),
         (HEADER + " ,1,2,alive,,,,,,\n", ["line 2", "column 'image'"]),
         (HEADER + "a.png,inf,2,alive,,,,,,\n", ["line 2", "column 'x'"]),
+        # blank lines count: the bad row is the file's line 5
+        (HEADER + GOOD + "\n\n" + "a.png,1,2,zzz,,,,,,\n", ["line 5", "column 'label'", "'zzz'"]),
     ],
 )
 def test_bad_csv_rows_name_file_line_and_column(tmp_path, text, fragments):
@@ -66,6 +68,22 @@ def test_missing_image_names_the_csv_line(tmp_path):
     path = _csv(tmp_path, HEADER + GOOD + "b.png,1,2,dead,,,,,,\n")
     with pytest.raises(DataError, match=r"line 3, column 'image'.*b\.png"):
         load_folder(tmp_path / "images", path)
+
+
+@pytest.mark.parametrize(("row", "fragment"), [("a.png,21,5,alive", "line 3, column 'x': 21 is outside image a.png"),
+                                              ("a.png,5,-0.5,dead", "line 3, column 'y': -0.5 is outside"),
+                                              ("a.png,5000,5,alive", "(20 x 20 pixels; x must be within [0, 20])")])
+def test_cells_outside_their_image_name_the_csv_line(tmp_path, row, fragment):
+    _png(tmp_path / "images" / "a.png", np.zeros((20, 20), np.uint8))
+    path = _csv(tmp_path, "image,x,y,label\na.png,20,0,alive\n" + row + "\n")  # line 2: on the edge, allowed
+    with pytest.raises(DataError) as err:
+        load_folder(tmp_path / "images", path)
+    assert fragment in str(err.value) and str(path) in str(err.value)
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    table = read_annotations(_csv(tmp_path, HEADER + "\n" + GOOD + "\n"))
+    assert len(table) == 1 and table["line"].tolist() == [3]
 
 
 def test_annotations_defaults_boxes_and_weights(tmp_path):

@@ -136,6 +136,21 @@ def test_folder_training_without_project_and_custom_out(settings, folder, tmp_pa
     assert code == 0 and "detector-0001" in out
 
 
+def test_a_bad_folder_is_one_clear_error_and_no_run(settings, folder, monkeypatch) -> None:
+    install(monkeypatch)
+    images, csv = folder
+    csv.write_text("image,x,y,label\nimg0.png,16,16,alive\n\nimg0.png,16,16,zombie\n")
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv)
+    assert code == 1 and "Traceback" not in out
+    assert f"{csv}, line 4, column 'label': 'zombie' is not a label" in " ".join(out.split())
+    (images / "img3.png").unlink()
+    csv.write_text("image,x,y,label\nimg0.png,16,16,alive\nimg3.png,16,16,dead\n")
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv)
+    assert code == 1 and "line 3, column 'image'" in out and "img3.png does not exist" in " ".join(out.split())
+    code, out = _run("models", "list", "--folder")
+    assert code == 0 and "classifier-0001" not in out, out
+
+
 def test_cancelled_run_resumes_with_resume_flag(settings, monkeypatch) -> None:
     seed_project(settings)
     fit = install(monkeypatch, FakeFit(hook=lambda e, s: request_cancel(settings, 1) if (e, s) == (2, 1) else None))

@@ -217,3 +217,47 @@ def test_torch_threads_setting_reaches_the_config(settings, store, monkeypatch) 
     threaded = settings.model_copy(update={"torch_threads": 1})
     run = wf.run_training(threaded, _new_run(store, settings))
     assert run.status == "done" and run.config["threads"] == 1
+
+
+@pytest.mark.parametrize(("kind", "overrides", "error"), [
+    ("classifier", {"lr": "abc"}, r"lr must be a number \(the preset has 0.001\), got 'abc'"),
+    ("classifier", {"tta": "maybe"}, "tta must be true or false, got 'maybe'"),
+    ("detector", {"polarity": 1}, "polarity must be text"),
+])
+def test_an_override_of_the_wrong_type_names_the_field(kind, overrides, error) -> None:
+    with pytest.raises(wf.WorkflowError, match=f"bad {kind} config: {error}"):
+        wf.check_config(kind, "cpu-fast", overrides)
+    assert wf.check_config(kind, "cpu-fast", {"epochs": 2}) == {"epochs": 2}
+
+
+def test_a_bad_training_folder_is_refused_before_a_run_is_stored(settings, store, tmp_path) -> None:
+    from PIL import Image
+
+    from cellspot.ml.data import DataError
+
+    (tmp_path / "images").mkdir()
+    Image.new("L", (16, 16)).save(tmp_path / "images" / "a.png")
+    csv = tmp_path / "ann.csv"
+    csv.write_text("image,x,y,label\na.png,3,4,alive\nb.png,3,4,dead\n")
+    with transaction(store) as session, pytest.raises(DataError, match=r"ann.csv, line 3, column 'image'.*b.png"):
+        wf.start_folder_training(session, settings, "classifier", tmp_path / "images", csv)
+    csv.write_text("image,x,y,label\na.png,3,4,zombie\n")
+    with transaction(store) as session, pytest.raises(DataError, match="line 2, column 'label'"):
+        wf.start_folder_training(session, settings, "classifier", tmp_path / "images", csv)
+    with session_factory(store)() as session:
+        assert session.scalars(select(ModelRun)).all() == []
+
+
+def test_bad_input_fails_the_run_without_a_traceback_in_the_log(settings, store, monkeypatch, caplog) -> None:
+    from cellspot.ml.data import DataError
+
+    class BadData(FakeFit):
+        def __call__(self, *args, **kwargs):
+            raise DataError("x.csv, line 3, column 'x': bad")
+
+    install(monkeypatch, BadData())
+    with caplog.at_level("ERROR", logger="cellspot.workflows.models"):
+        run = wf.run_training(settings, _new_run(store, settings))
+    assert run.status == "failed" and run.error == "DataError: x.csv, line 3, column 'x': bad"
+    record = next(r for r in caplog.records if "failed" in r.getMessage())
+    assert record.exc_info is None and "x.csv, line 3" in record.getMessage()
