@@ -6,8 +6,31 @@ import logging
 
 import click
 
+log = logging.getLogger(__name__)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Main(click.Group):
+    """The command group; a store that cannot be opened (bad ``CELLSPOT_DATABASE_URL``, a file
+    that is no database, a server that does not answer, ``CELLSPOT_HOME`` not a folder) ends any
+    command with one clear line instead of a traceback (the traceback is logged with ``-vv``)."""
+
+    def invoke(self, ctx: click.Context):
+        from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except (ArgumentError, DatabaseError, OperationalError) as exc:
+            log.debug("store error", exc_info=True)
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise click.ClickException(
+                f"cannot use the database: {reason} ({type(exc).__name__}); check CELLSPOT_DATABASE_URL "
+                f"and CELLSPOT_HOME, and run `cellspot init` for a new store") from None
+        except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+            log.debug("file system error", exc_info=True)
+            raise click.ClickException(f"{exc} (check CELLSPOT_HOME and the paths given)") from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """cellspot: crowd clicks on microscopy images -> trustworthy cell datasets and models."""

@@ -36,7 +36,8 @@ def export_command(
     from cellspot.crops import SplitError, parse_fractions
     from cellspot.export import ExportError, export_dataset
     from cellspot.settings import get_settings
-    from cellspot.store.db import make_engine, session_factory
+    from cellspot.cli.store_cmds import open_store
+    from cellspot.store.db import session_factory
     from cellspot.store.queries import ProjectNotFoundError, get_project
 
     try:
@@ -45,7 +46,7 @@ def export_command(
         raise click.BadParameter(str(exc), param_hint="--split") from None
     settings = get_settings()
     name = project_name or settings.default_project
-    engine = make_engine(settings=settings)
+    engine = open_store(settings)
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cellspot.settings import Settings, get_settings
@@ -45,7 +46,11 @@ def make_engine(url: str | None = None, settings: Settings | None = None) -> Eng
         )
         event.listen(engine, "connect", _sqlite_pragmas(settings.sqlite_busy_timeout_ms))
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError as exc:  # e.g. postgresql:// picks psycopg2, which is not installed
+            raise ArgumentError(f"the database driver of {parsed.render_as_string(hide_password=True)} is not "
+                                f"installed ({exc}); for PostgreSQL use postgresql+psycopg://...") from None
     log.debug("engine for %s", engine.url.render_as_string(hide_password=True))
     return engine
 

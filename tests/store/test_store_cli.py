@@ -78,3 +78,31 @@ def test_aggregate_errors(settings, args: list[str], message: str) -> None:
 def test_commands_need_init(settings) -> None:
     code, out = _run("projects")
     assert code != 0 and "cellspot init" in out
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("bogus://x", "Can't load plugin: sqlalchemy.dialects:bogus"),
+    ("postgresql://nobody@127.0.0.1:1/x", "driver of postgresql://nobody@127.0.0.1:1/x is not installed"),
+    ("NOTAFILE", "file is not a database"),
+])
+def test_a_store_that_cannot_be_opened_is_one_clear_error(settings, tmp_path, monkeypatch, url, fragment) -> None:
+    if url == "NOTAFILE":
+        (tmp_path / "junk.db").write_text("not sqlite")
+        url = f"sqlite:///{tmp_path / 'junk.db'}"
+    monkeypatch.setenv("CELLSPOT_DATABASE_URL", url)
+    for args in (("projects",), ("init",), ("export", str(tmp_path / "out"))):
+        code, out = _run(*args)
+        assert code == 1 and "Traceback" not in out, out
+        assert "cannot use the database" in out and fragment in out and "CELLSPOT_DATABASE_URL" in out
+
+
+def test_export_and_init_on_a_store_that_is_not_there(settings, tmp_path, monkeypatch) -> None:
+    code, out = _run("export", str(tmp_path / "out"))
+    assert code == 1 and "is not initialised; run `cellspot init` first" in out
+    assert not (tmp_path / "out").exists()
+    home_file = tmp_path / "a_file"
+    home_file.write_text("")
+    monkeypatch.setenv("CELLSPOT_HOME", str(home_file))
+    monkeypatch.delenv("CELLSPOT_DATABASE_URL")
+    code, out = _run("init")
+    assert code == 1 and "Traceback" not in out and str(home_file) in out and "CELLSPOT_HOME" in out
