@@ -20,6 +20,8 @@ _PROJECT_OPTION = click.option(
     "--project", "project_name", default=None, help="Project name [default: the settings' default project]."
 )
 _EXISTING = click.Path(exists=True, path_type=Path)
+#: an existing file (a folder given for a CSV is a usage error, not a traceback)
+_EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _MAX_LISTED_DUPLICATES = 10
 
 
@@ -65,24 +67,35 @@ def _tqdm_progress(description: str) -> tuple[Callable[[int, int, str], None], C
     return update, close
 
 
+class _NothingImported(Exception):
+    """Raised inside the import transaction to roll it back."""
+
+
 @import_group.command("images")
 @click.argument("paths", nargs=-1, required=True, type=_EXISTING)
 @_PROJECT_OPTION
-@click.option("--metadata", "metadata_csv", type=_EXISTING, default=None,
+@click.option("--metadata", "metadata_csv", type=_EXISTING_FILE, default=None,
               help="CSV with an 'image' column plus condition, drug, dose, time, ...")
 def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: Path | None) -> None:
     """Import image files, folders (recursive) and zip archives (PNG, JPEG, TIFF; 8/16 bit)."""
     from cellspot.importers import ImageImportError, import_images
 
     update, close = _tqdm_progress("images")
+    changed = True
     try:
         with _project_session(project_name) as (settings, session, project):
+            label = project.name
             report = import_images(session, project, paths, settings, metadata_csv, progress=update)
+            changed = bool(report.imported or report.attached or report.metadata_applied)
+            if report.errors and not changed:
+                raise _NothingImported  # roll back: not even a new, empty project is left behind
+    except _NothingImported:
+        pass
     except ImageImportError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         close()
-    click.echo(f"project {project.name!r}: {report.summary()}")
+    click.echo(f"project {label!r}: {report.summary()}{'' if changed else '; nothing stored'}")
     for problem in report.duplicates[:_MAX_LISTED_DUPLICATES]:
         click.echo(f"duplicate: {problem}", err=True)
     if len(report.duplicates) > _MAX_LISTED_DUPLICATES:
@@ -96,7 +109,7 @@ def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: 
 
 
 @import_group.command("clicks")
-@click.argument("file", type=_EXISTING)
+@click.argument("file", type=_EXISTING_FILE)
 @click.option("--format", "fmt", type=click.Choice(["auto", "csv", "pybossa"]), default="auto", show_default=True,
               help="csv: image,annotator,x,y,label[,task_run,timestamp]; pybossa: Cell Spotting task-run export.")
 @_PROJECT_OPTION
@@ -117,7 +130,7 @@ def clicks_cmd(file: Path, fmt: str, project_name: str | None, skip_invalid: boo
 
 
 @import_group.command("gold")
-@click.argument("file", type=_EXISTING)
+@click.argument("file", type=_EXISTING_FILE)
 @_PROJECT_OPTION
 def gold_cmd(file: Path, project_name: str | None) -> None:
     """Import expert (gold) cells from a CSV image,x,y,label (alive|dead)."""

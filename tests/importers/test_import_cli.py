@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
@@ -88,3 +89,19 @@ def test_import_gold(settings, tmp_path: Path) -> None:
 def test_missing_input_is_a_usage_error(settings, tmp_path: Path) -> None:
     result = run_cli("import", "clicks", str(tmp_path / "nope.csv"))
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_an_import_that_stores_nothing_leaves_no_new_project(settings, tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    result = run_cli("import", "images", str(tmp_path / "broken.png"), "--project", "ghost")
+    assert result.exit_code == 1 and "'ghost': 0 image(s) imported" in result.stdout
+    assert "nothing stored" in result.stdout and "not a PNG, JPEG or TIFF image" in result.stderr
+    assert _count(settings, Project) == 0
+
+
+@pytest.mark.parametrize("what", [("clicks",), ("gold",), ("images", "--metadata")])
+def test_a_folder_given_for_a_csv_is_a_usage_error(settings, tmp_path: Path, what: tuple[str, ...]) -> None:
+    args = [*what[:1], str(_png(tmp_path / "a.png", 1)), *what[1:]] if len(what) > 1 else [*what]
+    result = run_cli("import", *args, str(tmp_path))
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+    assert "Traceback" not in result.output
