@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ import pyarrow.csv as pacsv
 from cellspot.consensus.types import CELL_COLUMNS, ConsensusInputError, prepare_clicks
 
 REQUIRED = ("image", "annotator", "x", "y", "label")
+_ROW_PREFIX = re.compile(r"^row \d+, ")
 
 
 def read_clicks_csv(path: Path) -> pd.DataFrame:
@@ -19,7 +21,10 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
     Identifiers are read as text exactly as written (``007`` stays ``007``). Raises
     :class:`ConsensusInputError` naming the file, and the CSV line and field of a bad row.
     """
-    header = pd.read_csv(path, nrows=0).columns
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ConsensusInputError(f"{path}: not a readable CSV file (UTF-8, with a header line): {exc}") from None
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise ConsensusInputError(
@@ -39,8 +44,10 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
     try:
         return prepare_clicks(df)
     except ConsensusInputError as exc:
-        where = f"{path}, line {exc.row + 2}" if exc.row is not None else str(path)
-        raise ConsensusInputError(f"{where}: {exc}", row=exc.row) from exc
+        if exc.row is None:
+            raise ConsensusInputError(f"{path}: {exc}") from exc
+        # the row index means nothing to the reader of the file: the line replaces it
+        raise ConsensusInputError(f"{path}, line {exc.row + 2}: {_ROW_PREFIX.sub('', str(exc))}", row=exc.row) from exc
 
 
 def write_cells_csv(cells: pd.DataFrame, path: Path) -> None:

@@ -76,8 +76,9 @@ def test_task_run_column_and_extra_columns_are_accepted(tmp_path: Path) -> None:
 BAD_FILES = {
     # name: (file text, words the error message must contain)
     "missing-column": ("image,x,y,label\na,1,2,alive\n", ["annotator"]),
-    "nan-coordinate": (HEADER + "\na,s1,1,2,alive\na,s1,3,,alive\n", ["row 1", "y"]),
-    "text-coordinate": (HEADER + "\na,s1,abc,2,alive\n", ["x"]),
+    "nan-coordinate": (HEADER + "\na,s1,1,2,alive\na,s1,3,,alive\n", ["in.csv, line 3: field y"]),
+    "text-coordinate": (HEADER + "\na,s1,abc,2,alive\n", ["in.csv, line 2: field x: 'abc'"]),
+    "empty-file": ("", ["in.csv: not a readable CSV file", "No columns"]),
     "unknown-label": (HEADER + "\na,s1,1,2,alive\na,s2,3,4,zombie\n", ["zombie", "alive, dead, not_sure"]),
 }
 
@@ -90,6 +91,14 @@ def test_bad_input_exits_non_zero_naming_the_problem(tmp_path: Path, text: str, 
     for word in words:
         assert word in result.output
     assert not out.exists()
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "latin.csv"
+    src.write_bytes((HEADER + "\ncaf\xe9,s1,1,2,alive\n").encode("latin-1"))
+    result = CliRunner().invoke(main, ["consensus", str(src), "--out", str(tmp_path / "o.csv")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{src}: not a readable CSV file (UTF-8" in result.output and not (tmp_path / "o.csv").exists()
 
 
 def test_unknown_method_lists_the_valid_ones(tmp_path: Path) -> None:
