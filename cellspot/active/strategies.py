@@ -341,7 +341,10 @@ def bald(signals: pd.DataFrame, ctx: Context, agg: str = "mean") -> pd.DataFrame
     if agg not in AGGREGATES:
         raise ValueError(f"unknown aggregate {agg!r}; allowed: {', '.join(AGGREGATES)}")
     if ctx.mc_samples is None:
-        raise MissingSignalError("strategy 'bald' needs mc_samples: image -> (n_cells, T) MC-dropout p_alive")
+        raise MissingSignalError(
+            "strategy 'bald' needs MC-dropout samples of the classifier (mc_samples: image -> (n_cells, T) "
+            "p_alive), which a project's stored predictions do not hold; use 'classifier' (or the default "
+            "'combined') for the model's uncertainty, or cellspot.active.score_images('bald', ..., mc_samples=...)")
     score, n_cells, n_samples = (np.full(len(signals), np.nan) for _ in range(3))
     for i, image in enumerate(signals["image"]):
         samples = ctx.mc_samples.get(image)

@@ -88,7 +88,7 @@ def test_queue_after_a_real_aggregation(store) -> None:
         (["--project", "nope"], 1, "no project named 'nope'; existing projects: 'p'"),
         (["--snapshot", "999"], 1, "consensus snapshot 999 does not exist"),
         (["--top", "0"], 2, "--top"),
-        (["--strategy", "bald"], 1, "needs mc_samples"),
+        (["--strategy", "bald"], 1, "needs MC-dropout samples of the classifier"),
     ],
 )
 def test_queue_errors(store, args: list[str], code: int, message: str) -> None:

@@ -146,7 +146,7 @@ def test_bald_strategy(signals: pd.DataFrame) -> None:
     ranked = score_images("bald", signals, mc_samples=samples).set_index("image")
     assert ranked.loc["sure", "score"] == 0.0 and ranked.loc["unsure", "score"] > 0.2
     assert np.isnan(ranked.loc["new", "score"]) and ranked.loc["unsure", "mc_samples"] == 5
-    with pytest.raises(MissingSignalError, match="needs mc_samples"):
+    with pytest.raises(MissingSignalError, match="needs MC-dropout samples"):
         score_images("bald", signals)
     with pytest.raises(MissingSignalError, match=r"\(n_cells, T\)"):
         score_images("bald", signals, mc_samples={"sure": np.ones(3)})

@@ -185,7 +185,7 @@ def test_injected_scores_and_their_reasons_are_shown(app, app_engine, monkeypatc
 
 
 @pytest.mark.parametrize(("strategy", "shown", "text"), [
-    ("bald", "error", "strategy 'bald' needs mc_samples"),
+    ("bald", "error", "strategy 'bald' needs MC-dropout samples"),
     ("classifier", "warning", "No image got a classifier score (it needs model predictions)"),
 ])
 def test_strategies_that_need_models_say_so(app, strategy, shown, text):

@@ -85,7 +85,7 @@ def test_open_round_before_any_model_uses_crowd_signals(db) -> None:
 
 @pytest.mark.parametrize(("strategy", "error", "match"), [
     ("nope", UnknownStrategyError, "unknown acquisition strategy 'nope'; valid: bald, classifier"),
-    ("bald", MissingSignalError, "strategy 'bald' needs mc_samples"),
+    ("bald", MissingSignalError, "strategy 'bald' needs MC-dropout samples"),
 ])
 def test_open_round_errors_name_the_problem(db, strategy, error, match) -> None:
     with pytest.raises(error, match=match):
