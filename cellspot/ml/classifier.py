@@ -48,6 +48,7 @@ from cellspot.ml.common import (
     configure_threads,
     ema_model,
     load_weights,
+    model_version,
     pick_device,
     restore_model,
     save_checkpoint,
@@ -715,5 +716,5 @@ def load_classifier(model_dir: Path | str, device: str | None = None) -> LoadedC
     raw, cfg, model = restore_model(model_dir, KIND, config_from_dict, build_model)
     dev = pick_device(device)
     model.to(dev).eval()
-    return LoadedClassifier(config=cfg, version=model_dir.name, model=model,
+    return LoadedClassifier(config=cfg, version=model_version(model_dir), model=model,
                             temperature=float(raw.get("temperature") or 1.0), device=dev, raw_config=raw)

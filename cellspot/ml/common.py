@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 
 log = logging.getLogger(__name__)
 
-from cellspot.ml.files import CONFIG_FILE, CURVES_FILE, METRICS_FILE, RESUME_FILE, WEIGHTS_FILE  # noqa: F401
+from cellspot.ml.files import CONFIG_FILE, CURVES_FILE, METRICS_FILE, RESUME_FILE, RUN_FILE, WEIGHTS_FILE  # noqa: F401
 
 
 class TrainingError(ValueError):
@@ -259,6 +259,17 @@ def restore_model(
     except RuntimeError as exc:
         raise TrainingError(f"weights in {model_dir} do not fit the network in its config.json: {exc}") from exc
     return raw, config, model
+
+
+def model_version(model_dir: Path | str) -> str:
+    """The version of the model in ``model_dir``: the one its :data:`RUN_FILE` records (a run of
+    the registry trained into a folder of any name, ``--out``), else the folder's name."""
+    model_dir = Path(model_dir)
+    try:
+        version = json.loads((model_dir / RUN_FILE).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        version = None
+    return version if isinstance(version, str) and version else model_dir.name
 
 
 def read_metrics(model_dir: Path) -> dict[str, Any]:

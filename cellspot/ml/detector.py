@@ -38,8 +38,8 @@ from cellspot.crops import reflect_indices
 from cellspot.evaluation import match_cells
 from cellspot.ml.common import (
     RESUME_FILE, EtaClock, FitResult, Progress, ProgressFn, StopFn, TrainingCancelled, TrainingError,
-    configure_threads, ema_model, load_weights, pick_device, restore_model, save_checkpoint, save_torch,
-    seed_everything,
+    configure_threads, ema_model, load_weights, model_version, pick_device, restore_model, save_checkpoint,
+    save_torch, seed_everything,
 )
 from cellspot.ml.data import AnnotatedImage, TrainingData, all_masked
 from cellspot.ml.postprocess import (
@@ -757,4 +757,4 @@ def load_detector(model_dir: Path, device: str | None = None) -> LoadedDetector:
     dev = pick_device(device)
     model.to(dev, memory_format=torch.channels_last).eval()
     params = raw.get("postprocess") or default_postprocess(config, config.radius or 1.0)
-    return LoadedDetector(config=config, version=model_dir.name, model=model, device=dev, params=dict(params))
+    return LoadedDetector(config=config, version=model_version(model_dir), model=model, device=dev, params=dict(params))

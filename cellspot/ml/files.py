@@ -5,3 +5,5 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.json"
 RESUME_FILE = "resume.pt"
+#: written by the registry's training runs: version, kind, preset, data source, finish time
+RUN_FILE = "run.json"

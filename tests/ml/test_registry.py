@@ -139,3 +139,16 @@ def test_runs_frame_compare_and_curves(session, project) -> None:
     curves = registry.run_curves(b)
     assert list(curves["epoch"]) == [1, 2] and list(curves.columns) == ["epoch", "train_loss"]
     assert list(registry.run_curves(a).columns) == ["epoch"] and registry.run_curves(a).empty
+
+
+def test_model_version_comes_from_run_json_else_the_folder_name(tmp_path) -> None:
+    from cellspot.ml.common import RUN_FILE, model_version
+
+    folder = tmp_path / "my_detector"
+    folder.mkdir()
+    assert model_version(folder) == "my_detector"
+    (folder / RUN_FILE).write_text('{"version": "detector-0007", "kind": "detector"}')
+    assert model_version(folder) == "detector-0007"
+    for broken in ("{not json", "[1, 2]", '{"version": 7}'):
+        (folder / RUN_FILE).write_text(broken)
+        assert model_version(folder) == "my_detector"
