@@ -7,6 +7,7 @@ store access and no Streamlit calls, so they are unit-tested directly.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,6 +16,9 @@ import pandas as pd
 
 LOSS_COLUMNS = ("train_loss", "val_loss")
 NOT_CURVES = ("epoch", "step", "steps", "epochs", "seconds", "elapsed_s", "eta_s", "lr", "phase", "time")
+#: match counts (``tp``, ``val_fn``, ``n_true``...) are not curves: on the metrics' 0-1 axis they
+#: would flatten every rate
+_COUNT = re.compile(r"^(?:.*_)?(?:tp|fp|fn|tn|n|n_.*)$")
 
 
 def curves_frame(curves: Any) -> pd.DataFrame:
@@ -46,10 +50,10 @@ def curves_frame(curves: Any) -> pd.DataFrame:
 def curves_long(curves: Any, run: str | None = None) -> pd.DataFrame:
     """``curves`` (see :func:`curves_frame`) as long rows ``epoch, series, value[, run]``.
 
-    Only numeric series are kept (losses and metrics, not timings or the epoch itself).
+    Only numeric series are kept (losses and metrics, not timings, match counts or the epoch).
     """
     table = curves_frame(curves)
-    series = [c for c in table.columns if c not in NOT_CURVES
+    series = [c for c in table.columns if c not in NOT_CURVES and not _COUNT.match(str(c))
               and pd.api.types.is_numeric_dtype(table[c]) and table[c].notna().any()]
     long = table.melt(id_vars=["epoch"], value_vars=series, var_name="series", value_name="value")
     long = long.dropna(subset=["value"])
@@ -113,10 +117,11 @@ def progress_fraction(progress: Mapping[str, Any] | None) -> float:
         return 0.0
 
 
-def progress_text(progress: Mapping[str, Any] | None) -> str:
-    """One line for the progress bar: ``"epoch 2/5 · step 3/10 · train loss 0.412 · ETA 1 min 05 s"``."""
-    if not progress:
-        return "waiting for the worker to start"
+def progress_text(progress: Mapping[str, Any] | None, status: str | None = None) -> str:
+    """One line for the progress bar: ``"epoch 2/5 · step 3/10 · train loss 0.412 · ETA 1 min 05 s"``;
+    before the first step it says what the run is waiting for (``status``: the run's status)."""
+    if not {k: v for k, v in (progress or {}).items() if k != "queued_at"}:
+        return "loading the data and building the model" if status == "running" else "waiting for the worker to start"
     parts = []
     if progress.get("epochs"):
         parts.append(f"epoch {progress.get('epoch', 0)}/{progress['epochs']}")

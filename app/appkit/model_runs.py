@@ -27,6 +27,8 @@ TTL_S = 1.5
 LIVE_STATUSES = ("queued", "running")
 #: a run still queued this long after it was created suggests that no worker is running
 WORKER_WAIT_S = 20.0
+#: the Models page stops waiting for a queued prediction after this long
+PREDICT_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,19 @@ class RunView:
     data_snapshot_id: str | None = None
 
     def queued_for_s(self, now: datetime | None = None) -> float:
-        """Seconds since the run was created while it is still queued (0 otherwise)."""
-        if self.status != "queued" or self.created_at is None:
+        """Seconds since the run was queued (created, or queued again by a resume: ``queued_at``
+        in its progress) while it is still queued (0 otherwise)."""
+        if self.status != "queued":
             return 0.0
-        created = self.created_at if self.created_at.tzinfo else self.created_at.replace(tzinfo=timezone.utc)
-        return max(0.0, ((now or datetime.now(timezone.utc)) - created).total_seconds())
+        queued = self.created_at
+        try:
+            queued = datetime.fromisoformat(str(self.progress["queued_at"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+        if queued is None:
+            return 0.0
+        queued = queued if queued.tzinfo else queued.replace(tzinfo=timezone.utc)
+        return max(0.0, ((now or datetime.now(timezone.utc)) - queued).total_seconds())
 
 
 def url() -> str:
@@ -116,7 +126,7 @@ def summary(cells: pd.DataFrame, images: list[str]) -> pd.DataFrame:
 
 def refresh() -> None:
     """Forget the cached reads (after a write)."""
-    for cached in (runs, run_view, compare, active_versions, predictions):
+    for cached in (runs, run_view, compare, active_versions, predictions, can_roll_back):
         cached.clear()
 
 
@@ -192,6 +202,24 @@ def predict(project_name: str, detector: str | None, classifier: str | None) -> 
     enqueue_prediction(resources.settings(), project_name)
     return (f"Prediction queued with {detector} and {classifier}: the worker stores the cells of every "
             "image; they show below when it is done.")
+
+
+def predicted_since(url: str, project_id: int, since: datetime) -> bool:
+    """Whether the project has predicted cells stored at or after ``since`` (UTC; naive stored
+    times are UTC)."""
+    cells = predictions(url, project_id)
+    if cells.empty or "created_at" not in cells.columns:
+        return False
+    stamps = pd.to_datetime(cells["created_at"], utc=True)
+    since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+    return bool((stamps >= pd.Timestamp(since)).any())
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def can_roll_back(url: str, project_id: int, kind: str) -> bool:
+    """Whether ``kind`` has an active run and an earlier promoted one to give it back to."""
+    with resources.session() as session:
+        return registry.previous_active(session, _project(session, project_id), kind) is not None
 
 
 def image_row(image_id: int) -> Image:

@@ -8,6 +8,8 @@ their own every 2 s (``st.fragment(run_every=...)``); the rest of the page does 
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pandas as pd
 import streamlit as st
 from appkit import charts, model_runs, researcher, resources, roles
@@ -98,7 +100,7 @@ def live_run(version: str) -> None:
     view = model_runs.run_view(URL, version)
     with st.container(border=True):
         st.markdown(f"**{view.version}** · {view.status} · preset {view.preset}")
-        st.progress(charts.progress_fraction(view.progress), text=charts.progress_text(view.progress))
+        st.progress(charts.progress_fraction(view.progress), text=charts.progress_text(view.progress, view.status))
         waited = view.queued_for_s()
         if waited > model_runs.WORKER_WAIT_S:
             st.warning(WORKER_HINT.format(version=view.version, waited=charts.format_seconds(waited)),
@@ -182,10 +184,12 @@ if len(versions) < 2:
     st.info("Train a second run to compare it with the first.")
 else:
     pick = st.columns(2)
+    kinds = dict(zip(runs["version"], runs["kind"]))
     first = pick[0].selectbox("Run A", versions, index=1, key="compare_a")
-    second = pick[1].selectbox("Run B", versions, index=0, key="compare_b")
-    if first == second:
-        st.info("Pick two different runs.")
+    same_kind = [v for v in versions if kinds[v] == kinds[first] and v != first]  # newest first
+    second = pick[1].selectbox("Run B", same_kind, index=0, key="compare_b") if same_kind else None
+    if second is None:
+        st.info(f"No other {kinds[first]} run to compare {first} with: runs are compared with runs of their kind.")
     else:
         table = model_runs.compare(URL, first, second)
         st.dataframe(table, width="stretch", key="models_compare",
@@ -207,16 +211,43 @@ row = st.columns(4)
 for i, kind_name in enumerate(MODEL_KINDS):
     row[2 * i].metric(f"Active {kind_name}", active[kind_name] or "none")
     if row[2 * i + 1].button(f"Roll back {kind_name}", key=f"rollback-{kind_name}", icon=":material/undo:",
-                             disabled=active[kind_name] is None,
+                             disabled=not model_runs.can_roll_back(URL, project.id, kind_name),
                              help=f"Make the previously promoted {kind_name} active again"):
         act(model_runs.rollback, project.id, kind_name)
 
 missing = model_runs.missing_model(project.id)
 if st.button("Predict project", key="models_predict", icon=":material/batch_prediction:", disabled=missing is not None,
              help="Queue a job that finds and classifies the cells of every image with the active models"):
+    st.session_state["models_predict_since"] = datetime.now(timezone.utc)
     act(model_runs.predict, project.name, active["detector"], active["classifier"])
 if missing:
-    st.caption(f"Predict project needs an active classifier and detector: {missing}")
+    st.caption(f"Predict project needs an active classifier and detector (train and promote them above): {missing}")
+
+since = st.session_state.get("models_predict_since")
+
+
+@st.fragment(run_every=REFRESH_S if since is not None else None)
+def prediction_watch(queued: datetime) -> None:
+    """While a queued prediction has not stored its cells: say so, and rerun the page when it has."""
+    if model_runs.predicted_since(URL, project.id, queued):
+        st.session_state.pop("models_predict_since", None)
+        st.rerun()
+    waited = (datetime.now(timezone.utc) - queued).total_seconds()
+    if waited > model_runs.PREDICT_WAIT_S:
+        st.session_state.pop("models_predict_since", None)
+        st.warning(f"No new predictions {charts.format_seconds(waited)} after Predict project: is `cellspot "
+                   "worker` running (same CELLSPOT_HOME and database as this app)? Reload to check again.",
+                   icon=":material/warning:")
+    elif waited > model_runs.WORKER_WAIT_S:
+        st.warning(WORKER_HINT.format(version="the prediction", waited=charts.format_seconds(waited)),
+                   icon=":material/warning:")
+    else:
+        st.info(f"Predicting every image with the active models… ({charts.format_seconds(waited)})",
+                icon=":material/hourglass_top:")
+
+
+if since is not None:
+    prediction_watch(since)
 
 cells = model_runs.predictions(URL, project.id)
 if cells.empty:

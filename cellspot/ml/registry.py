@@ -208,12 +208,9 @@ def promote(session: Session, run: ModelRun) -> ModelRun:
     return run
 
 
-def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
-    """Undo the latest promotion of ``kind`` in ``project``: the active run loses its promotion
-    and the previously promoted ``done`` run becomes active again; flush. Returns that run.
-
-    :class:`RegistryError` when no earlier promoted run exists.
-    """
+def previous_active(session: Session, project: Project | None, kind: str) -> ModelRun | None:
+    """The run :func:`rollback` would make active again: the latest promoted ``done`` run of
+    ``kind`` other than the active one (None when there is none)."""
     check_kind(kind)
     current = active_run(session, project, kind)
     stmt = (
@@ -224,7 +221,18 @@ def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
     )
     if current is not None:
         stmt = stmt.where(ModelRun.id != current.id)
-    previous = session.scalars(stmt.limit(1)).first()
+    return session.scalars(stmt.limit(1)).first()
+
+
+def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
+    """Undo the latest promotion of ``kind`` in ``project``: the active run loses its promotion
+    and the previously promoted ``done`` run becomes active again; flush. Returns that run.
+
+    :class:`RegistryError` when no earlier promoted run exists.
+    """
+    check_kind(kind)
+    current = active_run(session, project, kind)
+    previous = previous_active(session, project, kind)
     where = f"project {project.name!r}" if project is not None else "runs without a project"
     if previous is None:
         active = current.version if current is not None else "none"

@@ -168,7 +168,8 @@ def check_config(kind: str, preset: str, overrides: Mapping[str, Any]) -> dict[s
     except WorkflowError:
         raise
     except (ValueError, TypeError) as exc:
-        raise WorkflowError(f"bad {kind} config: {_wrong_type(trainer, preset, overrides) or exc}") from None
+        text, prefix = str(exc), f"bad {kind} config: "  # the detector's own checks say it already
+        raise WorkflowError(text if text.startswith(prefix) else prefix + text) from None
     return dict(overrides)
 
 
@@ -338,6 +339,8 @@ def resume_run(session: Session, settings: Settings, run: ModelRun | int | str) 
     run.cancel_requested = False
     run.error = None
     run.finished_at = None
+    # when it was queued again (the dashboard's "no worker?" hint counts from here, not from created_at)
+    run.progress = {**(run.progress or {}), "queued_at": utcnow().isoformat()}
     session.flush()
     return run
 

@@ -13,7 +13,7 @@ import app_testkit  # noqa: F401 - puts app/ on sys.path
 import pandas as pd
 import pytest
 from app_testkit import REPO
-from appkit import charts
+from appkit import charts, model_runs
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -233,6 +233,41 @@ def test_predict_queues_a_job_and_the_viewer_shows_stored_predictions(app, app_e
     assert any("3 predicted cells" in c for img in app.image for c in img.captions)
 
 
+def test_after_predict_the_page_waits_for_the_new_predictions_then_shows_them(app, app_engine, monkeypatch):
+    monkeypatch.setattr("cellspot.jobs.enqueue_prediction", lambda settings, project, **kw: None)
+    detector, classifier = add_run(app_engine, "detector", promote=True), add_run(app_engine, "classifier", promote=True)
+    open_models(app)
+    app.button(key="models_predict").click().run()
+    no_exception(app)
+    assert "Predicting every image with the active models" in texts(app.info)
+    assert "No predictions yet" in texts(app.info)
+    with Session(app_engine) as session, session.begin():  # what the worker stores
+        runs = {r.version: r.id for r in session.scalars(select(ModelRun))}
+        image = session.scalars(select(Image).order_by(Image.name)).first()
+        session.add(PredictionCell(image_id=image.id, detector_run_id=runs[detector],
+                                   classifier_run_id=runs[classifier], x=20.0, y=30.0, label="dead",
+                                   p_alive=0.2, uncertainty=0.4, score=0.9))
+    model_runs.refresh()  # the page polls every 2 s; its reads are cached for 1.5 s
+    app.run()
+    no_exception(app)
+    assert "Predicting every image" not in texts(app.info) and "No predictions yet" not in texts(app.info)
+    assert table(app, "viability_pct")["dead"].sum() == 1
+
+
+def test_comparison_offers_runs_of_the_same_kind_and_rollback_needs_an_earlier_promotion(app, app_engine):
+    classifier = add_run(app_engine, "classifier", curves=CURVES, promote=True)
+    add_run(app_engine, "detector", curves=[{"epoch": 1, "val_f1": 0.5, "val_tp": 12, "val_fn": 3}])
+    open_models(app)
+    assert f"No other classifier run to compare {classifier} with" in texts(app.info)
+    assert app.button(key="rollback-classifier").disabled  # one promotion: nothing to go back to
+    newer = add_run(app_engine, "classifier", curves=CURVES, promote=True)
+    model_runs.refresh()
+    open_models(app)
+    assert app.selectbox(key="compare_a").value == classifier
+    assert app.selectbox(key="compare_b").options == [newer]
+    assert not app.button(key="rollback-classifier").disabled
+
+
 def test_predict_is_disabled_without_active_models(app, app_engine):
     add_run(app_engine, "classifier", promote=True)
     open_models(app)
@@ -256,6 +291,28 @@ def test_progress_text(progress, parts):
     assert all(p in text for p in parts), text
 
 
+def test_progress_text_before_the_first_step_follows_the_status():
+    assert charts.progress_text({}, "running") == "loading the data and building the model"
+    assert charts.progress_text({"queued_at": "2026-01-01T00:00:00"}, "queued") == "waiting for the worker to start"
+
+
+def test_a_resumed_run_counts_its_queue_time_from_the_resume():
+    from datetime import datetime, timezone
+
+    from appkit.model_runs import RunView
+
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    old = datetime(2026, 1, 1, 8, 0, 0)  # naive = UTC, as SQLite returns it
+
+    def view(status, progress):
+        return RunView(1, "classifier-0001", "classifier", status, "cpu-fast", False, progress, {},
+                       pd.DataFrame(), None, old)
+
+    assert view("queued", {}).queued_for_s(now) == 4 * 3600
+    assert view("queued", {"epoch": 6, "queued_at": "2026-01-01T11:59:30"}).queued_for_s(now) == 30
+    assert view("running", {"queued_at": "2026-01-01T11:59:30"}).queued_for_s(now) == 0
+
+
 @pytest.mark.parametrize(("seconds", "text"), [
     (None, "-"), (float("nan"), "-"), (-1, "-"), (0, "0 s"), (59.6, "1 min 00 s"), (75, "1 min 15 s"),
     (3 * 3600 + 120, "3 h 02 min"),
@@ -275,6 +332,12 @@ def test_curves_long_keeps_losses_and_metrics_per_epoch(curves):
     assert set(long["run"]) == {"r1"}
     chart = charts.curves_chart(long).to_dict()
     assert "hconcat" in chart  # losses beside metrics
+
+
+def test_curves_long_leaves_match_counts_out():
+    long = charts.curves_long([{"epoch": 1, "val_f1": 0.5, "val_tp": 12, "val_fp": 2, "fn": 3, "n": 40,
+                                "n_true": 15, "train_loss": 0.4}])
+    assert set(long["series"]) == {"val_f1", "train_loss"}
 
 
 def test_curves_long_of_nothing_is_empty():
