@@ -217,7 +217,7 @@ def curve_chart(points: pd.DataFrame) -> alt.Chart:
     """Model metric (y) against task runs collected (x), one line per ``series`` (e.g.
     ``classifier balanced_accuracy``), from :func:`cellspot.workflows.rounds.learning_curve`."""
     return (alt.Chart(points).mark_line(point=True)
-            .encode(x=alt.X("task_runs:Q", title="task runs collected"),
+            .encode(x=alt.X("task_runs:Q", title="task runs collected", axis=alt.Axis(format="d", tickMinStep=1)),
                     y=alt.Y("value:Q", title="model metric", scale=alt.Scale(zero=False)),
                     color=alt.Color("series:N", title=None),
                     tooltip=["round", "task_runs", "series", "version", alt.Tooltip("value:Q", format=".3f")])

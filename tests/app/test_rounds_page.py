@@ -273,3 +273,10 @@ def test_data_uri_is_a_small_png(shape, size, expected):
 def test_models_caption(sources, parts):
     text = rounds_view.models_caption(sources)
     assert all(p in text for p in parts), text
+
+
+def test_learning_curve_counts_task_runs_in_whole_numbers():
+    points = pd.DataFrame({"round": [1, 2], "task_runs": [69, 120], "series": ["classifier f1"] * 2,
+                           "version": ["classifier-0001", "classifier-0002"], "value": [0.8, 0.85]})
+    axis = rounds_view.curve_chart(points).to_dict()["encoding"]["x"]["axis"]
+    assert axis["format"] == "d" and axis["tickMinStep"] == 1

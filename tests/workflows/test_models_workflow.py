@@ -230,6 +230,13 @@ def test_an_override_of_the_wrong_type_names_the_field(kind, overrides, error) -
     assert wf.check_config(kind, "cpu-fast", {"epochs": 2}) == {"epochs": 2}
 
 
+def test_a_config_error_says_bad_config_once() -> None:
+    with pytest.raises(wf.WorkflowError) as err:
+        wf.check_config("detector", "cpu-fast", {"polarity": "sideways"})
+    assert str(err.value).startswith("bad detector config: polarity must be one of")
+    assert str(err.value).count("bad detector config") == 1
+
+
 def test_a_bad_training_folder_is_refused_before_a_run_is_stored(settings, store, tmp_path) -> None:
     from PIL import Image
 
