@@ -246,8 +246,10 @@ with clicks_col:
                     with resources.session() as session:
                         report = import_clicks(session, session.get(Project, project.id), path, format=fmt,
                                                skip_invalid=skip, settings=resources.settings())
-            except CellspotImportError as exc:
-                st.error(_problems([exc], tmp)[0])
+            except CellspotImportError as exc:  # the importer's hint names the CLI flag: name the checkbox
+                st.error(_problems([exc], tmp)[0].replace(
+                    "skip_invalid / --skip-invalid imports the valid rows",
+                    "tick 'Import the valid rows when some are invalid' to import the rest"))
             else:
                 researcher.refresh()
                 st.success(_problems([report.summary()], tmp)[0])
