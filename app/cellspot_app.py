@@ -35,13 +35,21 @@ SETUP = st.Page("views/setup.py", title="Setup", icon=":material/settings:", url
 EXPORT = st.Page("views/export.py", title="Export", icon=":material/download:", url_path="export")
 LOGOUT = st.Page("views/logout.py", title="Log out", icon=":material/logout:", url_path="logout")
 
+RESEARCHER_PAGES = [CLASS, REVIEW, RESULTS, MODELS, ROUNDS, SETUP, EXPORT, LOGOUT]
+
 if roles.role() == roles.STUDENT:
     # the tutorial opens first after joining; once done or skipped, the label page is the home
     first = LABEL if st.session_state.get("tutorial_done") else TUTORIAL
     pages = [first, *(p for p in (TUTORIAL, LABEL) if p is not first), LEAVE]
 elif roles.is_researcher():
-    pages = [CLASS, REVIEW, RESULTS, MODELS, ROUNDS, SETUP, EXPORT, LOGOUT]
+    pages = RESEARCHER_PAGES
 else:
-    pages = [JOIN, LOGIN]
+    # a researcher page's URL without a researcher session (a reload ends it: the role lives
+    # only in this server-side session): the login page answers at that URL, so there is no
+    # "page not found", and once logged in the same URL is that page again
+    wanted = roles.researcher_page_of(st.context.url, [p.url_path for p in RESEARCHER_PAGES if p is not LOGOUT])
+    login = LOGIN if wanted is None else st.Page("views/login.py", title="Researcher login",
+                                                 icon=":material/lock:", url_path=wanted)
+    pages = [JOIN, login]
 
 st.navigation(pages, position="top").run()

@@ -7,6 +7,9 @@ checks the role again before showing anything (:func:`require_student`,
 
 A student's class code and nickname are also put in the page URL (``?class=..&nick=..``):
 they are no secret (anyone may join with them) and let a reloaded tab carry on labelling.
+A researcher's role is never put in the URL (a projector in a classroom shows it): a reload
+starts a session without a role, and the entry script serves the login page at the reloaded
+researcher page's URL (:func:`researcher_page_of`), which becomes that page after the login.
 """
 
 from __future__ import annotations
@@ -111,6 +114,25 @@ def forget_student() -> None:
         st.query_params.pop(key, None)
 
 
+def researcher_page_of(url: str | None, paths: list[str]) -> str | None:
+    """The researcher page (one of ``paths``) that ``url`` (the browser's, :attr:`st.context.url`)
+    opens, else None; noted in the session for the login page's notice."""
+    from urllib.parse import urlparse
+
+    last = urlparse(url or "").path.rstrip("/").rsplit("/", 1)[-1]
+    wanted = last if last in paths else None
+    if wanted is None:
+        st.session_state.pop("researcher_page_wanted", None)
+    else:
+        st.session_state["researcher_page_wanted"] = wanted
+    return wanted
+
+
+def wanted_researcher_page() -> str | None:
+    """The researcher page whose URL this session without a role opened (see :func:`researcher_page_of`)."""
+    return st.session_state.get("researcher_page_wanted")
+
+
 def is_researcher() -> bool:
     """True when this session logged in with the researcher password."""
     return role() == RESEARCHER and st.session_state.get("researcher_ok") is True
@@ -119,6 +141,7 @@ def is_researcher() -> bool:
 def login_researcher() -> None:
     """Make this session a researcher's (call only after the password was verified)."""
     forget_student()
+    st.session_state.pop("researcher_page_wanted", None)
     st.session_state.update(role=RESEARCHER, researcher_ok=True)
 
 

@@ -304,3 +304,25 @@ def test_wrong_researcher_password_is_refused(app_server: AppServer, new_page) -
     expect(page.get_by_role("textbox", name="Password")).to_have_value("")
     assert not set(nav_links(page)) & set(RESEARCHER_PAGES), nav_links(page)
     expect(page.get_by_role("textbox", name="Password")).to_be_visible()
+
+
+def test_a_reloaded_researcher_page_asks_for_the_password_at_its_own_url(app_server: AppServer, new_page) -> None:
+    page = new_page()
+    open_app(page, app_server.url)
+    go_to(page, "Researcher login")
+    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD)
+    click_button(page, "Log in")
+    go_to(page, "Rounds")
+    expect(page.get_by_role("heading", name="Rounds")).to_be_visible()
+    page.reload(wait_until="domcontentloaded")
+    wait_idle(page)
+    # the session (and the role with it) is new: the login page answers at /rounds, with no
+    # "page not found" and without showing the page
+    expect(page.get_by_text(re.compile("Log in to open the Rounds page"))).to_be_visible()
+    assert "does not seem to exist" not in page.inner_text("body")
+    assert not set(nav_links(page)) & set(RESEARCHER_PAGES), nav_links(page)
+    assert page.url.rstrip("/").endswith("/rounds"), page.url
+    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD)
+    click_button(page, "Log in")
+    expect(page.get_by_role("heading", name="Rounds")).to_be_visible()
+    assert page.url.rstrip("/").endswith("/rounds"), page.url
