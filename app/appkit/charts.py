@@ -75,11 +75,12 @@ def curves_chart(long: pd.DataFrame, title: str = "") -> alt.Chart | alt.LayerCh
         encoding: dict[str, Any] = {
             "x": alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1, format="d")),
             "y": alt.Y("value:Q", title=heading),
-            "color": alt.Color("series:N", title=None),
+            # legends below the plot: on the right, long names (val_balanced_accuracy) were cut off
+            "color": alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=0)),
             "tooltip": ["epoch", "series", alt.Tooltip("value:Q", format=".4f")],
         }
         if compare:
-            encoding["strokeDash"] = alt.StrokeDash("run:N", title="run")
+            encoding["strokeDash"] = alt.StrokeDash("run:N", title="run", legend=alt.Legend(orient="bottom"))
             encoding["tooltip"] = ["run", *encoding["tooltip"]]
         charts.append(alt.Chart(part, title=f"{title} {heading}".strip()).mark_line(point=True)
                       .encode(**encoding).properties(height=220))

@@ -290,12 +290,16 @@ def models_list(project_name: str | None, folder: bool, kind: str | None) -> Non
         with session_factory(engine)() as session:
             project = None if folder else get_project(session, project_name or settings.default_project)
             frame = runs_frame(session, project, kind)
+            folder_runs = 0 if folder or not frame.empty else len(runs_frame(session, None, kind))
     except _registry_errors() as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         engine.dispose()
     if frame.empty:
-        click.echo("no model runs yet")
+        where = "trained on folders" if folder else f"of project {project.name!r}"
+        click.echo(f"no model runs {where} yet"
+                   + (f"; {folder_runs} run(s) trained on folders: `cellspot models list --folder`"
+                      if folder_runs else ""))
         return
     frame = frame.drop(columns=["error"]).assign(
         created=pd.to_datetime(frame["created"], utc=True).dt.strftime("%Y-%m-%d %H:%M"),

@@ -26,6 +26,18 @@ def open_store(settings: Settings | None = None) -> Engine:
     from cellspot.store.db import make_engine
     from cellspot.store.migrate import current_revision, head_revision
 
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    from cellspot.settings import get_settings
+
+    settings = settings or get_settings()
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():  # connecting would leave an empty file behind
+        raise click.ClickException(f"database {url.render_as_string(hide_password=True)} is not initialised; "
+                                   "run `cellspot init` first")
     engine = make_engine(settings=settings)
     current, head = current_revision(engine), head_revision()
     if current != head:

@@ -134,6 +134,9 @@ def test_folder_training_without_project_and_custom_out(settings, folder, tmp_pa
     assert (out_dir / METRICS_FILE).is_file()
     code, out = _run("models", "list", "--folder")
     assert code == 0 and "detector-0001" in out
+    seed_project(settings)  # the default project, without runs
+    code, out = _run("models", "list")
+    assert code == 0 and "1 run(s) trained on folders: `cellspot models list --folder`" in out, out
 
 
 def test_a_bad_folder_is_one_clear_error_and_no_run(settings, folder, monkeypatch) -> None:

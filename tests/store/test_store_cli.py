@@ -97,9 +97,11 @@ def test_a_store_that_cannot_be_opened_is_one_clear_error(settings, tmp_path, mo
 
 
 def test_export_and_init_on_a_store_that_is_not_there(settings, tmp_path, monkeypatch) -> None:
-    code, out = _run("export", str(tmp_path / "out"))
-    assert code == 1 and "is not initialised; run `cellspot init` first" in out
+    for args in (("export", str(tmp_path / "out")), ("projects",), ("queue",)):
+        code, out = _run(*args)
+        assert code == 1 and "is not initialised; run `cellspot init` first" in out, (args, out)
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cellspot.db").exists()  # asking left no empty database behind
     home_file = tmp_path / "a_file"
     home_file.write_text("")
     monkeypatch.setenv("CELLSPOT_HOME", str(home_file))
