@@ -86,7 +86,12 @@ with side_col:
     action = st.radio("Action", list(ACTIONS), format_func=ACTIONS.get, horizontal=True, key="review_action")
     label = st.radio("Label", ["alive", "dead"], horizontal=True, key="review_label",
                      disabled=action not in ("relabel", "add"))
-    apply = st.button("Apply", type="primary", disabled=point is None, key="review_apply")
+    needs_cell = action in ("accept", "relabel", "delete")
+    apply = st.button("Apply", type="primary", disabled=point is None or (needs_cell and selected is None),
+                      key="review_apply")
+    if point is not None and needs_cell and selected is None:
+        st.caption(f"{ACTIONS[action]} needs a cell: click one on the image, or pick \"{ACTIONS['add']}\" "
+                   "to add a cell at this place.")
     whole, back = st.columns(2)
     accept_all = whole.button("Accept the whole image", key="review_accept_all",
                               help="Store the image's current cells as expert cells")

@@ -364,6 +364,26 @@ def test_review_adjudication_stores_expert_cells(app, app_engine):
     assert moved and moved[0].label == new_label and moved[0].source == "adjudication"
 
 
+def test_review_apply_needs_a_cell_except_to_add_one(app, app_engine):
+    login(app)
+    app.switch_page("views/review.py").run()
+    image_id = app.selectbox(key="review_image").value
+    key = f"review-canvas-{image_id}"
+    view = app.session_state[f"{key}.view"]
+    cells = app.dataframe[-1].value
+    far = max(((x, y) for x in (2.0, view.width / 2, view.width - 2) for y in (2.0, view.height / 2, view.height - 2)),
+              key=lambda p: ((cells["x"] - p[0]) ** 2 + (cells["y"] - p[1]) ** 2).min())
+    app.session_state[key] = {"x": far[0], "y": far[1], "width": view.width, "height": view.height, "unix_time": 8}
+    app.run()
+    assert "no cell there" in texts(app.markdown)
+    for action in ("accept", "relabel", "delete"):
+        app.radio(key="review_action").set_value(action).run()
+        assert app.button(key="review_apply").disabled
+        assert "needs a cell: click one on the image" in texts(app.caption)
+    app.radio(key="review_action").set_value("add").run()
+    assert not app.button(key="review_apply").disabled
+
+
 def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
     login(app)
     app.switch_page("views/review.py").run()
