@@ -7,8 +7,9 @@ import streamlit as st
 from appkit import resources, roles
 
 st.title("Researcher login")
-if roles.wanted_researcher_page():
-    st.info(f"Log in to open the {roles.wanted_researcher_page().capitalize()} page: a reload ends the "
+wanted = roles.wanted_researcher_page()
+if wanted:
+    st.info(f"Log in to open the {wanted.capitalize()} page: a reload ends the "
             "researcher session (it lives only on the server, never in the browser).", icon=":material/lock:")
 auth = resources.researcher_auth()
 if auth is None:

@@ -34,20 +34,10 @@ class _Models:
         return self.detector_run_id is not None and self.classifier_run_id is not None
 
 
-def _store_exists(settings: Settings) -> bool:
-    """False for the default SQLite file that was never created (no store to read or write)."""
-    from sqlalchemy.engine import make_url
-
-    url = make_url(settings.resolved_database_url)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return True
-    return Path(url.database).is_file()
-
-
 def _open_store(settings: Settings, required: bool) -> Engine | None:
-    from cellspot.cli.store_cmds import open_store
+    from cellspot.cli.store_cmds import open_store, store_exists
 
-    if not _store_exists(settings):
+    if not store_exists(settings):
         if required:
             raise click.ClickException(
                 f"no cellspot store at {settings.resolved_database_url}; run `cellspot init` and train models, "

@@ -21,22 +21,28 @@ def _safe_url(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def open_store(settings: Settings | None = None) -> Engine:
-    """An engine on the settings' database, which must be migrated to head (else a CLI error)."""
-    from cellspot.store.db import make_engine
-    from cellspot.store.migrate import current_revision, head_revision
-
+def store_exists(settings: Settings) -> bool:
+    """False for a SQLite file that was never created (connecting would leave an empty one)."""
     from pathlib import Path
 
     from sqlalchemy.engine import make_url
 
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return True
+    return Path(url.database).is_file()
+
+
+def open_store(settings: Settings | None = None) -> Engine:
+    """An engine on the settings' database, which must exist and be migrated to head (else a
+    CLI error)."""
     from cellspot.settings import get_settings
+    from cellspot.store.db import make_engine
+    from cellspot.store.migrate import current_revision, head_revision
 
     settings = settings or get_settings()
-    url = make_url(settings.resolved_database_url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not Path(url.database).is_file():  # connecting would leave an empty file behind
-        raise click.ClickException(f"database {url.render_as_string(hide_password=True)} is not initialised; "
+    if not store_exists(settings):
+        raise click.ClickException(f"database {settings.resolved_database_url} is not initialised; "
                                    "run `cellspot init` first")
     engine = make_engine(settings=settings)
     current, head = current_revision(engine), head_revision()

@@ -212,7 +212,12 @@ def previous_active(session: Session, project: Project | None, kind: str) -> Mod
     """The run :func:`rollback` would make active again: the latest promoted ``done`` run of
     ``kind`` other than the active one (None when there is none)."""
     check_kind(kind)
-    current = active_run(session, project, kind)
+    return _previous_promoted(session, project, kind, active_run(session, project, kind))
+
+
+def _previous_promoted(session: Session, project: Project | None, kind: str,
+                       current: ModelRun | None) -> ModelRun | None:
+    """The latest promoted ``done`` run of ``kind`` other than ``current`` (the active run)."""
     stmt = (
         select(ModelRun)
         .where(*_same_group(_project_id(project), kind), ModelRun.status == "done",
@@ -232,7 +237,7 @@ def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
     """
     check_kind(kind)
     current = active_run(session, project, kind)
-    previous = previous_active(session, project, kind)
+    previous = _previous_promoted(session, project, kind, current)
     where = f"project {project.name!r}" if project is not None else "runs without a project"
     if previous is None:
         active = current.version if current is not None else "none"

@@ -173,3 +173,16 @@ def dataframe_rows(page, index: int = 0) -> list[dict[str, str]]:
         cells = [c.strip() for c in tr.locator("td").all_inner_texts()]
         rows.append(dict(zip(header, cells)))
     return rows
+
+
+def log_in(page, password: str) -> None:
+    """On the researcher login page: type ``password`` and press "Log in"."""
+    page.get_by_role("textbox", name="Password").fill(password)
+    click_button(page, "Log in")
+
+
+def open_as_researcher(page, url: str, password: str) -> None:
+    """Open the app at ``url``, go to the researcher login and log in with ``password``."""
+    open_app(page, url)
+    go_to(page, "Researcher login")
+    log_in(page, password)

@@ -22,8 +22,10 @@ from st_ui import (
     click_image_pixel,
     dataframe_rows,
     go_to,
+    log_in,
     nav_links,
     open_app,
+    open_as_researcher,
     screenshot,
     wait_idle,
 )
@@ -263,8 +265,7 @@ def test_researcher_sees_the_runs_and_exports(
     open_app(page, app_server.url)
     assert not set(nav_links(page)) & set(RESEARCHER_PAGES)
     go_to(page, "Researcher login")
-    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD)
-    click_button(page, "Log in")
+    log_in(page, E2E_PASSWORD)
     expect(page.get_by_role("heading", name="Class")).to_be_visible()
     assert set(RESEARCHER_PAGES) <= set(nav_links(page)), nav_links(page)
 
@@ -308,10 +309,7 @@ def test_wrong_researcher_password_is_refused(app_server: AppServer, new_page) -
 
 def test_a_reloaded_researcher_page_asks_for_the_password_at_its_own_url(app_server: AppServer, new_page) -> None:
     page = new_page()
-    open_app(page, app_server.url)
-    go_to(page, "Researcher login")
-    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD)
-    click_button(page, "Log in")
+    open_as_researcher(page, app_server.url, E2E_PASSWORD)
     go_to(page, "Rounds")
     expect(page.get_by_role("heading", name="Rounds")).to_be_visible()
     page.reload(wait_until="domcontentloaded")
@@ -322,7 +320,6 @@ def test_a_reloaded_researcher_page_asks_for_the_password_at_its_own_url(app_ser
     assert "does not seem to exist" not in page.inner_text("body")
     assert not set(nav_links(page)) & set(RESEARCHER_PAGES), nav_links(page)
     assert page.url.rstrip("/").endswith("/rounds"), page.url
-    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD)
-    click_button(page, "Log in")
+    log_in(page, E2E_PASSWORD)
     expect(page.get_by_role("heading", name="Rounds")).to_be_visible()
     assert page.url.rstrip("/").endswith("/rounds"), page.url

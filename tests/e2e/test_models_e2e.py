@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from e2e_server import E2E_PASSWORD, AppServer, app_command, free_port, running_server, store_env
-from st_ui import click_button, dataframe_rows, go_to, open_app, screenshot, wait_idle
+from st_ui import click_button, dataframe_rows, go_to, open_as_researcher, screenshot, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +92,7 @@ def test_researcher_trains_watches_and_cancels_a_run(
     from cellspot.jobs import get_queue
 
     page = new_page()
-    open_app(page, models_server.url)
-    go_to(page, "Researcher login")
-    page.get_by_role("textbox", name="Password").fill(E2E_PASSWORD)
-    click_button(page, "Log in")
+    open_as_researcher(page, models_server.url, E2E_PASSWORD)
     go_to(page, "Models")
     expect(page.get_by_role("heading", name="Models")).to_be_visible()
     expect(page.get_by_text("No model yet: train one")).to_be_visible()
