@@ -25,7 +25,8 @@ Rules (documented here because they decide what is stored):
   their columns), and ``cellspot import images`` attaches a file at least that large.
 * **Validation.** ``0 <= x < width``, ``0 <= y < height``, finite numbers, labels alive /
   dead / not_sure (``not_sure_alive`` and ``not sure`` mean not_sure). One reject per click
-  (one per row that cannot be split into clicks). By default any reject fails the whole file
+  (one per row that cannot be split into clicks), naming every bad field of its row.
+  A click that repeats an earlier one of its run exactly is imported and reported. By default any reject fails the whole file
   and nothing is written; with ``skip_invalid`` the valid clicks are imported, the rejects go
   to a CSV under ``settings.rejects_dir``, and a run whose clicks were all rejected is dropped.
 * **Idempotence.** ``client_key = "import:p<project id>:<sha256 of file>:<run id>"``:
@@ -49,6 +50,7 @@ from cellspot.imaging import IMAGE_SUFFIXES, sha256_file
 from cellspot.importers.csvtools import (
     CsvFormatError,
     csv_records,
+    joined_problem,
     normalise_header,
     outside_reason,
     parse_label,
@@ -135,6 +137,9 @@ class ClickImportReport:
     images_created: int
     annotators_created: int
     rejects_path: Path | None = None
+    duplicates: list[tuple[int, int]] = field(default_factory=list)
+    """(line, line of the click it repeats) of every valid click that repeats an earlier one of
+    its run exactly (same x, y and label); they are imported as they are, this only reports them."""
 
     def summary(self) -> str:
         text = (
@@ -144,6 +149,10 @@ class ClickImportReport:
             f"{self.runs_dropped} dropped; {self.images_created} image record(s) and "
             f"{self.annotators_created} annotator(s) created"
         )
+        if self.duplicates:
+            line, first = self.duplicates[0]
+            text += (f"; warning: {len(self.duplicates)} click(s) repeat an earlier click of the same run "
+                     f"exactly (same x, y and label; kept), the first on line {line} (repeats line {first})")
         return text
 
 
@@ -267,7 +276,9 @@ def _declared_size(
 def _tidy_click(
     row: dict[str, str], size: tuple[int, int] | None
 ) -> tuple[tuple[float, float, str] | None, tuple[str, str, Any] | None]:
-    coords = []
+    """The click of a row, or every bad field of it as one problem (``"x, label"``, reasons joined
+    with ``"; "``), so that one pass over the rejects shows all that is wrong with a row."""
+    coords, problems = [], []
     for index, name in enumerate(("x", "y")):
         value, reason = parse_number(row[name], name)
         if reason is None and size is not None:
@@ -275,11 +286,13 @@ def _tidy_click(
         if reason is None and value < 0:
             reason = f"{name}={value:g} is negative (allowed {name} >= 0)"
         if reason is not None:
-            return None, (name, reason, row[name])
+            problems.append((name, reason, row[name]))
         coords.append(value)
     label, reason = parse_label(row["label"])
     if reason is not None:
-        return None, ("label", reason, row["label"])
+        problems.append(("label", reason, row["label"]))
+    if problems:
+        return None, joined_problem(problems)
     return (coords[0], coords[1], label), None
 
 
@@ -481,11 +494,26 @@ def import_clicks(
         already_present=plan.clicks_present, runs_imported=len(plan.runs),
         runs_already_present=len(present), runs_dropped=plan.runs_dropped,
         images_created=created[0], annotators_created=created[1], rejects_path=rejects_path,
+        duplicates=duplicate_clicks(parsed.clicks),
     )
-    log.info("%s", report.summary())
+    (log.warning if report.duplicates else log.info)("%s", report.summary())
     if rejects_path is not None:
         log.info("%d rejected click(s) written with their reasons to %s", len(parsed.rejects), rejects_path)
     return report
+
+
+def duplicate_clicks(clicks: Iterable[ParsedClick]) -> list[tuple[int, int]]:
+    """(line, first line) of each click equal to an earlier one of its run (x, y, label): a file
+    concatenated twice, or a row pasted again, shows up here."""
+    first: dict[tuple[str, float, float, str], int] = {}
+    out = []
+    for click in clicks:
+        key = (click.run, click.x, click.y, click.label)
+        if key in first:
+            out.append((click.line, first[key]))
+        else:
+            first[key] = click.line
+    return out
 
 
 @dataclass

@@ -6,6 +6,7 @@ import csv
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 LABEL_ALIASES: dict[str, str] = {
     "alive": "alive",
@@ -29,11 +30,13 @@ class CsvFormatError(ValueError):
         self.reason = reason
 
 
-def csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+def csv_records(path: Path, *, skip_empty_fields: bool = True) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line, fields)`` for every non-blank record of ``path``; the header comes first.
 
     ``line`` is the 1-based physical line where the record starts (the header is line 1),
-    also for records whose quoted fields span several lines. Raises :class:`CsvFormatError`.
+    also for records whose quoted fields span several lines. Empty lines are skipped, and so
+    are records whose fields are all blank (``,,,``) unless ``skip_empty_fields`` is false
+    (pyarrow's reader keeps those). Raises :class:`CsvFormatError`.
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -42,7 +45,7 @@ def csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
             for fields in reader:
                 start = end_of_previous + 1
                 end_of_previous = reader.line_num
-                if fields and any(f.strip() for f in fields):
+                if fields and (not skip_empty_fields or any(f.strip() for f in fields)):
                     yield start, fields
     except UnicodeDecodeError as exc:
         raise CsvFormatError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
@@ -90,3 +93,26 @@ def outside_reason(field: str, value: float, limit: int, what: str) -> str | Non
         return None
     shown = int(value) if float(value).is_integer() else value
     return f"{field}={shown} is outside {what} (allowed 0 <= {field} < {limit})"
+
+
+def data_record_line(path: Path, index: int) -> int | None:
+    """The physical line where data record ``index`` (0-based, after the header) of ``path``
+    starts, counting records as pyarrow's CSV reader does (empty lines skipped); ``None`` when
+    the file has fewer records or cannot be read. For error messages of pyarrow-read files."""
+    try:
+        for position, (line, _) in enumerate(csv_records(path, skip_empty_fields=False)):
+            if position == index + 1:
+                return line
+    except CsvFormatError:
+        return None
+    return None
+
+
+def joined_problem(problems: list[tuple[str, str, Any]]) -> tuple[str, str, Any] | None:
+    """The ``(field, reason, value)`` problems of one CSV row as one: ``None`` for none, the
+    problem itself for one, else fields ``"x, label"`` and ``"field: reason"`` parts joined
+    with ``"; "``, so one reject per row still shows everything wrong with it."""
+    if len(problems) <= 1:
+        return problems[0] if problems else None
+    return (", ".join(p[0] for p in problems), "; ".join(f"{p[0]}: {p[1]}" for p in problems),
+            ", ".join(str(p[2]) for p in problems))

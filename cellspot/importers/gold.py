@@ -17,6 +17,7 @@ from typing import Any
 from cellspot.importers.csvtools import (
     CsvFormatError,
     csv_records,
+    joined_problem,
     normalise_header,
     outside_reason,
     parse_label,
@@ -91,15 +92,17 @@ def _gold_row(row: dict[str, str], line: int) -> tuple[GoldRow | None, tuple[str
     image = row["image"].strip()
     if not image:
         return None, ("image", "missing value", None)
-    coords = []
+    coords, problems = [], []
     for name in ("x", "y"):
         value, reason = parse_number(row[name], name)
         if reason is not None:
-            return None, (name, reason, row[name])
+            problems.append((name, reason, row[name]))
         coords.append(value)
     label, reason = parse_label(row["label"], GOLD_LABELS)
     if reason is not None:
-        return None, ("label", reason, row["label"])
+        problems.append(("label", reason, row["label"]))
+    if problems:
+        return None, joined_problem(problems)
     return GoldRow(image, coords[0], coords[1], label, line), None
 
 

@@ -47,6 +47,8 @@ TIDY_BAD = [
     ("x missing", f"{TIDY_HEADER}\na.png,s1,,5,alive\n", (2, "x", "missing value")),
     ("unknown label", f"{TIDY_HEADER}\na.png,s1,3,5,zombie\n", (2, "label", "unknown label 'zombie'")),
     ("label missing", f"{TIDY_HEADER}\na.png,s1,3,5,\n", (2, "label", "missing value")),
+    ("every bad field of a row", f"{TIDY_HEADER}\na.png,s1,abc,-2,zombie\n",
+     (2, "x, y, label", "x: x='abc' is not a number; y: y=-2 is negative (allowed y >= 0); label: unknown label")),
     ("image missing", f"{TIDY_HEADER}\n,s1,3,5,alive\n", (2, "image", "missing value")),
     ("annotator missing", f"{TIDY_HEADER}\na.png,,3,5,alive\n", (2, "annotator", "missing value")),
     ("bad timestamp", f"{TIDY_HEADER},timestamp\na.png,s1,3,5,alive,yesterday\n", (2, "timestamp", "ISO 8601")),
@@ -244,6 +246,22 @@ def test_reimport_changes_nothing(session, settings, tmp_path: Path) -> None:
     assert (second.imported, second.already_present, second.runs_already_present) == (0, 2, 2)
     assert (second.images_created, second.annotators_created) == (0, 0)
     assert _counts(session) == after_first
+
+
+def test_exact_duplicate_clicks_are_kept_and_reported(session, settings, tmp_path: Path, caplog) -> None:
+    project = get_or_create_project(session, "p")
+    # line 4 repeats line 2 (same run, x, y, label); line 5 is the same point with another label and
+    # line 6 the same click by another annotator: neither is a duplicate
+    path = _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\na.png,s1,9,9,dead\na.png,s1,3,5,alive\n"
+                            "a.png,s1,3,5,dead\na.png,s2,3,5,alive\n")
+    with caplog.at_level("WARNING", logger="cellspot.importers.clicks"):
+        report = import_clicks(session, project, path, settings=settings)
+    assert report.imported == 5 and report.duplicates == [(4, 2)]
+    assert "1 click(s) repeat an earlier click of the same run exactly" in report.summary()
+    assert "line 4 (repeats line 2)" in caplog.text
+    clean = import_clicks(session, get_or_create_project(session, "q"),
+                          _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\n", "clean.csv"), settings=settings)
+    assert clean.duplicates == [] and "warning" not in clean.summary()
 
 
 def test_tidy_sizes_for_new_and_stored_images(session, settings, tmp_path: Path) -> None:

@@ -45,6 +45,8 @@ BAD = [
     ("NaN", "a.png,nan,1,dead", (2, "x", "NaN")),
     ("not a number", "a.png,1,one,dead", (2, "y", "not a number")),
     ("missing image", ",1,1,dead", (2, "image", "missing value")),
+    ("every bad field of a row", "a.png,one,,zombie",
+     (2, "x, y, label", "x: x='one' is not a number; y: missing value; label: unknown label 'zombie'")),
     ("too many fields", "a.png,1,1,dead,extra", (2, "row", "5 fields")),
     ("conflicting labels in the file", "a.png,5,5,dead\na.png,5,5,alive", (3, "label", "same position in line 3")),
 ]
