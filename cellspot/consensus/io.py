@@ -46,8 +46,12 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
     except ConsensusInputError as exc:
         if exc.row is None:
             raise ConsensusInputError(f"{path}: {exc}") from exc
-        # the row index means nothing to the reader of the file: the line replaces it
-        raise ConsensusInputError(f"{path}, line {exc.row + 2}: {_ROW_PREFIX.sub('', str(exc))}", row=exc.row) from exc
+        # the row index means nothing to the reader of the file: the line replaces it (found again
+        # in the file, since the reader skipped blank lines and quoted fields may span lines)
+        from cellspot.importers.csvtools import data_record_line  # the error path only: keeps the CLI light
+
+        line = data_record_line(path, exc.row) or exc.row + 2
+        raise ConsensusInputError(f"{path}, line {line}: {_ROW_PREFIX.sub('', str(exc))}", row=exc.row) from exc
 
 
 def write_cells_csv(cells: pd.DataFrame, path: Path) -> None:

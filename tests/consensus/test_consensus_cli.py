@@ -78,6 +78,9 @@ BAD_FILES = {
     "missing-column": ("image,x,y,label\na,1,2,alive\n", ["annotator"]),
     "nan-coordinate": (HEADER + "\na,s1,1,2,alive\na,s1,3,,alive\n", ["in.csv, line 3: field y"]),
     "text-coordinate": (HEADER + "\na,s1,abc,2,alive\n", ["in.csv, line 2: field x: 'abc'"]),
+    # blank lines (which the reader skips) and a quoted field over two lines still give the file's line
+    "after-blank-lines": (HEADER + "\n\na,s1,1,2,alive\n\n\na,s1,3,,alive\n", ["in.csv, line 6: field y"]),
+    "after-multi-line-field": (HEADER + '\n"a\nb",s1,1,2,alive\na,s1,abc,2,alive\n', ["in.csv, line 4: field x"]),
     "empty-file": ("", ["in.csv: not a readable CSV file", "No columns"]),
     "unknown-label": (HEADER + "\na,s1,1,2,alive\na,s2,3,4,zombie\n", ["zombie", "alive, dead, not_sure"]),
 }
