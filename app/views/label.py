@@ -97,12 +97,18 @@ def progress_line(annotator_id: int, submitted: int) -> str:
 def submit(client_key: str) -> None:
     """Store the draft as one run (idempotent on the task's client key), then move on.
 
-    A click on the Submit button of an image that is no longer shown does nothing.
+    A click on the Submit button of an image that is no longer shown does nothing. An image
+    without marks asks first (an image may have no cells, but an empty submit is more often a
+    slip): the first press only arms the confirmation, the second stores the empty run.
     """
     task = state.get("task")
     if not task or task["client_key"] != client_key:
         return
     marks = [(float(x), float(y), str(label)) for x, y, label in state["marks"]]
+    if not marks and state.get("confirm_empty") != client_key:
+        state["confirm_empty"] = client_key
+        return
+    state.pop("confirm_empty", None)
     try:
         with resources.session() as session:
             annotator = session.get(Annotator, student.annotator_id)
@@ -227,8 +233,12 @@ with tools_col:
         ):
             col.button(arrow, key=f"pan-{name}", on_click=move, args=(dx, dy), shortcut=name,
                        help=f"Move the view ({name.lower()} arrow key)", width="stretch")
-    st.button("Submit", key=f"submit-{task['client_key']}", type="primary", shortcut="Ctrl+Enter",
-              on_click=submit, args=(task["client_key"],), width="stretch",
+    confirming = not state["marks"] and state.get("confirm_empty") == task["client_key"]
+    if confirming:
+        st.warning("No marks on this image. If it has no cells, press **Submit with no cells** "
+                   "(Ctrl+Enter); otherwise click the cells first.", icon=":material/help:")
+    st.button("Submit with no cells" if confirming else "Submit", key=f"submit-{task['client_key']}",
+              type="primary", shortcut="Ctrl+Enter", on_click=submit, args=(task["client_key"],), width="stretch",
               help="Save the marks of this image and get the next one (Ctrl+Enter)")
 
 with picture_col:

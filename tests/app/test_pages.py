@@ -203,6 +203,26 @@ def test_submit_stores_one_run_and_a_repeat_stores_nothing(app, app_engine):
     assert count(app_engine, Click, Click.task_run_id == runs[0].id) == 2
 
 
+def test_an_empty_submit_asks_first_and_stores_on_the_second_press(app, app_engine):
+    start_labelling(app, nickname="dot")
+    task = dict(app.session_state["task"])
+    key = f"submit-{task['client_key']}"
+    app.button(key=key).click().run()
+    no_exception(app)
+    assert count(app_engine, TaskRun, TaskRun.client_key == task["client_key"]) == 0
+    assert app.session_state["task"]["client_key"] == task["client_key"]  # still the same image
+    assert any("No marks on this image" in w.value for w in app.warning)
+    assert app.button(key=key).label == "Submit with no cells"
+    # a mark placed now is a normal submit again
+    click_image(app, 10, 20, 384, stamp=1)
+    assert app.button(key=key).label == "Submit" and not app.warning
+    app.button(key="undo").click().run()
+    app.button(key=key).click().run()
+    assert count(app_engine, TaskRun, TaskRun.client_key == task["client_key"]) == 1
+    assert "Saved: 0 mark(s)" in texts(app.toast)
+    assert app.session_state["task"]["client_key"] != task["client_key"]
+
+
 def test_a_gold_image_shows_feedback_after_submit(app, app_engine):
     start_labelling(app)
     with Session(app_engine) as session:
@@ -232,6 +252,7 @@ def test_when_nothing_is_left_the_student_is_told(app, app_engine):
         task = app.session_state["task"]
         if task is None:
             break
+        app.button(key=f"submit-{task['client_key']}").click().run()  # no marks: asks first
         app.button(key=f"submit-{task['client_key']}").click().run()
         no_exception(app)
     assert "All done!" in titles(app)
