@@ -70,8 +70,7 @@ picture_col, side_col = st.columns([3, 2], gap="medium")
 with side_col:
     kind = "expert cells (they override consensus)" if review.expert else (
         f"consensus cells of snapshot {review.snapshot_id}" if review.snapshot_id else "no consensus yet")
-    st.markdown(f"**{len(cells)}** {kind} · **{review.clicks['task_run_id'].nunique()}** runs · "
-                f"**{len(review.clicks)}** raw clicks")
+    st.markdown(f"**{len(cells)}** {kind} · **{review.n_runs}** runs · **{len(review.clicks)}** raw clicks")
     show_clicks = st.toggle("Show raw clicks", key="review_clicks")
     st.caption("Shape = label (○ alive, □ with X dead); colour = probability of being alive "
                "(orange dead → grey unsure → green alive); size = confidence; dots = raw clicks. "

@@ -70,6 +70,8 @@ class Review:
     ``"adjudication"``), else the latest snapshot's consensus cells (``cell`` = consensus cell
     id, ``source`` ``"consensus"``). ``clicks``: every raw click on the image
     (:data:`REVIEW_CLICK_COLUMNS`). ``expert``: True when ``cells`` are expert cells.
+    ``n_runs``: the image's task runs up to now, those without a click included (as in the
+    project's per-image results).
     """
 
     image: Image
@@ -77,6 +79,7 @@ class Review:
     clicks: pd.DataFrame
     snapshot_id: int | None
     expert: bool
+    n_runs: int = 0
 
 
 def _get_image(session: Session, image_id: int) -> Image:
@@ -92,13 +95,14 @@ def image_review(session: Session, image_id: int) -> Review:
     clicks = _image_clicks(session, image.id)
     project = session.get(Project, image.project_id)
     snapshot = queries.latest_snapshot(session, project)
+    n_runs = session.scalar(select(func.count()).select_from(TaskRun).where(TaskRun.image_id == image.id)) or 0
     expert = _expert_cells(session, image.id)
     if expert:
-        cells = _expert_frame(expert, clicks)
+        cells = _expert_frame(expert, clicks, n_runs)
     else:
         cells = _consensus_frame(session, snapshot, image.id)
     return Review(image=image, cells=cells, clicks=clicks,
-                  snapshot_id=snapshot.id if snapshot else None, expert=bool(expert))
+                  snapshot_id=snapshot.id if snapshot else None, expert=bool(expert), n_runs=int(n_runs))
 
 
 def _image_clicks(session: Session, image_id: int) -> pd.DataFrame:
@@ -115,7 +119,9 @@ def _expert_cells(session: Session, image_id: int) -> list[GoldCell]:
     return list(session.scalars(select(GoldCell).where(GoldCell.image_id == image_id).order_by(GoldCell.id)))
 
 
-def _expert_frame(cells: list[GoldCell], clicks: pd.DataFrame) -> pd.DataFrame:
+def _expert_frame(cells: list[GoldCell], clicks: pd.DataFrame, n_runs: int) -> pd.DataFrame:
+    """Expert cells as review cells; ``support`` counts the runs with a click near each, out of
+    ``n_runs`` (every run of the image: one that marked nothing there did not support it)."""
     xy = np.array([[c.x, c.y] for c in cells], float).reshape(-1, 2)
     support = np.zeros(len(cells), dtype=np.int64)
     if len(clicks):
@@ -123,7 +129,6 @@ def _expert_frame(cells: list[GoldCell], clicks: pd.DataFrame) -> pd.DataFrame:
         close = ((xy[:, None, :] - cxy[None, :, :]) ** 2).sum(-1) <= SUPPORT_RADIUS**2  # (n_cells, n_clicks)
         runs = clicks["task_run_id"].to_numpy()
         support = np.array([len(np.unique(runs[row])) for row in close], dtype=np.int64)
-    n_runs = int(clicks["task_run_id"].nunique()) if len(clicks) else 0
     return pd.DataFrame({
         "cell": [c.id for c in cells], "x": xy[:, 0], "y": xy[:, 1], "label": [c.label for c in cells],
         "p_alive": [1.0 if c.label == "alive" else 0.0 for c in cells], "confidence": 1.0,

@@ -115,6 +115,17 @@ def test_image_review_shows_consensus_then_expert_cells(session, project, images
     review = rv.image_review(session, images["a"].id)
     assert review.expert and set(review.cells["source"]) == {"adjudication"}
     assert review.cells["support"].tolist() == [3, 3]
+    assert review.n_runs == 3 and set(review.cells["n_runs"]) == {3}
+
+
+def test_image_review_counts_runs_that_marked_nothing(session, project, images, busy) -> None:
+    # image b: one run with a click and one that marked nothing, as the per-image results count them
+    review = rv.image_review(session, images["b"].id)
+    assert review.n_runs == 2 and review.clicks["task_run_id"].nunique() == 1
+    assert rv.image_review(session, images["c"].id).n_runs == 0
+    rv.adjudicate(session, images["b"].id, "add", x=21, y=19, label="alive")
+    cell = rv.image_review(session, images["b"].id).cells.iloc[0]
+    assert (cell["support"], cell["n_runs"]) == (1, 2)  # the empty run did not support it
 
 
 ADJUDICATIONS = [
