@@ -47,6 +47,7 @@ from cellspot.ml.common import (
     TrainingError,
     configure_threads,
     ema_model,
+    end_message,
     load_weights,
     model_version,
     pick_device,
@@ -527,7 +528,7 @@ class _Run:
     def finish(self) -> tuple[float, dict[str, Any]]:
         """Temperature on val, metrics on test (or val); returns (temperature, metrics)."""
         val, test = self.sets["val"], self.sets["test"]
-        self.emit("calibrate", self.cfg.epochs, self.steps, message="temperature scaling")
+        self.emit("calibrate", len(self.state.curves), self.steps, message="temperature scaling")
         val_logits = predict_logits(self.net, val.crops, self.device, tta=self.cfg.tta)
         temperature = fit_temperature(val_logits, val.p_alive, val.weight)
         metrics: dict[str, Any] = {
@@ -609,8 +610,10 @@ def fit_classifier(
                     "data": {"snapshot_id": data.snapshot_id, "source": data.source}}
     save_checkpoint(out_dir, run.net.state_dict(), saved_config, metrics, run.state.curves)
     resume_path.unlink(missing_ok=True)
-    run.emit("done", cfg.epochs, run.steps, metrics={k: v for k, v in metrics.items()
-                                                     if isinstance(v, float) and math.isfinite(v)})
+    epochs_run = len(run.state.curves)
+    run.emit("done", epochs_run, run.steps,
+             metrics={k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
+             message=end_message(epochs_run, cfg.epochs, run.state.best_epoch, epochs_run < cfg.epochs))
     return FitResult(model_dir=out_dir, metrics=metrics, curves=run.state.curves, epochs_run=len(run.state.curves),
                      best_epoch=run.state.best_epoch, seconds=seconds)
 

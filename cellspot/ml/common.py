@@ -62,7 +62,9 @@ class Progress:
 
     @property
     def fraction(self) -> float:
-        """Overall completion in [0, 1] (epochs and steps)."""
+        """Overall completion in [0, 1] (epochs and steps); 1 once the run is done (also after an early stop)."""
+        if self.phase == "done":
+            return 1.0
         if self.epochs <= 0:
             return 0.0
         inner = self.step / self.steps if self.steps else 0.0
@@ -77,6 +79,14 @@ class Progress:
 
 ProgressFn = Callable[[Progress], None]
 StopFn = Callable[[], bool]
+
+
+def end_message(epochs_run: int, epochs: int, kept_epoch: int, stopped_early: bool) -> str:
+    """How a run ended, for its last progress event: ``"stopped early after epoch 23 of 40, kept
+    epoch 15"`` (or ``"ran 40 of 40 epochs, kept epoch 38"``; a time budget can end it before ``epochs``)."""
+    how = f"stopped early after epoch {epochs_run} of {epochs}" if stopped_early else \
+        f"ran {epochs_run} of {epochs} epochs"
+    return f"{how}, kept epoch {kept_epoch}"
 
 
 class EtaClock:

@@ -38,7 +38,7 @@ from cellspot.crops import reflect_indices
 from cellspot.evaluation import match_cells
 from cellspot.ml.common import (
     RESUME_FILE, EtaClock, FitResult, Progress, ProgressFn, StopFn, TrainingCancelled, TrainingError,
-    configure_threads, ema_model, load_weights, model_version, pick_device, restore_model, save_checkpoint,
+    configure_threads, ema_model, end_message, load_weights, model_version, pick_device, restore_model, save_checkpoint,
     save_torch, seed_everything,
 )
 from cellspot.ml.data import AnnotatedImage, TrainingData, all_masked
@@ -692,7 +692,8 @@ class _Run:
         save_checkpoint(self.out_dir, self.net.state_dict(), config, final, self.curves)
         (self.out_dir / RESUME_FILE).unlink(missing_ok=True)
         self.emit("done", metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                  message=f"{split} {primary_metric(metrics)} {metrics[primary_metric(metrics)]:.4f}")
+                  message=f"{split} {primary_metric(metrics)} {metrics[primary_metric(metrics)]:.4f}; "
+                          + end_message(self.epoch, self.config.epochs, final["kept_epoch"], self.stopped_early))
         return FitResult(model_dir=self.out_dir, metrics=final, curves=self.curves, epochs_run=self.epoch,
                          best_epoch=self.best_epoch, seconds=self.elapsed())
 

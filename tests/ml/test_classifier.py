@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cellspot.evaluation import classification_metrics
+from cellspot.ml import classifier as classifier_module
 from cellspot.ml.classifier import (
     ClassifierConfig,
     CropClassifier,
@@ -204,6 +205,19 @@ def test_fit_writes_a_checkpoint_and_reports_progress(tmp_path):
     test = crops_from_data(_data().split("test"), 16)
     again = classification_metrics(test.label, load_classifier(tmp_path / "m").predict_crops(test.crops))
     assert again["brier"] == pytest.approx(metrics["brier"], abs=1e-6) and again["confusion"] == metrics["confusion"]
+
+
+def test_an_early_stop_ends_progress_at_the_last_epoch_run(tmp_path, monkeypatch):
+    # only epoch 1 counts as an improvement: with patience 1 the run stops after epoch 2 of 6
+    monkeypatch.setattr(classifier_module, "_improved", lambda cfg, row, state: row["epoch"] == 1)
+    events: list[Progress] = []
+    result = fit_classifier(_data(), config_for("cpu-fast", **{**TINY, "epochs": 6, "patience": 1}), tmp_path / "m",
+                            progress=events.append)
+    assert result.epochs_run == 2 and result.best_epoch == 1
+    done = events[-1]
+    assert done.phase == "done" and (done.epoch, done.epochs) == (2, 6) and done.fraction == 1.0
+    assert done.message == "stopped early after epoch 2 of 6, kept epoch 1"
+    assert [e.epoch for e in events if e.phase == "calibrate"] == [2]
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])

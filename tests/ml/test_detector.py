@@ -213,9 +213,14 @@ def test_keep_best_stops_early_on_a_flat_val_metric_and_keep_last_runs_the_sched
         tmp_path: Path, keep: str, epochs_run: int, kept_epoch: int, stopped_early: bool) -> None:
     # a learning rate too small to change anything: the val metric stays where epoch 1 left it
     config = config_for(**{**TINY, "epochs": 4, "patience": 1, "lr": 1e-12, "keep": keep})
-    result = fit_detector(_data(with_mask=True), config, tmp_path / keep)
+    events: list[Progress] = []
+    result = fit_detector(_data(with_mask=True), config, tmp_path / keep, progress=events.append)
     assert result.metrics["epochs_run"] == epochs_run and result.metrics["kept_epoch"] == kept_epoch
     assert result.metrics["best_epoch"] == 1 and result.metrics["stopped_early"] is stopped_early
+    done = events[-1]  # the last progress event says how the run ended, and the bar is full
+    assert done.phase == "done" and done.epoch == epochs_run and done.fraction == 1.0
+    how = f"stopped early after epoch {epochs_run} of 4" if stopped_early else "ran 4 of 4 epochs"
+    assert done.message.endswith(f"{how}, kept epoch {kept_epoch}")
 
 
 def test_cancel_saves_resume_and_resume_continues(tmp_path: Path) -> None:
