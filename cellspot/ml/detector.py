@@ -94,6 +94,10 @@ class DetectorConfig:
     stops early after ``patience`` epochs without a better one; "last" keeps the weights at the
     end of the learning-rate schedule and never stops early (for a val split too small to tell
     epochs apart: its best epoch is then a noisy pick, often from the early high-rate phase).
+    ``best_from``: with "best", only epochs that end after this fraction of the run (steps or
+    time budget, whichever is further) can be kept or count towards ``patience``; earlier ones
+    are validated and plotted only (0 = every epoch). On a small val split an epoch of the
+    high learning-rate phase can score best by chance and end the run early.
     """
 
     preset: str = "cpu-fast"
@@ -117,6 +121,7 @@ class DetectorConfig:
     ema: float = 0.99
     patience: int = 20
     keep: str = "best"
+    best_from: float = 0.5
     max_minutes: float | None = 9.0
     seed: int = 0
     threads: int | None = None
@@ -185,6 +190,7 @@ def _validate(c: DetectorConfig) -> None:
          f"invert and gray are probabilities in [0, 1], got {c.invert} and {c.gray}"),
         (c.polarity in POLARITIES, f"polarity must be one of {POLARITIES}, got {c.polarity!r}"),
         (c.keep in KEEP_KINDS, f"keep must be one of {KEEP_KINDS}, got {c.keep!r}"),
+        (0.0 <= c.best_from < 1.0, f"best_from must be in [0, 1) (a fraction of the run), got {c.best_from}"),
         (3 <= c.encoder_depth <= 5, f"encoder_depth must be 3..5, got {c.encoder_depth}"),
         (c.arch not in ("unet", "unetplusplus") or len(c.decoder_channels) == c.encoder_depth,
          f"decoder_channels needs encoder_depth={c.encoder_depth} entries, got {c.decoder_channels}"),
@@ -654,14 +660,17 @@ class _Run:
         self.curves.append(row)
         key = primary_metric(metrics)
         score = metrics[key]
-        if score > self.best_score:
+        # the end of the run always counts (fraction 1), so a finished run has a kept epoch
+        eligible = self.fraction() >= self.config.best_from - 1e-9
+        if eligible and score > self.best_score:
             self.best_score, self.best_epoch, self.bad = score, self.epoch, 0
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
-        else:
+        elif eligible:
             self.bad += 1
+        best = (f"best {self.best_score:.4f} @ {self.best_epoch}" if self.best_epoch
+                else f"epochs count from {100 * self.config.best_from:.0f} % of the run")
         self.emit("epoch_end", train_loss=row["train_loss"], val_loss=val_loss,
-                  metrics={k: float(v) for k, v in metrics.items()},
-                  message=f"val {key} {score:.4f} (best {self.best_score:.4f} @ {self.best_epoch})")
+                  metrics={k: float(v) for k, v in metrics.items()}, message=f"val {key} {score:.4f} ({best})")
         log.info("epoch %d: train %.4f val %.4f %s %.4f", self.epoch, row["train_loss"] or float("nan"),
                  val_loss, key, score)
         over_time = bool(self.config.max_minutes) and self.elapsed() > 60.0 * self.config.max_minutes
@@ -686,7 +695,7 @@ class _Run:
             metrics = evaluate(test, test_probs, params, self.radius)
         final = {**metrics, **{f"val_{k}": v for k, v in val_metrics.items()}, "split": split,
                  "n_eval_images": len(test) if test else len(self.val_images), "best_epoch": self.best_epoch,
-                 "kept_epoch": self.best_epoch if self.config.keep == "best" else self.epoch,
+                 "kept_epoch": self.best_epoch if self.config.keep == "best" and self.best_state else self.epoch,
                  "epochs_run": self.epoch, "stopped_early": self.stopped_early, "seconds": self.elapsed()}
         config = self.checkpoint_config(params, data)
         save_checkpoint(self.out_dir, self.net.state_dict(), config, final, self.curves)

@@ -74,6 +74,7 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(ema=1.0), "ema must be in"),
         (dict(polarity="flip"), "polarity must be one of"),
         (dict(keep="first"), "keep must be one of"),
+        (dict(best_from=1.0), r"best_from must be in \[0, 1\)"),
         (dict(min_solidity=1.2), "min_solidity must be in"),
         (dict(max_eccentricity=0.0), "max_eccentricity must be in"),
         (dict(min_instance_prob=1.5), "min_instance_prob must be in"),
@@ -208,15 +209,20 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     assert det.labels.shape == (48, 48) and det.xy.shape[1] == 2 and len(det.scores) == len(det.xy)
 
 
-@pytest.mark.parametrize("keep, epochs_run, kept_epoch, stopped_early", [("best", 2, 1, True), ("last", 4, 4, False)])
+@pytest.mark.parametrize("keep, best_from, epochs_run, kept_epoch, stopped_early", [
+    ("best", 0.0, 2, 1, True),  # every epoch counts: epoch 1 is kept, epoch 2 is the patience
+    ("best", 0.5, 3, 2, True),  # epoch 1 (25 % of the run) is only validated: epoch 2 is the first that counts
+    ("last", 0.0, 4, 4, False),
+])
 def test_keep_best_stops_early_on_a_flat_val_metric_and_keep_last_runs_the_schedule(
-        tmp_path: Path, keep: str, epochs_run: int, kept_epoch: int, stopped_early: bool) -> None:
+        tmp_path: Path, keep: str, best_from: float, epochs_run: int, kept_epoch: int, stopped_early: bool) -> None:
     # a learning rate too small to change anything: the val metric stays where epoch 1 left it
-    config = config_for(**{**TINY, "epochs": 4, "patience": 1, "lr": 1e-12, "keep": keep})
+    config = config_for(**{**TINY, "epochs": 4, "patience": 1, "lr": 1e-12, "keep": keep, "best_from": best_from})
     events: list[Progress] = []
     result = fit_detector(_data(with_mask=True), config, tmp_path / keep, progress=events.append)
     assert result.metrics["epochs_run"] == epochs_run and result.metrics["kept_epoch"] == kept_epoch
-    assert result.metrics["best_epoch"] == 1 and result.metrics["stopped_early"] is stopped_early
+    assert result.metrics["stopped_early"] is stopped_early
+    assert result.metrics["best_epoch"] == (kept_epoch if keep == "best" else 1)
     done = events[-1]  # the last progress event says how the run ended, and the bar is full
     assert done.phase == "done" and done.epoch == epochs_run and done.fraction == 1.0
     how = f"stopped early after epoch {epochs_run} of 4" if stopped_early else "ran 4 of 4 epochs"
