@@ -252,7 +252,7 @@ with clicks_col:
                     "tick 'Import the valid rows when some are invalid' to import the rest"))
             else:
                 researcher.refresh()
-                st.success(_problems([report.summary()], tmp)[0])
+                (st.warning if report.duplicates else st.success)(_problems([report.summary()], tmp)[0])
                 if report.rejects_path:
                     st.warning(f"{report.rejected} rejected rows, with reasons, in {report.rejects_path}")
 with gold_col:

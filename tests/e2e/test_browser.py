@@ -255,6 +255,23 @@ def test_reload_mid_image_and_after_submit_keeps_the_student_and_stores_one_run(
     assert len(runs) == 1 and runs[0]["image"] == name and len(runs[0]["clicks"]) == 1, runs
 
 
+def test_an_empty_submit_asks_first_and_the_shortcut_confirms(
+    app_server: AppServer, seeded_store: SeededStore, new_page
+) -> None:
+    page = new_page()
+    join_as(page, app_server.url, seeded_store.class_code, "dee")
+    name, _ = shown_image(page)
+    click_button(page, "Submit", exact=True)
+    expect(page.get_by_text(re.compile("No marks on this image"))).to_be_visible()
+    expect(page.get_by_role("button", name="Submit with no cells")).to_be_visible()
+    assert stored_runs(seeded_store, "dee") == [], "the first press on an empty image stores nothing"
+    page.keyboard.press("Control+Enter")  # the Submit shortcut confirms
+    wait_idle(page)
+    expect(page.get_by_text(re.compile(rf"Saved: 0 mark\(s\) on {re.escape(name)}"))).to_be_visible()
+    runs = stored_runs(seeded_store, "dee")
+    assert len(runs) == 1 and runs[0]["image"] == name and runs[0]["clicks"] == [], runs
+
+
 def test_researcher_sees_the_runs_and_exports(
     app_server: AppServer, seeded_store: SeededStore, new_page, artifacts_dir: Path,
     journey: Journey, tmp_path: Path,
