@@ -256,14 +256,18 @@ def test_reload_mid_image_and_after_submit_keeps_the_student_and_stores_one_run(
 
 
 def test_an_empty_submit_asks_first_and_the_shortcut_confirms(
-    app_server: AppServer, seeded_store: SeededStore, new_page
+    app_server: AppServer, seeded_store: SeededStore, new_page, artifacts_dir: Path
 ) -> None:
     page = new_page()
     join_as(page, app_server.url, seeded_store.class_code, "dee")
     name, _ = shown_image(page)
-    click_button(page, "Submit", exact=True)
+    submit = page.get_by_role("button", name=re.compile("Submit"))  # its name carries the shortcut too
+    expect(submit).not_to_have_text(re.compile("no cells"))
+    submit.click()
+    wait_idle(page)
     expect(page.get_by_text(re.compile("No marks on this image"))).to_be_visible()
-    expect(page.get_by_role("button", name="Submit with no cells")).to_be_visible()
+    expect(page.get_by_role("button", name=re.compile("Submit with no cells"))).to_be_visible()
+    screenshot(page, artifacts_dir / "e2e-empty-submit.png")
     assert stored_runs(seeded_store, "dee") == [], "the first press on an empty image stores nothing"
     page.keyboard.press("Control+Enter")  # the Submit shortcut confirms
     wait_idle(page)
