@@ -25,10 +25,11 @@ Rules (documented here because they decide what is stored):
   their columns), and ``cellspot import images`` attaches a file at least that large.
 * **Validation.** ``0 <= x < width``, ``0 <= y < height``, finite numbers, labels alive /
   dead / not_sure (``not_sure_alive`` and ``not sure`` mean not_sure). One reject per click
-  (one per row that cannot be split into clicks), naming every bad field of its row.
-  A click that repeats an earlier one of its run exactly is imported and reported. By default any reject fails the whole file
-  and nothing is written; with ``skip_invalid`` the valid clicks are imported, the rejects go
-  to a CSV under ``settings.rejects_dir``, and a run whose clicks were all rejected is dropped.
+  (one per row that cannot be split into clicks), naming every bad field of its row. A
+  click that repeats an earlier one of its run exactly is imported and reported. By default
+  any reject fails the whole file and nothing is written; with ``skip_invalid`` the valid
+  clicks are imported, the rejects go to a CSV under ``settings.rejects_dir``, and a run
+  whose clicks were all rejected is dropped.
 * **Idempotence.** ``client_key = "import:p<project id>:<sha256 of file>:<run id>"``:
   re-importing the same file into the same project finds every run present and writes
   nothing; importing it into another project imports it there too.
@@ -138,7 +139,7 @@ class ClickImportReport:
     annotators_created: int
     rejects_path: Path | None = None
     duplicates: list[tuple[int, int]] = field(default_factory=list)
-    """(line, line of the click it repeats) of every valid click that repeats an earlier one of
+    """(line, line of the click it repeats) of every imported click that repeats an earlier one of
     its run exactly (same x, y and label); they are imported as they are, this only reports them."""
 
     def summary(self) -> str:
@@ -494,7 +495,7 @@ def import_clicks(
         already_present=plan.clicks_present, runs_imported=len(plan.runs),
         runs_already_present=len(present), runs_dropped=plan.runs_dropped,
         images_created=created[0], annotators_created=created[1], rejects_path=rejects_path,
-        duplicates=duplicate_clicks(parsed.clicks),
+        duplicates=duplicate_clicks(plan.clicks),
     )
     (log.warning if report.duplicates else log.info)("%s", report.summary())
     if rejects_path is not None:

@@ -604,17 +604,17 @@ def fit_classifier(
     run.run()
     temperature, metrics = run.finish()
     seconds = run.state.seconds + run.clock.elapsed()
-    metrics.update({"best_epoch": run.state.best_epoch, "epochs_run": len(run.state.curves), "seconds": seconds})
+    epochs_run = len(run.state.curves)
+    metrics.update({"best_epoch": run.state.best_epoch, "epochs_run": epochs_run, "seconds": seconds})
     saved_config = {**asdict(cfg), "kind": KIND, "temperature": temperature, "output": "alive logit",
                     "positive_class": "dead", "versions": _versions(), "device": str(dev), "threads": threads,
                     "data": {"snapshot_id": data.snapshot_id, "source": data.source}}
     save_checkpoint(out_dir, run.net.state_dict(), saved_config, metrics, run.state.curves)
     resume_path.unlink(missing_ok=True)
-    epochs_run = len(run.state.curves)
     run.emit("done", epochs_run, run.steps,
              metrics={k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
              message=end_message(epochs_run, cfg.epochs, run.state.best_epoch, epochs_run < cfg.epochs))
-    return FitResult(model_dir=out_dir, metrics=metrics, curves=run.state.curves, epochs_run=len(run.state.curves),
+    return FitResult(model_dir=out_dir, metrics=metrics, curves=run.state.curves, epochs_run=epochs_run,
                      best_epoch=run.state.best_epoch, seconds=seconds)
 
 

@@ -38,8 +38,8 @@ from cellspot.crops import reflect_indices
 from cellspot.evaluation import match_cells
 from cellspot.ml.common import (
     RESUME_FILE, EtaClock, FitResult, Progress, ProgressFn, StopFn, TrainingCancelled, TrainingError,
-    configure_threads, ema_model, end_message, load_weights, model_version, pick_device, restore_model, save_checkpoint,
-    save_torch, seed_everything,
+    configure_threads, ema_model, end_message, load_weights, model_version, pick_device, restore_model,
+    save_checkpoint, save_torch, seed_everything,
 )
 from cellspot.ml.data import AnnotatedImage, TrainingData, all_masked
 from cellspot.ml.postprocess import (

@@ -79,7 +79,7 @@ class Review:
     clicks: pd.DataFrame
     snapshot_id: int | None
     expert: bool
-    n_runs: int = 0
+    n_runs: int
 
 
 def _get_image(session: Session, image_id: int) -> Image:
@@ -95,14 +95,14 @@ def image_review(session: Session, image_id: int) -> Review:
     clicks = _image_clicks(session, image.id)
     project = session.get(Project, image.project_id)
     snapshot = queries.latest_snapshot(session, project)
-    n_runs = session.scalar(select(func.count()).select_from(TaskRun).where(TaskRun.image_id == image.id)) or 0
+    n_runs = int(session.scalar(select(func.count()).select_from(TaskRun).where(TaskRun.image_id == image.id)) or 0)
     expert = _expert_cells(session, image.id)
     if expert:
         cells = _expert_frame(expert, clicks, n_runs)
     else:
         cells = _consensus_frame(session, snapshot, image.id)
     return Review(image=image, cells=cells, clicks=clicks,
-                  snapshot_id=snapshot.id if snapshot else None, expert=bool(expert), n_runs=int(n_runs))
+                  snapshot_id=snapshot.id if snapshot else None, expert=bool(expert), n_runs=n_runs)
 
 
 def _image_clicks(session: Session, image_id: int) -> pd.DataFrame:

@@ -264,6 +264,14 @@ def test_exact_duplicate_clicks_are_kept_and_reported(session, settings, tmp_pat
     assert clean.duplicates == [] and "warning" not in clean.summary()
 
 
+def test_a_reimport_writes_no_duplicates_and_reports_none(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    path = _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\na.png,s1,3,5,alive\n")
+    assert import_clicks(session, project, path, settings=settings).duplicates == [(3, 2)]
+    again = import_clicks(session, project, path, settings=settings)
+    assert again.imported == 0 and again.duplicates == []
+
+
 def test_tidy_sizes_for_new_and_stored_images(session, settings, tmp_path: Path) -> None:
     project = get_or_create_project(session, "p")
     for name in ("stored.png", "stored2.png"):
