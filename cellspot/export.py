@@ -346,13 +346,40 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(frame.to_json(orient="records", date_format="iso", double_precision=15))
 
 
-def _check_outdir(outdir: Path, overwrite: bool) -> None:
+def _protected_paths(settings: Settings) -> list[tuple[Path, str]]:
+    """Folders and files an export must never replace, with what they are: the store's home and
+    its folders, a SQLite database file, and the current folder."""
+    paths = [(settings.home, "the store's home (CELLSPOT_HOME)"), (settings.images_dir, "the store's images"),
+             (settings.models_dir, "the store's models"), (settings.rejects_dir, "the store's rejects"),
+             (settings.exports_dir, "the folder of all exports"), (Path.cwd(), "the current folder")]
+    for url in (settings.resolved_database_url, settings.resolved_queue_url):
+        if url.startswith("sqlite:///"):
+            paths.append((Path(url.removeprefix("sqlite:///")), "a database of the store"))
+    return [(p.resolve(), what) for p, what in paths]
+
+
+def _check_outdir(outdir: Path, overwrite: bool, settings: Settings) -> None:
+    """Refuse an ``outdir`` that is a file, that is or holds the store, its folders or the current
+    folder, or (with ``overwrite``) a non-empty folder that is not an earlier export."""
     if outdir.exists() and not outdir.is_dir():
         raise OutputExistsError(f"export target {outdir} exists and is not a folder")
-    if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"export folder {outdir} is not empty; choose another folder or pass overwrite=True (--overwrite)"
-        )
+    target = outdir.resolve()
+    for path, what in _protected_paths(settings):
+        if path == target or path.is_relative_to(target):
+            raise OutputExistsError(
+                f"export folder {outdir} {'is' if path == target else 'holds'} {what} ({path}); "
+                "choose a new folder, for example under the store's exports/ folder"
+            )
+    if outdir.is_dir() and any(outdir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(
+                f"export folder {outdir} is not empty; choose another folder or pass overwrite=True (--overwrite)"
+            )
+        if not (outdir / "manifest.json").is_file():
+            raise OutputExistsError(
+                f"export folder {outdir} is not empty and is not an earlier export (it has no manifest.json); "
+                "overwrite replaces only an earlier export: choose another folder"
+            )
 
 
 def _swap_into_place(tmp: Path, outdir: Path) -> None:
@@ -458,7 +485,7 @@ def export_dataset(
     if not (0.0 <= float(min_confidence) <= 1.0):
         raise ExportError(f"min_confidence must be within [0, 1]; got {min_confidence!r}")
     outdir = Path(outdir)
-    _check_outdir(outdir, overwrite)
+    _check_outdir(outdir, overwrite, settings)
     project = queries.as_project(session, project)
     snap = resolve_snapshot(session, project, snapshot)
 

@@ -274,6 +274,50 @@ def test_refuses_a_non_empty_folder_unless_overwrite(session, settings, store, t
     assert [p.name for p in out.parent.iterdir()] == ["ds"]  # no temporary or old folders left
 
 
+@pytest.mark.parametrize("where, what", [
+    ("home", "the store's home"), ("home/images", "the store's images"), ("home/exports", "the folder of all exports"),
+    (".", "the store's home"),
+])
+def test_never_replaces_the_store_even_with_overwrite(session, settings, store, tmp_path, where, what):
+    target = tmp_path / where
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputExistsError, match=f"(is|holds) {what}"):
+        export_dataset(session, store.project, target, settings, crop_size=8, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert queries.as_project(session, store.project.name).id == store.project.id  # the store still answers
+
+
+def test_never_replaces_a_sqlite_database_outside_the_home(tmp_path):
+    from cellspot.export import _check_outdir
+    from cellspot.settings import Settings
+
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "store.db").write_bytes(b"")
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'db' / 'store.db'}")
+    with pytest.raises(OutputExistsError, match="holds a database of the store"):
+        _check_outdir(tmp_path / "db", True, settings)
+    _check_outdir(tmp_path / "new", False, settings)  # a new folder beside them is fine
+
+
+def test_never_replaces_the_current_folder(session, settings, store, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work / "sub")
+    with pytest.raises(OutputExistsError, match="holds the current folder"):
+        export_dataset(session, store.project, work, settings, crop_size=8, overwrite=True)
+    assert (work / "sub").is_dir()
+
+
+def test_overwrite_replaces_only_an_earlier_export(session, settings, store, tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.txt").write_text("months of work")
+    with pytest.raises(OutputExistsError, match="not an earlier export .*no manifest.json"):
+        export_dataset(session, store.project, folder, settings, crop_size=8, overwrite=True)
+    assert (folder / "chapter1.txt").read_text() == "months of work"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing half-written
+
+
 def test_failed_export_leaves_nothing_behind(session, settings, store, tmp_path, monkeypatch):
     import cellspot.export as export_module
 

@@ -12,7 +12,9 @@ log = logging.getLogger(__name__)
 class _Main(click.Group):
     """The command group; a store that cannot be opened (bad ``CELLSPOT_DATABASE_URL``, a file
     that is no database, a server that does not answer, ``CELLSPOT_HOME`` not a folder) ends any
-    command with one clear line instead of a traceback (the traceback is logged with ``-vv``)."""
+    command with one clear line instead of a traceback (the traceback is logged with ``-vv``); so
+    does any other operating-system error (an output folder that cannot be created, a read-only
+    disk, no permission)."""
 
     def invoke(self, ctx: click.Context):
         from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
@@ -25,7 +27,7 @@ class _Main(click.Group):
             raise click.ClickException(
                 f"cannot use the database: {reason} ({type(exc).__name__}); check CELLSPOT_DATABASE_URL "
                 f"and CELLSPOT_HOME, and run `cellspot init` for a new store") from None
-        except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+        except OSError as exc:  # a folder that cannot be created, a read-only disk, no permission, ...
             log.debug("file system error", exc_info=True)
             raise click.ClickException(f"{exc} (check CELLSPOT_HOME and the paths given)") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -33,10 +34,21 @@ def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: 
         result = run_consensus(clicks, method or DEFAULT_METHOD, cell_radius=cell_radius, validated=True)
     except (ConsensusInputError, UnknownMethodError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    write_cells_csv(result.cells, out)
-    if annotators_out is not None:
-        annotators_out.parent.mkdir(parents=True, exist_ok=True)
-        result.annotators.to_csv(annotators_out, index=False, float_format="%.6g")
+    # both files or neither: the reliability table goes to a temporary file first, renamed once
+    # the cells are written
+    pending = None if annotators_out is None else annotators_out.with_name(annotators_out.name + ".tmp")
+    try:
+        if annotators_out is not None and pending is not None:
+            annotators_out.parent.mkdir(parents=True, exist_ok=True)
+            result.annotators.to_csv(pending, index=False, float_format="%.6g")
+        write_cells_csv(result.cells, out)
+        if annotators_out is not None and pending is not None:
+            pending.replace(annotators_out)
+    except OSError as exc:
+        if pending is not None:
+            with contextlib.suppress(OSError):  # it may never have been created
+                pending.unlink()
+        raise click.ClickException(f"cannot write the output, nothing was written: {exc}") from None
     n_alive = int((result.cells["label"] == "alive").sum())
     click.echo(
         f"{len(clicks):,} clicks on {clicks['image'].nunique():,} images -> {len(result.cells):,} cells "

@@ -170,3 +170,36 @@ def test_numeric_looking_image_names_stay_names(tmp_path: Path) -> None:
     result, out = invoke(tmp_path, CLICKS.replace("img1,", "007,").replace("img2,", "1e3,"))
     assert result.exit_code == 0, result.output
     assert sorted(set(read_out(out)["image"])) == ["007", "1e3"]
+
+
+def test_an_annotators_file_that_cannot_be_written_leaves_no_cells_file_either(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    result, out = invoke(tmp_path, CLICKS, "--annotators-out", str(tmp_path / "a_file" / "annotators.csv"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot write the output, nothing was written" in result.output
+    assert not out.exists()
+
+
+def test_a_cells_file_that_cannot_be_written_leaves_no_annotators_file(tmp_path: Path, monkeypatch) -> None:
+    import cellspot.consensus.io as io
+
+    def read_only(cells, path):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io, "write_cells_csv", read_only)
+    annotators = tmp_path / "annotators.csv"
+    result, out = invoke(tmp_path, CLICKS, "--annotators-out", str(annotators))
+    assert result.exit_code == 1 and "Read-only file system" in result.output
+    assert not annotators.exists() and list(tmp_path.glob("*.tmp")) == []
+
+
+def test_any_operating_system_error_is_one_line_without_traceback(tmp_path: Path, monkeypatch) -> None:
+    import cellspot.consensus.io as io
+
+    def unreadable(path):
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(io, "read_clicks_csv", unreadable)
+    result, _ = invoke(tmp_path, CLICKS)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Input/output error" in result.output and "check CELLSPOT_HOME and the paths given" in result.output
