@@ -192,6 +192,35 @@ def test_bad_inputs_change_nothing_already_stored(settings, images_dir: Path, tm
     assert _counts(settings)["clicks"] == before["clicks"] + 1
 
 
+@pytest.mark.parametrize("name, why", [
+    ("", "must be a non-empty string"), ("   ", "must be a non-empty string"),
+    ("lab ", "must not start or end with spaces; got 'lab ' (did you mean 'lab'?)"),
+])
+@pytest.mark.parametrize("command", [("import", "images"), ("import", "clicks"), ("export",), ("queue",)])
+def test_a_blank_or_padded_project_name_is_a_usage_error(settings, images_dir: Path, tmp_path: Path,
+                                                        name: str, why: str, command: tuple[str, ...]) -> None:
+    ok_cli("import", "images", str(images_dir), "--project", "lab")
+    before = _counts(settings)
+    target = {"images": images_dir, "clicks": _clicks_csv(tmp_path / "c.csv", np.random.default_rng(0))}
+    args = [*command, *([str(target[command[1]])] if len(command) > 1 else []),
+            *([str(tmp_path / "out")] if command == ("export",) else [])]
+    result = run_cli(*args, "--project", name)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--project" in result.stderr and why in result.stderr
+    assert _counts(settings) == before  # nothing went to the default project either
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_library_refuses_a_padded_project_name(session) -> None:
+    from cellspot.store.queries import get_or_create_project
+
+    with pytest.raises(ValueError, match="must not start or end with spaces"):
+        get_or_create_project(session, "lab ")
+    with pytest.raises(ValueError, match="non-empty string"):
+        get_or_create_project(session, " ")
+    assert get_or_create_project(session, "lab").name == "lab"
+
+
 def test_clicks_before_images_then_pixels_attach(settings, images_dir: Path, tmp_path: Path) -> None:
     """Tidy clicks may come first: their image records are a lower bound the real file fills."""
     first = tmp_path / "first.csv"

@@ -32,6 +32,24 @@ class _Main(click.Group):
             raise click.ClickException(f"{exc} (check CELLSPOT_HOME and the paths given)") from None
 
 
+class _ProjectName(click.ParamType):
+    """``--project NAME``: a non-empty name without spaces at either end (an empty value, as from
+    an unset shell variable, is an error, not the default project)."""
+
+    name = "NAME"
+
+    def convert(self, value, param, ctx):
+        from cellspot.store.queries import check_project_name
+
+        try:
+            return check_project_name(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+PROJECT = _ProjectName()
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:

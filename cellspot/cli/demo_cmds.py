@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import PROJECT, main
 
 if TYPE_CHECKING:
     from cellspot.workflows.demo import DemoReport
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 @click.option("--students", "n_students", default=5, show_default=True, type=click.IntRange(min=1),
               help="Number of simulated students.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed: same seed, same demo.")
-@click.option("--project", "project_name", default=None,
+@click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name (default: the settings' default project, 'demo').")
 @click.option("--profile", default="realistic", show_default=True, help="Crowd simulation profile.")
 def demo_command(n_images: int, n_students: int, seed: int, project_name: str | None, profile: str) -> None:

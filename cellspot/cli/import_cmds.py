@@ -14,10 +14,11 @@ from typing import Any
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import PROJECT, main
 
 _PROJECT_OPTION = click.option(
-    "--project", "project_name", default=None, help="Project name [default: the settings' default project]."
+    "--project", "project_name", type=PROJECT, default=None,
+    help="Project name [default: the settings' default project]."
 )
 _EXISTING = click.Path(exists=True, path_type=Path)
 #: an existing file (a folder given for a CSV is a usage error, not a traceback)

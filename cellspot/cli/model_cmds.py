@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import PROJECT, main
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -144,7 +144,7 @@ def _overrides(kind: str, preset: str, texts: tuple[str, ...]) -> dict[str, Any]
 
 @main.command("train")
 @click.argument("kind", type=click.Choice(KINDS))
-@click.option("--project", "project_name", default=None,
+@click.option("--project", "project_name", type=PROJECT, default=None,
               help="Train on this project's consensus (default: the settings' default project).")
 @click.option("--source", type=click.Choice(["consensus", "expert"]), default=None,
               help="Project cells to train on (default: consensus of the latest snapshot).")
@@ -274,7 +274,8 @@ def _registry_errors() -> tuple[type[Exception], ...]:
 
 
 @models_group.command("list")
-@click.option("--project", "project_name", default=None, help="Project (default: the settings' default project).")
+@click.option("--project", "project_name", type=PROJECT, default=None,
+              help="Project (default: the settings' default project).")
 @click.option("--folder", is_flag=True, help="List the runs trained on folders (no project) instead.")
 @click.option("--kind", type=click.Choice(KINDS), default=None)
 def models_list(project_name: str | None, folder: bool, kind: str | None) -> None:
@@ -341,7 +342,8 @@ def models_promote(version: str) -> None:
 
 @models_group.command("rollback")
 @click.argument("kind", type=click.Choice(KINDS))
-@click.option("--project", "project_name", default=None, help="Project (default: the settings' default project).")
+@click.option("--project", "project_name", type=PROJECT, default=None,
+              help="Project (default: the settings' default project).")
 def models_rollback(kind: str, project_name: str | None) -> None:
     """Re-activate the previously promoted KIND model."""
     click.echo(_change("rollback", kind, project_name))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import PROJECT, main
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -114,7 +114,7 @@ def _store(engine: Engine, project_name: str, models: _Models, result: Any) -> t
               default=None, help="Detector checkpoint folder [default: the project's active detector].")
 @click.option("--classifier", "classifier_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Classifier checkpoint folder [default: the project's active classifier].")
-@click.option("--project", "project_name", default=None,
+@click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project whose active models to use and to store predictions in [default: the settings' "
                    "default project].")
 @click.option("--no-overlays", is_flag=True, help="Do not draw overlays/<image>.png.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import PROJECT, main
 
 CONTEXT_COLUMNS = ["image_id", "n_runs", "retired", "has_pixels"]
 
@@ -23,7 +23,8 @@ def _list_strategies(ctx: click.Context, _param: click.Parameter, value: bool) -
 
 
 @main.command("queue")
-@click.option("--project", "project_name", default=None, help="Project name [default: the settings' default project].")
+@click.option("--project", "project_name", type=PROJECT, default=None,
+              help="Project name [default: the settings' default project].")
 @click.option("--strategy", default=None, help="Acquisition strategy [default: combined]; see --list-strategies.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Only the N best images [default: all].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import PROJECT, main
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -45,7 +45,7 @@ def _in_project(project_name: str | None, work: Callable[[Session, Project], Any
         engine.dispose()
 
 
-_project_option = click.option("--project", "project_name", default=None,
+_project_option = click.option("--project", "project_name", type=PROJECT, default=None,
                                help="Project name [default: the settings' default project].")
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import PROJECT, main
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -69,7 +69,7 @@ def init_cmd() -> None:
 
 
 @main.command("aggregate")
-@click.option("--project", "project_name", default=None,
+@click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name [default: the settings' default project].")
 @click.option("--method", default=None, help="Consensus method [default: the registry's default].")
 @click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -94,14 +94,25 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], confli
     return True
 
 
+def check_project_name(name: object) -> str:
+    """``name`` if it can name a project: a non-empty string without spaces at either end (a name
+    that differs from another only by a trailing space would look the same in every list);
+    else ValueError saying why."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a project name must be a non-empty string; got {name!r}")
+    if name != name.strip():
+        raise ValueError(f"a project name must not start or end with spaces; got {name!r} "
+                         f"(did you mean {name.strip()!r}?)")
+    return name
+
+
 def get_or_create_project(session: Session, name: str, **settings: Any) -> Project:
     """The project called ``name``, created with ``settings`` if it does not exist yet.
 
     ``settings`` (e.g. ``retire_min_runs=3``) only apply on creation; an existing project
     keeps its own.
     """
-    if not name or not name.strip():
-        raise ValueError("project name must be a non-empty string")
+    check_project_name(name)
     project = session.scalar(select(Project).where(Project.name == name))
     if project is None:
         _insert_ignore(
