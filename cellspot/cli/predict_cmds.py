@@ -162,6 +162,10 @@ def _predict(models: _Models, inputs: list[Path], out_dir: Path, *, overlays: bo
     from cellspot.ml import predict
 
     try:
+        predict.check_output_dir(out_dir)  # before the long part
+    except predict.PredictionError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
         detector = predict.load_detector_dir(models.detector_dir)
         classifier = predict.load_classifier_dir(models.classifier_dir)
     except (ValueError, OSError) as exc:  # cellspot.ml.common.TrainingError is a ValueError

@@ -439,18 +439,42 @@ def overlay_names(images: Iterable[str]) -> dict[str, str]:
     return {n: (f"{n}.png" if s in clash else s) for n, s in zip(names, stems)}
 
 
+#: what :func:`write_outputs` puts in its folder; a folder holding anything else is not replaced
+OUTPUT_ENTRIES: frozenset[str] = frozenset({"cells.csv", "summary.csv", "errors.csv", "overlays"})
+
+
+def check_output_dir(out_dir: str | Path) -> None:
+    """Raise :class:`PredictionError` unless ``out_dir`` is new, empty or the folder of an earlier
+    prediction (only :data:`OUTPUT_ENTRIES`): a prediction never replaces the ``cells.csv`` of an
+    export or of anything else."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PredictionError(f"output folder {out_dir} exists and is not a folder")
+    if not out_dir.is_dir():
+        return
+    others = sorted(p.name for p in out_dir.iterdir()
+                    if p.name not in OUTPUT_ENTRIES and not p.name.startswith(".cellspot-predict-"))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise PredictionError(f"output folder {out_dir} holds files that no prediction wrote ({shown}); "
+                              "choose a new or empty folder (an earlier prediction's folder is replaced)")
+
+
 def write_outputs(result: PredictionResult, out_dir: str | Path, *, overlays: bool = True) -> OutputPaths:
     """Write ``cells.csv``, ``summary.csv``, ``overlays/<stem>.png`` and ``errors.csv`` (only
     when files were skipped) into ``out_dir``.
 
     Everything is first written to a hidden folder inside ``out_dir`` and renamed into place at
     the end, so a failed run leaves the folder as it was; a new run replaces the files and the
-    whole ``overlays/`` folder of an earlier one. Overlays re-read the source images.
+    whole ``overlays/`` folder of an earlier one (without ``overlays`` the earlier overlays are
+    removed: they would show other predictions). A folder holding other files is refused
+    (:func:`check_output_dir`). Overlays re-read the source images.
     """
     import shutil
     import tempfile
 
     out_dir = Path(out_dir)
+    check_output_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".cellspot-predict-", dir=out_dir))
     try:
@@ -464,9 +488,9 @@ def write_outputs(result: PredictionResult, out_dir: str | Path, *, overlays: bo
                 (staging / name).replace(out_dir / name)
             elif (out_dir / name).exists():
                 (out_dir / name).unlink()  # an errors.csv left by an earlier run
+        if (out_dir / "overlays").exists():
+            (out_dir / "overlays").rename(staging / "old-overlays")
         if overlays:
-            if (out_dir / "overlays").exists():
-                (out_dir / "overlays").rename(staging / "old-overlays")
             (staging / "overlays").rename(out_dir / "overlays")
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -238,6 +238,32 @@ def test_rewrite_replaces_overlays_and_errors(tmp_path: Path) -> None:
     assert sorted(p.name for p in second.overlays.iterdir()) == ["well_a.png", "well_b.png"]
 
 
+def test_a_rerun_without_overlays_removes_the_earlier_ones(tmp_path: Path) -> None:
+    folder = write_images(tmp_path / "images")
+    out_dir = tmp_path / "out"
+    write_outputs(predict_images([folder], FakeDetector(), FakeClassifier()), out_dir)
+    assert (out_dir / "overlays").is_dir()
+    again = write_outputs(predict_images([folder], FakeDetector(), FakeClassifier()), out_dir, overlays=False)
+    assert again.overlays is None and not (out_dir / "overlays").exists()  # they showed other predictions
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cells.csv", "summary.csv"]
+
+
+def test_never_writes_into_a_folder_that_holds_other_files(tmp_path: Path) -> None:
+    folder = write_images(tmp_path / "images")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "cells.csv").write_text("image,x,y,label\n")
+    (export / "manifest.json").write_text("{}")
+    result = predict_images([folder], FakeDetector(), FakeClassifier())
+    with pytest.raises(PredictionError, match=r"holds files that no prediction wrote \(manifest.json\)"):
+        write_outputs(result, export)
+    assert (export / "cells.csv").read_text() == "image,x,y,label\n"
+    assert sorted(p.name for p in export.iterdir()) == ["cells.csv", "manifest.json"]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(PredictionError, match="is not a folder"):
+        write_outputs(result, tmp_path / "a_file")
+
+
 def test_draw_overlay_marks_are_as_large_as_the_cells() -> None:
     rgb = np.zeros((60, 60, 3), np.uint8)
     cells = pd.DataFrame({"x": [15.0, 45.0], "y": [30.0, 30.0], "label": ["alive", "dead"], "diameter": [20.0, 8.0]})

@@ -80,6 +80,20 @@ def test_predict_cli_no_overlays_and_single_file(settings, tmp_path: Path, fake_
     assert pd.read_csv(out / "cells.csv").label.tolist() == ["dead"]
 
 
+def test_predict_cli_refuses_a_folder_with_other_files_before_predicting(settings, tmp_path: Path, fake_loaders,
+                                                                         model_dirs) -> None:
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.txt").write_text("months of work")
+    result = run_cli("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1],
+                     "--no-store")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "holds files that no prediction wrote (chapter1.txt)" in result.output
+    assert "predict" not in result.stderr.split("Error:")[0]  # it stopped before the progress bar
+    assert sorted(p.name for p in out.iterdir()) == ["chapter1.txt"]
+
+
 def test_predict_cli_bad_file(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
