@@ -312,6 +312,7 @@ def models_list(project_name: str | None, folder: bool, kind: str | None) -> Non
 def _change(action: str, ref: str, project_name: str | None = None) -> str:
     from cellspot.ml import registry
     from cellspot.store.db import session_factory
+    from cellspot.store.models import Project
     from cellspot.store.queries import get_project
     from cellspot.workflows import models as wf
 
@@ -320,7 +321,12 @@ def _change(action: str, ref: str, project_name: str | None = None) -> str:
         with session_factory(engine)() as session, session.begin():
             if action == "promote":
                 run = registry.promote(session, registry.get_run(session, ref))
-                return f"{run.version} is now the active {run.kind}"
+                if run.project_id is None:  # folder-trained runs have their own active model, no project's
+                    return (f"{run.version} is now the active {run.kind} of the runs trained on folders; a "
+                            f"project's active {run.kind} is unchanged (predict with this model: "
+                            f"`cellspot predict ... --{run.kind} {registry.model_dir(settings, run)}`)")
+                project = session.get(Project, run.project_id)
+                return f"{run.version} is now the active {run.kind} of project {project.name!r}"
             if action == "rollback":
                 project = get_project(session, project_name or settings.default_project)
                 run = registry.rollback(session, project, ref)

@@ -112,7 +112,8 @@ def test_foreground_training_registers_runs_and_models_commands(settings, monkey
     assert code == 0 and out.splitlines()[0].split()[:4] == ["version", "kind", "status", "preset"]
     assert "classifier-0002" in out and "quality" in out
     assert _run("models", "compare", "classifier-0001", "classifier-0002")[1].count("balanced_accuracy") == 1
-    assert _run("models", "promote", "classifier-0002") == (0, "classifier-0002 is now the active classifier\n")
+    assert _run("models", "promote", "classifier-0002") == (
+        0, "classifier-0002 is now the active classifier of project 'demo'\n")
     assert _run("models", "rollback", "classifier") == (0, "classifier-0001 is the active classifier again\n")
     code, out = _run("models", "rollback", "classifier")
     assert code == 1 and "no earlier promoted classifier" in out
@@ -137,6 +138,9 @@ def test_folder_training_without_project_and_custom_out(settings, folder, tmp_pa
     seed_project(settings)  # the default project, without runs
     code, out = _run("models", "list")
     assert code == 0 and "1 run(s) trained on folders: `cellspot models list --folder`" in out, out
+    code, out = _run("models", "promote", "detector-0001")  # says it is not the project's active model
+    assert code == 0 and "active detector of the runs trained on folders" in " ".join(out.split())
+    assert f"--detector {out_dir.resolve()}" in " ".join(out.split())
 
 
 def test_a_bad_folder_is_one_clear_error_and_no_run(settings, folder, monkeypatch) -> None:
