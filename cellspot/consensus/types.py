@@ -54,13 +54,23 @@ def empty_cells() -> pd.DataFrame:
                          for c in CELL_COLUMNS})
 
 
+EMPTY = "is empty"
+
+
+def _shown(value: object) -> str:
+    """A cell's value as the error shows it (missing -> 'empty')."""
+    return "(empty)" if value is None or (isinstance(value, float) and np.isnan(value)) else repr(str(value))
+
+
 def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
     """Validate and normalise a click table.
 
     Returns a new frame with ``x``, ``y`` as float64 and ``label`` normalised to
     :data:`CLICK_LABELS` (``not_sure_alive`` from the legacy export is ``not_sure``).
     ``image``, ``annotator`` and ``task_run`` are kept as given; codes are made later.
-    Raises :class:`ConsensusInputError` naming the first bad row (0-based) and the field.
+    Raises :class:`ConsensusInputError` naming the first bad row (0-based), each of its bad
+    fields (an empty image or annotator, a coordinate that is not a finite number or is
+    negative, an unknown label) and the number of bad rows.
     """
     missing = [c for c in ("image", "annotator", "x", "y", "label") if c not in clicks.columns]
     if missing:
@@ -70,15 +80,18 @@ def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
         )
     cols = [c for c in ("image", "annotator", "task_run") if c in clicks.columns]
     out = clicks[cols].reset_index(drop=True)
+    checks: list[tuple[str, np.ndarray, str]] = []  # (field, bad rows, what is wrong with them)
+    for col in ("image", "annotator"):
+        values = clicks[col].astype("category")  # checked per distinct value: fast on big tables
+        blank = values.cat.categories.astype(str).str.strip() == ""
+        codes = values.cat.codes.to_numpy()
+        checks.append((col, (codes < 0) | np.asarray(blank, dtype=bool)[np.maximum(codes, 0)] & (codes >= 0),
+                       EMPTY))
     for col in ("x", "y"):
         values = pd.to_numeric(clicks[col], errors="coerce").to_numpy(np.float64)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ConsensusInputError(
-                f"row {row}, field {col}: {str(clicks[col].iloc[row])!r} is not a finite number "
-                f"({int(bad.sum())} bad rows)", row=row,
-            )
+        checks.append((col, ~np.isfinite(values), "is not a finite number"))
+        with np.errstate(invalid="ignore"):
+            checks.append((col, values < 0, "is negative (pixel coordinates start at 0)"))
         out[col] = values
     labels = clicks["label"].astype("category")
     spelled = labels.cat.categories.astype(str).str.strip().str.lower()
@@ -87,11 +100,14 @@ def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
     codes = labels.cat.codes.to_numpy()
     mapped = np.full(len(codes), -1, dtype=np.int64)
     mapped[codes >= 0] = code_of[codes[codes >= 0]]
-    if (mapped < 0).any():
-        row = int(np.flatnonzero(mapped < 0)[0])
-        raise ConsensusInputError(
-            f"row {row}, field label: {str(clicks['label'].iloc[row])!r} is not a label; "
-            f"allowed: {', '.join(CLICK_LABELS)}", row=row,
-        )
+    checks.append(("label", mapped < 0, f"is not a label; allowed: {', '.join(CLICK_LABELS)}"))
+    bad = np.zeros(len(clicks), dtype=bool)
+    for _, rows, _ in checks:
+        bad |= rows
+    if bad.any():  # the first bad row, with every bad field of it, and how many rows are bad
+        row = int(np.flatnonzero(bad)[0])
+        fields = [f"field {col}: " + ("empty" if why == EMPTY else f"{_shown(clicks[col].iloc[row])} {why}")
+                  for col, rows, why in checks if rows[row]]
+        raise ConsensusInputError(f"row {row}, {'; '.join(fields)} ({int(bad.sum())} bad rows)", row=row)
     out["label"] = np.asarray(CLICK_LABELS, dtype=object)[mapped]
     return out

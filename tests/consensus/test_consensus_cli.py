@@ -203,3 +203,23 @@ def test_any_operating_system_error_is_one_line_without_traceback(tmp_path: Path
     result, _ = invoke(tmp_path, CLICKS)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "Input/output error" in result.output and "check CELLSPOT_HOME and the paths given" in result.output
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("a,s1,1,inf,alive\na,s1,nan,2,alive\n", "line 2: field y: 'inf' is not a finite number (2 bad rows)"),
+    (",s1,1,2,alive\n", "line 2: field image: empty (1 bad rows)"),
+    ("a, ,1,2,alive\n", "line 2: field annotator: empty"),
+    ("a,s1,-5,2,zombie\n", "line 2: field x: '-5' is negative (pixel coordinates start at 0); field label: 'zombie'"),
+])
+def test_the_first_bad_row_names_all_its_bad_fields_and_nothing_is_written(tmp_path: Path, body: str,
+                                                                           expected: str) -> None:
+    result, out = invoke(tmp_path, HEADER + "\n" + body)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert expected in " ".join(result.output.split()), result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("radius", ["0", "-3"])
+def test_a_cell_radius_must_be_positive(tmp_path: Path, radius: str) -> None:
+    result, out = invoke(tmp_path, CLICKS, "--cell-radius", radius)
+    assert result.exit_code == 2 and "--cell-radius" in result.output and not out.exists()
