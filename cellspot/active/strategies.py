@@ -101,23 +101,33 @@ StrategyFn = Callable[..., pd.DataFrame]
 
 @dataclass(frozen=True)
 class Strategy:
-    """A registered strategy: its function, the parameters bound to this name, a summary."""
+    """A registered strategy: its function, the parameters bound to this name, a summary;
+    ``needs_model``: it scores model predictions only, so before any model every image ties."""
 
     name: str
     fn: StrategyFn
     summary: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    needs_model: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def _register(name: str, summary: str, **params: Any) -> Callable[[StrategyFn], StrategyFn]:
+def _register(name: str, summary: str, *, needs_model: bool = False,
+              **params: Any) -> Callable[[StrategyFn], StrategyFn]:
     def deco(fn: StrategyFn) -> StrategyFn:
-        STRATEGIES[name] = Strategy(name, fn, summary, params)
+        STRATEGIES[name] = Strategy(name, fn, summary, params, needs_model)
         return fn
 
     return deco
+
+
+def no_model_warning(name: str) -> str:
+    """The warning for strategy ``name`` (one that ``needs_model``) when no model predicted."""
+    return (f"strategy {name!r} scores model predictions and no active model has predicted this project, "
+            f"so every image ties; train and promote a model, or use --strategy {DEFAULT_STRATEGY} (crowd "
+            "and coverage signals before any model)")
 
 
 def get_strategy(name: str) -> Strategy:
@@ -306,14 +316,16 @@ def _classifier(signals: pd.DataFrame, ctx: Context, measure: str = "entropy", a
     return _frame(score, reason, **{column: score})
 
 
-_register("classifier", "classifier uncertainty (entropy|margin, mean|max|sum via measure=, agg=)")(_classifier)
+_register("classifier", "classifier uncertainty (entropy|margin, mean|max|sum via measure=, agg=)",
+          needs_model=True)(_classifier)
 for _m in MEASURES:
     for _a in AGGREGATES:
         _register(f"{_m}_{_a}", f"classifier {_m} uncertainty, {_a} over the image's cells",
-                  measure=_m, agg=_a)(_classifier)
+                  needs_model=True, measure=_m, agg=_a)(_classifier)
 
 
-@_register("detector", "detector uncertainty: detections near the threshold, model/crowd cell mismatch")
+@_register("detector", "detector uncertainty: detections near the threshold, model/crowd cell mismatch",
+           needs_model=True)
 def detector_uncertainty(signals: pd.DataFrame, ctx: Context, mismatch_weight: float = 0.5) -> pd.DataFrame:
     """``(1 - w) * det_near_mean + w * mismatch`` (module doc); ``near`` alone without crowd cells."""
     if not 0.0 <= mismatch_weight <= 1.0:
@@ -335,7 +347,7 @@ def detector_uncertainty(signals: pd.DataFrame, ctx: Context, mismatch_weight: f
     return _frame(score, reason, det_near=near, mismatch=mismatch)
 
 
-@_register("bald", "BALD: mutual information of MC-dropout samples (needs mc_samples)")
+@_register("bald", "BALD: mutual information of MC-dropout samples (needs mc_samples)", needs_model=True)
 def bald(signals: pd.DataFrame, ctx: Context, agg: str = "mean") -> pd.DataFrame:
     """``agg`` of :func:`mutual_information` over the image's cells; NaN without samples."""
     if agg not in AGGREGATES:
@@ -358,7 +370,8 @@ def bald(signals: pd.DataFrame, ctx: Context, agg: str = "mean") -> pd.DataFrame
     return _frame(score, reason, bald=score, mc_cells=n_cells, mc_samples=n_samples)
 
 
-@_register("conflict", "model-crowd conflict: a confident model contradicts a confident consensus")
+@_register("conflict", "model-crowd conflict: a confident model contradicts a confident consensus",
+           needs_model=True)
 def conflict(signals: pd.DataFrame, ctx: Context) -> pd.DataFrame:
     """``conflict_mass`` of the signal table (module doc); NaN without model or crowd."""
     _need(signals, "conflict", "conflict_mass", "n_conflicts")

@@ -52,6 +52,7 @@ def queue_cmd(
         MissingSignalError,
         UnknownStrategyError,
         get_strategy,
+        no_model_warning,
         score_images,
     )
     from cellspot.cli.store_cmds import open_store
@@ -90,6 +91,8 @@ def queue_cmd(
               if sources.get("detector_run_id") or sources.get("classifier_run_id") else "no model predictions")
     click.echo(f"project {project!r}: {len(ranked)} image(s) ranked with {name} "
                f"(snapshot {sources.get('snapshot_id')}, {models})" + (f" -> {out}" if out else ""), err=True)
+    if models == "no model predictions" and get_strategy(name).needs_model:
+        click.echo(f"warning: {no_model_warning(name)}", err=True)
 
 
 def _write(ranked, out: Path | None) -> None:  # noqa: ANN001 - a DataFrame

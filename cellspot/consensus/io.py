@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -34,9 +35,22 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
     usecols = [c for c in (*REQUIRED, "task_run") if c in header]
     text = {c: pa.string() for c in ("image", "annotator", "label", "task_run") if c in usecols}
     options = pacsv.ConvertOptions(include_columns=usecols, column_types=text, strings_can_be_null=False)
+    invalid: list[Any] = []  # the first row with a wrong number of fields, to name its line
+
+    def on_invalid_row(row: Any) -> str:
+        invalid.append(row)
+        return "error"
+
     try:
-        table = pacsv.read_csv(path, convert_options=options)
+        table = pacsv.read_csv(path, convert_options=options,
+                               parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row))
     except (pa.ArrowInvalid, ValueError) as exc:
+        if invalid:
+            row = invalid[0]
+            line = _line_of(path, row.text)
+            raise ConsensusInputError(
+                f"{path}{f', line {line}' if line else ''}: {row.actual_columns} fields where the header has "
+                f"{row.expected_columns}: {row.text[:200]!r}") from None
         raise ConsensusInputError(f"{path}: cannot parse as click CSV: {exc}") from exc
     df = table.to_pandas()
     for col in text:
@@ -52,6 +66,15 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
 
         line = data_record_line(path, exc.row) or exc.row + 2
         raise ConsensusInputError(f"{path}, line {line}: {_ROW_PREFIX.sub('', str(exc))}", row=exc.row) from exc
+
+
+def _line_of(path: Path, text: str) -> int | None:
+    """The 1-based line of ``path`` that reads ``text`` (None when no line does)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.rstrip("\r\n") == text:
+                return number
+    return None
 
 
 def write_cells_csv(cells: pd.DataFrame, path: Path) -> None:

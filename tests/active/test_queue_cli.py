@@ -54,7 +54,10 @@ def test_queue_before_any_model(store) -> None:
     assert (table["strategy"] == "combined").all() and table["score"].notna().all()
     assert table["image"].iloc[-1] == "sure.png"  # confident and seen three times
     assert table["reason"].str.contains("no model prediction").all()
-    assert "no model predictions" in result.stderr
+    assert "no model predictions" in result.stderr and "warning" not in result.stderr  # combined works without
+    tied = ok_cli("queue", "--project", "p", "--strategy", "detector")
+    assert "warning: strategy 'detector' scores model predictions" in tied.stderr
+    assert "every image ties" in " ".join(tied.stderr.split())
 
 
 def test_queue_with_predictions_to_a_file(store, tmp_path: Path) -> None:
@@ -64,6 +67,7 @@ def test_queue_with_predictions_to_a_file(store, tmp_path: Path) -> None:
     table = pd.read_csv(out)
     assert table["image"].tolist() == ["conflict.png"] and table["n_conflicts"].tolist() == [1]
     assert result.stdout == "" and "detector-0001 + classifier-0001" in result.stderr
+    assert "warning" not in result.stderr  # a model strategy with predictions
     everything = _csv(ok_cli("queue", "--project", "p", "--all", "--diversity", "0"))
     assert sorted(everything["image"]) == sorted(IMAGES)
     assert everything["score"].is_monotonic_decreasing  # --diversity 0: by score only

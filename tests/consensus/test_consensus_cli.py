@@ -223,3 +223,10 @@ def test_the_first_bad_row_names_all_its_bad_fields_and_nothing_is_written(tmp_p
 def test_a_cell_radius_must_be_positive(tmp_path: Path, radius: str) -> None:
     result, out = invoke(tmp_path, CLICKS, "--cell-radius", radius)
     assert result.exit_code == 2 and "--cell-radius" in result.output and not out.exists()
+
+
+def test_a_row_with_too_many_fields_names_its_line(tmp_path: Path) -> None:
+    result, out = invoke(tmp_path, HEADER + "\na,s1,1,2,alive\n\na,s1,3,4,alive,extra\n")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "in.csv, line 4: 6 fields where the header has 5: 'a,s1,3,4,alive,extra'" in result.output
+    assert not out.exists()

@@ -301,6 +301,14 @@ def test_round_cli_open_list_rollback(engine) -> None:
     assert (out.exit_code, out.output.strip()) == (0, "round 1 rolled back; no round is open now")
 
 
+@pytest.mark.parametrize("strategy, warned", [("classifier", True), ("margin_max", True), ("detector", True),
+                                               ("crowd", False), ("combined", False)])
+def test_round_cli_warns_when_a_model_strategy_has_no_model(engine, strategy: str, warned: bool) -> None:
+    out = CliRunner().invoke(main, ["round", "open", "--strategy", strategy])
+    assert out.exit_code == 0, out.output
+    assert ("every image ties; train and promote a model" in " ".join(out.stderr.split())) is warned
+
+
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["round", "open", "--strategy", "nope"], 2, "unknown acquisition strategy 'nope'"),
     (["round", "rollback"], 1, "has no open round to roll back"),
