@@ -667,11 +667,12 @@ def _stored_size_problem(
     if stored and declared is not None and declared != size:
         return ("width", f"image {image!r} is {declared[0]}x{declared[1]} in the file but {width}x{height} "
                 "in the store", f"{declared[0]}x{declared[1]}")
+    problems = []
     for name, value, limit in (("x", click.x, width), ("y", click.y, height)):
         reason = outside_reason(name, value, limit, f"image {image!r} ({width}x{height})")
         if reason is not None:
-            return name, reason, value
-    return None
+            problems.append((name, reason, value))
+    return joined_problem(problems)
 
 
 def _client_key(project_id: int, sha: str, run_key: str) -> str:

@@ -282,7 +282,7 @@ def test_tidy_sizes_for_new_and_stored_images(session, settings, tmp_path: Path)
         "inferred.png,s1,10.5,20,alive,,\n"
         "inferred.png,s2,99,7.2,dead,,\n"
         "stored.png,s1,99,49,alive,,\n"
-        "stored.png,s2,120,10,alive,,\n"
+        "stored.png,s2,120,60,alive,,\n"  # both outside the stored image: both named
         "stored2.png,s3,1,1,alive,200,100\n"
         "stored2.png,s4,1,1,alive,,\n"  # the file says stored2 is 200x100: all its clicks are suspect
     )
@@ -294,7 +294,8 @@ def test_tidy_sizes_for_new_and_stored_images(session, settings, tmp_path: Path)
     with open(report.rejects_path, newline="") as handle:
         rejects = [(r["line"], r["field"], r["reason"]) for r in csv.DictReader(handle)]
     assert rejects == [
-        ("6", "x", "x=120 is outside image 'stored.png' (100x50) (allowed 0 <= x < 100)"),
+        ("6", "x, y", "x: x=120 is outside image 'stored.png' (100x50) (allowed 0 <= x < 100); "
+                      "y: y=60 is outside image 'stored.png' (100x50) (allowed 0 <= y < 50)"),
         ("7", "width", "image 'stored2.png' is 200x100 in the file but 100x50 in the store"),
         ("8", "width", "image 'stored2.png' is 200x100 in the file but 100x50 in the store"),
     ]
