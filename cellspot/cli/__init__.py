@@ -29,7 +29,16 @@ class _Main(click.Group):
                 f"and CELLSPOT_HOME, and run `cellspot init` for a new store") from None
         except OSError as exc:  # a folder that cannot be created, a read-only disk, no permission, ...
             log.debug("file system error", exc_info=True)
-            raise click.ClickException(f"{exc} (check CELLSPOT_HOME and the paths given)") from None
+            raise click.ClickException(f"{os_error_text(exc)} (check CELLSPOT_HOME and the paths given)") from None
+
+
+def os_error_text(exc: OSError) -> str:
+    """The error in words; "File exists" from creating a folder where a file is says so."""
+    from pathlib import Path
+
+    if isinstance(exc, FileExistsError) and exc.filename and Path(exc.filename).is_file():
+        return f"{exc.filename} is a file where a folder is needed"
+    return str(exc)
 
 
 class _ProjectName(click.ParamType):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import main
+from cellspot.cli import main, os_error_text
 
 
 @main.command("consensus")
@@ -48,7 +48,7 @@ def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: 
         if pending is not None:
             with contextlib.suppress(OSError):  # it may never have been created
                 pending.unlink()
-        raise click.ClickException(f"cannot write the output, nothing was written: {exc}") from None
+        raise click.ClickException(f"cannot write the output, nothing was written: {os_error_text(exc)}") from None
     n_alive = int((result.cells["label"] == "alive").sum())
     click.echo(
         f"{len(clicks):,} clicks on {clicks['image'].nunique():,} images -> {len(result.cells):,} cells "

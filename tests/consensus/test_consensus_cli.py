@@ -230,3 +230,12 @@ def test_a_row_with_too_many_fields_names_its_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "in.csv, line 4: 6 fields where the header has 5: 'a,s1,3,4,alive,extra'" in result.output
     assert not out.exists()
+
+
+def test_an_output_below_a_file_says_a_folder_is_needed(tmp_path: Path) -> None:
+    (tmp_path / "env.sh").write_text("export A=1\n")
+    src = tmp_path / "in.csv"
+    src.write_text(CLICKS)
+    result = CliRunner().invoke(main, ["consensus", str(src), "--out", str(tmp_path / "env.sh" / "cells.csv")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{tmp_path / 'env.sh'} is a file where a folder is needed" in " ".join(result.output.split())
