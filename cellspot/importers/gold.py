@@ -122,7 +122,7 @@ def import_gold(session: Any, project: Any, path: str | Path, source: str | None
     images = _store.project_images(session, project)
     placed: list[tuple[int, GoldRow]] = []
     for row in rows:
-        problem = _place(row, images.get(row.image))
+        problem = _place(row, images.get(row.image), project.name, not images)
         if problem is None:
             placed.append((images[row.image].id, row))
         else:
@@ -167,9 +167,11 @@ def _stored_cells(session: Any, image_ids: list[int]) -> dict[tuple[int, float, 
     return cells
 
 
-def _place(row: GoldRow, image: Any) -> tuple[str, str, str | None] | None:
+def _place(row: GoldRow, image: Any, project: str, no_images: bool) -> tuple[str, str, str | None] | None:
     if image is None:
-        return "image", f"no image named {row.image!r} in the project; import the images first", row.image
+        hint = " (it has no images at all: is it the right --project?)" if no_images else ""
+        return ("image", f"no image named {row.image!r} in project {project!r}{hint}; import the images first",
+                row.image)
     for name, value, limit in (("x", row.x, image.width), ("y", row.y, image.height)):
         reason = outside_reason(name, value, limit, f"image {row.image!r} ({image.width}x{image.height})")
         if reason is not None:

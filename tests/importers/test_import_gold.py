@@ -38,7 +38,7 @@ def _count(session) -> int:
 
 # name, rows after the header, expected (line, field, reason fragment)
 BAD = [
-    ("unknown image", "zzz.png,1,1,alive", (2, "image", "no image named 'zzz.png'")),
+    ("unknown image", "zzz.png,1,1,alive", (2, "image", "no image named 'zzz.png' in project 'p'; import the images first")),
     ("not_sure is not a gold label", "a.png,1,1,not_sure", (2, "label", "unknown label 'not_sure'; allowed: alive, dead")),
     ("outside the image", "a.png,100,1,dead", (2, "x", "x=100 is outside image 'a.png' (100x50)")),
     ("negative y", "a.png,1,-0.5,dead", (2, "y", "outside")),
@@ -110,3 +110,9 @@ def test_real_ldc_annotations(session, shared_data: Path, tmp_path: Path) -> Non
     assert (report.rows, report.imported) == (1427, 1427)
     labels = dict(session.execute(select(GoldCell.label, func.count()).group_by(GoldCell.label)).tuples().all())
     assert labels == {"alive": 1174, "dead": 253}
+
+
+def test_gold_for_a_project_without_images_asks_whether_it_is_the_right_one(session, tmp_path: Path) -> None:
+    empty = get_or_create_project(session, "typo")
+    with pytest.raises(GoldImportError, match="it has no images at all: is it the right --project"):
+        import_gold(session, empty, _csv(tmp_path, f"{HEADER}\na.png,1,1,dead\n"))
