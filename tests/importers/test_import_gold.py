@@ -38,7 +38,8 @@ def _count(session) -> int:
 
 # name, rows after the header, expected (line, field, reason fragment)
 BAD = [
-    ("unknown image", "zzz.png,1,1,alive", (2, "image", "no image named 'zzz.png' in project 'p'; import the images first")),
+    ("unknown image", "zzz.png,1,1,alive",
+     (2, "image", "no image named 'zzz.png' in project 'p'; import the images first")),
     ("not_sure is not a gold label", "a.png,1,1,not_sure", (2, "label", "unknown label 'not_sure'; allowed: alive, dead")),
     ("outside the image", "a.png,100,1,dead", (2, "x", "x=100 is outside image 'a.png' (100x50)")),
     ("negative y", "a.png,1,-0.5,dead", (2, "y", "outside")),
