@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,23 +192,48 @@ def _where(path: Path, line: int, column: str) -> str:
     return f"{path}, line {line}, column {column!r}"
 
 
-def _numbers(table: pd.DataFrame, column: str, path: Path, *, required: bool) -> np.ndarray:
-    """Column as float (empty -> NaN when not required); DataError at the first bad value."""
+#: how many problems of an annotation CSV one error lists (the rest are counted)
+MAX_LISTED_PROBLEMS = 10
+
+
+class _Problems:
+    """The bad values of one annotation CSV, collected so that one error lists them all
+    (file, line, column and what is wrong; the first :data:`MAX_LISTED_PROBLEMS` in line order)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.found = path, []
+
+    def add(self, table: pd.DataFrame, bad: np.ndarray, column: str, what: Callable[[int], str]) -> None:
+        """One problem per row ``i`` where ``bad[i]``: ``what(i)`` says what is wrong."""
+        for i in np.flatnonzero(np.asarray(bad, dtype=bool)):
+            self.found.append((int(table["_line"].iloc[i]), column, what(int(i))))
+
+    def raise_any(self) -> None:
+        if not self.found:
+            return
+        found = sorted(self.found, key=lambda p: p[0])
+        (line, column, what), rest = found[0], found[1:MAX_LISTED_PROBLEMS]
+        text = [f"{_where(self.path, line, column)}: {what}"]
+        text += [f"line {ln}, column {col!r}: {w}" for ln, col, w in rest]
+        if len(found) > MAX_LISTED_PROBLEMS:
+            text.append(f"... and {len(found) - MAX_LISTED_PROBLEMS} more problem(s)")
+        raise DataError("\n  ".join(text))
+
+
+def _numbers(table: pd.DataFrame, column: str, problems: _Problems, *, required: bool) -> np.ndarray:
+    """Column as float (empty -> NaN when not required); every bad value goes to ``problems``."""
     text = table[column].astype(str).str.strip()
     values = pd.to_numeric(text.where(text != ""), errors="coerce").to_numpy(float)
-    bad = (text != "") & np.isnan(values) | (required & (text == "")) | np.isinf(values)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        what = "is empty" if text.iloc[i] == "" else f"{text.iloc[i]!r} is not a finite number"
-        raise DataError(f"{_where(path, int(table['_line'].iloc[i]), column)}: {what}")
+    bad = ((text != "") & np.isnan(values) | (required & (text == "")) | np.isinf(values)).to_numpy()
+    problems.add(table, bad, column,
+                 lambda i: "is empty" if text.iloc[i] == "" else f"{text.iloc[i]!r} is not a finite number")
     return values
 
 
-def _check_range(values: np.ndarray, table: pd.DataFrame, column: str, path: Path, lo: float, hi: float) -> None:
+def _check_range(values: np.ndarray, table: pd.DataFrame, column: str, problems: _Problems,
+                 lo: float, hi: float) -> None:
     bad = np.isfinite(values) & ((values < lo) | (values > hi))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{_where(path, int(table['_line'].iloc[i]), column)}: {values[i]:g} is outside [{lo:g}, {hi:g}]")
+    problems.add(table, bad, column, lambda i: f"{values[i]:g} is outside [{lo:g}, {hi:g}]")
 
 
 def read_annotations(path: Path | str) -> pd.DataFrame:
@@ -219,10 +244,16 @@ def read_annotations(path: Path | str) -> pd.DataFrame:
     ``xmin,ymin,xmax,ymax`` (diameter = mean of box width and height when no ``diameter``).
     ``label`` is ``alive`` or ``dead`` (case and surrounding spaces ignored).
     Returns columns ``image`` + :data:`CELL_COLUMNS` + ``line`` (the CSV line, header = 1;
-    rows are assumed not to span lines). Raises :class:`DataError` naming the file, line and
-    column of the first bad value.
+    rows are assumed not to span lines). Raises :class:`DataError` naming the file, and the
+    line and column of every bad value (the first :data:`MAX_LISTED_PROBLEMS`).
     """
-    path = Path(path)
+    table, problems = _read_annotations(Path(path))
+    problems.raise_any()
+    return table
+
+
+def _read_annotations(path: Path) -> tuple[pd.DataFrame, _Problems]:
+    """:func:`read_annotations` without raising for bad values: the table and its problems."""
     try:
         # blank lines are kept as rows so that row k is line k + 2 of the file, then dropped
         table = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
@@ -237,40 +268,38 @@ def read_annotations(path: Path | str) -> pd.DataFrame:
             f"{path}, line 1 (header): missing column(s) {missing}; required: {','.join(REQUIRED_COLUMNS)}; "
             f"optional: {','.join(OPTIONAL_NUMERIC_COLUMNS)}; found: {list(table.columns)}"
         )
+    problems = _Problems(path)
     table["_line"] = np.arange(len(table)) + 2
     table = table[(table.drop(columns="_line") != "").any(axis=1)].reset_index(drop=True)
     names = table["image"].astype(str).str.strip()
-    if (names == "").any():
-        raise DataError(f"{_where(path, int(table['_line'][names == ''].iloc[0]), 'image')}: the image name is empty")
+    problems.add(table, (names == "").to_numpy(), "image", lambda i: "the image name is empty")
     labels = table["label"].astype(str).str.strip().str.lower()
-    bad = ~labels.isin(LABELS)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{_where(path, int(table['_line'].iloc[i]), 'label')}: {table['label'].iloc[i]!r} "
-                        f"is not a label; allowed: {', '.join(LABELS)}")
-    num = {c: _numbers(table, c, path, required=c in ("x", "y")) for c in ("x", "y")}
+    problems.add(table, (~labels.isin(LABELS)).to_numpy(), "label",
+                 lambda i: f"{table['label'].iloc[i]!r} is not a label; allowed: {', '.join(LABELS)}")
+    num = {c: _numbers(table, c, problems, required=c in ("x", "y")) for c in ("x", "y")}
     for c in OPTIONAL_NUMERIC_COLUMNS:
         if c in table.columns:
-            num[c] = _numbers(table, c, path, required=False)
+            num[c] = _numbers(table, c, problems, required=False)
     default_p = np.where(labels == "alive", 1.0, 0.0)
     p_alive = np.where(np.isnan(num["p_alive"]), default_p, num["p_alive"]) if "p_alive" in num else default_p
-    _check_range(p_alive, table, "p_alive", path, 0.0, 1.0)
+    _check_range(p_alive, table, "p_alive", problems, 0.0, 1.0)
     weight = np.ones(len(table))
     for c in ("confidence", "weight"):  # ``weight`` wins when both are given
         if c in num:
-            _check_range(num[c], table, c, path, 0.0, math.inf)
+            _check_range(num[c], table, c, problems, 0.0, math.inf)
             weight = np.where(np.isnan(num[c]), weight, num[c])
     diameter = num.get("diameter", np.full(len(table), np.nan))
-    _check_range(diameter, table, "diameter", path, 0.0, math.inf)
+    _check_range(diameter, table, "diameter", problems, 0.0, math.inf)
     if all(c in num for c in _BOX):
         for lo, hi in (("xmin", "xmax"), ("ymin", "ymax")):
-            _check_range(num[hi] - num[lo], table, hi, path, 0.0, math.inf)
+            _check_range(num[hi] - num[lo], table, hi, problems, 0.0, math.inf)
         box = 0.5 * ((num["xmax"] - num["xmin"]) + (num["ymax"] - num["ymin"]))
         diameter = np.where(np.isnan(diameter), box, diameter)
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "image": names, "x": num["x"], "y": num["y"], "label": labels, "p_alive": p_alive,
         "weight": weight, "diameter": diameter, "line": table["_line"],
     })
+    return out, problems
 
 
 # ---------------------------------------------------------------- splits
@@ -347,11 +376,13 @@ def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
         raise DataError(f"masks folder {masks_dir} does not exist")
     if annotations_csv is None:
         return None
-    table = read_annotations(annotations_csv)
-    for name, rows in table.groupby("image", sort=True):
-        if not (images_dir / name).is_file():
-            raise DataError(f"{_where(Path(annotations_csv), int(rows['line'].iloc[0]), 'image')}: "
-                            f"image file {images_dir / name} does not exist")
+    table, problems = _read_annotations(Path(annotations_csv))
+    found = {name: (images_dir / name).is_file() for name in table["image"].unique() if name}
+    missing = table["image"].map(lambda name: bool(name) and not found[name]).to_numpy(bool)
+    missing &= ~table["image"].duplicated().to_numpy()  # once per image, at its first line
+    problems.add(table.assign(_line=table["line"]), missing, "image",
+                 lambda i: f"image file {images_dir / table['image'].iloc[i]} does not exist")
+    problems.raise_any()
     return table
 
 

@@ -15,6 +15,7 @@ from cellspot.ml.data import (
     AnnotatedImage,
     DataError,
     TrainingData,
+    check_folder,
     estimate_diameter,
     load_crop_folder,
     load_folder,
@@ -68,6 +69,23 @@ def test_missing_image_names_the_csv_line(tmp_path):
     path = _csv(tmp_path, HEADER + GOOD + "b.png,1,2,dead,,,,,,\n")
     with pytest.raises(DataError, match=r"line 3, column 'image'.*b\.png"):
         load_folder(tmp_path / "images", path)
+
+
+def test_one_error_lists_every_bad_value_in_line_order(tmp_path):
+    _png(tmp_path / "images" / "a.png", np.zeros((20, 20), np.uint8))
+    bad_rows = ["a.png,1,2,zombie,,,,,,", GOOD.strip(), "b.png,1,2,dead,,,,,,", "b.png,3,4,dead,,,,,,",
+                "a.png,,x,alive,,,,,,"]
+    path = _csv(tmp_path, HEADER + "\n".join(bad_rows) + "\n")
+    with pytest.raises(DataError) as err:
+        check_folder(tmp_path / "images", path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}, line 2, column 'label': 'zombie' is not a label; allowed: alive, dead"
+    assert [line.strip().split(":")[0] for line in lines[1:]] == [  # b.png once, at its first line
+        "line 4, column 'image'", "line 6, column 'x'", "line 6, column 'y'"]
+    many = _csv(tmp_path, HEADER + "".join(f"a.png,{i},1,zzz,,,,,,\n" for i in range(14)))
+    with pytest.raises(DataError, match=r"line 11, column 'label'.*\n  \.\.\. and 4 more problem\(s\)$") as err:
+        read_annotations(many)
+    assert len(str(err.value).splitlines()) == 11  # ten problems and the count of the others
 
 
 @pytest.mark.parametrize(("row", "fragment"), [("a.png,21,5,alive", "line 3, column 'x': 21 is outside image a.png"),
