@@ -44,6 +44,7 @@ import cellspot
 from cellspot.crops import SPLITS, crop_around, split_counts, stratified_image_split, validate_fractions
 from cellspot.settings import Settings
 from cellspot.store import queries
+from cellspot.store.db import sqlite_file
 from cellspot.store.models import Annotator, Click, ConsensusSnapshot, Image, Project, TaskRun
 
 log = logging.getLogger(__name__)
@@ -353,8 +354,8 @@ def _protected_paths(settings: Settings) -> list[tuple[Path, str]]:
              (settings.models_dir, "the store's models"), (settings.rejects_dir, "the store's rejects"),
              (settings.exports_dir, "the folder of all exports"), (Path.cwd(), "the current folder")]
     for url in (settings.resolved_database_url, settings.resolved_queue_url):
-        if url.startswith("sqlite:///"):
-            paths.append((Path(url.removeprefix("sqlite:///")), "a database of the store"))
+        if (file := sqlite_file(url)) is not None:
+            paths.append((file, "a database of the store"))
     return [(p.resolve(), what) for p, what in paths]
 
 

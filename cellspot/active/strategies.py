@@ -123,13 +123,6 @@ def _register(name: str, summary: str, *, needs_model: bool = False,
     return deco
 
 
-def no_model_warning(name: str) -> str:
-    """The warning for strategy ``name`` (one that ``needs_model``) when no model predicted."""
-    return (f"strategy {name!r} scores model predictions and no active model has predicted this project, "
-            f"so every image ties; train and promote a model, or use --strategy {DEFAULT_STRATEGY} (crowd "
-            "and coverage signals before any model)")
-
-
 def get_strategy(name: str) -> Strategy:
     """The strategy registered as ``name``; :class:`UnknownStrategyError` lists the valid ones."""
     try:

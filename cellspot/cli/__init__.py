@@ -41,6 +41,16 @@ def os_error_text(exc: OSError) -> str:
     return str(exc)
 
 
+def no_model_warning(strategy: str) -> str:
+    """The warning of ``queue`` and ``round open`` for a strategy that scores model predictions
+    only (``needs_model``) when no model has predicted the project."""
+    from cellspot.active.strategies import DEFAULT_STRATEGY
+
+    return (f"warning: strategy {strategy!r} scores model predictions and no active model has predicted this "
+            f"project, so every image ties; train and promote a model, or use --strategy {DEFAULT_STRATEGY} "
+            "(crowd and coverage signals before any model)")
+
+
 class _ProjectName(click.ParamType):
     """``--project NAME``: a non-empty name without spaces at either end (an empty value, as from
     an unset shell variable, is an error, not the default project)."""

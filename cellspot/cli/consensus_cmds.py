@@ -38,11 +38,11 @@ def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: 
     # the cells are written
     pending = None if annotators_out is None else annotators_out.with_name(annotators_out.name + ".tmp")
     try:
-        if annotators_out is not None and pending is not None:
-            annotators_out.parent.mkdir(parents=True, exist_ok=True)
+        if pending is not None:
+            pending.parent.mkdir(parents=True, exist_ok=True)
             result.annotators.to_csv(pending, index=False, float_format="%.6g")
         write_cells_csv(result.cells, out)
-        if annotators_out is not None and pending is not None:
+        if pending is not None:
             pending.replace(annotators_out)
     except OSError as exc:
         if pending is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import PROJECT, main
+from cellspot.cli import PROJECT, main, no_model_warning
 
 CONTEXT_COLUMNS = ["image_id", "n_runs", "retired", "has_pixels"]
 
@@ -52,7 +52,6 @@ def queue_cmd(
         MissingSignalError,
         UnknownStrategyError,
         get_strategy,
-        no_model_warning,
         score_images,
     )
     from cellspot.cli.store_cmds import open_store
@@ -87,12 +86,13 @@ def queue_cmd(
     ranked = select_batch(ranked, n=top if top is not None else len(ranked), signals=signals,
                           diversity=use_diversity)
     _write(ranked, out)
+    predicted = bool(sources.get("detector_run_id") or sources.get("classifier_run_id"))
     models = (f"models {sources.get('detector_version')} + {sources.get('classifier_version')}"
-              if sources.get("detector_run_id") or sources.get("classifier_run_id") else "no model predictions")
+              if predicted else "no model predictions")
     click.echo(f"project {project!r}: {len(ranked)} image(s) ranked with {name} "
                f"(snapshot {sources.get('snapshot_id')}, {models})" + (f" -> {out}" if out else ""), err=True)
-    if models == "no model predictions" and get_strategy(name).needs_model:
-        click.echo(f"warning: {no_model_warning(name)}", err=True)
+    if not predicted and get_strategy(name).needs_model:
+        click.echo(no_model_warning(name), err=True)
 
 
 def _write(ranked, out: Path | None) -> None:  # noqa: ANN001 - a DataFrame

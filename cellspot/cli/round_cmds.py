@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import PROJECT, main
+from cellspot.cli import PROJECT, main, no_model_warning
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -64,15 +64,14 @@ def round_group() -> None:
 def open_cmd(project_name: str | None, strategy: str | None, top: int | None, target_runs: int | None) -> None:
     """Open the next round: rank the images with the active models (crowd and coverage
     signals only before any model exists); the open round closes."""
+    from cellspot.active.strategies import get_strategy
     from cellspot.workflows.rounds import DEFAULT_STRATEGY, open_new_round
-
-    from cellspot.active.strategies import get_strategy, no_model_warning
 
     info = _in_project(project_name, lambda session, project: open_new_round(
         session, project, strategy=strategy or DEFAULT_STRATEGY, top=top, target_runs=target_runs))
     click.echo(f"{info.describe()} opened")
     if info.crowd_only and get_strategy(info.strategy).needs_model:
-        click.echo(f"warning: {no_model_warning(info.strategy)}", err=True)
+        click.echo(no_model_warning(info.strategy), err=True)
 
 
 @round_group.command("rollback")

@@ -23,14 +23,10 @@ def _safe_url(engine: Engine) -> str:
 
 def store_exists(settings: Settings) -> bool:
     """False for a SQLite file that was never created (connecting would leave an empty one)."""
-    from pathlib import Path
+    from cellspot.store.db import sqlite_file
 
-    from sqlalchemy.engine import make_url
-
-    url = make_url(settings.resolved_database_url)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return True
-    return Path(url.database).is_file()
+    file = sqlite_file(settings.resolved_database_url)
+    return file is None or file.is_file()
 
 
 def open_store(settings: Settings | None = None) -> Engine:

@@ -83,10 +83,8 @@ def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
     checks: list[tuple[str, np.ndarray, str]] = []  # (field, bad rows, what is wrong with them)
     for col in ("image", "annotator"):
         values = clicks[col].astype("category")  # checked per distinct value: fast on big tables
-        blank = values.cat.categories.astype(str).str.strip() == ""
-        codes = values.cat.codes.to_numpy()
-        checks.append((col, (codes < 0) | np.asarray(blank, dtype=bool)[np.maximum(codes, 0)] & (codes >= 0),
-                       EMPTY))
+        blank = np.append(np.asarray(values.cat.categories.astype(str).str.strip() == ""), True)
+        checks.append((col, blank[values.cat.codes.to_numpy()], EMPTY))  # code -1 (missing) -> the True
     for col in ("x", "y"):
         values = pd.to_numeric(clicks[col], errors="coerce").to_numpy(np.float64)
         checks.append((col, ~np.isfinite(values), "is not a finite number"))

@@ -203,10 +203,11 @@ class _Problems:
     def __init__(self, path: Path) -> None:
         self.path, self.found = path, []
 
-    def add(self, table: pd.DataFrame, bad: np.ndarray, column: str, what: Callable[[int], str]) -> None:
-        """One problem per row ``i`` where ``bad[i]``: ``what(i)`` says what is wrong."""
+    def add(self, lines: pd.Series, bad: np.ndarray, column: str, what: Callable[[int], str]) -> None:
+        """One problem per row ``i`` where ``bad[i]`` (at CSV line ``lines[i]``): ``what(i)`` says
+        what is wrong."""
         for i in np.flatnonzero(np.asarray(bad, dtype=bool)):
-            self.found.append((int(table["_line"].iloc[i]), column, what(int(i))))
+            self.found.append((int(lines.iloc[i]), column, what(int(i))))
 
     def raise_any(self) -> None:
         if not self.found:
@@ -225,7 +226,7 @@ def _numbers(table: pd.DataFrame, column: str, problems: _Problems, *, required:
     text = table[column].astype(str).str.strip()
     values = pd.to_numeric(text.where(text != ""), errors="coerce").to_numpy(float)
     bad = ((text != "") & np.isnan(values) | (required & (text == "")) | np.isinf(values)).to_numpy()
-    problems.add(table, bad, column,
+    problems.add(table["_line"], bad, column,
                  lambda i: "is empty" if text.iloc[i] == "" else f"{text.iloc[i]!r} is not a finite number")
     return values
 
@@ -233,7 +234,7 @@ def _numbers(table: pd.DataFrame, column: str, problems: _Problems, *, required:
 def _check_range(values: np.ndarray, table: pd.DataFrame, column: str, problems: _Problems,
                  lo: float, hi: float) -> None:
     bad = np.isfinite(values) & ((values < lo) | (values > hi))
-    problems.add(table, bad, column, lambda i: f"{values[i]:g} is outside [{lo:g}, {hi:g}]")
+    problems.add(table["_line"], bad, column, lambda i: f"{values[i]:g} is outside [{lo:g}, {hi:g}]")
 
 
 def read_annotations(path: Path | str) -> pd.DataFrame:
@@ -272,9 +273,9 @@ def _read_annotations(path: Path) -> tuple[pd.DataFrame, _Problems]:
     table["_line"] = np.arange(len(table)) + 2
     table = table[(table.drop(columns="_line") != "").any(axis=1)].reset_index(drop=True)
     names = table["image"].astype(str).str.strip()
-    problems.add(table, (names == "").to_numpy(), "image", lambda i: "the image name is empty")
+    problems.add(table["_line"], (names == "").to_numpy(), "image", lambda i: "the image name is empty")
     labels = table["label"].astype(str).str.strip().str.lower()
-    problems.add(table, (~labels.isin(LABELS)).to_numpy(), "label",
+    problems.add(table["_line"], (~labels.isin(LABELS)).to_numpy(), "label",
                  lambda i: f"{table['label'].iloc[i]!r} is not a label; allowed: {', '.join(LABELS)}")
     num = {c: _numbers(table, c, problems, required=c in ("x", "y")) for c in ("x", "y")}
     for c in OPTIONAL_NUMERIC_COLUMNS:
@@ -377,10 +378,10 @@ def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
     if annotations_csv is None:
         return None
     table, problems = _read_annotations(Path(annotations_csv))
-    found = {name: (images_dir / name).is_file() for name in table["image"].unique() if name}
-    missing = table["image"].map(lambda name: bool(name) and not found[name]).to_numpy(bool)
-    missing &= ~table["image"].duplicated().to_numpy()  # once per image, at its first line
-    problems.add(table.assign(_line=table["line"]), missing, "image",
+    first = (~table["image"].duplicated() & (table["image"] != "")).to_numpy()  # each image at its first line
+    missing = first.copy()
+    missing[first] = [not (images_dir / name).is_file() for name in table["image"][first]]
+    problems.add(table["line"], missing, "image",
                  lambda i: f"image file {images_dir / table['image'].iloc[i]} does not exist")
     problems.raise_any()
     return table

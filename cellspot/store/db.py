@@ -29,6 +29,14 @@ def _sqlite_pragmas(busy_timeout_ms: int):
     return on_connect
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite ``url``; None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
 def make_engine(url: str | None = None, settings: Settings | None = None) -> Engine:
     """Create an engine for ``url`` (default: the settings' database URL).
 
@@ -39,8 +47,8 @@ def make_engine(url: str | None = None, settings: Settings | None = None) -> Eng
     url = url or settings.resolved_database_url
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if (file := sqlite_file(url)) is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url, connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000, "check_same_thread": False}
         )
