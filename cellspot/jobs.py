@@ -19,6 +19,7 @@ up at once and must see the row); :func:`cellspot.workflows.models.queue_trainin
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ _QUEUES_LOCK = threading.Lock()
 
 
 class JobQueueError(ValueError):
-    """The queue URL is not one cellspot can use."""
+    """The job queue cannot be used: a queue URL cellspot does not know, or a queue that does
+    not answer (Redis down, the SQLite queue file not writable)."""
 
 
 @dataclass(frozen=True)
@@ -158,11 +160,27 @@ def get_huey(settings: Settings) -> Huey:
     return get_queue(settings).huey
 
 
+def _put(settings: Settings, task: str, *args: Any, **kwargs: Any) -> Result | None:
+    """Call ``task`` of the queue; a queue that cannot take it raises :class:`JobQueueError`
+    (with ``huey.immediate`` the task runs here, and its own errors pass unchanged)."""
+    from redis.exceptions import RedisError
+
+    queue = None
+    try:
+        queue = get_queue(settings)
+        return getattr(queue, task)(*args, **kwargs)
+    except (OSError, sqlite3.Error, RedisError) as exc:
+        if queue is not None and queue.huey.immediate:
+            raise
+        raise JobQueueError(f"the job queue {_safe(settings.resolved_queue_url)} cannot take the job: "
+                            f"{exc}") from exc
+
+
 def enqueue_training(
     settings: Settings, run_id: int, *, resume: bool | None = None, device: str | None = None
 ) -> Result | None:
     """Put training run ``run_id`` (already committed) on the queue."""
-    result = get_queue(settings).train(run_id, resume=resume, device=device)
+    result = _put(settings, "train", run_id, resume=resume, device=device)
     log.info("training run %d queued on %s", run_id, _safe(settings.resolved_queue_url))
     return result
 
@@ -171,12 +189,12 @@ def enqueue_prediction(
     settings: Settings, project: str, *, detector: str | None = None, classifier: str | None = None
 ) -> Result | None:
     """Put a prediction over ``project`` on the queue (model runs by version; default active)."""
-    return get_queue(settings).predict(project, detector=detector, classifier=classifier)
+    return _put(settings, "predict", project, detector=detector, classifier=classifier)
 
 
 def enqueue_auto_round(settings: Settings, project: str) -> Result | None:
     """Put an automatic round of ``project`` on the queue (:mod:`cellspot.workflows.auto_rounds`)."""
-    result = get_queue(settings).auto_round(project)
+    result = _put(settings, "auto_round", project)
     log.info("automatic round of %r queued on %s", project, _safe(settings.resolved_queue_url))
     return result
 

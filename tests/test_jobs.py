@@ -97,6 +97,17 @@ def test_queue_training_creates_and_runs_the_job(settings, immediate, monkeypatc
     assert load_run(settings, run.id).status == "done" and fit.calls[0]["device"] == "cpu"
 
 
+def test_a_queue_that_does_not_answer_is_a_queue_error_and_leaves_no_queued_run(settings) -> None:
+    seed_project(settings)
+    down = settings.model_copy(update={"queue_url": "redis://127.0.0.1:1/0"})  # nothing listens on port 1
+    with pytest.raises(jobs.JobQueueError, match=r"the job queue redis://127\.0\.0\.1:1/0 cannot take the job"):
+        wf.queue_training(down, "demo", "classifier")
+    run = load_run(settings, "classifier-0001")
+    assert run.status == "failed" and run.error.startswith("could not be queued: ") and run.finished_at
+    with pytest.raises(jobs.JobQueueError, match="cannot take the job"):
+        jobs.enqueue_prediction(down, "demo")
+
+
 def _round_trip(settings, monkeypatch) -> None:
     """Enqueue on a real queue, run a consumer thread until the job is done, stop it."""
     seed_project(settings)

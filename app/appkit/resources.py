@@ -18,7 +18,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from cellspot.auth import InvalidPasswordHashError, ResearcherAuth
-from cellspot.render import image_file, read_display_rgb
+from cellspot.imaging import ImageReadError
+from cellspot.render import ImageUnavailableError, image_file, read_display_rgb
 from cellspot.settings import Settings, get_settings
 from cellspot.store.db import make_engine, transaction
 from cellspot.store.models import Image
@@ -83,7 +84,13 @@ def _display_rgb(path: str, mtime: float, bit_depth: int) -> np.ndarray:
 def display_rgb(image: Image) -> np.ndarray:
     """``image``'s pixels as (H, W, 3) uint8 RGB, decoded once per file version.
 
-    Raises :class:`cellspot.render.ImageUnavailableError` when it has no stored pixels.
+    Raises :class:`cellspot.render.ImageUnavailableError` when it has no stored pixels or its
+    file cannot be decoded (every page then shows the image's other data or moves on).
     """
     path = image_file(settings(), image)
-    return _display_rgb(str(path), Path(path).stat().st_mtime, int(image.bit_depth or 8))
+    try:
+        return _display_rgb(str(path), Path(path).stat().st_mtime, int(image.bit_depth or 8))
+    except ImageReadError as exc:
+        log.warning("image %s cannot be shown: %s", image.name, exc)
+        raise ImageUnavailableError(f"the file of image {image.name!r} cannot be read ({exc.reason}): "
+                                    f"{exc.path}") from exc

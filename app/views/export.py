@@ -28,17 +28,25 @@ with st.form("export"):
     build = st.form_submit_button("Build the export", type="primary")
 
 if build:
+    bar = st.progress(0.0, text="Exporting...")
+
+    def progress(stage: str, done: int, total: int) -> None:
+        # the export only reads the store: a rerun that stops it here loses nothing
+        bar.progress(done / total if total else 1.0, text=f"Cutting {stage}: {done} / {total}")
+
     try:
         with st.spinner("Exporting..."):
             with resources.session() as session:
                 path = export_zip(session, project, resources.settings(), crop_size=int(crop_size),
-                                  min_confidence=float(min_confidence), seed=int(seed))
+                                  min_confidence=float(min_confidence), seed=int(seed), progress=progress)
     except NoSnapshotError:
         st.error("There is no consensus yet: press 'Recompute consensus' on the Class page first.")
     except (ExportError, SplitError) as exc:
         st.error(f"The export failed: {exc}")
     else:
         st.session_state[f"export_path-{project.id}"] = str(path)
+    finally:
+        bar.empty()
 
 done = st.session_state.get(f"export_path-{project.id}")
 if done and Path(done).is_file():

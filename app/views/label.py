@@ -45,7 +45,10 @@ def new_task(exclude: tuple[int, ...] = ()) -> dict | None:
     """Pick the next image for this student and start an empty draft with a new client key."""
     with resources.session() as session:
         annotator = session.get(Annotator, student.annotator_id)
-        image = next_image(session, annotator, exclude_ids=exclude) if annotator else None
+        # images whose pixels cannot be shown stay out for the rest of the session: with only the
+        # last one excluded, two such images would send the page back and forth for ever
+        skip = (*state.get("unshowable", ()), *exclude)
+        image = next_image(session, annotator, exclude_ids=skip) if annotator else None
         task = None if image is None else {
             "image_id": image.id, "name": image.name, "width": image.width, "height": image.height,
             "client_key": f"app-{uuid.uuid4().hex}", "annotator_id": student.annotator_id,
@@ -200,7 +203,8 @@ except ImageUnavailableError:
     rgb = None
 if rgb is None:
     state["notice"] = ("error", f"The image {task['name']} cannot be shown; here is another one.")
-    new_task(exclude=(task["image_id"],))
+    state["unshowable"] = {*state.get("unshowable", ()), task["image_id"]}
+    new_task()
     st.rerun()
 
 keys.forward_keys_from_image_frames()

@@ -42,13 +42,15 @@ if notice:
     st.success(notice)
 
 
-def act(action, *args) -> None:
-    """Run a page action; its message is shown after the rerun, its error at once."""
+def act(action, *args, remember: dict | None = None) -> None:
+    """Run a page action; its message is shown after the rerun, its error at once. ``remember``:
+    session state to set only when the action succeeded."""
     try:
         st.session_state["models_notice"] = action(*args)
     except ERRORS as exc:
         st.error(str(exc))
         return
+    st.session_state.update(remember or {})
     st.rerun()
 
 
@@ -216,25 +218,27 @@ for i, kind_name in enumerate(MODEL_KINDS):
         act(model_runs.rollback, project.id, kind_name)
 
 missing = model_runs.missing_model(project.id)
+predict_key = f"models_predict_since_{project.id}"
 if st.button("Predict project", key="models_predict", icon=":material/batch_prediction:", disabled=missing is not None,
              help="Queue a job that finds and classifies the cells of every image with the active models"):
-    st.session_state["models_predict_since"] = datetime.now(timezone.utc)
-    act(model_runs.predict, project.name, active["detector"], active["classifier"])
+    # remembered only once the job is queued, and per project: the watch below belongs to this one
+    act(model_runs.predict, project.name, active["detector"], active["classifier"],
+        remember={predict_key: datetime.now(timezone.utc)})
 if missing:
     st.caption(f"Predict project needs an active classifier and detector (train and promote them above): {missing}")
 
-since = st.session_state.get("models_predict_since")
+since = st.session_state.get(predict_key)
 
 
 @st.fragment(run_every=REFRESH_S if since is not None else None)
 def prediction_watch(queued: datetime) -> None:
     """While a queued prediction has not stored its cells: say so, and rerun the page when it has."""
     if model_runs.predicted_since(URL, project.id, queued):
-        st.session_state.pop("models_predict_since", None)
+        st.session_state.pop(predict_key, None)
         st.rerun()
     waited = (datetime.now(timezone.utc) - queued).total_seconds()
     if waited > model_runs.PREDICT_WAIT_S:
-        st.session_state.pop("models_predict_since", None)
+        st.session_state.pop(predict_key, None)
         st.warning(f"No new predictions {charts.format_seconds(waited)} after Predict project: is `cellspot "
                    "worker` running (same CELLSPOT_HOME and database as this app)? Reload to check again.",
                    icon=":material/warning:")

@@ -61,10 +61,13 @@ click = canvas.take_click(key, slot="review")
 if click is not None:
     st.session_state[point_key] = click
 point = st.session_state.get(point_key)
+# a click picks the cell whose marker it lands on: the markers' size on screen, in image px (a
+# fixed image-px tolerance is a few screen px on a large image shown small)
+pick = canvas.click_tolerance(view, slot="review")
 selected = None
 if point is not None and len(cells):
     selected = find_mark(list(cells[["x", "y", "label"]].itertuples(index=False, name=None)),
-                         point[0], point[1], DEFAULT_PICK_TOLERANCE)
+                         point[0], point[1], pick)
 
 picture_col, side_col = st.columns([3, 2], gap="medium")
 with side_col:
@@ -96,6 +99,23 @@ with side_col:
                               help="Store the image's current cells as expert cells")
     to_consensus = back.button("Back to consensus", key="review_clear", disabled=not review.expert,
                                help="Remove this image's expert cells")
+    # expert cells imported from a file are ground truth that no click can bring back: ask first
+    imported_from = cells["source"][cells["source"] != "adjudication"] if review.expert else cells["source"][:0]
+    imported = len(imported_from)
+    confirm_key = f"review_confirm_clear-{image_id}"
+    if to_consensus and imported and not st.session_state.get(confirm_key):
+        st.session_state[confirm_key], to_consensus = True, False
+    if st.session_state.get(confirm_key):
+        st.warning(f"{imported} of this image's {len(cells)} expert cells were not decided here but "
+                   f"imported ({', '.join(sorted(set(imported_from)))}). Going back to consensus deletes "
+                   "them too; only importing that file again brings them back.")
+        sure, keep = st.columns(2)
+        if sure.button("Delete them all", key="review_clear_confirm"):
+            st.session_state.pop(confirm_key)
+            to_consensus = True
+        elif keep.button("Keep them", key="review_clear_cancel"):
+            st.session_state.pop(confirm_key)
+            st.rerun()
 
     message = None
     try:
@@ -103,7 +123,7 @@ with side_col:
             with resources.session() as session:
                 done = adjudicate(session, image_id, action, point[0], point[1],
                                   label if action in ("relabel", "add") else None,
-                                  researcher=researcher_annotator(session, project))
+                                  researcher=researcher_annotator(session, project), tolerance=pick)
             message = (f"{ACTIONS[action]}: done; the image has {done.n_expert_cells} expert cells"
                        + (f" ({done.seeded} copied from consensus first)" if done.seeded else "") + ".")
         elif accept_all:

@@ -136,14 +136,16 @@ st.subheader("Automatic mode")
 status = rounds_view.auto(URL, project.id)
 with st.form("rounds_auto", border=True):
     cols = st.columns([1, 1, 2, 1], vertical_alignment="bottom")
-    enabled = cols[0].toggle("Automatic mode", value=status.settings.enabled, key="auto_enabled",
+    # keyed by project, as the runs per image above: a keyed widget keeps its value, and Save would
+    # write the previous project's settings into this one
+    enabled = cols[0].toggle("Automatic mode", value=status.settings.enabled, key=f"auto_enabled_{project.id}",
                              help="Retrain both models in the background and refresh the queue on its own")
     every = cols[1].number_input("Retrain after N new task runs", min_value=1, max_value=1_000_000, step=1,
-                                 value=status.settings.every_runs, key="auto_every")
-    auto_strategy = cols[2].selectbox("Strategy of the new rounds", names, key="auto_strategy",
+                                 value=status.settings.every_runs, key=f"auto_every_{project.id}")
+    auto_strategy = cols[2].selectbox("Strategy of the new rounds", names, key=f"auto_strategy_{project.id}",
                                       index=names.index(status.settings.strategy))
     auto_top = cols[3].number_input("Top N (optional)", min_value=1, step=1, value=status.settings.top,
-                                    key="auto_top", placeholder="all images")
+                                    key=f"auto_top_{project.id}", placeholder="all images")
     saved = st.form_submit_button("Save", icon=":material/save:")
 if saved:
     act(rounds_view.save_auto, project.id, enabled, every, auto_strategy, auto_top)

@@ -102,6 +102,14 @@ def _problems(problems: Iterable[object], tmp: str) -> list[str]:
     return [strip.sub("", str(p)) for p in problems]
 
 
+def _listed(message: str) -> str:
+    """An importer's message (a summary line, then one ``file:line: field: reason`` per line) as
+    markdown: the summary, then a bullet per problem (plain newlines would run them together)."""
+    head, *rest = message.split("\n")
+    items = [line.strip() for line in rest if line.strip()]
+    return head + ("\n\n" + "\n".join(f"- {item}" for item in items) if items else "")
+
+
 def _save_uploads(files, tmp: str) -> list[Path]:
     """Write uploaded files to ``tmp/upload-*/<their name>`` (names kept: they become image names)."""
     paths = []
@@ -195,7 +203,7 @@ with upload_tab:
                         report = import_images(session, session.get(Project, project.id), paths,
                                                settings=resources.settings(), metadata_csv=meta_path)
             except CellspotImportError as exc:
-                st.error(_problems([exc], tmp)[0])
+                st.error(_listed(_problems([exc], tmp)[0]))
             else:
                 researcher.refresh()
                 _show_image_report(report, tmp)
@@ -210,7 +218,9 @@ with folder_tab:
     if go_folder:
         source = Path(folder.strip()).expanduser()
         meta_path = Path(folder_meta.strip()).expanduser() if folder_meta.strip() else None
-        if not folder.strip() or not source.exists():
+        if not folder.strip():
+            st.error("Enter the path of a folder, zip or image on the server.")
+        elif not source.exists():
             st.error(f"{source} does not exist on the server.")
         elif meta_path is not None and not meta_path.is_file():
             st.error(f"The metadata file {meta_path} does not exist on the server.")
@@ -221,7 +231,7 @@ with folder_tab:
                         report = import_images(session, session.get(Project, project.id), [source],
                                                settings=resources.settings(), metadata_csv=meta_path)
             except CellspotImportError as exc:
-                st.error(str(exc))
+                st.error(_listed(str(exc)))
             else:
                 researcher.refresh()
                 _show_image_report(report, "/nonexistent")
@@ -245,16 +255,21 @@ with clicks_col:
                 with st.spinner("Importing clicks..."):
                     with resources.session() as session:
                         report = import_clicks(session, session.get(Project, project.id), path, format=fmt,
-                                               skip_invalid=skip, settings=resources.settings())
+                                               skip_invalid=skip, settings=resources.settings(),
+                                               source_name=f"uploaded {click_file.name}")
             except CellspotImportError as exc:  # the importer's hint names the CLI flag: name the checkbox
-                st.error(_problems([exc], tmp)[0].replace(
+                st.error(_listed(_problems([exc], tmp)[0].replace(
                     "skip_invalid / --skip-invalid imports the valid rows",
-                    "tick 'Import the valid rows when some are invalid' to import the rest"))
+                    "tick 'Import the valid rows when some are invalid' to import the rest")))
             else:
                 researcher.refresh()
                 (st.warning if report.duplicates else st.success)(_problems([report.summary()], tmp)[0])
                 if report.rejects_path:
-                    st.warning(f"{report.rejected} rejected rows, with reasons, in {report.rejects_path}")
+                    st.warning(f"{report.rejected} rejected rows, with reasons, in {report.rejects_path} "
+                               "on the server, and here:")
+                    st.download_button("Download the rejected rows (CSV)", Path(report.rejects_path).read_bytes(),
+                                       file_name=Path(report.rejects_path).name, mime="text/csv",
+                                       key="clicks_rejects", icon=":material/download:", on_click="ignore")
 with gold_col:
     with st.form("upload_gold", clear_on_submit=True):
         gold_file = st.file_uploader("Expert cells CSV: image, x, y, label", type=["csv"], key="upload_gold")
@@ -267,7 +282,7 @@ with gold_col:
                     report = import_gold(session, session.get(Project, project.id), path,
                                          source=f"import:{gold_file.name}")
             except CellspotImportError as exc:
-                st.error(_problems([exc], tmp)[0])
+                st.error(_listed(_problems([exc], tmp)[0]))
             else:
                 researcher.refresh()
                 st.success(report.summary())

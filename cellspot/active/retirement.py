@@ -258,7 +258,8 @@ def apply_retirement(
     if snapshot is None:
         snapshot = latest_snapshot(session, project)
         if snapshot is None:
-            raise LookupError(f"project {project.name!r} has no consensus snapshot; run `cellspot aggregate` first")
+            raise LookupError(f"project {project.name!r} has no consensus snapshot; run `cellspot aggregate` "
+                              "(or press \"Recompute consensus\" in the dashboard) first")
     elif not isinstance(snapshot, ConsensusSnapshot):
         snapshot = session.get(ConsensusSnapshot, int(snapshot))
     if snapshot is None or snapshot.project_id != project.id:

@@ -171,6 +171,7 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
                   epochs: int | None, settings_: tuple[str, ...], resume: bool, device: str | None,
                   background: bool) -> None:
     """Train a KIND (classifier or detector) model on a project or an annotated folder."""
+    from cellspot.jobs import JobQueueError
     from cellspot.ml.common import TrainingError, pick_device
     from cellspot.ml.data import DataError
     from cellspot.ml.registry import RegistryError, model_dir
@@ -204,7 +205,12 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
         engine.dispose()
 
     if background:
-        wf.enqueue(settings, run_id, resume=True if must_resume else None, device=device)
+        try:
+            wf.enqueue(settings, run_id, resume=True if must_resume else None, device=device)
+        except JobQueueError as exc:
+            raise click.ClickException(f"{exc}; {version} is marked failed: train without --background, or "
+                                       f"resume it with `cellspot models resume {version}` once the queue "
+                                       "answers") from None
         click.echo(version)
         click.echo(f"queued {version} ({'resume' if must_resume else 'new'}); `cellspot worker` runs it", err=True)
         return
@@ -268,9 +274,10 @@ def _session_scope() -> tuple[Settings, Engine]:
 def _registry_errors() -> tuple[type[Exception], ...]:
     from cellspot.ml.registry import RegistryError, RunNotFoundError
     from cellspot.store.queries import ProjectNotFoundError
+    from cellspot.jobs import JobQueueError
     from cellspot.workflows.models import WorkflowError
 
-    return RegistryError, RunNotFoundError, ProjectNotFoundError, WorkflowError
+    return RegistryError, RunNotFoundError, ProjectNotFoundError, WorkflowError, JobQueueError
 
 
 @models_group.command("list")

@@ -459,11 +459,14 @@ def import_clicks(
     format: str = "auto",  # noqa: A002 - matches the CLI option
     skip_invalid: bool = False,
     settings: Any = None,
+    source_name: str | None = None,
 ) -> ClickImportReport:
     """Import a click file into ``project`` (caller-owned ``session``; flushes, never commits).
 
     Raises :class:`ClickImportError` (nothing written) when the file has any reject and
-    ``skip_invalid`` is false. See the module docstring for the rules.
+    ``skip_invalid`` is false. ``source_name``: how the rejects file names the input (default
+    its absolute path; the dashboard gives the uploaded file's name, as its copy is temporary).
+    See the module docstring for the rules.
     """
     from cellspot.importers import _store
     from cellspot.settings import get_settings
@@ -486,7 +489,7 @@ def import_clicks(
     if parsed.rejects:
         name = f"{parsed.source.stem}-{parsed.sha256[:12]}-rejects.csv"
         # the rejects file lives under CELLSPOT_HOME, far from the input: name the input absolutely
-        source = str(parsed.source.resolve())
+        source = source_name or str(parsed.source.resolve())
         rows = [replace(p, file=source) if p.file == str(parsed.source) else p for p in parsed.rejects]
         rejects_path = write_problems_csv(rows, Path(settings.rejects_dir) / name)
     report = ClickImportReport(

@@ -221,8 +221,8 @@ def start_training(
         snapshot = latest_snapshot(session, project)
         if snapshot is None:
             raise WorkflowError(
-                f"project {project.name!r} has no consensus snapshot yet; run `cellspot aggregate` first"
-            )
+                f"project {project.name!r} has no consensus snapshot yet; run `cellspot aggregate` (or press "
+                "\"Recompute consensus\" in the dashboard) first")
         snapshot_id = data_source["snapshot_id"] = snapshot.id
     return registry.create_run(
         session, kind, project=project, preset=preset,
@@ -268,10 +268,25 @@ def start_folder_training(
 
 
 def enqueue(settings: Settings, run_id: int, *, resume: bool | None = None, device: str | None = None) -> None:
-    """Put the committed run ``run_id`` on the job queue (see :mod:`cellspot.jobs`)."""
-    from cellspot.jobs import enqueue_training
+    """Put the committed run ``run_id`` on the job queue (see :mod:`cellspot.jobs`).
 
-    enqueue_training(settings, run_id, resume=resume, device=device)
+    When the queue cannot take it (:class:`cellspot.jobs.JobQueueError`), the run is marked
+    failed with the reason, so no "queued" run waits for a job that does not exist, and the
+    error is raised again.
+    """
+    from cellspot.jobs import JobQueueError, enqueue_training
+
+    try:
+        enqueue_training(settings, run_id, resume=resume, device=device)
+    except JobQueueError as exc:
+        def fail(session: Session) -> ModelRun:
+            run = session.get(ModelRun, run_id)
+            run.status, run.finished_at, run.error = "failed", utcnow(), f"could not be queued: {exc}"
+            return run
+
+        _own_session(settings, fail)
+        log.error("run %d could not be queued: %s", run_id, exc)
+        raise
 
 
 def _own_session(settings: Settings, work: Callable[[Session], ModelRun]) -> ModelRun:

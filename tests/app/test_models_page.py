@@ -254,6 +254,24 @@ def test_after_predict_the_page_waits_for_the_new_predictions_then_shows_them(ap
     assert table(app, "viability_pct")["dead"].sum() == 1
 
 
+def test_a_prediction_that_could_not_be_queued_is_not_awaited(app, app_engine, monkeypatch):
+    from cellspot.jobs import JobQueueError
+
+    def down(settings, project, **kw):
+        raise JobQueueError("the job queue redis://127.0.0.1:1/0 cannot take the job: refused")
+
+    monkeypatch.setattr("cellspot.jobs.enqueue_prediction", down)
+    add_run(app_engine, "detector", promote=True), add_run(app_engine, "classifier", promote=True)
+    open_models(app)
+    app.button(key="models_predict").click().run()
+    no_exception(app)
+    assert "cannot take the job: refused" in texts(app.error)
+    assert "Predicting every image" not in texts(app.info)
+    with Session(app_engine) as session:
+        project_id = session.scalar(select(Project.id))
+    assert f"models_predict_since_{project_id}" not in app.session_state
+
+
 def test_comparison_offers_runs_of_the_same_kind_and_rollback_needs_an_earlier_promotion(app, app_engine):
     classifier = add_run(app_engine, "classifier", curves=CURVES, promote=True)
     add_run(app_engine, "detector", curves=[{"epoch": 1, "val_f1": 0.5, "val_tp": 12, "val_fn": 3}])

@@ -8,8 +8,10 @@ import io
 import re
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from app_testkit import CLASS_CODE, PASSWORD, REPO
 from PIL import Image as PILImage
@@ -172,6 +174,24 @@ def test_clicking_a_mark_relabels_or_removes_it_undo_and_clear(app):
     assert app.session_state["marks"] == []
     app.button(key="undo").click().run()
     assert len(app.session_state["marks"]) == 2
+
+
+def test_images_that_cannot_be_shown_are_skipped_for_the_session(app, app_engine, store):
+    """A missing file and a corrupt one: the student gets the one image that can be shown, with
+    a notice, and the page does not alternate between the broken ones."""
+    with Session(app_engine) as session:
+        images = session.scalars(select(Image).order_by(Image.id)).all()
+        paths = [store.home / i.path for i in images]
+        good = images[-1].id
+    paths[0].unlink()
+    for path in paths[1:-1]:
+        path.write_bytes(b"not an image")
+    start_labelling(app)
+    no_exception(app)
+    assert app.session_state["task"]["image_id"] == good
+    assert "cannot be shown; here is another one" in texts(app.error)
+    assert len(app.session_state["unshowable"]) >= 1
+    assert good not in app.session_state["unshowable"]
 
 
 def test_submit_stores_one_run_and_a_repeat_stores_nothing(app, app_engine):
@@ -405,6 +425,29 @@ def test_review_apply_needs_a_cell_except_to_add_one(app, app_engine):
     assert not app.button(key="review_apply").disabled
 
 
+@pytest.mark.parametrize(("shown_width", "picked"), [(192, True), (768, False)])
+def test_review_picks_a_cell_by_its_marker_size_on_screen(app, shown_width, picked):
+    """A click 12 image px from a cell: on the marker when the image is shown at half size
+    (12 image px = 6 screen px), beside it when shown at twice the size (24 screen px)."""
+    login(app)
+    app.switch_page("views/review.py").run()
+    image_id = app.selectbox(key="review_image").value
+    key = f"review-canvas-{image_id}"
+    view = app.session_state[f"{key}.view"]
+    cells = app.dataframe[-1].value
+    others = cells.drop(index=cells.index[0])
+    x, y = float(cells["x"].iloc[0]) + 12.0, float(cells["y"].iloc[0])
+    if len(others):  # the click must not be near another cell
+        assert (((others["x"] - x) ** 2 + (others["y"] - y) ** 2) ** 0.5).min() > 40
+    f = shown_width / view.width
+    app.session_state[key] = {"x": x * f, "y": y * f, "width": shown_width, "height": view.height * f,
+                              "unix_time": 5}
+    app.run()
+    no_exception(app)
+    assert (" · cell #" in texts(app.markdown)) is picked
+    assert ("no cell there" in texts(app.markdown)) is not picked
+
+
 def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
     login(app)
     app.switch_page("views/review.py").run()
@@ -417,6 +460,30 @@ def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
     app.button(key="review_clear").click().run()
     no_exception(app)
     assert f"Removed {n_cells} expert cells" in texts(app.success)
+    assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == 0
+
+
+def test_back_to_consensus_asks_before_deleting_imported_expert_cells(app, app_engine):
+    login(app)
+    app.switch_page("views/review.py").run()
+    image_id = app.selectbox(key="review_image").value
+    with Session(app_engine) as session:
+        session.add_all([GoldCell(image_id=image_id, x=5.0, y=6.0, label="dead", source="import:truth.csv"),
+                         GoldCell(image_id=image_id, x=20.0, y=9.0, label="alive", source="adjudication")])
+        session.commit()
+    app.run()
+    app.button(key="review_clear").click().run()
+    no_exception(app)
+    assert "1 of this image's 2 expert cells were not decided here but imported (import:truth.csv)" in texts(
+        app.warning)
+    assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == 2  # nothing deleted yet
+    app.button(key="review_clear_cancel").click().run()
+    assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == 2
+    assert "imported (import:truth.csv)" not in texts(app.warning)
+    app.button(key="review_clear").click().run()
+    app.button(key="review_clear_confirm").click().run()
+    no_exception(app)
+    assert "Removed 2 expert cells" in texts(app.success)
     assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == 0
 
 
@@ -491,6 +558,41 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
     no_exception(app)
     assert "1 image(s) imported" in texts(app.success)
 
+
+
+def test_setup_lists_each_problem_of_a_rejected_click_file_and_asks_for_an_empty_folder(app, app_engine, store):
+    login(app)
+    app.switch_page("views/setup.py").run()
+    before = count(app_engine, Click)
+    bad = b"image,annotator,x,y,label\nmissing.png,ana,1,2,alive\nmissing.png,ana,-5,2,alive\nmissing.png,bo,1,2,purple\n"
+    app.file_uploader(key="upload_clicks").set_value(("clicks.csv", bad, "text/csv"))
+    app.button(key="FormSubmitter:upload_clicks-Import clicks").click().run()
+    no_exception(app)
+    error = texts(app.error)
+    head, _, listing = error.partition("\n\n")
+    assert "clicks.csv" in head and "nothing was imported" in head
+    items = listing.splitlines()
+    assert len(items) >= 2 and all(item.startswith("- clicks.csv:") for item in items), error
+    assert any(":3: x:" in item for item in items) and any(":4: label:" in item for item in items)
+    assert count(app_engine, Click) == before
+    # importing the valid rows: the rejected ones can be downloaded, naming the uploaded file
+    with Session(app_engine) as session:
+        image = session.scalars(select(Image).order_by(Image.id)).first()
+        name = image.name
+    good = bad.replace(b"missing.png", name.encode())
+    app.file_uploader(key="upload_clicks").set_value(("clicks.csv", good, "text/csv"))
+    app.checkbox(key="clicks_skip").check()
+    app.button(key="FormSubmitter:upload_clicks-Import clicks").click().run()
+    no_exception(app)
+    assert count(app_engine, Click) == before + 1
+    assert "2 rejected rows" in texts(app.warning)
+    rejects = app.get("download_button")[-1]
+    assert rejects.proto.label == "Download the rejected rows (CSV)"
+    written, = Path(store.rejects_dir).glob("clicks-*-rejects.csv")
+    assert set(pd.read_csv(written)["file"]) == {"uploaded clicks.csv"}  # not the deleted temporary copy
+    app.text_input(key="folder_path").input("   ")
+    [b for b in app.button if b.label == "Import"][1].click().run()
+    assert "Enter the path of a folder, zip or image on the server." in texts(app.error)
 
 
 def _demo_settings(engine) -> tuple[int, dict]:

@@ -98,7 +98,7 @@ def done_run(engine, kind: str, metrics: dict, *, minutes: int = 0) -> str:
 # --------------------------------------------------------------------------- page
 
 
-def test_empty_state_explains_each_part(app):
+def test_empty_state_explains_each_part(app, app_engine):
     open_rounds(app)
     assert "Rounds" in [t.value for t in app.title]
     info = texts(app.info)
@@ -106,7 +106,7 @@ def test_empty_state_explains_each_part(app):
     assert "crowd and coverage signals only" in texts(app.caption)
     assert "8 new task runs since the last training." in texts(app.caption)
     assert app.selectbox(key="round_strategy").value == "combined"
-    assert not app.toggle(key="auto_enabled").value
+    assert not app.toggle(key=f"auto_enabled_{demo_project(app_engine)[0]}").value
     assert not app.dataframe and not app.get("vega_lite_chart")
 
 
@@ -233,10 +233,11 @@ def test_learning_curve_plots_task_runs_against_model_metrics(app, app_engine):
 def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch):
     queued = []
     monkeypatch.setattr("cellspot.jobs.enqueue_auto_round", lambda settings, project: queued.append(project))
+    project_id = demo_project(app_engine)[0]
     open_rounds(app)
-    app.toggle(key="auto_enabled").set_value(True)
-    app.number_input(key="auto_every").set_value(5)
-    app.selectbox(key="auto_strategy").set_value("crowd")
+    app.toggle(key=f"auto_enabled_{project_id}").set_value(True)
+    app.number_input(key=f"auto_every_{project_id}").set_value(5)
+    app.selectbox(key=f"auto_strategy_{project_id}").set_value("crowd")
     app.button(key="FormSubmitter:rounds_auto-Save").click().run()
     no_exception(app)
     assert "after every 5 new task runs" in texts(app.success)
@@ -249,6 +250,29 @@ def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch
     assert queued == ["demo"] and "Automatic round queued" in texts(app.success)
     assert "An automatic round is queued or running" in texts(app.info)
     assert app.button(key="rounds_auto_now").disabled
+
+
+def test_automatic_mode_form_shows_the_picked_projects_settings(app, app_engine):
+    from cellspot.store.queries import get_or_create_project
+
+    with Session(app_engine) as session, session.begin():
+        other = get_or_create_project(session, "other")
+        session.flush()
+        ar.set_auto_settings(session, other, enabled=True, every_runs=9)
+        other_id = other.id
+    demo_id = demo_project(app_engine)[0]
+    open_rounds(app)
+    app.number_input(key=f"auto_every_{demo_id}").set_value(5)  # typed, not saved
+    app.selectbox(key="r_project_pick").set_value(other_id).run()
+    no_exception(app)
+    assert app.toggle(key=f"auto_enabled_{other_id}").value
+    assert app.number_input(key=f"auto_every_{other_id}").value == 9
+    app.button(key="FormSubmitter:rounds_auto-Save").click().run()
+    no_exception(app)
+    with Session(app_engine) as session:
+        stored = ar.AutoSettings.from_project(session.get(Project, other_id))
+        demo = ar.AutoSettings.from_project(session.get(Project, demo_id))
+    assert (stored.enabled, stored.every_runs) == (True, 9) and not demo.enabled
 
 
 # --------------------------------------------------------------------------- helpers (pure)

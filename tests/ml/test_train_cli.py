@@ -186,6 +186,19 @@ def test_background_queues_a_job_and_models_cancel(settings, monkeypatch) -> Non
     get_huey(settings).flush()
 
 
+def test_background_with_a_queue_that_does_not_answer_fails_the_run(settings, monkeypatch) -> None:
+    fit = install(monkeypatch)
+    seed_project(settings)
+    monkeypatch.setenv("CELLSPOT_QUEUE_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    code, out = _run("train", "detector", "--background")
+    assert code == 1 and "Traceback" not in out
+    assert "the job queue redis://127.0.0.1:1/0 cannot take the job" in out
+    assert "detector-0001 is marked failed" in out and "cellspot models resume detector-0001" in out
+    run = load_run(settings, "detector-0001")
+    assert run.status == "failed" and run.error.startswith("could not be queued: the job queue redis://")
+    assert fit.calls == []
+
+
 def test_worker_shares_cpu_threads_between_workers(settings, monkeypatch) -> None:
     import os
 
