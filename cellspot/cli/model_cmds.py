@@ -209,8 +209,7 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
             wf.enqueue(settings, run_id, resume=True if must_resume else None, device=device)
         except JobQueueError as exc:
             raise click.ClickException(f"{exc}; {version} is marked failed: train without --background, or "
-                                       f"resume it with `cellspot models resume {version}` once the queue "
-                                       "answers") from None
+                                       "run this command again once the queue answers") from None
         click.echo(version)
         click.echo(f"queued {version} ({'resume' if must_resume else 'new'}); `cellspot worker` runs it", err=True)
         return

@@ -193,7 +193,7 @@ def test_background_with_a_queue_that_does_not_answer_fails_the_run(settings, mo
     code, out = _run("train", "detector", "--background")
     assert code == 1 and "Traceback" not in out
     assert "the job queue redis://127.0.0.1:1/0 cannot take the job" in out
-    assert "detector-0001 is marked failed" in out and "cellspot models resume detector-0001" in out
+    assert "detector-0001 is marked failed: train without --background, or run this command again" in out
     run = load_run(settings, "detector-0001")
     assert run.status == "failed" and run.error.startswith("could not be queued: the job queue redis://")
     assert fit.calls == []
