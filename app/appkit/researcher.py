@@ -7,6 +7,8 @@ same queries; pages clear the cache after they write.
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import streamlit as st
 
@@ -39,6 +41,23 @@ def project_results(url: str, project_id: int, min_confidence: float = 0.0) -> R
     with resources.session() as session:
         project = session.get(Project, project_id)
         return results(session, project, min_confidence=min_confidence)
+
+
+#: seconds within which the same request again is taken for a double click, not a new request
+REPEAT_WINDOW_S = 5.0
+
+
+def repeated(action: str, request: tuple) -> bool:
+    """True when ``action`` with the same ``request`` succeeded less than
+    :data:`REPEAT_WINDOW_S` ago in this session (see :func:`done`): a double click on a button
+    that queues work (a second training run, a second round) rather than a new request."""
+    last = st.session_state.get(f"done.{action}")
+    return last is not None and last[0] == request and time.monotonic() - last[1] < REPEAT_WINDOW_S
+
+
+def done(action: str, request: tuple) -> dict:
+    """The session state that records ``action``'s ``request`` as done now (for :func:`repeated`)."""
+    return {f"done.{action}": (request, time.monotonic())}
 
 
 def refresh() -> None:

@@ -73,8 +73,12 @@ with st.form("models_train", border=True):
     submitted = st.form_submit_button("Train", type="primary", icon=":material/model_training:")
     st.caption("Training runs in the background worker (`cellspot worker`); this page queues it and "
                "shows its progress.")
-if submitted:
-    act(lambda: f"{model_runs.train(project.name, kind, preset, epochs, source, fields_text)} queued.")
+train_request = (project.id, kind, preset, epochs, source, fields_text)
+if submitted and researcher.repeated("train", train_request):
+    st.info("This training was queued a moment ago (a double click?), so it was not queued again.")
+elif submitted:
+    act(lambda: f"{model_runs.train(project.name, kind, preset, epochs, source, fields_text)} queued.",
+        remember=researcher.done("train", train_request))
 
 
 
@@ -221,9 +225,13 @@ missing = model_runs.missing_model(project.id)
 predict_key = f"models_predict_since_{project.id}"
 if st.button("Predict project", key="models_predict", icon=":material/batch_prediction:", disabled=missing is not None,
              help="Queue a job that finds and classifies the cells of every image with the active models"):
-    # remembered only once the job is queued, and per project: the watch below belongs to this one
-    act(model_runs.predict, project.name, active["detector"], active["classifier"],
-        remember={predict_key: datetime.now(timezone.utc)})
+    request = (project.id, active["detector"], active["classifier"])
+    if researcher.repeated("predict", request):
+        st.info("This prediction was queued a moment ago (a double click?), so it was not queued again.")
+    else:
+        # remembered only once the job is queued, and per project: the watch below belongs to this one
+        act(model_runs.predict, project.name, active["detector"], active["classifier"],
+            remember={predict_key: datetime.now(timezone.utc), **researcher.done("predict", request)})
 if missing:
     st.caption(f"Predict project needs an active classifier and detector (train and promote them above): {missing}")
 

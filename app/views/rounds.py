@@ -27,13 +27,15 @@ if notice:
     st.success(notice)
 
 
-def act(action, *args) -> None:
-    """Run a page action; its message is shown after the rerun, its error at once."""
+def act(action, *args, remember: dict | None = None) -> None:
+    """Run a page action; its message is shown after the rerun, its error at once. ``remember``:
+    session state to set only when the action succeeded."""
     try:
         st.session_state["rounds_notice"] = action(*args)
     except ERRORS as exc:
         st.error(str(exc))
         return
+    st.session_state.update(remember or {})
     researcher.refresh()
     st.rerun()
 
@@ -62,8 +64,12 @@ with st.form("rounds_open", border=True):
              "images, and an image comes back in a later round while the crowd still disputes it.")
     st.caption(rounds_view.models_caption(rounds_view.sources(URL, project.id)))
     submitted = st.form_submit_button("Open round", type="primary", icon=":material/playlist_add:")
-if submitted:
-    act(rounds_view.open_round, project.id, strategy, top, target_runs)
+round_request = (project.id, strategy, top, target_runs)
+if submitted and researcher.repeated("open_round", round_request):
+    st.info("This round was opened a moment ago (a double click?), so no second round was opened.")
+elif submitted:
+    act(rounds_view.open_round, project.id, strategy, top, target_runs,
+        remember=researcher.done("open_round", round_request))
 
 
 # --------------------------------------------------------------------------- current round

@@ -254,6 +254,25 @@ def test_after_predict_the_page_waits_for_the_new_predictions_then_shows_them(ap
     assert table(app, "viability_pct")["dead"].sum() == 1
 
 
+def test_a_double_click_on_train_queues_one_run_and_a_later_click_another(app, app_engine, monkeypatch):
+    from appkit import researcher
+
+    queued = []
+    monkeypatch.setattr("cellspot.workflows.models.enqueue", lambda settings, run_id, **kw: queued.append(run_id))
+    open_models(app)
+    button(app, "Train").click().run()
+    button(app, "Train").click().run()  # the second click of a double click
+    no_exception(app)
+    assert len(queued) == 1 and len(runs_in_store(app_engine)) == 1
+    assert "queued a moment ago (a double click?)" in texts(app.info)
+    app.number_input(key="train_epochs").set_value(2)  # another request: queued at once
+    button(app, "Train").click().run()
+    assert len(queued) == 2
+    monkeypatch.setattr(researcher, "REPEAT_WINDOW_S", 0.0)  # the same request, later
+    button(app, "Train").click().run()
+    assert len(queued) == 3 and len(runs_in_store(app_engine)) == 3
+
+
 def test_a_prediction_that_could_not_be_queued_is_not_awaited(app, app_engine, monkeypatch):
     from cellspot.jobs import JobQueueError
 

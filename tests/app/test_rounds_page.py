@@ -252,6 +252,16 @@ def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch
     assert app.button(key="rounds_auto_now").disabled
 
 
+def test_a_double_click_on_open_round_opens_one_round(app, app_engine):
+    open_rounds(app)
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    assert "opened a moment ago (a double click?)" in texts(app.info)
+    with Session(app_engine) as session:
+        assert len(wr.history(session, "demo")) == 1
+
+
 def test_automatic_mode_form_shows_the_picked_projects_settings(app, app_engine):
     from cellspot.store.queries import get_or_create_project
 
