@@ -195,6 +195,7 @@ class Setup:
     radius: float
     positions: pd.DataFrame | None = None  # LDC: image, x, y, score of the pool cells the classifier scores
     crops: np.ndarray | None = None  # LDC: (n_positions, S, S, 3) crops at ``positions``
+    positions_threshold: float | None = None  # LDC: the peak threshold of the detector that found them
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -290,6 +291,7 @@ def ldc_positions(setup: Setup, seed_cells: pd.DataFrame, args: argparse.Namespa
                                device=args.device)
             det = load_detector(folder, device=args.device)
             pos = detect_pool(det, setup)
+            setup.positions_threshold = float(det.params["peak_threshold"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         seconds = time.perf_counter() - start
@@ -427,13 +429,14 @@ def train_eval(setup: Setup, labelled: dict[str, pd.DataFrame], args: argparse.N
     return mean_metrics(per), models[0], [m.get(METRIC[setup.ds.name], float("nan")) for m in per]
 
 
-def model_cells(setup: Setup, model: Any) -> pd.DataFrame:
+def model_cells(setup: Setup, model: Any) -> tuple[pd.DataFrame, float | None]:
     """The model's cells on the pool: LDC ``p_alive`` of the classifier at the positions
-    (with the positions' detector score), DSB the detector's cells with their score."""
+    (with the positions' detector score), DSB the detector's cells with their score; and the
+    peak threshold of the detector behind the scores (None: unknown, e.g. true positions)."""
     if setup.ds.name == "ldc":
         p = model.predict_crops(setup.crops) if len(setup.crops) else np.empty(0)
-        return setup.positions.assign(p_alive=np.asarray(p, float))
-    return detect_pool(model, setup)
+        return setup.positions.assign(p_alive=np.asarray(p, float)), setup.positions_threshold
+    return detect_pool(model, setup), float(model.params["peak_threshold"])
 
 
 # --------------------------------------------------------------------------------- rounds
@@ -486,6 +489,7 @@ def run_arm(setup: Setup, arm: str, args: argparse.Namespace, plan: dict[str, in
     """One strategy's learning curve on one seed: a record per round."""
     from cellspot.active import build_signals
     from cellspot.active.rounds import QUEUE_DIVERSITY
+    from cellspot.active.signals import DETECTOR_THRESHOLD
     from cellspot.active.simulation import candidates, choose_batch
 
     name, k = parse_arm(arm, args)
@@ -518,12 +522,14 @@ def run_arm(setup: Setup, arm: str, args: argparse.Namespace, plan: dict[str, in
                 retired = retired_images(cells, runs, clicks, labelled, bank.depth)
                 allowed = candidates(n_runs, k=k, depth=bank.depth, retired=retired,
                                      unlabelled_only=strategy == "random")
-                predicted = None if strategy in MODEL_FREE or model is None else model_cells(setup, model)
+                predicted, threshold = ((None, None) if strategy in MODEL_FREE or model is None
+                                        else model_cells(setup, model))
                 t3 = time.perf_counter()
                 images = pd.DataFrame({"image": setup.pool, "n_runs": [n_runs[n] for n in setup.pool]})
                 signals = build_signals(images, cells[cells["image"].isin(set(setup.pool))], predicted,
                                         predicted_images=setup.pool if predicted is not None else None,
-                                        radius=signal_radius(params))
+                                        radius=signal_radius(params),
+                                        detector_threshold=threshold or DETECTOR_THRESHOLD)
                 batch = choose_batch(strategy, signals, allowed, batch_size, seed=setup.seed * 1000 + rnd,
                                      diversity=diversity)
                 chosen = batch["image"].astype(str).tolist()

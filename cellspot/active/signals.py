@@ -17,8 +17,9 @@ Columns of the table (:data:`SIGNAL_COLUMNS` after the caller's image columns):
   ``mean_confidence``, ``min_confidence``, ``mean_split`` = mean ``|p_alive - 0.5|``,
   ``support_frac`` = mean ``support / n_runs``, ``cell_doubt`` = mean ``1 - |2 p_cell - 1|``,
   ``crowd_alive_frac`` = fraction with ``p_alive >= 0.5``.
-* model, over the predicted cells (NaN when no model has seen the image; 0 for an image
-  predicted empty): ``n_pred_cells``, ``pred_alive_frac``, ``entropy_mean|max|sum`` of
+* model, over the predicted cells (NaN when no model has seen the image; an image predicted
+  empty has ``n_pred_cells`` 0 and NaN for the rest): ``n_pred_cells``, ``pred_alive_frac``,
+  ``entropy_mean|max|sum`` of
   ``H(p_alive)`` in bits, ``margin_mean|max|sum`` of ``1 - |2 p_alive - 1|``,
   ``det_near_mean`` = mean ``1 - |score - t| / max(t, 1 - t)``; ``has_model``.
 * model vs crowd (NaN unless both): consensus cells with ``p_cell >= 0.5`` matched one-to-one
@@ -46,7 +47,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MATCH_RADIUS = 20.0
 """px: a predicted cell and a consensus cell closer than this are the same cell (used when
 the snapshot records no radius)."""
-DETECTOR_THRESHOLD = 0.5
+DETECTOR_THRESHOLD = 0.3
+"""The detection threshold ``t`` of ``det_near_mean`` when the detector's own is unknown: the
+default ``peak_threshold`` of :func:`cellspot.ml.postprocess.postprocess` (a cell's ``score`` is
+the height of its centre-map peak, about 1 for a clear cell and ``t`` for the faintest one kept)."""
 MODEL_CONFIDENT = 0.8
 CROWD_CONFIDENT = 0.8
 CROWD_COLUMNS = ["n_cells_consensus", "mean_confidence", "min_confidence", "mean_split", "support_frac",
@@ -114,8 +118,9 @@ def build_signals(
     model_stats = _model_stats(model, detector_threshold).reindex(names).reset_index(drop=True)
     out[MODEL_COLUMNS] = model_stats[MODEL_COLUMNS]
     empty_pred = out["has_model"] & out["n_pred_cells"].isna()
-    zero = [c for c in MODEL_COLUMNS if c != "pred_alive_frac"]
-    out.loc[empty_pred, zero] = 0.0
+    # predicted empty: 0 cells, but no uncertainty measure -- with no cell there is nothing to be
+    # sure of, and 0 would rank an image the model may have failed on as its most certain one
+    out.loc[empty_pred, "n_pred_cells"] = 0.0
 
     pairs = match_table(crowd, model, radius, model_confident=model_confident, crowd_confident=crowd_confident)
     match = _match_stats(crowd, model, pairs).reindex(names).reset_index(drop=True)
@@ -301,7 +306,9 @@ def image_signals(
         model = model_cells_frame(session, project, pair[0], pair[1])
         predicted = _predicted_images(images, model)
     r = float(radius) if radius is not None else snapshot_radius(snap)
-    table = build_signals(images.drop(columns=["created_at"]), crowd, model, predicted_images=predicted, radius=r)
+    threshold = detector_threshold(session, pair[0] if pair else None)
+    table = build_signals(images.drop(columns=["created_at"]), crowd, model, predicted_images=predicted, radius=r,
+                          detector_threshold=threshold)
     versions = _versions(session, pair)
     table.attrs["sources"] = SignalSources(
         project.name, snap.id if snap is not None else None, pair[0] if pair else None, pair[1] if pair else None,
@@ -482,6 +489,30 @@ def _predicted_images(images: pd.DataFrame, model: pd.DataFrame) -> set[str]:
     created = pd.to_datetime(images["created_at"], utc=True)
     older = images.loc[images["has_pixels"] & (created <= newest), "image"].astype(str)
     return found | set(older)
+
+
+def detector_threshold(session: Any, run_id: int | None, settings: Any = None) -> float:
+    """The peak threshold the detector run ``run_id`` detects with (its ``config.json``'s tuned
+    ``postprocess``), else :data:`DETECTOR_THRESHOLD` (no run, or its folder is gone)."""
+    import json
+
+    from cellspot.ml import registry
+    from cellspot.ml.files import CONFIG_FILE
+    from cellspot.settings import get_settings
+    from cellspot.store.models import ModelRun
+
+    run = session.get(ModelRun, run_id) if run_id is not None else None
+    if run is None:
+        return DETECTOR_THRESHOLD
+    path = registry.model_dir(settings or get_settings(), run) / CONFIG_FILE
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("postprocess", {}).get("peak_threshold")
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("detector %s: no peak threshold in %s (%s); using %g", run.version, path, exc,
+                    DETECTOR_THRESHOLD)
+        return DETECTOR_THRESHOLD
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < float(value) < 1.0
+    return float(value) if ok else DETECTOR_THRESHOLD
 
 
 def _versions(session: Any, pair: tuple[int | None, int | None] | None) -> tuple[str | None, str | None]:

@@ -164,14 +164,14 @@ def choose_batch(
     """The ``n`` images to label next among ``allowed``, best first.
 
     ``signals`` (the signal table of every pool image, :func:`cellspot.active.build_signals`)
-    is scored as a whole with ``strategy`` (normalisations such as ranks use the whole
-    pool, as the round queue does), then restricted to ``allowed`` and passed to
-    :func:`cellspot.active.select.select_batch` with ``diversity``. Returns the chosen score
+    is restricted to ``allowed`` and scored with ``strategy`` (normalisations such as ranks
+    see the candidates only, as the round queue scores only the servable images), then passed
+    to :func:`cellspot.active.select.select_batch` with ``diversity``. Returns the chosen score
     rows (``image, score, strategy, reason, ..., batch_rank, novelty``).
     """
     keep = set(map(str, allowed))
+    signals = signals[signals["image"].astype(str).isin(keep)].reset_index(drop=True)
     scored = score_images(strategy, signals, seed=seed)
-    scored = scored[scored["image"].astype(str).isin(keep)].reset_index(drop=True)
     if scored.empty or n <= 0:
         return scored.iloc[:0].assign(batch_rank=pd.Series(dtype="int64"), novelty=pd.Series(dtype=float))
     return select_batch(scored, n=min(n, len(scored)), signals=signals, diversity=diversity)

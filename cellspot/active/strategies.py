@@ -43,7 +43,9 @@ Formulas (``H(p) = -p log2 p - (1-p) log2 (1-p)``, bits; means are over an image
     A weighted mean of normalised signals over those defined for the image:
     ``sum_k w_k r_k / sum_k w_k`` with the weights :data:`DEFAULT_WEIGHTS` (crowd 0.35,
     coverage 0.15, classifier 0.25, detector 0.15, conflict 0.10); ``r_k`` is the rank of
-    strategy ``k``'s score scaled to [0, 1] (:func:`rank01`), except coverage, used as it is.
+    strategy ``k``'s score scaled to [0, 1] (:func:`rank01`), except coverage, used as it is. A
+    component with the same value on every image where it is defined (e.g. no conflict
+    anywhere) tells the images apart no better than nothing and counts as undefined.
     Component columns: ``crowd_rank``, ``coverage``, ``classifier_rank``, ``detector_rank``,
     ``conflict_rank``.
     Before any model exists only crowd and coverage are defined, so the blend is
@@ -52,6 +54,7 @@ Formulas (``H(p) = -p log2 p - (1-p) log2 (1-p)``, bits; means are over an image
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping
@@ -154,7 +157,9 @@ def score_images(
     columns the strategy reads (:mod:`cellspot.active.signals`). ``params`` go to the
     strategy function (e.g. ``agg="max"``; an unknown one raises :class:`TypeError` listing
     the accepted ones). Returns :data:`SCORE_COLUMNS` then the strategy's component columns,
-    sorted by score (NaN last), ties by image name.
+    sorted by score (NaN last), ties in a pseudo-random order drawn from ``seed`` (:func:`tie_order`;
+    not by name: names often carry the source or condition, and a tie is common, e.g. every
+    unlabelled image before any model exists).
     """
     spec = get_strategy(strategy)
     _check_params(spec, params)
@@ -170,9 +175,18 @@ def score_images(
                         "strategy": strategy, "reason": parts["reason"].to_numpy()})
     extra = parts.drop(columns=["score", "reason"]).reset_index(drop=True)
     out = pd.concat([out, extra], axis=1)
-    out = out.sort_values(["score", "image"], ascending=[False, True], na_position="last", kind="stable")
+    out["_tie"] = tie_order(out["image"], seed)
+    out = out.sort_values(["score", "_tie"], ascending=[False, True], na_position="last",
+                          kind="stable").drop(columns="_tie")
     log.info("scored %d images with %s (%d without a score)", len(out), strategy, int(out["score"].isna().sum()))
     return out.reset_index(drop=True)
+
+
+def tie_order(images: pd.Series, seed: int = 0) -> np.ndarray:
+    """``(n,)`` uint64 keys that order ``images`` pseudo-randomly: a hash of ``(seed, name)``, so
+    the order is the same for the same seed whatever the row order, and unrelated to the names."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest(), "big")
+                     for name in images.astype(str)], dtype=np.uint64)
 
 
 def _check_params(spec: Strategy, params: Mapping[str, Any]) -> None:
@@ -303,8 +317,9 @@ def _classifier(signals: pd.DataFrame, ctx: Context, measure: str = "entropy", a
     score = _num(signals, column)
     n = _num(signals, "n_pred_cells")
     reason = [
-        "no model prediction" if not np.isfinite(v) else f"classifier {measure} {agg} {v:.2f} over {int(c)} cells"
-        for v, c in zip(score, np.nan_to_num(n))
+        ("the model found no cell" if c == 0 else "no model prediction") if not np.isfinite(v) else
+        f"classifier {measure} {agg} {v:.2f} over {int(c)} cells"
+        for v, c in zip(score, n)
     ]
     return _frame(score, reason, **{column: score})
 
@@ -331,11 +346,12 @@ def detector_uncertainty(signals: pd.DataFrame, ctx: Context, mismatch_weight: f
         mismatch = np.where(union > 0, (only_m + only_c) / union, np.where(np.isfinite(union), 0.0, np.nan))
     both = (1 - mismatch_weight) * near + mismatch_weight * mismatch
     score = np.where(np.isfinite(both), both, np.where(np.isfinite(near), near, mismatch))
+    n = _num(signals, "n_pred_cells") if "n_pred_cells" in signals.columns else np.full(len(signals), np.nan)
     reason = [
-        "no model prediction" if not np.isfinite(s) else
+        ("the model found no cell" if k == 0 else "no model prediction") if not np.isfinite(s) else
         f"detections near threshold {_fmt(a)}" + ("" if not np.isfinite(m) else
                                                    f"; {int(b)} model-only, {int(c)} crowd-only cells")
-        for s, a, m, b, c in zip(score, near, mismatch, np.nan_to_num(only_m), np.nan_to_num(only_c))
+        for s, a, m, b, c, k in zip(score, near, mismatch, np.nan_to_num(only_m), np.nan_to_num(only_c), n)
     ]
     return _frame(score, reason, det_near=near, mismatch=mismatch)
 
@@ -425,6 +441,12 @@ def combined(signals: pd.DataFrame, ctx: Context, weights: Mapping[str, float] |
         try:
             raw = _COMPONENTS[name](signals, ctx)["score"].to_numpy(float)
         except MissingSignalError:
+            raw = np.full(len(signals), np.nan)
+        defined = raw[np.isfinite(raw)]
+        if name != "coverage" and len(defined) and np.all(defined == defined[0]):
+            # the same value for every image (no conflict anywhere, one image): it tells no image
+            # from another, and ranked it would be 0 for all, pulling down only the images where
+            # it is defined; so it counts as undefined
             raw = np.full(len(signals), np.nan)
         norm[name] = raw if name == "coverage" else rank01(raw)
     values = np.column_stack(list(norm.values())) if norm else np.zeros((len(signals), 0))

@@ -134,12 +134,35 @@ def test_signals_from_the_store(session, project, stocked) -> None:
     }
 
 
+def test_near_threshold_uses_the_detectors_own_peak_threshold(session, project, stocked, settings) -> None:
+    import json
+
+    from cellspot.active.signals import DETECTOR_THRESHOLD, detector_threshold
+    from cellspot.ml.registry import model_dir
+
+    _, _, det, _ = stocked
+    assert detector_threshold(session, det.id) == DETECTOR_THRESHOLD  # no checkpoint folder
+    assert detector_threshold(session, None) == DETECTOR_THRESHOLD
+    folder = model_dir(settings, det)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"postprocess": {"peak_threshold": 0.2}}))
+    assert detector_threshold(session, det.id) == 0.2
+    rows = image_signals(session, "p").set_index("image")  # CELLSPOT_HOME is the settings' home
+    scores = pd.DataFrame(MODEL, columns=["image", "x", "y", "p_alive", "score"]).groupby("image")["score"]
+    expected = scores.apply(lambda s: float(np.mean(1 - np.abs(s - 0.2) / 0.8)))
+    assert len(expected) == 4
+    for image, value in expected.items():
+        assert rows.loc[f"{image}.png", "det_near_mean"] == pytest.approx(value), image
+
+
 KINDS = {
     # unlabelled, predicted: model-only signals
     "new.png": {"has_crowd": False, "has_model": True, "n_pred_cells": 1, "entropy_mean": 1.0,
                 "min_confidence": np.nan, "n_conflicts": pd.NA},
-    # predicted, no cell found: zeros, not unknowns
-    "empty.png": {"has_crowd": False, "has_model": True, "n_pred_cells": 0, "entropy_max": 0.0},
+    # predicted, no cell found: no cells, and no uncertainty measure (not a certain 0, which would
+    # rank an image the model may have failed on as its surest)
+    "empty.png": {"has_crowd": False, "has_model": True, "n_pred_cells": 0, "entropy_max": np.nan,
+                  "margin_sum": np.nan, "det_near_mean": np.nan},
     # labelled, no pixels: crowd only
     "nopix.png": {"has_crowd": True, "has_model": False, "n_cells_consensus": 0, "entropy_mean": np.nan},
 }

@@ -11,6 +11,7 @@ import pytest
 from cellspot.active.signals import build_signals
 from cellspot.active.strategies import (
     DEFAULT_STRATEGY,
+    DEFAULT_WEIGHTS,
     SCORE_COLUMNS,
     STRATEGIES,
     MissingSignalError,
@@ -33,7 +34,7 @@ MODEL = [
     ("sure", 11, 10, 0.97, 0.95), ("sure", 50, 52, 0.03, 0.95),
     ("unsure", 10, 11, 0.50, 0.55), ("unsure", 51, 50, 0.45, 0.52), ("unsure", 90, 90, 0.50, 0.51),
     ("conflict", 10, 10, 0.03, 0.95), ("conflict", 50, 50, 0.02, 0.95),
-    ("new", 20, 20, 0.50, 0.50),
+    ("new", 20, 20, 0.50, 0.30),  # a peak at the detector's threshold (0.3 by default): the least sure
 ]
 
 
@@ -107,6 +108,51 @@ def test_detector_counts_cells_missed_by_either_side(signals: pd.DataFrame) -> N
     assert ranked.loc["sure", "mismatch"] == 0.0
     assert ranked.loc["new", "score"] == pytest.approx(1.0)  # score at the threshold, no crowd
     assert "1 model-only" in ranked.loc["unsure", "reason"]
+
+
+def test_detector_doubt_is_highest_just_above_the_detectors_threshold() -> None:
+    """A cell's score is its centre-map peak, kept from the threshold t up to about 1: the
+    faintest detections are the doubtful ones, whatever t the detector was tuned to."""
+    model = pd.DataFrame({"image": ["faint", "middle", "clear"], "x": 5.0, "y": 5.0, "score": [0.31, 0.5, 0.98]})
+    images = pd.DataFrame({"image": ["faint", "middle", "clear"], "n_runs": 0})
+    for t in (0.3, 0.15):
+        ranked = score_images("detector", build_signals(images, None, model, detector_threshold=t))
+        assert ranked["image"].tolist() == ["faint", "middle", "clear"], t
+    low = build_signals(images, None, model, detector_threshold=0.3).set_index("image")["det_near_mean"]
+    assert low["faint"] == pytest.approx(1 - 0.01 / 0.7) and low["clear"] == pytest.approx(1 - 0.68 / 0.7)
+
+
+def test_an_image_predicted_empty_is_not_the_surest() -> None:
+    images = pd.DataFrame({"image": ["empty", "sure", "unsure"], "n_runs": 0})
+    model = pd.DataFrame({"image": ["sure", "unsure"], "x": 5.0, "y": 5.0, "p_alive": [0.99, 0.5],
+                          "score": [0.95, 0.35]})
+    signals = build_signals(images, None, model, predicted_images=["empty", "sure", "unsure"])
+    for strategy in ("classifier", "detector"):
+        row = score_images(strategy, signals).set_index("image").loc["empty"]
+        assert np.isnan(row["score"]) and row["reason"] == "the model found no cell", strategy
+    combined = score_images(DEFAULT_STRATEGY, signals).set_index("image")
+    assert combined.loc["empty", "score"] > combined.loc["sure", "score"]  # coverage alone, not a certain 0
+
+
+def test_ties_are_not_broken_by_name() -> None:
+    """Before any model every unlabelled image ties on coverage: names (which often carry the
+    source or condition) must not decide, and the seed must."""
+    names = [f"a_{i:02d}" for i in range(20)] + [f"z_{i:02d}" for i in range(20)]
+    signals = build_signals(pd.DataFrame({"image": names, "n_runs": 0}))
+    firsts = [score_images(DEFAULT_STRATEGY, signals, seed=s)["image"].tolist()[:20] for s in range(5)]
+    assert all(sum(n.startswith("z_") for n in first) >= 3 for first in firsts)
+    assert len({tuple(first) for first in firsts}) == 5
+    again = score_images(DEFAULT_STRATEGY, signals.iloc[::-1], seed=2)["image"].tolist()[:20]
+    assert again == firsts[2]  # the same seed, whatever the row order
+
+
+def test_combined_ignores_a_component_that_is_the_same_everywhere(signals: pd.DataFrame) -> None:
+    calm = signals.assign(conflict_mass=np.where(signals["conflict_mass"].notna(), 0.0, np.nan))
+    ranked = score_images(DEFAULT_STRATEGY, calm).set_index("image")
+    assert ranked["conflict_rank"].isna().all()  # no conflict anywhere: it tells no image apart
+    without = score_images(DEFAULT_STRATEGY, calm, weights={k: w for k, w in DEFAULT_WEIGHTS.items()
+                                                           if k != "conflict"}).set_index("image")
+    assert ranked["score"].to_dict() == pytest.approx(without["score"].to_dict())
 
 
 def test_conflict_flags_the_crafted_conflict(signals: pd.DataFrame) -> None:
