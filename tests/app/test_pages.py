@@ -405,13 +405,16 @@ def test_review_adjudication_stores_expert_cells(app, app_engine):
     assert moved and moved[0].label == new_label and moved[0].source == "adjudication"
 
 
-def test_review_apply_needs_a_cell_except_to_add_one(app, app_engine):
+def open_review(app):
+    """The Review page of a researcher at its first image: ``(canvas key, view, cells table)``."""
     login(app)
     app.switch_page("views/review.py").run()
-    image_id = app.selectbox(key="review_image").value
-    key = f"review-canvas-{image_id}"
-    view = app.session_state[f"{key}.view"]
-    cells = app.dataframe[-1].value
+    key = f"review-canvas-{app.selectbox(key='review_image').value}"
+    return key, app.session_state[f"{key}.view"], app.dataframe[-1].value
+
+
+def test_review_apply_needs_a_cell_except_to_add_one(app, app_engine):
+    key, view, cells = open_review(app)
     far = max(((x, y) for x in (2.0, view.width / 2, view.width - 2) for y in (2.0, view.height / 2, view.height - 2)),
               key=lambda p: ((cells["x"] - p[0]) ** 2 + (cells["y"] - p[1]) ** 2).min())
     app.session_state[key] = {"x": far[0], "y": far[1], "width": view.width, "height": view.height, "unix_time": 8}
@@ -429,12 +432,7 @@ def test_review_apply_needs_a_cell_except_to_add_one(app, app_engine):
 def test_review_picks_a_cell_by_its_marker_size_on_screen(app, shown_width, picked):
     """A click 12 image px from a cell: on the marker when the image is shown at half size
     (12 image px = 6 screen px), beside it when shown at twice the size (24 screen px)."""
-    login(app)
-    app.switch_page("views/review.py").run()
-    image_id = app.selectbox(key="review_image").value
-    key = f"review-canvas-{image_id}"
-    view = app.session_state[f"{key}.view"]
-    cells = app.dataframe[-1].value
+    key, view, cells = open_review(app)
     others = cells.drop(index=cells.index[0])
     x, y = float(cells["x"].iloc[0]) + 12.0, float(cells["y"].iloc[0])
     if len(others):  # the click must not be near another cell
