@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import streamlit as st
 
 from appkit import resources
-from cellspot.workflows.classroom import ClassNotFoundError, InvalidNicknameError, join_class
+from cellspot.store.models import Annotator
+from cellspot.workflows.classroom import ClassNotFoundError, InvalidNicknameError, join_class, student_progress
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ def join(class_code: str, nickname: str) -> Student:
                             class_code=student.class_code)
     st.query_params.update({"class": student.class_code, "nick": student.nickname})
     return student
+
+
+def runs_of(student: Student) -> int:
+    """How many task runs ``student`` has submitted (in any session)."""
+    with resources.session() as session:
+        return student_progress(session, session.get(Annotator, student.annotator_id)).done_total
 
 
 def restore_student_from_url() -> None:

@@ -24,8 +24,16 @@ with st.form("join", enter_to_submit=True):
 
 if joined:
     try:
-        roles.join(code, nickname)
+        student = roles.join(code, nickname)
     except (ClassNotFoundError, InvalidNicknameError) as exc:
         st.error(str(exc).capitalize() if str(exc)[:1].islower() else str(exc))
     else:
+        # a nickname that has labelled before continues that student's work: say so, since two
+        # students of one class who type the same nickname become one annotator
+        done = roles.runs_of(student)
+        if done:
+            st.session_state["welcome_back"] = (
+                f"Welcome back, {student.nickname}: the {done} image(s) labelled with this nickname "
+                f"in class {student.class_code} count as yours. Not you? Press Leave and join with "
+                "another nickname.")
         st.rerun()  # the navigation now offers the student pages, the tutorial first

@@ -16,10 +16,13 @@ student = roles.require_student()
 
 def _to_labelling() -> None:
     st.session_state["tutorial_done"] = True
+    st.session_state.pop("welcome_back", None)
     st.switch_page("views/label.py")
 
 
 st.title("How to spot cells")
+if "welcome_back" in st.session_state:  # set by the join page for a nickname with earlier work
+    st.info(st.session_state["welcome_back"], icon=":material/waving_hand:")
 if st.button("Skip the tutorial", key="skip", help="Go straight to labelling."):
     _to_labelling()
 

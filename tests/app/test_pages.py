@@ -89,6 +89,25 @@ def test_join_creates_the_student_and_opens_the_tutorial(app, app_engine):
     assert count(app_engine, Annotator, Annotator.nickname == "Ana", Annotator.role == "student") == 1
 
 
+def test_joining_with_a_nickname_that_has_work_says_welcome_back(app, app_engine):
+    with Session(app_engine) as session:
+        nickname, class_code, runs = session.execute(
+            select(Annotator.nickname, Annotator.class_code, func.count(TaskRun.id))
+            .join(TaskRun, TaskRun.annotator_id == Annotator.id)
+            .where(Annotator.role == "student").group_by(Annotator.id).limit(1)).one()
+    assert runs > 0
+    join(app, code=class_code, nickname=nickname)
+    assert (f"Welcome back, {nickname}: the {runs} image(s) labelled with this nickname in class {class_code} "
+            "count as yours. Not you? Press Leave") in texts(app.info)
+    app.button(key="skip").click().run()
+    assert "welcome_back" not in app.session_state
+
+
+def test_a_new_nickname_gets_no_welcome_back(app):
+    join(app, nickname="zed")
+    assert "Welcome back" not in texts(app.info)
+
+
 @pytest.mark.parametrize(("code", "nickname", "message"), [
     ("NOPE", "ana", "no class has the code"),
     ("", "ana", "class code is empty"),
