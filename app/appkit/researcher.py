@@ -60,6 +60,21 @@ def done(action: str, request: tuple) -> dict:
     return {f"done.{action}": (request, time.monotonic())}
 
 
+def act(notice_key: str, errors: tuple[type[Exception], ...], action, *args, remember: dict | None = None) -> None:
+    """Run a page action: its message goes to ``st.session_state[notice_key]`` for the page to
+    show after the rerun, an error of ``errors`` is shown at once (and nothing is remembered);
+    ``remember``: session state to set only when the action succeeded. Forgets the cached
+    summaries before the rerun."""
+    try:
+        st.session_state[notice_key] = action(*args)
+    except errors as exc:
+        st.error(str(exc))
+        return
+    st.session_state.update(remember or {})
+    refresh()
+    st.rerun()
+
+
 def refresh() -> None:
     """Forget the cached summaries (after a write)."""
     for cached in (projects, activity, project_results):

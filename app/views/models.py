@@ -8,6 +8,8 @@ their own every 2 s (``st.fragment(run_every=...)``); the rest of the page does 
 
 from __future__ import annotations
 
+from functools import partial
+
 from datetime import datetime, timezone
 
 import pandas as pd
@@ -42,16 +44,7 @@ if notice:
     st.success(notice)
 
 
-def act(action, *args, remember: dict | None = None) -> None:
-    """Run a page action; its message is shown after the rerun, its error at once. ``remember``:
-    session state to set only when the action succeeded."""
-    try:
-        st.session_state["models_notice"] = action(*args)
-    except ERRORS as exc:
-        st.error(str(exc))
-        return
-    st.session_state.update(remember or {})
-    st.rerun()
+act = partial(researcher.act, "models_notice", ERRORS)  # message after the rerun, error at once
 
 
 # --------------------------------------------------------------------------- train

@@ -100,7 +100,7 @@ with side_col:
     to_consensus = back.button("Back to consensus", key="review_clear", disabled=not review.expert,
                                help="Remove this image's expert cells")
     # expert cells imported from a file are ground truth that no click can bring back: ask first
-    imported_from = cells["source"][cells["source"] != "adjudication"] if review.expert else cells["source"][:0]
+    imported_from = cells.loc[cells["source"] != "adjudication", "source"] if review.expert else []
     imported = len(imported_from)
     confirm_key = f"review_confirm_clear-{image_id}"
     if to_consensus and imported and not st.session_state.get(confirm_key):

@@ -8,6 +8,8 @@ automatic mode runs in the background worker (``cellspot worker``).
 
 from __future__ import annotations
 
+from functools import partial
+
 import streamlit as st
 from appkit import researcher, roles, rounds_view
 
@@ -27,17 +29,7 @@ if notice:
     st.success(notice)
 
 
-def act(action, *args, remember: dict | None = None) -> None:
-    """Run a page action; its message is shown after the rerun, its error at once. ``remember``:
-    session state to set only when the action succeeded."""
-    try:
-        st.session_state["rounds_notice"] = action(*args)
-    except ERRORS as exc:
-        st.error(str(exc))
-        return
-    st.session_state.update(remember or {})
-    researcher.refresh()
-    st.rerun()
+act = partial(researcher.act, "rounds_notice", ERRORS)  # message after the rerun, error at once
 
 
 strategies = rounds_view.strategies()

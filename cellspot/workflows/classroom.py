@@ -407,13 +407,18 @@ def day_start(now: datetime | None = None) -> datetime:
     return local.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+def runs_submitted(session: Session, annotator: Annotator, since: datetime | None = None) -> int:
+    """How many task runs ``annotator`` has submitted (since ``since``, when given)."""
+    mine = select(func.count()).select_from(TaskRun).where(TaskRun.annotator_id == annotator.id)
+    return int(session.scalar(mine if since is None else mine.where(TaskRun.submitted_at >= since)) or 0)
+
+
 def student_progress(session: Session, annotator: Annotator, now: datetime | None = None) -> Progress:
     """Runs of ``annotator`` today and in total, runs of its class (same project and class
     code) today, and the images still open to it. "Today" starts at local midnight."""
     since = day_start(now)
-    mine = select(func.count()).select_from(TaskRun).where(TaskRun.annotator_id == annotator.id)
-    done_total = session.scalar(mine) or 0
-    done_today = session.scalar(mine.where(TaskRun.submitted_at >= since)) or 0
+    done_total = runs_submitted(session, annotator)
+    done_today = runs_submitted(session, annotator, since)
     classmates = select(Annotator.id).where(Annotator.project_id == annotator.project_id,
                                             Annotator.class_code == annotator.class_code)
     class_today = session.scalar(
@@ -496,6 +501,6 @@ __all__ = [
     "ClassNotFoundError", "Example", "FeedbackCell", "GoldFeedback", "ImageNotFoundError",
     "InvalidNicknameError", "Progress", "SubmitResult", "compare_with_gold", "day_start",
     "feedback_radius", "find_class", "get_project_image", "gold_image_ids", "join_class",
-    "next_image", "normalize_class_code", "normalize_nickname", "student_progress",
+    "next_image", "normalize_class_code", "normalize_nickname", "runs_submitted", "student_progress",
     "submit_run", "tutorial_examples",
 ]
