@@ -269,6 +269,10 @@ def test_detector_config_negates_dark_nuclei_on_dsb_only(al) -> None:
                for name in ("ldc", "dsb")}
     assert (configs["ldc"].polarity, configs["dsb"].polarity) == ("keep", "auto")
     assert all(c.target == "disk" and c.radius == 7.0 and not c.tta for c in configs.values())
+    # the per-dataset detector budget: DSB2018 6 epochs per round, LDC's positions detector 2 x 3
+    assert (configs["ldc"].epochs, configs["dsb"].epochs) == (3, 6)
+    positions = al.detector_config(SimpleNamespace(ds=SimpleNamespace(name="ldc"), radius=7.0, seed=1), args, scale=2)
+    assert positions.epochs == positions.patience == 6
 
 
 def test_n_labelled_cells_counts_trainable_cells(al) -> None:
@@ -296,8 +300,10 @@ def test_retired_images_follow_the_default_policy(al) -> None:
      and a.ldc_positions == "detector" and a.det_minutes is None and a.adaptive_runs == 1 and a.trainings == 2),
     (["--trainings", "3"], lambda a: a.trainings == 3),
     (["--datasets", "dsb", "--batch", "5", "--rounds", "0", "--seeds", "2"],
-     lambda a: list(a.plans) == ["dsb"] and a.plans["dsb"] == {"seed_images": 3, "batch": 5, "rounds": 0}
+     lambda a: list(a.plans) == ["dsb"] and a.plans["dsb"] == {"seed_images": 3, "batch": 5, "rounds": 0,
+                                                               "det_epochs": 6}
      and a.seeds == [0, 1]),
+    (["--det-epochs", "4"], lambda a: a.plans["dsb"]["det_epochs"] == 4 and a.plans["ldc"]["det_epochs"] == 4),
 ])
 def test_parse_args(al, argv, check) -> None:
     assert check(al.parse_args(argv))
