@@ -21,7 +21,9 @@ Columns of the table (:data:`SIGNAL_COLUMNS` after the caller's image columns):
   empty has ``n_pred_cells`` 0 and NaN for the rest): ``n_pred_cells``, ``pred_alive_frac``,
   ``entropy_mean|max|sum`` of
   ``H(p_alive)`` in bits, ``margin_mean|max|sum`` of ``1 - |2 p_alive - 1|``,
-  ``det_near_mean`` = mean ``1 - |score - t| / max(t, 1 - t)``; ``has_model``.
+  ``det_near_mean`` = mean ``1 - |score - t| / max(t, 1 - t)``; ``pred_alive_sum`` /
+  ``pred_dead_sum`` = sum of ``p_alive`` / ``1 - p_alive`` (the expected cells of each class);
+  ``has_model``.
 * model vs crowd (NaN unless both): consensus cells with ``p_cell >= 0.5`` matched one-to-one
   to predicted cells within ``radius`` px: ``n_matched``, ``n_model_only``, ``n_crowd_only``;
   ``n_conflicts`` pairs where the labels differ, ``|2 p_model - 1| >= model_confident`` and
@@ -56,7 +58,7 @@ CROWD_CONFIDENT = 0.8
 CROWD_COLUMNS = ["n_cells_consensus", "mean_confidence", "min_confidence", "mean_split", "support_frac",
                  "cell_doubt", "crowd_alive_frac"]
 MODEL_COLUMNS = ["n_pred_cells", "pred_alive_frac", "entropy_mean", "entropy_max", "entropy_sum",
-                 "margin_mean", "margin_max", "margin_sum", "det_near_mean"]
+                 "margin_mean", "margin_max", "margin_sum", "det_near_mean", "pred_alive_sum", "pred_dead_sum"]
 MATCH_COLUMNS = ["n_matched", "n_model_only", "n_crowd_only", "n_conflicts", "conflict_mass"]
 SIGNAL_COLUMNS = ["n_runs", "has_crowd", *CROWD_COLUMNS, "has_model", *MODEL_COLUMNS, *MATCH_COLUMNS]
 PAIR_COLUMNS = ["image", "crowd_x", "crowd_y", "model_x", "model_y", "crowd_label", "crowd_p_alive",
@@ -178,11 +180,13 @@ def _model_stats(model: pd.DataFrame, threshold: float) -> pd.DataFrame:
     score = pd.to_numeric(model.get("score", pd.Series(np.nan, index=model.index)), errors="coerce")
     per_cell = pd.DataFrame({
         "image": model["image"], "alive": np.where(p.isna(), np.nan, (p >= 0.5).astype(float)),
+        "p_alive": p, "p_dead": 1.0 - p,
         "entropy": binary_entropy(p.to_numpy()), "margin": margin_uncertainty(p.to_numpy()),
         "near": 1.0 - (score - threshold).abs() / max(threshold, 1.0 - threshold),
     })
     g = per_cell.groupby("image")
-    stats = {"n_pred_cells": g.size(), "pred_alive_frac": g["alive"].mean(), "det_near_mean": g["near"].mean()}
+    stats = {"n_pred_cells": g.size(), "pred_alive_frac": g["alive"].mean(), "det_near_mean": g["near"].mean(),
+             "pred_alive_sum": g["p_alive"].sum(min_count=1), "pred_dead_sum": g["p_dead"].sum(min_count=1)}
     for measure in ("entropy", "margin"):
         for agg in ("mean", "max", "sum"):
             stats[f"{measure}_{agg}"] = getattr(g[measure], agg)(**({"min_count": 1} if agg == "sum" else {}))

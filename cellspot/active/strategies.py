@@ -33,6 +33,12 @@ Formulas (``H(p) = -p log2 p - (1-p) log2 (1-p)``, bits; means are over an image
     Model-crowd conflict: the sum over matched cells where the model and the crowd disagree
     on the label, the model is confident (``|2 p_model - 1| >= 0.8``) and so is the consensus
     (confidence ``>= 0.8``), of ``|2 p_model - 1| * confidence``: likely labelling errors.
+``rarity``
+    The expected number of cells of the rarer class on the image: ``sum (1 - p_alive)`` over its
+    predicted cells when the labelled consensus holds fewer dead cells than alive ones, else
+    ``sum p_alive`` (before any consensus: the rarer class in the predictions). With imbalanced
+    data (LDC is 82 % alive) a classifier sees few cells of the minority class, and balanced
+    accuracy and every image's viability hinge on them; images rich in them are worth a run.
 ``coverage``
     ``1 / (1 + n_runs)``: images few students have seen.
 ``diversity``
@@ -42,12 +48,13 @@ Formulas (``H(p) = -p log2 p - (1-p) log2 (1-p)``, bits; means are over an image
 ``combined`` (the default)
     A weighted mean of normalised signals over those defined for the image:
     ``sum_k w_k r_k / sum_k w_k`` with the weights :data:`DEFAULT_WEIGHTS` (crowd 0.35,
-    coverage 0.15, classifier 0.25, detector 0.15, conflict 0.10); ``r_k`` is the rank of
+    coverage 0.15, classifier 0.25, detector 0.15, conflict 0.10; ``rarity`` may be added with a
+    weight of its own, it is not in the default); ``r_k`` is the rank of
     strategy ``k``'s score scaled to [0, 1] (:func:`rank01`), except coverage, used as it is. A
     component with the same value on every image where it is defined (e.g. no conflict
     anywhere) tells the images apart no better than nothing and counts as undefined.
     Component columns: ``crowd_rank``, ``coverage``, ``classifier_rank``, ``detector_rank``,
-    ``conflict_rank``.
+    ``conflict_rank`` (and ``rarity_rank`` when weighted).
     Before any model exists only crowd and coverage are defined, so the blend is
     ``0.7 * crowd + 0.3 * coverage`` for labelled images and coverage alone (1) for unlabelled ones.
 """
@@ -391,6 +398,36 @@ def conflict(signals: pd.DataFrame, ctx: Context) -> pd.DataFrame:
     return _frame(score, reason, n_conflicts=n)
 
 
+def rare_class(signals: pd.DataFrame) -> tuple[str, float, float]:
+    """``(class, alive, dead)``: the class ("alive" | "dead") the labelled consensus holds fewest
+    cells of, with its counts (``n_cells_consensus x crowd_alive_frac`` summed over the images);
+    without consensus cells, the rarer class in the predictions (expected counts); "dead" on a tie."""
+    alive = dead = 0.0
+    if {"n_cells_consensus", "crowd_alive_frac"} <= set(signals.columns):
+        n, frac = _num(signals, "n_cells_consensus"), _num(signals, "crowd_alive_frac")
+        known = np.isfinite(n) & np.isfinite(frac)
+        alive, dead = float((n * frac)[known].sum()), float((n * (1.0 - frac))[known].sum())
+    if alive + dead == 0:
+        alive = float(np.nansum(_num(signals, "pred_alive_sum")))
+        dead = float(np.nansum(_num(signals, "pred_dead_sum")))
+    return ("alive" if alive < dead else "dead"), alive, dead
+
+
+@_register("rarity", "rare class: expected cells of the class the labelled consensus holds fewest of",
+           needs_model=True)
+def rarity(signals: pd.DataFrame, ctx: Context) -> pd.DataFrame:
+    """``pred_dead_sum`` or ``pred_alive_sum``, for the :func:`rare_class` (module doc)."""
+    _need(signals, "rarity", "pred_alive_sum", "pred_dead_sum", "n_pred_cells")
+    rare, alive, dead = rare_class(signals)
+    score = _num(signals, f"pred_{rare}_sum")
+    n = _num(signals, "n_pred_cells")
+    held = f"{dead if rare == 'dead' else alive:.0f} of {alive + dead:.0f} cells"
+    reason = [("the model found no cell" if c == 0 else "no classifier prediction") if not np.isfinite(v) else
+              f"{v:.1f} expected {rare} cells (the rarer class: {held})"
+              for v, c in zip(score, n)]
+    return _frame(score, reason, **{f"expected_{rare}": score})
+
+
 @_register("coverage", "coverage: 1 / (1 + runs), images few students have seen")
 def coverage(signals: pd.DataFrame, ctx: Context) -> pd.DataFrame:
     """``1 / (1 + n_runs)``."""
@@ -417,11 +454,11 @@ def diversity(signals: pd.DataFrame, ctx: Context, from_labelled: bool = True) -
 
 
 _COMPONENT_LABELS = {
-    "crowd": "crowd disagreement", "coverage": "coverage", "classifier": "classifier entropy",
+    "crowd": "crowd disagreement", "coverage": "coverage", "classifier": "classifier entropy", "rarity": "rare class",
     "detector": "detector doubt", "conflict": "model-crowd conflict",
 }
 _COMPONENTS: dict[str, Callable[[pd.DataFrame, Context], pd.DataFrame]] = {
-    "crowd": crowd_disagreement, "coverage": coverage, "classifier": _classifier,
+    "crowd": crowd_disagreement, "coverage": coverage, "classifier": _classifier, "rarity": rarity,
     "detector": detector_uncertainty, "conflict": conflict,
 }
 
@@ -464,7 +501,7 @@ def _combined_reason(row: np.ndarray, w: np.ndarray, names: list[str]) -> str:
     contrib = np.where(np.isfinite(row), row * w, -np.inf)
     top = [i for i in np.argsort(-contrib, kind="stable")[:2] if np.isfinite(contrib[i])]
     text = ", ".join(f"{_COMPONENT_LABELS[names[i]]} {row[i]:.2f}" for i in top) or "no signal"
-    model = [i for i, n in enumerate(names) if n in ("classifier", "detector", "conflict")]
+    model = [i for i, n in enumerate(names) if n in ("classifier", "rarity", "detector", "conflict")]
     if model and not np.isfinite(row[model]).any():
         text += " (no model prediction)"
     return text

@@ -155,6 +155,44 @@ def test_combined_ignores_a_component_that_is_the_same_everywhere(signals: pd.Da
     assert ranked["score"].to_dict() == pytest.approx(without["score"].to_dict())
 
 
+def _rarity_case(crowd_alive: list[float]) -> pd.DataFrame:
+    """One labelled image whose consensus cells have ``crowd_alive`` p_alive; two unlabelled
+    images the model calls mostly dead (``deadish``) and mostly alive (``aliveish``)."""
+    crowd = pd.DataFrame({"image": "labelled", "x": np.arange(len(crowd_alive)) * 30.0, "y": 10.0,
+                          "p_alive": crowd_alive, "confidence": 0.9, "support": 3, "n_runs": 3})
+    model = pd.DataFrame({"image": ["deadish"] * 3 + ["aliveish"] * 3, "x": [10.0, 40, 70] * 2, "y": 10.0,
+                          "p_alive": [0.1, 0.2, 0.9, 0.9, 0.8, 0.9], "score": 0.9})
+    images = pd.DataFrame({"image": ["labelled", "deadish", "aliveish"], "n_runs": [3, 0, 0]})
+    return build_signals(images, crowd, model)
+
+
+def test_rarity_prefers_images_rich_in_the_rarer_labelled_class() -> None:
+    mostly_alive = _rarity_case([0.95, 0.9, 0.97, 0.1])  # 3 alive, 1 dead labelled: dead is rare
+    table = mostly_alive.set_index("image")
+    assert table.loc["deadish", "pred_dead_sum"] == pytest.approx(0.9 + 0.8 + 0.1)
+    assert table.loc["aliveish", "pred_alive_sum"] == pytest.approx(0.9 + 0.8 + 0.9)
+    ranked = score_images("rarity", mostly_alive)
+    assert ranked["image"].tolist()[:2] == ["deadish", "aliveish"]
+    assert "expected dead cells (the rarer class: 1 of 4 cells)" in ranked["reason"][0]
+    mostly_dead = score_images("rarity", _rarity_case([0.05, 0.1, 0.97]))  # alive is rare now
+    assert mostly_dead["image"].tolist()[:2] == ["aliveish", "deadish"]
+    # blended with the default weights, the two unlabelled images differ only by it (their classifier
+    # entropy is equal by symmetry, so that component tells them apart no more): the rare-class image first
+    combined = score_images(DEFAULT_STRATEGY, mostly_alive, weights={**DEFAULT_WEIGHTS, "rarity": 0.2}).set_index("image")
+    assert combined["classifier_rank"].isna().all()
+    assert combined.loc["deadish", "rarity_rank"] == 1.0 and combined.loc["aliveish", "rarity_rank"] == 0.0
+    assert combined.loc["deadish", "score"] > combined.loc["aliveish", "score"]
+
+
+def test_rarity_needs_a_classifier() -> None:
+    detections = pd.DataFrame({"image": ["a", "b"], "x": 5.0, "y": 5.0, "score": [0.9, 0.5]})  # no p_alive
+    signals = build_signals(pd.DataFrame({"image": ["a", "b"], "n_runs": 0}), None, detections)
+    ranked = score_images("rarity", signals)
+    assert ranked["score"].isna().all() and set(ranked["reason"]) == {"no classifier prediction"}
+    assert score_images(DEFAULT_STRATEGY, signals, weights={"rarity": 1.0, "coverage": 0.1})["rarity_rank"].isna().all()
+    assert "rarity_rank" not in score_images(DEFAULT_STRATEGY, signals).columns  # not in the default blend
+
+
 def test_conflict_flags_the_crafted_conflict(signals: pd.DataFrame) -> None:
     ranked = score_images("conflict", signals)
     assert ranked["image"][0] == "conflict"
