@@ -29,7 +29,8 @@ Rounds, for each strategy: the seed (``--seed-images`` random pool images, the s
 strategy; LDC seeds must hold both classes) gets ``--runs-per-image`` runs each; then, ``--rounds`` times:
 consensus of all clicks so far (:func:`cellspot.consensus.run_consensus`, default method),
 train from scratch with a fixed small budget of optimisation steps (classifier about
-``--cls-steps`` steps, 3 to 24 epochs; detector ``--det-epochs x --det-steps`` steps; no
+``--cls-steps`` steps, 3 to 24 epochs; detector ``det_epochs x --det-steps`` steps, with
+``det_epochs`` per dataset in :data:`PLAN` or ``--det-epochs``; no
 wall-clock cap, so the curves do not depend on the machine's load) ``--trainings`` times with
 different training seeds (default 2: the metric is their mean, which takes most of the
 optimisation's own noise out of the curves; the first training's model drives acquisition), evaluate on test,
@@ -60,7 +61,7 @@ combined default reaches it with <= 60 % of the task runs random needs, on both 
 Wall time per round (consensus, training, prediction, selection) is measured with
 ``--threads`` CPU threads.
 
-    python bench/active_learning.py                     # everything, 5 arms (~3.5 h on 2 idle cores; --trainings 1 about halves it)
+    python bench/active_learning.py                     # everything, 5 arms (~4 h on 2 idle cores; --trainings 1 about halves it)
     python bench/active_learning.py --quick             # smoke run (< 5 min), not meaningful
     python bench/active_learning.py --datasets ldc --strategies random,combined --seeds 1
     python bench/active_learning.py --report-only bench/out/active_learning.json --out /tmp/again
