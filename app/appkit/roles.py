@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import streamlit as st
 
 from appkit import resources
-from cellspot.store.models import Annotator
 from cellspot.workflows.classroom import ClassNotFoundError, InvalidNicknameError, join_class, runs_submitted
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def join(class_code: str, nickname: str) -> Student:
 def runs_of(student: Student) -> int:
     """How many task runs ``student`` has submitted (in any session)."""
     with resources.session() as session:
-        return runs_submitted(session, session.get(Annotator, student.annotator_id))
+        return runs_submitted(session, student.annotator_id)
 
 
 def restore_student_from_url() -> None:

@@ -180,13 +180,14 @@ def _model_stats(model: pd.DataFrame, threshold: float) -> pd.DataFrame:
     score = pd.to_numeric(model.get("score", pd.Series(np.nan, index=model.index)), errors="coerce")
     per_cell = pd.DataFrame({
         "image": model["image"], "alive": np.where(p.isna(), np.nan, (p >= 0.5).astype(float)),
-        "p_alive": p, "p_dead": 1.0 - p,
+        "p_alive": p,
         "entropy": binary_entropy(p.to_numpy()), "margin": margin_uncertainty(p.to_numpy()),
         "near": 1.0 - (score - threshold).abs() / max(threshold, 1.0 - threshold),
     })
     g = per_cell.groupby("image")
+    alive_sum = g["p_alive"].sum(min_count=1)
     stats = {"n_pred_cells": g.size(), "pred_alive_frac": g["alive"].mean(), "det_near_mean": g["near"].mean(),
-             "pred_alive_sum": g["p_alive"].sum(min_count=1), "pred_dead_sum": g["p_dead"].sum(min_count=1)}
+             "pred_alive_sum": alive_sum, "pred_dead_sum": g["p_alive"].count() - alive_sum}
     for measure in ("entropy", "margin"):
         for agg in ("mean", "max", "sum"):
             stats[f"{measure}_{agg}"] = getattr(g[measure], agg)(**({"min_count": 1} if agg == "sum" else {}))

@@ -501,7 +501,7 @@ def _combined_reason(row: np.ndarray, w: np.ndarray, names: list[str]) -> str:
     contrib = np.where(np.isfinite(row), row * w, -np.inf)
     top = [i for i in np.argsort(-contrib, kind="stable")[:2] if np.isfinite(contrib[i])]
     text = ", ".join(f"{_COMPONENT_LABELS[names[i]]} {row[i]:.2f}" for i in top) or "no signal"
-    model = [i for i, n in enumerate(names) if n in ("classifier", "rarity", "detector", "conflict")]
+    model = [i for i, n in enumerate(names) if STRATEGIES[n].needs_model]
     if model and not np.isfinite(row[model]).any():
         text += " (no model prediction)"
     return text

@@ -407,9 +407,9 @@ def day_start(now: datetime | None = None) -> datetime:
     return local.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def runs_submitted(session: Session, annotator: Annotator, since: datetime | None = None) -> int:
-    """How many task runs ``annotator`` has submitted (since ``since``, when given)."""
-    mine = select(func.count()).select_from(TaskRun).where(TaskRun.annotator_id == annotator.id)
+def runs_submitted(session: Session, annotator_id: int, since: datetime | None = None) -> int:
+    """How many task runs the annotator has submitted (since ``since``, when given)."""
+    mine = select(func.count()).select_from(TaskRun).where(TaskRun.annotator_id == annotator_id)
     return int(session.scalar(mine if since is None else mine.where(TaskRun.submitted_at >= since)) or 0)
 
 
@@ -417,8 +417,8 @@ def student_progress(session: Session, annotator: Annotator, now: datetime | Non
     """Runs of ``annotator`` today and in total, runs of its class (same project and class
     code) today, and the images still open to it. "Today" starts at local midnight."""
     since = day_start(now)
-    done_total = runs_submitted(session, annotator)
-    done_today = runs_submitted(session, annotator, since)
+    done_total = runs_submitted(session, annotator.id)
+    done_today = runs_submitted(session, annotator.id, since)
     classmates = select(Annotator.id).where(Annotator.project_id == annotator.project_id,
                                             Annotator.class_code == annotator.class_code)
     class_today = session.scalar(
