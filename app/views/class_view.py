@@ -34,8 +34,7 @@ with top[3]:
             with resources.session() as session:
                 report = aggregate(session, project, method=DEFAULT_METHOD)
         researcher.refresh()
-        st.success(f"Snapshot {report.snapshot_id}: {report.cells} cells on {report.images} images, "
-                   f"{report.retired} retired ({report.newly_retired} new).")
+        st.success(report.summary())
 
 
 def _metrics(act) -> None:

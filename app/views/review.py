@@ -150,7 +150,7 @@ with side_col:
             with resources.session() as session:
                 report = aggregate(session, project, method=DEFAULT_METHOD)
         researcher.refresh()
-        st.success(f"Snapshot {report.snapshot_id}: {report.cells} cells, {report.retired} images retired.")
+        st.success(report.summary())
 
 with picture_col:
     if rgb is not None:

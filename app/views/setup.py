@@ -294,4 +294,4 @@ if st.button("Recompute consensus", key="setup_aggregate",
         with resources.session() as session:
             agg = aggregate(session, session.get(Project, project.id), method=DEFAULT_METHOD)
     researcher.refresh()
-    st.success(f"Snapshot {agg.snapshot_id}: {agg.cells} cells on {agg.images} images, {agg.retired} retired.")
+    st.success(agg.summary())

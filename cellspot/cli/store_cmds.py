@@ -106,6 +106,9 @@ def aggregate_cmd(
         raise click.ClickException(str(exc)) from exc
     finally:
         engine.dispose()
+    if report.reused:
+        click.echo(f"project {name!r}: no click, run or expert cell changed since snapshot "
+                   f"{report.snapshot_id}; kept it and applied retirement again")
     click.echo(
         f"project {name!r}: snapshot {report.snapshot_id} ({report.method}): "
         f"{report.cells} cells ({report.gold_cells} gold) on {report.images} images from "

@@ -11,6 +11,7 @@ commits.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ import pandas as pd
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from cellspot import __version__
 from cellspot.active.retirement import RetirementPolicy, apply_retirement
 from cellspot.consensus import DEFAULT_METHOD, ConsensusResult, get_method, run_consensus
 from cellspot.store.models import (
@@ -30,7 +32,7 @@ from cellspot.store.models import (
     Project,
     utcnow,
 )
-from cellspot.store.queries import as_project, clicks_frame, gold_frame, runs_frame
+from cellspot.store.queries import as_project, clicks_frame, gold_frame, latest_snapshot, runs_frame
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ class AggregateReport:
     (``gold_cells`` of them from experts); ``retired``: images retired after this run
     (``newly_retired`` of them by this run, ``reactivated`` went back to active);
     ``retire_reasons``: how many images got each retirement decision
-    (:data:`cellspot.active.retirement.REASONS`, e.g. ``{"settled": 3, "few_runs": 1}``).
+    (:data:`cellspot.active.retirement.REASONS`, e.g. ``{"settled": 3, "few_runs": 1}``);
+    ``reused``: no click, run or expert cell changed since the latest snapshot, so that
+    snapshot was kept (retirement applied again) instead of writing an identical one.
     """
 
     snapshot_id: int
@@ -62,9 +66,18 @@ class AggregateReport:
     newly_retired: int
     reactivated: int
     retire_reasons: dict[str, int] = field(default_factory=dict)
+    reused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def summary(self) -> str:
+        """One line for the dashboard: the snapshot written (or kept) and the retirement."""
+        retired = (f"{self.retired} images retired ({self.newly_retired} new"
+                   + (f", {self.reactivated} back to active" if self.reactivated else "") + ")")
+        if self.reused:
+            return f"No click changed since snapshot {self.snapshot_id}: kept it. {retired}."
+        return f"Snapshot {self.snapshot_id}: {self.cells} cells on {self.images} images. {retired}."
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,12 @@ def aggregate(
     ``max_runs`` overriding its settings; give either ``policy`` or those). The snapshot's
     ``created_at`` is the moment the clicks were read, so retirement counts exactly the runs
     the consensus saw; its ``stats`` record the counts, the thresholds and the decisions.
+
+    When nothing the consensus reads has changed since the project's latest snapshot (the
+    same clicks, runs and expert cells, method, ``cell_radius`` and cellspot version; the
+    fingerprint is ``stats["inputs"]``), that snapshot is kept and only retirement is applied
+    again with ``policy``: pressing "Recompute consensus" twice writes one snapshot, and a
+    model trained on it keeps pointing at the current data.
     """
     get_method(method)  # an unknown name fails before any work, listing the valid ones
     project = as_project(session, project)
@@ -147,6 +166,11 @@ def aggregate(
     clicks = clicks_frame(session, project)
     runs = runs_frame(session, project)
     gold = gold_frame(session, project)
+    inputs = input_fingerprint(clicks, runs, gold, method, cell_radius)
+    latest = latest_snapshot(session, project)
+    if latest is not None and (latest.stats or {}).get("inputs") == inputs:
+        return _reapply(session, project, latest, policy)
+
     result = _consensus(clicks, runs, gold, method, cell_radius)
     image_ids = _image_ids(session, project)
     cells = _with_gold(_map_cells(result.cells, image_ids), gold, clicks, runs, _radius(result, cell_radius))
@@ -159,22 +183,65 @@ def aggregate(
     n_annotators = _insert_reliabilities(session, snapshot.id, result.annotators, runs)
     session.flush()
     change = apply_retirement(session, project, snapshot, policy)
-    reasons = change.as_dict()["reasons"]
 
     report = AggregateReport(
         snapshot_id=snapshot.id, method=method,
         images=int(pd.concat([runs["image_id"], gold["image_id"]]).nunique()),
         cells=len(cells), gold_cells=int(cells["from_gold"].sum()), annotators=n_annotators,
         task_runs=len(runs), clicks=len(clicks), retired=change.n_retired, newly_retired=len(change.retired),
-        reactivated=len(change.reactivated), retire_reasons=reasons,
+        reactivated=len(change.reactivated), retire_reasons=change.as_dict()["reasons"],
     )
-    snapshot.stats = {
-        **{k: v for k, v in report.as_dict().items() if k not in ("snapshot_id", "method")},
-        **{f"retire_{k}": v for k, v in asdict(policy).items()},
-    }
+    snapshot.stats = {**_stats(report, policy), "inputs": inputs}
     session.flush()
     log.info("project %r: snapshot %d (%s): %s", project.name, snapshot.id, method, snapshot.stats)
     return report
+
+
+def input_fingerprint(
+    clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame, method: str, cell_radius: float | None
+) -> str:
+    """A SHA-256 hex digest of everything a consensus snapshot is computed from: the clicks
+    (run, position, label, order), the runs (image, annotator), the expert cells, the method,
+    ``cell_radius`` and the cellspot version. Row order does not matter."""
+    digest = hashlib.sha256(f"{method}|{cell_radius!r}|{__version__}".encode())
+    parts = (
+        (clicks, ["task_run_id", "click_index", "x", "y", "label"]),
+        (runs, ["task_run_id", "image_id", "annotator_id"]),
+        (gold, ["image_id", "x", "y", "label"]),
+    )
+    for frame, cols in parts:
+        rows = frame[cols].sort_values(cols, kind="stable").reset_index(drop=True)
+        digest.update(f"{len(rows)}:".encode())
+        digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _reapply(
+    session: Session, project: Project, snapshot: ConsensusSnapshot, policy: RetirementPolicy
+) -> AggregateReport:
+    """Keep ``snapshot`` (its inputs are unchanged) and apply retirement with ``policy`` again."""
+    change = apply_retirement(session, project, snapshot, policy)
+    stats = dict(snapshot.stats or {})
+    report = AggregateReport(
+        snapshot_id=snapshot.id, method=snapshot.method, images=int(stats.get("images", 0)),
+        cells=int(stats.get("cells", 0)), gold_cells=int(stats.get("gold_cells", 0)),
+        annotators=int(stats.get("annotators", 0)), task_runs=int(stats.get("task_runs", 0)),
+        clicks=int(stats.get("clicks", 0)), retired=change.n_retired, newly_retired=len(change.retired),
+        reactivated=len(change.reactivated), retire_reasons=change.as_dict()["reasons"], reused=True,
+    )
+    snapshot.stats = {**stats, **_stats(report, policy)}
+    session.flush()
+    log.info("project %r: no click changed since snapshot %d; kept it and applied retirement again",
+             project.name, snapshot.id)
+    return report
+
+
+def _stats(report: AggregateReport, policy: RetirementPolicy) -> dict[str, Any]:
+    """A snapshot's ``stats``: the report's counts and the retirement thresholds applied."""
+    return {
+        **{k: v for k, v in report.as_dict().items() if k not in ("snapshot_id", "method", "reused")},
+        **{f"retire_{k}": v for k, v in asdict(policy).items()},
+    }
 
 
 def _consensus(

@@ -299,6 +299,9 @@ def test_researcher_sees_the_runs_and_exports(
     click_button(page, "Recompute consensus")
     expect(page.get_by_text(re.compile(r"^Snapshot \d+: "))).to_be_visible(timeout=60_000)
     screenshot(page, artifacts_dir / "e2e-dashboard-class.png")
+    click_button(page, "Recompute consensus")  # nothing new: the snapshot is kept, not copied
+    expect(page.get_by_text(re.compile(r"^No click changed since snapshot \d+: kept it"))).to_be_visible(
+        timeout=60_000)
 
     go_to(page, "Export")
     expect(page.get_by_role("heading", name="Export")).to_be_visible()

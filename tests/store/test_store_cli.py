@@ -55,6 +55,10 @@ def test_aggregate_and_projects(settings) -> None:
     code, out = _run("aggregate", "--min-confidence", "0.5")
     assert code == 0, out
     assert "project 'demo': snapshot 1" in out and "retired: 1 images" in out
+    assert "kept it" not in out
+    code, out = _run("aggregate", "--min-confidence", "0.5")  # nothing new: the same snapshot
+    assert code == 0, out
+    assert "changed since snapshot 1; kept it" in out and "project 'demo': snapshot 1 " in out
     code, out = _run("projects")
     assert code == 0, out
     assert "demo" in out and "snapshots" in out

@@ -102,6 +102,68 @@ def test_retirement_applies_and_reverts(session: Session, seeded) -> None:
     assert images["sure"].retired_at is None and images["sure"].retired_snapshot_id is None
 
 
+def _n_snapshots(session: Session) -> int:
+    from cellspot.store.models import ConsensusSnapshot
+
+    return session.scalar(sa.select(sa.func.count()).select_from(ConsensusSnapshot))
+
+
+def test_unchanged_inputs_keep_the_snapshot(session: Session, seeded) -> None:
+    """Recompute twice with nothing new: one snapshot; any new input writes a new one."""
+    project, images, students = seeded
+    first = aggregate(session, project, method=_method(), min_confidence=0.5)
+    again = aggregate(session, project, method=_method(), min_confidence=0.5)
+    assert not first.reused and again.reused
+    assert again.snapshot_id == first.snapshot_id and _n_snapshots(session) == 1
+    assert (again.cells, again.images, again.clicks, again.task_runs, again.retired) == (
+        first.cells, first.images, first.clicks, first.task_runs, first.retired)
+    assert again.summary().startswith(f"No click changed since snapshot {first.snapshot_id}: kept it.")
+    assert first.summary().startswith(f"Snapshot {first.snapshot_id}: {first.cells} cells on")
+
+    # a new run, a new expert cell and another cell radius each give a new snapshot
+    q.submit_task_run(session, images["young"], students[1], CELLS[:1], "young-1")
+    session.flush()
+    after_run = aggregate(session, project, method=_method(), min_confidence=0.5)
+    assert not after_run.reused and after_run.snapshot_id != first.snapshot_id
+    session.add(GoldCell(image_id=images["young"].id, x=60.0, y=30.0, label="dead"))
+    session.flush()
+    after_gold = aggregate(session, project, method=_method(), min_confidence=0.5)
+    assert not after_gold.reused and after_gold.gold_cells == after_run.gold_cells + 1
+    radius = aggregate(session, project, method=_method(), min_confidence=0.5, cell_radius=9.0)
+    assert not radius.reused and _n_snapshots(session) == 4
+
+
+def test_kept_snapshot_applies_new_thresholds(session: Session, seeded) -> None:
+    project, images, _ = seeded
+    first = aggregate(session, project, method=_method(), min_runs=3, min_confidence=0.5)
+    assert first.retired == 3
+    stricter = aggregate(session, project, method=_method(), min_runs=4, min_confidence=0.5)
+    assert stricter.reused and stricter.snapshot_id == first.snapshot_id
+    assert (stricter.retired, stricter.reactivated) == (0, 3)
+    assert set(_status(session).values()) == {"active"}
+    assert q.latest_snapshot(session, project).stats["retire_min_runs"] == 4
+
+
+def test_input_fingerprint_ignores_row_order_not_values() -> None:
+    from cellspot.workflows.aggregate import input_fingerprint
+
+    clicks = pd.DataFrame({"task_run_id": [1, 1, 2], "click_index": [0, 1, 0], "x": [1.0, 5.0, 1.5],
+                           "y": [2.0, 6.0, 2.5], "label": ["alive", "dead", "alive"]})
+    runs = pd.DataFrame({"task_run_id": [1, 2], "image_id": [7, 7], "annotator_id": [3, 4]})
+    gold = pd.DataFrame({"image_id": pd.Series([], dtype="int64"), "x": pd.Series([], dtype=float),
+                         "y": pd.Series([], dtype=float), "label": pd.Series([], dtype=str)})
+    base = input_fingerprint(clicks, runs, gold, "m", None)
+    assert input_fingerprint(clicks.iloc[::-1], runs.iloc[::-1], gold, "m", None) == base
+    moved = clicks.assign(x=[1.0, 5.0, 1.6])
+    relabelled = clicks.assign(label=["alive", "alive", "alive"])
+    for changed in (input_fingerprint(moved, runs, gold, "m", None),
+                    input_fingerprint(relabelled, runs, gold, "m", None),
+                    input_fingerprint(clicks, runs.assign(annotator_id=[3, 3]), gold, "m", None),
+                    input_fingerprint(clicks, runs, gold, "other", None),
+                    input_fingerprint(clicks, runs, gold, "m", 12.0)):
+        assert changed != base
+
+
 def test_unknown_project_and_method(session: Session, seeded) -> None:
     with pytest.raises(q.ProjectNotFoundError, match="tiny"):
         aggregate(session, "nope")
