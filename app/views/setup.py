@@ -17,6 +17,7 @@ from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
 from cellspot.consensus import DEFAULT_METHOD
 from cellspot.importers import (
     CellspotImportError,
+    ImageImportReport,
     import_clicks,
     import_gold,
     import_images,
@@ -184,6 +185,24 @@ with st.expander("Class codes and rules", expanded=True):
 
 # --------------------------------------------------------------------------- images
 
+def _import_with_progress(paths: list[Path], meta_path: Path | None, what: str) -> ImageImportReport:
+    """import_images with a progress bar that moves per file (left at its last state when done);
+    one transaction, so a failure stores nothing."""
+    bar = st.progress(0.0, text=f"Importing {what}...")
+
+    def progress(done: int, total: int, label: str) -> None:
+        name = label.replace("\\", "/").rsplit("/", 1)[-1]  # the file, not the temporary folder
+        bar.progress(done / total if total else 1.0, text=f"Imported {done} / {total}: {name}")
+
+    try:
+        with resources.session() as session:
+            return import_images(session, session.get(Project, project.id), paths,
+                                 settings=resources.settings(), metadata_csv=meta_path, progress=progress)
+    except BaseException:
+        bar.empty()
+        raise
+
+
 st.subheader("Images")
 upload_tab, folder_tab = st.tabs(["Upload files or a zip", "Folder on the server"])
 with upload_tab:
@@ -198,10 +217,7 @@ with upload_tab:
             paths = _save_uploads(files, tmp)
             meta_path = _save_uploads([meta], tmp)[0] if meta is not None else None
             try:
-                with st.spinner(f"Importing {len(paths)} file(s)..."):
-                    with resources.session() as session:
-                        report = import_images(session, session.get(Project, project.id), paths,
-                                               settings=resources.settings(), metadata_csv=meta_path)
+                report = _import_with_progress(paths, meta_path, f"{len(paths)} file(s)")
             except CellspotImportError as exc:
                 st.error(_listed(_problems([exc], tmp)[0]))
             else:
@@ -226,10 +242,7 @@ with folder_tab:
             st.error(f"The metadata file {meta_path} does not exist on the server.")
         else:
             try:
-                with st.spinner(f"Importing {source}..."):
-                    with resources.session() as session:
-                        report = import_images(session, session.get(Project, project.id), [source],
-                                               settings=resources.settings(), metadata_csv=meta_path)
+                report = _import_with_progress([source], meta_path, str(source))
             except CellspotImportError as exc:
                 st.error(_listed(str(exc)))
             else:

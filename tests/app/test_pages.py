@@ -583,6 +583,8 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
     [b for b in app.button if b.label == "Import"][1].click().run()
     no_exception(app)
     assert "1 image(s) imported" in texts(app.success)
+    bars = [el.proto.text for el in app.get("progress")]
+    assert "Imported 1 / 1: c.png" in bars, bars
 
 
 
