@@ -85,7 +85,9 @@ class ClassifierConfig:
     encoder weights (a ``state_dict``, loaded with ``weights_only=True``; the head is left
     out); ``threads``: CPU threads (``None``: every CPU this process may use); ``ema``: decay
     per step of an exponential moving average of the weights that is validated, kept,
-    calibrated and saved instead of the raw weights (0 = off).
+    calibrated and saved instead of the raw weights (0 = off); ``label_smoothing``: each
+    training target ``t`` becomes ``t (1 - e) + e / 2`` (against labels that are sometimes
+    wrong; validation, calibration and metrics use the targets as they are).
     """
 
     preset: str = "cpu-fast"
@@ -97,6 +99,7 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     dropout: float = 0.1
     ema: float = 0.98
+    label_smoothing: float = 0.0
     input_scale: float = 1.0
     patience: int = 6
     monitor: str = "balanced_accuracy"
@@ -126,6 +129,8 @@ class ClassifierConfig:
                                 f"{self.lr}, {self.weight_decay}, {self.dropout}, {self.patience}")
         if not 0.0 <= self.ema < 1.0:
             raise TrainingError(f"ema must be in [0, 1) (0 = off); got {self.ema}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise TrainingError(f"label_smoothing must be in [0, 1) (0 = off); got {self.label_smoothing}")
         if not 0.25 <= self.input_scale <= 4.0:
             raise TrainingError(f"input_scale must be within [0.25, 4]; got {self.input_scale}")
         if self.monitor not in MONITORS:
@@ -487,6 +492,8 @@ class _Run:
             crops = augment_crops(pipeline, train.crops[idx])
             x = images_to_tensor(crops).to(self.device)
             target = torch.from_numpy(train.p_alive[idx]).to(self.device)
+            if cfg.label_smoothing:
+                target = target * (1.0 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
             weight = torch.from_numpy(self.train_w[idx]).to(self.device)
             loss = _loss(self.model(x), target, weight)
             self.opt.zero_grad(set_to_none=True)

@@ -145,6 +145,7 @@ def test_crops_and_balance_weights():
         (lambda: ClassifierConfig(epochs=0), "epochs must be a positive integer"),
         (lambda: ClassifierConfig(input_scale=8.0), r"input_scale must be within \[0.25, 4\]"),
         (lambda: ClassifierConfig(ema=1.0), r"ema must be in \[0, 1\)"),
+        (lambda: ClassifierConfig(label_smoothing=-0.1), r"label_smoothing must be in \[0, 1\)"),
     ],
 )
 def test_bad_configs_are_refused(call, message):
@@ -205,6 +206,23 @@ def test_fit_writes_a_checkpoint_and_reports_progress(tmp_path):
     test = crops_from_data(_data().split("test"), 16)
     again = classification_metrics(test.label, load_classifier(tmp_path / "m").predict_crops(test.crops))
     assert again["brier"] == pytest.approx(metrics["brier"], abs=1e-6) and again["confusion"] == metrics["confusion"]
+
+
+@pytest.mark.parametrize(("smoothing", "expected"), [(0.0, [0.1, 0.9]), (0.2, [0.18, 0.82])])
+def test_label_smoothing_moves_the_training_targets_towards_one_half(tmp_path, monkeypatch, smoothing, expected):
+    seen: list[np.ndarray] = []
+    real_loss = classifier_module._loss
+
+    def spy(logits, target, weight):
+        seen.append(target.detach().cpu().numpy())
+        return real_loss(logits, target, weight)
+
+    monkeypatch.setattr(classifier_module, "_loss", spy)
+    cfg = config_for("cpu-fast", **{**TINY, "epochs": 1}, label_smoothing=smoothing)
+    fit_classifier(_data(), cfg, tmp_path / "m")
+    targets = np.unique(np.round(np.concatenate(seen), 6))
+    np.testing.assert_allclose(targets, expected, atol=1e-6)  # the consensus p_alive is 0.1 / 0.9
+    assert read_config(tmp_path / "m")["label_smoothing"] == smoothing
 
 
 def test_an_early_stop_ends_progress_at_the_last_epoch_run(tmp_path, monkeypatch):
