@@ -22,7 +22,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from cellspot import __version__
-from cellspot.active.retirement import RetirementPolicy, apply_retirement
+from cellspot.active.retirement import RetirementChange, RetirementPolicy, apply_retirement
 from cellspot.consensus import DEFAULT_METHOD, ConsensusResult, get_method, run_consensus
 from cellspot.store.models import (
     AnnotatorReliability,
@@ -188,8 +188,7 @@ def aggregate(
         snapshot_id=snapshot.id, method=method,
         images=int(pd.concat([runs["image_id"], gold["image_id"]]).nunique()),
         cells=len(cells), gold_cells=int(cells["from_gold"].sum()), annotators=n_annotators,
-        task_runs=len(runs), clicks=len(clicks), retired=change.n_retired, newly_retired=len(change.retired),
-        reactivated=len(change.reactivated), retire_reasons=change.as_dict()["reasons"],
+        task_runs=len(runs), clicks=len(clicks), **_retirement_fields(change),
     )
     snapshot.stats = {**_stats(report, policy), "inputs": inputs}
     session.flush()
@@ -222,18 +221,23 @@ def _reapply(
     """Keep ``snapshot`` (its inputs are unchanged) and apply retirement with ``policy`` again."""
     change = apply_retirement(session, project, snapshot, policy)
     stats = dict(snapshot.stats or {})
-    report = AggregateReport(
-        snapshot_id=snapshot.id, method=snapshot.method, images=int(stats.get("images", 0)),
-        cells=int(stats.get("cells", 0)), gold_cells=int(stats.get("gold_cells", 0)),
-        annotators=int(stats.get("annotators", 0)), task_runs=int(stats.get("task_runs", 0)),
-        clicks=int(stats.get("clicks", 0)), retired=change.n_retired, newly_retired=len(change.retired),
-        reactivated=len(change.reactivated), retire_reasons=change.as_dict()["reasons"], reused=True,
-    )
+    report = AggregateReport(snapshot_id=snapshot.id, method=snapshot.method, reused=True,
+                             **{k: int(stats.get(k, 0)) for k in _COUNTS}, **_retirement_fields(change))
     snapshot.stats = {**stats, **_stats(report, policy)}
     session.flush()
     log.info("project %r: no click changed since snapshot %d; kept it and applied retirement again",
              project.name, snapshot.id)
     return report
+
+
+#: the report's counts of what the consensus read and wrote (kept in the snapshot's stats)
+_COUNTS = ("images", "cells", "gold_cells", "annotators", "task_runs", "clicks")
+
+
+def _retirement_fields(change: RetirementChange) -> dict[str, Any]:
+    """The report's retirement fields from what :func:`apply_retirement` changed."""
+    return {"retired": change.n_retired, "newly_retired": len(change.retired),
+            "reactivated": len(change.reactivated), "retire_reasons": change.as_dict()["reasons"]}
 
 
 def _stats(report: AggregateReport, policy: RetirementPolicy) -> dict[str, Any]:
