@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import streamlit as st
 
 from appkit import resources
-from cellspot.workflows.classroom import ClassNotFoundError, InvalidNicknameError, join_class, runs_submitted
+from cellspot.workflows.classroom import (
+    ClassNotFoundError,
+    InvalidNicknameError,
+    join_class,
+    leave_class,
+    runs_submitted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +117,11 @@ def require_student() -> Student:
 
 
 def forget_student() -> None:
-    """Drop the student and their draft from this session (and from the URL)."""
+    """Drop the student and their draft from this session (and from the URL); the image leased
+    to them goes back to the round's queue at once (:func:`leave_class`)."""
+    if role() == STUDENT and st.session_state.get("annotator_id") is not None:
+        with resources.session() as session:
+            leave_class(session, int(st.session_state["annotator_id"]))
     for key in (*STUDENT_KEYS, *LABEL_KEYS):
         st.session_state.pop(key, None)
     if st.session_state.get("role") == STUDENT:

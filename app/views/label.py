@@ -20,6 +20,7 @@ from cellspot.store.queries import ClientKeyConflictError, InvalidClickError
 from cellspot.workflows.classroom import (
     GoldFeedback,
     ImageNotFoundError,
+    Progress,
     next_image,
     student_progress,
     submit_run,
@@ -88,11 +89,19 @@ def move(dx: int, dy: int) -> None:
 
 
 @st.cache_data(ttl=15, show_spinner=False)
-def progress_line(annotator_id: int, submitted: int) -> str:
-    """The progress line (cached briefly; ``submitted`` refreshes it after each submit)."""
+def _progress(annotator_id: int, session_token: str, submitted: int) -> Progress:
+    """The student's progress, cached briefly per browser session (``session_token``; the
+    submit counter restarts in every session) and refreshed after each submit (``submitted``)."""
     with resources.session() as session:
-        annotator = session.get(Annotator, annotator_id)
-        p = student_progress(session, annotator)
+        return student_progress(session, session.get(Annotator, annotator_id))
+
+
+def progress() -> Progress:
+    token = state.setdefault("progress_token", uuid.uuid4().hex)
+    return _progress(student.annotator_id, token, state.get("submitted", 0))
+
+
+def progress_line(p: Progress) -> str:
     return (f"Today you did **{p.done_today}** image(s) ({p.done_total} in all) · "
             f"your class did **{p.class_total_today}** today · {p.images_left} left for you")
 
@@ -168,21 +177,29 @@ if state.get("task") is None or state["task"].get("annotator_id") != student.ann
     new_task()
 task = state["task"]
 
-if "notice" in state:  # toasts do not push the next image down
+# The "saved" line goes under the Submit button, where it moves nothing a student is about to
+# tap (a toast covered the label buttons on tablets); an error goes on top, where it is seen.
+saved = None
+if "notice" in state:
     kind, text = state.pop("notice")
     if kind == "success":
-        st.toast(text, icon=":material/check_circle:", duration="long")  # 10 s: time to read it
+        saved = text + (" Check image: see below the image." if state.get("feedback") else "")
     else:
         st.error(text)
-    if state.get("feedback"):
-        st.toast(feedback_headline(state["feedback"]["result"]) + " (details below the image)",
-                 icon=":material/school:")
 
 if task is None:
-    st.title("All done!")
-    st.write("You have labelled every image that is open to you. Thank you!")
-    st.markdown(progress_line(student.annotator_id, state.get("submitted", 0)))
-    if st.button("Look for new images"):
+    p = progress()
+    if p.images_waiting:
+        st.title("Nothing free right now")
+        st.write(f"The {p.images_waiting} image(s) left for you are being labelled by classmates at the "
+                 "moment. One comes back when a classmate leaves it unfinished: look again in a few minutes.")
+    else:
+        st.title("All done!")
+        st.write("You have labelled every image that is open to you. Thank you!")
+    if saved:
+        st.success(saved, icon=":material/check_circle:")
+    st.markdown(progress_line(p))
+    if st.button("Look for new images", type="primary"):
         st.rerun()
     if state.get("feedback"):
         show_feedback(state["feedback"])
@@ -244,6 +261,8 @@ with tools_col:
     st.button("Submit with no cells" if confirming else "Submit", key=f"submit-{task['client_key']}",
               type="primary", shortcut="Ctrl+Enter", on_click=submit, args=(task["client_key"],), width="stretch",
               help="Save the marks of this image and get the next one (Ctrl+Enter)")
+    if saved:
+        st.success(saved, icon=":material/check_circle:")
 
 with picture_col:
     last = len(state["marks"]) - 1 if state["marks"] else None
@@ -251,7 +270,7 @@ with picture_col:
         f" · showing x {view.x0}-{view.x0 + view.width - 1}, y {view.y0}-{view.y0 + view.height - 1}")
     canvas.show(canvas.marked_picture(rgb, state["marks"], view, highlight=last), view, key)
     st.caption(f"{task['name']} ({task['width']}×{task['height']} px){where}")
-    st.markdown(progress_line(student.annotator_id, state.get("submitted", 0)))
+    st.markdown(progress_line(progress()))
 
 if state.get("feedback"):
     show_feedback(state["feedback"])

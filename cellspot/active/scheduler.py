@@ -60,6 +60,7 @@ LEASE_WAIT_SECONDS = 15.0  # give up (LeaseContentionError) after losing races t
 RETRY_SLEEP_SECONDS = 0.01  # PostgreSQL: pause while the only images left are being leased
 CANDIDATE_COLUMNS = ["image_id", "rank", "runs", "leases"]
 LEASE_COLUMNS = ["image_id", "annotator_id", "round_id", "slot", "leased_at", "expires_at"]
+PROGRESS_COLUMNS = ["image_id", "runs_round", "leased"]
 
 
 class NoOpenRoundError(LookupError):
@@ -134,6 +135,29 @@ def live_leases(session: Session, project: Project, now: datetime | None = None)
 # --------------------------------------------------------------------------- candidates
 
 
+def _round_counts(round_: ALRound, now: datetime):  # noqa: ANN202 - two subqueries
+    """Subqueries ``(image_id, n)``: runs submitted since ``round_`` opened, and live leases."""
+    runs = (select(TaskRun.image_id, func.count().label("n")).where(TaskRun.submitted_at >= utc(round_.created_at))
+            .group_by(TaskRun.image_id).subquery())
+    live = (select(ImageLease.image_id, func.count().label("n")).where(_live(now))
+            .group_by(ImageLease.image_id).subquery())
+    return runs, live
+
+
+def queue_progress(session: Session, round_: ALRound, now: datetime | None = None) -> pd.DataFrame:
+    """Every image of ``round_``'s queue with its runs this round and live leases at ``now``.
+
+    Columns :data:`PROGRESS_COLUMNS` (``runs_round``, ``leased``), one row per queued image in
+    rank order, whatever its status: what the Rounds page and the student's progress read.
+    """
+    runs, live = _round_counts(round_, utc(now or utcnow()))
+    q = ALQueueItem
+    stmt = (select(q.image_id, func.coalesce(runs.c.n, 0), func.coalesce(live.c.n, 0))
+            .outerjoin(runs, runs.c.image_id == q.image_id).outerjoin(live, live.c.image_id == q.image_id)
+            .where(q.round_id == round_.id).order_by(q.rank))
+    return pd.DataFrame(session.execute(stmt).tuples().all(), columns=PROGRESS_COLUMNS)
+
+
 def queue_candidates(
     session: Session,
     round_: ALRound,
@@ -153,11 +177,7 @@ def queue_candidates(
     ``(leases, rank)``. ``skip_locked`` (PostgreSQL only): lock the returned queue rows and skip
     the rows other open transactions hold (``FOR UPDATE OF al_queue SKIP LOCKED``).
     """
-    since = utc(round_.created_at)
-    runs = (select(TaskRun.image_id, func.count().label("n")).where(TaskRun.submitted_at >= since)
-            .group_by(TaskRun.image_id).subquery())
-    live = (select(ImageLease.image_id, func.count().label("n")).where(_live(now))
-            .group_by(ImageLease.image_id).subquery())
+    runs, live = _round_counts(round_, now)
     seen = select(TaskRun.image_id).where(TaskRun.annotator_id == annotator.id)
     n_runs, n_live = func.coalesce(runs.c.n, 0), func.coalesce(live.c.n, 0)
     q = ALQueueItem
@@ -300,6 +320,6 @@ def next_queued_image(
 
 __all__ = [
     "CANDIDATE_COLUMNS", "DEFAULT_LEASE_SECONDS", "LEASE_COLUMNS", "LeaseContentionError",
-    "NoOpenRoundError", "expire_leases", "lease_seconds_for", "live_leases", "next_queued_image",
-    "queue_candidates", "release_leases",
+    "NoOpenRoundError", "PROGRESS_COLUMNS", "expire_leases", "lease_seconds_for", "live_leases",
+    "next_queued_image", "queue_candidates", "queue_progress", "release_leases",
 ]

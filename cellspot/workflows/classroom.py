@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from cellspot.evaluation import match_cells
 from cellspot.store import queries
 from cellspot.store.models import (
+    ALQueueItem,
     Annotator,
     Click,
     ConsensusCell,
@@ -113,12 +114,15 @@ class SubmitResult:
 @dataclass(frozen=True)
 class Progress:
     """A student's progress: runs today / in total, the class's runs today, images still open
-    to this student (not seen, not retired)."""
+    to this student (not seen, not retired, and not a queued image that already has every run
+    of the open round), and how many of those are queued images leased to classmates right
+    now (they come back to the queue if a lease lapses)."""
 
     done_today: int
     done_total: int
     class_total_today: int
     images_left: int
+    images_waiting: int = 0
 
 
 @dataclass(frozen=True)
@@ -251,8 +255,11 @@ def next_image(
     While the project has an open active-learning round, the non-gold image comes from the
     round's queue instead (:func:`cellspot.active.scheduler.next_queued_image`: best rank
     first, leased to this student until it is submitted or the lease expires at ``now`` +
-    ``settings["lease_seconds"]``); when the queue has nothing for this student, a gold image
-    if one is open, else ``None``. Without an open round the behaviour above is unchanged.
+    ``settings["lease_seconds"]``). When the queue has nothing for this student (every queued
+    image done by them, given its runs for the round, or leased to classmates), the open images
+    outside the queue follow, fewest runs first as without a round, so a class never stalls
+    before the researcher opens the next round; then a gold image if one is open, else ``None``.
+    Without an open round the behaviour above is unchanged.
     """
     rng = rng or random.Random()
     project = session.get(Project, annotator.project_id)
@@ -297,9 +304,22 @@ def _next_in_round(
         return _least_runs(session, gold, rng)
     image = scheduler.next_queued_image(session, project, annotator, now=now, exclude_ids=exclude_ids,
                                         round_=round_)
-    if image is None and not gold.empty:
-        return _least_runs(session, gold, rng)
-    return image
+    if image is not None:
+        return image
+    queued = session.scalars(select(ALQueueItem.image_id).where(ALQueueItem.round_id == round_.id)).all()
+    rest = frame[~frame["gold"] & ~frame["image_id"].isin(queued)]
+    for pool in (rest, gold):
+        if not pool.empty:
+            return _least_runs(session, pool, rng)
+    return None
+
+
+def leave_class(session: Session, annotator_id: int) -> int:
+    """The student leaves this device: the image leased to them goes back to the round's queue
+    at once (instead of after the lease expires); their runs stay. Returns the leases released."""
+    from cellspot.active import scheduler
+
+    return scheduler.release_leases(session, annotator_id)
 
 
 # --------------------------------------------------------------------------- submit
@@ -424,8 +444,28 @@ def student_progress(session: Session, annotator: Annotator, now: datetime | Non
     class_today = session.scalar(
         select(func.count()).select_from(TaskRun)
         .where(TaskRun.annotator_id.in_(classmates), TaskRun.submitted_at >= since)) or 0
-    left = len(_open_images(session, annotator))
-    return Progress(int(done_today), int(done_total), int(class_today), left)
+    left, waiting = _images_left(session, annotator, now)
+    return Progress(int(done_today), int(done_total), int(class_today), left, waiting)
+
+
+def _images_left(session: Session, annotator: Annotator, now: datetime | None) -> tuple[int, int]:
+    """``(left, waiting)`` for :func:`student_progress`: the images open to ``annotator``
+    without the queued images that have every run of the open round, and how many of those
+    left are queued images whose remaining runs are all leased to students right now."""
+    from cellspot.active import scheduler
+    from cellspot.active.rounds import current_round, target_runs_for
+
+    frame = _open_images(session, annotator)
+    project = session.get(Project, annotator.project_id)
+    round_ = current_round(session, project)
+    if round_ is None or frame.empty:
+        return len(frame), 0
+    queue = scheduler.queue_progress(session, round_, now)
+    target = target_runs_for(project, round_)
+    full = queue.loc[queue["runs_round"] >= target, "image_id"]
+    busy = queue.loc[(queue["runs_round"] < target) & (queue["runs_round"] + queue["leased"] >= target), "image_id"]
+    frame = frame[~frame["image_id"].isin(full)]
+    return len(frame), int(frame["image_id"].isin(busy).sum())
 
 
 # --------------------------------------------------------------------------- tutorial
@@ -501,6 +541,6 @@ __all__ = [
     "ClassNotFoundError", "Example", "FeedbackCell", "GoldFeedback", "ImageNotFoundError",
     "InvalidNicknameError", "Progress", "SubmitResult", "compare_with_gold", "day_start",
     "feedback_radius", "find_class", "get_project_image", "gold_image_ids", "join_class",
-    "next_image", "normalize_class_code", "normalize_nickname", "runs_submitted", "student_progress",
+    "leave_class", "next_image", "normalize_class_code", "normalize_nickname", "runs_submitted", "student_progress",
     "submit_run", "tutorial_examples",
 ]

@@ -193,7 +193,46 @@ def test_next_image_falls_back_to_gold_when_the_queue_is_done(db) -> None:
     ann, bob = _student(db, "ann"), _student(db, "bob")
     assert c.next_image(db, ann, now=T0).name == "i00"
     assert c.next_image(db, bob, now=T0).name == "gold"  # ranked gold image is leased
-    assert c.next_image(db, _student(db, "cid"), now=T0).name == "gold"  # queue full: gold check
+    assert c.next_image(db, _student(db, "cid"), now=T0).name == "gold"  # queue full, nothing outside: gold
+
+
+def test_after_the_queue_the_open_images_outside_it_follow_then_gold(db) -> None:
+    """A used-up queue does not stall the class: the open images outside it come next (fewest
+    runs first), then gold; a queued image past its round's target is not served again."""
+    project = q.get_or_create_project(db, "p", class_codes=["7B"], gold_rate=0.0, target_runs=1)
+    names = ["q0", "out1", "out2", "gold"]
+    images = {n: Image(project=project, name=n, width=100, height=80, has_pixels=True) for n in names}
+    db.add_all(images.values())
+    db.flush()
+    db.add(GoldCell(image_id=images["gold"].id, x=10, y=10, label="alive"))
+    zed = _student(db, "zed")
+    c.submit_run(db, zed, images["out2"].id, [], "k-zed")  # out2 has a run, out1 none
+    rounds.open_round(db, project, scores=pd.DataFrame({"image": ["q0"], "score": [1.0]}),
+                      now=T0 - timedelta(hours=1))
+    ann, bob = _student(db, "ann"), _student(db, "bob")
+    assert c.next_image(db, ann, now=T0).name == "q0"
+    # q0's one run of the round is leased to ann: bob gets the least-run image outside the queue
+    assert c.next_image(db, bob, now=T0).name == "out1"
+    progress = c.student_progress(db, bob, now=T0)
+    assert (progress.images_left, progress.images_waiting) == (4, 1)  # q0 (leased), out1, out2, gold
+    c.submit_run(db, ann, images["q0"].id, [], "k-ann")
+    progress = c.student_progress(db, bob, now=T0)
+    assert (progress.images_left, progress.images_waiting) == (3, 0)  # q0 has its run: not left
+    cid = _student(db, "cid")
+    served = []
+    while (image := c.next_image(db, cid, now=T0)) is not None and len(served) < 5:
+        served.append(image.name)
+        c.submit_run(db, cid, image.id, [], f"k-cid-{image.name}")
+    assert served == ["out1", "out2", "gold"]  # never q0 again this round
+
+
+def test_leave_class_gives_the_leased_image_back(db) -> None:
+    project, images = _room(db, 1, target=1)
+    ann, bob = _student(db, "ann"), _student(db, "bob")
+    assert _next(db, project, ann) == "i00"
+    assert _next(db, project, bob) is None
+    assert c.leave_class(db, ann.id) == 1
+    assert _next(db, project, bob) == "i00"
 
 
 # --------------------------------------------------------------------------- concurrency

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from app_testkit import CLASS_CODE, PASSWORD, REPO
+from app_testkit import APP_SCRIPT, CLASS_CODE, PASSWORD, REPO
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -230,7 +230,7 @@ def test_submit_stores_one_run_and_a_repeat_stores_nothing(app, app_engine):
     click_image(app, 300, 200, 384, stamp=2)
     app.button(key=f"submit-{first['client_key']}").click().run()
     no_exception(app)
-    assert "Saved: 2 mark(s)" in texts(app.toast)
+    assert "Saved: 2 mark(s)" in texts(app.success) and not app.toast
     with Session(app_engine) as session:
         runs = session.scalars(select(TaskRun).where(TaskRun.client_key == first["client_key"])).all()
         assert len(runs) == 1 and runs[0].image_id == first["image_id"]
@@ -246,7 +246,7 @@ def test_submit_stores_one_run_and_a_repeat_stores_nothing(app, app_engine):
     app.session_state["marks"] = [(10.0, 20.0, "alive")]
     app.run()
     app.button(key=f"submit-{first['client_key']}").click().run()
-    assert "Already saved" in texts(app.toast)
+    assert "Already saved" in texts(app.success)
     assert count(app_engine, TaskRun, TaskRun.client_key == first["client_key"]) == 1
     assert count(app_engine, Click, Click.task_run_id == runs[0].id) == 2
 
@@ -267,7 +267,7 @@ def test_an_empty_submit_asks_first_and_stores_on_the_second_press(app, app_engi
     app.button(key="undo").click().run()
     app.button(key=key).click().run()
     assert count(app_engine, TaskRun, TaskRun.client_key == task["client_key"]) == 1
-    assert "Saved: 0 mark(s)" in texts(app.toast)
+    assert "Saved: 0 mark(s)" in texts(app.success)
     assert app.session_state["task"]["client_key"] != task["client_key"]
 
 
@@ -291,7 +291,7 @@ def test_a_gold_image_shows_feedback_after_submit(app, app_engine):
     captions = {c for img in app.image for c in img.captions}
     assert "Your marks" in captions
     assert f"The expert's cells you missed or labelled differently ({n_gold - 1})" in captions
-    assert "you found 1 of" in texts(app.toast)
+    assert "Check image: see below the image." in texts(app.success)
 
 
 def test_when_nothing_is_left_the_student_is_told(app, app_engine):
@@ -697,3 +697,38 @@ def test_logout_ends_the_researcher_session(app):
     app.button[0].click().run()
     assert "role" not in app.session_state and "researcher_ok" not in app.session_state
     assert "Cell spotting" in titles(app)
+
+
+def test_leaving_gives_the_leased_image_back_to_the_round(app, app_engine):
+    from cellspot.store.models import ImageLease
+    from cellspot.workflows import rounds as wr
+
+    with Session(app_engine) as session, session.begin():
+        project = session.scalar(select(Project).where(Project.name == "demo"))
+        project.settings = {**(project.settings or {}), "gold_rate": 0.0}  # the queued image, not a check
+        wr.open_new_round(session, "demo", strategy="crowd", top=1, target_runs=1)
+    start_labelling(app, nickname="gina")
+    annotator_id = app.session_state["annotator_id"]
+    assert count(app_engine, ImageLease, ImageLease.annotator_id == annotator_id) == 1
+    app.switch_page("views/leave.py").run()
+    app.button[0].click().run()
+    no_exception(app)
+    # a classmate joining now gets that image at once, not after the lease expires
+    assert count(app_engine, ImageLease, ImageLease.annotator_id == annotator_id) == 0
+
+
+def test_the_progress_line_is_not_another_sessions_cached_one(app, app_engine, store):
+    """The line is cached per browser session: a reload (a new session, its submit counter back
+    at 0) must not get the line an earlier session cached for the same student."""
+    from streamlit.testing.v1 import AppTest
+
+    start_labelling(app, nickname="cara")
+    for _ in range(2):
+        task = app.session_state["task"]
+        click_image(app, 10, 20, 384, stamp=1)
+        app.button(key=f"submit-{task['client_key']}").click().run()
+    assert "(2 in all)" in texts(app.markdown)
+    again = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
+    again.secrets["unused"] = "tests use CELLSPOT_RESEARCHER_PASSWORD only"
+    start_labelling(again, nickname="cara")
+    assert "(2 in all)" in texts(again.markdown)
