@@ -32,7 +32,7 @@ TTL_S = 2.0
 THUMB_PX = 64  # longest side of a queue thumbnail
 THUMB_ROWS = 60  # thumbnails for the best N queued images (the rest of the table has none)
 TARGET_RUNS_MAX = 50  # the most runs per image the page offers (a larger project default raises it)
-QUEUE_SHOWN = ["thumbnail", "rank", "image", "score", "reason", "status", "n_runs"]
+QUEUE_SHOWN = ["thumbnail", "rank", "image", "score", "reason", "status", "runs_round", "leased", "n_runs"]
 HISTORY_SHOWN = ["round", "status", "strategy", "images", "top", "target_runs", "detector_version",
                  "classifier_version", "snapshot_id", "task_runs_at_open", "task_runs", "created_at", "closed_at"]
 
@@ -105,6 +105,18 @@ def refresh() -> None:
         cached.clear()
 
 
+def queue_status(queue: pd.DataFrame, target_runs: int) -> tuple[str, bool]:
+    """A line on the open round's progress, and whether it is complete (every queued image
+    that is still active has its ``target_runs`` runs of the round)."""
+    active = queue[queue["status"] == "active"]
+    done = int((active["runs_round"] >= target_runs).sum())
+    leased = int(active["leased"].sum())
+    retired = len(queue) - len(active)
+    line = (f"{done} of {len(active)} queued image(s) have their {target_runs} run(s) of this round · "
+            f"{leased} being labelled now" + (f" · {retired} retired since the round opened" if retired else ""))
+    return line, done == len(active)
+
+
 def default_target_runs(project: Project) -> int:
     """Runs per queued image a new round of ``project`` gets unless told otherwise
     (:func:`cellspot.active.rounds.target_runs_for`); :data:`DEFAULT_TARGET_RUNS` when the
@@ -130,10 +142,11 @@ def open_round(project_id: int, strategy: str, top: int | None, target_runs: int
     return f"Opened {info.describe()}: students get its images first, {runs}."
 
 
-def rollback(project_id: int) -> str:
-    """Roll back the open round; the message says which round is open now."""
+def rollback(project_id: int, number: int) -> str:
+    """Roll back round ``number`` if it is still the open one; the message says which round is
+    open now."""
     with resources.session() as session:
-        undone, restored = workflow.rollback_current(session, _project(session, project_id))
+        undone, restored = workflow.rollback_current(session, _project(session, project_id), number=number)
     refresh()
     again = f"round {restored.number} is open again" if restored is not None else "no round is open now"
     return f"Round {undone.number} rolled back; {again}."

@@ -73,22 +73,36 @@ if current is None:
 else:
     st.markdown(f"**Round {current.number}** · {current.strategy} · {current.images} queued · "
                 f"{current.task_runs} task runs since it opened · scored with {current.models}")
-    if st.button("Roll back this round", key="rounds_rollback", icon=":material/undo:",
-                 help="Undo this round: the round before it (if any) serves the students again"):
-        act(rounds_view.rollback, project.id)
+    with st.popover("Roll back this round", icon=":material/undo:",
+                    help="Undo this round: the round before it (if any) serves the students again"):
+        st.write(f"Roll back round {current.number}? Its queue stops serving; the task runs students "
+                 "submitted stay.")
+        if st.button(f"Yes, roll back round {current.number}", key="rounds_rollback", type="primary"):
+            act(rounds_view.rollback, project.id, current.number)
     queue = rounds_view.queue(URL, project.id)
     if queue.empty:
-        st.info("The queue is empty: students get gold images only while this round is open.")
+        st.info("The queue is empty: students get the open images with the fewest runs, and gold images, "
+                "while this round is open.")
     else:
+        target = current.target_runs or rounds_view.default_target_runs(project)
+        line, complete = rounds_view.queue_status(queue, target)
+        st.caption(line)
+        if complete:
+            st.success("Every queued image has its runs: students now get the open images outside the queue, "
+                       "fewest runs first. Retrain and open a new round to rank the images again.",
+                       icon=":material/task_alt:")
         if queue["score"].isna().all():
-            st.warning(f"No image got a {current.strategy} score (it needs model predictions): the queue is in "
-                       "image order. Before a model exists, open a combined, crowd or coverage round.")
+            st.warning(f"No image got a {current.strategy} score (it needs model predictions): every image "
+                       "ties and the queue is in a random (seeded) order. Before a model exists, open a "
+                       "combined, crowd or coverage round.")
         shown = rounds_view.queue_with_thumbnails(queue)
         components = shown.columns[len(rounds_view.QUEUE_SHOWN):]
         st.dataframe(shown, hide_index=True, width="stretch", key="rounds_queue", column_config={
             "thumbnail": st.column_config.ImageColumn("preview", width="small"),
             "score": st.column_config.NumberColumn("score", format="%.3f"),
-            "n_runs": st.column_config.NumberColumn("runs"),
+            "runs_round": st.column_config.NumberColumn("runs this round", help=f"Of the {target} it gets"),
+            "leased": st.column_config.NumberColumn("being labelled", help="Students holding it now"),
+            "n_runs": st.column_config.NumberColumn("runs in all"),
             **{c: st.column_config.NumberColumn(c, format="%.3f") for c in components},
         })
         st.download_button("Download the queue (CSV)", queue.drop(columns=["components"]).to_csv(index=False),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import click
 
@@ -67,6 +69,25 @@ class _ProjectName(click.ParamType):
 
 
 PROJECT = _ProjectName()
+
+
+class _OutFile(click.Path):
+    """``--out FILE``: a file to write (not an existing folder), refused when empty (an unset shell
+    variable) or written as a folder (``sub/``), which would otherwise write a file named ``sub``."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if not text.strip():
+            self.fail("needs a file name; got an empty value", param, ctx)
+        if text.endswith(("/", os.sep)):
+            self.fail(f"{text!r} names a folder; give a file name in it, e.g. {text}queue.csv", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUT_FILE = _OutFile()
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import PROJECT, main, no_model_warning
+from cellspot.cli import OUT_FILE, PROJECT, main, no_model_warning
 
 CONTEXT_COLUMNS = ["image_id", "n_runs", "retired", "has_pixels"]
 
@@ -27,7 +27,7 @@ def _list_strategies(ctx: click.Context, _param: click.Parameter, value: bool) -
               help="Project name [default: the settings' default project].")
 @click.option("--strategy", default=None, help="Acquisition strategy [default: combined]; see --list-strategies.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Only the N best images [default: all].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=OUT_FILE, default=None,
               help="Write the CSV here [default: standard output].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random strategy.")
 @click.option("--diversity", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cellspot.active import rounds as al
+from cellspot.active import scheduler
 from cellspot.ml import registry
 from cellspot.store.models import ALRound, ModelRun, Project
 from cellspot.store.queries import as_project
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_STRATEGY = al.DEFAULT_STRATEGY
 MODEL_ORDER = ("detector", "classifier")
 CURVE_COLUMNS = ["round", "task_runs", "status", "kind", "version", "metric", "value", "series"]
+PROGRESS_SHOWN = ["runs_round", "leased"]
+"""Columns :func:`queue_table` adds to the queue (:func:`cellspot.active.scheduler.queue_progress`)."""
 
 
 class RoundsWorkflowError(ValueError):
@@ -62,8 +65,15 @@ class RoundInfo:
 
     @property
     def models(self) -> str:
-        """``"detector-0002 + classifier-0003"``, or ``"crowd and coverage signals only"``."""
+        """``"detector-0002 + classifier-0003"``; without predictions ``"crowd and coverage
+        signals only"``, or, for a strategy that reads model predictions alone, that every image
+        tied."""
         if self.crowd_only:
+            from cellspot.active.strategies import STRATEGIES
+
+            known = STRATEGIES.get(self.strategy)
+            if known is not None and known.needs_model:
+                return "no model predictions to score: every image tied"
             return "crowd and coverage signals only"
         return f"{self.detector_version or 'no detector'} + {self.classifier_version or 'no classifier'}"
 
@@ -171,15 +181,22 @@ def open_new_round(
     return info
 
 
-def rollback_current(session: Session, project: Project | str) -> tuple[RoundInfo, RoundInfo | None]:
+def rollback_current(
+    session: Session, project: Project | str, *, number: int | None = None
+) -> tuple[RoundInfo, RoundInfo | None]:
     """Roll back the open round of ``project``; ``(rolled back, reopened or None)``. Flushes.
 
-    :class:`RoundsWorkflowError` when no round is open.
+    ``number``: the round the caller means (the one a page shows); when another round is open
+    by now (a second tab rolled it back or opened a new one), nothing is rolled back.
+    :class:`RoundsWorkflowError` when no round is open or it is not round ``number``.
     """
     project = as_project(session, project)
     current = al.current_round(session, project)
     if current is None:
         raise RoundsWorkflowError(f"project {project.name!r} has no open round to roll back")
+    if number is not None and current.number != int(number):
+        raise RoundsWorkflowError(f"round {number} is no longer the open round (round {current.number} is, "
+                                  "changed meanwhile, perhaps in another tab); nothing was rolled back")
     restored = al.rollback_round(session, current)
     return (round_info(session, project, current),
             round_info(session, project, restored) if restored is not None else None)
@@ -200,16 +217,21 @@ def history(session: Session, project: Project | str, now: datetime | None = Non
 
 def queue_table(session: Session, project: Project | str, number: int | None = None) -> pd.DataFrame:
     """The queue of round ``number`` (default: the open round) best first, with each image's
-    score, reason and score components (:func:`cellspot.active.rounds.round_queue`); an empty
-    frame with :data:`~cellspot.active.rounds.QUEUE_COLUMNS` when there is no such round."""
+    score, reason and score components (:func:`cellspot.active.rounds.round_queue`) and, while
+    the round is open, its runs this round and live leases (``runs_round``, ``leased``; empty for
+    a closed round); an empty frame with those columns when there is no such round."""
     project = as_project(session, project)
     if number is None:
         round_ = al.current_round(session, project)
     else:
         round_ = session.scalar(select(ALRound).where(ALRound.project_id == project.id, ALRound.number == number))
     if round_ is None:
-        return pd.DataFrame(columns=al.QUEUE_COLUMNS)
-    return al.round_queue(session, round_)
+        return pd.DataFrame(columns=[*al.QUEUE_COLUMNS, *PROGRESS_SHOWN])
+    table = al.round_queue(session, round_)
+    if round_.status != "open" or table.empty:
+        return table.assign(**{c: pd.NA for c in PROGRESS_SHOWN})
+    progress = scheduler.queue_progress(session, round_)
+    return table.merge(progress, on="image_id", how="left")
 
 
 # --------------------------------------------------------------------------- learning curve

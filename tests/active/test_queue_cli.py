@@ -93,6 +93,8 @@ def test_queue_after_a_real_aggregation(store) -> None:
         (["--snapshot", "999"], 1, "consensus snapshot 999 does not exist"),
         (["--top", "0"], 2, "--top"),
         (["--strategy", "bald"], 1, "needs MC-dropout samples of the classifier"),
+        (["--out", ""], 2, "needs a file name; got an empty value"),
+        (["--out", "sub/"], 2, "'sub/' names a folder; give a file name in it, e.g. sub/queue.csv"),
     ],
 )
 def test_queue_errors(store, args: list[str], code: int, message: str) -> None:

@@ -14,6 +14,7 @@ import json
 from datetime import timedelta
 
 import app_testkit  # noqa: F401 - puts app/ on sys.path
+from app_testkit import CLASS_CODE
 import numpy as np
 import pandas as pd
 import pytest
@@ -209,6 +210,45 @@ def test_roll_back_reopens_the_previous_round(app, app_engine):
     assert history[["round", "status"]].values.tolist() == [[2, "rolled_back"], [1, "open"]]
     app.button(key="rounds_rollback").click().run()
     assert "no round is open now" in texts(app.success) and "No round is open" in texts(app.info)
+
+
+def test_roll_back_from_a_stale_page_rolls_back_nothing(app, app_engine):
+    """Two researcher tabs both show round 2; the first rolls it back, the second's button must
+    not roll back round 1 as well."""
+    open_in_store(app_engine, [0, 1])
+    open_in_store(app_engine, [3], strategy="coverage", minutes=1)
+    open_rounds(app)
+    assert "Yes, roll back round 2" in [b.label for b in app.button]
+    with Session(app_engine) as session, session.begin():
+        wr.rollback_current(session, "demo", number=2)  # the other tab
+    app.button(key="rounds_rollback").click().run()
+    no_exception(app)
+    assert "round 2 is no longer the open round (round 1 is" in texts(app.error)
+    with Session(app_engine) as session:
+        assert wr.current_round_info(session, "demo").number == 1
+
+
+def test_the_queue_shows_the_rounds_progress_and_when_it_is_complete(app, app_engine):
+    from cellspot.workflows.classroom import join_class, submit_run
+
+    open_in_store(app_engine, [0, 1])
+    with Session(app_engine) as session, session.begin():
+        wr.open_new_round(session, "demo", strategy="crowd", scores=scores_for(image_names(app_engine)[:1]),
+                          target_runs=1)
+    open_rounds(app)
+    queue = table(app, "rounds_queue")
+    assert queue[["runs_round", "leased"]].values.tolist() == [[0, 0]]
+    assert "0 of 1 queued image(s) have their 1 run(s) of this round" in texts(app.caption)
+    assert not app.success
+    with Session(app_engine) as session, session.begin():
+        student = join_class(session, CLASS_CODE, "zoe")
+        image_id = session.scalar(select(Image.id).where(Image.name == image_names(app_engine)[0]))
+        submit_run(session, student, image_id, [(5.0, 5.0, "alive")], "k-zoe")
+    rounds_view.refresh()
+    app.run()
+    assert table(app, "rounds_queue")[["runs_round", "leased"]].values.tolist() == [[1, 0]]
+    assert "1 of 1 queued image(s) have their 1 run(s)" in texts(app.caption)
+    assert "Every queued image has its runs" in texts(app.success)
 
 
 def test_learning_curve_plots_task_runs_against_model_metrics(app, app_engine):

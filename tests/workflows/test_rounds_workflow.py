@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from cellspot.active.strategies import MissingSignalError, UnknownStrategyError
 from cellspot.cli import main
@@ -108,6 +109,44 @@ def test_rollback_walks_back_and_history_is_newest_first(db) -> None:
     with pytest.raises(wr.RoundsWorkflowError, match="has no open round to roll back"):
         wr.rollback_current(db, "demo")
     assert wr.queue_table(db, "demo").empty
+
+
+def test_rollback_of_a_round_that_is_no_longer_open_does_nothing(db) -> None:
+    """A page still showing round 1 after a second tab opened round 2 must not roll back round 2."""
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [0]), now=T0)
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [1]), now=T0 + timedelta(hours=1))
+    with pytest.raises(wr.RoundsWorkflowError, match="round 1 is no longer the open round .round 2 is"):
+        wr.rollback_current(db, "demo", number=1)
+    assert wr.current_round_info(db, "demo").number == 2
+    undone, restored = wr.rollback_current(db, "demo", number=2)
+    assert (undone.number, restored.number) == (2, 1)
+
+
+def test_the_open_rounds_queue_counts_runs_of_the_round_and_leases(db) -> None:
+    from cellspot.active.scheduler import next_queued_image
+    from cellspot.store.models import utcnow
+
+    t0 = utcnow() + timedelta(hours=1)  # after the demo's runs
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [0, 1]), target_runs=2, now=t0)
+    _submit(db, 2, when=t0 - timedelta(minutes=1))  # before the round: not this round's runs
+    _submit(db, 1, start=2, when=t0 + timedelta(minutes=1))  # image 0 (see _submit)
+    project = get_project(db, "demo")
+    student = get_or_create_annotator(db, project, "lea", "DEMO")
+    leased = next_queued_image(db, project, student, now=t0 + timedelta(minutes=2))
+    queue = wr.queue_table(db, "demo")
+    assert list(queue.columns[-2:]) == wr.PROGRESS_SHOWN
+    counts = dict(zip(queue["image_id"], zip(queue["runs_round"], queue["leased"])))
+    first, second = queue["image_id"]
+    assert counts[first][0] == 1 and sum(n for _, n in counts.values()) == 1
+    assert counts[leased.id][1] == 1
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [2]), now=t0 + timedelta(hours=1))
+    closed = wr.queue_table(db, "demo", number=1)
+    assert closed[wr.PROGRESS_SHOWN].isna().all().all()  # only an open round's progress is counted
+
+
+def test_a_model_strategy_round_without_predictions_says_every_image_tied(db) -> None:
+    info = wr.open_new_round(db, "demo", strategy="classifier", now=T0)
+    assert info.crowd_only and info.describe().endswith("no model predictions to score: every image tied)")
 
 
 def test_learning_curve_pairs_task_runs_with_model_metrics(db) -> None:
@@ -307,6 +346,14 @@ def test_round_cli_warns_when_a_model_strategy_has_no_model(engine, strategy: st
     out = CliRunner().invoke(main, ["round", "open", "--strategy", strategy])
     assert out.exit_code == 0, out.output
     assert ("every image ties; train and promote a model" in " ".join(out.stderr.split())) is warned
+
+
+def test_round_cli_says_when_the_active_models_have_not_predicted_the_project(engine) -> None:
+    with Session(engine) as session, session.begin():
+        version = _done_run(session, "classifier", {"balanced_accuracy": 0.9}, T0).version
+    out = CliRunner().invoke(main, ["round", "open"])
+    assert out.exit_code == 0, out.output
+    assert f"the active models ({version}) have not predicted this project yet" in " ".join(out.stderr.split())
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
