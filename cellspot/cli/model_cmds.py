@@ -122,6 +122,8 @@ def _prepare_run(session: Session, settings: Settings, kind: str, *, project_nam
             where = out if out is not None else f"{kind} runs of {'the folder' if images else repr(project.name)}"
             raise click.ClickException(f"--resume: nothing to resume in {where} (no cancelled/failed run "
                                        f"with a {RESUME_FILE})")
+    if out is not None and not (resume and (out / RESUME_FILE).is_file()):
+        wf.check_new_out_dir(out)
     if images:
         run = wf.start_folder_training(session, settings, kind, images, annotations, masks, preset=preset,
                                        epochs=epochs, overrides=overrides, out_dir=out)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,10 @@ def check_config(kind: str, preset: str, overrides: Mapping[str, Any]) -> dict[s
     else :class:`WorkflowError` saying which field is wrong (checked before a run is queued,
     so a typo does not wait in the queue to fail)."""
     trainer = get_trainer(kind)
-    wrong = _wrong_type(trainer, preset, overrides)
+    if "preset" in overrides:
+        raise WorkflowError(f"bad {kind} config: the preset is not a field; choose it with --preset (or the "
+                            "Preset box)")
+    wrong = _wrong_type(trainer, preset, overrides) or _wrong_value(overrides)
     if wrong is not None:
         raise WorkflowError(f"bad {kind} config: {wrong}")
     try:
@@ -173,8 +177,31 @@ def check_config(kind: str, preset: str, overrides: Mapping[str, Any]) -> dict[s
     return dict(overrides)
 
 
+def _wrong_value(overrides: Mapping[str, Any]) -> str | None:
+    """Checks of fields whose preset value is None, made before the run is queued (not in the
+    config class, which also loads saved checkpoints on machines without the weights file)."""
+    threads, weights = overrides.get("threads"), overrides.get("weights_path")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, float))
+                                or threads != int(threads) or threads < 1):
+        return f"threads must be a whole number >= 1 (or left out: every CPU), got {threads!r}"
+    if weights is not None and not Path(str(weights)).expanduser().is_file():
+        return f"weights_path {weights!r} is not a file (pretrained encoder weights, a state_dict .pt/.pth)"
+    return None
+
+
+def _int_field(config_type: type, name: str) -> bool:
+    """True when field ``name`` of the dataclass ``config_type`` takes whole numbers only."""
+    try:
+        hint = typing.get_type_hints(config_type).get(name)
+    except (NameError, TypeError):
+        return False
+    allowed = set(typing.get_args(hint)) or {hint}
+    return int in allowed and float not in allowed
+
+
 def _wrong_type(trainer: Trainer, preset: str, overrides: Mapping[str, Any]) -> str | None:
-    """Which override has a value of the wrong type for its field (e.g. ``lr=abc``), or None."""
+    """Which override has a value of the wrong type for its field (e.g. ``lr=abc``, ``seed=1.5``),
+    or None."""
     try:
         default = trainer.config_for(preset)
     except (ValueError, TypeError):
@@ -182,6 +209,9 @@ def _wrong_type(trainer: Trainer, preset: str, overrides: Mapping[str, Any]) -> 
     for name, value in overrides.items():
         if not hasattr(default, name) or value is None:
             continue
+        if (dataclasses.is_dataclass(default) and isinstance(value, float) and not value.is_integer()
+                and _int_field(type(default), name)):
+            return f"{name} must be a whole number, got {value!r}"
         current = getattr(default, name)
         if isinstance(current, bool) and not isinstance(value, bool):
             return f"{name} must be true or false, got {value!r}"
@@ -191,6 +221,19 @@ def _wrong_type(trainer: Trainer, preset: str, overrides: Mapping[str, Any]) -> 
         if isinstance(current, str) and not isinstance(value, str):
             return f"{name} must be text (the preset has {current!r}), got {value!r}"
     return None
+
+
+def check_new_out_dir(out_dir: Path) -> None:
+    """A checkpoint folder given by hand must be new or empty: a run writes ``weights``,
+    ``config.json`` and ``metrics.json`` there, and would silently replace another run's model
+    (its registry entry would then describe weights it no longer has). :class:`WorkflowError`."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise WorkflowError(f"--out {path} is a file; give a new or empty folder")
+    if path.is_dir() and any(path.iterdir()):
+        what = "another run's model" if (path / "config.json").is_file() else "files"
+        raise WorkflowError(f"--out {path} already holds {what}; give a new or empty folder (to go on from a "
+                            "cancelled run there, add --resume)")
 
 
 def start_training(
@@ -442,7 +485,7 @@ def _resolve_config(trainer: Trainer, preset: str, stored: Mapping[str, Any]) ->
         fields = dataclasses.fields(default)
         unknown = sorted(set(overrides) - {f.name for f in fields})
         if unknown:
-            allowed = ", ".join(sorted(f.name for f in fields if f.init))
+            allowed = ", ".join(sorted(f.name for f in fields if f.init and f.name != "preset"))
             raise WorkflowError(f"unknown config fields {unknown}; allowed: {allowed}")
         derived = {f.name for f in fields if not f.init}
         overrides = {k: v for k, v in overrides.items() if k not in derived}

@@ -143,6 +143,26 @@ def test_folder_training_without_project_and_custom_out(settings, folder, tmp_pa
     assert f"--detector {out_dir.resolve()}" in " ".join(out.split())
 
 
+def test_out_must_be_a_new_or_empty_folder(settings, folder, tmp_path, monkeypatch) -> None:
+    """Training into another run's folder would replace its weights behind the registry's back."""
+    install(monkeypatch)
+    images, csv = folder
+    out_dir = tmp_path / "model"
+    assert _run("train", "detector", "--images", images, "--annotations", csv, "--out", out_dir)[0] == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+    code, out = _run("train", "detector", "--images", images, "--annotations", csv, "--out", out_dir)
+    assert code == 1 and "Traceback" not in out
+    assert f"--out {out_dir} already holds another run's model; give a new or empty folder" in " ".join(out.split())
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv, "--out", images)
+    assert code == 1 and f"--out {images} already holds files" in " ".join(out.split())
+    code, out = _run("models", "list", "--folder")
+    assert code == 0 and "detector-0002" not in out and "classifier-0001" not in out, out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run("train", "classifier", "--images", images, "--annotations", csv, "--out", empty)[0] == 0
+
+
 def test_a_bad_folder_is_one_clear_error_and_no_run(settings, folder, monkeypatch) -> None:
     install(monkeypatch)
     images, csv = folder

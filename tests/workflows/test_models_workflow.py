@@ -223,6 +223,11 @@ def test_torch_threads_setting_reaches_the_config(settings, store, monkeypatch) 
     ("classifier", {"lr": "abc"}, r"lr must be a number \(the preset has 0.001\), got 'abc'"),
     ("classifier", {"tta": "maybe"}, "tta must be true or false, got 'maybe'"),
     ("detector", {"polarity": 1}, "polarity must be text"),
+    ("classifier", {"seed": 1.5}, "seed must be a whole number, got 1.5"),
+    ("detector", {"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
+    ("classifier", {"threads": -1}, r"threads must be a whole number >= 1 \(or left out: every CPU\), got -1"),
+    ("detector", {"weights_path": "/nowhere/enc.pt"}, "weights_path '/nowhere/enc.pt' is not a file"),
+    ("classifier", {"preset": "quality"}, "the preset is not a field; choose it with --preset"),
 ])
 def test_an_override_of_the_wrong_type_names_the_field(kind, overrides, error) -> None:
     with pytest.raises(wf.WorkflowError, match=f"bad {kind} config: {error}"):
