@@ -27,6 +27,9 @@ TTL_S = 1.5
 LIVE_STATUSES = ("queued", "running")
 #: a run still queued this long after it was created suggests that no worker is running
 WORKER_WAIT_S = 20.0
+#: a running run silent this long gets a warning (its worker may be gone)
+SILENT_WARN_S = 120.0
+LOST_AFTER_S = workflow.LOST_AFTER_S
 #: the Models page stops waiting for a queued prediction after this long
 PREDICT_WAIT_S = 600.0
 
@@ -48,6 +51,13 @@ class RunView:
     created_at: datetime | None
     config: dict[str, Any] = field(default_factory=dict)
     data_snapshot_id: str | None = None
+    silent_s: float = 0.0
+    resumable: bool = False
+
+    def silent_for_s(self) -> float:
+        """Seconds a running run had not reported when this view was read
+        (:func:`cellspot.workflows.models.silent_seconds`)."""
+        return self.silent_s
 
     def queued_for_s(self, now: datetime | None = None) -> float:
         """Seconds since the run was queued (created, or queued again by a resume: ``queued_at``
@@ -90,7 +100,8 @@ def run_view(url: str, version: str) -> RunView:
         run = registry.get_run(session, version)
         return RunView(run.id, run.version, run.kind, run.status, run.preset, bool(run.is_active),
                        dict(run.progress or {}), dict(run.metrics or {}), registry.run_curves(run), run.error,
-                       run.created_at, dict(run.config or {}), run.data_snapshot_id)
+                       run.created_at, dict(run.config or {}), run.data_snapshot_id,
+                       workflow.silent_seconds(run), workflow.can_resume(resources.settings(), run))
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)

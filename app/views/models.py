@@ -101,11 +101,20 @@ def live_run(version: str) -> None:
         st.markdown(f"**{view.version}** · {view.status} · preset {view.preset}")
         st.progress(charts.progress_fraction(view.progress), text=charts.progress_text(view.progress, view.status))
         waited = view.queued_for_s()
-        if waited > model_runs.WORKER_WAIT_S:
+        busy = [v for v, status in live if status == "running" and v != view.version]
+        silent = view.silent_for_s()
+        if view.status == "queued" and busy:
+            st.caption(f"Queued behind {', '.join(busy)}: the worker takes it when that one ends.")
+        elif waited > model_runs.WORKER_WAIT_S:
             st.warning(WORKER_HINT.format(version=view.version, waited=charts.format_seconds(waited)),
                        icon=":material/warning:")
         elif view.status == "queued":
             st.caption("Queued: waiting for a worker to pick it up.")
+        elif silent > model_runs.SILENT_WARN_S:
+            st.warning(f"No progress from {view.version} for {charts.format_seconds(silent)}: its worker may have "
+                       f"stopped. After {charts.format_seconds(model_runs.LOST_AFTER_S)} without progress, Cancel "
+                       "marks it failed (and a new `cellspot worker` does so when it starts).",
+                       icon=":material/warning:")
         show_curves(view.curves, key=f"live-curves-{version}")
         if st.button("Cancel", key=f"cancel-{version}", icon=":material/stop:",
                      help="A queued run is cancelled at once; a running one stops at its next check and "
@@ -166,8 +175,9 @@ with st.container(border=True):
                          help="Make this run the active model of its kind (used by Predict project)"):
         act(model_runs.promote, view.version)
     if buttons[1].button("Resume", key="models_resume", icon=":material/play_arrow:",
-                         disabled=view.status not in ("cancelled", "failed"),
-                         help="Queue a cancelled or failed run again from its last checkpoint"):
+                         disabled=not view.resumable,
+                         help="Queue a cancelled or failed run again from its last checkpoint (resume.pt; "
+                              "a run that failed before saving one has nothing to go on from)"):
         act(model_runs.resume, view.version)
     if buttons[2].button("Cancel", key="models_cancel", icon=":material/stop:",
                          disabled=view.status not in model_runs.LIVE_STATUSES):
@@ -244,8 +254,9 @@ def prediction_watch(queued: datetime) -> None:
                    "worker` running (same CELLSPOT_HOME and database as this app)? Reload to check again.",
                    icon=":material/warning:")
     elif waited > model_runs.WORKER_WAIT_S:
-        st.warning(WORKER_HINT.format(version="the prediction", waited=charts.format_seconds(waited)),
-                   icon=":material/warning:")
+        # the page cannot tell a busy worker from none: a project of many images takes minutes
+        st.info(f"Still predicting after {charts.format_seconds(waited)}… If nothing happens, check that `cellspot "
+                "worker` is running (same CELLSPOT_HOME and database as this app).", icon=":material/hourglass_top:")
     else:
         st.info(f"Predicting every image with the active models… ({charts.format_seconds(waited)})",
                 icon=":material/hourglass_top:")

@@ -252,6 +252,11 @@ def worker_command(workers: int) -> None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         settings = settings.model_copy(update={"torch_threads": max(1, cpus // workers)})
     prepare_store(settings).dispose()
+    from cellspot.workflows.models import reap_lost_runs_in_store
+
+    for version in reap_lost_runs_in_store(settings):
+        click.echo(f"{version}: its worker stopped reporting long ago; marked failed (`cellspot models resume "
+                   f"{version}` goes on from its last resume.pt, if any)", err=True)
     try:
         run_worker(settings, workers=workers)
     except JobQueueError as exc:

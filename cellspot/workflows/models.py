@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 1.0
 CANCEL_POLL_S = 1.0
+#: a running run that has not written its progress for this long has lost its worker
+LOST_AFTER_S = 600.0
 STORE_SOURCES = ("consensus", "expert")
 
 
@@ -362,11 +367,63 @@ def queue_training(
     return run
 
 
+def silent_seconds(run: ModelRun, now: datetime | None = None) -> float:
+    """Seconds since a running ``run`` last wrote its progress (``reported_at``; else since it
+    started); 0 for a run that is not running."""
+    if run.status != "running":
+        return 0.0
+    last = _parse_time((run.progress or {}).get("reported_at")) or _parse_time(run.started_at)
+    if last is None:
+        return 0.0
+    return max(0.0, ((now or utcnow()) - last).total_seconds())
+
+
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        ts = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except (TypeError, ValueError):
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
+def is_lost(run: ModelRun, now: datetime | None = None) -> bool:
+    """True for a running run that has not reported for :data:`LOST_AFTER_S`: its worker was
+    stopped or crashed (a live training writes its progress every few seconds)."""
+    return silent_seconds(run, now) > LOST_AFTER_S
+
+
+def _mark_lost(run: ModelRun, now: datetime | None = None) -> None:
+    minutes = silent_seconds(run, now) / 60
+    run.status, run.finished_at, run.cancel_requested = "failed", now or utcnow(), False
+    run.error = (f"its worker stopped reporting {minutes:.0f} min ago (stopped or crashed); marked failed. "
+                 "Resume goes on from the last resume.pt if one was saved, else start a new run")
+    log.warning("run %s: %s", run.version, run.error)
+
+
+def reap_lost_runs(session: Session, now: datetime | None = None) -> list[str]:
+    """Mark every running run whose worker is gone (:func:`is_lost`) failed; their versions.
+    Called when a worker starts, and by :func:`cancel_run` / :func:`resume_run` on such a run.
+    Flush, no commit."""
+    lost = [r for r in session.scalars(select(ModelRun).where(ModelRun.status == "running")) if is_lost(r, now)]
+    for run in lost:
+        _mark_lost(run, now)
+    session.flush()
+    return [r.version for r in lost]
+
+
+def reap_lost_runs_in_store(settings: Settings) -> list[str]:
+    """:func:`reap_lost_runs` in its own committed transaction (``cellspot worker`` at start)."""
+    return _own_session(settings, reap_lost_runs)
+
+
 def cancel_run(session: Session, run: ModelRun | int | str) -> ModelRun:
     """Ask ``run`` to stop: a queued run is cancelled at once, a running one at its next
-    check (it saves ``resume.pt`` first); flush, no commit."""
+    check (it saves ``resume.pt`` first); a running run whose worker is gone (:func:`is_lost`)
+    is marked failed at once. Flush, no commit."""
     run = registry.get_run(session, run)
-    if run.status == "queued":
+    if run.status == "running" and is_lost(run):
+        _mark_lost(run)
+    elif run.status == "queued":
         run.status = "cancelled"
         run.finished_at = utcnow()
         run.error = "cancelled before it started"
@@ -388,6 +445,8 @@ def resume_run(session: Session, settings: Settings, run: ModelRun | int | str) 
     from cellspot.ml.files import RESUME_FILE  # noqa: PLC0415 - no torch import for the dashboard
 
     run = registry.get_run(session, run)
+    if run.status == "running" and is_lost(run):
+        _mark_lost(run)
     if run.status not in ("cancelled", "failed"):
         raise WorkflowError(f"run {run.version} is {run.status}; only cancelled or failed runs can be resumed")
     checkpoint = registry.model_dir(settings, run) / RESUME_FILE
@@ -401,6 +460,16 @@ def resume_run(session: Session, settings: Settings, run: ModelRun | int | str) 
     run.progress = {**(run.progress or {}), "queued_at": utcnow().isoformat()}
     session.flush()
     return run
+
+
+def can_resume(settings: Settings, run: ModelRun) -> bool:
+    """True when :func:`resume_run` would queue ``run``: cancelled or failed (or lost, see
+    :func:`is_lost`) with a ``resume.pt`` in its folder."""
+    from cellspot.ml.files import RESUME_FILE  # noqa: PLC0415 - no torch import for the dashboard
+
+    if run.status not in ("cancelled", "failed") and not (run.status == "running" and is_lost(run)):
+        return False
+    return (registry.model_dir(settings, run) / RESUME_FILE).is_file()
 
 
 def queue_resume(settings: Settings, ref: int | str, *, device: str | None = None) -> ModelRun:
@@ -439,8 +508,8 @@ class _StoreReporter:
 
     def flush(self, now: float | None = None) -> None:
         values: dict[str, Any] = {"curves": self.curves}
-        if self.latest:
-            values["progress"] = self.latest
+        if self.latest:  # reported_at: the sign of life that tells a lost run (is_lost)
+            values["progress"] = {**self.latest, "reported_at": utcnow().isoformat()}
         with self.factory() as session, session.begin():
             session.execute(update(ModelRun).where(ModelRun.id == self.run_id).values(**values))
         self.last_write = time.monotonic() if now is None else now
@@ -463,6 +532,33 @@ class _CancelPoll:
             flag = session.scalar(select(ModelRun.cancel_requested).where(ModelRun.id == self.run_id))
         self.stop = flag is None or bool(flag)
         return self.stop
+
+
+class _GentleInterrupt:
+    """In the main thread (a foreground ``cellspot train``), the first Ctrl-C asks the training
+    to stop at its next check, which saves ``resume.pt`` as a cancel does; a second Ctrl-C
+    stops at once (``KeyboardInterrupt``). Elsewhere (worker threads) it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> _GentleInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping at the next step and saving resume.pt (Ctrl-C again stops at once, "
+                    "without it)")
 
 
 def _claim(factory: sessionmaker[Session], run_id: int) -> bool:
@@ -584,17 +680,22 @@ def run_training(
             return run
         threads = configure_threads(settings.torch_threads)
         reporter: _StoreReporter | None = None
+        interrupt = _GentleInterrupt()
         try:
             with factory() as session, session.begin():
                 trainer, config, data, out_dir, resume_flag, curves = _prepare(session, settings, run_id, resume)
             log.info("training run %d: %d images, %d cells, %d CPU threads, resume=%s",
                      run_id, len(data.images), data.n_cells(), threads, resume_flag)
             reporter = _StoreReporter(factory, run_id, curves, progress)
-            result = trainer.fit(data, config, out_dir, progress=reporter, should_stop=_CancelPoll(factory, run_id),
-                                 resume=resume_flag, device=device)
+            poll = _CancelPoll(factory, run_id)
+            with interrupt:
+                result = trainer.fit(data, config, out_dir, progress=reporter,
+                                     should_stop=lambda: interrupt.requested or poll(),
+                                     resume=resume_flag, device=device)
         except TrainingCancelled:
             _flush_quietly(reporter)
-            return _finish(factory, run_id, status="cancelled", error="cancelled on request; resume to go on")
+            why = "interrupted (Ctrl-C)" if interrupt.requested else "cancelled on request"
+            return _finish(factory, run_id, status="cancelled", error=f"{why}; resume to go on")
         except KeyboardInterrupt:
             _flush_quietly(reporter)
             _finish(factory, run_id, status="cancelled", error="interrupted (Ctrl-C)")

@@ -200,12 +200,35 @@ def test_promote_and_roll_back_change_the_active_model(app, app_engine):
     assert f"{old} is the active classifier again" in texts(app.success)
 
 
-def test_a_failed_run_can_be_resumed_not_promoted(app, app_engine):
-    add_run(app_engine, "detector", "failed")
+def test_a_failed_run_can_be_resumed_not_promoted(app, app_engine, settings):
+    version = add_run(app_engine, "detector", "failed")
     open_models(app)
     assert app.button(key="models_promote").disabled
-    assert not app.button(key="models_resume").disabled
+    assert app.button(key="models_resume").disabled  # it failed before saving a checkpoint
     assert app.button(key="models_cancel").disabled
+    folder = settings.home / "models" / "detector" / version
+    folder.mkdir(parents=True)
+    (folder / "resume.pt").write_bytes(b"state")
+    model_runs.run_view.clear()
+    app.run()
+    assert not app.button(key="models_resume").disabled
+
+
+def test_a_queued_run_behind_a_running_one_is_not_blamed_on_a_missing_worker(app, app_engine):
+    busy = add_run(app_engine, "detector", "running", progress={"fraction": 0.5, "phase": "train",
+                                                                "reported_at": utcnow().isoformat()})
+    waiting = add_run(app_engine, "classifier", "queued", age_s=120)
+    open_models(app)
+    assert f"Queued behind {busy}: the worker takes it when that one ends." in texts(app.caption)
+    assert "No worker seems to be running" not in texts(app.warning) and waiting in texts(app.markdown)
+
+
+def test_a_running_run_that_stopped_reporting_is_flagged(app, app_engine):
+    version = add_run(app_engine, "detector", "running", progress={
+        "fraction": 0.75, "phase": "train", "reported_at": (utcnow() - timedelta(minutes=5)).isoformat()})
+    open_models(app)
+    warning = texts(app.warning)
+    assert f"No progress from {version} for 5 min" in warning and "Cancel marks it failed" in warning
 
 
 def test_predict_queues_a_job_and_the_viewer_shows_stored_predictions(app, app_engine, monkeypatch):

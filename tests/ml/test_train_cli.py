@@ -191,6 +191,24 @@ def test_cancelled_run_resumes_with_resume_flag(settings, monkeypatch) -> None:
     assert [r["epoch"] for r in load_run(settings, 1).curves] == [1, 2, 3, 4]
 
 
+def test_ctrl_c_in_a_foreground_training_saves_a_checkpoint_to_resume_from(settings, monkeypatch) -> None:
+    import os
+    import signal
+
+    seed_project(settings)
+    fit = install(monkeypatch, FakeFit(hook=lambda e, s: os.kill(os.getpid(), signal.SIGINT) if (e, s) == (2, 1)
+                                       else None))
+    before = signal.getsignal(signal.SIGINT)
+    code, out = _run("train", "classifier", "--epochs", "3")
+    assert code == 1 and "classifier-0001 cancelled; go on with `cellspot train classifier --resume`" in out
+    assert load_run(settings, 1).error == "interrupted (Ctrl-C); resume to go on"
+    assert (settings.home / "models/classifier/classifier-0001" / RESUME_FILE).is_file()
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    fit.hook = None
+    code, out = _run("train", "classifier", "--resume")
+    assert code == 0 and "classifier-0001 done (active)" in out
+
+
 def test_background_queues_a_job_and_models_cancel(settings, monkeypatch) -> None:
     from cellspot.jobs import get_huey
 

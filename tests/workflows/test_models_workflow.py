@@ -167,6 +167,55 @@ def test_cancel_run(settings, store, status, expected_status, cancel_requested, 
     assert (run.status, run.cancel_requested) == (expected_status, cancel_requested)
 
 
+def test_a_run_whose_worker_is_gone_is_marked_failed_by_cancel_resume_or_a_new_worker(
+        settings, store, monkeypatch) -> None:
+    """A worker killed mid-run leaves it "running" with nobody to read the cancel flag."""
+    from datetime import timedelta
+
+    from cellspot.ml.common import RESUME_FILE
+    from cellspot.store.models import utcnow
+
+    def running(minutes_silent: float) -> int:
+        run_id = _new_run(store, settings)
+        with transaction(store) as session:
+            run = session.get(ModelRun, run_id)
+            run.status, run.started_at = "running", utcnow() - timedelta(hours=1)
+            run.progress = {"epoch": 2, "reported_at": (utcnow() - timedelta(minutes=minutes_silent)).isoformat()}
+        return run_id
+
+    alive, lost = running(1), running(11)
+    with transaction(store) as session:
+        wf.cancel_run(session, alive)
+        wf.cancel_run(session, lost)
+    assert (load_run(settings, alive).status, load_run(settings, alive).cancel_requested) == ("running", True)
+    gone = load_run(settings, lost)
+    assert gone.status == "failed" and gone.error.startswith("its worker stopped reporting 11 min ago")
+    # resume of a lost run with a checkpoint goes on at once
+    lost_again = running(30)
+    folder = registry.model_dir(settings, load_run(settings, lost_again))
+    folder.mkdir(parents=True)
+    (folder / RESUME_FILE).write_bytes(b"state")
+    with transaction(store) as session:
+        assert wf.resume_run(session, settings, lost_again).status == "queued"
+    # a worker that starts marks the lost ones failed, and leaves the live one alone
+    third = running(20)
+    assert wf.reap_lost_runs_in_store(settings) == [load_run(settings, third).version]
+    assert load_run(settings, alive).status == "running" and load_run(settings, third).status == "failed"
+
+
+def test_progress_in_the_store_carries_when_it_was_reported(settings, store, monkeypatch) -> None:
+    seen: list[dict] = []
+
+    def peek(epoch: int, step: int) -> None:
+        with session_factory(store)() as session:
+            seen.append(dict(session.scalars(select(ModelRun)).one().progress))
+
+    install(monkeypatch, FakeFit(hook=peek))
+    wf.run_training(settings, _new_run(store, settings, epochs=1))
+    reported = [p["reported_at"] for p in seen if p]
+    assert reported and all(isinstance(r, str) and r.startswith("20") for r in reported)
+
+
 @pytest.mark.parametrize(
     ("status", "with_checkpoint", "error"),
     [("done", True, "only cancelled or failed"), ("cancelled", False, "no .* to resume from"),
