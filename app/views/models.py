@@ -19,7 +19,7 @@ from appkit import charts, model_runs, researcher, resources, roles
 from cellspot.jobs import JobQueueError
 from cellspot.ml.overlay import draw_overlay
 from cellspot.ml.predict import DEFAULT_DIAMETER
-from cellspot.ml.registry import KEY_METRICS, RegistryError, RunNotFoundError
+from cellspot.ml.registry import KEY_METRICS, RegistryError, RunNotFoundError, format_metric
 from cellspot.render import ImageUnavailableError
 from cellspot.store.models import MODEL_KINDS
 from cellspot.workflows.models import STORE_SOURCES, WorkflowError
@@ -201,8 +201,10 @@ else:
         st.info(f"No other {kinds[first]} run to compare {first} with: runs are compared with runs of their kind.")
     else:
         table = model_runs.compare(URL, first, second)
-        st.dataframe(table, width="stretch", key="models_compare",
-                     column_config={c: st.column_config.NumberColumn(c, format="%.4f") for c in table.columns})
+        # one metric per row: counts (n, epochs) without decimals, scores with four
+        st.dataframe(table.map(lambda v: format_metric(v, 4)), width="stretch", key="models_compare")
+        st.download_button("Download the comparison (CSV)", table.to_csv(), f"compare-{first}-{second}.csv",
+                           "text/csv", key="models_compare_csv")
         overlaid = pd.concat([charts.curves_long(model_runs.run_view(URL, v).curves, run=v) for v in (first, second)],
                              ignore_index=True)
         if overlaid.empty:

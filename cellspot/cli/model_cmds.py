@@ -176,7 +176,7 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
     from cellspot.jobs import JobQueueError
     from cellspot.ml.common import TrainingError, pick_device
     from cellspot.ml.data import DataError
-    from cellspot.ml.registry import RegistryError, model_dir
+    from cellspot.ml.registry import RegistryError, format_metric, model_dir
     from cellspot.settings import get_settings
     from cellspot.store.db import session_factory
     from cellspot.store.migrate import prepare_store
@@ -226,7 +226,8 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
                                    f"{' --out ' + str(out) if out else ''}`")
     if final.status != "done":
         raise click.ClickException(f"{version} {final.status}: {final.error}")
-    metrics = ", ".join(f"{k} {v:.3f}" for k, v in final.metrics.items() if isinstance(v, (int, float)))
+    metrics = ", ".join(f"{k} {format_metric(v)}" for k, v in final.metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool))
     click.echo(f"{version} done{' (active)' if final.is_active else ''}: {metrics}")
     click.echo(str(folder))
 
@@ -396,7 +397,7 @@ def models_resume(version: str, device: str | None) -> None:
 @click.argument("version_b")
 def models_compare(version_a: str, version_b: str) -> None:
     """Metrics of two runs side by side."""
-    from cellspot.ml.registry import compare_runs
+    from cellspot.ml.registry import compare_runs, format_metric
     from cellspot.store.db import session_factory
 
     _, engine = _session_scope()
@@ -407,4 +408,4 @@ def models_compare(version_a: str, version_b: str) -> None:
         raise click.ClickException(str(exc)) from None
     finally:
         engine.dispose()
-    click.echo(frame.to_string(float_format=lambda v: f"{v:.4f}"))
+    click.echo(frame.map(lambda v: format_metric(v, 4)).to_string())

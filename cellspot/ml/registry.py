@@ -253,6 +253,11 @@ def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
 
 
 def _seconds(run: ModelRun) -> float:
+    """The training time: the fit's own ``seconds`` metric when it has one (it adds up the
+    parts of a cancelled and resumed run), else the wall clock from the last start to the end."""
+    recorded = _number((run.metrics or {}).get("seconds"))
+    if recorded > 0:
+        return recorded
     if run.started_at is None or run.finished_at is None:
         return math.nan
     return (_aware(run.finished_at) - _aware(run.started_at)).total_seconds()
@@ -262,6 +267,17 @@ def _aware(ts):  # noqa: ANN001, ANN202 - SQLite returns naive UTC datetimes
     from datetime import timezone
 
     return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
+
+
+def format_metric(value: Any, digits: int = 3) -> str:
+    """A metric for people: counts and flags (whole numbers) without decimals, other numbers
+    with ``digits`` decimals, NaN / missing as ``"-"``."""
+    number = _number(value)
+    if math.isnan(number):
+        return "-"
+    if number.is_integer() and abs(number) < 1e12:
+        return str(int(number))
+    return f"{number:.{digits}f}"
 
 
 def _number(value: Any) -> float:
@@ -327,6 +343,9 @@ def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
     run_a, run_b = get_run(session, a), get_run(session, b)
     if run_a.id == run_b.id:
         raise RegistryError(f"compare two different runs, got {run_a.version} twice")
+    if run_a.kind != run_b.kind:
+        raise RegistryError(f"compare runs of one kind: {run_a.version} is a {run_a.kind}, {run_b.version} a "
+                            f"{run_b.kind}, and their metrics differ")
     values = []
     for run in (run_a, run_b):
         flat = flatten_metrics(run.metrics or {})

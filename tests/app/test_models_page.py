@@ -180,7 +180,8 @@ def test_history_details_and_comparison_of_finished_runs(app, app_engine):
     assert charts_shown(app) == 2  # the chosen run's curves, the two runs overlaid
     compared = table(app, "metric")
     assert list(compared.columns) == [old, new, "difference"]
-    assert compared.loc["balanced_accuracy", "difference"] == pytest.approx(0.1)
+    assert compared.loc["balanced_accuracy", "difference"] == "0.1000"
+    assert compared.loc["epochs", old] == str(len(CURVES))  # a count, without decimals
     assert {m.label: m.value for m in app.metric}["Active classifier"] == old
 
 

@@ -107,6 +107,15 @@ def test_model_dir_is_under_home_unless_absolute(session, project, settings, tmp
     assert run.path == str(elsewhere.resolve()) and registry.model_dir(settings, run) == elsewhere.resolve()
 
 
+def test_a_resumed_runs_time_is_its_whole_training_not_the_last_part(session, project) -> None:
+    """A resume starts the wall clock again; the fit's own ``seconds`` adds the parts up."""
+    resumed = _done_run(session, project, balanced_accuracy=0.9, seconds=185.4)  # 90 s since the last start
+    plain = _done_run(session, project, balanced_accuracy=0.9)
+    frame = registry.runs_frame(session, project).set_index("version")
+    assert frame.loc[resumed.version, "seconds"] == pytest.approx(185.4)
+    assert frame.loc[plain.version, "seconds"] == pytest.approx(90, abs=1)
+
+
 def test_runs_frame_compare_and_curves(session, project) -> None:
     a = _done_run(session, project, balanced_accuracy=0.9, accuracy=0.95, per_class={"dead": {"recall": 0.8}},
                   confusion_matrix=[[1, 2], [3, 4]])
@@ -135,6 +144,10 @@ def test_runs_frame_compare_and_curves(session, project) -> None:
     assert "confusion_matrix" not in cmp.index and cmp.loc["epochs", "classifier-0002"] == 2
     with pytest.raises(registry.RegistryError, match="two different runs"):
         registry.compare_runs(session, a.version, a.id)
+    with pytest.raises(registry.RegistryError, match="compare runs of one kind: detector-0001 is a detector"):
+        registry.compare_runs(session, det.version, a.version)
+    assert [registry.format_metric(v) for v in (48.0, 0.93125, float("nan"), None, 3)] == [
+        "48", "0.931", "-", "-", "3"]
 
     curves = registry.run_curves(b)
     assert list(curves["epoch"]) == [1, 2] and list(curves.columns) == ["epoch", "train_loss"]
