@@ -186,6 +186,13 @@ def _decode_with_pil(data: bytes, label: str, max_pixels: int) -> LoadedImage:
         return _loaded(array, mode=image.mode, fmt=str(image.format), label=label)
 
 
+def claimed_format(path: str | Path) -> str | None:
+    """``"PNG"``, ``"JPEG"`` or ``"TIFF"`` as the file's first bytes claim, else None (not a
+    decoded check: cheap enough to run over a whole folder before any work)."""
+    with open(path, "rb") as fh:
+        return _claimed_format(fh.read(8))
+
+
 def _claimed_format(data: bytes) -> str | None:
     """The format the file's magic bytes claim, if any."""
     if data.startswith(_PNG_MAGIC):

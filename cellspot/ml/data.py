@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from cellspot.crops import DEFAULT_FRACTIONS, stratified_image_split, validate_fractions
-from cellspot.imaging import IMAGE_SUFFIXES, ImageReadError, read_image, to_display_rgb8
+from cellspot.imaging import IMAGE_SUFFIXES, ImageReadError, claimed_format, read_image, to_display_rgb8
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -383,7 +383,14 @@ def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
     missing[first] = [not (images_dir / name).is_file() for name in table["image"][first]]
     problems.add(table["line"], missing, "image",
                  lambda i: f"image file {images_dir / table['image'].iloc[i]} does not exist")
+    present = first & ~missing
+    not_image = present.copy()
+    not_image[present] = [claimed_format(images_dir / name) is None for name in table["image"][present]]
+    problems.add(table["line"], not_image, "image",
+                 lambda i: f"{images_dir / table['image'].iloc[i]} is not a PNG, JPEG or TIFF image")
     problems.raise_any()
+    if table.empty and masks_dir is None:
+        raise DataError(f"{annotations_csv} has a header but no annotation rows: nothing to train on")
     return table
 
 

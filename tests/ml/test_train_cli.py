@@ -174,6 +174,14 @@ def test_a_bad_folder_is_one_clear_error_and_no_run(settings, folder, monkeypatc
     csv.write_text("image,x,y,label\nimg0.png,16,16,alive\nimg3.png,16,16,dead\n")
     code, out = _run("train", "classifier", "--images", images, "--annotations", csv)
     assert code == 1 and "line 3, column 'image'" in out and "img3.png does not exist" in " ".join(out.split())
+    (images / "img1.png").write_text("not a picture")
+    csv.write_text("image,x,y,label\nimg0.png,16,16,alive\nimg1.png,16,16,dead\n")
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv)
+    assert code == 1 and "line 3, column 'image'" in out
+    assert "img1.png is not a PNG, JPEG or TIFF image" in " ".join(out.split())
+    csv.write_text("image,x,y,label\n")
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv)
+    assert code == 1 and "has a header but no annotation rows" in " ".join(out.split())
     code, out = _run("models", "list", "--folder")
     assert code == 0 and "classifier-0001" not in out, out
 
