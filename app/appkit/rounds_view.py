@@ -175,6 +175,15 @@ def run_auto_now(project_id: int) -> str:
     return "Automatic round queued: the worker retrains both models, predicts and opens a new round."
 
 
+def forget_auto(project_id: int) -> str:
+    """Clear the pending mark of the automatic round; the message."""
+    with resources.session() as session:
+        since = auto_workflow.forget_pending(session, _project(session, project_id))
+    refresh()
+    return (f"The automatic round pending since {since:%H:%M} UTC is forgotten: a new one can start. If its job is "
+            "still queued, it runs when a worker starts.")
+
+
 # --------------------------------------------------------------------------- thumbnails
 
 

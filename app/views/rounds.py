@@ -164,7 +164,12 @@ if saved:
 
 if status.pending_since is not None:
     st.info(f"An automatic round is queued or running since {status.pending_since:%Y-%m-%d %H:%M} UTC "
-            "(the runs show on the Models page).", icon=":material/hourglass_top:")
+            "(its runs show on the Models page once the worker takes it). Nothing happens without a "
+            "`cellspot worker` (same CELLSPOT_HOME and database as this app).", icon=":material/hourglass_top:")
+    if st.button("Forget the pending round", key="rounds_auto_forget", icon=":material/cancel:",
+                 help="When its worker was stopped, or none was running: another automatic round may then start "
+                      "(a job still in the queue runs when a worker starts)"):
+        act(rounds_view.forget_auto, project.id)
 else:
     st.caption(f"{status.new_runs} new task runs since the last training"
                + (f"; {status.runs_to_go} more start the next automatic round." if status.settings.enabled

@@ -241,6 +241,19 @@ def maybe_auto_retrain(
     return AutoDecision(True, f"queued after {status.new_runs} new task runs", auto_status(session, project, now))
 
 
+def forget_pending(session: Session, project: Project | str) -> datetime | None:
+    """Clear the pending mark of ``project``'s automatic round (when its worker was stopped, or
+    none was running: the mark would block the next one for :data:`AUTO_STALE_AFTER`); returns
+    when it had been set. A job still in the queue runs when a worker starts. Flush, no commit."""
+    project = as_project(session, project)
+    pending = _parse_time(_state(project).get("pending_since"))
+    if pending is None:
+        raise RoundsWorkflowError(f"project {project.name!r} has no pending automatic round")
+    _write_state(session, project, pending_since=None)
+    log.info("project %r: the automatic round pending since %s was forgotten", project.name, pending)
+    return pending
+
+
 def _enqueue_after_commit(session: Session, settings: Settings, project_name: str) -> None:
     """Put :func:`run_auto_round` on the queue after ``session``'s next commit (not after a rollback)."""
     fired = {"done": False}

@@ -290,6 +290,10 @@ def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch
     assert queued == ["demo"] and "Automatic round queued" in texts(app.success)
     assert "An automatic round is queued or running" in texts(app.info)
     assert app.button(key="rounds_auto_now").disabled
+    app.button(key="rounds_auto_forget").click().run()  # e.g. no worker was running
+    no_exception(app)
+    assert "is forgotten: a new one can start" in texts(app.success)
+    assert not app.button(key="rounds_auto_now").disabled
 
 
 def test_a_double_click_on_open_round_opens_one_round(app, app_engine):

@@ -236,6 +236,18 @@ def test_trigger_counts_new_runs_and_queues_only_after_commit(engine, settings, 
     assert enqueued == ["demo", "demo"]
 
 
+def test_a_pending_automatic_round_can_be_forgotten(engine, settings, enqueued) -> None:
+    with transaction(engine) as session:
+        with pytest.raises(wr.RoundsWorkflowError, match="has no pending automatic round"):
+            ar.forget_pending(session, "demo")
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
+    with transaction(engine) as session:
+        assert ar.forget_pending(session, "demo") == T0
+        assert ar.auto_status(session, "demo", now=T0).pending_since is None
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
+    assert enqueued == ["demo", "demo"]
+
+
 def test_a_manual_training_resets_the_counter(db, settings) -> None:
     ar.set_auto_settings(db, "demo", enabled=True, every_runs=3)
     assert ar.auto_status(db, "demo").due
