@@ -146,7 +146,9 @@ if runs.empty:
 metric_cols = [c for c in dict.fromkeys(m for k in MODEL_KINDS for m in KEY_METRICS[k])
                if c in runs.columns and runs[c].notna().any()]
 history = runs[["version", "kind", "status", "preset", "active", *metric_cols, "progress", "seconds", "created",
-                "data_snapshot_id", "error"]]
+                "data_snapshot_id", "error"]].copy()
+# the table is read once per page load: a live run's progress here would lag the bar under "Training now"
+history.loc[history["status"].isin(model_runs.LIVE_STATUSES), "progress"] = None
 st.dataframe(history, hide_index=True, width="stretch", key="models_history", column_config={
     "active": st.column_config.CheckboxColumn("active"),
     "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
