@@ -63,9 +63,11 @@ def curves_long(curves: Any, run: str | None = None) -> pd.DataFrame:
     return long.reset_index(drop=True)
 
 
-def curves_chart(long: pd.DataFrame, title: str = "") -> alt.Chart | alt.LayerChart | alt.HConcatChart:
-    """Losses (left) and metrics (right) against epoch from :func:`curves_long` rows; when the
-    rows carry a ``run`` column each run gets its own dash (two runs overlaid)."""
+def curves_charts(long: pd.DataFrame, title: str = "") -> list[alt.Chart]:
+    """Losses and metrics against epoch from :func:`curves_long` rows, one chart each (shown
+    side by side in columns); when the rows carry a ``run`` column each run gets its own dash
+    (two runs overlaid). Each chart fits its column's width (``fit-x``: with the default
+    autosize and a legend below, Streamlit squeezed a lone chart's plot to a few pixels)."""
     compare = "run" in long.columns and long["run"].nunique() > 1
     charts = []
     for kind, heading in (("loss", "loss"), ("metric", "metrics")):
@@ -83,10 +85,9 @@ def curves_chart(long: pd.DataFrame, title: str = "") -> alt.Chart | alt.LayerCh
             encoding["strokeDash"] = alt.StrokeDash("run:N", title="run", legend=alt.Legend(orient="bottom"))
             encoding["tooltip"] = ["run", *encoding["tooltip"]]
         charts.append(alt.Chart(part, title=f"{title} {heading}".strip()).mark_line(point=True)
-                      .encode(**encoding).properties(height=220))
-    if not charts:
-        return alt.Chart(pd.DataFrame({"epoch": [], "value": []})).mark_line()
-    return charts[0] if len(charts) == 1 else alt.hconcat(*charts).resolve_scale(color="independent")
+                      .encode(**encoding)
+                      .properties(height=220, autosize=alt.AutoSizeParams(type="fit-x", contains="padding")))
+    return charts
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -87,12 +87,19 @@ live = live_states(runs)
 
 # --------------------------------------------------------------------------- live runs
 
+def show_charts(long: pd.DataFrame, key: str, title: str = "") -> None:
+    """Losses and metrics of :func:`charts.curves_long` rows side by side."""
+    parts = charts.curves_charts(long, title)
+    for i, (col, chart) in enumerate(zip(st.columns(len(parts)), parts)):
+        col.altair_chart(chart, width="stretch", key=f"{key}-{i}")
+
+
 def show_curves(curves: pd.DataFrame, key: str, title: str = "") -> None:
     long = charts.curves_long(curves)
     if long.empty:
         st.caption("No finished epoch yet.")
     else:
-        st.altair_chart(charts.curves_chart(long, title), width="stretch", key=key)
+        show_charts(long, key, title)
 
 
 def live_run(version: str) -> None:
@@ -212,7 +219,7 @@ else:
         if overlaid.empty:
             st.caption("Neither run has finished an epoch yet.")
         else:
-            st.altair_chart(charts.curves_chart(overlaid), width="stretch", key="compare-curves")
+            show_charts(overlaid, key="compare-curves")
             st.caption(f"Solid / dashed: {first} / {second} (by run).")
 
 

@@ -179,7 +179,7 @@ def test_history_details_and_comparison_of_finished_runs(app, app_engine):
     history = table(app, "version").set_index("version")
     assert history.loc[old, "active"] and not history.loc[new, "active"]
     assert history.loc[new, "balanced_accuracy"] == pytest.approx(0.9)
-    assert charts_shown(app) == 2  # the chosen run's curves, the two runs overlaid
+    assert charts_shown(app) == 4  # the chosen run's losses and metrics, and both for the two runs overlaid
     compared = table(app, "metric")
     assert list(compared.columns) == [old, new, "difference"]
     assert compared.loc["balanced_accuracy", "difference"] == "0.1000"
@@ -393,8 +393,9 @@ def test_curves_long_keeps_losses_and_metrics_per_epoch(curves):
     assert long.loc[long["series"] == "train_loss", ["epoch", "value"]].values.tolist() == [[1, 0.9], [2, 0.5]]
     assert set(long.loc[long["series"] == "balanced_accuracy", "kind"]) == {"metric"}
     assert set(long["run"]) == {"r1"}
-    chart = charts.curves_chart(long).to_dict()
-    assert "hconcat" in chart  # losses beside metrics
+    loss, metrics = (c.to_dict() for c in charts.curves_charts(long))  # shown side by side
+    assert loss["title"] == "loss" and metrics["title"] == "metrics"
+    assert loss["autosize"] == {"type": "fit-x", "contains": "padding"}  # a lone chart keeps its height
 
 
 def test_curves_long_leaves_match_counts_out():
