@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "cellspot-dataset"
 FORMAT_VERSION = 1
+MAX_CROP_SIZE = 1024  # px: a crop is one cell and its surroundings, not a whole image
 CELL_EXPORT_COLUMNS = [
     "image", "x", "y", "label", "p_alive", "confidence", "support", "n_runs", "p_cell", "from_gold", "split",
 ]
@@ -374,7 +375,8 @@ def _check_outdir(outdir: Path, overwrite: bool, settings: Settings) -> None:
     if outdir.is_dir() and any(outdir.iterdir()):
         if not overwrite:
             raise OutputExistsError(
-                f"export folder {outdir} is not empty; choose another folder or pass overwrite=True (--overwrite)"
+                f"export folder {outdir} is not empty; choose another folder, or replace an earlier export "
+                "(--overwrite; overwrite=True in Python)"
             )
         if not (outdir / "manifest.json").is_file():
             raise OutputExistsError(
@@ -481,8 +483,8 @@ def export_dataset(
     :class:`ExportError`, :class:`cellspot.crops.SplitError`.
     """
     fractions = validate_fractions(split)
-    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
-        raise ExportError(f"crop size must be a positive integer number of pixels; got {crop_size!r}")
+    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or not 1 <= crop_size <= MAX_CROP_SIZE:
+        raise ExportError(f"crop size must be a whole number of pixels from 1 to {MAX_CROP_SIZE}; got {crop_size!r}")
     if not (0.0 <= float(min_confidence) <= 1.0):
         raise ExportError(f"min_confidence must be within [0, 1]; got {min_confidence!r}")
     outdir = Path(outdir)

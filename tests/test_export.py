@@ -370,6 +370,7 @@ def test_explicit_snapshot_must_belong_to_the_project(session, settings, store, 
     [
         ({"crop_size": 0}, ExportError, "crop size"),
         ({"crop_size": 9.5}, ExportError, "crop size"),
+        ({"crop_size": 100_000}, ExportError, "crop size must be a whole number of pixels from 1 to 1024"),
         ({"min_confidence": 1.5}, ExportError, "min_confidence"),
         ({"split": (0.8, 0.3, 0.1)}, SplitError, "sum to 1"),
         ({"split": (0.8, 0.2)}, SplitError, "3 fractions"),

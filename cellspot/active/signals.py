@@ -309,7 +309,9 @@ def image_signals(
     model, predicted = None, None
     if pair is not None:
         model = model_cells_frame(session, project, pair[0], pair[1])
-        predicted = _predicted_images(images, model)
+        predicted = _marked_images(session, images, pair)
+        if predicted is None:  # a pair stored before predicted_images existed
+            predicted = _predicted_images(images, model)
     r = float(radius) if radius is not None else snapshot_radius(snap)
     threshold = detector_threshold(session, pair[0] if pair else None)
     table = build_signals(images.drop(columns=["created_at"]), crowd, model, predicted_images=predicted, radius=r,
@@ -484,9 +486,27 @@ def crowd_cells_frame(session: Any, project: Any, snapshot: Any = None) -> pd.Da
     return snapshot_cells_frame(session, snap) if snap is not None else pd.DataFrame(columns=SNAPSHOT_CELL_COLUMNS)
 
 
+def _marked_images(session: Any, images: pd.DataFrame, pair: tuple[int | None, int | None]) -> set[str] | None:
+    """Names of the images the pair ran on, from its
+    :class:`~cellspot.store.models.PredictedImage` rows; None when it has none (stored before
+    those rows were written)."""
+    from sqlalchemy import select
+
+    from cellspot.store.models import PredictedImage
+
+    pi = PredictedImage
+    ids = set(session.scalars(select(pi.image_id).where(
+        pi.detector_run_id.is_(None) if pair[0] is None else pi.detector_run_id == pair[0],
+        pi.classifier_run_id.is_(None) if pair[1] is None else pi.classifier_run_id == pair[1])))
+    if not ids:
+        return None
+    return set(images.loc[images["image_id"].isin(ids), "image"].astype(str))
+
+
 def _predicted_images(images: pd.DataFrame, model: pd.DataFrame) -> set[str]:
-    """Images the pair ran on: those with predicted cells, plus images with pixels created
-    before its newest prediction (predicted, no cell found)."""
+    """Images the pair ran on, for pairs stored without :func:`_marked_images`: those with
+    predicted cells, plus images with pixels created before its newest prediction (predicted,
+    no cell found)."""
     found = set(model["image"].astype(str))
     if model.empty:
         return found

@@ -13,7 +13,7 @@ from cellspot.cli import PROJECT, main
 @click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name (default: the settings' default project).")
-@click.option("--crop-size", default=96, show_default=True, type=click.IntRange(min=1), help="Crop side in pixels.")
+@click.option("--crop-size", default=96, show_default=True, type=click.IntRange(min=1, max=1024), help="Crop side in pixels (at most 1024).")
 @click.option("--split", "split_text", default="0.8,0.1,0.1", show_default=True,
               help="Train,val,test fractions of images (split by image, stratified by dead fraction).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")

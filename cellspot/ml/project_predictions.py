@@ -131,7 +131,10 @@ def predict_project(
 def store_predictions(
     session: Any, images: Mapping[str, Any], result: PredictionResult, detector_run: Any, classifier_run: Any
 ) -> int:
-    """Store the cells of every predicted image found in ``images`` (name -> store ``Image``).
+    """Store the cells of every predicted image found in ``images`` (name -> store ``Image``),
+    and a :class:`~cellspot.store.models.PredictedImage` row per image (so an image predicted
+    empty is known to have been predicted). When several predicted files are the same store
+    image (copies), only the first is stored.
 
     Earlier rows of the same ``(detector_run, classifier_run)`` pair on those images are
     deleted first, so re-running replaces rather than duplicates; other model pairs' rows stay.
@@ -140,16 +143,25 @@ def store_predictions(
     """
     from sqlalchemy import delete, insert
 
-    from cellspot.store.models import PredictionCell
+    from cellspot.store.models import PredictedImage, PredictionCell
 
-    preds = [p for p in result.images if p.image in images]
-    ids = [images[p.image].id for p in preds]
-    for start in range(0, len(ids), SQL_CHUNK):
-        session.execute(delete(PredictionCell).where(
-            PredictionCell.image_id.in_(ids[start:start + SQL_CHUNK]),
-            PredictionCell.detector_run_id == detector_run.id,
-            PredictionCell.classifier_run_id == classifier_run.id,
-        ))
+    preds, ids = [], []
+    for pred in result.images:  # one prediction per store image, the first (several files may be one image)
+        image = images.get(pred.image)
+        if image is not None and image.id not in ids:
+            preds.append(pred)
+            ids.append(image.id)
+    for table in (PredictionCell, PredictedImage):
+        for start in range(0, len(ids), SQL_CHUNK):
+            session.execute(delete(table).where(
+                table.image_id.in_(ids[start:start + SQL_CHUNK]),
+                table.detector_run_id == detector_run.id,
+                table.classifier_run_id == classifier_run.id,
+            ))
+    marks = [{"image_id": image_id, "detector_run_id": detector_run.id, "classifier_run_id": classifier_run.id,
+              "n_cells": len(pred.cells)} for pred, image_id in zip(preds, ids)]
+    for start in range(0, len(marks), SQL_CHUNK):
+        session.execute(insert(PredictedImage), marks[start:start + SQL_CHUNK])
     rows = [
         {"image_id": image_id, "detector_run_id": detector_run.id, "classifier_run_id": classifier_run.id,
          "x": float(x), "y": float(y), "label": str(label), "p_alive": float(p), "uncertainty": float(u),
@@ -186,6 +198,15 @@ def match_project_images(session: Any, project: Any, result: PredictionResult) -
                 image = candidate
         if image is not None:
             matched[pred.image] = image
+    by_image: dict[int, list[str]] = {}
+    for name, image in matched.items():
+        by_image.setdefault(image.id, []).append(name)
+    for names in by_image.values():
+        if len(names) > 1:
+            log.warning("%s are the same project image %r: only %s is stored", ", ".join(names),
+                        matched[names[0]].name, names[0])
+            for name in names[1:]:
+                del matched[name]
     return matched
 
 

@@ -335,6 +335,27 @@ class PredictionCell(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class PredictedImage(Base):
+    """An image a detector + classifier pair was run on, with how many cells it found.
+
+    Told apart from the cells: an image predicted empty has this row and no
+    :class:`PredictionCell`, an image never predicted by the pair has neither (a prediction of
+    part of a project must not read as "no cell here" on the rest).
+    """
+
+    __tablename__ = "predicted_images"
+    __table_args__ = (Index("ix_predicted_images_image_detector", "image_id", "detector_run_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    detector_run_id: Mapped[int | None] = mapped_column(ForeignKey("model_runs.id", ondelete="SET NULL"))
+    classifier_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_runs.id", ondelete="SET NULL"), index=True
+    )
+    n_cells: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 ROUND_STATUSES = ("open", "closed", "rolled_back")
 
 

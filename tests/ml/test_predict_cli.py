@@ -177,3 +177,39 @@ def test_predict_cli_reads_any_mode(settings, tmp_path: Path, fake_loaders, mode
         "--detector", model_dirs[0], "--classifier", model_dirs[1])
     summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("image")
     assert summary.n_cells.to_dict() == {"gray.png": 2, "palette.png": 2}
+
+
+def test_predict_stores_each_project_image_once_and_marks_the_images_it_ran_on(settings, tmp_path: Path,
+                                                                               fake_loaders) -> None:
+    """Copies of one project image are one prediction; an image predicted empty is known to
+    have been predicted, an image left out is not (the active-learning signals tell them apart)."""
+    import shutil
+
+    from sqlalchemy import select
+
+    from cellspot.active.signals import image_signals
+    from cellspot.store.db import session_factory
+    from cellspot.store.models import Image, PredictedImage
+
+    images = write_images(tmp_path / "images")
+    engine = _store_project(settings, images)
+    copies = tmp_path / "copies"
+    for sub in ("a", "b"):
+        (copies / sub).mkdir(parents=True)
+        shutil.copy(images / "well_a.png", copies / sub / "one.png")
+    shutil.copy(images / "well_c.png", copies / "empty.png")
+    try:
+        result = ok_cli("predict", copies, "--out", tmp_path / "out", "--project", "p")
+        assert "stored 3 cells on 2 image(s) of project 'p'" in result.output
+        stored = _stored(engine)
+        assert len(stored) == 3 and set(stored.image) == {"well_a.png"}
+        with session_factory(engine)() as session:
+            marks = session.execute(select(Image.name, PredictedImage.n_cells)
+                                    .join(Image, Image.id == PredictedImage.image_id)).tuples().all()
+            signals = image_signals(session, "p").set_index("image")
+        assert sorted(marks) == [("well_a.png", 3), ("well_c.png", 0)]
+        assert signals.loc["well_c.png", "n_pred_cells"] == 0 and signals.loc["well_a.png", "n_pred_cells"] == 3
+        assert pd.isna(signals.loc["well_b.png", "n_pred_cells"])  # never predicted: no model signal
+        assert not signals.loc["well_b.png", "has_model"]
+    finally:
+        engine.dispose()
