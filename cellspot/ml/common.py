@@ -260,6 +260,9 @@ def restore_model(
     """
     model_dir = Path(model_dir)
     raw = read_config(model_dir)
+    if raw.get("kind") is None:
+        raise TrainingError(f"{model_dir / 'config.json'} names no model kind ('kind': classifier or detector): "
+                            "not a cellspot model folder?")
     if raw.get("kind") != kind:
         raise TrainingError(f"{model_dir} holds a {raw.get('kind')!r} model, not a {kind}")
     config = make_config(raw)

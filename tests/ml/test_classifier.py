@@ -176,6 +176,9 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     save_checkpoint(tmp_path / "det", model.state_dict(), {"kind": "detector"}, {}, [])
     with pytest.raises(TrainingError, match="not a classifier"):
         load_classifier(tmp_path / "det")
+    save_checkpoint(tmp_path / "blank", model.state_dict(), {}, {}, [])
+    with pytest.raises(TrainingError, match="names no model kind .* not a cellspot model folder"):
+        load_classifier(tmp_path / "blank")
     partial = dict(list(model.state_dict().items())[1:])  # one tensor missing
     save_checkpoint(tmp_path / "cut", partial, {**asdict(cfg), "kind": "classifier"}, {}, [])
     with pytest.raises(TrainingError, match="do not fit the network in its config.json"):
