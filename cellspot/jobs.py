@@ -19,6 +19,7 @@ up at once and must see the row); :func:`cellspot.workflows.models.queue_trainin
 from __future__ import annotations
 
 import logging
+import signal
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -199,13 +200,38 @@ def enqueue_auto_round(settings: Settings, project: str) -> Result | None:
     return result
 
 
+#: set when the worker of this process is asked to stop: its trainings save ``resume.pt`` and
+#: stop at their next step (:func:`cellspot.workflows.models.run_training`), as on a cancel
+STOPPING = threading.Event()
+
+
+def _graceful_consumer_class() -> type:
+    from huey.consumer import Consumer
+
+    class GracefulConsumer(Consumer):
+        """huey's consumer, with SIGTERM (a service manager's stop, ``kill``) as gentle as
+        SIGINT: the running trainings checkpoint and end as cancelled, then the process exits.
+        (huey stops at once on SIGTERM; killed mid-step, torch aborted and the run was lost.)
+        A second signal still stops at once."""
+
+        def _handle_signal(self, signum: int, frame: Any) -> None:
+            STOPPING.set()
+            if signum == signal.SIGTERM and self._signal_actions.get(signum) == (False, False):
+                signum = signal.SIGINT  # the graceful action
+            super()._handle_signal(signum, frame)
+
+    return GracefulConsumer
+
+
 def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any) -> None:
-    """Run the huey consumer for ``settings`` in this process until SIGINT / SIGTERM."""
+    """Run the huey consumer for ``settings`` in this process until SIGINT / SIGTERM (either
+    one lets running trainings save a checkpoint and stop; a second one stops at once)."""
     if workers < 1:
         raise JobQueueError(f"workers must be >= 1, got {workers}")
     huey = get_huey(settings)
     options = {"periodic": True, **consumer_options}  # cellspot.auto_check, once a minute
-    consumer = huey.create_consumer(workers=workers, worker_type="thread", **options)
+    STOPPING.clear()
+    consumer = _graceful_consumer_class()(huey, workers=workers, worker_type="thread", **options)
     log.info("worker on %s with %d thread(s)", _safe(settings.resolved_queue_url), workers)
     consumer.run()
 

@@ -89,6 +89,37 @@ def test_job_reports_progress_and_can_be_cancelled_then_resumed(settings, immedi
     assert [c["start_epoch"] for c in fit.calls] == [1, 2]
 
 
+def test_a_stopping_worker_lets_its_training_checkpoint_and_end_cancelled(settings, immediate, monkeypatch) -> None:
+    """SIGTERM / SIGINT to `cellspot worker` (a service stop, `kill`) sets jobs.STOPPING; the
+    training saves resume.pt at its next step instead of dying mid-step with nothing saved."""
+    from cellspot.ml.common import RESUME_FILE
+    from cellspot.ml.registry import model_dir
+
+    seed_project(settings)
+    run_id = _queued_run(settings, epochs=3)
+    fit = install(monkeypatch, FakeFit(hook=lambda e, s: jobs.STOPPING.set() if (e, s) == (2, 1) else None))
+    try:
+        assert immediate.train(run_id).get()["error"] == "its worker was stopped; resume to go on"
+    finally:
+        jobs.STOPPING.clear()
+    run = load_run(settings, run_id)
+    assert run.status == "cancelled" and (model_dir(settings, run) / RESUME_FILE).is_file()
+    fit.hook = None
+    wf.queue_resume(settings, run.version)
+    assert load_run(settings, run_id).status == "done"
+
+
+def test_the_worker_treats_sigterm_like_sigint(settings) -> None:
+    consumer = jobs._graceful_consumer_class()(jobs.get_huey(settings), workers=1, worker_type="thread")
+    try:
+        consumer._handle_signal(signal.SIGTERM, None)
+        assert jobs.STOPPING.is_set() and consumer._graceful and not consumer._restart
+    finally:
+        jobs.STOPPING.clear()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_queue_training_creates_and_runs_the_job(settings, immediate, monkeypatch) -> None:
     seed_project(settings)
     fit = install(monkeypatch)

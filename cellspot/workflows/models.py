@@ -522,8 +522,13 @@ class _CancelPoll:
         self.factory, self.run_id = factory, run_id
         self.last_poll = float("-inf")
         self.stop = False
+        self.worker_stopping = False
 
     def __call__(self) -> bool:
+        from cellspot.jobs import STOPPING
+
+        if STOPPING.is_set():  # the worker of this process is stopping (SIGTERM / SIGINT)
+            self.worker_stopping = self.stop = True
         now = time.monotonic()
         if self.stop or now - self.last_poll < CANCEL_POLL_S:
             return self.stop
@@ -681,20 +686,21 @@ def run_training(
         threads = configure_threads(settings.torch_threads)
         reporter: _StoreReporter | None = None
         interrupt = _GentleInterrupt()
+        poll = _CancelPoll(factory, run_id)
         try:
             with factory() as session, session.begin():
                 trainer, config, data, out_dir, resume_flag, curves = _prepare(session, settings, run_id, resume)
             log.info("training run %d: %d images, %d cells, %d CPU threads, resume=%s",
                      run_id, len(data.images), data.n_cells(), threads, resume_flag)
             reporter = _StoreReporter(factory, run_id, curves, progress)
-            poll = _CancelPoll(factory, run_id)
             with interrupt:
                 result = trainer.fit(data, config, out_dir, progress=reporter,
                                      should_stop=lambda: interrupt.requested or poll(),
                                      resume=resume_flag, device=device)
         except TrainingCancelled:
             _flush_quietly(reporter)
-            why = "interrupted (Ctrl-C)" if interrupt.requested else "cancelled on request"
+            why = ("interrupted (Ctrl-C)" if interrupt.requested else
+                   "its worker was stopped" if poll.worker_stopping else "cancelled on request")
             return _finish(factory, run_id, status="cancelled", error=f"{why}; resume to go on")
         except KeyboardInterrupt:
             _flush_quietly(reporter)
