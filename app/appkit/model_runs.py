@@ -166,6 +166,7 @@ def cancel(version: str) -> str:
     with resources.session() as session:
         run = workflow.cancel_run(session, version)
         message = (f"{run.version} cancelled." if run.status == "cancelled"
+                   else f"{run.version} failed: {run.error}." if run.status == "failed"
                    else f"{run.version} will stop at its next check (it saves a checkpoint to resume from).")
     refresh()
     return message

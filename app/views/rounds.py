@@ -77,8 +77,13 @@ else:
                     help="Undo this round: the round before it (if any) serves the students again"):
         st.write(f"Roll back round {current.number}? Its queue stops serving; the task runs students "
                  "submitted stay.")
-        if st.button(f"Yes, roll back round {current.number}", key="rounds_rollback", type="primary"):
-            act(rounds_view.rollback, project.id, current.number)
+        # the number is bound when the button is drawn: on the click's rerun the page may already
+        # see another open round (a second tab rolled this one back), and must not roll that back
+        st.button(f"Yes, roll back round {current.number}", key="rounds_rollback", type="primary",
+                  on_click=st.session_state.__setitem__, args=("rounds_rollback_number", current.number))
+    wanted = st.session_state.pop("rounds_rollback_number", None)
+    if wanted is not None:
+        act(rounds_view.rollback, project.id, wanted)
     queue = rounds_view.queue(URL, project.id)
     if queue.empty:
         st.info("The queue is empty: students get the open images with the fewest runs, and gold images, "

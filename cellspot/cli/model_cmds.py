@@ -346,6 +346,8 @@ def _change(action: str, ref: str, project_name: str | None = None) -> str:
                 run = registry.rollback(session, project, ref)
                 return f"{run.version} is the active {ref} again"
             run = wf.cancel_run(session, ref)
+            if run.status == "failed":  # its worker was gone: marked failed at once
+                return f"{run.version}: failed ({run.error})"
             return f"{run.version}: {'cancelled' if run.status == 'cancelled' else 'cancel requested'}"
     except _registry_errors() as exc:
         raise click.ClickException(str(exc)) from None

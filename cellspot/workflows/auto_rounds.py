@@ -234,7 +234,7 @@ def maybe_auto_retrain(
             return AutoDecision(False, f"{status.new_runs} of {status.settings.every_runs} new task runs", status)
     when = al.utc(now) or utcnow()
     _write_state(session, project, pending_since=when.isoformat(), baseline_runs=status.task_runs,
-                 trigger="manual" if force else "auto")
+                 baseline_before=status.baseline_runs, trigger="manual" if force else "auto")
     _enqueue_after_commit(session, settings, project.name)
     log.info("project %r: automatic round queued (%d new task runs%s)", project.name, status.new_runs,
              ", forced" if force else "")
@@ -249,7 +249,9 @@ def forget_pending(session: Session, project: Project | str) -> datetime | None:
     pending = _parse_time(_state(project).get("pending_since"))
     if pending is None:
         raise RoundsWorkflowError(f"project {project.name!r} has no pending automatic round")
-    _write_state(session, project, pending_since=None)
+    state = _state(project)  # the counter goes back to where it was: nothing has trained
+    _write_state(session, project, pending_since=None,
+                 baseline_runs=state.get("baseline_before", state.get("baseline_runs", 0)))
     log.info("project %r: the automatic round pending since %s was forgotten", project.name, pending)
     return pending
 

@@ -184,6 +184,13 @@ def test_a_run_whose_worker_is_gone_is_marked_failed_by_cancel_resume_or_a_new_w
         return run_id
 
     alive, lost = running(1), running(11)
+    from clikit import run_cli
+
+    out = run_cli("models", "cancel", load_run(settings, lost).version).output
+    assert "failed (its worker stopped reporting 11 min ago" in " ".join(out.split())
+    with transaction(store) as session:  # as it was, for the workflow calls below
+        run = session.get(ModelRun, lost)
+        run.status, run.error, run.finished_at = "running", None, None
     with transaction(store) as session:
         wf.cancel_run(session, alive)
         wf.cancel_run(session, lost)

@@ -242,8 +242,10 @@ def test_a_pending_automatic_round_can_be_forgotten(engine, settings, enqueued) 
             ar.forget_pending(session, "demo")
         assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
     with transaction(engine) as session:
+        assert ar.auto_status(session, "demo", now=T0).new_runs == 0
         assert ar.forget_pending(session, "demo") == T0
-        assert ar.auto_status(session, "demo", now=T0).pending_since is None
+        status = ar.auto_status(session, "demo", now=T0)
+        assert status.pending_since is None and status.new_runs == 8  # nothing trained: the count is back
         assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
     assert enqueued == ["demo", "demo"]
 
