@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 from huey.api import Result, TaskWrapper
+from huey.consumer import Consumer
 from huey.exceptions import TaskLockedException
 
 if TYPE_CHECKING:
@@ -205,22 +206,17 @@ def enqueue_auto_round(settings: Settings, project: str) -> Result | None:
 STOPPING = threading.Event()
 
 
-def _graceful_consumer_class() -> type:
-    from huey.consumer import Consumer
+class GracefulConsumer(Consumer):
+    """huey's consumer, with SIGTERM (a service manager's stop, ``kill``) as gentle as SIGINT:
+    the running trainings checkpoint and end as cancelled, then the process exits. (huey stops
+    at once on SIGTERM; killed mid-step, torch aborted and the run was lost.) A second signal
+    still stops at once."""
 
-    class GracefulConsumer(Consumer):
-        """huey's consumer, with SIGTERM (a service manager's stop, ``kill``) as gentle as
-        SIGINT: the running trainings checkpoint and end as cancelled, then the process exits.
-        (huey stops at once on SIGTERM; killed mid-step, torch aborted and the run was lost.)
-        A second signal still stops at once."""
-
-        def _handle_signal(self, signum: int, frame: Any) -> None:
-            STOPPING.set()
-            if signum == signal.SIGTERM and self._signal_actions.get(signum) == (False, False):
-                signum = signal.SIGINT  # the graceful action
-            super()._handle_signal(signum, frame)
-
-    return GracefulConsumer
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        STOPPING.set()
+        if signum == signal.SIGTERM and self._signal_actions.get(signum) == (False, False):
+            signum = signal.SIGINT  # the graceful action
+        super()._handle_signal(signum, frame)
 
 
 def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any) -> None:
@@ -231,7 +227,7 @@ def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any)
     huey = get_huey(settings)
     options = {"periodic": True, **consumer_options}  # cellspot.auto_check, once a minute
     STOPPING.clear()
-    consumer = _graceful_consumer_class()(huey, workers=workers, worker_type="thread", **options)
+    consumer = GracefulConsumer(huey, workers=workers, worker_type="thread", **options)
     log.info("worker on %s with %d thread(s)", _safe(settings.resolved_queue_url), workers)
     consumer.run()
 

@@ -110,7 +110,7 @@ def test_a_stopping_worker_lets_its_training_checkpoint_and_end_cancelled(settin
 
 
 def test_the_worker_treats_sigterm_like_sigint(settings) -> None:
-    consumer = jobs._graceful_consumer_class()(jobs.get_huey(settings), workers=1, worker_type="thread")
+    consumer = jobs.GracefulConsumer(jobs.get_huey(settings), workers=1, worker_type="thread")
     try:
         consumer._handle_signal(signal.SIGTERM, None)
         assert jobs.STOPPING.is_set() and consumer._graceful and not consumer._restart

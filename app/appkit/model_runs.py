@@ -29,7 +29,6 @@ LIVE_STATUSES = ("queued", "running")
 WORKER_WAIT_S = 20.0
 #: a running run silent this long gets a warning (its worker may be gone)
 SILENT_WARN_S = 120.0
-LOST_AFTER_S = workflow.LOST_AFTER_S
 #: the Models page stops waiting for a queued prediction after this long
 PREDICT_WAIT_S = 600.0
 
@@ -51,13 +50,8 @@ class RunView:
     created_at: datetime | None
     config: dict[str, Any] = field(default_factory=dict)
     data_snapshot_id: str | None = None
-    silent_s: float = 0.0
+    silent_s: float = 0.0  # a running run's seconds without progress (workflow.silent_seconds)
     resumable: bool = False
-
-    def silent_for_s(self) -> float:
-        """Seconds a running run had not reported when this view was read
-        (:func:`cellspot.workflows.models.silent_seconds`)."""
-        return self.silent_s
 
     def queued_for_s(self, now: datetime | None = None) -> float:
         """Seconds since the run was queued (created, or queued again by a resume: ``queued_at``

@@ -22,7 +22,7 @@ from cellspot.ml.predict import DEFAULT_DIAMETER
 from cellspot.ml.registry import KEY_METRICS, RegistryError, RunNotFoundError, format_metric
 from cellspot.render import ImageUnavailableError
 from cellspot.store.models import MODEL_KINDS
-from cellspot.workflows.models import STORE_SOURCES, WorkflowError
+from cellspot.workflows.models import LOST_AFTER_S, STORE_SOURCES, WorkflowError
 
 REFRESH_S = 2
 PRESETS = ("cpu-fast", "quality")
@@ -109,7 +109,7 @@ def live_run(version: str) -> None:
         st.progress(charts.progress_fraction(view.progress), text=charts.progress_text(view.progress, view.status))
         waited = view.queued_for_s()
         busy = [v for v, status in live if status == "running" and v != view.version]
-        silent = view.silent_for_s()
+        silent = view.silent_s
         if view.status == "queued" and busy:
             st.caption(f"Queued behind {', '.join(busy)}: the worker takes it when that one ends.")
         elif waited > model_runs.WORKER_WAIT_S:
@@ -119,7 +119,7 @@ def live_run(version: str) -> None:
             st.caption("Queued: waiting for a worker to pick it up.")
         elif silent > model_runs.SILENT_WARN_S:
             st.warning(f"No progress from {view.version} for {charts.format_seconds(silent)}: its worker may have "
-                       f"stopped. After {charts.format_seconds(model_runs.LOST_AFTER_S)} without progress, Cancel "
+                       f"stopped. After {charts.format_seconds(LOST_AFTER_S)} without progress, Cancel "
                        "marks it failed (and a new `cellspot worker` does so when it starts).",
                        icon=":material/warning:")
         show_curves(view.curves, key=f"live-curves-{version}")

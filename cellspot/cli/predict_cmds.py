@@ -102,7 +102,7 @@ def _store(engine: Engine, project_name: str, models: _Models, result: Any) -> t
         detector_run = session.get(ModelRun, models.detector_run_id)
         classifier_run = session.get(ModelRun, models.classifier_run_id)
         n_cells = store_predictions(session, matched, result, detector_run, classifier_run)
-    return len(matched), n_cells
+    return len({image.id for image in matched.values()}), n_cells  # copies of one image are one
 
 
 @main.command("predict")

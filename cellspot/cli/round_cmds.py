@@ -71,7 +71,7 @@ def open_cmd(project_name: str | None, strategy: str | None, top: int | None, ta
         session, project, strategy=strategy or DEFAULT_STRATEGY, top=top, target_runs=target_runs),
         scoring_sources(session, project)))
     click.echo(f"{info.describe()} opened")
-    if info.crowd_only and (sources.active_detector or sources.active_classifier):
+    if info.crowd_only and sources.stale:
         active = " + ".join(v for v in (sources.active_detector, sources.active_classifier) if v)
         click.echo(f"note: the active models ({active}) have not predicted this project yet, so this round did not "
                    "use them; predict the project's images with `cellspot predict` (or on the Models page), "

@@ -148,9 +148,14 @@ def store_predictions(
     preds, ids = [], []
     for pred in result.images:  # one prediction per store image, the first (several files may be one image)
         image = images.get(pred.image)
-        if image is not None and image.id not in ids:
-            preds.append(pred)
-            ids.append(image.id)
+        if image is None:
+            continue
+        if image.id in ids:
+            log.warning("%s is the project image %r again (a copy): only %s is stored", pred.image, image.name,
+                        preds[ids.index(image.id)].image)
+            continue
+        preds.append(pred)
+        ids.append(image.id)
     for table in (PredictionCell, PredictedImage):
         for start in range(0, len(ids), SQL_CHUNK):
             session.execute(delete(table).where(
@@ -198,15 +203,6 @@ def match_project_images(session: Any, project: Any, result: PredictionResult) -
                 image = candidate
         if image is not None:
             matched[pred.image] = image
-    by_image: dict[int, list[str]] = {}
-    for name, image in matched.items():
-        by_image.setdefault(image.id, []).append(name)
-    for names in by_image.values():
-        if len(names) > 1:
-            log.warning("%s are the same project image %r: only %s is stored", ", ".join(names),
-                        matched[names[0]].name, names[0])
-            for name in names[1:]:
-                del matched[name]
     return matched
 
 

@@ -44,6 +44,18 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def parse_utc(value: Any) -> datetime | None:
+    """A stored time (a datetime, naive = UTC as SQLite returns it, or an ISO string as JSON
+    settings hold it) as an aware UTC datetime; ``None`` for nothing or unparsable text."""
+    if not value:
+        return None
+    try:
+        ts = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except (TypeError, ValueError):
+        return None
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
 def _in(column: str, values: tuple[str, ...]) -> str:
     quoted = ", ".join(f"'{v}'" for v in values)
     return f"{column} IN ({quoted})"

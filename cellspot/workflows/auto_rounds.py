@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from cellspot.active import rounds as al
 from cellspot.ml import registry
-from cellspot.store.models import Image, ModelRun, Project, TaskRun, utcnow
+from cellspot.store.models import Image, ModelRun, Project, TaskRun, parse_utc, utcnow
 from cellspot.store.queries import as_project
 from cellspot.workflows.dashboard import int_in
 from cellspot.workflows.rounds import DEFAULT_STRATEGY, MODEL_ORDER, RoundsWorkflowError, open_new_round
@@ -193,21 +193,12 @@ def auto_status(session: Session, project: Project | str, now: datetime | None =
         ModelRun.project_id == project.id, ModelRun.status.in_(TRAINING_STATUSES)))
     trained = _task_runs(session, project, until=al.utc(newest)) if newest is not None else 0
     baseline = max(int(state.get("baseline_runs") or 0), trained)
-    pending = _parse_time(state.get("pending_since"))
+    pending = parse_utc(state.get("pending_since"))
     if pending is not None and (al.utc(now) or utcnow()) - pending > AUTO_STALE_AFTER:
         log.warning("project %r: the automatic round pending since %s is taken as lost", project.name, pending)
         pending = None
     return AutoStatus(AutoSettings.from_project(project), _task_runs(session, project), baseline, pending,
                       dict(state.get("last") or {}))
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return al.utc(datetime.fromisoformat(str(value)))
-    except ValueError:
-        return None
 
 
 def maybe_auto_retrain(
@@ -246,10 +237,11 @@ def forget_pending(session: Session, project: Project | str) -> datetime | None:
     none was running: the mark would block the next one for :data:`AUTO_STALE_AFTER`); returns
     when it had been set. A job still in the queue runs when a worker starts. Flush, no commit."""
     project = as_project(session, project)
-    pending = _parse_time(_state(project).get("pending_since"))
+    state = _state(project)
+    pending = parse_utc(state.get("pending_since"))
     if pending is None:
         raise RoundsWorkflowError(f"project {project.name!r} has no pending automatic round")
-    state = _state(project)  # the counter goes back to where it was: nothing has trained
+    # the counter goes back to where it was: nothing has trained
     _write_state(session, project, pending_since=None,
                  baseline_runs=state.get("baseline_before", state.get("baseline_runs", 0)))
     log.info("project %r: the automatic round pending since %s was forgotten", project.name, pending)

@@ -32,7 +32,7 @@ import time
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cellspot.ml import registry
 from cellspot.ml.files import RUN_FILE
-from cellspot.store.models import ModelRun, Project, utcnow
+from cellspot.store.models import ModelRun, Project, parse_utc, utcnow
 
 if TYPE_CHECKING:
     from cellspot.ml.common import FitResult, Progress, ProgressFn
@@ -186,8 +186,7 @@ def _wrong_value(overrides: Mapping[str, Any]) -> str | None:
     """Checks of fields whose preset value is None, made before the run is queued (not in the
     config class, which also loads saved checkpoints on machines without the weights file)."""
     threads, weights = overrides.get("threads"), overrides.get("weights_path")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, float))
-                                or threads != int(threads) or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, float)) or threads < 1):
         return f"threads must be a whole number >= 1 (or left out: every CPU), got {threads!r}"
     if weights is not None and not Path(str(weights)).expanduser().is_file():
         return f"weights_path {weights!r} is not a file (pretrained encoder weights, a state_dict .pt/.pth)"
@@ -372,23 +371,16 @@ def silent_seconds(run: ModelRun, now: datetime | None = None) -> float:
     started); 0 for a run that is not running."""
     if run.status != "running":
         return 0.0
-    last = _parse_time((run.progress or {}).get("reported_at")) or _parse_time(run.started_at)
+    last = parse_utc((run.progress or {}).get("reported_at")) or parse_utc(run.started_at)
     if last is None:
         return 0.0
     return max(0.0, ((now or utcnow()) - last).total_seconds())
 
 
-def _parse_time(value: Any) -> datetime | None:
-    try:
-        ts = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    except (TypeError, ValueError):
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
 def is_lost(run: ModelRun, now: datetime | None = None) -> bool:
     """True for a running run that has not reported for :data:`LOST_AFTER_S`: its worker was
-    stopped or crashed (a live training writes its progress every few seconds)."""
+    stopped or crashed (a live training writes its progress every few seconds); False for a run
+    in any other status."""
     return silent_seconds(run, now) > LOST_AFTER_S
 
 
@@ -421,7 +413,7 @@ def cancel_run(session: Session, run: ModelRun | int | str) -> ModelRun:
     check (it saves ``resume.pt`` first); a running run whose worker is gone (:func:`is_lost`)
     is marked failed at once. Flush, no commit."""
     run = registry.get_run(session, run)
-    if run.status == "running" and is_lost(run):
+    if is_lost(run):
         _mark_lost(run)
     elif run.status == "queued":
         run.status = "cancelled"
@@ -445,7 +437,7 @@ def resume_run(session: Session, settings: Settings, run: ModelRun | int | str) 
     from cellspot.ml.files import RESUME_FILE  # noqa: PLC0415 - no torch import for the dashboard
 
     run = registry.get_run(session, run)
-    if run.status == "running" and is_lost(run):
+    if is_lost(run):
         _mark_lost(run)
     if run.status not in ("cancelled", "failed"):
         raise WorkflowError(f"run {run.version} is {run.status}; only cancelled or failed runs can be resumed")
@@ -467,7 +459,7 @@ def can_resume(settings: Settings, run: ModelRun) -> bool:
     :func:`is_lost`) with a ``resume.pt`` in its folder."""
     from cellspot.ml.files import RESUME_FILE  # noqa: PLC0415 - no torch import for the dashboard
 
-    if run.status not in ("cancelled", "failed") and not (run.status == "running" and is_lost(run)):
+    if run.status not in ("cancelled", "failed") and not is_lost(run):
         return False
     return (registry.model_dir(settings, run) / RESUME_FILE).is_file()
 
@@ -520,14 +512,15 @@ class _CancelPoll:
 
     def __init__(self, factory: sessionmaker[Session], run_id: int) -> None:
         self.factory, self.run_id = factory, run_id
+        from cellspot.jobs import STOPPING  # noqa: PLC0415 - jobs imports huey
+
         self.last_poll = float("-inf")
         self.stop = False
         self.worker_stopping = False
+        self.stopping = STOPPING
 
     def __call__(self) -> bool:
-        from cellspot.jobs import STOPPING
-
-        if STOPPING.is_set():  # the worker of this process is stopping (SIGTERM / SIGINT)
+        if self.stopping.is_set():  # the worker of this process is stopping (SIGTERM / SIGINT)
             self.worker_stopping = self.stop = True
         now = time.monotonic()
         if self.stop or now - self.last_poll < CANCEL_POLL_S:

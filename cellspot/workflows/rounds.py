@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STRATEGY = al.DEFAULT_STRATEGY
 MODEL_ORDER = ("detector", "classifier")
 CURVE_COLUMNS = ["round", "task_runs", "status", "kind", "version", "metric", "value", "series"]
-PROGRESS_SHOWN = ["runs_round", "leased"]
+PROGRESS_SHOWN = scheduler.PROGRESS_COLUMNS[1:]
 """Columns :func:`queue_table` adds to the queue (:func:`cellspot.active.scheduler.queue_progress`)."""
 
 
