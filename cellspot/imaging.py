@@ -4,7 +4,7 @@ Pure module: PIL, numpy and tifffile only (OpenCV is used lazily, when installed
 16-bit colour PNGs that Pillow would truncate to 8 bit).
 
 * :func:`read_image` decodes PNG, JPEG and TIFF (8/16 bit, grayscale, RGB, RGBA, palette,
-  ``I;16``; multi-page TIFF: first page) into a :class:`LoadedImage` whose ``array`` keeps
+  ``I;16``; multi-page TIFF: first page, the count in ``pages``) into a :class:`LoadedImage` whose ``array`` keeps
   the stored values: shape ``(H, W)`` for one channel or ``(H, W, C)`` for ``C`` in 2..4,
   dtype ``uint8`` / ``uint16`` (other TIFF dtypes are kept as they are).
   Palette images are expanded to RGB (or RGBA when the palette has transparency), since
@@ -63,7 +63,8 @@ class LoadedImage:
     ``array``: ``(H, W)`` or ``(H, W, C)`` (C = 2 gray+alpha, 3 RGB, 4 RGBA), stored values.
     ``channels``: C (1 for ``(H, W)``). ``bit_depth``: bits per sample of ``array`` (8, 16, 32).
     ``mode``: the source mode (PIL mode such as ``"P"``, ``"I;16"``, or ``"tiff:uint16"``).
-    ``format``: ``"PNG"``, ``"JPEG"`` or ``"TIFF"``.
+    ``format``: ``"PNG"``, ``"JPEG"`` or ``"TIFF"``. ``pages``: the pages (frames) in the file;
+    ``array`` is the first (a z-stack or time series is not merged).
     """
 
     array: np.ndarray
@@ -73,6 +74,7 @@ class LoadedImage:
     bit_depth: int
     mode: str
     format: str
+    pages: int = 1
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -142,14 +144,15 @@ def _read_tiff(data: bytes, label: str, max_pixels: int) -> LoadedImage:
         axes, shape = page.axes, tuple(page.shape)
         height, width = shape[axes.index("Y")], shape[axes.index("X")]
         _check_size(label, width, height, max_pixels)
-        if len(tif.pages) > 1:
-            log.info("%s has %d pages; reading the first", label, len(tif.pages))
+        pages = len(tif.pages)
+        if pages > 1:
+            log.info("%s has %d pages; reading the first", label, pages)
         array = page.asarray()
     if axes == "SYX":
         array = np.moveaxis(array, 0, -1)
     elif axes not in ("YX", "YXS"):
         raise ImageReadError(label, f"unsupported TIFF page layout {axes!r}; allowed: YX, YXS, SYX")
-    return _loaded(array, mode=f"tiff:{array.dtype.name}", fmt="TIFF", label=label)
+    return _loaded(array, mode=f"tiff:{array.dtype.name}", fmt="TIFF", label=label, pages=pages)
 
 
 def _read_with_pil(data: bytes, label: str, max_pixels: int) -> LoadedImage:
@@ -183,7 +186,8 @@ def _decode_with_pil(data: bytes, label: str, max_pixels: int) -> LoadedImage:
             array = _pil_array(image)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageReadError(label, f"corrupt or truncated {image.format} data: {exc}") from exc
-        return _loaded(array, mode=image.mode, fmt=str(image.format), label=label)
+        return _loaded(array, mode=image.mode, fmt=str(image.format), label=label,
+                       pages=int(getattr(image, "n_frames", 1) or 1))
 
 
 def claimed_format(path: str | Path) -> str | None:
@@ -242,7 +246,7 @@ def _decode_png16_colour(data: bytes) -> np.ndarray | None:
     return np.ascontiguousarray(array[..., order])
 
 
-def _loaded(array: np.ndarray, *, mode: str, fmt: str, label: str) -> LoadedImage:
+def _loaded(array: np.ndarray, *, mode: str, fmt: str, label: str, pages: int = 1) -> LoadedImage:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] > 4):
@@ -260,6 +264,7 @@ def _loaded(array: np.ndarray, *, mode: str, fmt: str, label: str) -> LoadedImag
         bit_depth=int(array.dtype.itemsize * 8),
         mode=mode,
         format=fmt,
+        pages=pages,
     )
 
 

@@ -94,6 +94,7 @@ def test_read_image_modes(name: str, make: Callable[[], bytes], expected: tuple,
     display = to_display_rgb8(loaded.array, loaded.bit_depth)
     assert display.shape == (H, W, 3) and display.dtype == np.uint8
     assert read_image(path.read_bytes(), "same.bytes").array.tobytes() == loaded.array.tobytes()
+    assert loaded.pages == (2 if name == "tiff multi-page" else 1)
 
 
 def test_palette_expanded_to_its_colours(tmp_path: Path) -> None:

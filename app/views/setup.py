@@ -130,6 +130,9 @@ def _show_image_report(report, tmp: str) -> None:
     duplicates = _problems(report.duplicates, tmp)
     if duplicates:
         st.warning("Already in the project:\n\n" + "\n".join(f"- {d}" for d in duplicates))
+    notes = _problems(report.notes, tmp)
+    if notes:
+        st.info("Imported, but note:\n\n" + "\n".join(f"- {n}" for n in notes))
 
 
 # --------------------------------------------------------------------------- create

@@ -101,6 +101,8 @@ def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: 
         click.echo(f"duplicate: {problem}", err=True)
     if len(report.duplicates) > _MAX_LISTED_DUPLICATES:
         click.echo(f"duplicate: ... and {len(report.duplicates) - _MAX_LISTED_DUPLICATES} more", err=True)
+    for problem in report.notes:
+        click.echo(f"note: {problem}", err=True)
     for problem in report.errors:
         click.echo(f"error: {problem}", err=True)
     if report.errors:

@@ -61,7 +61,9 @@ class ImageImportReport:
     click import) that received their pixels; ``duplicates``: files whose content is already
     in the project; ``errors``: files (or metadata lines) that could not be used;
     ``skipped``: files in folders / archives that are not images by name;
-    ``metadata_applied``: names whose metadata was set.
+    ``metadata_applied``: names whose metadata was set; ``notes``: imported files with
+    something the researcher should know (a multi-page TIFF of which only the first page is
+    labelled).
     """
 
     imported: list[str] = field(default_factory=list)
@@ -70,6 +72,7 @@ class ImageImportReport:
     errors: list[ImportProblem] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     metadata_applied: list[str] = field(default_factory=list)
+    notes: list[ImportProblem] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -222,6 +225,10 @@ def _import_one(
         image = existing
         report.attached.append(source.name)
     by_sha[sha] = image
+    if loaded.pages > 1:
+        report.notes.append(ImportProblem(
+            source.label, f"has {loaded.pages} pages (a stack or time series); only the first is shown "
+                          "and labelled: save the others as separate images to label them"))
     log.debug("stored %s as %s", source.label, rel_path)
 
 

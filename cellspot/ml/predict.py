@@ -431,12 +431,28 @@ class OutputPaths:
 
 
 def overlay_names(images: Iterable[str]) -> dict[str, str]:
-    """Image name -> overlay file relative to ``overlays/``: ``<stem>.png`` (folders kept), or
-    ``<name>.png`` when two images share a stem (``a.png`` and ``a.tif``)."""
-    names = list(images)
+    """Image name -> overlay file relative to ``overlays/``: ``<stem>.png`` (folders kept),
+    ``<name>.png`` when two images share a stem (``a.png`` and ``a.tif``), and ``<stem>~N.png``
+    when that still clashes (``a.png`` and ``a.png.tif`` would both write ``a.png.png``).
+
+    Names are compared without case, so no overlay replaces another on a case-insensitive file
+    system (macOS, Windows) either.
+    """
+    names = list(dict.fromkeys(images))
     stems = [str(Path(n).with_suffix(".png")) for n in names]
-    clash = {s for s in stems if stems.count(s) > 1}
-    return {n: (f"{n}.png" if s in clash else s) for n, s in zip(names, stems)}
+    shared = {s.casefold() for s in stems if sum(t.casefold() == s.casefold() for t in stems) > 1}
+    wanted = [f"{n}.png" if s.casefold() in shared else s for n, s in zip(names, stems)]
+    taken = {w.casefold() for w in wanted if sum(v.casefold() == w.casefold() for v in wanted) == 1}
+    out: dict[str, str] = {}
+    for name, want in zip(names, wanted):
+        if want.casefold() not in taken:  # still clashes: number it
+            stem, k = want[: -len(".png")], 2
+            while f"{stem}~{k}.png".casefold() in taken:
+                k += 1
+            want = f"{stem}~{k}.png"
+            taken.add(want.casefold())
+        out[name] = want
+    return out
 
 
 #: what :func:`write_outputs` puts in its folder; a folder holding anything else is not replaced

@@ -49,6 +49,16 @@ def test_import_images_creates_project_and_reports_bad_files(settings, tmp_path:
     assert _count(settings, Project) == 2
 
 
+def test_import_images_notes_a_multi_page_tiff(settings, tmp_path: Path) -> None:
+    import tifffile
+
+    path = tmp_path / "zstack.tif"
+    tifffile.imwrite(path, np.zeros((4, 20, 30), np.uint16), photometric="minisblack")
+    result = run_cli("import", "images", str(path))
+    assert result.exit_code == 0, result.output
+    assert f"note: {path}: has 4 pages (a stack or time series); only the first is shown" in result.stderr
+
+
 def test_import_images_bad_metadata_is_a_clean_error(settings, tmp_path: Path) -> None:
     meta = tmp_path / "meta.csv"
     meta.write_text("name,drug\n")

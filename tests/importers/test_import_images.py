@@ -135,6 +135,19 @@ def test_explicit_non_image_file_is_an_error(session, project, settings, tmp_pat
     assert [(p.file, p.reason) for p in report.errors] == [(str(path), "not a PNG, JPEG or TIFF image")]
 
 
+def test_multi_page_tiff_imports_its_first_page_with_a_note(session, project, settings, tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    stack = np.stack([np.full((H, W), v, np.uint16) for v in (100, 200, 300)])
+    tifffile.imwrite(buffer, stack, photometric="minisblack")  # three grey pages, not one RGB
+    folder = _write(tmp_path / "in", {"stack.tif": buffer.getvalue(), "flat.png": _png(1)})
+    report = import_images(session, project, [folder], settings)
+    assert sorted(report.imported) == ["flat.png", "stack.tif"] and report.errors == []
+    assert [(Path(n.file).name, n.reason.split(" (")[0]) for n in report.notes] == [("stack.tif", "has 3 pages")]
+    assert "only the first is shown and labelled" in report.notes[0].reason
+    row = _rows(session)["stack.tif"]
+    assert (row.width, row.height, row.channels, row.bit_depth) == (W, H, 1, 16)
+
+
 def test_duplicates_are_detected_not_stored_twice(session, project, settings, tmp_path: Path) -> None:
     folder = _write(tmp_path / "in", {"a.png": _png(1), "copy_of_a.png": _png(1), "b.png": _png(2)})
     report = import_images(session, project, [folder], settings)

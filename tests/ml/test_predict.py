@@ -68,10 +68,16 @@ def test_summary_viability_arithmetic() -> None:
         (["a.png", "b.tif"], {"a.png": "a.png", "b.tif": "b.png"}),
         (["a.png", "a.tif"], {"a.png": "a.png.png", "a.tif": "a.tif.png"}),
         (["sub/a.jpg"], {"sub/a.jpg": "sub/a.png"}),
+        # a.png.tif's stem is a.png.png, the name a.png already takes: numbered, nothing replaced
+        (["a.png", "a.tif", "a.png.tif"],
+         {"a.png": "a.png~2.png", "a.tif": "a.tif.png", "a.png.tif": "a.png~3.png"}),
+        (["A.png", "a.tif"], {"A.png": "A.png.png", "a.tif": "a.tif.png"}),  # case-insensitive disks
     ],
 )
 def test_overlay_names(names: list[str], expected: dict[str, str]) -> None:
-    assert overlay_names(names) == expected
+    got = overlay_names(names)
+    assert got == expected
+    assert len({v.casefold() for v in got.values()}) == len(names)  # one file per image
 
 
 def test_cell_diameters_from_instance_area_else_fallback() -> None:
