@@ -161,8 +161,9 @@ def _predict(models: _Models, inputs: list[Path], out_dir: Path, *, overlays: bo
 
     from cellspot.ml import predict
 
-    try:
-        predict.check_output_dir(out_dir)  # before the long part
+    try:  # before the long part: the output folder, missing inputs, two images with one name
+        predict.check_output_dir(out_dir)
+        images = predict.collect_images(inputs)
     except predict.PredictionError as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -177,7 +178,7 @@ def _predict(models: _Models, inputs: list[Path], out_dir: Path, *, overlays: bo
         bar.update(done - bar.n)
 
     try:
-        result = predict.predict_images(inputs, detector, classifier, progress=progress, skip_invalid=skip_invalid)
+        result = predict.predict_images(images, detector, classifier, progress=progress, skip_invalid=skip_invalid)
         return result, predict.write_outputs(result, out_dir, overlays=overlays)
     except predict.PredictionError as exc:
         raise click.ClickException(str(exc)) from None

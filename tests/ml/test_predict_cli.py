@@ -94,6 +94,18 @@ def test_predict_cli_refuses_a_folder_with_other_files_before_predicting(setting
     assert sorted(p.name for p in out.iterdir()) == ["chapter1.txt"]
 
 
+def test_predict_cli_refuses_two_images_with_one_name_before_loading_models(settings, tmp_path: Path, fake_loaders,
+                                                                           model_dirs) -> None:
+    first = write_images(tmp_path / "day1")
+    second = write_images(tmp_path / "day2")
+    result = run_cli("predict", first / "well_b.png", second / "well_b.png", "--out", tmp_path / "out",
+                     "--detector", model_dirs[0], "--classifier", model_dirs[1], "--no-store")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"two images are named 'well_b.png': {first / 'well_b.png'} and {second / 'well_b.png'}" in result.output
+    assert fake_loaders == []  # refused before the models were loaded
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_cli_bad_file(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
     images = write_images(tmp_path / "images")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
