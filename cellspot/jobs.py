@@ -118,14 +118,15 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         return summary
 
     @huey.task(name="cellspot.auto_round")
-    def auto_round_task(project: str) -> dict[str, Any]:
+    def auto_round_task(project: str, queued_at: str | None = None) -> dict[str, Any]:
         """Retrain, predict and open the next round of ``project`` (one at a time per project;
-        see :func:`cellspot.workflows.auto_rounds.run_auto_round`)."""
+        see :func:`cellspot.workflows.auto_rounds.run_auto_round`; a round forgotten since
+        ``queued_at`` does nothing)."""
         from cellspot.workflows.auto_rounds import run_auto_round
 
         try:
             with huey.lock_task(f"auto-round-{project}"):
-                return run_auto_round(settings, project).as_dict()
+                return run_auto_round(settings, project, queued_at=queued_at).as_dict()
         except TaskLockedException:
             log.warning("automatic round of %r already running; this one is dropped", project)
             return {"project": project, "status": "skipped", "message": "already running"}
@@ -194,9 +195,10 @@ def enqueue_prediction(
     return _put(settings, "predict", project, detector=detector, classifier=classifier)
 
 
-def enqueue_auto_round(settings: Settings, project: str) -> Result | None:
-    """Put an automatic round of ``project`` on the queue (:mod:`cellspot.workflows.auto_rounds`)."""
-    result = _put(settings, "auto_round", project)
+def enqueue_auto_round(settings: Settings, project: str, queued_at: str | None = None) -> Result | None:
+    """Put an automatic round of ``project`` on the queue (:mod:`cellspot.workflows.auto_rounds`);
+    ``queued_at``: the project's pending mark for it (the job does nothing once that is cleared)."""
+    result = _put(settings, "auto_round", project, queued_at)
     log.info("automatic round of %r queued on %s", project, _safe(settings.resolved_queue_url))
     return result
 

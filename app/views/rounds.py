@@ -173,7 +173,7 @@ if status.pending_since is not None:
             "`cellspot worker` (same CELLSPOT_HOME and database as this app).", icon=":material/hourglass_top:")
     if st.button("Forget the pending round", key="rounds_auto_forget", icon=":material/cancel:",
                  help="When its worker was stopped, or none was running: another automatic round may then start "
-                      "(a job still in the queue runs when a worker starts)"):
+                      "(its job, if still in the queue, does nothing when a worker starts)"):
         act(rounds_view.forget_auto, project.id)
 else:
     st.caption(f"{status.new_runs} new task runs since the last training"

@@ -226,7 +226,7 @@ def maybe_auto_retrain(
     when = al.utc(now) or utcnow()
     _write_state(session, project, pending_since=when.isoformat(), baseline_runs=status.task_runs,
                  baseline_before=status.baseline_runs, trigger="manual" if force else "auto")
-    _enqueue_after_commit(session, settings, project.name)
+    _enqueue_after_commit(session, settings, project.name, when.isoformat())
     log.info("project %r: automatic round queued (%d new task runs%s)", project.name, status.new_runs,
              ", forced" if force else "")
     return AutoDecision(True, f"queued after {status.new_runs} new task runs", auto_status(session, project, now))
@@ -235,7 +235,8 @@ def maybe_auto_retrain(
 def forget_pending(session: Session, project: Project | str) -> datetime | None:
     """Clear the pending mark of ``project``'s automatic round (when its worker was stopped, or
     none was running: the mark would block the next one for :data:`AUTO_STALE_AFTER`); returns
-    when it had been set. A job still in the queue runs when a worker starts. Flush, no commit."""
+    when it had been set. Its job, should it still be in the queue, does nothing when a worker
+    picks it up (:func:`run_auto_round` checks that its round is the pending one). Flush, no commit."""
     project = as_project(session, project)
     state = _state(project)
     pending = parse_utc(state.get("pending_since"))
@@ -248,8 +249,9 @@ def forget_pending(session: Session, project: Project | str) -> datetime | None:
     return pending
 
 
-def _enqueue_after_commit(session: Session, settings: Settings, project_name: str) -> None:
-    """Put :func:`run_auto_round` on the queue after ``session``'s next commit (not after a rollback)."""
+def _enqueue_after_commit(session: Session, settings: Settings, project_name: str, queued_at: str) -> None:
+    """Put :func:`run_auto_round` on the queue after ``session``'s next commit (not after a rollback);
+    ``queued_at``: the pending mark it was queued under."""
     fired = {"done": False}
 
     def committed(_session: Session) -> None:
@@ -259,7 +261,7 @@ def _enqueue_after_commit(session: Session, settings: Settings, project_name: st
         from cellspot.jobs import enqueue_auto_round
 
         try:
-            enqueue_auto_round(settings, project_name)
+            enqueue_auto_round(settings, project_name, queued_at)
         except Exception:  # noqa: BLE001 - a queue outage must not fail the caller's committed work
             log.exception("project %r: could not queue the automatic round", project_name)
 
@@ -297,7 +299,7 @@ class AutoReport:
     """What one automatic round did (also stored as ``last`` in the project's auto state)."""
 
     project: str
-    status: str = "done"  # done | failed
+    status: str = "done"  # done | failed | skipped (no longer pending when a worker took it)
     message: str = ""
     snapshot_id: int | None = None
     runs: dict[str, str] = field(default_factory=dict)  # kind -> version
@@ -321,7 +323,7 @@ def _predict(session: Session, settings: Settings, project: Project) -> Any:
 
 
 def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn | None = None,
-                   now: datetime | None = None) -> AutoReport:
+                   now: datetime | None = None, queued_at: str | None = None) -> AutoReport:
     """The automatic round of ``project_name`` (steps 1-5 of the module doc), each step in its
     own committed transaction so the dashboard follows along. Never raises for a failed step:
     the failure ends the report (``status="failed"``, ``message``) and is stored in the
@@ -329,11 +331,17 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
     also marks the report failed, but the queue is still refreshed (new consensus, the
     models that are active). ``predict``: the
     prediction step (default :func:`cellspot.ml.project_predictions.predict_project`; tests swap it).
+    ``queued_at``: the pending mark the job was queued under (see :func:`maybe_auto_retrain`); when
+    the project's mark is another one (the round was forgotten, or taken as lost and queued
+    again), nothing is done and the report says ``skipped``.
     """
     from cellspot.store.db import make_engine, transaction
 
-    engine = make_engine(settings=settings)
     report = AutoReport(project_name)
+    if queued_at is not None and (stale := _no_longer_pending(settings, project_name, queued_at)):
+        log.info("project %r: %s", project_name, stale)
+        return replace(report, status="skipped", message=stale)
+    engine = make_engine(settings=settings)
     try:
         with transaction(engine) as session:
             report, run_ids = _prepare_auto(session, settings, project_name, report)
@@ -357,6 +365,22 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
             engine.dispose()
     log.info("automatic round of %r %s: %s", project_name, report.status, report.message)
     return report
+
+
+def _no_longer_pending(settings: Settings, project_name: str, queued_at: str) -> str | None:
+    """Why the round queued under the pending mark ``queued_at`` must not run, or None."""
+    from cellspot.store.db import make_engine, transaction
+
+    engine = make_engine(settings=settings)
+    try:
+        with transaction(engine) as session:
+            current = _state(as_project(session, project_name)).get("pending_since")
+    finally:
+        engine.dispose()
+    if current == queued_at:
+        return None
+    why = "it was forgotten" if current is None else f"another was queued at {current}"
+    return f"the automatic round queued at {queued_at} is no longer pending ({why}); nothing done"
 
 
 def _join(*parts: str) -> str:

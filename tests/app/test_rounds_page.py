@@ -273,7 +273,7 @@ def test_learning_curve_plots_task_runs_against_model_metrics(app, app_engine):
 
 def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch):
     queued = []
-    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round", lambda settings, project: queued.append(project))
+    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round", lambda settings, project, queued_at=None: queued.append(project))
     project_id = demo_project(app_engine)[0]
     open_rounds(app)
     app.toggle(key=f"auto_enabled_{project_id}").set_value(True)

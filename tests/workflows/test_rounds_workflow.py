@@ -204,7 +204,8 @@ def test_auto_settings_round_trip_keep_other_project_settings(db) -> None:
 @pytest.fixture
 def enqueued(monkeypatch) -> list[str]:
     calls: list[str] = []
-    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round", lambda settings, project: calls.append(project))
+    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round",
+                        lambda settings, project, queued_at=None: calls.append(project))
     return calls
 
 
@@ -248,6 +249,32 @@ def test_a_pending_automatic_round_can_be_forgotten(engine, settings, enqueued) 
         assert status.pending_since is None and status.new_runs == 8  # nothing trained: the count is back
         assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
     assert enqueued == ["demo", "demo"]
+
+
+def test_a_forgotten_round_does_nothing_when_a_worker_takes_its_job(engine, settings, monkeypatch) -> None:
+    install(monkeypatch)
+    marks: list[str | None] = []
+    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round",
+                        lambda settings_, project, queued_at=None: marks.append(queued_at))
+    with transaction(engine) as session:
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
+    with transaction(engine) as session:
+        ar.forget_pending(session, "demo")
+    assert marks == [T0.isoformat()]
+    report = ar.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0, queued_at=marks[0])
+    assert (report.status, report.runs, report.round) == ("skipped", {}, None)
+    assert "no longer pending (it was forgotten); nothing done" in report.message
+    later = T0 + timedelta(minutes=5)
+    with transaction(engine) as session:
+        assert registry.list_runs(session, get_project(session, "demo")) == []  # nothing trained
+        assert ar.auto_status(session, "demo", now=later).new_runs == 8  # the counter is untouched
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=later, force=True).queued  # queued again
+    stale = ar.run_auto_round(settings, "demo", predict=lambda *a: None, now=later, queued_at=marks[0])
+    assert stale.status == "skipped" and f"another was queued at {later.isoformat()}" in stale.message
+    fresh = ar.run_auto_round(settings, "demo", predict=lambda *a: None, now=later, queued_at=marks[1])
+    assert fresh.status != "skipped" and fresh.runs  # the round that is pending runs
+    with transaction(engine) as session:
+        assert ar.auto_status(session, "demo", now=later).pending_since is None
 
 
 def test_a_manual_training_resets_the_counter(db, settings) -> None:
