@@ -20,8 +20,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from cellspot.consensus.clustering import cluster_clicks, estimate_scale
-from cellspot.consensus.common import encode_clicks, runs_per_image, vote_to_cells
+from cellspot.consensus.clustering import MIN_RADIUS_PX, cluster_clicks, estimate_scale
+from cellspot.consensus.common import drop_repeated_clicks, encode_clicks, runs_per_image, vote_to_cells
 from cellspot.consensus.registry import register
 from cellspot.consensus.reliability import fit, match_gold, summarise_clusters
 from cellspot.consensus.spam import spam_weights
@@ -40,7 +40,10 @@ def cluster_em(
     params: dict[str, object] = {"cell_radius_hint": cell_radius, "keep_threshold": keep_threshold}
     if clicks.empty:
         return ConsensusResult(empty_cells(), params=params)
-    arr = encode_clicks(clicks, runs)
+    arr, repeats = drop_repeated_clicks(encode_clicks(clicks, runs), MIN_RADIUS_PX)
+    if repeats:
+        log.info("cluster_em: %d click(s) repeat an earlier click of their run within %g px: set aside",
+                 repeats, MIN_RADIUS_PX)
     scale = estimate_scale(arr, cell_radius)
     cluster = cluster_clicks(arr, scale)
     cl = summarise_clusters(arr, cluster)
@@ -63,6 +66,7 @@ def cluster_em(
         iterations=rel.iterations,
         n_clusters=cl.n,
         spam_suspect_runs=int((run_weight < 1).sum()),
+        repeated_clicks_set_aside=repeats,
     )
     log.info("cluster_em: %d clusters, %d kept, radius median %.1f px", cl.n, int(keep.sum()),
              float(np.median(scale.radius)))

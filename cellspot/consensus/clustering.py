@@ -12,8 +12,10 @@ covers 99.8 % of two students' clicks on one cell (Rayleigh tail) and keeps a fa
 click out of a cell's cluster; the spacing bound keeps neighbouring cells apart where
 students disagree a lot. Neighbouring cells inside the radius stay apart anyway, because
 matching is one to one and a run never joins a cluster twice.
-Images with too few distances fall back to the pooled value over all images. A
-``cell_radius`` hint replaces the estimate.
+Images with too few distances fall back to the pooled value over all images (no spacing
+bound when all images together have too few). A ``cell_radius`` hint replaces the estimate.
+A run's repeated click (within 1 px of an earlier one of the run: a double click) is set
+aside before all this (:func:`cellspot.consensus.common.drop_repeated_clicks`).
 
 Clustering: the clicks of every pair of runs of an image are matched one to one within
 the radius, greedily by distance (rounds of mutual nearest neighbours, so a click whose
@@ -218,8 +220,10 @@ def estimate_scale(arr: ClickArrays, cell_radius: float | None = None) -> Scale:
     """Estimate each image's merge radius from the clicks (see module docstring)."""
     knn = _knn(arr)
     has = np.isfinite(knn.spacing)
-    # nobody clicked two cells: no spacing bound, the click jitter alone sets the radius
-    pooled_spacing = float(np.median(knn.spacing[has])) if has.any() else np.inf
+    # too few runs clicked two cells (sparse images): no spacing bound, the click jitter alone
+    # sets the radius; a handful of distances (a double click a few pixels apart) is no estimate
+    enough = int(has.sum()) >= MIN_DISTANCES_PER_IMAGE
+    pooled_spacing = float(np.median(knn.spacing[has])) if enough else np.inf
     spacing = _group_median(knn.spacing[has], arr.image[has], arr.n_images, pooled_spacing)
     if cell_radius:
         r = np.full(arr.n_images, float(cell_radius))

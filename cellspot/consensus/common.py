@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -104,6 +104,26 @@ def encode_clicks(clicks: pd.DataFrame, runs: pd.DataFrame | None = None) -> Cli
         run_image=run_image,
         run_annotator=run_annot,
     )
+
+
+def drop_repeated_clicks(arr: ClickArrays, within: float) -> tuple[ClickArrays, int]:
+    """``arr`` without the clicks that repeat an earlier click of their run within ``within``
+    pixels (a student's double click marks one cell, not two); returns it and how many were
+    dropped. The earlier click (and its label) is kept; runs are kept even when all their
+    clicks were repeats."""
+    from scipy.spatial import cKDTree
+
+    if len(arr.x) < 2:
+        return arr, 0
+    pts, _ = offset_coordinates(arr.x, arr.y, arr.run)
+    pairs = cKDTree(pts).query_pairs(within, output_type="ndarray")
+    if len(pairs) == 0:
+        return arr, 0
+    drop = np.zeros(len(arr.x), dtype=bool)
+    drop[pairs.max(axis=1)] = True  # the later click of every close pair of one run
+    keep = ~drop
+    return replace(arr, x=arr.x[keep], y=arr.y[keep], label=arr.label[keep], image=arr.image[keep],
+                   run=arr.run[keep], annotator=arr.annotator[keep]), int(drop.sum())
 
 
 def runs_per_image(arr: ClickArrays) -> np.ndarray:

@@ -148,6 +148,34 @@ def test_a_double_click_never_loses_the_cell(n_students: int) -> None:
     assert all(len(f) == 1 for f in found), f"support of the cells found there, per seed: {found}"
 
 
+def _one_cell_images(n_images: int) -> list[tuple]:
+    """Sparse images: one cell each, two students one click each (nobody clicks two cells)."""
+    return [row for i in range(n_images) for row in (
+        (f"img{i}", "a", f"img{i}/a", 40.0 + 10 * i, 40.0, "alive"),
+        (f"img{i}", "b", f"img{i}/b", 42.0 + 10 * i, 38.0, "alive"))]
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5, 3.0])
+def test_one_repeated_click_does_not_wipe_the_cells_of_other_images(offset: float) -> None:
+    # a single double click used to be the only "spacing between cells" of the whole file: a
+    # pooled spacing of 0 px shrank every image's merge radius to 1 px and no cell was kept
+    rows = _one_cell_images(4)
+    rows.append(("img0", "a", "img0/a", 40.0 + offset, 40.0, "alive"))
+    result = run_consensus(frame(rows))
+    assert sorted(result.cells["image"]) == ["img0", "img1", "img2", "img3"]
+    assert set(result.cells["support"]) == {2}
+
+
+def test_an_exact_repeat_is_one_cell_not_two() -> None:
+    rows = class_rows(5, jitter=2.0, seed=3)
+    first = next(r for r in rows if r[1] == "s0")
+    rows.append(first)  # the same click again (seven in the real Cell Spotting export)
+    result = run_consensus(frame(rows))
+    assert len(result.cells) == len(GRID)
+    assert not result.cells.duplicated(["x", "y"]).any()
+    assert result.params["repeated_clicks_set_aside"] == 1
+
+
 def _random_clicks(seed: int) -> pd.DataFrame:
     """Random images, 1-12 runs each, clicks around random cells with random jitter; integer
     pixel positions clipped to the frame (so exact duplicates and border clicks happen)."""
