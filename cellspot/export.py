@@ -378,11 +378,39 @@ def _check_outdir(outdir: Path, overwrite: bool, settings: Settings) -> None:
                 f"export folder {outdir} is not empty; choose another folder, or replace an earlier export "
                 "(--overwrite; overwrite=True in Python)"
             )
-        if not (outdir / "manifest.json").is_file():
+        if (problem := _not_an_earlier_export(outdir)) is not None:
             raise OutputExistsError(
-                f"export folder {outdir} is not empty and is not an earlier export (it has no manifest.json); "
-                "overwrite replaces only an earlier export: choose another folder"
+                f"export folder {outdir} is not empty and {problem}; overwrite replaces only an earlier "
+                "cellspot export as it was written: choose another folder"
             )
+
+
+def _not_an_earlier_export(outdir: Path) -> str | None:
+    """Why ``outdir`` may not be replaced as an earlier export (None when it may): it has no
+    cellspot manifest, or it holds files the export did not write or that changed since."""
+    try:
+        manifest = json.loads((outdir / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "is not an earlier export (it has no manifest.json)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its manifest.json is not a cellspot export manifest ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME \
+            or not isinstance(manifest.get("files"), dict):
+        return f"its manifest.json is not a cellspot export manifest (no \"format\": \"{FORMAT_NAME}\")"
+    listed = manifest["files"]
+    present = {p.relative_to(outdir).as_posix() for p in outdir.rglob("*") if p.is_file() or p.is_symlink()}
+    others = sorted(present - set(listed) - {"manifest.json"})
+    if others:
+        return f"holds files the export did not write ({_some(others)})"
+    changed = sorted(rel for rel in present & set(listed)
+                     if hashlib.sha256((outdir / rel).read_bytes()).hexdigest() != listed[rel].get("sha256"))
+    if changed:
+        return f"holds files changed since the export ({_some(changed)})"
+    return None
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _swap_into_place(tmp: Path, outdir: Path) -> None:

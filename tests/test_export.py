@@ -269,8 +269,13 @@ def test_refuses_a_non_empty_folder_unless_overwrite(session, settings, store, t
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_dataset(session, store.project, out, settings, crop_size=8)
     assert (out / "mine.txt").exists()
+    # an earlier export with a file of the user's in it is not replaced either: it would be lost
+    with pytest.raises(OutputExistsError, match=r"holds files the export did not write \(mine.txt\)"):
+        export_dataset(session, store.project, out, settings, crop_size=8, overwrite=True)
+    assert (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
     export_dataset(session, store.project, out, settings, crop_size=8, overwrite=True)
-    assert not (out / "mine.txt").exists() and verify_export(out) == []
+    assert verify_export(out) == []
     assert [p.name for p in out.parent.iterdir()] == ["ds"]  # no temporary or old folders left
 
 
@@ -316,6 +321,27 @@ def test_overwrite_replaces_only_an_earlier_export(session, settings, store, tmp
         export_dataset(session, store.project, folder, settings, crop_size=8, overwrite=True)
     assert (folder / "chapter1.txt").read_text() == "months of work"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing half-written
+
+
+@pytest.mark.parametrize("manifest", ['{"name": "my-extension"}', "not json", '{"format": "cellspot-dataset"}'])
+def test_overwrite_needs_a_cellspot_manifest(session, settings, store, tmp_path, manifest):
+    folder = tmp_path / "webext"
+    (folder / "src").mkdir(parents=True)
+    (folder / "manifest.json").write_text(manifest)
+    (folder / "src" / "important.py").write_text("print('work')")
+    with pytest.raises(OutputExistsError, match="is not a cellspot export manifest"):
+        export_dataset(session, store.project, folder, settings, crop_size=8, overwrite=True)
+    assert (folder / "src" / "important.py").read_text() == "print('work')"
+
+
+def test_overwrite_refuses_an_export_whose_files_were_edited(session, settings, store, tmp_path):
+    out = tmp_path / "ds"
+    export_dataset(session, store.project, out, settings, crop_size=8)
+    with (out / "cells.csv").open("a") as f:
+        f.write("my,hand,made,row\n")
+    with pytest.raises(OutputExistsError, match=r"changed since the export \(cells.csv\)"):
+        export_dataset(session, store.project, out, settings, crop_size=8, overwrite=True)
+    assert (out / "cells.csv").read_text().endswith("my,hand,made,row\n")
 
 
 def test_failed_export_leaves_nothing_behind(session, settings, store, tmp_path, monkeypatch):
