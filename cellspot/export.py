@@ -95,6 +95,9 @@ class ExportReport:
     method: str
     counts: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    #: what the store holds that the snapshot did not see (None: it is up to date); the cells
+    #: and crops are the snapshot's, clicks.csv has every click of the store
+    stale: str | None = None
 
     @property
     def n_crops(self) -> int:
@@ -527,6 +530,11 @@ def export_dataset(
     runs = _runs_frame(session, project)
     clicks = _clicks_frame(session, runs, project)
     annotators = _reliability_frame(session, snap)
+    from cellspot.workflows.aggregate import snapshot_lag
+
+    stale = snapshot_lag(session, project, snap)
+    if stale:
+        log.warning("export of %r: %s", project.name, stale)
     log.info("exporting snapshot %d of %r: %d images, %d cells (%d below %.2f), %d clicks",
              snap.id, project.name, len(images), len(cells), len(left_out), min_confidence, len(clicks))
 
@@ -555,7 +563,7 @@ def export_dataset(
         index, crop_counts = _write_crops(writer, cells, images, settings, crop_size, progress)
         writer.write_csv("crops/index.csv", index)
         counts = _counts(images, cells, left_out, clicks, annotators, index, assignment, crop_counts, len(runs))
-        manifest = _manifest(project, snap, counts, writer.files, crop_size, fractions, seed, min_confidence)
+        manifest = _manifest(project, snap, counts, writer.files, crop_size, fractions, seed, min_confidence, stale)
         writer.write_json("manifest.json", manifest)
         _swap_into_place(tmp, outdir)
     except BaseException:
@@ -564,7 +572,7 @@ def export_dataset(
     files = {rel: meta["sha256"] for rel, meta in writer.files.items()}
     log.info("export written to %s (%d files, %d crops)", outdir, len(files), counts["crops"])
     return ExportReport(outdir=outdir, manifest_path=outdir / "manifest.json", snapshot_id=snap.id,
-                        method=snap.method, counts=counts, files=files)
+                        method=snap.method, counts=counts, files=files, stale=stale)
 
 
 def _counts(
@@ -611,6 +619,7 @@ def _manifest(
     fractions: tuple[float, float, float],
     seed: int,
     min_confidence: float,
+    stale: str | None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
@@ -621,6 +630,7 @@ def _manifest(
         "snapshot": {
             "id": snap.id, "method": snap.method, "params": snap.params, "stats": snap.stats,
             "created_at": snap.created_at,
+            "up_to_date": stale is None, "behind_the_store": stale,
         },
         "crop_size": crop_size,
         "crop_path_relative_to": "crops/",

@@ -37,14 +37,15 @@ if build:
     try:
         with st.spinner("Exporting..."):
             with resources.session() as session:
-                path = export_zip(session, project, resources.settings(), crop_size=int(crop_size),
-                                  min_confidence=float(min_confidence), seed=int(seed), progress=progress)
+                path, report = export_zip(session, project, resources.settings(), crop_size=int(crop_size),
+                                          min_confidence=float(min_confidence), seed=int(seed), progress=progress)
     except NoSnapshotError:
         st.error("There is no consensus yet: press 'Recompute consensus' on the Class page first.")
     except (ExportError, SplitError) as exc:
         st.error(f"The export failed: {exc}")
     else:
         st.session_state[f"export_path-{project.id}"] = str(path)
+        st.session_state[f"export_stale-{project.id}"] = report.stale
     finally:
         bar.empty()
 
@@ -52,5 +53,8 @@ done = st.session_state.get(f"export_path-{project.id}")
 if done and Path(done).is_file():
     path = Path(done)
     st.success(f"Export ready: {path.name} ({path.stat().st_size / 1e6:.1f} MB), kept in {path.parent}.")
+    if stale := st.session_state.get(f"export_stale-{project.id}"):
+        st.warning(f"The cells and crops of this export are those of the latest consensus, but {stale}. "
+                   "clicks.csv has every click.", icon=":material/history:")
     st.download_button("Download the zip", path.read_bytes(), file_name=path.name, mime="application/zip",
                        type="primary", key="export_download")

@@ -82,3 +82,5 @@ def export_command(
     click.echo(f"  clicks: {c['clicks']} in {c['task_runs']} task runs "
                f"({c['task_runs'] - c['task_runs_with_clicks']} of them without clicks)")
     click.echo(f"manifest: {report.manifest_path}")
+    if report.stale:
+        click.echo(f"warning: the cells and crops are those of the snapshot, but {report.stale}", err=True)

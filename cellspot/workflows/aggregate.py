@@ -190,7 +190,7 @@ def aggregate(
         cells=len(cells), gold_cells=int(cells["from_gold"].sum()), annotators=n_annotators,
         task_runs=len(runs), clicks=len(clicks), **_retirement_fields(change),
     )
-    snapshot.stats = {**_stats(report, policy), "inputs": inputs}
+    snapshot.stats = {**_stats(report, policy), "inputs": inputs, "data": data_fingerprint(clicks, runs, gold)}
     session.flush()
     log.info("project %r: snapshot %d (%s): %s", project.name, snapshot.id, method, snapshot.stats)
     return report
@@ -202,7 +202,40 @@ def input_fingerprint(
     """A SHA-256 hex digest of everything a consensus snapshot is computed from: the clicks
     (run, position, label, order), the runs (image, annotator), the expert cells, the method,
     ``cell_radius`` and the cellspot version. Row order does not matter."""
-    digest = hashlib.sha256(f"{method}|{cell_radius!r}|{__version__}".encode())
+    return _digest(clicks, runs, gold, f"{method}|{cell_radius!r}|{__version__}")
+
+
+def data_fingerprint(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame) -> str:
+    """Like :func:`input_fingerprint`, of the data alone (clicks, runs, expert cells): whether a
+    snapshot still describes the store, whatever method made it."""
+    return _digest(clicks, runs, gold, "data")
+
+
+def snapshot_lag(session: Session, project: Project | str, snapshot: ConsensusSnapshot) -> str | None:
+    """What the store holds that ``snapshot`` of ``project`` did not see (task runs or clicks
+    added or removed, expert cells changed), as a sentence; None when it is up to date.
+    Snapshots written before the data fingerprint are compared by their counts only."""
+    project = as_project(session, project)
+    clicks, runs, gold = clicks_frame(session, project), runs_frame(session, project), gold_frame(session, project)
+    stats = snapshot.stats or {}
+    now = {"task_runs": len(runs), "clicks": len(clicks)}
+    then = {k: stats.get(k) for k in now}
+    changes = [f"{now[k]} {what} (the snapshot saw {then[k]})"
+               for k, what in (("task_runs", "task runs"), ("clicks", "clicks"))
+               if then[k] is not None and then[k] != now[k]]
+    if "data" in stats:
+        if stats["data"] == data_fingerprint(clicks, runs, gold):
+            return None
+        if not changes:
+            changes = ["changed clicks, task runs or expert cells"]
+    elif not changes:
+        return None
+    return (f"consensus snapshot {snapshot.id} is older than the store, which now has {', '.join(changes)}; "
+            "recompute consensus (`cellspot aggregate`, or 'Recompute consensus' in the app) to include them")
+
+
+def _digest(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame, head: str) -> str:
+    digest = hashlib.sha256(head.encode())
     parts = (
         (clicks, ["task_run_id", "click_index", "x", "y", "label"]),
         (runs, ["task_run_id", "image_id", "annotator_id"]),

@@ -450,13 +450,13 @@ def create_project(session: Session, name: str, description: str = "", **setting
 # --------------------------------------------------------------------------- export
 
 
-def export_zip(session: Session, project: Project, settings: Settings, **export_options: Any) -> Path:
+def export_zip(session: Session, project: Project, settings: Settings, **export_options: Any) -> tuple[Path, Any]:
     """Export ``project`` like ``cellspot export`` and zip it under ``settings.exports_dir``.
 
     ``export_options`` go to :func:`cellspot.export.export_dataset` (crop_size, split, seed,
     min_confidence, snapshot, progress). The zip holds the export folder's files under one
     top folder and is written under a temporary name, then renamed, so a listed zip is always
-    complete. Returns its path. Raises :class:`cellspot.export.NoSnapshotError` before any
+    complete. Returns its path and the :class:`cellspot.export.ExportReport`. Raises :class:`cellspot.export.NoSnapshotError` before any
     consensus exists.
     """
     from cellspot.export import export_dataset, safe_stem
@@ -469,7 +469,7 @@ def export_zip(session: Session, project: Project, settings: Settings, **export_
     partial = out_dir / f".{stem}.zip.part"
     with tempfile.TemporaryDirectory(prefix="cellspot-export-") as tmp:
         folder = Path(tmp) / stem
-        export_dataset(session, project, folder, settings, **export_options)
+        report = export_dataset(session, project, folder, settings, **export_options)
         try:
             with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                 for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -479,7 +479,7 @@ def export_zip(session: Session, project: Project, settings: Settings, **export_
             if partial.exists():
                 partial.unlink()
     log.info("export of %r zipped to %s", project.name, target)
-    return target
+    return target, report
 
 
 __all__ = [

@@ -383,3 +383,28 @@ def test_cli_aggregate_thresholds(settings, args, code, expected) -> None:
     engine.dispose()
     exit_code, out = _cli("aggregate", "--project", "demo", *args)
     assert exit_code == code and expected in out, out
+
+
+def test_snapshot_lag_says_what_the_snapshot_did_not_see(session: Session, seeded, settings, tmp_path) -> None:
+    from cellspot.export import export_dataset
+    from cellspot.workflows.aggregate import snapshot_lag
+
+    project, images, students = seeded
+    aggregate(session, "tiny", method=_method())
+    snap = q.latest_snapshot(session, project)
+    assert snapshot_lag(session, project, snap) is None
+    q.submit_task_run(session, images["young"], students[1], CELLS, "young-1")
+    lag = snapshot_lag(session, project, snap)
+    assert lag is not None and lag.startswith(f"consensus snapshot {snap.id} is older than the store")
+    assert "11 task runs (the snapshot saw 10), 15 clicks (the snapshot saw 13)" in lag
+    report = export_dataset(session, project, tmp_path / "ds", settings, crop_size=8)
+    assert report.stale == lag
+    manifest = pd.read_json(tmp_path / "ds" / "manifest.json", typ="series")
+    assert manifest["snapshot"]["up_to_date"] is False and manifest["snapshot"]["behind_the_store"] == lag
+    gold = session.scalars(sa.select(GoldCell).where(GoldCell.image_id == images["gold"].id)).first()
+    aggregate(session, "tiny", method=_method())
+    snap = q.latest_snapshot(session, project)
+    assert snapshot_lag(session, project, snap) is None
+    gold.label = "alive" if gold.label == "dead" else "dead"  # same counts, other data
+    session.flush()
+    assert "changed clicks, task runs or expert cells" in snapshot_lag(session, project, snap)

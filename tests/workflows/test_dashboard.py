@@ -293,7 +293,8 @@ def test_export_zip(session, project, busy, settings) -> None:
     with pytest.raises(NoSnapshotError):
         d.export_zip(session, project, settings)
     aggregate(session, project)
-    path = d.export_zip(session, project, settings)
+    path, report = d.export_zip(session, project, settings)
+    assert report.stale is None  # nothing changed since the consensus
     assert path.parent == settings.exports_dir and path.suffix == ".zip"
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
