@@ -62,6 +62,10 @@ def _shown(value: object) -> str:
     return "(empty)" if value is None or (isinstance(value, float) and np.isnan(value)) else repr(str(value))
 
 
+#: the largest click coordinate taken (as :data:`cellspot.importers.csvtools.MAX_PIXEL_VALUE`)
+MAX_COORDINATE = 1_000_000
+
+
 def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
     """Validate and normalise a click table.
 
@@ -69,8 +73,8 @@ def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
     :data:`CLICK_LABELS` (``not_sure_alive`` from the legacy export is ``not_sure``).
     ``image``, ``annotator`` and ``task_run`` are kept as given; codes are made later.
     Raises :class:`ConsensusInputError` naming the first bad row (0-based), each of its bad
-    fields (an empty image or annotator, a coordinate that is not a finite number or is
-    negative, an unknown label) and the number of bad rows.
+    fields (an empty image or annotator, a coordinate that is not a finite number, is
+    negative or is beyond :data:`MAX_COORDINATE`, an unknown label) and the number of bad rows.
     """
     missing = [c for c in ("image", "annotator", "x", "y", "label") if c not in clicks.columns]
     if missing:
@@ -90,6 +94,7 @@ def prepare_clicks(clicks: pd.DataFrame) -> pd.DataFrame:
         checks.append((col, ~np.isfinite(values), "is not a finite number"))
         with np.errstate(invalid="ignore"):
             checks.append((col, values < 0, "is negative (pixel coordinates start at 0)"))
+            checks.append((col, np.isfinite(values) & (values > MAX_COORDINATE), f"is beyond {MAX_COORDINATE:,} px, more than any image has"))
         out[col] = values
     labels = clicks["label"].astype("category")
     spelled = labels.cat.categories.astype(str).str.strip().str.lower()

@@ -217,11 +217,12 @@ def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: 
     marker = not (row["x"].strip() or row["y"].strip() or row["label"].strip())
     if not marker:
         parsed.n_records += 1
-    problem = (
-        ("image", "missing value", None) if not image
-        else ("annotator", "missing value", None) if not annotator
-        else None
-    )
+    missing = [(name, "missing value", None) for name, value in (("image", image), ("annotator", annotator))
+               if not value]
+    if missing:  # every bad field of the row in one reject: the click's too
+        parsed.reject(line, *joined_problem([*missing, *([] if marker else _click_fields(row, None)[2])]))
+        return
+    problem = None
     size, timestamp = None, None
     if problem is None:
         size, problem = _declared_size(parsed, row, image, line, size_lines)
@@ -279,6 +280,16 @@ def _tidy_click(
 ) -> tuple[tuple[float, float, str] | None, tuple[str, str, Any] | None]:
     """The click of a row, or every bad field of it as one problem (``"x, label"``, reasons joined
     with ``"; "``), so that one pass over the rejects shows all that is wrong with a row."""
+    coords, label, problems = _click_fields(row, size)
+    if problems:
+        return None, joined_problem(problems)
+    return (coords[0], coords[1], label), None
+
+
+def _click_fields(
+    row: dict[str, str], size: tuple[int, int] | None
+) -> tuple[list[float | None], str | None, list[tuple[str, str, Any]]]:
+    """``(coords, label, problems)`` of a row's click fields (``size``: the image's, for the bounds)."""
     coords, problems = [], []
     for index, name in enumerate(("x", "y")):
         value, reason = parse_number(row[name], name)
@@ -292,9 +303,7 @@ def _tidy_click(
     label, reason = parse_label(row["label"])
     if reason is not None:
         problems.append(("label", reason, row["label"]))
-    if problems:
-        return None, joined_problem(problems)
-    return (coords[0], coords[1], label), None
+    return coords, label, problems
 
 
 def _tidy_run(

@@ -58,8 +58,14 @@ def normalise_header(fields: list[str]) -> list[str]:
     return [f.strip().lower() for f in fields]
 
 
+#: the largest pixel coordinate or image side a file may give (a whole-slide scan is ~100,000
+#: px wide); anything larger is a typo or a unit error, and would overflow the store's integers
+MAX_PIXEL_VALUE = 1_000_000
+
+
 def parse_number(text: str, field: str) -> tuple[float | None, str | None]:
-    """``(value, None)`` for a finite number, else ``(None, reason)``."""
+    """``(value, None)`` for a finite number within +-:data:`MAX_PIXEL_VALUE` (every number these
+    files hold is a pixel coordinate or an image side), else ``(None, reason)``."""
     raw = text.strip()
     if not raw:
         return None, "missing value"
@@ -71,6 +77,8 @@ def parse_number(text: str, field: str) -> tuple[float | None, str | None]:
         return None, f"{field} is NaN"
     if math.isinf(value):
         return None, f"{field}={raw} is not finite"
+    if abs(value) > MAX_PIXEL_VALUE:
+        return None, f"{field}={value:g} is beyond {MAX_PIXEL_VALUE:,} px, more than any image has"
     return value, None
 
 

@@ -210,6 +210,7 @@ def test_any_operating_system_error_is_one_line_without_traceback(tmp_path: Path
     (",s1,1,2,alive\n", "line 2: field image: empty (1 bad rows)"),
     ("a, ,1,2,alive\n", "line 2: field annotator: empty"),
     ("a,s1,-5,2,zombie\n", "line 2: field x: '-5' is negative (pixel coordinates start at 0); field label: 'zombie'"),
+    ("a,s1,1e308,2,alive\n", "line 2: field x: '1e+308' is beyond 1,000,000 px, more than any image has"),
 ])
 def test_the_first_bad_row_names_all_its_bad_fields_and_nothing_is_written(tmp_path: Path, body: str,
                                                                            expected: str) -> None:
