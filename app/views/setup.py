@@ -263,7 +263,12 @@ with clicks_col:
         fmt = st.selectbox("Format", ["auto", "csv", "pybossa"], key="clicks_format",
                            format_func={"auto": "detect", "csv": "tidy CSV", "pybossa": "PyBossa task runs"}.get)
         skip = st.checkbox("Import the valid rows when some are invalid", key="clicks_skip")
+        replace = st.checkbox("Replace runs imported before from another file", key="clicks_replace",
+                              help="For a corrected or extended copy of a click file imported before: its runs "
+                                   "(same task_run, or annotator and image) replace the earlier ones")
         go_clicks = st.form_submit_button("Import clicks", type="primary")
+    if go_clicks and click_file is None:
+        st.warning("Choose a click file first.")
     if go_clicks and click_file is not None:
         with tempfile.TemporaryDirectory(prefix="cellspot-upload-") as tmp:
             path = _save_uploads([click_file], tmp)[0]
@@ -272,11 +277,13 @@ with clicks_col:
                     with resources.session() as session:
                         report = import_clicks(session, session.get(Project, project.id), path, format=fmt,
                                                skip_invalid=skip, settings=resources.settings(),
-                                               source_name=f"uploaded {click_file.name}")
-            except CellspotImportError as exc:  # the importer's hint names the CLI flag: name the checkbox
+                                               source_name=f"uploaded {click_file.name}", replace_runs=replace)
+            except CellspotImportError as exc:  # the importer's hints name the CLI flags: name the checkboxes
                 st.error(_listed(_problems([exc], tmp)[0].replace(
                     "skip_invalid / --skip-invalid imports the valid rows",
-                    "tick 'Import the valid rows when some are invalid' to import the rest")))
+                    "tick 'Import the valid rows when some are invalid' to import the rest").replace(
+                    "replace_runs / --replace-runs replaces the earlier runs with this file's",
+                    "tick 'Replace runs imported before from another file' to replace them")))
             else:
                 researcher.refresh()
                 (st.warning if report.duplicates else st.success)(_problems([report.summary()], tmp)[0])
@@ -290,6 +297,8 @@ with gold_col:
     with st.form("upload_gold", clear_on_submit=True):
         gold_file = st.file_uploader("Expert cells CSV: image, x, y, label", type=["csv"], key="upload_gold")
         go_gold = st.form_submit_button("Import expert cells", type="primary")
+    if go_gold and gold_file is None:
+        st.warning("Choose an expert cells file first.")
     if go_gold and gold_file is not None:
         with tempfile.TemporaryDirectory(prefix="cellspot-upload-") as tmp:
             path = _save_uploads([gold_file], tmp)[0]
@@ -301,7 +310,7 @@ with gold_col:
                 st.error(_listed(_problems([exc], tmp)[0]))
             else:
                 researcher.refresh()
-                st.success(report.summary())
+                st.success(_problems([report.summary()], tmp)[0])
 
 st.subheader("Consensus")
 if st.button("Recompute consensus", key="setup_aggregate",

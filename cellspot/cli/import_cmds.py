@@ -118,13 +118,17 @@ def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: 
 @_PROJECT_OPTION
 @click.option("--skip-invalid", is_flag=True,
               help="Import the valid rows; write the rejects with their reasons to a CSV under CELLSPOT_HOME.")
-def clicks_cmd(file: Path, fmt: str, project_name: str | None, skip_invalid: bool) -> None:
+@click.option("--replace-runs", is_flag=True,
+              help="For a corrected or extended copy of a tidy file imported before: its runs (same task_run, "
+                   "or annotator and image) replace the earlier ones instead of being refused.")
+def clicks_cmd(file: Path, fmt: str, project_name: str | None, skip_invalid: bool, replace_runs: bool) -> None:
     """Import crowd clicks (re-importing the same file changes nothing)."""
     from cellspot.importers import ClickImportError, import_clicks
 
     try:
         with _project_session(project_name) as (settings, session, project):
-            report = import_clicks(session, project, file, fmt, skip_invalid=skip_invalid, settings=settings)
+            report = import_clicks(session, project, file, fmt, skip_invalid=skip_invalid, settings=settings,
+                                   replace_runs=replace_runs)
     except ClickImportError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"project {project.name!r}: {report.summary()}")

@@ -49,6 +49,42 @@ def existing_client_keys(session: Session, keys: Sequence[str]) -> set[str]:
     return found
 
 
+def imported_runs(session: Session, project: Project, image_ids: Sequence[int]) -> list[tuple[int, str, int, str, str]]:
+    """``(run id, client key, image id, annotator nickname, source)`` of every run imported
+    from a file (client key ``import:p<project id>:...``) on ``image_ids``."""
+    session.flush()
+    out: list[tuple[int, str, int, str, str]] = []
+    for chunk in _chunks(list(image_ids)):
+        out.extend(session.execute(
+            select(TaskRun.id, TaskRun.client_key, TaskRun.image_id, Annotator.nickname, TaskRun.source)
+            .join(Annotator, Annotator.id == TaskRun.annotator_id)
+            .where(TaskRun.image_id.in_(chunk), TaskRun.client_key.startswith(f"import:p{project.id}:"))
+        ).tuples())
+    return out
+
+
+def run_clicks(session: Session, run_ids: Sequence[int]) -> dict[int, list[tuple[float, float, str]]]:
+    """Run id -> its clicks ``(x, y, label)`` in click order (runs without clicks map to ``[]``)."""
+    out: dict[int, list[tuple[float, float, str]]] = {run_id: [] for run_id in run_ids}
+    for chunk in _chunks(list(run_ids)):
+        rows = session.execute(
+            select(Click.task_run_id, Click.x, Click.y, Click.label)
+            .where(Click.task_run_id.in_(chunk)).order_by(Click.task_run_id, Click.click_index)
+        ).tuples()
+        for run_id, x, y, label in rows:
+            out[run_id].append((x, y, label))
+    return out
+
+
+def delete_runs(session: Session, run_ids: Sequence[int]) -> None:
+    """Delete task runs and their clicks (clicks first: SQLite enforces no cascade by default)."""
+    from sqlalchemy import delete
+
+    for chunk in _chunks(list(run_ids)):
+        session.execute(delete(Click).where(Click.task_run_id.in_(chunk)))
+        session.execute(delete(TaskRun).where(TaskRun.id.in_(chunk)))
+
+
 def ensure_images(
     session: Session, project: Project, sizes: dict[str, tuple[int, int]], known: dict[str, Image],
     meta: dict[str, dict[str, Any]] | None = None,

@@ -32,7 +32,11 @@ Rules (documented here because they decide what is stored):
   whose clicks were all rejected is dropped.
 * **Idempotence.** ``client_key = "import:p<project id>:<sha256 of file>:<run id>"``:
   re-importing the same file into the same project finds every run present and writes
-  nothing; importing it into another project imports it there too.
+  nothing; importing it into another project imports it there too. A tidy file's run that
+  another file imported before (same run id, image and annotator: a corrected or extended
+  copy of that file) is already present when its clicks are the same; with other clicks the
+  import is refused, or with ``replace_runs`` the earlier run is replaced, so a student's
+  run is never stored twice.
 """
 
 from __future__ import annotations
@@ -138,6 +142,9 @@ class ClickImportReport:
     images_created: int
     annotators_created: int
     rejects_path: Path | None = None
+    runs_replaced: int = 0
+    """runs imported before from another file with other clicks, replaced by this file's
+    (``replace_runs``); they count in ``runs_imported``"""
     duplicates: list[tuple[int, int]] = field(default_factory=list)
     """(line, line of the click it repeats) of every imported click that repeats an earlier one of
     its run exactly (same x, y and label); they are imported as they are, this only reports them."""
@@ -146,7 +153,8 @@ class ClickImportReport:
         text = (
             f"{self.source} ({self.format}): {self.records} clicks: {self.imported} imported, "
             f"{self.rejected} rejected, {self.already_present} already present; runs: "
-            f"{self.runs_imported} imported, {self.runs_already_present} already present, "
+            f"{self.runs_imported} imported{f' ({self.runs_replaced} replacing earlier imports)' if self.runs_replaced else ''}, "
+            f"{self.runs_already_present} already present, "
             f"{self.runs_dropped} dropped; {self.images_created} image record(s) and "
             f"{self.annotators_created} annotator(s) created"
         )
@@ -469,11 +477,14 @@ def import_clicks(
     skip_invalid: bool = False,
     settings: Any = None,
     source_name: str | None = None,
+    replace_runs: bool = False,
 ) -> ClickImportReport:
     """Import a click file into ``project`` (caller-owned ``session``; flushes, never commits).
 
     Raises :class:`ClickImportError` (nothing written) when the file has any reject and
-    ``skip_invalid`` is false. ``source_name``: how the rejects file names the input (default
+    ``skip_invalid`` is false, or when a run of a tidy file was imported before from another
+    file with other clicks and ``replace_runs`` is false (with it, the earlier run and its
+    clicks are replaced). ``source_name``: how the rejects file names the input (default
     its absolute path; the dashboard gives the uploaded file's name, as its copy is temporary).
     See the module docstring for the rules.
     """
@@ -491,7 +502,11 @@ def import_clicks(
         )
     keys = {run.key: _client_key(project.id, parsed.sha256, run.key) for run in parsed.runs.values()}
     present = _store.existing_client_keys(session, list(keys.values()))
-    plan = _plan(parsed, placed, keys, present)
+    same, replaced = _earlier_imports(session, project, parsed, placed, keys, present, images, replace_runs)
+    plan = _plan(parsed, placed, keys, present | same)
+    if replaced:
+        _store.delete_runs(session, replaced)
+        log.info("replaced %d run(s) imported before from another file", len(replaced))
     created = _write(session, project, parsed, plan, keys, sizes, images)
 
     rejects_path = None
@@ -505,7 +520,8 @@ def import_clicks(
         source=str(parsed.source), format=parsed.format, sha256=parsed.sha256,
         records=parsed.n_records, imported=len(plan.clicks), rejected=len(parsed.rejects),
         already_present=plan.clicks_present, runs_imported=len(plan.runs),
-        runs_already_present=len(present), runs_dropped=plan.runs_dropped,
+        runs_already_present=len(present) + len(same), runs_dropped=plan.runs_dropped,
+        runs_replaced=len(replaced),
         images_created=created[0], annotators_created=created[1], rejects_path=rejects_path,
         duplicates=duplicate_clicks(plan.clicks),
     )
@@ -527,6 +543,58 @@ def duplicate_clicks(clicks: Iterable[ParsedClick]) -> list[tuple[int, int]]:
         else:
             first[key] = click.line
     return out
+
+
+def _earlier_imports(
+    session: Any, project: Any, parsed: ParsedClicks, placed: list[ParsedClick], keys: dict[str, str],
+    present: set[str], images: dict[str, Any], replace_runs: bool,
+) -> tuple[set[str], list[int]]:
+    """Runs of a tidy file that another file imported before (same run key, image and annotator:
+    a corrected or extended copy of that file). Returns the client keys of those with the same
+    clicks (already present) and the ids of the stored runs to replace (``replace_runs``);
+    without ``replace_runs`` a run with other clicks raises :class:`ClickImportError`.
+
+    PyBossa runs are not matched across files: they are anonymous rows of one export.
+    """
+    from cellspot.importers import _store
+
+    if parsed.format != "csv":
+        return set(), []
+    wanted = {_key_suffix(keys[run.key]): run for run in parsed.runs.values() if keys[run.key] not in present}
+    ids = [images[run.image].id for run in wanted.values() if run.image in images]
+    earlier = [row for row in _store.imported_runs(session, project, ids)
+               if (run := wanted.get(_key_suffix(row[1]))) is not None
+               and row[2] == images[run.image].id and row[3] == run.annotator]
+    if not earlier:
+        return set(), []
+    stored = _store.run_clicks(session, [row[0] for row in earlier])
+    here: dict[str, list[tuple[float, float, str]]] = {}
+    for click in placed:
+        here.setdefault(click.run, []).append((click.x, click.y, click.label))
+    same, replace_ids, problems = set(), [], []
+    for run_id, key, _image_id, _nick, source in earlier:
+        run = wanted[_key_suffix(key)]
+        mine, theirs = here.get(run.key, []), stored[run_id]
+        if sorted(mine) == sorted(theirs):
+            same.add(keys[run.key])
+        elif replace_runs:
+            replace_ids.append(run_id)
+        else:
+            by_pair = run.key == f"{run.annotator}@{run.image}"  # no task_run column: annotator x image
+            what = f"the run of {run.annotator!r} on {run.image!r}" if by_pair else f"task_run {run.key!r}"
+            problems.append(ImportProblem(
+                str(parsed.source), f"{what} was imported before (from {source.split(':', 2)[-1]}) with other "
+                f"clicks ({len(theirs)} stored, {len(mine)} in this file)", run.line,
+                "annotator" if by_pair else "task_run"))
+    if problems:
+        raise ClickImportError(parsed.source, problems,
+                               "replace_runs / --replace-runs replaces the earlier runs with this file's")
+    return same, replace_ids
+
+
+def _key_suffix(client_key: str) -> str:
+    """The run part of an import client key (:func:`_client_key`), the same whatever the file."""
+    return client_key.split(":", 3)[3]
 
 
 @dataclass

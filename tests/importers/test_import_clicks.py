@@ -252,6 +252,51 @@ def test_reimport_changes_nothing(session, settings, tmp_path: Path) -> None:
     assert _counts(session) == after_first
 
 
+def test_a_corrected_file_never_stores_a_run_twice(session, settings, tmp_path: Path) -> None:
+    """Import with --skip-invalid, fix the rejected row, import the fixed file: the helper's flow."""
+    project = get_or_create_project(session, "p")
+    v1 = _write(tmp_path, f"{TIDY_HEADER}\na.png,stu1,10,20,alive\na.png,stu1,30,40,dead\n"
+                          "b.png,stu2,50,50,alive\nb.png,stu2,60,60,zombie\n", "v1.csv")
+    first = import_clicks(session, project, v1, skip_invalid=True, settings=settings)
+    assert (first.imported, first.rejected, first.runs_imported) == (3, 1, 2)
+    v2 = _write(tmp_path, v1.read_text().replace("zombie", "dead"), "v2.csv")
+    before = _counts(session)
+    with pytest.raises(ClickImportError) as info:  # stu2's run has another click now: not silently doubled
+        import_clicks(session, project, v2, settings=settings)
+    assert [(p.line, p.field) for p in info.value.problems] == [(4, "annotator")]
+    assert ("the run of 'stu2' on 'b.png' was imported before (from v1.csv) with other clicks "
+            "(1 stored, 2 in this file)") in str(info.value)
+    assert "replace_runs / --replace-runs" in str(info.value)
+    assert _counts(session) == before
+    fixed = import_clicks(session, project, v2, settings=settings, replace_runs=True)
+    # stu1's run is the same in both files: already present; stu2's is replaced
+    assert (fixed.runs_imported, fixed.runs_replaced, fixed.runs_already_present) == (1, 1, 1)
+    assert (fixed.imported, fixed.already_present) == (2, 2)
+    assert "1 imported (1 replacing earlier imports)" in fixed.summary()
+    assert _counts(session) == {"Image": 2, "Annotator": 2, "TaskRun": 2, "Click": 4}
+    again = _write(tmp_path, v2.read_text() + "a.png,stu1,10,20,alive\n", "v3.csv")  # stu1 with a third click
+    with pytest.raises(ClickImportError, match="'stu1' on 'a.png'"):
+        import_clicks(session, project, again, settings=settings)
+
+
+def test_a_task_run_id_in_two_files_is_one_run(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    header = f"{TIDY_HEADER},task_run"
+    import_clicks(session, project, _write(tmp_path, f"{header}\na.png,s1,3,5,alive,run-1\n", "one.csv"),
+                  settings=settings)
+    same = import_clicks(session, project, _write(
+        tmp_path, f"{header}\na.png,s1,3,5,alive,run-1\nb.png,s2,1,1,dead,run-2\n", "two.csv"), settings=settings)
+    assert (same.runs_imported, same.runs_already_present, same.imported, same.already_present) == (1, 1, 1, 1)
+    with pytest.raises(ClickImportError, match=r"task_run 'run-1' was imported before \(from one.csv\)"):
+        import_clicks(session, project, _write(tmp_path, f"{header}\na.png,s1,4,5,alive,run-1\n", "three.csv"),
+                      settings=settings)
+    # another annotator's run-1 (ids reused by another export) is another run
+    other = import_clicks(session, project, _write(tmp_path, f"{header}\na.png,s9,4,5,alive,run-1\n", "four.csv"),
+                          settings=settings)
+    assert other.runs_imported == 1
+    assert _counts(session)["TaskRun"] == 3
+
+
 def test_exact_duplicate_clicks_are_kept_and_reported(session, settings, tmp_path: Path, caplog) -> None:
     project = get_or_create_project(session, "p")
     # line 4 repeats line 2 (same run, x, y, label); line 5 is the same point with another label and
