@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     )
 
     _password_hash_cache: str | None = PrivateAttr(default=None)
+
+    @field_validator("default_project")
+    @classmethod
+    def _a_project_name(cls, value: str) -> str:
+        from cellspot.store.queries import check_project_name
+
+        return check_project_name(value)
 
     def researcher_password_hash_value(self) -> str | None:
         """The researcher password hash: the configured hash, else the plain password hashed

@@ -19,10 +19,17 @@ class _Main(click.Group):
     disk, no permission)."""
 
     def invoke(self, ctx: click.Context):
+        from pydantic import ValidationError
         from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
         try:
             return super().invoke(ctx)
+        except ValidationError as exc:  # a CELLSPOT_* variable with a bad value
+            if exc.title != "Settings":
+                raise
+            bad = "; ".join(f"CELLSPOT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+                            for e in exc.errors())
+            raise click.ClickException(f"bad setting: {bad}") from None
         except (ArgumentError, DatabaseError, OperationalError) as exc:
             log.debug("store error", exc_info=True)
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

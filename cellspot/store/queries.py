@@ -94,12 +94,18 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], confli
     return True
 
 
+#: the longest project name (the ``projects.name`` column)
+PROJECT_NAME_MAX = 200
+
+
 def check_project_name(name: object) -> str:
-    """``name`` if it can name a project: a non-empty string without spaces at either end (a name
-    that differs from another only by a trailing space would look the same in every list);
-    else ValueError saying why."""
+    """``name`` if it can name a project: a non-empty string of at most :data:`PROJECT_NAME_MAX`
+    characters without spaces at either end (a name that differs from another only by a trailing
+    space would look the same in every list); else ValueError saying why."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a project name must be a non-empty string; got {name!r}")
+    if len(name) > PROJECT_NAME_MAX:
+        raise ValueError(f"a project name must have at most {PROJECT_NAME_MAX} characters; got {len(name)}")
     if name != name.strip():
         raise ValueError(f"a project name must not start or end with spaces; got {name!r} "
                          f"(did you mean {name.strip()!r}?)")

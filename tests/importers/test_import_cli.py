@@ -115,3 +115,19 @@ def test_a_folder_given_for_a_csv_is_a_usage_error(settings, tmp_path: Path, wha
     result = run_cli("import", *args, str(tmp_path))
     assert result.exit_code == 2 and "is a directory" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("value", "reason"), [("", "must be a non-empty string"),
+                                               (" lab ", "must not start or end with spaces")])
+def test_a_bad_default_project_setting_is_one_clear_line(settings, tmp_path: Path, monkeypatch,
+                                                         value: str, reason: str) -> None:
+    monkeypatch.setenv("CELLSPOT_DEFAULT_PROJECT", value)
+    result = run_cli("import", "images", str(_png(tmp_path / "a.png", 1)))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"bad setting: CELLSPOT_DEFAULT_PROJECT: a project name {reason}" in result.stderr
+
+
+def test_a_project_name_longer_than_the_store_takes_is_a_usage_error(settings, tmp_path: Path) -> None:
+    result = run_cli("import", "images", str(_png(tmp_path / "a.png", 1)), "--project", "a" * 201)
+    assert result.exit_code == 2 and "at most 200 characters; got 201" in result.stderr
+    assert not settings.home.exists()  # refused before the store was touched
