@@ -26,7 +26,8 @@ if joined:
     try:
         student = roles.join(code, nickname)
     except (ClassNotFoundError, InvalidNicknameError) as exc:
-        st.error(str(exc).capitalize() if str(exc)[:1].islower() else str(exc))
+        text = str(exc)  # only the first letter is raised: codes and project names keep their case
+        st.error(text[:1].upper() + text[1:])
     else:
         # a nickname that has labelled before continues that student's work: say so, since two
         # students of one class who type the same nickname become one annotator

@@ -58,7 +58,7 @@ def summary_lines(report: DemoReport) -> list[str]:
         f"(seed {report.seed}, profile {report.profile})",
         f"  images:   {report.n_images} generated ({report.n_gold_images} with {report.n_gold_cells} "
         f"expert gold cells), {report.n_retired} retired",
-        f"  students: {report.n_students} simulated (class code DEMO): {report.n_runs} task runs, "
+        f"  students: {report.n_students} simulated (class code {report.class_code}): {report.n_runs} task runs, "
         f"{report.n_clicks} clicks",
         f"  cells:    {report.n_cells_alive} alive, {report.n_cells_dead} dead "
         f"(snapshot {report.snapshot_id}, method {report.method})",

@@ -39,6 +39,9 @@ from cellspot.store.models import ConsensusSnapshot, GoldCell, Image, Project
 log = logging.getLogger(__name__)
 
 DEMO_CLASS_CODE = "DEMO"
+#: the largest demo :func:`build_demo` makes (it generates every image in memory first)
+MAX_DEMO_IMAGES = 1000
+MAX_DEMO_STUDENTS = 200
 DEMO_PROJECT_SETTINGS: dict[str, Any] = {
     "target_runs_per_image": 5,
     "retire_min_runs": 3,
@@ -106,6 +109,7 @@ class DemoReport:
     images: pd.DataFrame
     students: pd.DataFrame
     seconds: float
+    class_code: str = DEMO_CLASS_CODE
 
 
 def demo_plan(n_images: int) -> list[DemoImageSpec]:
@@ -151,8 +155,12 @@ def build_demo(
     if n_images < 1 or n_students < 1:
         raise DemoError(f"the demo needs at least 1 image and 1 student; got {n_images} images, "
                         f"{n_students} students")
+    if n_images > MAX_DEMO_IMAGES or n_students > MAX_DEMO_STUDENTS:
+        raise DemoError(f"the demo makes at most {MAX_DEMO_IMAGES} images and {MAX_DEMO_STUDENTS} students; "
+                        f"got {n_images} images, {n_students} students")
     sim_profile = get_profile(profile)  # fail early on an unknown profile name
-    project = _fresh_project(session, project_name, seed=seed, profile=profile)
+    code = free_demo_code(session, project_name)
+    project = _fresh_project(session, project_name, code, seed=seed, profile=profile)
     rng = np.random.default_rng(seed)
     specs = demo_plan(n_images)
     truth = {s.name: _generate(rng, s) for s in specs}
@@ -160,10 +168,10 @@ def build_demo(
     gold_names = [s.name for s in specs[:N_GOLD_IMAGES]]
     n_gold_cells = _add_gold(session, project, images, truth, gold_names)
     crowd = _simulate(truth, n_students, sim_profile, rng)
-    n_runs, n_clicks = _submit(session, project, images, crowd, set(gold_names))
+    n_runs, n_clicks = _submit(session, project, images, crowd, set(gold_names), code)
     agg = aggregate(session, project)
     report = _report(session, project, agg, specs, truth, gold_names, crowd.students, n_gold_cells,
-                     n_runs, n_clicks, profile, seed, time.perf_counter() - started)
+                     n_runs, n_clicks, profile, seed, time.perf_counter() - started, code)
     log.info("demo project %r built in %.1f s: %d images, %d runs, %d clicks, snapshot %d",
              project.name, report.seconds, report.n_images, n_runs, n_clicks, report.snapshot_id)
     return report
@@ -172,8 +180,22 @@ def build_demo(
 # ---------------------------------------------------------------- steps
 
 
-def _fresh_project(session: Session, name: str, **mark: Any) -> Project:
-    """Delete the old demo project called ``name`` (if any) and create it anew."""
+def free_demo_code(session: Session, project_name: str) -> str:
+    """The demo's class code: ``DEMO``, or ``DEMO2``, ``DEMO3``, ... when another project uses it
+    (two projects with one code lock their students out of both)."""
+    from cellspot.workflows.classroom import normalize_class_code
+
+    taken = {normalize_class_code(c) for p in session.scalars(select(Project).where(Project.name != project_name))
+             for c in (p.settings or {}).get("class_codes") or []}
+    code, k = DEMO_CLASS_CODE, 1
+    while code in taken:
+        k += 1
+        code = f"{DEMO_CLASS_CODE}{k}"
+    return code
+
+
+def _fresh_project(session: Session, name: str, class_code: str, **mark: Any) -> Project:
+    """Delete the old demo project called ``name`` (if any) and create it anew with ``class_code``."""
     existing = session.scalar(select(Project).where(Project.name == name))
     if existing is not None:
         if not (existing.settings or {}).get(DEMO_MARK):
@@ -191,7 +213,8 @@ def _fresh_project(session: Session, name: str, **mark: Any) -> Project:
         session.delete(existing)
         session.flush()
     return queries.get_or_create_project(
-        session, name, **DEMO_PROJECT_SETTINGS, **{DEMO_MARK: True, **{f"demo_{k}": v for k, v in mark.items()}}
+        session, name, **{**DEMO_PROJECT_SETTINGS, "class_codes": [class_code]},
+        **{DEMO_MARK: True, **{f"demo_{k}": v for k, v in mark.items()}}
     )
 
 
@@ -255,11 +278,11 @@ def _simulate(truth: dict, n_students: int, profile: Any, rng: np.random.Generat
 
 
 def _submit(
-    session: Session, project: Project, images: dict[str, Image], crowd: Any, gold: set[str]
+    session: Session, project: Project, images: dict[str, Image], crowd: Any, gold: set[str], class_code: str,
 ) -> tuple[int, int]:
     """Submit every simulated run (those without clicks too) as a task run; returns (runs, clicks)."""
     annotators = {
-        name: queries.get_or_create_annotator(session, project, name, DEMO_CLASS_CODE, role="student")
+        name: queries.get_or_create_annotator(session, project, name, class_code, role="student")
         for name in sorted(crowd.students["annotator"].astype(str))
     }
     by_run = {run: group for run, group in crowd.clicks.groupby("task_run", sort=False)}
@@ -284,7 +307,7 @@ def _submit(
 def _report(
     session: Session, project: Project, agg: Any, specs: list[DemoImageSpec], truth: dict,
     gold_names: list[str], skills: pd.DataFrame, n_gold_cells: int, n_runs: int, n_clicks: int,
-    profile: str, seed: int, seconds: float,
+    profile: str, seed: int, seconds: float, class_code: str,
 ) -> DemoReport:
     snapshot = session.get(ConsensusSnapshot, agg.snapshot_id)
     cells = queries.snapshot_cells_frame(session, snapshot)
@@ -304,7 +327,7 @@ def _report(
             "true_viability_pct": _pct(true_alive, true_dead), "status": status.get(spec.name, ""),
         })
     rel = queries.reliability_frame(session, snapshot)
-    estimated = rel[rel["class_code"] == DEMO_CLASS_CODE][
+    estimated = rel[rel["class_code"] == class_code][
         ["nickname", "n_runs", "n_clicks", "sensitivity", "precision", "accuracy_alive", "accuracy_dead", "weight"]
     ]
     simulated = skills.rename(columns={"annotator": "nickname"}).rename(
@@ -318,7 +341,7 @@ def _report(
         n_gold_cells=n_gold_cells, n_students=len(skills), n_runs=n_runs, n_clicks=n_clicks,
         n_cells_alive=int(images["n_alive"].sum()), n_cells_dead=int(images["n_dead"].sum()),
         n_retired=int((images["status"] == "retired").sum()), images=images, students=students,
-        seconds=seconds,
+        seconds=seconds, class_code=class_code,
     )
 
 

@@ -101,6 +101,25 @@ def test_bad_counts(session, settings, n_images, n_students):
         build_demo(session, settings, n_images=n_images, n_students=n_students)
 
 
+@pytest.mark.parametrize(("n_images", "n_students"), [(10**20, 3), (3, 10**6)])
+def test_absurd_counts_are_refused_before_any_work(session, settings, n_images, n_students):
+    with pytest.raises(DemoError, match="at most 1000 images and 200 students"):
+        build_demo(session, settings, n_images=n_images, n_students=n_students)
+    assert _count(session, Project) == 0
+
+
+def test_a_second_demo_gets_a_class_code_of_its_own(session, settings):
+    from cellspot.workflows.classroom import find_class
+
+    first = build_demo(session, settings, project_name="demo", n_images=2, n_students=1)
+    second = build_demo(session, settings, project_name="demo-b", n_images=2, n_students=1)
+    assert (first.class_code, second.class_code) == ("DEMO", "DEMO2")
+    assert find_class(session, "demo2").name == "demo-b" and find_class(session, "DEMO").name == "demo"
+    again = build_demo(session, settings, project_name="demo", n_images=2, n_students=1)  # a rebuild keeps DEMO
+    assert again.class_code == "DEMO"
+    assert set(second.students["nickname"]) and second.students["n_runs"].notna().all()
+
+
 def test_demo_plan():
     specs = demo_plan(12)
     assert len({s.name for s in specs}) == 12
