@@ -328,7 +328,9 @@ def snapshot_cells_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.Da
 
 
 def reliability_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.DataFrame:
-    """Per-annotator reliability of ``snapshot`` (n_annotators x 12, :data:`RELIABILITY_COLUMNS`)."""
+    """Per-annotator reliability of ``snapshot`` (n_annotators x 12, :data:`RELIABILITY_COLUMNS`).
+
+    ``precision`` is NaN for an annotator without clicks (undefined; the table stores 0)."""
     r = AnnotatorReliability
     stmt = (
         select(r.annotator_id, Annotator.nickname, Annotator.class_code, Annotator.role,
@@ -340,6 +342,7 @@ def reliability_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.DataF
     )
     df = _frame(session, stmt, RELIABILITY_COLUMNS[1:])
     df.insert(0, "annotator", df["annotator_id"].astype("int64").astype(str))
+    df["precision"] = df["precision"].astype("float64").where(df["n_clicks"] > 0)
     return df
 
 

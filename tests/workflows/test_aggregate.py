@@ -408,3 +408,13 @@ def test_snapshot_lag_says_what_the_snapshot_did_not_see(session: Session, seede
     gold.label = "alive" if gold.label == "dead" else "dead"  # same counts, other data
     session.flush()
     assert "changed clicks, task runs or expert cells" in snapshot_lag(session, project, snap)
+
+
+def test_precision_of_a_student_without_clicks_is_undefined(session: Session, seeded) -> None:
+    project, images, _ = seeded
+    quiet = q.get_or_create_annotator(session, project, "quiet", "7b")
+    q.submit_task_run(session, images["sure"], quiet, [], "sure-quiet")  # saw the image, marked nothing
+    aggregate(session, "tiny", method=_method())
+    rel = q.reliability_frame(session, q.latest_snapshot(session, project)).set_index("nickname")
+    assert rel.at["quiet", "n_clicks"] == 0 and pd.isna(rel.at["quiet", "precision"])
+    assert rel.loc[["s0", "s1", "s2"], "precision"].notna().all()
