@@ -29,6 +29,7 @@ def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: 
     from cellspot.consensus.io import read_clicks_csv, write_cells_csv
     from cellspot.consensus.types import ConsensusInputError, UnknownMethodError
 
+    _check_distinct_paths(clicks_csv, out, annotators_out)
     try:
         clicks = read_clicks_csv(clicks_csv)
         result = run_consensus(clicks, method or DEFAULT_METHOD, cell_radius=cell_radius, validated=True)
@@ -55,3 +56,18 @@ def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: 
         f"({n_alive:,} alive, {len(result.cells) - n_alive:,} dead) with {result.params['method']} -> {out}",
         err=True,
     )
+
+
+def _check_distinct_paths(clicks_csv: Path, out: Path, annotators_out: Path | None) -> None:
+    """Usage error when an output is the input (it would be replaced by the cells) or both outputs
+    are one file (the cells would replace the reliability table)."""
+    def same(a: Path, b: Path) -> bool:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+    if same(out, clicks_csv):
+        raise click.UsageError(f"--out {out} is the input file CLICKS_CSV; the clicks would be lost: choose another file")
+    if annotators_out is not None:
+        if same(annotators_out, clicks_csv):
+            raise click.UsageError(f"--annotators-out {annotators_out} is the input file CLICKS_CSV; choose another file")
+        if same(annotators_out, out):
+            raise click.UsageError(f"--out and --annotators-out are the same file ({out}); give each its own")

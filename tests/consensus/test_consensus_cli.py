@@ -240,3 +240,15 @@ def test_an_output_below_a_file_says_a_folder_is_needed(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["consensus", str(src), "--out", str(tmp_path / "env.sh" / "cells.csv")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{tmp_path / 'env.sh'} is a file where a folder is needed" in " ".join(result.output.split())
+
+
+def test_an_output_that_is_the_input_or_the_other_output_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(CLICKS)
+    same_as_input = CliRunner().invoke(main, ["consensus", str(src), "--out", str(tmp_path / "." / "in.csv")])
+    assert same_as_input.exit_code == 2 and "is the input file CLICKS_CSV; the clicks would be lost" in same_as_input.output
+    assert src.read_text() == CLICKS
+    out = tmp_path / "o.csv"
+    both = CliRunner().invoke(main, ["consensus", str(src), "--out", str(out), "--annotators-out", str(out)])
+    assert both.exit_code == 2 and "--out and --annotators-out are the same file" in both.output
+    assert not out.exists()
