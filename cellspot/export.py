@@ -234,10 +234,18 @@ def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame, box_size: float = 
     ``images``: image, width, height, split (image ids are 1-based in name order);
     ``cells``: exported cells. ``score`` is the consensus confidence. Clicks give no
     extent, so ``bbox`` is the ``box_size`` square centred on the cell (the crop window;
-    COCO tools require a box), with ``area`` its area and ``iscrowd`` 0.
+    COCO tools require a box) clipped to the image (tools reject boxes that leave it), with
+    ``area`` its area and ``iscrowd`` 0.
     """
     half = box_size / 2.0
     image_ids = {name: i + 1 for i, name in enumerate(images["image"])}
+    size = {r.image: (float(r.width), float(r.height)) for r in images.itertuples(index=False)}
+
+    def box(image: str, x: float, y: float) -> list[float]:
+        width, height = size[image]
+        x0, y0 = max(0.0, x - half), max(0.0, y - half)
+        return [x0, y0, min(width, x + half) - x0, min(height, y + half) - y0]
+
     coco_images = [
         {"id": image_ids[r.image], "file_name": r.image, "width": int(r.width), "height": int(r.height),
          "split": r.split}
@@ -251,8 +259,8 @@ def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame, box_size: float = 
             "category_id": category[r.label],
             "keypoints": [float(r.x), float(r.y), 2],
             "num_keypoints": 1,
-            "bbox": [float(r.x) - half, float(r.y) - half, float(box_size), float(box_size)],
-            "area": float(box_size) ** 2,
+            "bbox": (bbox := box(r.image, float(r.x), float(r.y))),
+            "area": bbox[2] * bbox[3],
             "iscrowd": 0,
             "score": float(r.confidence),
             "p_alive": float(r.p_alive),

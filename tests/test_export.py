@@ -246,9 +246,14 @@ def test_coco_keypoints(exported):
         x, y, v = ann["keypoints"]
         assert v == 2 and 0 <= x <= sizes[ann["image_id"]][0] and 0 <= y <= sizes[ann["image_id"]][1]
         assert 0.5 <= ann["score"] <= 1
-        bx, by, bw, bh = ann["bbox"]  # the crop window centred on the keypoint
-        assert (bx + bw / 2, by + bh / 2) == pytest.approx((x, y)) and bw == bh > 0
+        bx, by, bw, bh = ann["bbox"]  # the crop window centred on the keypoint, clipped to the image
+        width, height = sizes[ann["image_id"]]
+        assert 0 <= bx <= x <= bx + bw <= width and 0 <= by <= y <= by + bh <= height and bw > 0 and bh > 0
+        if CROP / 2 <= x <= width - CROP / 2 and CROP / 2 <= y <= height - CROP / 2:
+            assert (bx + bw / 2, by + bh / 2) == pytest.approx((x, y)) and bw == bh == CROP
         assert ann["area"] == pytest.approx(bw * bh) and ann["iscrowd"] == 0
+    clipped = [a for a in coco["annotations"] if a["bbox"][2] < CROP or a["bbox"][3] < CROP]
+    assert clipped, "the fixture has border cells: some boxes are clipped"
 
 
 def test_min_confidence_threshold_moves_cells_out(session, settings, store, tmp_path):
