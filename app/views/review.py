@@ -20,6 +20,7 @@ from cellspot.workflows.review import (
     researcher_annotator,
 )
 
+NEXT_CONSENSUS = "Expert cells replace consensus in the next consensus computation."
 ACTIONS = {
     "accept": "Accept the cell",
     "relabel": "Relabel the cell",
@@ -89,11 +90,15 @@ with side_col:
     label = st.radio("Label", ["alive", "dead"], horizontal=True, key="review_label",
                      disabled=action not in ("relabel", "add"))
     needs_cell = action in ("accept", "relabel", "delete")
-    apply = st.button("Apply", type="primary", disabled=point is None or (needs_cell and selected is None),
-                      key="review_apply")
+    on_a_cell = action == "add" and selected is not None  # a second cell on top of this one
+    apply = st.button("Apply", type="primary", key="review_apply",
+                      disabled=point is None or (needs_cell and selected is None) or on_a_cell)
     if point is not None and needs_cell and selected is None:
         st.caption(f"{ACTIONS[action]} needs a cell: click one on the image, or pick \"{ACTIONS['add']}\" "
                    "to add a cell at this place.")
+    if point is not None and on_a_cell:
+        st.caption(f"The point is on cell #{selected}: relabel or delete it, or click an empty place to add "
+                   "a cell there.")
     whole, back = st.columns(2)
     accept_all = whole.button("Accept the whole image", key="review_accept_all",
                               help="Store the image's current cells as expert cells")
@@ -125,16 +130,22 @@ with side_col:
                                   label if action in ("relabel", "add") else None,
                                   researcher=researcher_annotator(session, project), tolerance=pick)
             message = (f"{ACTIONS[action]}: done; the image has {done.n_expert_cells} expert cells"
-                       + (f" ({done.seeded} copied from consensus first)" if done.seeded else "") + ".")
+                       + (f" ({done.seeded} copied from consensus first)" if done.seeded else "")
+                       + ". " + NEXT_CONSENSUS)
         elif accept_all:
             with resources.session() as session:
                 done = adjudicate(session, image_id, "accept",
                                   researcher=researcher_annotator(session, project))
-            message = f"Accepted: the image has {done.n_expert_cells} expert cells."
+            message = f"Accepted: the image has {done.n_expert_cells} expert cells. {NEXT_CONSENSUS}"
         elif to_consensus:
-            with resources.session() as session:
-                n = clear_expert_cells(session, image_id)
-            message = f"Removed {n} expert cells: the image follows consensus again."
+            # the snapshot still holds the expert cells as this image's cells: recompute, so that the
+            # page (and the next adjudication, which starts from the snapshot) shows the crowd's cells
+            with st.spinner("Removing the expert cells and recomputing consensus..."):
+                with resources.session() as session:
+                    n = clear_expert_cells(session, image_id)
+                    report = aggregate(session, project, method=DEFAULT_METHOD)
+            message = (f"Removed {n} expert cells and recomputed consensus (snapshot {report.snapshot_id}): "
+                       "the image shows the crowd's cells again.")
     except AdjudicationError as exc:
         st.error(str(exc))
     if message:
@@ -143,14 +154,14 @@ with side_col:
         st.session_state["review_message"] = message
         st.rerun()
     if "review_message" in st.session_state:
-        st.success(st.session_state.pop("review_message")
-                   + " Expert cells replace consensus in the next consensus computation.")
+        st.success(st.session_state.pop("review_message"))
     if st.button("Recompute consensus", key="review_aggregate"):
         with st.spinner("Computing consensus..."):
             with resources.session() as session:
                 report = aggregate(session, project, method=DEFAULT_METHOD)
         researcher.refresh()
-        st.success(report.summary())
+        st.session_state["review_message"] = report.summary()
+        st.rerun()  # the image, its cells, status and the picker from the new snapshot
 
 with picture_col:
     if rgb is not None:

@@ -245,10 +245,10 @@ def _add(session: Session, image: Image, cells: list[GoldCell], x: float | None,
     if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < image.width and 0 <= y < image.height):
         raise AdjudicationError(f"({x}, {y}) is outside image {image.name!r} "
                                 f"(allowed 0 <= x < {image.width}, 0 <= y < {image.height})")
-    near = _nearest(cells, x, y, tolerance / 2)
+    near = _nearest(cells, x, y, tolerance)  # the radius that would pick that cell: a click on its marker
     if near is not None:
         raise AdjudicationError(f"a cell already lies at ({near.x:.1f}, {near.y:.1f}), within "
-                                f"{tolerance / 2:g} px; relabel or delete it instead")
+                                f"{tolerance:.1f} px; relabel or delete it instead")
     cell = GoldCell(image_id=image.id, x=x, y=y, label=new, source="adjudication",
                     annotator_id=researcher.id if researcher else None)
     session.add(cell)

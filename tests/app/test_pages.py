@@ -483,10 +483,28 @@ def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
     no_exception(app)
     assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == n_cells
     assert "expert cells (they override consensus)" in texts(app.markdown)
+    app.button(key="review_aggregate").click().run()  # the snapshot now holds them as the image's cells
+    no_exception(app)
+    assert "Snapshot" in texts(app.success) or "kept it" in texts(app.success)  # shown after the rerun
     app.button(key="review_clear").click().run()
     no_exception(app)
-    assert f"Removed {n_cells} expert cells" in texts(app.success)
+    assert f"Removed {n_cells} expert cells and recomputed consensus" in texts(app.success)
     assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == 0
+    # the page shows the crowd's cells of the new snapshot, not the expert cells the old one held
+    cells = app.dataframe[-1].value
+    assert len(cells) and set(cells["source"]) == {"consensus"}
+    assert "expert cells (they override consensus)" not in texts(app.markdown)
+
+
+def test_review_add_on_a_cell_is_refused(app, app_engine):
+    key, view, cells = open_review(app)
+    x, y = float(cells["x"].iloc[0]) + 2.0, float(cells["y"].iloc[0])  # on the first cell's marker
+    app.session_state[key] = {"x": x, "y": y, "width": view.width, "height": view.height, "unix_time": 9}
+    app.run()
+    app.radio(key="review_action").set_value("add").run()
+    no_exception(app)
+    assert app.button(key="review_apply").disabled
+    assert "relabel or delete it, or click an empty place to add a cell there" in texts(app.caption)
 
 
 def test_back_to_consensus_asks_before_deleting_imported_expert_cells(app, app_engine):
