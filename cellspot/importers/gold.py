@@ -10,6 +10,7 @@ one at the same position with the other label is a conflict, reported as a probl
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,12 +142,25 @@ def import_gold(session: Any, project: Any, path: str | Path, source: str | None
             problems.append(ImportProblem(str(path), reason, row.line, "label", row.label))
     if problems:
         raise GoldImportError(path, sorted(problems, key=lambda p: p.line or 0))
+    _enlarge_lower_bounds(images, [row for _, row in placed])
     if new_cells:
         extra = {"source": (source or f"import:{path.name}")[:500], "annotator_id": None, "created_at": utcnow()}
         session.execute(insert(GoldCell), [{**cell, **extra} for cell in new_cells])
     report = GoldImportReport(str(path), len(rows), len(new_cells), len(rows) - len(new_cells))
     log.info("%s", report.summary())
     return report
+
+
+def _enlarge_lower_bounds(images: dict[str, Any], rows: list[GoldRow]) -> None:
+    """Grow the size of pixel-less images sized by their clicks (a lower bound) to hold the
+    cells of ``rows``, as later clicks would (``floor(max x) + 1`` by ``floor(max y) + 1``)."""
+    from cellspot.importers._store import size_is_lower_bound
+
+    for row in rows:
+        image = images[row.image]
+        if size_is_lower_bound(image):
+            image.width = max(int(image.width), math.floor(row.x) + 1)
+            image.height = max(int(image.height), math.floor(row.y) + 1)
 
 
 def _stored_cells(session: Any, image_ids: list[int]) -> dict[tuple[int, float, float], tuple[str, int | None]]:
@@ -168,10 +182,14 @@ def _stored_cells(session: Any, image_ids: list[int]) -> dict[tuple[int, float, 
 
 
 def _place(row: GoldRow, image: Any, project: str, no_images: bool) -> tuple[str, str, str | None] | None:
+    from cellspot.importers._store import size_is_lower_bound
+
     if image is None:
         hint = " (it has no images at all: is it the right --project?)" if no_images else ""
         return ("image", f"no image named {row.image!r} in project {project!r}{hint}; import the images first",
                 row.image)
+    if size_is_lower_bound(image):  # a size guessed from clicks: a cell beyond it enlarges it
+        return None
     for name, value, limit in (("x", row.x, image.width), ("y", row.y, image.height)):
         reason = outside_reason(name, value, limit, f"image {row.image!r} ({image.width}x{image.height})")
         if reason is not None:

@@ -117,3 +117,18 @@ def test_gold_for_a_project_without_images_asks_whether_it_is_the_right_one(sess
     empty = get_or_create_project(session, "typo")
     with pytest.raises(GoldImportError, match="it has no images at all: is it the right --project"):
         import_gold(session, empty, _csv(tmp_path, f"{HEADER}\na.png,1,1,dead\n"))
+
+
+def test_a_pixel_less_image_sized_by_its_clicks_grows_to_hold_gold_cells(session, tmp_path: Path) -> None:
+    from cellspot.importers import import_clicks
+
+    project = get_or_create_project(session, "clicks-only")
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("image,annotator,x,y,label\nunknown.png,s1,10,20,alive\n")
+    import_clicks(session, project, clicks)
+    image = session.scalar(select(Image).where(Image.name == "unknown.png"))
+    assert (image.width, image.height, image.has_pixels) == (11, 21, False)  # a lower bound from the click
+    report = import_gold(session, project, _csv(tmp_path, f"{HEADER}\nunknown.png,30,30,alive\n"))
+    assert report.imported == 1
+    assert (image.width, image.height) == (31, 31)
+    assert image.meta.get("size_from") == "clicks"  # still a lower bound: a file of its real size attaches
