@@ -108,6 +108,7 @@ def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: 
     if report.errors:
         raise click.ClickException(
             f"{len(report.errors)} file(s) or metadata line(s) could not be imported (see above)"
+            + ("; the rest was imported, as the summary line says" if changed else "")
         )
 
 

@@ -42,7 +42,7 @@ def test_import_images_creates_project_and_reports_bad_files(settings, tmp_path:
     assert result.exit_code == 1
     assert "project 'lab': 2 image(s) imported" in result.stdout
     assert f"error: {folder / 'broken.png'}: not a PNG, JPEG or TIFF image" in result.stderr
-    assert "1 file(s) or metadata line(s) could not be imported" in result.stderr
+    assert "1 file(s) or metadata line(s) could not be imported (see above); the rest was imported" in result.stderr
     assert _count(settings, Image) == 2  # the good files are kept
     ok = run_cli("import", "images", str(folder / "a.png"))  # default project from the settings
     assert ok.exit_code == 0, ok.output
