@@ -15,6 +15,7 @@ researcher page's URL (:func:`researcher_page_of`), which becomes that page afte
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import streamlit as st
@@ -173,3 +174,13 @@ def require_researcher() -> None:
     if not is_researcher():
         st.error("This page is for researchers: log in with the researcher password.")
         st.stop()
+
+
+#: the characters Streamlit's markdown gives a meaning (emphasis, links, code, LaTeX, HTML, lists)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$])")
+
+
+def plain(text: str) -> str:
+    """``text`` (a nickname, a class code) escaped for ``st.markdown`` and the other elements that
+    render markdown, so it shows as typed: ``**md**`` is not bold, ``$x$`` no formula."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", str(text))

@@ -34,7 +34,7 @@ if joined:
         done = roles.runs_of(student)
         if done:
             st.session_state["welcome_back"] = (
-                f"Welcome back, {student.nickname}: the {done} image(s) labelled with this nickname "
+                f"Welcome back, {roles.plain(student.nickname)}: the {done} image(s) labelled with this nickname "
                 f"in class {student.class_code} count as yours. Not you? Press Leave and join with "
                 "another nickname.")
         st.rerun()  # the navigation now offers the student pages, the tutorial first

@@ -193,6 +193,10 @@ if task is None:
         st.title("Nothing free right now")
         st.write(f"The {p.images_waiting} image(s) left for you are being labelled by classmates at the "
                  "moment. One comes back when a classmate leaves it unfinished: look again in a few minutes.")
+    elif p.done_total == 0:  # nothing labelled, nothing open: no images yet, or all finished before
+        st.title("Nothing to label here yet")
+        st.write("This class has no image open for labelling right now: none has been added yet, or the "
+                 "class finished them all. Look again later, or ask your teacher.")
     else:
         st.title("All done!")
         st.write("You have labelled every image that is open to you. Thank you!")
@@ -228,7 +232,7 @@ keys.forward_keys_from_image_frames()
 picture_col, tools_col = st.columns([3, 1], gap="medium")
 
 with tools_col:
-    st.markdown(f"**{student.nickname}** · class {student.class_code}")
+    st.markdown(f"**{roles.plain(student.nickname)}** · class {roles.plain(student.class_code)}")
     current = state["current_label"]
     st.markdown(f"Label: **{LABELS[current][0]}** ({LABELS[current][2]})")
     for label, (text, shortcut, _) in LABELS.items():

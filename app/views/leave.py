@@ -7,6 +7,6 @@ from appkit import roles
 
 student = roles.require_student()
 st.title("Leave")
-st.write(f"You are labelling as **{student.nickname}** (class {student.class_code}).")
+st.write(f"You are labelling as **{roles.plain(student.nickname)}** (class {roles.plain(student.class_code)}).")
 st.write("Your submitted images are saved. Marks on the image you have not submitted are dropped.")
 st.button("Leave this class", type="primary", on_click=roles.forget_student)

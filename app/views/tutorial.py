@@ -50,7 +50,7 @@ with resources.session() as session:
 
 if examples:
     st.subheader("Examples from this class's images")
-    cols = st.columns(min(len(examples), 6))
+    cols = st.columns(6)  # six slots whatever the count: one example is not stretched to the page width
     for col, example in zip(cols, examples):
         try:
             rgb = resources.display_rgb(images[example.image_id])

@@ -146,6 +146,9 @@ def normalize_class_code(code: str) -> str:
     return re.sub(r"\s+", "", str(code or "")).upper()
 
 
+_EMOJI_JOINERS = frozenset({"\u200d", "\u200c"})  # ZERO WIDTH JOINER / NON-JOINER
+
+
 def normalize_nickname(nickname: str) -> str:
     """``nickname`` trimmed with inner whitespace collapsed; :class:`InvalidNicknameError` when
     empty, longer than :data:`NICKNAME_MAX_CHARS` or containing control characters."""
@@ -157,7 +160,9 @@ def normalize_nickname(nickname: str) -> str:
     if len(text) > NICKNAME_MAX_CHARS:
         raise InvalidNicknameError(
             f"the nickname has {len(text)} characters; at most {NICKNAME_MAX_CHARS} are allowed")
-    if any(unicodedata.category(ch).startswith("C") for ch in text):
+    # control and format characters (bidi overrides, zero-width spaces) are refused, except the
+    # zero-width joiners that glue emoji sequences together (a woman scientist emoji is one)
+    if any(unicodedata.category(ch).startswith("C") and ch not in _EMOJI_JOINERS for ch in text):
         raise InvalidNicknameError("the nickname contains control characters; use letters, digits or symbols")
     return text
 

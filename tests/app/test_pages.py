@@ -113,11 +113,26 @@ def test_a_new_nickname_gets_no_welcome_back(app):
     ("", "ana", "class code is empty"),
     (CLASS_CODE, "   ", "nickname is empty"),
     (CLASS_CODE, "a\x07b", "control characters"),
+    (CLASS_CODE, "evil\u202eright-to-left", "control characters"),  # a bidi override is still refused
 ])
 def test_join_refuses_bad_input_with_a_message(app, code, nickname, message):
     join(app, code=code, nickname=nickname)
     assert "role" not in app.session_state
     assert message in texts(app.error).lower()
+
+
+def test_the_error_keeps_the_case_of_the_code(app):
+    join(app, code="NOPE", nickname="ana")
+    assert "No class has the code 'NOPE'" in texts(app.error)
+
+
+@pytest.mark.parametrize("nickname", ["\U0001f469\u200d\U0001f52c Ana", "**md** $x$ <b>b</b>"])
+def test_a_nickname_shows_as_typed(app, nickname):
+    start_labelling(app, nickname=nickname)
+    assert app.session_state["role"] == "student"
+    student_line = next(m.value for m in app.markdown if "· class" in str(m.value))
+    escaped = student_line.split("**")[1]  # the nickname between the bold markers, escaped
+    assert escaped.replace("\\", "") == nickname  # every markdown character escaped, nothing else changed
 
 
 def test_a_reloaded_tab_rejoins_from_the_url(app):
@@ -305,6 +320,19 @@ def test_when_nothing_is_left_the_student_is_told(app, app_engine):
         no_exception(app)
     assert "All done!" in titles(app)
     assert count(app_engine, TaskRun, TaskRun.annotator_id == app.session_state["annotator_id"]) >= 1
+
+
+def test_a_class_with_nothing_open_does_not_say_all_done(app, app_engine):
+    with Session(app_engine) as session:  # every image finished before this student came, no gold checks
+        for image in session.scalars(select(Image)):
+            image.status = "retired"
+        for cell in session.scalars(select(GoldCell)):
+            session.delete(cell)
+        session.commit()
+    start_labelling(app, nickname="late")
+    no_exception(app)
+    assert app.session_state["task"] is None
+    assert "Nothing to label here yet" in titles(app) and "All done!" not in titles(app)
 
 
 def test_leave_forgets_the_student(app):
