@@ -79,6 +79,7 @@ class _NothingImported(Exception):
               help="CSV with an 'image' column plus condition, drug, dose, time, ...")
 def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: Path | None) -> None:
     """Import image files, folders (recursive) and zip archives (PNG, JPEG, TIFF; 8/16 bit)."""
+    from cellspot.imaging import IMAGE_SUFFIXES
     from cellspot.importers import ImageImportError, import_images
 
     update, close = _tqdm_progress("images")
@@ -88,7 +89,7 @@ def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: 
             label = project.name
             report = import_images(session, project, paths, settings, metadata_csv, progress=update)
             changed = bool(report.imported or report.attached or report.metadata_applied)
-            if report.errors and not changed:
+            if not changed:
                 raise _NothingImported  # roll back: not even a new, empty project is left behind
     except _NothingImported:
         pass
@@ -101,6 +102,12 @@ def images_cmd(paths: tuple[Path, ...], project_name: str | None, metadata_csv: 
         click.echo(f"duplicate: {problem}", err=True)
     if len(report.duplicates) > _MAX_LISTED_DUPLICATES:
         click.echo(f"duplicate: ... and {len(report.duplicates) - _MAX_LISTED_DUPLICATES} more", err=True)
+    for name in report.skipped[:_MAX_LISTED_DUPLICATES]:
+        why = ("an archive inside an archive is not opened: unpack the outer one"
+               if name.lower().endswith(".zip") else f"not a {', '.join(IMAGE_SUFFIXES)} file")
+        click.echo(f"skipped: {name} ({why})", err=True)
+    if len(report.skipped) > _MAX_LISTED_DUPLICATES:
+        click.echo(f"skipped: ... and {len(report.skipped) - _MAX_LISTED_DUPLICATES} more", err=True)
     for problem in report.notes:
         click.echo(f"note: {problem}", err=True)
     for problem in report.errors:

@@ -131,3 +131,27 @@ def test_a_project_name_longer_than_the_store_takes_is_a_usage_error(settings, t
     result = run_cli("import", "images", str(_png(tmp_path / "a.png", 1)), "--project", "a" * 201)
     assert result.exit_code == 2 and "at most 200 characters; got 201" in result.stderr
     assert not settings.home.exists()  # refused before the store was touched
+
+
+def test_an_import_of_nothing_leaves_no_project_and_names_what_it_skipped(settings, tmp_path: Path) -> None:
+    import zipfile
+
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as archive:
+        archive.writestr("a.png", b"x")
+    with zipfile.ZipFile(folder / "outer.zip", "w") as archive:
+        archive.writestr("inner.zip", inner.getvalue())
+    result = run_cli("import", "images", str(folder), "--project", "typo")
+    assert result.exit_code == 0, result.output
+    assert "nothing stored" in result.stdout
+    assert "outer.zip::inner.zip (an archive inside an archive is not opened" in result.stderr
+    assert f"skipped: {folder / 'notes.txt'} (not a .png, .jpg" in result.stderr
+    ok = run_cli("import", "images", str(_png(tmp_path / "a.png", 1)), "--project", "real")
+    assert ok.exit_code == 0
+    engine = make_engine(settings=settings)
+    with transaction(engine) as session:
+        assert session.scalars(select(Project.name)).all() == ["real"]  # no empty "typo" project
+    engine.dispose()
