@@ -15,7 +15,7 @@ from cellspot.cli import main, os_error_text
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output CSV of consensus cells.")
 @click.option("--method", default=None, help="Consensus method (default: cluster_em).")
-@click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True, max=10_000), default=None,
               help="Optional cell radius hint in pixels; by default the scale is estimated from the clicks.")
 @click.option("--annotators-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the per-annotator reliability CSV here.")

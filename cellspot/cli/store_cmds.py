@@ -68,7 +68,7 @@ def init_cmd() -> None:
 @click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name [default: the settings' default project].")
 @click.option("--method", default=None, help="Consensus method [default: the registry's default].")
-@click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True, max=10_000), default=None,
               help="Cell radius hint in pixels (the default method estimates it).")
 @click.option("--min-runs", type=click.IntRange(min=1), default=None,
               help="Retire images with at least this many runs ... [project setting retire_min_runs, default 3].")

@@ -160,8 +160,10 @@ class ClickImportReport:
         )
         if self.duplicates:
             line, first = self.duplicates[0]
+            where = (f"line {line} (an earlier click of the same row)" if line == first  # a PyBossa row is a run
+                     else f"line {line} (repeats line {first})")
             text += (f"; warning: {len(self.duplicates)} click(s) repeat an earlier click of the same run "
-                     f"exactly (same x, y and label; kept), the first on line {line} (repeats line {first})")
+                     f"exactly (same x, y and label; kept), the first on {where}")
         return text
 
 

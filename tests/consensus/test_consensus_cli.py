@@ -220,7 +220,7 @@ def test_the_first_bad_row_names_all_its_bad_fields_and_nothing_is_written(tmp_p
     assert not out.exists()
 
 
-@pytest.mark.parametrize("radius", ["0", "-3"])
+@pytest.mark.parametrize("radius", ["0", "-3", "1e308"])
 def test_a_cell_radius_must_be_positive(tmp_path: Path, radius: str) -> None:
     result, out = invoke(tmp_path, CLICKS, "--cell-radius", radius)
     assert result.exit_code == 2 and "--cell-radius" in result.output and not out.exists()

@@ -413,6 +413,9 @@ def test_real_pybossa_file_every_click_accounted_for(session, settings, shared_d
     assert report.records == len(tidy) == 8004
     assert (report.imported, report.rejected, report.already_present) == (8003, 1, 0)
     assert (report.runs_imported, report.images_created, report.annotators_created) == (999, 800, 999)
+    assert len(report.duplicates) == 7  # the export's repeated clicks, each within its row (one run)
+    assert all(line == first for line, first in report.duplicates)
+    assert "(an earlier click of the same row)" in report.summary() and "repeats line" not in report.summary()
 
     stored = session.execute(
         select(Image.name, Annotator.nickname, Click.click_index, Click.x, Click.y, Click.label)
