@@ -193,13 +193,20 @@ def join_class(session: Session, class_code: str, nickname: str) -> Annotator:
     """The student ``nickname`` of the class ``class_code``, created on first join.
 
     Joining again with the same code and nickname (another tab, a reload, the next lesson)
-    returns the same annotator. Raises :class:`ClassNotFoundError`,
+    returns the same annotator; the nickname's letter case does not matter (the spelling of
+    the first join is kept). Raises :class:`ClassNotFoundError`,
     :class:`InvalidNicknameError`. Flushes, never commits.
     """
     nick = normalize_nickname(nickname)
     project = find_class(session, class_code)
-    annotator = queries.get_or_create_annotator(
-        session, project, nick, normalize_class_code(class_code), role="student")
+    code = normalize_class_code(class_code)
+    # "Carol" and "carol" are one student, as class codes ignore case: an earlier spelling is kept
+    # (compared in Python: SQLite's lower() knows ASCII letters only)
+    known = session.scalars(select(Annotator.nickname).where(
+        Annotator.project_id == project.id, Annotator.class_code == code).order_by(Annotator.id)).all()
+    if nick not in known:
+        nick = next((n for n in known if n.casefold() == nick.casefold()), nick)
+    annotator = queries.get_or_create_annotator(session, project, nick, code, role="student")
     log.info("annotator %d joined class %s of project %r", annotator.id, annotator.class_code, project.name)
     return annotator
 

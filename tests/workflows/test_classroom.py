@@ -75,6 +75,14 @@ def test_join_class(session, room, code, nickname, error, stored_nick) -> None:
     assert c.join_class(session, code.upper(), stored_nick).id == student.id  # rejoin = same student
 
 
+def test_a_nickname_is_one_student_whatever_its_letter_case(session, room) -> None:
+    carol = c.join_class(session, "7B", "Carol")
+    assert c.join_class(session, "7b", "carol").id == carol.id
+    assert c.join_class(session, "7B", "CAROL").nickname == "Carol"  # the first spelling is kept
+    assert c.join_class(session, "7B", "ÅSA").id == c.join_class(session, "7B", "åsa").id  # not only ASCII
+    assert c.join_class(session, "7B", "Carl").id != carol.id
+
+
 def test_join_messages_say_what_is_wrong(session, room) -> None:
     with pytest.raises(c.ClassNotFoundError, match="no class has the code '9Z'"):
         c.join_class(session, "9z", "ann")
