@@ -197,6 +197,26 @@ def claimed_format(path: str | Path) -> str | None:
         return _claimed_format(fh.read(8))
 
 
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the image file's header (no pixels decoded), or None when the
+    header cannot be read (the full read then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path, formats=_PIL_FORMATS) as image:
+                return int(image.size[0]), int(image.size[1])
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        pass
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            return int(page.shape[page.axes.index("X")]), int(page.shape[page.axes.index("Y")])
+    except Exception:  # noqa: BLE001 - any failure: no size from the header
+        return None
+
+
 def _claimed_format(data: bytes) -> str | None:
     """The format the file's magic bytes claim, if any."""
     if data.startswith(_PNG_MAGIC):

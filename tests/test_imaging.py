@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellspot.imaging import ImageReadError, read_image, sha256_bytes, sha256_file, to_display_rgb8
+from cellspot.imaging import ImageReadError, header_size, read_image, sha256_bytes, sha256_file, to_display_rgb8
 
 H, W = 6, 8
 RAMP8 = (np.arange(H * W).reshape(H, W) * 5).astype(np.uint8)
@@ -95,6 +95,7 @@ def test_read_image_modes(name: str, make: Callable[[], bytes], expected: tuple,
     assert display.shape == (H, W, 3) and display.dtype == np.uint8
     assert read_image(path.read_bytes(), "same.bytes").array.tobytes() == loaded.array.tobytes()
     assert loaded.pages == (2 if name == "tiff multi-page" else 1)
+    assert header_size(path) == (W, H)  # from the header alone
 
 
 def test_palette_expanded_to_its_colours(tmp_path: Path) -> None:
@@ -214,3 +215,9 @@ def test_real_ldc_images_all_load(shared_data: Path) -> None:
 def test_real_stardist_tiff_loads(shared_data: Path) -> None:
     loaded = read_image(shared_data / "stardist_nuclei2d" / "img2d.tif")
     assert (loaded.width, loaded.height, loaded.bit_depth, loaded.channels) == (512, 512, 16, 1)
+
+
+def test_header_size_of_a_file_that_is_no_image_is_none(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_bytes(b"not an image")
+    assert header_size(path) is None

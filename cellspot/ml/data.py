@@ -31,7 +31,14 @@ import numpy as np
 import pandas as pd
 
 from cellspot.crops import DEFAULT_FRACTIONS, stratified_image_split, validate_fractions
-from cellspot.imaging import IMAGE_SUFFIXES, ImageReadError, claimed_format, read_image, to_display_rgb8
+from cellspot.imaging import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    claimed_format,
+    header_size,
+    read_image,
+    to_display_rgb8,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -278,6 +285,9 @@ def _read_annotations(path: Path) -> tuple[pd.DataFrame, _Problems]:
     problems.add(table["_line"], (~labels.isin(LABELS)).to_numpy(), "label",
                  lambda i: f"{table['label'].iloc[i]!r} is not a label; allowed: {', '.join(LABELS)}")
     num = {c: _numbers(table, c, problems, required=c in ("x", "y")) for c in ("x", "y")}
+    for c in ("x", "y"):
+        problems.add(table["_line"], np.isfinite(num[c]) & (num[c] < 0), c,
+                     lambda i, c=c: f"{num[c][i]:g} is negative (pixel positions start at 0)")
     for c in OPTIONAL_NUMERIC_COLUMNS:
         if c in table.columns:
             num[c] = _numbers(table, c, problems, required=False)
@@ -366,7 +376,8 @@ def _image_for_mask(images_dir: Path, mask: Path, masks_dir: Path) -> str | None
 def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
                  masks_dir: Path | str | None = None) -> pd.DataFrame | None:
     """The checks of :func:`load_folder` that need no pixels: the folders exist, the CSV reads
-    (:func:`read_annotations`) and every image it names is a file. Returns the CSV's table
+    (:func:`read_annotations`), every image it names is a file and every position lies inside
+    its image (sizes from the file headers). Returns the CSV's table
     (None without a CSV); raises :class:`DataError` naming the file, line and column."""
     images_dir = Path(images_dir)
     if annotations_csv is None and masks_dir is None:
@@ -388,6 +399,19 @@ def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
     not_image[present] = [claimed_format(images_dir / name) is None for name in table["image"][present]]
     problems.add(table["line"], not_image, "image",
                  lambda i: f"{images_dir / table['image'].iloc[i]} is not a PNG, JPEG or TIFF image")
+    # every position against its image's size, read from the file headers (no pixels decoded)
+    sizes = {name: header_size(images_dir / name) for name in table["image"][present & ~not_image]}
+    for column, axis in (("x", 0), ("y", 1)):
+        limit = table["image"].map(lambda n: (sizes.get(n) or (np.inf, np.inf))[axis]).to_numpy(float)
+        values = table[column].to_numpy(float)
+
+        def outside(i: int, column: str = column, limit: np.ndarray = limit, values: np.ndarray = values) -> str:
+            name = table["image"].iloc[i]
+            width, height = sizes[name]
+            return (f"{values[i]:g} is outside image {name} ({width} x {height} pixels; "
+                    f"{column} must be within [0, {limit[i]:g}])")
+
+        problems.add(table["line"], values > limit, column, outside)
     problems.raise_any()
     if table.empty and masks_dir is None:
         raise DataError(f"{annotations_csv} has a header but no annotation rows: nothing to train on")

@@ -88,8 +88,22 @@ def test_one_error_lists_every_bad_value_in_line_order(tmp_path):
     assert len(str(err.value).splitlines()) == 11  # ten problems and the count of the others
 
 
+def test_positions_are_checked_against_the_image_before_any_pixel_is_read(tmp_path, monkeypatch):
+    import cellspot.ml.data as data_module
+
+    _png(tmp_path / "images" / "a.png", np.zeros((20, 30), np.uint8))  # 30 wide, 20 high
+    path = _csv(tmp_path, "image,x,y,label\na.png,10,-3,zombie\na.png,99999,5,dead\na.png,30,20,alive\n")
+    monkeypatch.setattr(data_module, "read_rgb8", lambda *a, **k: pytest.fail("pixels read before the checks"))
+    with pytest.raises(DataError) as err:
+        check_folder(tmp_path / "images", path)
+    lines = [line.strip() for line in str(err.value).splitlines()]
+    assert lines[0] == f"{path}, line 2, column 'label': 'zombie' is not a label; allowed: alive, dead"
+    assert lines[1:] == ["line 2, column 'y': -3 is negative (pixel positions start at 0)",
+                         "line 3, column 'x': 99999 is outside image a.png (30 x 20 pixels; x must be within [0, 30])"]
+
+
 @pytest.mark.parametrize(("row", "fragment"), [("a.png,21,5,alive", "line 3, column 'x': 21 is outside image a.png"),
-                                              ("a.png,5,-0.5,dead", "line 3, column 'y': -0.5 is outside"),
+                                              ("a.png,5,-0.5,dead", "line 3, column 'y': -0.5 is negative"),
                                               ("a.png,5000,5,alive", "(20 x 20 pixels; x must be within [0, 20])")])
 def test_cells_outside_their_image_name_the_csv_line(tmp_path, row, fragment):
     _png(tmp_path / "images" / "a.png", np.zeros((20, 20), np.uint8))
