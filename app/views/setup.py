@@ -242,7 +242,8 @@ with folder_tab:
         elif not source.exists():
             st.error(f"{source} does not exist on the server.")
         elif meta_path is not None and not meta_path.is_file():
-            st.error(f"The metadata file {meta_path} does not exist on the server.")
+            st.error(f"The metadata file {meta_path} is a folder, not a CSV file." if meta_path.is_dir()
+                     else f"The metadata file {meta_path} does not exist on the server.")
         else:
             try:
                 report = _import_with_progress([source], meta_path, str(source))

@@ -102,7 +102,10 @@ def read_metadata_csv(path: str | Path) -> tuple[dict[str, tuple[int, dict[str, 
         records = list(csv_records(path))
     except CsvFormatError as exc:
         raise ImageImportError(str(exc)) from exc
-    header = [h.strip() for h in records[0][1]] if records else []
+    if not records:
+        raise ImageImportError(f"{path}: the metadata CSV is empty; expected a header line with an 'image' "
+                               "column plus any of condition, drug, dose, time, ...")
+    header = [h.strip() for h in records[0][1]]
     if "image" not in [h.lower() for h in header]:
         raise ImageImportError(
             f"{path}: the metadata CSV has no 'image' column (columns: {', '.join(header) or 'none'}); "

@@ -277,6 +277,10 @@ def test_metadata_without_image_column_fails_before_importing(session, project, 
     with pytest.raises(ImageImportError, match="no 'image' column"):
         import_images(session, project, [_write(tmp_path / "in", {"a.png": _png(1)})], settings, metadata_csv=meta)
     assert _rows(session) == {} and not settings.images_dir.exists()
+    meta.write_text("")
+    with pytest.raises(ImageImportError, match="the metadata CSV is empty; expected a header line"):
+        import_images(session, project, [_write(tmp_path / "in2", {"a.png": _png(1)})], settings, metadata_csv=meta)
+    assert _rows(session) == {}
 
 
 def test_failed_write_leaves_no_partial_file(session, project, settings, tmp_path: Path, monkeypatch) -> None:
