@@ -232,10 +232,8 @@ def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: 
     if missing:  # every bad field of the row in one reject: the click's too
         parsed.reject(line, *joined_problem([*missing, *([] if marker else _click_fields(row, None)[2])]))
         return
-    problem = None
-    size, timestamp = None, None
-    if problem is None:
-        size, problem = _declared_size(parsed, row, image, line, size_lines)
+    timestamp = None
+    size, problem = _declared_size(parsed, row, image, line, size_lines)
     if problem is None and row.get("timestamp", "").strip():
         timestamp, reason = _parse_timestamp(row["timestamp"])
         problem = ("timestamp", reason, row["timestamp"]) if reason else None
