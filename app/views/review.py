@@ -3,6 +3,8 @@ adjudication (accept, relabel, delete, add) stored as expert cells that override
 
 from __future__ import annotations
 
+import hashlib
+
 import streamlit as st
 from appkit import canvas, researcher, resources, roles
 from appkit.marks import view_window
@@ -21,6 +23,7 @@ from cellspot.workflows.review import (
 )
 
 NEXT_CONSENSUS = "Expert cells replace consensus in the next consensus computation."
+PICKED = "review_image_id"  # the image the researcher chose, by id (see the picker below)
 ACTIONS = {
     "accept": "Accept the cell",
     "relabel": "Relabel the cell",
@@ -43,8 +46,15 @@ order = per_image.sort_values(["mean_confidence", "image"], na_position="last")
 info = {r.image_id: f"{r.image} · {r.status} · {r.n_runs} runs · "
         + ("no cells" if r.mean_confidence != r.mean_confidence else f"confidence {r.mean_confidence:.2f}")
         for r in order.itertuples(index=False)}
-image_id = st.selectbox("Image (least certain first)", order["image_id"].tolist(), format_func=info.get,
-                        key="review_image")
+# The picker is keyed by what it lists: after a recompute the order and the labels change, and
+# a widget kept under one key showed its old label and followed the list position to another
+# image (a click on that image's buttons was then lost). The chosen image is kept by its id.
+options = order["image_id"].tolist()
+chosen = st.session_state.get(PICKED)
+listing = hashlib.sha1(repr([(i, info[i]) for i in options]).encode()).hexdigest()[:12]
+image_id = st.selectbox("Image (least certain first)", options, format_func=info.get,
+                        index=options.index(chosen) if chosen in options else 0, key=f"review_image-{listing}")
+st.session_state[PICKED] = image_id
 
 with resources.session() as session:
     review = image_review(session, image_id)

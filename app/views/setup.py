@@ -258,7 +258,9 @@ with folder_tab:
 st.subheader("Clicks and expert cells")
 clicks_col, gold_col = st.columns(2)
 with clicks_col:
-    with st.form("upload_clicks", clear_on_submit=True):
+    # the file stays chosen after an import: a refused one (rows to fix, runs to replace) is tried
+    # again with a box ticked; a cleared uploader ignored the same file chosen again
+    with st.form("upload_clicks"):
         click_file = st.file_uploader("Click export: tidy CSV or PyBossa task runs", type=["csv"],
                                       key="upload_clicks")
         fmt = st.selectbox("Format", ["auto", "csv", "pybossa"], key="clicks_format",

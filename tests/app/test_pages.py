@@ -439,7 +439,7 @@ def test_review_adjudication_stores_expert_cells(app, app_engine):
     login(app)
     app.switch_page("views/review.py").run()
     no_exception(app)
-    image_id = app.selectbox(key="review_image").value
+    image_id = review_picker(app).value
     cells = app.dataframe[-1].value
     target = cells.iloc[0]
     key = f"review-canvas-{image_id}"
@@ -461,11 +461,16 @@ def test_review_adjudication_stores_expert_cells(app, app_engine):
     assert moved and moved[0].label == new_label and moved[0].source == "adjudication"
 
 
+def review_picker(app):
+    """The Review page's image picker (its key changes with the listing it shows)."""
+    return next(box for box in app.selectbox if (box.key or "").startswith("review_image-"))
+
+
 def open_review(app):
     """The Review page of a researcher at its first image: ``(canvas key, view, cells table)``."""
     login(app)
     app.switch_page("views/review.py").run()
-    key = f"review-canvas-{app.selectbox(key='review_image').value}"
+    key = f"review-canvas-{review_picker(app).value}"
     return key, app.session_state[f"{key}.view"], app.dataframe[-1].value
 
 
@@ -505,7 +510,7 @@ def test_review_picks_a_cell_by_its_marker_size_on_screen(app, shown_width, pick
 def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
     login(app)
     app.switch_page("views/review.py").run()
-    image_id = app.selectbox(key="review_image").value
+    image_id = review_picker(app).value
     n_cells = len(app.dataframe[-1].value)
     app.button(key="review_accept_all").click().run()
     no_exception(app)
@@ -514,8 +519,12 @@ def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
     app.button(key="review_aggregate").click().run()  # the snapshot now holds them as the image's cells
     no_exception(app)
     assert "Snapshot" in texts(app.success) or "kept it" in texts(app.success)  # shown after the rerun
+    # its confidence is 1.00 now, so it moved in the least-certain-first list: still the one shown
+    picker = review_picker(app)
+    assert picker.value == image_id and "confidence 1.00" in picker.format_func(image_id)
     app.button(key="review_clear").click().run()
     no_exception(app)
+    assert review_picker(app).value == image_id
     assert f"Removed {n_cells} expert cells and recomputed consensus" in texts(app.success)
     assert count(app_engine, GoldCell, GoldCell.image_id == image_id) == 0
     # the page shows the crowd's cells of the new snapshot, not the expert cells the old one held
@@ -538,7 +547,7 @@ def test_review_add_on_a_cell_is_refused(app, app_engine):
 def test_back_to_consensus_asks_before_deleting_imported_expert_cells(app, app_engine):
     login(app)
     app.switch_page("views/review.py").run()
-    image_id = app.selectbox(key="review_image").value
+    image_id = review_picker(app).value
     with Session(app_engine) as session:
         session.add_all([GoldCell(image_id=image_id, x=5.0, y=6.0, label="dead", source="import:truth.csv"),
                          GoldCell(image_id=image_id, x=20.0, y=9.0, label="alive", source="adjudication")])

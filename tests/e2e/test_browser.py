@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from e2e_server import E2E_PASSWORD, AppServer, SeededStore
 from st_ui import (
+    assert_no_exception,
     click_button,
     click_image_pixel,
     dataframe_rows,
@@ -347,3 +348,55 @@ def test_a_reloaded_researcher_page_asks_for_the_password_at_its_own_url(app_ser
     log_in(page, E2E_PASSWORD)
     expect(page.get_by_role("heading", name="Rounds")).to_be_visible()
     assert page.url.rstrip("/").endswith("/rounds"), page.url
+
+
+def test_review_keeps_the_picked_image_when_a_recompute_reorders_the_list(
+    app_server: AppServer, seeded_store: SeededStore, new_page, artifacts_dir: Path,
+) -> None:
+    """The picker lists the least certain images first; accepting an image's cells and
+    recomputing moves it down the list. The browser reports a pick by its position, so a
+    picker kept under one key showed its old label and went to another image, and the next
+    click ("Back to consensus") was lost."""
+    from sqlalchemy.orm import Session
+
+    from cellspot.store import queries
+    from cellspot.store.db import make_engine
+    from cellspot.store.models import Image
+
+    names = list(seeded_store.images)[-2:]  # two images no other test labels
+    engine = make_engine(seeded_store.database_url)
+    with Session(engine) as session:  # three students: they disagree on the first image's labels
+        project = queries.get_project(session, seeded_store.project)
+        for k, labels in enumerate((("alive", "alive"), ("dead", "alive"), ("alive", "dead"))):
+            student = queries.get_or_create_annotator(session, project, f"seed{k}", seeded_store.class_code)
+            for name, label in zip(names, labels if k else ("alive", "alive")):
+                image = session.get(Image, seeded_store.images[name][0])
+                queries.submit_task_run(session, image, student, [(50.0 + k, 60.0, label), (200.0, 90.0 + k, "dead")],
+                                        client_key=f"review-e2e-{name}-{k}")
+        session.commit()
+    engine.dispose()
+    page = new_page()
+    open_as_researcher(page, app_server.url, E2E_PASSWORD)
+    go_to(page, "Review")
+    expect(page.get_by_role("heading", name="Review")).to_be_visible()
+    click_button(page, "Recompute consensus")
+    expect(page.get_by_text(re.compile(r"^Snapshot \d+: "))).to_be_visible(timeout=60_000)
+    picker = page.locator('[data-testid="stSelectbox"]').filter(has_text="Image (least certain first)")
+    shown = picker.locator("input")
+    name = names[0]  # the least certain (tied with names[1], first by name): it moves down once accepted
+    shown.click()
+    page.get_by_role("option", name=re.compile(rf"^{re.escape(name)} · ")).click()
+    wait_idle(page)
+    expect(shown).to_have_value(re.compile(rf"^{re.escape(name)} · "))
+    click_button(page, "Accept the whole image")
+    expect(page.get_by_text(re.compile(r"^Accepted: the image has [1-9]\d* expert cells"))).to_be_visible()
+    click_button(page, "Recompute consensus")  # its confidence is 1.00 now: it moves down the list
+    expect(page.get_by_text(re.compile(r"^Snapshot \d+: "))).to_be_visible(timeout=60_000)
+    expect(shown).to_have_value(re.compile(rf"^{re.escape(name)} · .*confidence 1\.00"))
+    expect(page.get_by_text(re.compile(rf"^{re.escape(name)} \("))).to_be_visible()  # the caption too
+    click_button(page, "Back to consensus")
+    expect(page.get_by_text(re.compile(r"^Removed \d+ expert cells and recomputed consensus"))).to_be_visible(
+        timeout=60_000)
+    expect(shown).to_have_value(re.compile(rf"^{re.escape(name)} · "))
+    screenshot(page, artifacts_dir / "e2e-review-picker.png")
+    assert_no_exception(page)
