@@ -413,8 +413,7 @@ def _not_an_earlier_export(outdir: Path) -> str | None:
     others = sorted(present - set(listed) - {"manifest.json"})
     if others:
         return f"holds files the export did not write ({_some(others)})"
-    changed = sorted(rel for rel in present & set(listed)
-                     if hashlib.sha256((outdir / rel).read_bytes()).hexdigest() != listed[rel].get("sha256"))
+    changed = _changed_files(outdir, listed)[1]
     if changed:
         return f"holds files changed since the export ({_some(changed)})"
     return None
@@ -654,12 +653,18 @@ def _manifest(
 def verify_export(outdir: Path | str) -> list[str]:
     """Check every file listed in ``manifest.json`` against its sha256; returns the problems (empty if fine)."""
     outdir = Path(outdir)
-    manifest = json.loads((outdir / "manifest.json").read_text())
-    problems = []
-    for rel, meta in manifest["files"].items():
+    missing, changed = _changed_files(outdir, json.loads((outdir / "manifest.json").read_text())["files"])
+    return sorted([f"{rel}: missing" for rel in missing] + [f"{rel}: checksum differs" for rel in changed])
+
+
+def _changed_files(outdir: Path, listed: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The files of a manifest's ``files`` table that are missing from ``outdir``, and those whose
+    sha256 differs, each sorted."""
+    missing, changed = [], []
+    for rel, meta in sorted(listed.items()):
         path = outdir / rel
         if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif hashlib.sha256(path.read_bytes()).hexdigest() != meta["sha256"]:
-            problems.append(f"{rel}: checksum differs")
-    return problems
+            missing.append(rel)
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != meta.get("sha256"):
+            changed.append(rel)
+    return missing, changed

@@ -463,8 +463,7 @@ def load_folder(
                 mask = read_mask(found, pixels.shape[:2])
             elif name in by_image:
                 log.info("image %s has no mask in %s", name, masks)
-        if name in by_image:
-            _check_inside(by_image[name], pixels.shape[:2], Path(annotations_csv), name)
+        if name in by_image:  # positions were checked against the image's size by check_folder
             cells = by_image[name][CELL_COLUMNS].reset_index(drop=True)
             if mask is not None:
                 cells = _diameters_from_mask(cells, mask)
@@ -482,19 +481,6 @@ def load_folder(
         source["masks"] = str(masks)
     log.info("loaded %d images with %d cells from %s", len(images), sum(len(i.cells) for i in images), images_dir)
     return TrainingData(images=images, source=source)
-
-
-def _check_inside(rows: pd.DataFrame, shape: tuple[int, ...], path: Path, name: str) -> None:
-    """:class:`DataError` naming the line of the first cell of ``rows`` outside its image of
-    ``shape`` ``(H, W)`` (``0 <= x <= W`` and ``0 <= y <= H``: pixel ``i`` covers ``[i, i + 1)``)."""
-    h, w = shape[:2]
-    for column, size in (("x", w), ("y", h)):
-        values = rows[column].to_numpy(float)
-        bad = (values < 0) | (values > size)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{_where(path, int(rows['line'].iloc[i]), column)}: {values[i]:g} is outside image "
-                            f"{name} ({w} x {h} pixels; {column} must be within [0, {size}])")
 
 
 def load_crop_folder(

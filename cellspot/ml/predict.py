@@ -438,11 +438,14 @@ def overlay_names(images: Iterable[str]) -> dict[str, str]:
     Names are compared without case, so no overlay replaces another on a case-insensitive file
     system (macOS, Windows) either.
     """
+    from collections import Counter
+
     names = list(dict.fromkeys(images))
     stems = [str(Path(n).with_suffix(".png")) for n in names]
-    shared = {s.casefold() for s in stems if sum(t.casefold() == s.casefold() for t in stems) > 1}
-    wanted = [f"{n}.png" if s.casefold() in shared else s for n, s in zip(names, stems)]
-    taken = {w.casefold() for w in wanted if sum(v.casefold() == w.casefold() for v in wanted) == 1}
+    stem_count = Counter(s.casefold() for s in stems)
+    wanted = [f"{n}.png" if stem_count[s.casefold()] > 1 else s for n, s in zip(names, stems)]
+    wanted_count = Counter(w.casefold() for w in wanted)
+    taken = {w.casefold() for w in wanted if wanted_count[w.casefold()] == 1}
     out: dict[str, str] = {}
     for name, want in zip(names, wanted):
         if want.casefold() not in taken:  # still clashes: number it

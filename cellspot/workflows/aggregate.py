@@ -166,7 +166,8 @@ def aggregate(
     clicks = clicks_frame(session, project)
     runs = runs_frame(session, project)
     gold = gold_frame(session, project)
-    inputs = input_fingerprint(clicks, runs, gold, method, cell_radius)
+    data = data_fingerprint(clicks, runs, gold)
+    inputs = input_fingerprint(clicks, runs, gold, method, cell_radius, data=data)
     latest = latest_snapshot(session, project)
     if latest is not None and (latest.stats or {}).get("inputs") == inputs:
         return _reapply(session, project, latest, policy)
@@ -190,52 +191,28 @@ def aggregate(
         cells=len(cells), gold_cells=int(cells["from_gold"].sum()), annotators=n_annotators,
         task_runs=len(runs), clicks=len(clicks), **_retirement_fields(change),
     )
-    snapshot.stats = {**_stats(report, policy), "inputs": inputs, "data": data_fingerprint(clicks, runs, gold)}
+    snapshot.stats = {**_stats(report, policy), "inputs": inputs, "data": data}
     session.flush()
     log.info("project %r: snapshot %d (%s): %s", project.name, snapshot.id, method, snapshot.stats)
     return report
 
 
 def input_fingerprint(
-    clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame, method: str, cell_radius: float | None
+    clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame, method: str, cell_radius: float | None,
+    *, data: str | None = None,
 ) -> str:
     """A SHA-256 hex digest of everything a consensus snapshot is computed from: the clicks
     (run, position, label, order), the runs (image, annotator), the expert cells, the method,
-    ``cell_radius`` and the cellspot version. Row order does not matter."""
-    return _digest(clicks, runs, gold, f"{method}|{cell_radius!r}|{__version__}")
+    ``cell_radius`` and the cellspot version. Row order does not matter. ``data``: the frames'
+    :func:`data_fingerprint` when the caller has it (the frames are hashed once)."""
+    data = data or data_fingerprint(clicks, runs, gold)
+    return hashlib.sha256(f"{method}|{cell_radius!r}|{__version__}|{data}".encode()).hexdigest()
 
 
 def data_fingerprint(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame) -> str:
-    """Like :func:`input_fingerprint`, of the data alone (clicks, runs, expert cells): whether a
-    snapshot still describes the store, whatever method made it."""
-    return _digest(clicks, runs, gold, "data")
-
-
-def snapshot_lag(session: Session, project: Project | str, snapshot: ConsensusSnapshot) -> str | None:
-    """What the store holds that ``snapshot`` of ``project`` did not see (task runs or clicks
-    added or removed, expert cells changed), as a sentence; None when it is up to date.
-    Snapshots written before the data fingerprint are compared by their counts only."""
-    project = as_project(session, project)
-    clicks, runs, gold = clicks_frame(session, project), runs_frame(session, project), gold_frame(session, project)
-    stats = snapshot.stats or {}
-    now = {"task_runs": len(runs), "clicks": len(clicks)}
-    then = {k: stats.get(k) for k in now}
-    changes = [f"{now[k]} {what} (the snapshot saw {then[k]})"
-               for k, what in (("task_runs", "task runs"), ("clicks", "clicks"))
-               if then[k] is not None and then[k] != now[k]]
-    if "data" in stats:
-        if stats["data"] == data_fingerprint(clicks, runs, gold):
-            return None
-        if not changes:
-            changes = ["changed clicks, task runs or expert cells"]
-    elif not changes:
-        return None
-    return (f"consensus snapshot {snapshot.id} is older than the store, which now has {', '.join(changes)}; "
-            "recompute consensus (`cellspot aggregate`, or 'Recompute consensus' in the app) to include them")
-
-
-def _digest(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame, head: str) -> str:
-    digest = hashlib.sha256(head.encode())
+    """A SHA-256 hex digest of the data alone (clicks, runs, expert cells; row order does not
+    matter): whether a snapshot still describes the store, whatever method made it."""
+    digest = hashlib.sha256()
     parts = (
         (clicks, ["task_run_id", "click_index", "x", "y", "label"]),
         (runs, ["task_run_id", "image_id", "annotator_id"]),
@@ -246,6 +223,27 @@ def _digest(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame, head: 
         digest.update(f"{len(rows)}:".encode())
         digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
     return digest.hexdigest()
+
+
+def snapshot_lag(session: Session, project: Project | str, snapshot: ConsensusSnapshot) -> str | None:
+    """What the store holds that ``snapshot`` of ``project`` did not see (task runs or clicks
+    added or removed, expert cells changed), as a sentence; None when it is up to date.
+    Snapshots written before the data fingerprint are compared by their counts only."""
+    project = as_project(session, project)
+    clicks, runs, gold = clicks_frame(session, project), runs_frame(session, project), gold_frame(session, project)
+    stats = snapshot.stats or {}
+    changes = [f"{n} {what} (the snapshot saw {stats[key]})"
+               for key, what, n in (("task_runs", "task runs", len(runs)), ("clicks", "clicks", len(clicks)))
+               if stats.get(key) is not None and stats[key] != n]
+    if "data" in stats:
+        if stats["data"] == data_fingerprint(clicks, runs, gold):
+            return None
+        if not changes:
+            changes = ["changed clicks, task runs or expert cells"]
+    elif not changes:
+        return None
+    return (f"consensus snapshot {snapshot.id} is older than the store, which now has {', '.join(changes)}; "
+            "recompute consensus (`cellspot aggregate`, or 'Recompute consensus' in the app) to include them")
 
 
 def _reapply(

@@ -39,6 +39,8 @@ from cellspot.workflows.dashboard import int_in
 from cellspot.workflows.rounds import DEFAULT_STRATEGY, MODEL_ORDER, RoundsWorkflowError, open_new_round
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
     from cellspot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -338,10 +340,11 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
     from cellspot.store.db import make_engine, transaction
 
     report = AutoReport(project_name)
-    if queued_at is not None and (stale := _no_longer_pending(settings, project_name, queued_at)):
+    engine = make_engine(settings=settings)
+    if queued_at is not None and (stale := _no_longer_pending(engine, project_name, queued_at)):
+        engine.dispose()
         log.info("project %r: %s", project_name, stale)
         return replace(report, status="skipped", message=stale)
-    engine = make_engine(settings=settings)
     try:
         with transaction(engine) as session:
             report, run_ids = _prepare_auto(session, settings, project_name, report)
@@ -367,16 +370,12 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
     return report
 
 
-def _no_longer_pending(settings: Settings, project_name: str, queued_at: str) -> str | None:
+def _no_longer_pending(engine: Engine, project_name: str, queued_at: str) -> str | None:
     """Why the round queued under the pending mark ``queued_at`` must not run, or None."""
-    from cellspot.store.db import make_engine, transaction
+    from cellspot.store.db import transaction
 
-    engine = make_engine(settings=settings)
-    try:
-        with transaction(engine) as session:
-            current = _state(as_project(session, project_name)).get("pending_since")
-    finally:
-        engine.dispose()
+    with transaction(engine) as session:
+        current = _state(as_project(session, project_name)).get("pending_since")
     if current == queued_at:
         return None
     why = "it was forgotten" if current is None else f"another was queued at {current}"

@@ -167,6 +167,11 @@ def normalize_nickname(nickname: str) -> str:
     return text
 
 
+def class_codes(project: Project) -> set[str]:
+    """The class codes of ``project`` as stored and compared (:func:`normalize_class_code`)."""
+    return {normalize_class_code(c) for c in (project.settings or {}).get("class_codes") or []}
+
+
 def find_class(session: Session, class_code: str) -> Project:
     """The project whose ``settings["class_codes"]`` lists ``class_code`` (case-insensitive).
 
@@ -176,10 +181,8 @@ def find_class(session: Session, class_code: str) -> Project:
     code = normalize_class_code(class_code)
     if not code:
         raise ClassNotFoundError("the class code is empty; type the code your teacher gave you")
-    matches = [
-        project for project in session.scalars(select(Project).order_by(Project.id))
-        if code in {normalize_class_code(c) for c in (project.settings or {}).get("class_codes") or []}
-    ]
+    matches = [project for project in session.scalars(select(Project).order_by(Project.id))
+               if code in class_codes(project)]
     if not matches:
         raise ClassNotFoundError(f"no class has the code {code!r}; check the code with your teacher")
     if len(matches) > 1:

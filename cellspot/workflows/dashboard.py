@@ -36,7 +36,7 @@ from cellspot.store.models import (
     TaskRun,
     utcnow,
 )
-from cellspot.workflows.classroom import normalize_class_code
+from cellspot.workflows.classroom import class_codes, normalize_class_code
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,7 @@ def _check_retirement(settings: dict[str, Any]) -> None:
 
 def _check_codes_free(session: Session, project_id: int | None, codes: list[str]) -> None:
     for other in session.scalars(select(Project).where(Project.id != (project_id or -1))):
-        taken = {normalize_class_code(c) for c in (other.settings or {}).get("class_codes") or []}
-        clash = sorted(taken & set(codes))
+        clash = sorted(class_codes(other) & set(codes))
         if clash:
             raise ClassCodeTakenError(f"class code(s) {', '.join(clash)} already belong to project "
                                       f"{other.name!r}; choose other codes")

@@ -183,10 +183,10 @@ def build_demo(
 def free_demo_code(session: Session, project_name: str) -> str:
     """The demo's class code: ``DEMO``, or ``DEMO2``, ``DEMO3``, ... when another project uses it
     (two projects with one code lock their students out of both)."""
-    from cellspot.workflows.classroom import normalize_class_code
+    from cellspot.workflows.classroom import class_codes
 
-    taken = {normalize_class_code(c) for p in session.scalars(select(Project).where(Project.name != project_name))
-             for c in (p.settings or {}).get("class_codes") or []}
+    others = session.scalars(select(Project).where(Project.name != project_name))
+    taken = set().union(*(class_codes(p) for p in others))
     code, k = DEMO_CLASS_CODE, 1
     while code in taken:
         k += 1
