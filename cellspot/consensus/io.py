@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from cellspot.consensus.types import CELL_COLUMNS, ConsensusInputError, prepare_clicks
@@ -34,7 +36,9 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
         )
     usecols = [c for c in (*REQUIRED, "task_run") if c in header]
     text = {c: pa.string() for c in ("image", "annotator", "label", "task_run") if c in usecols}
-    options = pacsv.ConvertOptions(include_columns=usecols, column_types=text, strings_can_be_null=False)
+    # only an empty field is missing: a written "nan" or "NA" is a bad value, shown as written
+    options = pacsv.ConvertOptions(include_columns=usecols, column_types=text, strings_can_be_null=False,
+                                   null_values=[""])
     invalid: list[Any] = []  # the first row with a wrong number of fields, to name its line
 
     def on_invalid_row(row: Any) -> str:
@@ -52,6 +56,10 @@ def read_clicks_csv(path: Path) -> pd.DataFrame:
                 f"{path}{f', line {line}' if line else ''}: {row.actual_columns} fields where the header has "
                 f"{row.expected_columns}: {row.text[:200]!r}") from None
         raise ConsensusInputError(f"{path}: cannot parse as click CSV: {exc}") from exc
+    for col in ("x", "y"):  # a written nan / inf parses as a float; keep its text for the error
+        column = table.column(col)
+        if pa.types.is_floating(column.type) and not pc.all(pc.is_finite(column)).as_py():
+            table = table.set_column(table.schema.get_field_index(col), col, pc.cast(column, pa.string()))
     df = table.to_pandas()
     for col in text:
         df[col] = df[col].astype(object)
@@ -87,6 +95,21 @@ def write_cells_csv(cells: pd.DataFrame, path: Path) -> None:
         table[col] = table[col].round(2)
     for col in ("p_alive", "confidence", "p_cell"):
         table[col] = table[col].round(4)
-    pacsv.write_csv(pa.Table.from_pandas(table, preserve_index=False), tmp,
-                    write_options=pacsv.WriteOptions(quoting_style="needed"))
+    _write_csv_quoted_as_needed(table, tmp)
     tmp.replace(path)
+
+
+def _write_csv_quoted_as_needed(table: pd.DataFrame, path: Path) -> None:
+    """Write ``table`` as CSV quoting only the fields that need it, as the other CSVs do.
+
+    pyarrow writes fast but quotes every text field ("needed") or none ("none", which refuses
+    a value holding a comma, quote or newline); it writes the body unquoted and pandas the
+    whole file when a value needs quotes."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerow(table.columns)
+    try:
+        with open(path, "ab") as handle:
+            pacsv.write_csv(pa.Table.from_pandas(table, preserve_index=False), handle,
+                            write_options=pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    except pa.ArrowInvalid:  # a value with a comma, a quote or a line break
+        table.to_csv(path, index=False, lineterminator="\n")

@@ -50,8 +50,17 @@ def test_writes_the_standard_columns(tmp_path: Path) -> None:
 
 def test_header_line_names_the_columns(tmp_path: Path) -> None:
     _, out = invoke(tmp_path, CLICKS)
-    first = out.read_text().splitlines()[0]
-    assert [c.strip('"') for c in first.split(",")] == CELL_COLUMNS
+    lines = out.read_text().splitlines()
+    assert lines[0] == ",".join(CELL_COLUMNS)  # quoted only where needed, as the other CSVs
+    assert lines[1].startswith("img1,") and '"' not in out.read_text()
+
+
+def test_a_name_with_a_comma_or_a_quote_is_quoted_and_reads_back(tmp_path: Path) -> None:
+    text = CLICKS.replace("img1", '"img,1"').replace("img2", '"say ""two"""')
+    result, out = invoke(tmp_path, text)
+    assert result.exit_code == 0, result.output
+    assert out.read_text().splitlines()[0] == ",".join(CELL_COLUMNS)
+    assert sorted(read_out(out).groupby("image").size().items()) == [("img,1", 3), ('say "two"', 2)]
 
 
 @pytest.mark.parametrize("method", ["cluster_em", "seed_r35", "dbscan_vote"])
@@ -211,6 +220,9 @@ def test_any_operating_system_error_is_one_line_without_traceback(tmp_path: Path
     ("a, ,1,2,alive\n", "line 2: field annotator: empty"),
     ("a,s1,-5,2,zombie\n", "line 2: field x: '-5' is negative (pixel coordinates start at 0); field label: 'zombie'"),
     ("a,s1,1e308,2,alive\n", "line 2: field x: '1e+308' is beyond 1,000,000 px, more than any image has"),
+    ("a,s1,nan,2,alive\n", "line 2: field x: 'nan' is not a finite number (1 bad rows)"),
+    ("a,s1,3,NA,alive\na,s1,,2,alive\n", "line 2: field y: 'NA' is not a finite number (2 bad rows)"),
+    ("a,s1,,2,alive\n", "line 2: field x: (empty) is not a finite number"),
 ])
 def test_the_first_bad_row_names_all_its_bad_fields_and_nothing_is_written(tmp_path: Path, body: str,
                                                                            expected: str) -> None:
