@@ -246,11 +246,15 @@ with tools_col:
                     width="stretch", help="Take back the last change (key U)")
     clear_col.button("Clear", key="clear", on_click=clear, disabled=not state["marks"], width="stretch",
                      help="Remove every mark (Undo brings them back)")
-    st.markdown(f"Zoom **{state['zoom']}×**")
-    st.button("Zoom in", key="zoom_in", icon=":material/zoom_in:", on_click=set_zoom, args=(1,),
-              shortcut="Z", disabled=state["zoom"] == ZOOMS[-1], width="stretch", help="Key Z")
-    st.button("Zoom out", key="zoom_out", icon=":material/zoom_out:", on_click=set_zoom, args=(-1,),
-              shortcut="Shift+Z", disabled=state["zoom"] == ZOOMS[0], width="stretch", help="Keys Shift+Z")
+    # one row for both zoom buttons, the level in their tooltips and the image caption: the
+    # Submit button and its "Saved" line stay above the fold on a 1024x768 tablet
+    zoom_out_col, zoom_in_col = st.columns(2)
+    zoom_out_col.button("", key="zoom_out", icon=":material/zoom_out:", on_click=set_zoom, args=(-1,),
+                        shortcut="Shift+Z", disabled=state["zoom"] == ZOOMS[0], width="stretch",
+                        help=f"Zoom out (keys Shift+Z); now {state['zoom']}×")
+    zoom_in_col.button("", key="zoom_in", icon=":material/zoom_in:", on_click=set_zoom, args=(1,),
+                       shortcut="Z", disabled=state["zoom"] == ZOOMS[-1], width="stretch",
+                       help=f"Zoom in (key Z); now {state['zoom']}×")
     if state["zoom"] > 1:
         for col, (name, dx, dy, arrow) in zip(
             st.columns(4),
@@ -271,7 +275,8 @@ with tools_col:
 with picture_col:
     last = len(state["marks"]) - 1 if state["marks"] else None
     where = "" if state["zoom"] == 1 else (
-        f" · showing x {view.x0}-{view.x0 + view.width - 1}, y {view.y0}-{view.y0 + view.height - 1}")
+        f" · zoom {state['zoom']}× · showing x {view.x0}-{view.x0 + view.width - 1}, "
+        f"y {view.y0}-{view.y0 + view.height - 1}")
     canvas.show(canvas.marked_picture(rgb, state["marks"], view, highlight=last), view, key)
     st.caption(f"{task['name']} ({task['width']}×{task['height']} px){where}")
     st.markdown(progress_line(progress()))

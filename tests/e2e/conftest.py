@@ -100,8 +100,8 @@ def new_page(browser, request: pytest.FixtureRequest, artifacts_dir: Path) -> It
     """
     contexts = []
 
-    def make():
-        context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    def make(viewport: dict[str, int] = VIEWPORT):
+        context = browser.new_context(viewport=viewport, device_scale_factor=1)
         context.set_default_timeout(20_000)
         contexts.append(context)
         return context.new_page()

@@ -400,3 +400,20 @@ def test_review_keeps_the_picked_image_when_a_recompute_reorders_the_list(
     expect(shown).to_have_value(re.compile(rf"^{re.escape(name)} · "))
     screenshot(page, artifacts_dir / "e2e-review-picker.png")
     assert_no_exception(page)
+
+
+def test_on_a_1024x768_tablet_submit_and_its_saved_line_are_above_the_fold(
+    app_server: AppServer, seeded_store: SeededStore, new_page
+) -> None:
+    page = new_page({"width": 1024, "height": 768})
+    join_as(page, app_server.url, seeded_store.class_code, "tablet")
+    name, size = shown_image(page)
+    click_image_pixel(page, size[0] // 3, size[1] // 3, size)
+    expect_counts(page, alive=1, dead=0, not_sure=0)
+    click_button(page, "Submit")
+    saved = page.get_by_text(re.compile(rf"Saved: 1 mark\(s\) on {re.escape(name)}"))
+    expect(saved).to_be_visible()
+    assert page.evaluate("window.scrollY") == 0
+    for what, box in (("Submit", page.get_by_role("button", name=re.compile("^Submit")).bounding_box()),
+                      ("the Saved line", page.locator('[data-testid="stAlert"]').first.bounding_box())):
+        assert box is not None and box["y"] + box["height"] <= 768, f"{what} ends below the fold: {box}"
