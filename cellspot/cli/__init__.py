@@ -78,23 +78,61 @@ class _ProjectName(click.ParamType):
 PROJECT = _ProjectName()
 
 
-class _OutFile(click.Path):
-    """``--out FILE``: a file to write (not an existing folder), refused when empty (an unset shell
-    variable) or written as a folder (``sub/``), which would otherwise write a file named ``sub``."""
+class _StrategyName(click.ParamType):
+    """``--strategy NAME``: refused when empty (an unset shell variable), never the default; an
+    unknown name is refused by the command, with the valid ones."""
 
-    def __init__(self) -> None:
+    name = "NAME"
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("needs a strategy name; got an empty value (see `cellspot queue --list-strategies`)", param, ctx)
+        return value
+
+
+STRATEGY = _StrategyName()
+
+
+class OutFile(click.Path):
+    """``--out FILE``: a CSV file to write (not an existing folder), refused when empty (an unset
+    shell variable) or written as a folder (``sub/``), which would otherwise write a file named
+    ``sub``. An existing file is replaced only when it is empty or a CSV of the same kind, one whose
+    first line starts with ``header`` (what this option writes): any other file (the store's
+    database, a user's spreadsheet) is refused before anything runs, as ``export --overwrite``
+    replaces only an export. ``example``: the file name the folder error suggests."""
+
+    def __init__(self, header: str, what: str, example: str) -> None:
         super().__init__(dir_okay=False, path_type=Path)
+        self.header, self.what, self.example = header, what, example
 
     def convert(self, value, param, ctx):
         text = str(value)
         if not text.strip():
             self.fail("needs a file name; got an empty value", param, ctx)
         if text.endswith(("/", os.sep)):
-            self.fail(f"{text!r} names a folder; give a file name in it, e.g. {text}queue.csv", param, ctx)
-        return super().convert(value, param, ctx)
+            self.fail(f"{text!r} names a folder; give a file name in it, e.g. {text}{self.example}", param, ctx)
+        path = super().convert(value, param, ctx)
+        found = _first_line(path)
+        if found is not None and found and not found.replace('"', "").startswith(self.header):
+            shown = "binary data, not a CSV file" if "\0" in found else f"its first line is {found[:80]!r}"
+            self.fail(f"{path} exists and is not a {self.what} ({shown}); it is left as it is: "
+                      "remove it or choose another file", param, ctx)
+        return path
 
 
-OUT_FILE = _OutFile()
+def _first_line(path: Path) -> str | None:
+    """The first line of an existing file ('' when empty), None when there is no such file."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except FileNotFoundError:
+        return None
+    except OSError:  # unreadable: the write reports it, with the reason
+        return None
+    return head.decode("utf-8", errors="replace").lstrip("\ufeff").split("\n", 1)[0].rstrip("\r")
+
+
+OUT_FILE = OutFile("image,score,strategy,reason", "queue CSV written by cellspot queue", "queue.csv")
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})

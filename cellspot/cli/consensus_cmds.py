@@ -7,17 +7,20 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import main, os_error_text
+from cellspot.cli import OutFile, main, os_error_text
 
 
 @main.command("consensus")
 @click.argument("clicks_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output CSV of consensus cells.")
+@click.option("--out", "out", required=True,
+              type=OutFile("image,x,y,label,p_alive", "cells CSV written by cellspot consensus", "cells.csv"),
+              help="Output CSV of consensus cells (an existing file is replaced only when it is such a CSV).")
 @click.option("--method", default=None, help="Consensus method (default: cluster_em).")
 @click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True, max=10_000), default=None,
               help="Optional cell radius hint in pixels; by default the scale is estimated from the clicks.")
-@click.option("--annotators-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--annotators-out", default=None,
+              type=OutFile("annotator,n_runs,n_clicks", "reliability CSV written by cellspot consensus",
+                           "annotators.csv"),
               help="Also write the per-annotator reliability CSV here.")
 def consensus_cmd(clicks_csv: Path, out: Path, method: str | None, cell_radius: float | None,
                   annotators_out: Path | None) -> None:

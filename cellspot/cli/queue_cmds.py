@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import OUT_FILE, PROJECT, main, no_model_warning
+from cellspot.cli import OUT_FILE, PROJECT, STRATEGY, main, no_model_warning
 
 CONTEXT_COLUMNS = ["image_id", "n_runs", "retired", "has_pixels"]
 
@@ -25,7 +25,7 @@ def _list_strategies(ctx: click.Context, _param: click.Parameter, value: bool) -
 @main.command("queue")
 @click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name [default: the settings' default project].")
-@click.option("--strategy", default=None, help="Acquisition strategy [default: combined]; see --list-strategies.")
+@click.option("--strategy", type=STRATEGY, default=None, help="Acquisition strategy [default: combined]; see --list-strategies.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Only the N best images [default: all].")
 @click.option("--out", type=OUT_FILE, default=None,
               help="Write the CSV here [default: standard output].")
@@ -81,7 +81,8 @@ def queue_cmd(
         ranked = score_images(name, signals, seed=seed)
     except (MissingSignalError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    ranked = ranked.merge(signals[["image", *CONTEXT_COLUMNS]], on="image", how="left")
+    context = [c for c in CONTEXT_COLUMNS if c not in ranked.columns]  # coverage gives its own n_runs
+    ranked = ranked.merge(signals[["image", *context]], on="image", how="left")
     use_diversity = 0.0 if name in ("random", "diversity") else diversity
     ranked = select_batch(ranked, n=top if top is not None else len(ranked), signals=signals,
                           diversity=use_diversity)

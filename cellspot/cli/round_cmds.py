@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import PROJECT, main, no_model_warning
+from cellspot.cli import PROJECT, STRATEGY, main, no_model_warning
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -56,7 +56,7 @@ def round_group() -> None:
 
 @round_group.command("open")
 @_project_option
-@click.option("--strategy", default=None, help="Acquisition strategy [default: combined]; see `cellspot queue "
+@click.option("--strategy", type=STRATEGY, default=None, help="Acquisition strategy [default: combined]; see `cellspot queue "
               "--list-strategies`.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Queue only the N best images [default: all].")
 @click.option("--target-runs", type=click.IntRange(min=1), default=None,

@@ -95,6 +95,7 @@ def test_queue_after_a_real_aggregation(store) -> None:
         (["--strategy", "bald"], 1, "needs MC-dropout samples of the classifier"),
         (["--out", ""], 2, "needs a file name; got an empty value"),
         (["--out", "sub/"], 2, "'sub/' names a folder; give a file name in it, e.g. sub/queue.csv"),
+        (["--strategy", ""], 2, "needs a strategy name; got an empty value"),
     ],
 )
 def test_queue_errors(store, args: list[str], code: int, message: str) -> None:
@@ -108,3 +109,25 @@ def test_queue_errors(store, args: list[str], code: int, message: str) -> None:
 def test_list_strategies() -> None:
     result = ok_cli("queue", "--list-strategies")
     assert "combined" in result.output and "(default)" in result.output and "bald" in result.output
+
+
+def test_the_coverage_queue_has_one_n_runs_column(store) -> None:
+    table = _csv(ok_cli("queue", "--project", "p", "--strategy", "coverage"))
+    assert "n_runs" in table.columns and not table.columns.str.startswith("n_runs_").any()
+    assert (table["score"] == 1 / (1 + table["n_runs"])).all()
+
+
+def test_an_existing_file_is_replaced_only_when_it_is_a_queue_csv(store, settings, tmp_path: Path) -> None:
+    database = Path(settings.resolved_database_url.removeprefix("sqlite:///"))
+    before = database.read_bytes()
+    refused = run_cli("queue", "--project", "p", "--out", database)
+    assert refused.exit_code == 2 and "is not a queue CSV written by cellspot queue (binary data" in refused.output
+    assert database.read_bytes() == before
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\n1,2\n")
+    assert run_cli("queue", "--project", "p", "--out", notes).exit_code == 2 and notes.read_text() == "my,own\n1,2\n"
+    out = tmp_path / "queue.csv"
+    ok_cli("queue", "--project", "p", "--out", out)
+    ok_cli("queue", "--project", "p", "--strategy", "random", "--out", out)  # an earlier queue: replaced
+    assert (pd.read_csv(out)["strategy"] == "random").all()
+    assert ok_cli("projects").exit_code == 0

@@ -258,9 +258,40 @@ def test_an_output_that_is_the_input_or_the_other_output_is_refused(tmp_path: Pa
     src = tmp_path / "in.csv"
     src.write_text(CLICKS)
     same_as_input = CliRunner().invoke(main, ["consensus", str(src), "--out", str(tmp_path / "." / "in.csv")])
-    assert same_as_input.exit_code == 2 and "is the input file CLICKS_CSV; the clicks would be lost" in same_as_input.output
+    assert same_as_input.exit_code == 2 and "is not a cells CSV written by cellspot consensus" in same_as_input.output
     assert src.read_text() == CLICKS
+    # an input that is itself a cells CSV (which --out may replace) is still never replaced
+    cells_in = tmp_path / "cells_in.csv"
+    cells_in.write_text(",".join(CELL_COLUMNS) + "\n")
+    cells_as_input = CliRunner().invoke(main, ["consensus", str(cells_in), "--out", str(cells_in)])
+    assert cells_as_input.exit_code == 2 and "is the input file CLICKS_CSV; the clicks would be lost" in cells_as_input.output
+    assert cells_in.read_text() == ",".join(CELL_COLUMNS) + "\n"
     out = tmp_path / "o.csv"
     both = CliRunner().invoke(main, ["consensus", str(src), "--out", str(out), "--annotators-out", str(out)])
     assert both.exit_code == 2 and "--out and --annotators-out are the same file" in both.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("existing", [b"SQLite format 3\x00\x10\x00", b"my,own,notes\n1,2,3\n"])
+def test_an_existing_file_of_another_kind_is_never_replaced(tmp_path: Path, existing: bytes) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(CLICKS)
+    for option in ("--out", "--annotators-out"):
+        target = tmp_path / "keep.db"
+        target.write_bytes(existing)
+        args = ["--out", str(target)] if option == "--out" else ["--out", str(tmp_path / "c.csv"), option, str(target)]
+        result = CliRunner().invoke(main, ["consensus", str(src), *args])
+        assert result.exit_code == 2 and f"'{option}'" in result.output and "it is left as it is" in result.output
+        assert target.read_bytes() == existing and not (tmp_path / "c.csv").exists()
+
+
+def test_an_earlier_output_is_replaced(tmp_path: Path) -> None:
+    result, out = invoke(tmp_path, CLICKS)
+    annotators = tmp_path / "out" / "annotators.csv"
+    for _ in range(2):  # the second run replaces both files of the first
+        result = CliRunner().invoke(main, ["consensus", str(tmp_path / "in.csv"), "--out", str(out),
+                                           "--annotators-out", str(annotators)])
+        assert result.exit_code == 0, result.output
+    assert len(read_out(out)) == 5 and list(pd.read_csv(annotators).columns) == ANNOTATOR_COLUMNS
+    out.write_text('"image","x","y","label","p_alive"\n')  # as earlier versions wrote it: a quoted header
+    assert CliRunner().invoke(main, ["consensus", str(tmp_path / "in.csv"), "--out", str(out)]).exit_code == 0

@@ -399,6 +399,7 @@ def test_round_cli_says_when_the_active_models_have_not_predicted_the_project(en
 
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["round", "open", "--strategy", "nope"], 2, "unknown acquisition strategy 'nope'"),
+    (["round", "open", "--strategy", ""], 2, "needs a strategy name; got an empty value"),
     (["round", "rollback"], 1, "has no open round to roll back"),
     (["round", "list", "--project", "missing"], 1, "missing"),
 ])
