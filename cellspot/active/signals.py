@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellspot.active.strategies import binary_entropy, margin_uncertainty
+from cellspot.active.strategies import CONSENSUS_CLASS_COUNTS, binary_entropy, margin_uncertainty
 from cellspot.evaluation import match_cells
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,12 @@ def build_signals(
     out[MATCH_COLUMNS] = match
     for column in _COUNTS:
         out[column] = out[column].round().astype("Int64")
+    # the labelled consensus's class counts over every image of the table, kept in attrs (which
+    # pandas carries through row filters), so the rare class of ``rarity`` does not change when a
+    # caller leaves retired images (the best-labelled ones) out before scoring
+    alive = float(np.nansum(out["n_cells_consensus"].astype(float) * out["crowd_alive_frac"]))
+    total = float(np.nansum(out["n_cells_consensus"].astype(float)))
+    out.attrs[CONSENSUS_CLASS_COUNTS] = {"alive": alive, "dead": total - alive}
     return out
 
 

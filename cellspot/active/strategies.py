@@ -398,12 +398,22 @@ def conflict(signals: pd.DataFrame, ctx: Context) -> pd.DataFrame:
     return _frame(score, reason, n_conflicts=n)
 
 
+#: ``DataFrame.attrs`` key of a signal table: ``{"alive": n, "dead": n}``, the consensus cells of
+#: every image the table was built from (before a caller filters rows)
+CONSENSUS_CLASS_COUNTS = "consensus_class_counts"
+
+
 def rare_class(signals: pd.DataFrame) -> tuple[str, float, float]:
     """``(class, alive, dead)``: the class ("alive" | "dead") the labelled consensus holds fewest
-    cells of, with its counts (``n_cells_consensus x crowd_alive_frac`` summed over the images);
-    without consensus cells, the rarer class in the predictions (expected counts); "dead" on a tie."""
+    cells of, with its counts (``n_cells_consensus x crowd_alive_frac`` summed over the images,
+    or, when the table was built by :func:`cellspot.active.signals.build_signals`, over every
+    image it was built from, so leaving retired images out does not change it); without
+    consensus cells, the rarer class in the predictions (expected counts); "dead" on a tie."""
     alive = dead = 0.0
-    if {"n_cells_consensus", "crowd_alive_frac"} <= set(signals.columns):
+    counts = signals.attrs.get(CONSENSUS_CLASS_COUNTS)
+    if counts:
+        alive, dead = float(counts["alive"]), float(counts["dead"])
+    elif {"n_cells_consensus", "crowd_alive_frac"} <= set(signals.columns):
         n, frac = _num(signals, "n_cells_consensus"), _num(signals, "crowd_alive_frac")
         known = np.isfinite(n) & np.isfinite(frac)
         alive, dead = float((n * frac)[known].sum()), float((n * (1.0 - frac))[known].sum())

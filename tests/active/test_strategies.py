@@ -18,6 +18,7 @@ from cellspot.active.strategies import (
     UnknownStrategyError,
     binary_entropy,
     mutual_information,
+    rare_class,
     rank01,
     score_images,
 )
@@ -182,6 +183,24 @@ def test_rarity_prefers_images_rich_in_the_rarer_labelled_class() -> None:
     assert combined["classifier_rank"].isna().all()
     assert combined.loc["deadish", "rarity_rank"] == 1.0 and combined.loc["aliveish", "rarity_rank"] == 0.0
     assert combined.loc["deadish", "score"] > combined.loc["aliveish", "score"]
+
+
+def test_the_rare_class_counts_every_labelled_image_when_some_are_left_out() -> None:
+    # "done" (retired, say) holds 4 dead cells, "open" 2 alive and 1 dead: over the project alive is
+    # the rare class (2 of 7). Leaving "done" out before scoring, as queue and round open do with
+    # retired images, must not flip it to dead (1 of 3 on "open" alone)
+    crowd = pd.DataFrame({"image": ["done"] * 4 + ["open"] * 3, "x": [10.0, 40, 70, 100, 10, 40, 70], "y": 10.0,
+                          "p_alive": [0.1] * 4 + [0.9, 0.9, 0.1], "confidence": 0.9, "support": 3, "n_runs": 3})
+    model = pd.DataFrame({"image": ["open"] * 3 + ["new"] * 2, "x": [10.0, 40, 70, 10, 40], "y": 10.0,
+                          "p_alive": [0.9, 0.8, 0.2, 0.9, 0.1], "score": 0.9})
+    signals = build_signals(pd.DataFrame({"image": ["done", "open", "new"], "n_runs": [3, 3, 0]}), crowd, model)
+    assert rare_class(signals) == ("alive", 2.0, 5.0)
+    open_only = signals[signals["image"] != "done"].reset_index(drop=True)
+    assert rare_class(open_only) == ("alive", 2.0, 5.0)
+    assert "(the rarer class: 2 of 7 cells)" in score_images("rarity", open_only)["reason"][0]
+    by_hand = open_only.copy()  # a table built without build_signals: counted over its own rows
+    by_hand.attrs = {}
+    assert rare_class(by_hand) == ("dead", 2.0, 1.0)
 
 
 def test_rarity_needs_a_classifier() -> None:
