@@ -181,7 +181,7 @@ def forget_auto(project_id: int) -> str:
         since = auto_workflow.forget_pending(session, _project(session, project_id))
     refresh()
     return (f"The automatic round pending since {since:%H:%M} UTC is forgotten: a new one can start. If its job is "
-            "still queued, it runs when a worker starts.")
+            "still queued, it does nothing when a worker takes it; if a worker is already running it, it finishes.")
 
 
 # --------------------------------------------------------------------------- thumbnails

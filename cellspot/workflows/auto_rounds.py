@@ -363,7 +363,13 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
         report = replace(report, finished_at=(al.utc(now) or utcnow()).isoformat())
         try:
             with transaction(engine) as session:
-                _write_state(session, as_project(session, project_name), pending_since=None, last=report.as_dict())
+                project = as_project(session, project_name)
+                done: dict[str, Any] = {"last": report.as_dict()}
+                # the mark is this round's, unless it was forgotten while this ran and another
+                # round has been queued since: that one's mark stays, or its job would skip itself
+                if queued_at is None or _state(project).get("pending_since") in (None, queued_at):
+                    done["pending_since"] = None
+                _write_state(session, project, **done)
         finally:
             engine.dispose()
     log.info("automatic round of %r %s: %s", project_name, report.status, report.message)

@@ -277,6 +277,30 @@ def test_a_forgotten_round_does_nothing_when_a_worker_takes_its_job(engine, sett
         assert ar.auto_status(session, "demo", now=later).pending_since is None
 
 
+def test_a_round_forgotten_while_it_runs_keeps_the_next_rounds_mark(engine, settings, monkeypatch) -> None:
+    install(monkeypatch)
+    marks: list[str | None] = []
+    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round",
+                        lambda settings_, project, queued_at=None: marks.append(queued_at))
+    with transaction(engine) as session:
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
+    later = T0 + timedelta(minutes=5)
+
+    def forget_and_queue_another(*_args) -> None:  # while the first round runs, the researcher acts
+        with transaction(engine) as session:
+            ar.forget_pending(session, "demo")
+            assert ar.maybe_auto_retrain(session, settings, "demo", now=later, force=True).queued
+
+    first = ar.run_auto_round(settings, "demo", predict=forget_and_queue_another, now=T0, queued_at=marks[0])
+    assert first.status != "skipped" and marks == [T0.isoformat(), later.isoformat()]
+    with transaction(engine) as session:
+        assert ar.auto_status(session, "demo", now=later).pending_since == later  # the second round's mark stays
+    second = ar.run_auto_round(settings, "demo", predict=lambda *a: None, now=later, queued_at=marks[1])
+    assert second.status != "skipped" and second.runs
+    with transaction(engine) as session:
+        assert ar.auto_status(session, "demo", now=later).pending_since is None
+
+
 def test_a_manual_training_resets_the_counter(db, settings) -> None:
     ar.set_auto_settings(db, "demo", enabled=True, every_runs=3)
     assert ar.auto_status(db, "demo").due
