@@ -50,6 +50,26 @@ def os_error_text(exc: OSError) -> str:
     return str(exc)
 
 
+def scoring_note(sources, strategy: str, what: str) -> str | None:  # noqa: ANN001 - ScoringSources
+    """What ``queue`` and ``round open`` say about the models a ranking scored, or None when it
+    scored the active ones (or none exist and the strategy does not need them). ``sources``: a
+    :class:`cellspot.workflows.rounds.ScoringSources`; ``what``: "this round" / "this ranking"."""
+    from cellspot.active.strategies import get_strategy
+
+    needs_model = get_strategy(strategy).needs_model
+    if sources.stale:
+        active = " + ".join(v for v in (sources.active_detector, sources.active_classifier) if v)
+        scored = " + ".join(v for v in (sources.scored_detector, sources.scored_classifier) if v)
+        used = (f"used the stored predictions of {scored}" if scored else
+                "used no model" + (f", and with strategy {strategy!r} every image ties" if needs_model else ""))
+        return (f"note: the active models ({active}) have not predicted this project yet, so {what} {used}; "
+                "predict the project's images with `cellspot predict --project NAME` (or on the Models page), "
+                "then rank again")
+    if sources.crowd_only and needs_model:
+        return no_model_warning(strategy)
+    return None
+
+
 def no_model_warning(strategy: str) -> str:
     """The warning of ``queue`` and ``round open`` for a strategy that scores model predictions
     only (``needs_model``) when no model has predicted the project."""

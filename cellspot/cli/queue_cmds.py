@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import OUT_FILE, PROJECT, STRATEGY, main, no_model_warning
+from cellspot.cli import OUT_FILE, PROJECT, STRATEGY, main, scoring_note
 
 CONTEXT_COLUMNS = ["image_id", "n_runs", "retired", "has_pixels"]
 
@@ -58,6 +58,7 @@ def queue_cmd(
     from cellspot.settings import get_settings
     from cellspot.store.db import session_factory
     from cellspot.store.queries import ProjectNotFoundError
+    from cellspot.workflows.rounds import scoring_sources
 
     name = strategy or DEFAULT_STRATEGY
     try:
@@ -70,6 +71,7 @@ def queue_cmd(
     try:
         with session_factory(engine)() as session:
             signals = image_signals(session, project, snapshot=snapshot_id)
+            scoring = scoring_sources(session, project)
     except (ProjectNotFoundError, NoPredictionsError, SnapshotNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -92,8 +94,9 @@ def queue_cmd(
               if predicted else "no model predictions")
     click.echo(f"project {project!r}: {len(ranked)} image(s) ranked with {name} "
                f"(snapshot {sources.get('snapshot_id')}, {models})" + (f" -> {out}" if out else ""), err=True)
-    if not predicted and get_strategy(name).needs_model:
-        click.echo(no_model_warning(name), err=True)
+    note = scoring_note(scoring, name, "this ranking")
+    if note:
+        click.echo(note, err=True)
 
 
 def _write(ranked, out: Path | None) -> None:  # noqa: ANN001 - a DataFrame

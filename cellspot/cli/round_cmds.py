@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import PROJECT, STRATEGY, main, no_model_warning
+from cellspot.cli import PROJECT, STRATEGY, main, scoring_note
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -64,20 +64,15 @@ def round_group() -> None:
 def open_cmd(project_name: str | None, strategy: str | None, top: int | None, target_runs: int | None) -> None:
     """Open the next round: rank the images with the active models (crowd and coverage
     signals only before any model exists); the open round closes."""
-    from cellspot.active.strategies import get_strategy
     from cellspot.workflows.rounds import DEFAULT_STRATEGY, open_new_round, scoring_sources
 
     info, sources = _in_project(project_name, lambda session, project: (open_new_round(
         session, project, strategy=strategy or DEFAULT_STRATEGY, top=top, target_runs=target_runs),
         scoring_sources(session, project)))
     click.echo(f"{info.describe()} opened")
-    if info.crowd_only and sources.stale:
-        active = " + ".join(v for v in (sources.active_detector, sources.active_classifier) if v)
-        click.echo(f"note: the active models ({active}) have not predicted this project yet, so this round did not "
-                   "use them; predict the project's images with `cellspot predict` (or on the Models page), "
-                   "then open a round again", err=True)
-    elif info.crowd_only and get_strategy(info.strategy).needs_model:
-        click.echo(no_model_warning(info.strategy), err=True)
+    note = scoring_note(sources, info.strategy, "this round")
+    if note:
+        click.echo(note, err=True)
 
 
 @round_group.command("rollback")

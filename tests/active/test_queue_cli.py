@@ -131,3 +131,29 @@ def test_an_existing_file_is_replaced_only_when_it_is_a_queue_csv(store, setting
     ok_cli("queue", "--project", "p", "--strategy", "random", "--out", out)  # an earlier queue: replaced
     assert (pd.read_csv(out)["strategy"] == "random").all()
     assert ok_cli("projects").exit_code == 0
+
+
+def test_queue_says_when_the_active_models_have_not_predicted_the_project(store, settings) -> None:
+    from cellspot.ml import registry
+    from cellspot.store.db import make_engine, transaction
+    from cellspot.store.queries import get_project
+
+    engine = make_engine(settings=settings)
+    with transaction(engine) as session:  # a trained, active classifier that has not predicted yet
+        run = registry.create_run(session, "classifier", project=get_project(session, "p"))
+        run.status = "done"
+        registry.promote(session, run)
+    result = ok_cli("queue", "--project", "p", "--strategy", "classifier")
+    said = " ".join(result.stderr.split())
+    assert "the active models (classifier-0001) have not predicted this project yet" in said
+    assert "used no model, and with strategy 'classifier' every image ties" in said
+    assert "cellspot predict --project NAME" in said and "train and promote" not in said
+
+    store()  # detector-0001 + classifier-0002 predict and are promoted: no note
+    assert "note" not in ok_cli("queue", "--project", "p").stderr
+    with transaction(engine) as session:  # the classifier rolled back to classifier-0001
+        registry.promote(session, registry.get_run(session, "classifier-0001"))
+    said = " ".join(ok_cli("queue", "--project", "p").stderr.split())
+    assert ("the active models (detector-0001 + classifier-0001) have not predicted this project yet, so this "
+            "ranking used the stored predictions of detector-0001 + classifier-0002") in said
+    engine.dispose()
