@@ -14,6 +14,7 @@ import streamlit as st
 from appkit import researcher, resources, roles
 
 from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
+from cellspot.active.scheduler import DEFAULT_LEASE_SECONDS
 from cellspot.consensus import DEFAULT_METHOD
 from cellspot.importers import (
     CellspotImportError,
@@ -89,9 +90,14 @@ def _settings_inputs(current: dict, prefix: str) -> dict:
     radius = cols[2].number_input("Feedback radius (px)", 1.0, 500.0, float(current.get("feedback_radius", 20.0)),
                                   key=f"{prefix}_radius",
                                   help="A student's mark this close to an expert cell counts as finding it")
+    lease = st.columns(3)[0].number_input(
+        "Reserve a round's image for (minutes)", 1, 24 * 60,
+        max(1, round(float(current.get("lease_seconds", DEFAULT_LEASE_SECONDS)) / 60)), key=f"{prefix}_lease",
+        help="While a round is open, an image given to a student is held for them this long; an image "
+             "left unfinished (a closed tab) goes back to the queue after it.")
     return {"class_codes": codes, "target_runs_per_image": int(target), "gold_rate": float(gold),
             "retire_min_runs": int(min_runs), "retire_min_confidence": float(min_conf),
-            "feedback_radius": float(radius),
+            "feedback_radius": float(radius), "lease_seconds": int(lease) * 60,
             SETTING_KEYS["min_cell_certainty"]: float(certainty),
             SETTING_KEYS["count_tolerance"]: float(tolerance) if check_count else None,
             SETTING_KEYS["max_runs"]: int(max_runs) or None}

@@ -365,6 +365,7 @@ PROJECT_SETTING_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "retire_count_tolerance": _optional(_float_in(0.0, 10.0)),
     "gold_rate": _float_in(0.0, 1.0),
     "feedback_radius": _float_in(0.0, 500.0, low_open=True),
+    "lease_seconds": int_in(30, 24 * 3600),
 }
 
 
@@ -407,7 +408,8 @@ def update_project_settings(session: Session, project: Project, **changes: Any) 
 
     Keys: ``class_codes`` (list or comma-separated; 2-32 of A-Z 0-9 - _, stored upper case,
     unique across projects), ``target_runs_per_image``, ``retire_min_runs`` (1..1000),
-    ``retire_min_confidence``, ``gold_rate`` (0..1), ``feedback_radius`` (px, > 0), and the
+    ``retire_min_confidence``, ``gold_rate`` (0..1), ``feedback_radius`` (px, > 0),
+    ``lease_seconds`` (how long a round's image stays reserved for a student, 30 s to a day), and the
     other retirement thresholds (:data:`cellspot.active.retirement.SETTING_KEYS`:
     ``retire_max_runs`` and ``retire_count_tolerance`` may be ``None`` = off,
     ``retire_min_cell_certainty`` 0..1), which must make a policy together.

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
+from cellspot.active.scheduler import DEFAULT_LEASE_SECONDS
 from cellspot.store.models import Annotator, Click, GoldCell, Image, Project, TaskRun
 
 RESEARCHER_PAGES = ["class_view", "review", "results", "models", "rounds", "setup", "export"]
@@ -693,11 +694,14 @@ def test_setup_saves_the_adaptive_retirement_thresholds(app, app_engine):
     app.number_input(key=f"p{pid}_max_runs").set_value(20)
     app.number_input(key=f"p{pid}_min_cell_certainty").set_value(0.3)
     app.checkbox(key=f"p{pid}_count_check").uncheck()
+    assert app.number_input(key=f"p{pid}_lease").value == DEFAULT_LEASE_SECONDS // 60
+    app.number_input(key=f"p{pid}_lease").set_value(5)
     [b for b in app.button if b.label == "Save"][0].click().run()
     no_exception(app)
     assert "Saved." in texts(app.success) and not app.error
     _, after = _demo_settings(app_engine)
     assert after["retire_min_runs"] == 12 and after["retire_max_runs"] == 20
+    assert after["lease_seconds"] == 300
     assert after["retire_min_cell_certainty"] == pytest.approx(0.3)
     assert "retire_count_tolerance" in after and after["retire_count_tolerance"] is None
     assert after["class_codes"] == before["class_codes"]  # the other settings are kept

@@ -231,6 +231,8 @@ def test_results_without_metadata_or_snapshot(session, project) -> None:
         ({"retire_min_runs": None}, None, "whole number"),
         ({"retire_min_confidence": 0.8, "gold_rate": 0}, {"retire_min_confidence": 0.8, "gold_rate": 0.0}, None),
         ({"feedback_radius": 12}, {"feedback_radius": 12.0}, None),
+        ({"lease_seconds": "300"}, {"lease_seconds": 300}, None),
+        ({"lease_seconds": 5}, None, "lease_seconds must be a whole number from 30 to 86400"),
         ({"class_codes": ["a b!"]}, None, "class code 'a b!' is not allowed"),
         ({"class_codes": 7}, None, "must be a list"),
         ({"retire_min_runs": 0}, None, "retire_min_runs must be a whole number from 1 to 1000"),
