@@ -112,6 +112,24 @@ def release_leases(session: Session, annotator_id: int, image_id: int | None = N
     return int(session.execute(stmt, execution_options={"synchronize_session": False}).rowcount or 0)
 
 
+def release_leases_except(session: Session, annotator_id: int, lease_id: int) -> int:
+    """Delete the leases of ``annotator_id`` but lease ``lease_id``; returns how many."""
+    stmt = delete(ImageLease).where(ImageLease.annotator_id == int(annotator_id), ImageLease.id != int(lease_id))
+    return int(session.execute(stmt, execution_options={"synchronize_session": False}).rowcount or 0)
+
+
+def _own_live_lease(session: Session, round_: ALRound, annotator: Annotator, now: datetime,
+                    exclude_ids: Collection[int]) -> ImageLease | None:
+    """The student's newest lease of ``round_`` that still counts at ``now``, on an image they have
+    not submitted, that is still open and not in ``exclude_ids`` (None when there is none)."""
+    stmt = (select(ImageLease).join(Image, Image.id == ImageLease.image_id)
+            .where(ImageLease.annotator_id == annotator.id, ImageLease.round_id == round_.id,
+                   ImageLease.expires_at > now, ~_done(), Image.status == "active", Image.has_pixels.is_(True)))
+    if exclude_ids:
+        stmt = stmt.where(ImageLease.image_id.not_in([int(i) for i in exclude_ids]))
+    return session.scalars(stmt.order_by(ImageLease.leased_at.desc(), ImageLease.id.desc()).limit(1)).first()
+
+
 def expire_leases(session: Session, now: datetime | None = None) -> int:
     """Delete every lease that no longer counts (expired or submitted); returns how many.
 
@@ -275,8 +293,10 @@ def next_queued_image(
     ``None`` when the queue holds nothing for this student now (all seen, retired, excluded or
     full). ``lease_seconds`` defaults to :func:`lease_seconds_for`, ``target_runs`` to the
     round's (:func:`cellspot.active.rounds.target_runs_for`); ``round_`` to the open round
-    (:class:`NoOpenRoundError` when there is none). The student's earlier leases are released
-    first. Raises :class:`LeaseContentionError` when no lease could be taken within
+    (:class:`NoOpenRoundError` when there is none). A lease of the student that still counts, on
+    an image they have not submitted and that is still open (a reload, a second tab), is renewed
+    and its image returned again, unless ``exclude_ids`` holds it; otherwise the student's earlier
+    leases are released first. Raises :class:`LeaseContentionError` when no lease could be taken within
     :data:`LEASE_WAIT_SECONDS` of lost races. Flushes, never commits: the lease is taken when
     the caller commits.
     """
@@ -291,6 +311,13 @@ def next_queued_image(
     if target < 1:
         raise ValueError(f"target_runs must be >= 1, got {target_runs!r}")
     session.flush()
+    kept = _own_live_lease(session, round_, annotator, now, exclude_ids)
+    if kept is not None:  # a reload or a second tab: the same image again, not the next best one
+        kept.expires_at = now + timedelta(seconds=seconds)
+        release_leases_except(session, annotator.id, kept.id)
+        session.flush()
+        log.debug("round %d: annotator %d keeps image %d", round_.number, annotator.id, kept.image_id)
+        return session.get(Image, kept.image_id)
     release_leases(session, annotator.id)  # on SQLite this also takes the write lock
     req = LeaseRequest(annotator.id, round_.id, utc(round_.created_at), now, now + timedelta(seconds=seconds),
                        target)

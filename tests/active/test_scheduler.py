@@ -96,6 +96,20 @@ def test_asking_again_keeps_or_moves_the_one_lease(db) -> None:
     assert _leases(db) == [("i01", "ann", 0)]
 
 
+def test_a_reload_keeps_the_image_when_a_better_one_frees_up(db) -> None:
+    project, images = _room(db, 2, target=1)
+    ann, bob = _student(db, "ann"), _student(db, "bob")
+    assert _next(db, project, bob) == "i00" and _next(db, project, ann) == "i01"
+    c.leave_class(db, bob.id)  # i00, ranked first, is free again
+    # ann reloads: she keeps i01 (her marks were for it), with her lease renewed, and i00 waits
+    assert _next(db, project, ann, T0 + timedelta(seconds=50)) == "i01"
+    assert _next(db, project, ann, T0 + timedelta(seconds=100)) == "i01"  # renewed at 50 s: live until 110 s
+    assert _leases(db) == [("i01", "ann", 0)]
+    assert _next(db, project, _student(db, "cy"), T0 + timedelta(seconds=100)) == "i00"
+    c.submit_run(db, ann, images[1].id, [], "k-ann")  # submitted: the lease no longer holds her there
+    assert _next(db, project, ann, T0 + timedelta(seconds=101)) is None  # i00 is cy's, i01 done
+
+
 @pytest.mark.parametrize(
     ("later_s", "expected"),
     [(59, None), (60, "i00")],  # the lease lives 60 s
