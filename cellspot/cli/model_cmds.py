@@ -115,8 +115,6 @@ def _prepare_run(session: Session, settings: Settings, kind: str, *, project_nam
         run = _resumable(session, settings, kind, project, out)
         if run is not None:
             wf.resume_run(session, settings, run)
-            if epochs is not None:
-                run.config = {**(run.config or {}), "epochs": epochs}
             return run, True
         if out is None or not (out / RESUME_FILE).is_file():
             where = out if out is not None else f"{kind} runs of {'the folder' if images else repr(project.name)}"
@@ -184,8 +182,10 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
     from cellspot.workflows import models as wf
 
     _check_sources(project_name, images, annotations, masks, source)
-    if settings_ and resume:
-        raise click.UsageError("--set changes the config; a resumed run keeps the config it started with")
+    if resume and (settings_ or epochs is not None):
+        # its resume.pt holds the optimiser and learning-rate schedule of the config it started with
+        raise click.UsageError(f"{'--set' if settings_ else '--epochs'} changes the config; a resumed run keeps "
+                               "the config it started with (start a new run to train with other settings)")
     overrides = _overrides(kind, preset, settings_)
     if device is not None and not background:
         try:

@@ -193,10 +193,14 @@ def test_cancelled_run_resumes_with_resume_flag(settings, monkeypatch) -> None:
     assert code == 1 and "classifier-0001 cancelled; go on with `cellspot train classifier --resume`" in out
     assert (settings.home / "models/classifier/classifier-0001" / RESUME_FILE).is_file()
     fit.hook = None
+    # another epoch count would not match the schedule in resume.pt: refused before anything changes
     code, out = _run("train", "classifier", "--resume", "--epochs", "4")
+    assert code == 2 and "--epochs changes the config; a resumed run keeps the config it started with" in out
+    assert load_run(settings, 1).status == "cancelled" and load_run(settings, 1).config["epochs"] == 3
+    code, out = _run("train", "classifier", "--resume")
     assert code == 0 and "classifier-0001 done (active)" in out
     assert [(c["start_epoch"], c["resume"]) for c in fit.calls] == [(1, False), (2, True)]
-    assert [r["epoch"] for r in load_run(settings, 1).curves] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in load_run(settings, 1).curves] == [1, 2, 3]
 
 
 def test_ctrl_c_in_a_foreground_training_saves_a_checkpoint_to_resume_from(settings, monkeypatch) -> None:
