@@ -454,6 +454,14 @@ def resume_run(session: Session, settings: Settings, run: ModelRun | int | str) 
     return run
 
 
+def _mark_if_lost(session: Session, ref: int | str) -> ModelRun:
+    run = registry.get_run(session, ref)
+    if is_lost(run):
+        _mark_lost(run)
+        session.flush()
+    return run
+
+
 def can_resume(settings: Settings, run: ModelRun) -> bool:
     """True when :func:`resume_run` would queue ``run``: cancelled or failed (or lost, see
     :func:`is_lost`) with a ``resume.pt`` in its folder."""
@@ -465,7 +473,11 @@ def can_resume(settings: Settings, run: ModelRun) -> bool:
 
 
 def queue_resume(settings: Settings, ref: int | str, *, device: str | None = None) -> ModelRun:
-    """:func:`resume_run` in its own committed transaction, then enqueue with ``resume=True``."""
+    """:func:`resume_run` in its own committed transaction, then enqueue with ``resume=True``.
+
+    A lost run (:func:`is_lost`) is marked failed in a transaction of its own first, so the mark
+    stays when the resume itself is refused (no ``resume.pt``)."""
+    _own_session(settings, lambda session: _mark_if_lost(session, ref))
     run = _own_session(settings, lambda session: resume_run(session, settings, ref))
     enqueue(settings, run.id, resume=True, device=device)
     return run

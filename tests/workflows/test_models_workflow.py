@@ -204,6 +204,11 @@ def test_a_run_whose_worker_is_gone_is_marked_failed_by_cancel_resume_or_a_new_w
     (folder / RESUME_FILE).write_bytes(b"state")
     with transaction(store) as session:
         assert wf.resume_run(session, settings, lost_again).status == "queued"
+    # a lost run without one: the resume is refused, and the run stays marked failed
+    no_checkpoint = running(15)
+    out = " ".join(run_cli("models", "resume", load_run(settings, no_checkpoint).version).output.split())
+    assert "has no" in out and "to resume from; start a new run instead" in out
+    assert load_run(settings, no_checkpoint).status == "failed"
     # a worker that starts marks the lost ones failed, and leaves the live one alone
     third = running(20)
     assert wf.reap_lost_runs_in_store(settings) == [load_run(settings, third).version]
