@@ -113,6 +113,22 @@ class _StrategyName(click.ParamType):
 STRATEGY = _StrategyName()
 
 
+class _OutDir(click.Path):
+    """A folder to write into (``--out`` of train / predict, export's OUTDIR): not a file, and
+    refused when empty (an unset shell variable would write into the current folder)."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("needs a folder; got an empty value", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUT_DIR = _OutDir()
+
+
 class OutFile(click.Path):
     """``--out FILE``: a CSV file to write (not an existing folder), refused when empty (an unset
     shell variable) or written as a folder (``sub/``), which would otherwise write a file named

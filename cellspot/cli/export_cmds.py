@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from cellspot.cli import PROJECT, main
+from cellspot.cli import OUT_DIR, PROJECT, main
 
 
 @main.command("export")
-@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("outdir", type=OUT_DIR)
 @click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name (default: the settings' default project).")
 @click.option("--crop-size", default=96, show_default=True, type=click.IntRange(min=1, max=1024), help="Crop side in pixels (at most 1024).")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import PROJECT, main
+from cellspot.cli import OUT_DIR, PROJECT, main
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -154,7 +154,7 @@ def _overrides(kind: str, preset: str, texts: tuple[str, ...]) -> dict[str, Any]
               help="CSV image,x,y,label[,...] for --images.")
 @click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Optional folder of instance masks for --images.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=OUT_DIR, default=None,
               help="Checkpoint folder (default: CELLSPOT_HOME/models/<kind>/<version>).")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu-fast", show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's epochs.")

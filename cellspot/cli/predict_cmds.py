@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cellspot.cli import PROJECT, main
+from cellspot.cli import OUT_DIR, PROJECT, main
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -108,7 +108,7 @@ def _store(engine: Engine, project_name: str, models: _Models, result: Any) -> t
 @main.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path),
                 metavar="IMAGES_OR_DIR...")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=OUT_DIR,
               help="Folder for cells.csv, summary.csv and overlays/.")
 @click.option("--detector", "detector_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Detector checkpoint folder [default: the project's active detector].")

@@ -238,6 +238,10 @@ def check_new_out_dir(out_dir: Path) -> None:
         what = "another run's model" if (path / "config.json").is_file() else "files"
         raise WorkflowError(f"--out {path} already holds {what}; give a new or empty folder (to go on from a "
                             "cancelled run there, add --resume)")
+    try:  # made now, empty: a folder that cannot be made is refused before a run is stored
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkflowError(f"--out {path}: the folder cannot be created ({exc.strerror or exc})") from None
 
 
 def start_training(

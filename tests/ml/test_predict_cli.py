@@ -94,6 +94,15 @@ def test_predict_cli_refuses_a_folder_with_other_files_before_predicting(setting
     assert sorted(p.name for p in out.iterdir()) == ["chapter1.txt"]
 
 
+def test_an_empty_out_or_outdir_is_refused_not_the_current_folder(settings, tmp_path: Path, monkeypatch) -> None:
+    images = write_images(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    for args in (["predict", images, "--out", ""], ["export", ""]):
+        result = run_cli(*args)
+        assert result.exit_code == 2 and "needs a folder; got an empty value" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 def test_predict_cli_refuses_two_images_with_one_name_before_loading_models(settings, tmp_path: Path, fake_loaders,
                                                                            model_dirs) -> None:
     first = write_images(tmp_path / "day1")

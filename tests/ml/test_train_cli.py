@@ -156,6 +156,12 @@ def test_out_must_be_a_new_or_empty_folder(settings, folder, tmp_path, monkeypat
     assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
     code, out = _run("train", "classifier", "--images", images, "--annotations", csv, "--out", images)
     assert code == 1 and f"--out {images} already holds files" in " ".join(out.split())
+    under_a_file = csv / "model"  # a folder that cannot be made: refused in one line
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv, "--out", under_a_file)
+    assert code == 1 and "Traceback" not in out
+    assert f"--out {under_a_file}: the folder cannot be created (Not a directory)" in " ".join(out.split())
+    code, out = _run("train", "classifier", "--images", images, "--annotations", csv, "--out", "")
+    assert code == 2 and "needs a folder; got an empty value" in out  # an unset shell variable: not "here"
     code, out = _run("models", "list", "--folder")
     assert code == 0 and "detector-0002" not in out and "classifier-0001" not in out, out
     empty = tmp_path / "empty"
