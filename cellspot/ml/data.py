@@ -373,11 +373,29 @@ def _image_for_mask(images_dir: Path, mask: Path, masks_dir: Path) -> str | None
     return None
 
 
+def _check_mask_sizes(images_dir: Path, masks_dir: Path) -> None:
+    """Every mask that has an image must have its size (from the file headers, no pixels
+    decoded); :class:`DataError` listing each mask that does not, or that is no image file."""
+    wrong = []
+    for mask in sorted(p for p in masks_dir.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff")):
+        name = _image_for_mask(images_dir, mask, masks_dir)
+        if name is None:
+            continue  # skipped with a warning by load_folder
+        mask_size, image_size = header_size(mask), header_size(images_dir / name)
+        if mask_size is None:
+            wrong.append(f"mask {mask} is not a PNG or TIFF image")
+        elif image_size is not None and mask_size != image_size:
+            wrong.append(f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {name} is "
+                         f"{image_size[0]}x{image_size[1]}")
+    if wrong:
+        raise DataError(f"{len(wrong)} mask(s) do not fit their images:\n" + "\n".join(wrong))
+
+
 def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
                  masks_dir: Path | str | None = None) -> pd.DataFrame | None:
     """The checks of :func:`load_folder` that need no pixels: the folders exist, the CSV reads
     (:func:`read_annotations`), every image it names is a file and every position lies inside
-    its image (sizes from the file headers). Returns the CSV's table
+    its image (sizes from the file headers), and every mask has its image's size. Returns the CSV's table
     (None without a CSV); raises :class:`DataError` naming the file, line and column."""
     images_dir = Path(images_dir)
     if annotations_csv is None and masks_dir is None:
@@ -386,6 +404,8 @@ def check_folder(images_dir: Path | str, annotations_csv: Path | str | None,
         raise DataError(f"images folder {images_dir} does not exist")
     if masks_dir is not None and not Path(masks_dir).is_dir():
         raise DataError(f"masks folder {masks_dir} does not exist")
+    if masks_dir is not None:
+        _check_mask_sizes(images_dir, Path(masks_dir))
     if annotations_csv is None:
         return None
     table, problems = _read_annotations(Path(annotations_csv))

@@ -185,8 +185,23 @@ def test_masks_give_cells_and_diameters(tmp_path):
 def test_mask_of_wrong_size_is_refused(tmp_path):
     _png(tmp_path / "images" / "a.png", np.zeros((10, 10), np.uint8))
     _png(tmp_path / "masks" / "a.png", np.zeros((12, 10), np.uint8))
-    with pytest.raises(DataError, match="mask .* is 10x12 but its image is 10x10"):
+    with pytest.raises(DataError, match="mask .* is 10x12 but its image a.png is 10x10"):
         load_folder(tmp_path / "images", None, tmp_path / "masks")
+
+
+def test_check_folder_lists_every_mask_that_does_not_fit_from_the_headers(tmp_path):
+    """The check a run's start relies on (nothing stored before it passes) reads no pixels."""
+    for name in ("a", "b", "c"):
+        _png(tmp_path / "images" / f"{name}.png", np.zeros((10, 10), np.uint8))
+    _png(tmp_path / "masks" / "a.png", np.zeros((12, 10), np.uint8))
+    _png(tmp_path / "masks" / "b.png", np.zeros((10, 10), np.uint8))  # fits
+    (tmp_path / "masks" / "c.tif").write_text("not a tiff")
+    (tmp_path / "ann.csv").write_text("image,x,y,label\nb.png,5,5,alive\n")
+    with pytest.raises(DataError) as err:
+        check_folder(tmp_path / "images", tmp_path / "ann.csv", tmp_path / "masks")
+    text = str(err.value)
+    assert text.startswith("2 mask(s) do not fit their images")
+    assert "a.png is 10x12 but its image a.png is 10x10" in text and "c.tif is not a PNG or TIFF image" in text
 
 
 def test_crop_folder_maps_labels_and_keeps_groups_together(tmp_path):
