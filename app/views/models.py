@@ -19,7 +19,7 @@ from appkit import charts, model_runs, researcher, resources, roles
 from cellspot.jobs import JobQueueError
 from cellspot.ml.overlay import draw_overlay
 from cellspot.ml.predict import DEFAULT_DIAMETER
-from cellspot.ml.registry import KEY_METRICS, RegistryError, RunNotFoundError, format_metric
+from cellspot.ml.registry import KEY_METRICS, RegistryError, RunNotFoundError, format_metric, scored_on_note
 from cellspot.render import ImageUnavailableError
 from cellspot.store.models import MODEL_KINDS
 from cellspot.workflows.models import LOST_AFTER_S, STORE_SOURCES, WorkflowError
@@ -152,8 +152,8 @@ if runs.empty:
 
 metric_cols = [c for c in dict.fromkeys(m for k in MODEL_KINDS for m in KEY_METRICS[k])
                if c in runs.columns and runs[c].notna().any()]
-history = runs[["version", "kind", "status", "preset", "active", *metric_cols, "progress", "seconds", "created",
-                "data_snapshot_id", "error"]].copy()
+history = runs[["version", "kind", "status", "preset", "active", *metric_cols, "scored_on", "progress", "seconds",
+                "created", "data_snapshot_id", "error"]].copy()
 # the table is read once per page load: a live run's progress here would lag the bar under "Training now"
 history.loc[history["status"].isin(model_runs.LIVE_STATUSES), "progress"] = None
 st.dataframe(history, hide_index=True, width="stretch", key="models_history", column_config={
@@ -212,6 +212,8 @@ else:
         table = model_runs.compare(URL, first, second)
         # one metric per row: counts (n, epochs) without decimals, scores with four
         st.dataframe(table.map(lambda v: format_metric(v, 4)), width="stretch", key="models_compare")
+        if (note := scored_on_note(table)) is not None:
+            st.warning(note[0].upper() + note[1:] + ".", icon=":material/warning:")
         st.download_button("Download the comparison (CSV)", table.to_csv(), f"compare-{first}-{second}.csv",
                            "text/csv", key="models_compare_csv")
         overlaid = pd.concat([charts.curves_long(model_runs.run_view(URL, v).curves, run=v) for v in (first, second)],

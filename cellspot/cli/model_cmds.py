@@ -228,7 +228,9 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
         raise click.ClickException(f"{version} {final.status}: {final.error}")
     metrics = ", ".join(f"{k} {format_metric(v)}" for k, v in final.metrics.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool))
-    click.echo(f"{version} done{' (active)' if final.is_active else ''}: {metrics}")
+    split = final.metrics.get("split")
+    scored = {"train": " (on its own training data: no val or test images)", None: ""}.get(split, f" (on {split})")
+    click.echo(f"{version} done{' (active)' if final.is_active else ''}: {metrics}{scored}")
     click.echo(str(folder))
 
 
@@ -399,7 +401,7 @@ def models_resume(version: str, device: str | None) -> None:
 @click.argument("version_b")
 def models_compare(version_a: str, version_b: str) -> None:
     """Metrics of two runs side by side."""
-    from cellspot.ml.registry import compare_runs, format_metric
+    from cellspot.ml.registry import compare_runs, format_metric, scored_on_note
     from cellspot.store.db import session_factory
 
     _, engine = _session_scope()
@@ -411,3 +413,6 @@ def models_compare(version_a: str, version_b: str) -> None:
     finally:
         engine.dispose()
     click.echo(frame.map(lambda v: format_metric(v, 4)).to_string())
+    note = scored_on_note(frame)
+    if note:
+        click.echo(f"warning: {note}", err=True)

@@ -689,7 +689,8 @@ class _Run:
                                if self.config.tune_postprocess else (self.pp, evaluate(self.val_images, probs,
                                                                                        self.pp, self.radius)))
         test = data.split("test")
-        split = "test" if test else "val"
+        # without val images the training images stood in (fit warned): say so, not "val"
+        split = "test" if test else ("train" if self.val_images is self.train_images else "val")
         metrics = val_metrics
         if test:
             test_probs = [self.predict(im.pixels, self.config.tta) for im in test]

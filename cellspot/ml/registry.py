@@ -40,7 +40,7 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
 }
 RUNS_FRAME_COLUMNS = [
     "version", "kind", "status", "preset", "created", "seconds", "progress", "active",
-    "data_snapshot_id", "error",
+    "data_snapshot_id", "error", "scored_on",
 ]
 _VERSION_RE = re.compile(r"^(?P<kind>[a-z]+)-(?P<number>\d+)$")
 _ModelRef = int | str | ModelRun
@@ -302,7 +302,8 @@ def runs_frame(session: Session, project: Project | None, kind: str | None = Non
     """One row per run of ``project``, newest first.
 
     Columns: :data:`RUNS_FRAME_COLUMNS` (``seconds`` = training time, NaN until finished;
-    ``progress`` = completed fraction in [0, 1]) followed by the :data:`KEY_METRICS` of the
+    ``progress`` = completed fraction in [0, 1]; ``scored_on`` = the split its metrics were
+    measured on: test, val, or train when the data had neither) followed by the :data:`KEY_METRICS` of the
     kinds shown (NaN where a run has no such metric).
     """
     runs = list_runs(session, project, kind)
@@ -316,6 +317,7 @@ def runs_frame(session: Session, project: Project | None, kind: str | None = Non
             "version": run.version, "kind": run.kind, "status": run.status, "preset": run.preset,
             "created": run.created_at, "seconds": _seconds(run), "progress": fraction,
             "active": bool(run.is_active), "data_snapshot_id": run.data_snapshot_id, "error": run.error,
+            "scored_on": metrics.get("split"),
         }
         row.update({m: _number(metrics.get(m)) for m in metric_cols})
         rows.append(row)
@@ -339,6 +341,7 @@ def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
 
     Index: metric names (nested ones as ``"a.b"``) plus ``seconds`` and ``epochs``; columns:
     the two versions and ``difference`` (b - a). NaN where a run lacks a metric.
+    ``attrs["scored_on"]``: each version's split (:func:`scored_on_note` says it in words).
     """
     run_a, run_b = get_run(session, a), get_run(session, b)
     if run_a.id == run_b.id:
@@ -359,7 +362,19 @@ def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
         index=pd.Index(names, name="metric"),
     )
     frame["difference"] = frame[run_b.version] - frame[run_a.version]
+    frame.attrs["scored_on"] = {run.version: (run.metrics or {}).get("split") for run in (run_a, run_b)}
     return frame
+
+
+def scored_on_note(frame: pd.DataFrame) -> str | None:
+    """A warning for a :func:`compare_runs` table whose runs were not both measured on held-out
+    images (a run without val or test images is scored on its own training data), else None."""
+    splits = frame.attrs.get("scored_on") or {}
+    if len(set(splits.values())) <= 1 and "train" not in splits.values():
+        return None
+    said = ", ".join(f"{v} on {'its own training data' if s == 'train' else f'its {s} split' if s else 'no split'}"
+                     for v, s in splits.items())
+    return f"not like for like: {said}"
 
 
 def run_curves(run: ModelRun) -> pd.DataFrame:

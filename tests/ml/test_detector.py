@@ -178,6 +178,13 @@ def test_shape_prior_comes_from_the_training_masks_unless_set_and_is_off_for_poi
     assert off["min_solidity"] == 0.0 and off["max_eccentricity"] == 1.0
 
 
+def test_without_val_or_test_images_the_metrics_say_they_are_on_the_training_images(tmp_path: Path) -> None:
+    data = TrainingData([_image(f"im{i}.png", "train", i) for i in range(3)], {"kind": "folder"})
+    result = fit_detector(data, config_for(**TINY), tmp_path / "det")
+    assert result.metrics["split"] == "train"
+    assert json.loads((tmp_path / "det" / "metrics.json").read_text())["split"] == "train"
+
+
 def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> None:
     events: list[Progress] = []
     data = _data(with_mask=True)

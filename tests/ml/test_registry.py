@@ -165,3 +165,21 @@ def test_model_version_comes_from_run_json_else_the_folder_name(tmp_path) -> Non
     for broken in ("{not json", "[1, 2]", '{"version": 7}'):
         (folder / RUN_FILE).write_text(broken)
         assert model_version(folder) == "my_detector"
+
+
+def test_runs_and_comparisons_say_what_the_metrics_were_measured_on(session) -> None:
+    project = get_or_create_project(session, "p")
+    runs = []
+    for split in ("test", "train"):
+        run = registry.create_run(session, "classifier", project=project)
+        run.status, run.metrics = "done", {"balanced_accuracy": 0.9, "split": split}
+        runs.append(run)
+    session.flush()
+    frame = registry.runs_frame(session, project)
+    assert dict(zip(frame["version"], frame["scored_on"])) == {"classifier-0001": "test", "classifier-0002": "train"}
+    table = registry.compare_runs(session, "classifier-0001", "classifier-0002")
+    assert registry.scored_on_note(table) == ("not like for like: classifier-0001 on its test split, "
+                                              "classifier-0002 on its own training data")
+    runs[1].metrics = {"balanced_accuracy": 0.8, "split": "test"}
+    session.flush()
+    assert registry.scored_on_note(registry.compare_runs(session, "classifier-0001", "classifier-0002")) is None
