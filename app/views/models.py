@@ -285,8 +285,14 @@ if cells.empty:
 
 pairs = cells[["detector_version", "classifier_version"]].drop_duplicates().apply(tuple, axis=1).tolist()
 wanted = (active["detector"], active["classifier"])
-pair = st.selectbox("Predictions of", pairs, index=pairs.index(wanted) if wanted in pairs else len(pairs) - 1,
-                    format_func=lambda p: f"detector {p[0]} + classifier {p[1]}", key="models_pair")
+# the choice follows the active pair whenever it or the stored pairs change (a promotion, a
+# rollback, a new "Predict project"); a kept widget value would go on showing the old pair
+listing = (wanted, tuple(pairs))
+if st.session_state.get("models_pair_listing") != listing or st.session_state.get("models_pair") not in pairs:
+    st.session_state["models_pair_listing"] = listing
+    st.session_state["models_pair"] = wanted if wanted in pairs else pairs[-1]
+pair = st.selectbox("Predictions of", pairs, format_func=lambda p: f"detector {p[0]} + classifier {p[1]}",
+                    key="models_pair")
 cells = cells[(cells["detector_version"] == pair[0]) & (cells["classifier_version"] == pair[1])]
 per_image = researcher.project_results(researcher.url(), project.id).per_image
 names = dict(zip(per_image["image_id"].astype(int), per_image["image"].astype(str)))

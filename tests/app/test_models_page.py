@@ -280,6 +280,32 @@ def test_after_predict_the_page_waits_for_the_new_predictions_then_shows_them(ap
     assert table(app, "viability_pct")["dead"].sum() == 1
 
 
+def test_the_predictions_shown_follow_the_active_pair_when_new_ones_are_stored(app, app_engine, monkeypatch):
+    detector, old = add_run(app_engine, "detector", promote=True), add_run(app_engine, "classifier", promote=True)
+
+    def store(classifier: str, label: str) -> None:  # what the worker stores
+        with Session(app_engine) as session, session.begin():
+            runs = {r.version: r.id for r in session.scalars(select(ModelRun))}
+            image = session.scalars(select(Image).order_by(Image.name)).first()
+            session.add(PredictionCell(image_id=image.id, detector_run_id=runs[detector],
+                                       classifier_run_id=runs[classifier], x=20.0, y=30.0, label=label,
+                                       p_alive=0.9 if label == "alive" else 0.1, uncertainty=0.4, score=0.9))
+
+    store(old, "alive")
+    open_models(app)
+    assert app.selectbox(key="models_pair").value == (detector, old)
+    new = add_run(app_engine, "classifier", promote=True)  # a newer classifier is promoted ...
+    store(new, "dead")  # ... and predicts the project
+    model_runs.refresh()
+    app.run()
+    no_exception(app)
+    assert app.selectbox(key="models_pair").value == (detector, new)  # not the pair shown before
+    assert table(app, "viability_pct")["dead"].sum() == 1
+    app.selectbox(key="models_pair").set_value((detector, old)).run()  # a researcher's own pick stays
+    app.run()
+    assert app.selectbox(key="models_pair").value == (detector, old)
+
+
 def test_a_double_click_on_train_queues_one_run_and_a_later_click_another(app, app_engine, monkeypatch):
     from appkit import researcher
 
