@@ -227,11 +227,24 @@ def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any)
     if workers < 1:
         raise JobQueueError(f"workers must be >= 1, got {workers}")
     huey = get_huey(settings)
+    _check_answers(settings, huey)
     options = {"periodic": True, **consumer_options}  # cellspot.auto_check, once a minute
     STOPPING.clear()
     consumer = GracefulConsumer(huey, workers=workers, worker_type="thread", **options)
     log.info("worker on %s with %d thread(s)", _safe(settings.resolved_queue_url), workers)
     consumer.run()
+
+
+def _check_answers(settings: Settings, huey: Huey) -> None:
+    """:class:`JobQueueError` when the queue does not answer now (Redis down, the SQLite queue
+    file not readable): the consumer would otherwise log the error with a traceback many times
+    a second and never stop."""
+    from redis.exceptions import RedisError
+
+    try:
+        huey.pending_count()
+    except (OSError, sqlite3.Error, RedisError) as exc:
+        raise JobQueueError(f"the job queue {_safe(settings.resolved_queue_url)} does not answer: {exc}") from exc
 
 
 def _safe(url: str) -> str:

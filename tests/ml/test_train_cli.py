@@ -255,6 +255,13 @@ def test_background_with_a_queue_that_does_not_answer_fails_the_run(settings, mo
     assert fit.calls == []
 
 
+def test_a_worker_on_a_queue_that_does_not_answer_stops_with_one_line(settings, monkeypatch) -> None:
+    monkeypatch.setenv("CELLSPOT_QUEUE_URL", "redis://127.0.0.1:1/0")  # nothing listens on port 1
+    code, out = _run("worker")  # the consumer would log a traceback many times a second, forever
+    assert code == 1 and "Traceback" not in out
+    assert "Error: the job queue redis://127.0.0.1:1/0 does not answer" in out
+
+
 def test_worker_shares_cpu_threads_between_workers(settings, monkeypatch) -> None:
     import os
 
