@@ -231,7 +231,8 @@ st.subheader("Active models and predictions")
 active = model_runs.active_versions(URL, project.id)
 row = st.columns(4)
 for i, kind_name in enumerate(MODEL_KINDS):
-    row[2 * i].metric(f"Active {kind_name}", active[kind_name] or "none")
+    # text, not st.metric: its large figure cut "classifier-0007" to "classifier-0…" at 1024 px
+    row[2 * i].markdown(f"Active {kind_name}:  \n**{active[kind_name] or 'none'}**")
     if row[2 * i + 1].button(f"Roll back {kind_name}", key=f"rollback-{kind_name}", icon=":material/undo:",
                              disabled=not model_runs.can_roll_back(URL, project.id, kind_name),
                              help=f"Make the previously promoted {kind_name} active again"):

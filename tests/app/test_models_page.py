@@ -184,7 +184,7 @@ def test_history_details_and_comparison_of_finished_runs(app, app_engine):
     assert list(compared.columns) == [old, new, "difference"]
     assert compared.loc["balanced_accuracy", "difference"] == "0.1000"
     assert compared.loc["epochs", old] == str(len(CURVES))  # a count, without decimals
-    assert {m.label: m.value for m in app.metric}["Active classifier"] == old
+    assert f"Active classifier:  \n**{old}**" in [m.value for m in app.markdown]
 
 
 def test_promote_and_roll_back_change_the_active_model(app, app_engine):
@@ -196,7 +196,7 @@ def test_promote_and_roll_back_change_the_active_model(app, app_engine):
     no_exception(app)
     assert f"{new} is now the active classifier." in texts(app.success)
     assert runs_in_store(app_engine)[new][2] and not runs_in_store(app_engine)[old][2]
-    assert {m.label: m.value for m in app.metric}["Active classifier"] == new
+    assert f"Active classifier:  \n**{new}**" in [m.value for m in app.markdown]
     app.button(key="rollback-classifier").click().run()
     no_exception(app)
     assert runs_in_store(app_engine)[old][2] and not runs_in_store(app_engine)[new][2]
