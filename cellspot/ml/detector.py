@@ -598,7 +598,10 @@ class _Run:
             return
         frac = self.fraction()
         eta = self.elapsed() * (1 - frac) / frac if frac > 0 else None
-        self.progress(Progress(epoch=self.epoch, epochs=self.config.epochs, step=self.step,
+        step = self.step
+        if phase == "done":  # the last epoch is complete (its step counter was reset): no time left
+            step, eta = self.config.steps_per_epoch, 0.0
+        self.progress(Progress(epoch=self.epoch, epochs=self.config.epochs, step=step,
                                steps=self.config.steps_per_epoch, phase=phase, elapsed_s=self.elapsed(),
                                eta_s=eta, **kw))
 

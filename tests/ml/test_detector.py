@@ -192,6 +192,8 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     phases = [e.phase for e in events]
     assert phases.count("train") == 4 and phases.count("epoch_end") == 2 and phases[-1] == "done"
     assert all(e.eta_s is not None and e.train_loss is not None for e in events if e.phase == "train")
+    done = events[-1]  # a finished run reads 100 % with no time left (it read step 0 and an ETA)
+    assert (done.step, done.steps, done.eta_s, done.fraction) == (done.steps, 2, 0.0, 1.0)
     assert "instance_f1" in events[phases.index("epoch_end")].metrics
     assert {"f1", "instance_f1", "val_f1", "split"} <= set(result.metrics) and result.metrics["split"] == "test"
     config = json.loads((tmp_path / "det-1" / "config.json").read_text())
