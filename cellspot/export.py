@@ -455,7 +455,7 @@ def _write_crops(
     Plain numpy columns and dict lookups per image (no per-row pandas access): the time goes
     into reading images and encoding PNGs.
     """
-    from cellspot.imaging import ImageReadError, read_image, to_display_rgb8
+    from cellspot.imaging import ImageReadError, read_image, to_model_rgb8
 
     info = {r["image"]: r for r in images[["image", "image_id", "path", "has_pixels", "split"]].to_dict("records")}
     groups = cells.groupby("image", sort=True).indices if len(cells) else {}
@@ -475,7 +475,7 @@ def _write_crops(
                 loaded = read_image(settings.home / str(row["path"]))
             except ImageReadError as exc:
                 raise ExportError(f"cannot read the pixels of image {name!r}: {exc}") from exc
-            rgb = to_display_rgb8(loaded.array, loaded.bit_depth)
+            rgb = to_model_rgb8(loaded.array, loaded.bit_depth)
             stem = f"{safe_stem(name)}-{int(row['image_id'])}"
             split = row["split"]
             for i, k in enumerate(rows):

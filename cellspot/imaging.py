@@ -1,4 +1,4 @@
-"""Reading microscopy images of any common kind, and the one place they are normalised for display.
+"""Reading microscopy images of any common kind, and the one place they are normalised.
 
 Pure module: PIL, numpy and tifffile only (OpenCV is used lazily, when installed, for
 16-bit colour PNGs that Pillow would truncate to 8 bit).
@@ -10,8 +10,10 @@ Pure module: PIL, numpy and tifffile only (OpenCV is used lazily, when installed
   Palette images are expanded to RGB (or RGBA when the palette has transparency), since
   palette indices are not intensities. The pixel count is checked against ``max_pixels``
   from the header, **before** any decoding, so decompression bombs cost nothing.
-* :func:`to_display_rgb8` turns any such array into ``uint8`` ``(H, W, 3)``; every later
-  module (crops, the app, models) goes through it.
+* :func:`to_model_rgb8` turns any such array into ``uint8`` ``(H, W, 3)`` for models and
+  training crops (one linear rule for every bit depth: the same picture at 8 or 16 bits gives
+  the same input); :func:`to_display_rgb8` does it for the app's pages (a contrast stretch of
+  images over 8 bits, for people to see dim cells).
 
 Coordinates everywhere in cellspot are in the pixels of ``array``: x = column, y = row.
 EXIF orientation is not applied (microscopes do not write it; pixels stay as stored).
@@ -288,24 +290,54 @@ def _loaded(array: np.ndarray, *, mode: str, fmt: str, label: str, pages: int = 
     )
 
 
+#: the bit depths an integer image's values are read in (cameras write 10, 12, 14 or 16 bits
+#: into 16-bit files): :func:`to_model_rgb8` scales by the smallest that holds the largest value
+MODEL_BIT_DEPTHS = (8, 10, 12, 14, 16, 24, 32)
+
+
+def to_model_rgb8(array: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """Normalise any image array to ``uint8`` RGB for models and training crops: the one rule
+    every model input goes through, the same for every bit depth.
+
+    Channels as :func:`to_display_rgb8`. ``uint8`` input is kept as it is. Other integer
+    arrays are scaled linearly from ``0..2**b - 1`` to ``0..255``, with ``b`` the smallest of
+    :data:`MODEL_BIT_DEPTHS` that holds the image's largest value, so a picture gives the same
+    input whether it was saved as 8 bit, as 16 bit (values x 257) or as 12-bit camera values,
+    and its contrast is left as the microscope recorded it (a per-image contrast stretch would
+    give a model trained on 8-bit images other inputs for the same cells). With ``bit_depth <=
+    8`` the values are clipped to 0..255. Floating-point images, which have no natural range,
+    are stretched as :func:`to_display_rgb8` does. Returns a new ``(H, W, 3)`` ``uint8`` array.
+    """
+    array = _three_or_one_channel(array)
+    if array.dtype == np.uint8:
+        rgb8 = array
+    elif bit_depth <= 8:
+        rgb8 = np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        top = int(array.max()) if array.size else 0
+        bits = next((b for b in MODEL_BIT_DEPTHS if top < 2 ** b), MODEL_BIT_DEPTHS[-1])
+        scaled = np.clip(array, 0, None).astype(np.float32) * np.float32(255.0 / (2 ** bits - 1))
+        rgb8 = np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    else:
+        rgb8 = _stretch_to_uint8(array)
+    if rgb8.ndim == 2:
+        rgb8 = np.repeat(rgb8[..., None], 3, axis=2)
+    return np.ascontiguousarray(rgb8)
+
+
 def to_display_rgb8(array: np.ndarray, bit_depth: int = 8) -> np.ndarray:
-    """Normalise any image array to ``uint8`` RGB for display, crops and models.
+    """Normalise any image array to ``uint8`` RGB for display (the app's pages, overlays).
 
     ``array``: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 2)`` (gray + alpha), ``(H, W, 3)`` or
     ``(H, W, 4)`` (RGBA). Alpha is dropped (not composited); gray is repeated to three
     channels. ``uint8`` input is kept as it is. Anything else: with ``bit_depth <= 8`` the
     values are clipped to 0..255; otherwise they are scaled linearly so the 0.5th..99.5th
     percentiles (over all colour samples together, which keeps the colour balance) span
-    0..255, falling back to min..max, and to zeros for a constant image.
-    Returns a new ``(H, W, 3)`` ``uint8`` array.
+    0..255, falling back to min..max, and to zeros for a constant image: a dim 16-bit
+    fluorescence image is shown with the contrast a person needs to click its cells. Models
+    see :func:`to_model_rgb8` instead. Returns a new ``(H, W, 3)`` ``uint8`` array.
     """
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] in (1, 2):
-        array = array[..., 0]
-    elif array.ndim == 3 and array.shape[2] == 4:
-        array = array[..., :3]
-    elif not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise ValueError(f"expected an (H, W) or (H, W, C<=4) image array, got shape {array.shape}")
+    array = _three_or_one_channel(array)
     if array.dtype == np.uint8:
         rgb8 = array
     elif bit_depth <= 8:
@@ -315,6 +347,18 @@ def to_display_rgb8(array: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     if rgb8.ndim == 2:
         rgb8 = np.repeat(rgb8[..., None], 3, axis=2)
     return np.ascontiguousarray(rgb8)
+
+
+def _three_or_one_channel(array: np.ndarray) -> np.ndarray:
+    """``array`` as ``(H, W)`` or ``(H, W, 3)``: gray + alpha -> gray, RGBA -> RGB (alpha dropped)."""
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[2] in (1, 2):
+        return array[..., 0]
+    if array.ndim == 3 and array.shape[2] == 4:
+        return array[..., :3]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"expected an (H, W) or (H, W, C<=4) image array, got shape {array.shape}")
+    return array
 
 
 def _stretch_to_uint8(array: np.ndarray) -> np.ndarray:

@@ -13,7 +13,15 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellspot.imaging import ImageReadError, header_size, read_image, sha256_bytes, sha256_file, to_display_rgb8
+from cellspot.imaging import (
+    ImageReadError,
+    header_size,
+    read_image,
+    sha256_bytes,
+    sha256_file,
+    to_display_rgb8,
+    to_model_rgb8,
+)
 
 H, W = 6, 8
 RAMP8 = (np.arange(H * W).reshape(H, W) * 5).astype(np.uint8)
@@ -221,3 +229,22 @@ def test_header_size_of_a_file_that_is_no_image_is_none(tmp_path: Path) -> None:
     path = tmp_path / "notes.png"
     path.write_bytes(b"not an image")
     assert header_size(path) is None
+
+
+def test_models_get_the_same_input_from_a_picture_at_8_or_16_bits() -> None:
+    """The display stretches a 16-bit image's contrast; a model must not see that: trained on
+    8-bit images, it called every cell of a 16-bit copy dead."""
+    rng = np.random.default_rng(1)
+    picture = rng.integers(60, 140, (40, 50, 3)).astype(np.uint8)  # low contrast, as brightfield
+    as_16bit = picture.astype(np.uint16) * 257
+    assert np.array_equal(to_model_rgb8(as_16bit, 16), picture)
+    assert not np.array_equal(to_display_rgb8(as_16bit, 16), picture)  # stretched for people
+    twelve_bit = picture.astype(np.uint16) * 16  # 12-bit camera values in a 16-bit file
+    assert np.abs(to_model_rgb8(twelve_bit, 16).astype(int) - picture).max() <= 1
+    # the largest value picks the depth: the same picture's brighter 16-bit copy is brighter
+    dim = to_model_rgb8(np.array([[100, 20000]], np.uint16), 16)
+    assert dim[0, 1, 0] == round(20000 * 255 / 65535) and dim.shape == (1, 2, 3)
+    small = to_model_rgb8(np.array([[3, 200]], np.uint16), 16)  # 8-bit values in a 16-bit file
+    assert small[0, :, 0].tolist() == [3, 200]
+    floats = to_model_rgb8(np.array([[0.1, 0.5, 0.9]], np.float32), 32)  # no natural range: stretched
+    assert floats[0, 0, 0] == 0 and floats[0, 2, 0] == 255

@@ -2,7 +2,7 @@
 
 Training pipelines: flips, 90-degree rotations, a small affine (scale, shift, rotation),
 brightness / contrast / gamma, blur and noise. Evaluation pipelines do nothing (the pixels
-are already normalised by :func:`cellspot.imaging.to_display_rgb8`). Randomness comes in
+are already normalised by :func:`cellspot.imaging.to_model_rgb8`). Randomness comes in
 through ``seed`` (``albumentations.Compose(seed=...)``): the same seed gives the same
 sequence of augmentations.
 

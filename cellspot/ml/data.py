@@ -1,7 +1,7 @@
 """Training data for the models: annotated images with cells, from the store or a folder.
 
 Every source ends up as a :class:`TrainingData`: images already normalised to ``uint8`` RGB
-(:func:`cellspot.imaging.to_display_rgb8`, the one place that handles bit depth and
+(:func:`cellspot.imaging.to_model_rgb8`, the one place that handles bit depth and
 channels), their cells as a table, optional instance masks, and the image-level split
 (:func:`cellspot.crops.stratified_image_split`, the same rule as the export).
 
@@ -37,7 +37,7 @@ from cellspot.imaging import (
     claimed_format,
     header_size,
     read_image,
-    to_display_rgb8,
+    to_model_rgb8,
 )
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def read_rgb8(path: Path, name: str | None = None) -> np.ndarray:
         loaded = read_image(path, name=name)
     except ImageReadError as exc:
         raise DataError(f"cannot read image {name or path}: {exc.reason}") from exc
-    return to_display_rgb8(loaded.array, loaded.bit_depth)
+    return to_model_rgb8(loaded.array, loaded.bit_depth)
 
 
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:

@@ -5,7 +5,7 @@ One path for the CLI (``cellspot predict``), the dashboard and the tests:
 * :func:`predict_images` runs a :class:`Detector` and a :class:`Classifier` (the loaded models
   of :mod:`cellspot.ml.detector` / :mod:`cellspot.ml.classifier`, or anything with the same
   methods) over image files of any bit depth and channel count (read with
-  :func:`cellspot.imaging.read_image`, normalised by :func:`cellspot.imaging.to_display_rgb8`).
+  :func:`cellspot.imaging.read_image`, normalised by :func:`cellspot.imaging.to_model_rgb8`).
   Models are loaded once by the caller; the classifier sees all cells of an image in one call;
   the next image is read in a background thread while the models work on the current one.
 * :func:`mc_samples_for_images` draws MC-dropout samples of ``p_alive`` at given cells (for the
@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from cellspot.imaging import IMAGE_SUFFIXES, ImageReadError, read_image, to_display_rgb8
+from cellspot.imaging import IMAGE_SUFFIXES, ImageReadError, read_image, to_model_rgb8
 from cellspot.ml.overlay import Outline, instance_ids
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ def _expand(path: Path) -> Iterator[tuple[str, Path]]:
 def read_pixels(path: Path) -> np.ndarray:
     """The image file at ``path`` as ``(H, W, 3)`` uint8 (:class:`ImageReadError` names the file)."""
     loaded = read_image(path)
-    return to_display_rgb8(loaded.array, loaded.bit_depth)
+    return to_model_rgb8(loaded.array, loaded.bit_depth)
 
 
 def _read_ahead(items: list[tuple[str, Path]]) -> Iterator[tuple[str, Path, Future]]:

@@ -334,3 +334,16 @@ def test_ldc_folder_loads(shared_data):
     assert 18 <= estimate_diameter(data) <= 24
     assert all(im.pixels.dtype == np.uint8 and im.pixels.ndim == 3 for im in data.images)
     assert {s: len(data.split(s)) for s in ("train", "val", "test")} == {"train": 322, "val": 40, "test": 40}
+
+
+def test_training_and_prediction_read_a_16_bit_copy_as_the_8_bit_picture(tmp_path):
+    from PIL import Image as PILImage
+
+    from cellspot.ml.data import read_rgb8
+    from cellspot.ml.predict import read_pixels
+
+    picture = np.random.default_rng(2).integers(60, 140, (20, 30)).astype(np.uint8)
+    PILImage.fromarray(picture).save(tmp_path / "eight.png")
+    PILImage.fromarray(picture.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    for read in (read_rgb8, read_pixels):
+        assert np.array_equal(read(tmp_path / "sixteen.png"), read(tmp_path / "eight.png"))
