@@ -251,13 +251,20 @@ def test_a_pending_automatic_round_can_be_forgotten(engine, settings, enqueued) 
     assert enqueued == ["demo", "demo"]
 
 
-def test_a_forgotten_round_does_nothing_when_a_worker_takes_its_job(engine, settings, monkeypatch) -> None:
+def _queue_an_automatic_round(engine, settings, monkeypatch) -> list[str | None]:
+    """An automatic round of "demo" queued at T0; returns the list the pending marks of queued
+    jobs are appended to."""
     install(monkeypatch)
     marks: list[str | None] = []
     monkeypatch.setattr("cellspot.jobs.enqueue_auto_round",
                         lambda settings_, project, queued_at=None: marks.append(queued_at))
     with transaction(engine) as session:
         assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
+    return marks
+
+
+def test_a_forgotten_round_does_nothing_when_a_worker_takes_its_job(engine, settings, monkeypatch) -> None:
+    marks = _queue_an_automatic_round(engine, settings, monkeypatch)
     with transaction(engine) as session:
         ar.forget_pending(session, "demo")
     assert marks == [T0.isoformat()]
@@ -278,12 +285,7 @@ def test_a_forgotten_round_does_nothing_when_a_worker_takes_its_job(engine, sett
 
 
 def test_a_round_forgotten_while_it_runs_keeps_the_next_rounds_mark(engine, settings, monkeypatch) -> None:
-    install(monkeypatch)
-    marks: list[str | None] = []
-    monkeypatch.setattr("cellspot.jobs.enqueue_auto_round",
-                        lambda settings_, project, queued_at=None: marks.append(queued_at))
-    with transaction(engine) as session:
-        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
+    marks = _queue_an_automatic_round(engine, settings, monkeypatch)
     later = T0 + timedelta(minutes=5)
 
     def forget_and_queue_another(*_args) -> None:  # while the first round runs, the researcher acts
