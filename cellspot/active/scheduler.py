@@ -118,6 +118,24 @@ def release_leases_except(session: Session, annotator_id: int, lease_id: int) ->
     return int(session.execute(stmt, execution_options={"synchronize_session": False}).rowcount or 0)
 
 
+def held_image(session: Session, project: Project, annotator: Annotator, *, round_: ALRound,
+               now: datetime | None = None, lease_seconds: float | None = None,
+               exclude_ids: Collection[int] = ()) -> Image | None:
+    """The image ``annotator`` holds a live lease of ``round_`` on and has not submitted (a
+    reload, a second tab), with the lease renewed for ``lease_seconds`` from ``now`` and the
+    student's other leases released; None when there is none. Flushes, never commits."""
+    now = utc(now or utcnow())
+    kept = _own_live_lease(session, round_, annotator, now, exclude_ids)
+    if kept is None:
+        return None
+    seconds = float(lease_seconds) if lease_seconds is not None else lease_seconds_for(project)
+    kept.expires_at = now + timedelta(seconds=seconds)
+    release_leases_except(session, annotator.id, kept.id)
+    session.flush()
+    log.debug("round %d: annotator %d keeps image %d", round_.number, annotator.id, kept.image_id)
+    return session.get(Image, kept.image_id)
+
+
 def _own_live_lease(session: Session, round_: ALRound, annotator: Annotator, now: datetime,
                     exclude_ids: Collection[int]) -> ImageLease | None:
     """The student's newest lease of ``round_`` that still counts at ``now``, on an image they have
@@ -311,13 +329,10 @@ def next_queued_image(
     if target < 1:
         raise ValueError(f"target_runs must be >= 1, got {target_runs!r}")
     session.flush()
-    kept = _own_live_lease(session, round_, annotator, now, exclude_ids)
-    if kept is not None:  # a reload or a second tab: the same image again, not the next best one
-        kept.expires_at = now + timedelta(seconds=seconds)
-        release_leases_except(session, annotator.id, kept.id)
-        session.flush()
-        log.debug("round %d: annotator %d keeps image %d", round_.number, annotator.id, kept.image_id)
-        return session.get(Image, kept.image_id)
+    held = held_image(session, project, annotator, round_=round_, now=now, lease_seconds=seconds,
+                      exclude_ids=exclude_ids)
+    if held is not None:  # a reload or a second tab: the same image again, not the next best one
+        return held
     release_leases(session, annotator.id)  # on SQLite this also takes the write lock
     req = LeaseRequest(annotator.id, round_.id, utc(round_.created_at), now, now + timedelta(seconds=seconds),
                        target)
@@ -347,6 +362,6 @@ def next_queued_image(
 
 __all__ = [
     "CANDIDATE_COLUMNS", "DEFAULT_LEASE_SECONDS", "LEASE_COLUMNS", "LeaseContentionError",
-    "NoOpenRoundError", "PROGRESS_COLUMNS", "expire_leases", "lease_seconds_for", "live_leases",
+    "NoOpenRoundError", "PROGRESS_COLUMNS", "expire_leases", "held_image", "lease_seconds_for", "live_leases",
     "next_queued_image", "queue_candidates", "queue_progress", "release_leases",
 ]

@@ -312,6 +312,9 @@ def _next_in_round(
     """:func:`next_image` while ``round_`` is open: gold at its rate, else the round's queue."""
     from cellspot.active import scheduler
 
+    held = scheduler.held_image(session, project, annotator, round_=round_, now=now, exclude_ids=exclude_ids)
+    if held is not None:  # a reload: the image the student is on, before any draw of a gold image
+        return held
     frame = _open_images(session, annotator, exclude_ids)
     gold = frame[frame["gold"]]
     if not gold.empty and rng.random() < _gold_rate(project):

@@ -110,6 +110,18 @@ def test_a_reload_keeps_the_image_when_a_better_one_frees_up(db) -> None:
     assert _next(db, project, ann, T0 + timedelta(seconds=101)) is None  # i00 is cy's, i01 done
 
 
+def test_a_reload_keeps_the_queued_image_before_any_gold_draw(db) -> None:
+    project, images = _room(db, 2, target=1, names=["i00", "gold"])
+    db.add(GoldCell(image_id=images[1].id, x=10, y=10, label="alive"))
+    db.flush()
+    ann = _student(db, "ann")
+    assert c.next_image(db, ann, now=T0).name == "i00"  # gold rate 0: from the queue
+    project.settings = {**project.settings, "gold_rate": 1.0}  # every draw would now give gold
+    db.flush()
+    assert c.next_image(db, ann, now=T0 + timedelta(seconds=5)).name == "i00"  # a reload: still i00
+    assert c.next_image(db, ann, now=T0 + timedelta(seconds=6), exclude_ids=[images[0].id]).name == "gold"
+
+
 @pytest.mark.parametrize(
     ("later_s", "expected"),
     [(59, None), (60, "i00")],  # the lease lives 60 s
