@@ -226,7 +226,10 @@ def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any)
     one lets running trainings save a checkpoint and stop; a second one stops at once)."""
     if workers < 1:
         raise JobQueueError(f"workers must be >= 1, got {workers}")
-    huey = get_huey(settings)
+    try:
+        huey = get_huey(settings)
+    except (OSError, sqlite3.Error) as exc:  # a queue file that cannot be opened or is no database
+        raise JobQueueError(f"the job queue {_safe(settings.resolved_queue_url)} does not answer: {exc}") from exc
     _check_answers(settings, huey)
     options = {"periodic": True, **consumer_options}  # cellspot.auto_check, once a minute
     STOPPING.clear()

@@ -63,8 +63,8 @@ def scoring_note(sources, strategy: str, what: str) -> str | None:  # noqa: ANN0
         used = (f"used the stored predictions of {scored}" if scored else
                 "used no model" + (f", and with strategy {strategy!r} every image ties" if needs_model else ""))
         return (f"note: the active models ({active}) have not predicted this project yet, so {what} {used}; "
-                "predict the project's images with `cellspot predict --project NAME` (or on the Models page), "
-                "then rank again")
+                "predict the project's images (\"Predict project\" on the Models page, or `cellspot predict "
+                "IMAGES_DIR --out DIR --project NAME` on the folder of its images), then rank again")
     if sources.crowd_only and needs_model:
         return no_model_warning(strategy)
     return None

@@ -462,14 +462,27 @@ def overlay_names(images: Iterable[str]) -> dict[str, str]:
 OUTPUT_ENTRIES: frozenset[str] = frozenset({"cells.csv", "summary.csv", "errors.csv", "overlays"})
 
 
+def _check_can_create(folder: Path) -> None:
+    """:class:`PredictionError` when ``folder`` (which does not exist) cannot be made: it is made
+    and removed again, with the parents it needed, so a refused run leaves nothing behind."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True)
+    except OSError as exc:
+        raise PredictionError(f"output folder {folder} cannot be created ({exc.strerror or exc})") from None
+    for path in made:  # deepest first
+        path.rmdir()
+
+
 def check_output_dir(out_dir: str | Path) -> None:
     """Raise :class:`PredictionError` unless ``out_dir`` is new, empty or the folder of an earlier
     prediction (only :data:`OUTPUT_ENTRIES`): a prediction never replaces the ``cells.csv`` of an
-    export or of anything else."""
+    export or of anything else, nor starts when a new folder cannot be made."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PredictionError(f"output folder {out_dir} exists and is not a folder")
     if not out_dir.is_dir():
+        _check_can_create(out_dir)
         return
     others = sorted(p.name for p in out_dir.iterdir()
                     if p.name not in OUTPUT_ENTRIES and not p.name.startswith(".cellspot-predict-"))

@@ -369,10 +369,10 @@ def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
 def scored_on_note(frame: pd.DataFrame) -> str | None:
     """A warning for a :func:`compare_runs` table whose runs were not both measured on held-out
     images (a run without val or test images is scored on its own training data), else None."""
-    splits = frame.attrs.get("scored_on") or {}
-    if len(set(splits.values())) <= 1 and "train" not in splits.values():
+    splits = {v: s for v, s in (frame.attrs.get("scored_on") or {}).items() if s}  # a failed run has none
+    if len(splits) < 2 or (len(set(splits.values())) == 1 and "train" not in splits.values()):
         return None
-    said = ", ".join(f"{v} on {'its own training data' if s == 'train' else f'its {s} split' if s else 'no split'}"
+    said = ", ".join(f"{v} on {'its own training data' if s == 'train' else f'its {s} split'}"
                      for v, s in splits.items())
     return f"not like for like: {said}"
 

@@ -147,7 +147,7 @@ def test_queue_says_when_the_active_models_have_not_predicted_the_project(store,
     said = " ".join(result.stderr.split())
     assert "the active models (classifier-0001) have not predicted this project yet" in said
     assert "used no model, and with strategy 'classifier' every image ties" in said
-    assert "cellspot predict --project NAME" in said and "train and promote" not in said
+    assert "`cellspot predict IMAGES_DIR --out DIR --project NAME`" in said and "train and promote" not in said
 
     store()  # detector-0001 + classifier-0002 predict and are promoted: no note
     assert "note" not in ok_cli("queue", "--project", "p").stderr

@@ -103,6 +103,18 @@ def test_an_empty_out_or_outdir_is_refused_not_the_current_folder(settings, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
+def test_an_out_folder_that_cannot_be_made_is_refused_before_predicting(settings, tmp_path: Path, fake_loaders,
+                                                                         model_dirs) -> None:
+    images = write_images(tmp_path / "images")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli("predict", images, "--out", blocker / "out", "--detector", model_dirs[0],
+                     "--classifier", model_dirs[1], "--no-store")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot be created (Not a directory)" in result.output
+    assert "predict" not in result.stderr.split("Error:")[0]  # it stopped before the progress bar
+
+
 def test_predict_cli_refuses_two_images_with_one_name_before_loading_models(settings, tmp_path: Path, fake_loaders,
                                                                            model_dirs) -> None:
     first = write_images(tmp_path / "day1")
