@@ -25,6 +25,7 @@ import hashlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,21 +309,7 @@ def to_model_rgb8(array: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     8`` the values are clipped to 0..255. Floating-point images, which have no natural range,
     are stretched as :func:`to_display_rgb8` does. Returns a new ``(H, W, 3)`` ``uint8`` array.
     """
-    array = _three_or_one_channel(array)
-    if array.dtype == np.uint8:
-        rgb8 = array
-    elif bit_depth <= 8:
-        rgb8 = np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.integer):
-        top = int(array.max()) if array.size else 0
-        bits = next((b for b in MODEL_BIT_DEPTHS if top < 2 ** b), MODEL_BIT_DEPTHS[-1])
-        scaled = np.clip(array, 0, None).astype(np.float32) * np.float32(255.0 / (2 ** bits - 1))
-        rgb8 = np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
-    else:
-        rgb8 = _stretch_to_uint8(array)
-    if rgb8.ndim == 2:
-        rgb8 = np.repeat(rgb8[..., None], 3, axis=2)
-    return np.ascontiguousarray(rgb8)
+    return _to_rgb8(array, bit_depth, _linear_by_bit_depth)
 
 
 def to_display_rgb8(array: np.ndarray, bit_depth: int = 8) -> np.ndarray:
@@ -337,16 +324,32 @@ def to_display_rgb8(array: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     fluorescence image is shown with the contrast a person needs to click its cells. Models
     see :func:`to_model_rgb8` instead. Returns a new ``(H, W, 3)`` ``uint8`` array.
     """
+    return _to_rgb8(array, bit_depth, _stretch_to_uint8)
+
+
+def _to_rgb8(array: np.ndarray, bit_depth: int, wide: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The steps both rules share: channels, ``uint8`` kept, ``bit_depth <= 8`` clipped; ``wide``
+    maps anything else to ``uint8``. A new contiguous ``(H, W, 3)`` array."""
     array = _three_or_one_channel(array)
     if array.dtype == np.uint8:
         rgb8 = array
     elif bit_depth <= 8:
         rgb8 = np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8)
     else:
-        rgb8 = _stretch_to_uint8(array)
+        rgb8 = wide(array)
     if rgb8.ndim == 2:
         rgb8 = np.repeat(rgb8[..., None], 3, axis=2)
     return np.ascontiguousarray(rgb8)
+
+
+def _linear_by_bit_depth(array: np.ndarray) -> np.ndarray:
+    """Integers scaled from ``0..2**b - 1`` (``b`` from :data:`MODEL_BIT_DEPTHS`); floats stretched."""
+    if not np.issubdtype(array.dtype, np.integer):
+        return _stretch_to_uint8(array)
+    top = int(array.max()) if array.size else 0
+    bits = next((b for b in MODEL_BIT_DEPTHS if top < 2 ** b), MODEL_BIT_DEPTHS[-1])
+    scaled = np.clip(array, 0, None).astype(np.float32) * np.float32(255.0 / (2 ** bits - 1))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
 def _three_or_one_channel(array: np.ndarray) -> np.ndarray:

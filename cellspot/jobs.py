@@ -226,11 +226,7 @@ def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any)
     one lets running trainings save a checkpoint and stop; a second one stops at once)."""
     if workers < 1:
         raise JobQueueError(f"workers must be >= 1, got {workers}")
-    try:
-        huey = get_huey(settings)
-    except (OSError, sqlite3.Error) as exc:  # a queue file that cannot be opened or is no database
-        raise JobQueueError(f"the job queue {_safe(settings.resolved_queue_url)} does not answer: {exc}") from exc
-    _check_answers(settings, huey)
+    huey = _answering_huey(settings)
     options = {"periodic": True, **consumer_options}  # cellspot.auto_check, once a minute
     STOPPING.clear()
     consumer = GracefulConsumer(huey, workers=workers, worker_type="thread", **options)
@@ -238,16 +234,18 @@ def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any)
     consumer.run()
 
 
-def _check_answers(settings: Settings, huey: Huey) -> None:
-    """:class:`JobQueueError` when the queue does not answer now (Redis down, the SQLite queue
-    file not readable): the consumer would otherwise log the error with a traceback many times
-    a second and never stop."""
+def _answering_huey(settings: Settings) -> Huey:
+    """The queue of ``settings``, asked once that it answers; :class:`JobQueueError` when it does
+    not (Redis down, a SQLite queue file that cannot be opened or is no database): the consumer
+    would otherwise log the error with a traceback many times a second and never stop."""
     from redis.exceptions import RedisError
 
     try:
+        huey = get_huey(settings)
         huey.pending_count()
     except (OSError, sqlite3.Error, RedisError) as exc:
         raise JobQueueError(f"the job queue {_safe(settings.resolved_queue_url)} does not answer: {exc}") from exc
+    return huey
 
 
 def _safe(url: str) -> str:

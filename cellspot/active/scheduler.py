@@ -104,17 +104,15 @@ def _live(now: datetime):  # noqa: ANN202 - SQL expression
     return and_(ImageLease.expires_at > now, ~_done())
 
 
-def release_leases(session: Session, annotator_id: int, image_id: int | None = None) -> int:
-    """Delete the leases of ``annotator_id`` (on ``image_id`` only, when given); returns how many."""
+def release_leases(session: Session, annotator_id: int, image_id: int | None = None, *,
+                   keep_lease_id: int | None = None) -> int:
+    """Delete the leases of ``annotator_id`` (on ``image_id`` only, when given; all but lease
+    ``keep_lease_id``, when given); returns how many."""
     stmt = delete(ImageLease).where(ImageLease.annotator_id == int(annotator_id))
     if image_id is not None:
         stmt = stmt.where(ImageLease.image_id == int(image_id))
-    return int(session.execute(stmt, execution_options={"synchronize_session": False}).rowcount or 0)
-
-
-def release_leases_except(session: Session, annotator_id: int, lease_id: int) -> int:
-    """Delete the leases of ``annotator_id`` but lease ``lease_id``; returns how many."""
-    stmt = delete(ImageLease).where(ImageLease.annotator_id == int(annotator_id), ImageLease.id != int(lease_id))
+    if keep_lease_id is not None:
+        stmt = stmt.where(ImageLease.id != int(keep_lease_id))
     return int(session.execute(stmt, execution_options={"synchronize_session": False}).rowcount or 0)
 
 
@@ -130,7 +128,7 @@ def held_image(session: Session, project: Project, annotator: Annotator, *, roun
         return None
     seconds = float(lease_seconds) if lease_seconds is not None else lease_seconds_for(project)
     kept.expires_at = now + timedelta(seconds=seconds)
-    release_leases_except(session, annotator.id, kept.id)
+    release_leases(session, annotator.id, keep_lease_id=kept.id)
     session.flush()
     log.debug("round %d: annotator %d keeps image %d", round_.number, annotator.id, kept.image_id)
     return session.get(Image, kept.image_id)

@@ -41,7 +41,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellspot.active.strategies import CONSENSUS_CLASS_COUNTS, binary_entropy, margin_uncertainty
+from cellspot.active.strategies import (
+    CONSENSUS_CLASS_COUNTS,
+    binary_entropy,
+    consensus_class_counts,
+    margin_uncertainty,
+)
 from cellspot.evaluation import match_cells
 
 log = logging.getLogger(__name__)
@@ -136,9 +141,7 @@ def build_signals(
     # the labelled consensus's class counts over every image of the table, kept in attrs (which
     # pandas carries through row filters), so the rare class of ``rarity`` does not change when a
     # caller leaves retired images (the best-labelled ones) out before scoring
-    alive = float(np.nansum(out["n_cells_consensus"].astype(float) * out["crowd_alive_frac"]))
-    total = float(np.nansum(out["n_cells_consensus"].astype(float)))
-    out.attrs[CONSENSUS_CLASS_COUNTS] = {"alive": alive, "dead": total - alive}
+    out.attrs[CONSENSUS_CLASS_COUNTS] = consensus_class_counts(out)
     return out
 
 

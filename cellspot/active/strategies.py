@@ -403,20 +403,24 @@ def conflict(signals: pd.DataFrame, ctx: Context) -> pd.DataFrame:
 CONSENSUS_CLASS_COUNTS = "consensus_class_counts"
 
 
+def consensus_class_counts(signals: pd.DataFrame) -> dict[str, float]:
+    """``{"alive": n, "dead": n}``: ``n_cells_consensus x crowd_alive_frac`` (and its complement)
+    summed over the rows (0 and 0 without those columns)."""
+    if not {"n_cells_consensus", "crowd_alive_frac"} <= set(signals.columns):
+        return {"alive": 0.0, "dead": 0.0}
+    n, frac = _num(signals, "n_cells_consensus"), _num(signals, "crowd_alive_frac")
+    known = np.isfinite(n) & np.isfinite(frac)
+    return {"alive": float((n * frac)[known].sum()), "dead": float((n * (1.0 - frac))[known].sum())}
+
+
 def rare_class(signals: pd.DataFrame) -> tuple[str, float, float]:
     """``(class, alive, dead)``: the class ("alive" | "dead") the labelled consensus holds fewest
     cells of, with its counts (``n_cells_consensus x crowd_alive_frac`` summed over the images,
     or, when the table was built by :func:`cellspot.active.signals.build_signals`, over every
     image it was built from, so leaving retired images out does not change it); without
     consensus cells, the rarer class in the predictions (expected counts); "dead" on a tie."""
-    alive = dead = 0.0
-    counts = signals.attrs.get(CONSENSUS_CLASS_COUNTS)
-    if counts:
-        alive, dead = float(counts["alive"]), float(counts["dead"])
-    elif {"n_cells_consensus", "crowd_alive_frac"} <= set(signals.columns):
-        n, frac = _num(signals, "n_cells_consensus"), _num(signals, "crowd_alive_frac")
-        known = np.isfinite(n) & np.isfinite(frac)
-        alive, dead = float((n * frac)[known].sum()), float((n * (1.0 - frac))[known].sum())
+    counts = signals.attrs.get(CONSENSUS_CLASS_COUNTS) or consensus_class_counts(signals)
+    alive, dead = float(counts["alive"]), float(counts["dead"])
     if alive + dead == 0:
         alive = float(np.nansum(_num(signals, "pred_alive_sum")))
         dead = float(np.nansum(_num(signals, "pred_dead_sum")))

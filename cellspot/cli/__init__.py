@@ -157,13 +157,11 @@ class OutFile(click.Path):
 
 
 def _first_line(path: Path) -> str | None:
-    """The first line of an existing file ('' when empty), None when there is no such file."""
+    """The first line of an existing file ('' when empty), None when there is no readable file."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(4096)
-    except FileNotFoundError:
-        return None
-    except OSError:  # unreadable: the write reports it, with the reason
+    except OSError:  # no such file, or unreadable (the write then reports why)
         return None
     return head.decode("utf-8", errors="replace").lstrip("\ufeff").split("\n", 1)[0].rstrip("\r")
 

@@ -373,11 +373,16 @@ def _image_for_mask(images_dir: Path, mask: Path, masks_dir: Path) -> str | None
     return None
 
 
+def _mask_files(masks_dir: Path) -> list[Path]:
+    """The mask files under ``masks_dir`` (PNG / TIFF, any depth), sorted."""
+    return sorted(p for p in masks_dir.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff"))
+
+
 def _check_mask_sizes(images_dir: Path, masks_dir: Path) -> None:
     """Every mask that has an image must have its size (from the file headers, no pixels
     decoded); :class:`DataError` listing each mask that does not, or that is no image file."""
     wrong = []
-    for mask in sorted(p for p in masks_dir.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff")):
+    for mask in _mask_files(masks_dir):
         name = _image_for_mask(images_dir, mask, masks_dir)
         if name is None:
             continue  # skipped with a warning by load_folder
@@ -467,7 +472,7 @@ def load_folder(
     by_image = {name: rows for name, rows in table.groupby("image", sort=True)} if table is not None else {}
     mask_only: list[str] = []
     if masks is not None:
-        for mask_path in sorted(p for p in masks.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff")):
+        for mask_path in _mask_files(masks):
             name = _image_for_mask(images_dir, mask_path, masks)
             if name is None:
                 log.warning("mask %s has no image in %s; skipped", mask_path, images_dir)
