@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from cellspot.cli import OUT_DIR, PROJECT, main
 
@@ -182,10 +183,12 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
     from cellspot.workflows import models as wf
 
     _check_sources(project_name, images, annotations, masks, source)
-    if resume and (settings_ or epochs is not None):
+    typed_preset = click.get_current_context().get_parameter_source("preset") is not ParameterSource.DEFAULT
+    changed = "--set" if settings_ else "--epochs" if epochs is not None else "--preset" if typed_preset else None
+    if resume and changed:
         # its resume.pt holds the optimiser and learning-rate schedule of the config it started with
-        raise click.UsageError(f"{'--set' if settings_ else '--epochs'} changes the config; a resumed run keeps "
-                               "the config it started with (start a new run to train with other settings)")
+        raise click.UsageError(f"{changed} changes the config; a resumed run keeps the config it started "
+                               "with (start a new run to train with other settings)")
     overrides = _overrides(kind, preset, settings_)
     if device is not None and not background:
         try:

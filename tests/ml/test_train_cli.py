@@ -203,6 +203,11 @@ def test_cancelled_run_resumes_with_resume_flag(settings, monkeypatch) -> None:
     code, out = _run("train", "classifier", "--resume", "--epochs", "4")
     assert code == 2 and "--epochs changes the config; a resumed run keeps the config it started with" in out
     assert load_run(settings, 1).status == "cancelled" and load_run(settings, 1).config["epochs"] == 3
+    # so would another preset, even the default typed out (it cannot be told from the stored one)
+    for preset in ("quality", "cpu-fast"):
+        code, out = _run("train", "classifier", "--resume", "--preset", preset)
+        assert code == 2 and "--preset changes the config; a resumed run keeps" in out, out
+    assert load_run(settings, 1).status == "cancelled" and load_run(settings, 1).config["preset"] == "cpu-fast"
     code, out = _run("train", "classifier", "--resume")
     assert code == 0 and "classifier-0001 done (active)" in out
     assert [(c["start_epoch"], c["resume"]) for c in fit.calls] == [(1, False), (2, True)]
