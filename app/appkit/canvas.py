@@ -84,6 +84,12 @@ def take_click(key: str, slot: str = "label") -> tuple[float, float] | None:
     return shown.x0 + x, shown.y0 + y
 
 
+def click_stamp(key: str) -> float | None:
+    """The browser time (ms) of the click :func:`take_click` last took on the image ``key``."""
+    stamp = st.session_state.get(f"{key}.taken")
+    return float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else None
+
+
 def marked_picture(rgb: np.ndarray, marks: Sequence[Mark], view: View, highlight: int | None = None):
     """``view`` of ``rgb`` (H, W, 3) uint8 at :func:`render_scale` with the label page's markers
     for ``marks`` (image px); ``highlight`` is the index of a mark drawn thicker."""

@@ -47,3 +47,20 @@ _SCRIPT = """
 def forward_keys_from_image_frames() -> None:
     """Make the page's keyboard shortcuts work while the focus is in the image frame."""
     st.html(_SCRIPT, unsafe_allow_javascript=True)
+
+
+_SCROLL = """
+<script>
+/* __NONCE__ */
+document.querySelectorAll('[data-testid="stMain"], [data-testid="stAppViewContainer"]')
+  .forEach((el) => el.scrollTo({top: 0}));
+window.scrollTo({top: 0});
+</script>
+"""
+
+
+def scroll_to_top(nonce: str) -> None:
+    """Scroll the page to its top once (``nonce``: a new value per use, so the script runs
+    again). After Submit on a phone, where the buttons are below the image, the next image
+    would otherwise be above the screen."""
+    st.html(_SCROLL.replace("__NONCE__", nonce.replace("*/", "")), unsafe_allow_javascript=True)

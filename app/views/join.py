@@ -35,6 +35,6 @@ if joined:
         if done:
             st.session_state["welcome_back"] = (
                 f"Welcome back, {roles.plain(student.nickname)}: the {done} image(s) labelled with this nickname "
-                f"in class {student.class_code} count as yours. Not you? Press Leave and join with "
+                f"in class {student.class_code} count as yours. Not you? Press Leave (in the page menu) and join with "
                 "another nickname.")
         st.rerun()  # the navigation now offers the student pages, the tutorial first

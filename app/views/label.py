@@ -1,13 +1,16 @@
 """The labelling page: pick a label, click the cells, submit, get the next image.
 
-The draft (marks, undo history, zoom) lives in the session; a submit stores one task run
-through :func:`cellspot.workflows.classroom.submit_run` with a ``client_key`` made once per
-displayed image, so a double click on Submit, a rerun during the submit or a second submit
-of the same image stores one run.
+The draft (marks, undo history, zoom) lives in the session, and the marks also in the store
+(:func:`cellspot.workflows.classroom.save_draft`, on every change), so a reload or a phone
+dropping the tab brings the student back to the same image with their marks. A submit stores
+one task run through :func:`cellspot.workflows.classroom.submit_run` with a ``client_key``
+made once per displayed image, so a double click on Submit, a rerun during the submit or a
+second submit of the same image stores one run.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import streamlit as st
@@ -21,7 +24,9 @@ from cellspot.workflows.classroom import (
     GoldFeedback,
     ImageNotFoundError,
     Progress,
+    draft_of,
     next_image,
+    save_draft,
     student_progress,
     submit_run,
 )
@@ -32,6 +37,11 @@ LABELS = {  # label -> (button text, key, what the marker looks like)
     "not_sure": ("△ Not sure", "N", "triangle with ?"),
 }
 HISTORY_LIMIT = 200
+#: a second click within this time (ms) on the spot of the click before is the other half of a
+#: double click: it would take the mark just placed away again, so it is ignored
+DOUBLE_CLICK_MS = 350
+
+log = logging.getLogger(__name__)
 
 student = roles.require_student()
 state = st.session_state
@@ -43,29 +53,57 @@ state.setdefault("zoom", 1)
 
 
 def new_task(exclude: tuple[int, ...] = ()) -> dict | None:
-    """Pick the next image for this student and start an empty draft with a new client key."""
+    """The student's next image with a new client key: the one of their saved draft with its
+    marks (a reload, another device), else a new pick with no marks."""
+    marks: list = []
     with resources.session() as session:
         annotator = session.get(Annotator, student.annotator_id)
         # images whose pixels cannot be shown stay out for the rest of the session: with only the
         # last one excluded, two such images would send the page back and forth for ever
         skip = (*state.get("unshowable", ()), *exclude)
-        image = next_image(session, annotator, exclude_ids=skip) if annotator else None
+        draft = draft_of(session, annotator, exclude_ids=skip) if annotator else None
+        if draft is not None:
+            image, marks = draft
+        else:
+            image = next_image(session, annotator, exclude_ids=skip) if annotator else None
         task = None if image is None else {
             "image_id": image.id, "name": image.name, "width": image.width, "height": image.height,
             "client_key": f"app-{uuid.uuid4().hex}", "annotator_id": student.annotator_id,
         }
-    state.update(task=task, marks=[], history=[], centre=None)  # the zoom level stays
+    if marks:
+        state["notice"] = ("info", f"Your {len(marks)} unsubmitted mark(s) on this image are back.")
+    # every image starts at 1x: a zoom carried over hid most of the next image, and a student
+    # who marked only the visible part was told on a check image that they missed the rest
+    state.update(task=task, marks=marks, history=[], centre=None, zoom=1, last_click=None)
+    state.pop("confirm_empty", None)
     return task
+
+
+def keep_draft() -> None:
+    """Store the marks of the image on screen as the student's draft (a failure is logged: the
+    marks stay in the session and the submit reports any problem)."""
+    task = state.get("task")
+    if not task:
+        return
+    try:
+        with resources.session() as session:
+            save_draft(session, session.get(Annotator, student.annotator_id), task["image_id"], state["marks"])
+    except (InvalidClickError, ImageNotFoundError) as exc:
+        log.warning("draft of image %s not kept: %s", task["image_id"], exc)
 
 
 def set_marks(marks: list) -> None:
     state["history"] = [*state.get("history", []), list(state["marks"])][-HISTORY_LIMIT:]
     state["marks"] = marks
+    state.pop("confirm_empty", None)  # an empty submit asks again after the marks changed
+    keep_draft()
 
 
 def undo() -> None:
     if state.get("history"):
         state["marks"] = state["history"].pop()
+        state.pop("confirm_empty", None)
+        keep_draft()
 
 
 def clear() -> None:
@@ -134,10 +172,15 @@ def submit(client_key: str) -> None:
         state["feedback"] = {"task": task, "marks": marks, "result": result.gold_feedback}
     else:
         state.pop("feedback", None)
-    what = "Saved" if result.created else "Already saved"
     # short (no file name: the student knows which image it was), so the line under Submit stays
-    # above the fold on a 1024x768 tablet also when zoomed or on a gold image
-    state["notice"] = ("success", f"{what}: {result.n_clicks} mark(s).")
+    # above the fold on a 1024x768 tablet also on a gold image
+    if result.other_submit:
+        state["notice"] = ("warning", f"Not saved: you had already submitted this image ({result.n_clicks} "
+                                      "mark(s)) in another tab or device; the marks here were dropped.")
+    else:
+        state["notice"] = ("success", f"{'Saved' if result.created else 'Already saved'}: "
+                                      f"{result.n_clicks} mark(s).")
+    state["scroll_top"] = True
     new_task()
 
 
@@ -185,9 +228,15 @@ saved = None
 if "notice" in state:
     kind, text = state.pop("notice")
     if kind == "success":
-        saved = text + (" Check image: see below the image." if state.get("feedback") else "")
+        saved = text + (" Check result below." if state.get("feedback") else "")
+    elif kind == "warning":
+        st.warning(text, icon=":material/warning:")
+    elif kind == "info":
+        st.info(text, icon=":material/restore:")
     else:
         st.error(text)
+if state.pop("scroll_top", False) and task is not None:
+    keys.scroll_to_top(task["client_key"])  # on a phone the next image is above the Submit just pressed
 
 if task is None:
     p = progress()
@@ -215,8 +264,13 @@ key = f"canvas-{task['client_key']}"
 view = view_window(task["width"], task["height"], state["zoom"], state.get("centre"))
 click = canvas.take_click(key)
 if click is not None:
-    set_marks(apply_click(state["marks"], click[0], click[1], state["current_label"],
-                          canvas.click_tolerance(view)))
+    tolerance = canvas.click_tolerance(view)
+    stamp, before = canvas.click_stamp(key), state.get("last_click")
+    double = (before is not None and stamp is not None and 0 <= stamp - before[0] < DOUBLE_CLICK_MS
+              and abs(click[0] - before[1]) <= tolerance and abs(click[1] - before[2]) <= tolerance)
+    state["last_click"] = None if double else (stamp, click[0], click[1])
+    if not double:
+        set_marks(apply_click(state["marks"], click[0], click[1], state["current_label"], tolerance))
 
 with resources.session() as session:
     image = session.get(Image, task["image_id"])
@@ -265,12 +319,12 @@ with tools_col:
             col.button(arrow, key=f"pan-{name}", on_click=move, args=(dx, dy), shortcut=name,
                        help=f"Move the view ({name.lower()} arrow key)", width="stretch")
     confirming = not state["marks"] and state.get("confirm_empty") == task["client_key"]
-    if confirming:
-        st.warning("No marks on this image. If it has no cells, press **Submit with no cells** "
-                   "(Ctrl+Enter); otherwise click the cells first.", icon=":material/help:")
     st.button("Submit with no cells" if confirming else "Submit", key=f"submit-{task['client_key']}",
               type="primary", shortcut="Ctrl+Enter", on_click=submit, args=(task["client_key"],), width="stretch",
               help="Save the marks of this image and get the next one (Ctrl+Enter)")
+    if confirming:  # under the button, which stays where it was (above the fold on a tablet)
+        st.warning("No marks on this image. If it has no cells, press **Submit with no cells** "
+                   "again; otherwise click the cells first.", icon=":material/help:")
     if saved:
         st.success(saved, icon=":material/check_circle:")
 

@@ -28,7 +28,7 @@ if st.button("Skip the tutorial", key="skip", help="Go straight to labelling."):
 
 st.markdown(
     """
-1. **Pick a label** with the buttons beside the image, or with the keys
+1. **Pick a label** with the buttons beside the image (below it on a phone), or with the keys
    **A** (alive), **D** (dead) and **N** (not sure).
 2. **Click or tap the centre of each cell** to place a mark of that label. Each label has its
    own shape and letter: alive ◯ **A**, dead ☒ **D**, not sure △ **?**.

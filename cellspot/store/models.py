@@ -451,3 +451,20 @@ class ImageLease(Base):
     slot: Mapped[int] = mapped_column(Integer)
     leased_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class LabelDraft(Base):
+    """A student's marks on the image on their screen, not submitted yet (one per student).
+
+    Written on every change of the marks and deleted by the submit, so a reload, a phone
+    dropping a background tab or another device brings the student back to the same image
+    with the marks they had placed (:func:`cellspot.workflows.classroom.draft_of`).
+    ``marks``: ``[[x, y, label], ...]`` in original image pixels.
+    """
+
+    __tablename__ = "label_drafts"
+
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    marks: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from cellspot.evaluation import match_cells
@@ -32,8 +32,10 @@ from cellspot.store.models import (
     ConsensusCell,
     GoldCell,
     Image,
+    LabelDraft,
     Project,
     TaskRun,
+    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -103,12 +105,16 @@ class GoldFeedback:
 class SubmitResult:
     """What :func:`submit_run` stored: ``created`` is False when ``client_key`` was already used
     (nothing new stored; ``task_run_id`` is the earlier run). ``gold_feedback`` is set for gold
-    images, computed from the stored clicks (the same on a repeated submit)."""
+    images, computed from the stored clicks (the same on a repeated submit); ``other_submit``
+    says the stored run came from another submit than this one (its clicks were dropped)."""
 
     task_run_id: int
     created: bool
     n_clicks: int
     gold_feedback: GoldFeedback | None = None
+    #: the earlier run was submitted with another client key (another tab or device): the
+    #: clicks sent with this submit were not stored
+    other_submit: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,9 +340,11 @@ def _next_in_round(
 
 def leave_class(session: Session, annotator_id: int) -> int:
     """The student leaves this device: the image leased to them goes back to the round's queue
-    at once (instead of after the lease expires); their runs stay. Returns the leases released."""
+    at once (instead of after the lease expires) and their unsubmitted draft is dropped; their
+    runs stay. Returns the leases released."""
     from cellspot.active import scheduler
 
+    drop_draft(session, annotator_id)
     return scheduler.release_leases(session, annotator_id)
 
 
@@ -429,11 +437,59 @@ def submit_run(
     from cellspot.active.scheduler import release_leases  # lazy: keeps the classroom import light
 
     release_leases(session, annotator.id, image.id)  # submitting ends this student's lease on it
+    drop_draft(session, annotator.id, image.id)
     if created:
         log.info("run %d stored: annotator %d, image %d, %d clicks", run.id, annotator.id, image.id, len(stored))
     else:
         log.info("repeated submit of run %d (client_key reused); nothing new stored", run.id)
-    return SubmitResult(task_run_id=run.id, created=created, n_clicks=len(stored), gold_feedback=feedback)
+    return SubmitResult(task_run_id=run.id, created=created, n_clicks=len(stored), gold_feedback=feedback,
+                        other_submit=earlier is not None)
+
+
+# --------------------------------------------------------------------------- drafts
+
+
+def save_draft(session: Session, annotator: Annotator, image_id: int,
+               marks: Sequence[tuple[float, float, str]]) -> None:
+    """Keep ``marks`` ``(x, y, label)`` as ``annotator``'s unsubmitted work on ``image_id`` (one
+    draft per student: a draft on another image is replaced). The marks are checked as a submit
+    checks them (:class:`cellspot.store.queries.InvalidClickError`); :class:`ImageNotFoundError`
+    for an image outside the student's project. Flushes, never commits."""
+    image = get_project_image(session, annotator, image_id)
+    clean = [(float(x), float(y), str(label)) for x, y, label in marks]
+    queries.validate_clicks(image, clean)
+    draft = session.get(LabelDraft, annotator.id)
+    if draft is None:
+        draft = LabelDraft(annotator_id=annotator.id, image_id=image.id)
+        session.add(draft)
+    draft.image_id, draft.marks, draft.updated_at = image.id, [list(m) for m in clean], utcnow()
+    session.flush()
+
+
+def draft_of(session: Session, annotator: Annotator,
+             exclude_ids: Collection[int] = ()) -> tuple[Image, list[tuple[float, float, str]]] | None:
+    """``annotator``'s saved draft as ``(image, marks)`` while its image is still open to them
+    (pixels, not submitted by them, active or gold; not in ``exclude_ids``), else ``None`` (a
+    draft whose image is no longer open is deleted). Flushes, never commits."""
+    draft = session.get(LabelDraft, annotator.id)
+    if draft is None:
+        return None
+    if int(draft.image_id) in {int(i) for i in exclude_ids}:
+        return None
+    still_open = _open_images(session, annotator)["image_id"].eq(draft.image_id).any()
+    if not still_open:
+        drop_draft(session, annotator.id)
+        return None
+    marks = [(float(x), float(y), str(label)) for x, y, label in (draft.marks or [])]
+    return session.get(Image, draft.image_id), marks
+
+
+def drop_draft(session: Session, annotator_id: int, image_id: int | None = None) -> None:
+    """Delete the student's draft (only the one on ``image_id`` when given). Never commits."""
+    stmt = delete(LabelDraft).where(LabelDraft.annotator_id == int(annotator_id))
+    if image_id is not None:
+        stmt = stmt.where(LabelDraft.image_id == int(image_id))
+    session.execute(stmt)
 
 
 # --------------------------------------------------------------------------- progress
@@ -558,7 +614,7 @@ def _consensus_examples(session: Session, project: Project, label: str, n: int, 
 __all__ = [
     "ClassNotFoundError", "Example", "FeedbackCell", "GoldFeedback", "ImageNotFoundError",
     "InvalidNicknameError", "Progress", "SubmitResult", "compare_with_gold", "day_start",
-    "feedback_radius", "find_class", "get_project_image", "gold_image_ids", "join_class",
-    "leave_class", "next_image", "normalize_class_code", "normalize_nickname", "runs_submitted", "student_progress",
+    "draft_of", "drop_draft", "feedback_radius", "find_class", "get_project_image", "gold_image_ids", "join_class",
+    "leave_class", "next_image", "normalize_class_code", "normalize_nickname", "runs_submitted", "save_draft", "student_progress",
     "submit_run", "tutorial_examples",
 ]

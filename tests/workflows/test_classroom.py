@@ -12,7 +12,16 @@ from sqlalchemy.orm import Session
 
 from cellspot.store import queries as q
 from cellspot.store.db import session_factory
-from cellspot.store.models import Click, ConsensusCell, ConsensusSnapshot, GoldCell, Image, Project, TaskRun
+from cellspot.store.models import (
+    Click,
+    ConsensusCell,
+    ConsensusSnapshot,
+    GoldCell,
+    Image,
+    LabelDraft,
+    Project,
+    TaskRun,
+)
 from cellspot.workflows import classroom as c
 
 GOLD = [(20.0, 20.0, "alive"), (60.0, 30.0, "dead"), (80.0, 60.0, "alive")]
@@ -173,6 +182,47 @@ def test_second_tab_with_another_key_does_not_store_a_second_run(session, room) 
     assert second.task_run_id == first.task_run_id and second.n_clicks == 1
     assert c.submit_run(session, other, images["a"].id, [(20, 22, "dead")], "tab-3").created  # others may
     assert _count(session, TaskRun) == 2 and _count(session, Click) == 2
+    # the page tells the second tab its clicks were dropped; a repeat of the same key is no such case
+    assert second.other_submit and not first.other_submit
+    assert not c.submit_run(session, student, images["a"].id, [(10, 12, "alive")], "tab-1").other_submit
+
+
+def test_a_draft_is_kept_per_student_until_submitted(session, room) -> None:
+    """One draft per student, replaced by a draft on another image; it comes back while its
+    image is open to the student and goes with the submit or Leave."""
+    project, images = room
+    ann, bob = c.join_class(session, "7B", "ann"), c.join_class(session, "7B", "bob")
+    assert c.draft_of(session, ann) is None
+    c.save_draft(session, ann, images["a"].id, [(10, 12, "alive"), (20.5, 30, "dead")])
+    c.save_draft(session, bob, images["a"].id, [])
+    image, marks = c.draft_of(session, ann)
+    assert image.id == images["a"].id and marks == [(10.0, 12.0, "alive"), (20.5, 30.0, "dead")]
+    assert c.draft_of(session, ann, exclude_ids=[images["a"].id]) is None  # e.g. its pixels cannot be shown
+    c.save_draft(session, ann, images["b"].id, [(1, 2, "not_sure")])  # moved on: one draft per student
+    assert c.draft_of(session, ann)[0].id == images["b"].id and _count(session, LabelDraft) == 2
+    c.submit_run(session, ann, images["b"].id, [(1, 2, "not_sure")], "k1")
+    assert c.draft_of(session, ann) is None and c.draft_of(session, bob)[1] == []
+    c.leave_class(session, bob.id)
+    assert _count(session, LabelDraft) == 0
+
+
+def test_a_draft_on_an_image_no_longer_open_is_dropped(session, room) -> None:
+    project, images = room
+    ann = c.join_class(session, "7B", "ann")
+    c.save_draft(session, ann, images["c"].id, [(5, 5, "alive")])
+    c.submit_run(session, ann, images["c"].id, [(6, 6, "dead")], "other-device")  # submitted elsewhere
+    c.save_draft(session, ann, images["c"].id, [(5, 5, "alive")])  # a late write of a stale tab
+    assert c.draft_of(session, ann) is None and _count(session, LabelDraft) == 0
+
+
+@pytest.mark.parametrize("marks", [[(100, 5, "alive")], [(5, 5, "maybe")], [(float("inf"), 5, "dead")]])
+def test_a_draft_with_a_bad_mark_is_refused_and_the_old_one_kept(session, room, marks) -> None:
+    project, images = room
+    ann = c.join_class(session, "7B", "ann")
+    c.save_draft(session, ann, images["a"].id, [(5, 5, "alive")])
+    with pytest.raises(q.InvalidClickError):
+        c.save_draft(session, ann, images["a"].id, marks)
+    assert c.draft_of(session, ann)[1] == [(5.0, 5.0, "alive")]
 
 
 @pytest.mark.parametrize(
