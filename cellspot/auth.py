@@ -20,6 +20,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -225,16 +226,20 @@ class ResearcherAuth:
             return LoginResult(False, 0.0, "No researcher password is configured: set "
                                "CELLSPOT_RESEARCHER_PASSWORD (or CELLSPOT_RESEARCHER_PASSWORD_HASH, "
                                "or researcher_password in Streamlit secrets) and restart.")
+        if not password:  # a slip, not a guess: not counted
+            return LoginResult(False, 0.0, "Enter the password.")
         wait = self.throttle.wait_seconds(key)
         if wait > 0:
-            return LoginResult(False, wait, f"Too many wrong passwords; try again in {wait:.0f} s.")
+            # rounded up: "0 s" while still refused read as a broken page
+            return LoginResult(False, wait, "Wrong passwords slow the next attempt down: try again in "
+                                            f"{max(1, math.ceil(wait))} s.")
         if verify_password(password, self.password_hash):
             self.throttle.record_success(key)
             log.info("researcher login succeeded")
             return LoginResult(True, 0.0, "Logged in.")
         delay = self.throttle.record_failure(key)
         log.warning("researcher login refused (wrong password, %d consecutive)", self.throttle.failures(key))
-        return LoginResult(False, delay, f"Wrong password; the next attempt is possible in {delay:.0f} s."
+        return LoginResult(False, delay, f"Wrong password; the next attempt is possible in {math.ceil(delay)} s."
                            if delay >= 1 else "Wrong password.")
 
 

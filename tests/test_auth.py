@@ -90,9 +90,18 @@ def test_login_throttles_wrong_passwords() -> None:
     clock.now += 0.5
     second = gate.login("wrong")
     assert not second.ok and second.retry_after == 1.0 and gate.throttle.failures() == 2
-    clock.now += 1.0
+    clock.now += 0.25  # still refused: the wait is rounded up, never "0 s"
+    assert "try again in 1 s." in gate.login("right").message
+    clock.now += 0.75
     assert gate.login("right").ok
     assert gate.throttle.failures() == 0 and gate.throttle.wait_seconds() == 0.0
+
+
+def test_an_empty_password_is_asked_for_and_not_counted() -> None:
+    gate, _clock = _auth()
+    result = gate.login("")
+    assert not result.ok and result.message == "Enter the password." and gate.throttle.failures() == 0
+    assert gate.login("right").ok
 
 
 def test_throttle_keys_are_independent() -> None:

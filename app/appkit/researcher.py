@@ -13,9 +13,17 @@ import pandas as pd
 import streamlit as st
 
 from appkit import resources, roles
+from cellspot.consensus import DEFAULT_METHOD
 from cellspot.store.models import Project
 from cellspot.store.queries import project_summaries
-from cellspot.workflows.dashboard import Activity, Results, class_activity, results
+from cellspot.workflows.dashboard import (
+    Activity,
+    ConsensusBasis,
+    Results,
+    class_activity,
+    consensus_basis,
+    results,
+)
 
 SUMMARY_TTL_S = 5
 
@@ -41,6 +49,13 @@ def project_results(url: str, project_id: int, min_confidence: float = 0.0) -> R
     with resources.session() as session:
         project = session.get(Project, project_id)
         return results(session, project, min_confidence=min_confidence)
+
+
+@st.cache_data(ttl=SUMMARY_TTL_S, show_spinner=False)
+def project_basis(url: str, project_id: int) -> ConsensusBasis:
+    """:func:`cellspot.workflows.dashboard.consensus_basis` of a project (cached briefly)."""
+    with resources.session() as session:
+        return consensus_basis(session, session.get(Project, project_id))
 
 
 #: seconds within which the same request again is taken for a double click, not a new request
@@ -77,7 +92,7 @@ def act(notice_key: str, errors: tuple[type[Exception], ...], action, *args, rem
 
 def refresh() -> None:
     """Forget the cached summaries (after a write)."""
-    for cached in (projects, activity, project_results):
+    for cached in (projects, activity, project_results, project_basis):
         cached.clear()
 
 
@@ -105,3 +120,22 @@ def page_header(title: str) -> Project | None:
     st.session_state["r_project_id"] = chosen
     with resources.session() as session:
         return session.get(Project, chosen)
+
+
+def recompute_consensus(project_id: int) -> str:
+    """Recompute the consensus of a project now (with a spinner), drop the cached summaries and
+    return the report's one-line summary."""
+    from cellspot.workflows.aggregate import aggregate
+
+    with st.spinner("Computing consensus..."):
+        with resources.session() as session:
+            report = aggregate(session, session.get(Project, project_id), method=DEFAULT_METHOD)
+    refresh()
+    return report.summary()
+
+
+def csv_name(project_name: str, what: str, min_confidence: float = 0.0) -> str:
+    """File name of a Results download: with the confidence threshold when one is set, so the
+    files of two thresholds are not mixed up (``demo-per-image-min-confidence-0.95.csv``)."""
+    suffix = f"-min-confidence-{min_confidence:.2f}" if min_confidence > 0 else ""
+    return f"{project_name}-{what}{suffix}.csv"

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import altair as alt
 import streamlit as st
-from appkit import researcher, resources, roles
-
-from cellspot.consensus import DEFAULT_METHOD
-from cellspot.workflows.aggregate import aggregate
+from appkit import researcher, roles
 
 REFRESH_S = 5
 
@@ -30,11 +27,7 @@ window = top[1].selectbox("Window", [5, 10, 30, 60], index=1, format_func=lambda
 live = top[2].toggle("Live (every 5 s)", value=True, key="class_live")
 with top[3]:
     if st.button("Recompute consensus", help="Update cells, reliability and retirement from every click now"):
-        with st.spinner("Computing consensus..."):
-            with resources.session() as session:
-                report = aggregate(session, project, method=DEFAULT_METHOD)
-        researcher.refresh()
-        st.success(report.summary())
+        st.success(researcher.recompute_consensus(project.id))
 
 
 def _metrics(act) -> None:

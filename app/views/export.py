@@ -9,7 +9,7 @@ import streamlit as st
 from appkit import researcher, resources, roles
 
 from cellspot.crops import SplitError
-from cellspot.export import ExportError, NoSnapshotError
+from cellspot.export import MAX_CROP_SIZE, ExportError, NoSnapshotError
 from cellspot.workflows.dashboard import export_zip
 
 roles.require_researcher()  # every researcher page checks again
@@ -20,14 +20,18 @@ if project is None:
 
 st.write(f"Exports the latest consensus of **{project.name}** like `cellspot export`: cells, clicks, "
          "annotator reliability, per-image table, COCO keypoints, crops and a manifest with checksums.")
+# no min / max on the fields: a value typed out of range made the browser drop the press of
+# "Build the export" without a word; the export checks the values and says what is wrong
 with st.form("export"):
     cols = st.columns(3)
-    crop_size = cols[0].number_input("Crop size (px)", 16, 512, 96, step=8)
-    min_confidence = cols[1].number_input("Minimum confidence", 0.0, 1.0, 0.5, step=0.05)
-    seed = cols[2].number_input("Split seed", 0, 2**31 - 1, 0)
+    crop_size = cols[0].number_input("Crop size (px)", value=96, step=8, help=f"1 to {MAX_CROP_SIZE} px")
+    min_confidence = cols[1].number_input("Minimum confidence", value=0.5, step=0.05, help="0 to 1")
+    seed = cols[2].number_input("Split seed", value=0, step=1, help="a whole number, 0 or more")
     build = st.form_submit_button("Build the export", type="primary")
 
-if build:
+if build and seed < 0:
+    st.error(f"The split seed must be 0 or more; got {seed}.")
+elif build:
     bar = st.progress(0.0, text="Exporting...")
 
     def progress(stage: str, done: int, total: int) -> None:

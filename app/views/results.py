@@ -16,6 +16,8 @@ if project is None:
     st.info("No project yet: create one on the Setup page.")
     st.stop()
 
+if "results_message" in st.session_state:
+    st.success(st.session_state.pop("results_message"))
 min_confidence = st.slider("Count only cells with a consensus confidence of at least", 0.0, 1.0, 0.0, 0.05,
                            key="results_min_conf")
 res = researcher.project_results(researcher.url(), project.id, float(min_confidence))
@@ -23,6 +25,22 @@ per_image, by_condition = res.per_image, res.by_condition
 if per_image.empty:
     st.info("This project has no images yet.")
     st.stop()
+# the counts are those of the latest consensus snapshot: say which, and when the store moved on
+basis = researcher.project_basis(researcher.url(), project.id)
+if basis.snapshot_id is None or basis.behind:
+    note, button = st.columns([4, 1], vertical_alignment="center")
+    if basis.snapshot_id is None:
+        note.info("No consensus yet, so no cells are counted: recompute it from the students' clicks.",
+                  icon=":material/info:")
+    else:
+        note.warning(f"These counts are out of date: {basis.behind.split('; recompute')[0]}.",
+                     icon=":material/history:")
+    if button.button("Recompute consensus", key="results_aggregate", type="primary"):
+        st.session_state["results_message"] = researcher.recompute_consensus(project.id)
+        st.rerun()
+else:
+    st.caption(f"From consensus snapshot {basis.snapshot_id} of {basis.snapshot_at:%Y-%m-%d %H:%M} UTC, "
+               "up to date with every click.")
 
 counted = per_image.dropna(subset=["viability_pct"])
 row = st.columns(4)
@@ -57,7 +75,8 @@ else:
     st.caption("Bars: viability pooled over the cells of each condition; whiskers: mean ± SD over images.")
     st.dataframe(by_condition, hide_index=True, width="stretch")
     st.download_button("Download by condition (CSV)", by_condition.to_csv(index=False),
-                       f"{project.name}-viability-by-condition.csv", "text/csv")
+                       researcher.csv_name(project.name, "viability-by-condition", min_confidence),
+                       "text/csv")
 
 dose = next((c for c in ("meta_dose_uM", "meta_dose") if c in counted.columns), None)
 if dose is not None and counted[dose].notna().any():
@@ -76,4 +95,4 @@ st.dataframe(per_image, hide_index=True, width="stretch",
              column_config={"viability_pct": st.column_config.NumberColumn("viability %", format="%.1f"),
                             "mean_confidence": st.column_config.NumberColumn("mean confidence", format="%.2f")})
 st.download_button("Download per image (CSV)", per_image.to_csv(index=False),
-                   f"{project.name}-per-image.csv", "text/csv")
+                   researcher.csv_name(project.name, "per-image", min_confidence), "text/csv")

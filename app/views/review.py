@@ -110,8 +110,10 @@ with side_col:
         st.caption(f"The point is on cell #{selected}: relabel or delete it, or click an empty place to add "
                    "a cell there.")
     whole, back = st.columns(2)
-    accept_all = whole.button("Accept the whole image", key="review_accept_all",
-                              help="Store the image's current cells as expert cells")
+    # a short label: "Accept the whole image" was cut off at 1024 px
+    accept_all = whole.button("Accept all cells", key="review_accept_all", disabled=not len(cells),
+                              help="Store the image's current cells as expert cells" if len(cells) else
+                              f"Nothing to accept: the image has no cells yet (add them with '{ACTIONS['add']}')")
     to_consensus = back.button("Back to consensus", key="review_clear", disabled=not review.expert,
                                help="Remove this image's expert cells")
     # expert cells imported from a file are ground truth that no click can bring back: ask first
@@ -166,11 +168,7 @@ with side_col:
     if "review_message" in st.session_state:
         st.success(st.session_state.pop("review_message"))
     if st.button("Recompute consensus", key="review_aggregate"):
-        with st.spinner("Computing consensus..."):
-            with resources.session() as session:
-                report = aggregate(session, project, method=DEFAULT_METHOD)
-        researcher.refresh()
-        st.session_state["review_message"] = report.summary()
+        st.session_state["review_message"] = researcher.recompute_consensus(project.id)
         st.rerun()  # the image, its cells, status and the picker from the new snapshot
 
 with picture_col:

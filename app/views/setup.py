@@ -15,7 +15,6 @@ from appkit import researcher, resources, roles
 
 from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
 from cellspot.active.scheduler import DEFAULT_LEASE_SECONDS
-from cellspot.consensus import DEFAULT_METHOD
 from cellspot.importers import (
     CellspotImportError,
     ImageImportReport,
@@ -24,7 +23,6 @@ from cellspot.importers import (
     import_images,
 )
 from cellspot.store.models import Project
-from cellspot.workflows.aggregate import aggregate
 from cellspot.workflows.dashboard import DashboardError, create_project, update_project_settings
 
 log = logging.getLogger(__name__)
@@ -324,8 +322,4 @@ with gold_col:
 st.subheader("Consensus")
 if st.button("Recompute consensus", key="setup_aggregate",
              help="Cells, reliability and retirement from every click (after imports or new rules)"):
-    with st.spinner("Computing consensus..."):
-        with resources.session() as session:
-            agg = aggregate(session, session.get(Project, project.id), method=DEFAULT_METHOD)
-    researcher.refresh()
-    st.success(agg.summary())
+    st.success(researcher.recompute_consensus(project.id))

@@ -242,6 +242,27 @@ class Results(NamedTuple):
     by_condition: pd.DataFrame
 
 
+class ConsensusBasis(NamedTuple):
+    """The consensus snapshot that :func:`results` counts: ``snapshot_id`` / ``snapshot_at``
+    (None: no consensus yet) and ``behind``, what the store holds that the snapshot did not see
+    as a sentence (None when it is up to date)."""
+
+    snapshot_id: int | None
+    snapshot_at: datetime | None
+    behind: str | None
+
+
+def consensus_basis(session: Session, project: Project) -> ConsensusBasis:
+    """Which snapshot the project's results come from, and whether the store has moved on since
+    (:func:`cellspot.workflows.aggregate.snapshot_lag`; reads every click of the project)."""
+    from cellspot.workflows.aggregate import snapshot_lag
+
+    snapshot = queries.latest_snapshot(session, project)
+    if snapshot is None:
+        return ConsensusBasis(None, None, None)
+    return ConsensusBasis(snapshot.id, _aware(snapshot.created_at), snapshot_lag(session, project, snapshot))
+
+
 def results(
     session: Session, project: Project, by: list[str] | None = None, min_confidence: float = 0.0
 ) -> Results:
@@ -484,7 +505,7 @@ def export_zip(session: Session, project: Project, settings: Settings, **export_
 
 
 __all__ = [
-    "Activity", "ClassCodeTakenError", "DashboardError", "InvalidProjectSettingError", "PROJECT_SETTING_VALIDATORS",
-    "ProjectExistsError", "Results", "class_activity", "create_project", "export_zip", "results",
-    "update_project_settings", "validate_project_settings",
+    "Activity", "ClassCodeTakenError", "ConsensusBasis", "DashboardError", "InvalidProjectSettingError",
+    "PROJECT_SETTING_VALIDATORS", "ProjectExistsError", "Results", "class_activity", "consensus_basis",
+    "create_project", "export_zip", "results", "update_project_settings", "validate_project_settings",
 ]

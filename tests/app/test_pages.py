@@ -65,12 +65,13 @@ def login(at, password: str = PASSWORD):
     return at
 
 
-def click_image(at, x: float, y: float, shown_width: float, stamp: int):
-    """A click at display pixel (x, y) on the clickable image shown ``shown_width`` px wide."""
+def click_image(at, x: float, y: float, shown_width: float, stamp: float):
+    """A click at display pixel (x, y) on the clickable image shown ``shown_width`` px wide, at
+    browser time ``stamp`` seconds (the component sends milliseconds)."""
     key = f"canvas-{at.session_state['task']['client_key']}"
     view = at.session_state[f"{key}.view"]
     at.session_state[key] = {"x": x, "y": y, "width": shown_width,
-                             "height": shown_width * view.height / view.width, "unix_time": stamp}
+                             "height": shown_width * view.height / view.width, "unix_time": int(stamp * 1000)}
     return at.run()
 
 
@@ -267,6 +268,91 @@ def test_submit_stores_one_run_and_a_repeat_stores_nothing(app, app_engine):
     assert count(app_engine, Click, Click.task_run_id == runs[0].id) == 2
 
 
+def _new_tab(nickname: str):
+    """Another browser session of the student (a reload, a second tab): the same URL, nothing else."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
+    at.secrets["unused"] = "tests use CELLSPOT_RESEARCHER_PASSWORD only"
+    at.query_params["class"] = CLASS_CODE
+    at.query_params["nick"] = nickname
+    at.run()
+    no_exception(at)
+    return at
+
+
+def test_a_reload_keeps_the_image_and_the_unsubmitted_marks(app, app_engine):
+    """The marks are kept in the store on every change: a reload (a new session) comes back to
+    the same image with them, and the submit then stores them and drops the draft."""
+    start_labelling(app, nickname="rey")
+    task = dict(app.session_state["task"])
+    click_image(app, 10, 20, 384, stamp=1)
+    app.button(key="label-dead").click().run()
+    click_image(app, 300, 200, 384, stamp=2)
+    for _ in range(3):  # every reload, not only the first
+        reloaded = _new_tab("rey")
+        assert reloaded.session_state["task"]["image_id"] == task["image_id"]
+        assert reloaded.session_state["marks"] == [(10.0, 20.0, "alive"), (300.0, 200.0, "dead")]
+        assert "Your 2 unsubmitted mark(s) on this image are back." in texts(reloaded.info)
+    # a change in the new session is kept as well (Clear, then Undo of it, then a new mark)
+    reloaded.button(key="clear").click().run()
+    assert _new_tab("rey").session_state["marks"] == []
+    reloaded.button(key="undo").click().run()
+    click_image(reloaded, 50, 60, 384, stamp=3)
+    assert _new_tab("rey").session_state["marks"] == [(10.0, 20.0, "alive"), (300.0, 200.0, "dead"),
+                                                      (50.0, 60.0, "alive")]
+    new_key = reloaded.session_state["task"]["client_key"]
+    reloaded.button(key=f"submit-{new_key}").click().run()
+    assert "Saved: 3 mark(s)." in texts(reloaded.success)
+    with Session(app_engine) as session:
+        run = session.scalars(select(TaskRun).where(TaskRun.client_key == new_key)).one()
+        assert run.image_id == task["image_id"]
+    after = _new_tab("rey")  # the draft went with the submit: a new image, no marks, no notice
+    assert after.session_state["task"]["image_id"] != task["image_id"] and after.session_state["marks"] == []
+    assert not after.info
+
+
+def test_a_second_tab_submit_says_its_marks_were_dropped(app, app_engine):
+    start_labelling(app, nickname="kim")
+    click_image(app, 10, 20, 384, stamp=1)
+    click_image(app, 100, 120, 384, stamp=2)
+    other = _new_tab("kim")  # the same image (the draft), its own client key
+    assert other.session_state["task"]["image_id"] == app.session_state["task"]["image_id"]
+    app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()
+    assert "Saved: 2 mark(s)." in texts(app.success)
+    click_image(other, 300, 200, 384, stamp=3)
+    other.button(key=f"submit-{other.session_state['task']['client_key']}").click().run()
+    no_exception(other)
+    assert ("Not saved: you had already submitted this image (2 mark(s)) in another tab or device; "
+            "the marks here were dropped.") in texts(other.warning)
+    assert not other.success
+    assert count(app_engine, TaskRun, TaskRun.annotator_id == app.session_state["annotator_id"]) == 1
+
+
+def test_every_new_image_starts_unzoomed(app):
+    start_labelling(app, nickname="zed")
+    app.button(key="zoom_in").click().run()
+    app.button(key="zoom_in").click().run()
+    assert app.session_state["zoom"] == 4
+    click_image(app, 10, 20, 384, stamp=1)
+    app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()
+    assert app.session_state["zoom"] == 1
+    assert "zoom" not in texts(app.caption)
+
+
+def test_a_double_click_places_one_mark(app):
+    """The second half of a double click (within DOUBLE_CLICK_MS, on the same spot) would remove
+    the mark just placed; it is ignored. A second click later on the mark still removes it."""
+    start_labelling(app, nickname="dbl")
+    click_image(app, 100, 100, 384, stamp=10.0)
+    click_image(app, 101, 100, 384, stamp=10.12)
+    assert [m[:2] for m in app.session_state["marks"]] == [(100.0, 100.0)]
+    click_image(app, 200, 100, 384, stamp=10.2)  # a quick click elsewhere is a new mark
+    assert len(app.session_state["marks"]) == 2
+    click_image(app, 100, 100, 384, stamp=12.0)  # later, on the first mark: removes it
+    assert [m[:2] for m in app.session_state["marks"]] == [(200.0, 100.0)]
+
+
 def test_an_empty_submit_asks_first_and_stores_on_the_second_press(app, app_engine):
     start_labelling(app, nickname="dot")
     task = dict(app.session_state["task"])
@@ -280,7 +366,12 @@ def test_an_empty_submit_asks_first_and_stores_on_the_second_press(app, app_engi
     # a mark placed now is a normal submit again
     click_image(app, 10, 20, 384, stamp=1)
     assert app.button(key=key).label == "Submit" and not app.warning
+    # taking the mark back does not re-arm the question by itself: the next press asks again
     app.button(key="undo").click().run()
+    assert app.button(key=key).label == "Submit" and not app.warning
+    app.button(key=key).click().run()
+    assert count(app_engine, TaskRun, TaskRun.client_key == task["client_key"]) == 0
+    assert app.button(key=key).label == "Submit with no cells"
     app.button(key=key).click().run()
     assert count(app_engine, TaskRun, TaskRun.client_key == task["client_key"]) == 1
     assert "Saved: 0 mark(s)" in texts(app.success)
@@ -307,7 +398,7 @@ def test_a_gold_image_shows_feedback_after_submit(app, app_engine):
     captions = {c for img in app.image for c in img.captions}
     assert "Your marks" in captions
     assert f"The expert's cells you missed or labelled differently ({n_gold - 1})" in captions
-    assert "Check image: see below the image." in texts(app.success)
+    assert "Saved: 1 mark(s). Check result below." in texts(app.success)
 
 
 def test_when_nothing_is_left_the_student_is_told(app, app_engine):
@@ -383,7 +474,7 @@ def test_wrong_password_is_refused_and_slowed_down(app):
     assert "Wrong password" in texts(app.error)
     assert "role" not in app.session_state
     login(app, PASSWORD)  # at once: refused without being checked
-    assert "Too many wrong passwords" in texts(app.error)
+    assert "Wrong passwords slow the next attempt down: try again in 1 s." in texts(app.error)
     assert "role" not in app.session_state
     time.sleep(0.6)
     login(app, PASSWORD)
@@ -581,6 +672,38 @@ def test_results_show_counts_viability_and_conditions(app):
     assert {d.label for d in app.download_button} >= {"Download per image (CSV)"}
 
 
+def test_results_say_which_consensus_they_count_and_when_it_is_behind(app, app_engine):
+    login(app)
+    app.switch_page("views/results.py").run()
+    no_exception(app)
+    assert re.search(r"From consensus snapshot \d+ of .* UTC, up to date with every click", texts(app.caption))
+    assert not app.warning
+    # a student submits: the counts shown are now behind the store, and the page says so
+    student = _new_tab("late")
+    click_image(student, 10, 20, 384, stamp=1)
+    student.button(key=f"submit-{student.session_state['task']['client_key']}").click().run()
+    assert "Saved: 1 mark(s)." in texts(student.success)
+    import streamlit as st
+
+    st.cache_data.clear()  # the page's summaries live a few seconds (SUMMARY_TTL_S)
+    app.run()
+    assert "These counts are out of date: consensus snapshot" in texts(app.warning)
+    app.button(key="results_aggregate").click().run()
+    no_exception(app)
+    assert re.match(r"Snapshot \d+: ", texts(app.success)) and not app.warning
+    assert "up to date with every click" in texts(app.caption)
+
+
+@pytest.mark.parametrize(("threshold", "name"), [
+    (0.0, "demo-per-image.csv"), (0.95, "demo-per-image-min-confidence-0.95.csv"),
+    (0.5, "demo-per-image-min-confidence-0.50.csv"),
+])
+def test_results_downloads_name_their_confidence_threshold(threshold, name):
+    from appkit.researcher import csv_name
+
+    assert csv_name("demo", "per-image", threshold) == name
+
+
 def _png(seed: int) -> bytes:
     buffer = io.BytesIO()
     PILImage.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
@@ -748,6 +871,28 @@ def test_export_builds_a_downloadable_zip(app, store):
     with zipfile.ZipFile(zips[0]) as zf:
         assert any(name.endswith("manifest.json") for name in zf.namelist())
     assert [d.label for d in app.download_button] == ["Download the zip"]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    (0, 5000, "crop size must be a whole number of pixels from 1 to 1024; got 5000"),
+    (1, 1.5, "min_confidence must be within [0, 1]; got 1.5"),
+    (2, -1, "The split seed must be 0 or more; got -1."),
+])
+def test_export_says_what_is_wrong_with_a_value_out_of_range(app, store, field, value, message):
+    login(app)
+    app.switch_page("views/export.py").run()
+    app.number_input[field].set_value(value)
+    app.button[0].click().run()  # Build the export
+    no_exception(app)
+    assert message in texts(app.error)
+    assert not list(store.exports_dir.glob("*.zip")) if store.exports_dir.exists() else True
+
+
+def test_an_empty_password_is_asked_for_not_counted(app):
+    login(app, "")
+    assert "Enter the password." in texts(app.error)
+    login(app, PASSWORD)  # at once: an empty field is no wrong password, nothing slows this down
+    assert app.session_state["role"] == "researcher"
 
 
 def test_logout_ends_the_researcher_session(app):

@@ -218,6 +218,19 @@ def test_results_without_metadata_or_snapshot(session, project) -> None:
         d.results(session, project, by=["drug"])
 
 
+def test_consensus_basis_names_the_snapshot_and_says_when_the_store_moved_on(session, project, images, busy):
+    assert d.consensus_basis(session, project) == (None, None, None)
+    report = aggregate(session, project)
+    basis = d.consensus_basis(session, project)
+    assert basis.snapshot_id == report.snapshot_id and basis.snapshot_at.tzinfo is not None
+    assert basis.behind is None
+    _submit(session, images["c"], busy[1], CELLS[:2], "c1", NOW)
+    session.flush()
+    behind = d.consensus_basis(session, project).behind
+    assert behind.startswith(f"consensus snapshot {report.snapshot_id} is older than the store")
+    assert "task runs" in behind
+
+
 # --------------------------------------------------------------------------- settings
 
 
