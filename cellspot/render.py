@@ -244,28 +244,35 @@ def draw_consensus(
     min_radius: float = 5.0,
     max_radius: float = 14.0,
     selected: int | None = None,
+    click_radius: float = 2.5,
 ) -> PILImage.Image:
     """``rgb`` (H, W, 3) at ``scale`` with consensus ``cells`` and optionally raw ``clicks``.
 
     ``cells``: table with columns x, y, label, p_alive, confidence (a DataFrame or a list of
     dicts); each cell is drawn with its label's shape, coloured by ``p_alive``
     (:func:`p_alive_colour`) and sized by confidence (``min_radius`` .. ``max_radius``
-    display px). ``clicks``: table with x, y, label drawn as small dots with their letter.
+    display px). ``clicks``: table with x, y, label drawn on top of the cells as dots of
+    ``click_radius`` display px in the label's colour, with the label's letter beside them.
     ``selected``: row position of a cell drawn with a ring (the per-cell details row).
     """
     img = scaled_image(rgb, scale)
     h, w = np.asarray(rgb).shape[:2]
     draw = ImageDraw.Draw(img)
-    for x, y, label in _rows(clicks, ("x", "y", "label")):
-        cx, cy = to_display_pixels(x, y, scale, w, h)
-        colour = MARK_COLOURS.get(label, (255, 255, 255))
-        draw.ellipse([cx - 2.5, cy - 2.5, cx + 2.5, cy + 2.5], fill=colour, outline=OUTLINE)
     for i, (x, y, label, p, conf) in enumerate(_rows(cells, ("x", "y", "label", "p_alive", "confidence"))):
         cx, cy = to_display_pixels(x, y, scale, w, h)
         r = min_radius + (max_radius - min_radius) * float(np.clip(conf, 0.0, 1.0))
         _marker(draw, cx, cy, r, label, p_alive_colour(p), 2, letter=False)
         if i == selected:
             draw.ellipse([cx - r - 5, cy - r - 5, cx + r + 5, cy + r + 5], outline=(255, 255, 255), width=2)
+    # the clicks last: under the cell markers most of them were hidden
+    font = _font(int(max(10, min(24, 3.0 * click_radius))))
+    for x, y, label in _rows(clicks, ("x", "y", "label")):
+        cx, cy = to_display_pixels(x, y, scale, w, h)
+        colour = MARK_COLOURS.get(label, (255, 255, 255))
+        r = click_radius
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour, outline=OUTLINE)
+        draw.text((cx + r, cy - r), MARK_LETTERS.get(label, "?"), fill=colour, font=font,
+                  stroke_width=1, stroke_fill=OUTLINE, anchor="lb")
     return img
 
 

@@ -118,6 +118,17 @@ def test_draw_consensus_and_clicks() -> None:
     assert r.draw_consensus(_grey(), cells.to_dict("records"), 2.0).size == (160, 120)
 
 
+def test_raw_clicks_are_drawn_on_top_of_the_cells_at_the_size_asked() -> None:
+    """A click on a consensus cell's marker stays visible (it was drawn under it), in its
+    label's colour, and the dot has the size asked for (the review page scales it to the screen)."""
+    cells = pd.DataFrame({"x": [40.0], "y": [30.0], "label": ["alive"], "p_alive": [0.95], "confidence": [1.0]})
+    clicks = pd.DataFrame({"x": [40.0 + 14.0], "y": [30.0], "label": ["dead"]})  # on the marker's ring
+    img = np.asarray(r.draw_consensus(_grey(), cells, 1.0, clicks, max_radius=14.0, click_radius=4.0))
+    assert tuple(img[30, 54]) == r.MARK_COLOURS["dead"]
+    dead = (img == np.array(r.MARK_COLOURS["dead"])).all(-1)
+    assert dead[26:35, 50:59].sum() >= 20  # a dot of radius 4, not the old 2.5 px one
+
+
 @pytest.mark.parametrize(("p", "colour"), [(1.0, r.MARK_COLOURS["alive"]), (0.0, r.MARK_COLOURS["dead"]),
                                            (0.5, (230, 230, 230)), (7.0, r.MARK_COLOURS["alive"])])
 def test_p_alive_colour(p, colour) -> None:

@@ -1,4 +1,4 @@
-"""Keyboard shortcuts keep working after a click on the image.
+"""Keyboard shortcuts keep working after a click on the image (and the page can scroll to its top).
 
 The clickable image lives in an iframe (a Streamlit component); after a click the keyboard
 focus is inside it and the page's button shortcuts (A, D, N, U, Z, arrows, Ctrl+Enter) would
@@ -44,11 +44,6 @@ _SCRIPT = """
 """.replace("__FRAMES__", FRAME_SELECTOR)
 
 
-def forward_keys_from_image_frames() -> None:
-    """Make the page's keyboard shortcuts work while the focus is in the image frame."""
-    st.html(_SCRIPT, unsafe_allow_javascript=True)
-
-
 _SCROLL = """
 <script>
 /* __NONCE__ */
@@ -59,8 +54,12 @@ window.scrollTo({top: 0});
 """
 
 
-def scroll_to_top(nonce: str) -> None:
-    """Scroll the page to its top once (``nonce``: a new value per use, so the script runs
-    again). After Submit on a phone, where the buttons are below the image, the next image
-    would otherwise be above the screen."""
-    st.html(_SCROLL.replace("__NONCE__", nonce.replace("*/", "")), unsafe_allow_javascript=True)
+def forward_keys_from_image_frames(scroll_nonce: str | None = None) -> None:
+    """Make the page's keyboard shortcuts work while the focus is in the image frame.
+
+    ``scroll_nonce``: also scroll the page to its top once (a new value per use, so the script
+    runs again): after Submit or a zoom on a phone, where the buttons are below the image, the
+    image would otherwise be out of sight. One element for both, so scrolling adds no gap.
+    """
+    script = _SCRIPT + (_SCROLL.replace("__NONCE__", scroll_nonce.replace("*/", "")) if scroll_nonce else "")
+    st.html(script, unsafe_allow_javascript=True)

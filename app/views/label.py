@@ -118,6 +118,7 @@ def set_label(label: str) -> None:
 def set_zoom(step: int) -> None:
     i = ZOOMS.index(state["zoom"]) if state["zoom"] in ZOOMS else 0
     state["zoom"] = ZOOMS[min(max(i + step, 0), len(ZOOMS) - 1)]
+    state["scroll_top"] = True  # on a phone the zoom buttons are below the image: bring it into view
 
 
 def move(dx: int, dy: int) -> None:
@@ -235,8 +236,8 @@ if "notice" in state:
         st.info(text, icon=":material/restore:")
     else:
         st.error(text)
-if state.pop("scroll_top", False) and task is not None:
-    keys.scroll_to_top(task["client_key"])  # on a phone the next image is above the Submit just pressed
+# on a phone the image is above the button just pressed (Submit, zoom): scroll up to it
+scroll_top = state.pop("scroll_top", False)
 
 if task is None:
     p = progress()
@@ -284,7 +285,7 @@ if rgb is None:
     new_task()
     st.rerun()
 
-keys.forward_keys_from_image_frames()
+keys.forward_keys_from_image_frames(scroll_nonce=uuid.uuid4().hex if scroll_top else None)
 picture_col, tools_col = st.columns([3, 1], gap="medium")
 
 with tools_col:
@@ -311,13 +312,6 @@ with tools_col:
     zoom_in_col.button("", key="zoom_in", icon=":material/zoom_in:", on_click=set_zoom, args=(1,),
                        shortcut="Z", disabled=state["zoom"] == ZOOMS[-1], width="stretch",
                        help=f"Zoom in (key Z); now {state['zoom']}×")
-    if state["zoom"] > 1:
-        for col, (name, dx, dy, arrow) in zip(
-            st.columns(4),
-            (("Left", -1, 0, "←"), ("Up", 0, -1, "↑"), ("Down", 0, 1, "↓"), ("Right", 1, 0, "→")),
-        ):
-            col.button(arrow, key=f"pan-{name}", on_click=move, args=(dx, dy), shortcut=name,
-                       help=f"Move the view ({name.lower()} arrow key)", width="stretch")
     confirming = not state["marks"] and state.get("confirm_empty") == task["client_key"]
     st.button("Submit with no cells" if confirming else "Submit", key=f"submit-{task['client_key']}",
               type="primary", shortcut="Ctrl+Enter", on_click=submit, args=(task["client_key"],), width="stretch",
@@ -334,6 +328,14 @@ with picture_col:
         f" · zoom {state['zoom']}× · showing x {view.x0}-{view.x0 + view.width - 1}, "
         f"y {view.y0}-{view.y0 + view.height - 1}")
     canvas.show(canvas.marked_picture(rgb, state["marks"], view, highlight=last), view, key)
+    # the pan arrows right under the zoomed image, in one row that does not stack on a phone
+    # (there the tools column goes below the picture: arrows there moved a view out of sight)
+    if state["zoom"] > 1:
+        with st.container(horizontal=True, gap="small"):
+            for name, dx, dy, arrow in (("Left", -1, 0, "←"), ("Up", 0, -1, "↑"), ("Down", 0, 1, "↓"),
+                                        ("Right", 1, 0, "→")):
+                st.button(arrow, key=f"pan-{name}", on_click=move, args=(dx, dy), shortcut=name,
+                          help=f"Move the view ({name.lower()} arrow key)")
     st.caption(f"{task['name']} ({task['width']}×{task['height']} px){where}")
     st.markdown(progress_line(progress()))
 

@@ -175,7 +175,8 @@ with picture_col:
     if rgb is not None:
         scale, factor = canvas.render_scale(view, "review"), canvas.screen_factor(view, "review")
         picture = draw_consensus(rgb, cells, scale, clicks=review.clicks if show_clicks else None,
-                                 min_radius=5 * factor, max_radius=13 * factor, selected=selected)
+                                 min_radius=5 * factor, max_radius=13 * factor, selected=selected,
+                                 click_radius=4 * factor)
         if point is not None:  # the picked point: a small cross
             px, py = to_display_pixels(point[0], point[1], scale, review.image.width, review.image.height)
             draw = ImageDraw.Draw(picture)

@@ -427,3 +427,43 @@ def test_on_a_1024x768_tablet_submit_and_its_saved_line_are_above_the_fold(
     expect(page.get_by_text(re.compile(r"Saved: 1 mark\(s\)\."))).to_be_visible()
     box = page.locator('[data-testid="stAlert"]').first.bounding_box()
     assert box is not None and box["y"] + box["height"] <= 768, f"zoomed, the Saved line ends below the fold: {box}"
+
+
+def test_on_a_phone_zoom_and_submit_bring_the_image_back_into_view(
+    app_server: AppServer, seeded_store: SeededStore, new_page
+) -> None:
+    """390x844: the tools column is below the picture. After a zoom or a Submit pressed down
+    there, the page scrolls back to the image; the pan arrows sit in one row right under it."""
+    page = new_page({"width": 390, "height": 844})
+    join_as(page, app_server.url, seeded_store.class_code, "phone")
+    picture = page.locator('iframe[title^="streamlit_image_coordinates"]').first
+
+    def image_top() -> float:
+        box = picture.bounding_box()
+        assert box is not None
+        return box["y"]
+
+    zoom_in = page.get_by_role("button", name=re.compile(r"^zoom_in icon"))
+    zoom_in.scroll_into_view_if_needed()
+    assert image_top() < 0, "the zoom button should be below the image on a phone"
+    zoom_in.click()
+    wait_idle(page)
+    expect(page.get_by_text(re.compile(r"· zoom 2× · showing x"))).to_be_visible()
+    page.wait_for_function("() => document.querySelector('iframe[title^=\"streamlit_image_coordinates\"]')"
+                           ".getBoundingClientRect().top >= 0")
+    image = picture.bounding_box()
+    buttons = {b.inner_text().split("\n")[0]: b for b in page.get_by_role("button").all()}
+    arrows = [buttons[arrow].bounding_box() for arrow in "←↑↓→"]
+    assert all(a is not None for a in arrows), list(buttons)
+    assert len({round(a["y"]) for a in arrows}) == 1, f"the pan arrows are not in one row: {arrows}"
+    assert image["y"] + image["height"] <= arrows[0]["y"] <= image["y"] + image["height"] + 60
+    assert arrows[0]["y"] + arrows[0]["height"] <= 844, "the pan arrows are below the fold"
+
+    name, size = shown_image(page)
+    click_image_pixel(page, size[0] // 2, size[1] // 2, size)
+    expect_counts(page, alive=1, dead=0, not_sure=0)
+    page.get_by_role("button", name=re.compile("^Submit")).click()  # scrolls down to it first
+    expect(page.get_by_text(re.compile(r"Saved: 1 mark\(s\)\."))).to_be_attached()
+    page.wait_for_function("() => document.querySelector('iframe[title^=\"streamlit_image_coordinates\"]')"
+                           ".getBoundingClientRect().top >= 0")
+    assert shown_image(page)[0] != name
