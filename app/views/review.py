@@ -80,6 +80,8 @@ if point is not None and len(cells):
     selected = find_mark(list(cells[["x", "y", "label"]].itertuples(index=False, name=None)),
                          point[0], point[1], pick)
 
+# a cell is named by its id, the "cell" column of the tables (not by its row in them)
+cell_name = f"#{cells.at[selected, 'cell']}" if selected is not None else ""
 picture_col, side_col = st.columns([3, 2], gap="medium")
 with side_col:
     kind = "expert cells (they override consensus)" if review.expert else (
@@ -95,7 +97,7 @@ with side_col:
         st.info("Click a cell (or an empty place, to add one) on the image.")
     else:
         where = f"({point[0]:.1f}, {point[1]:.1f})"
-        st.markdown(f"Picked point {where}" + (f" · cell #{selected}" if selected is not None else " · no cell there"))
+        st.markdown(f"Picked point {where}" + (f" · cell {cell_name}" if selected is not None else " · no cell there"))
     action = st.radio("Action", list(ACTIONS), format_func=ACTIONS.get, horizontal=True, key="review_action")
     label = st.radio("Label", ["alive", "dead"], horizontal=True, key="review_label",
                      disabled=action not in ("relabel", "add"))
@@ -107,7 +109,7 @@ with side_col:
         st.caption(f"{ACTIONS[action]} needs a cell: click one on the image, or pick \"{ACTIONS['add']}\" "
                    "to add a cell at this place.")
     if point is not None and on_a_cell:
-        st.caption(f"The point is on cell #{selected}: relabel or delete it, or click an empty place to add "
+        st.caption(f"The point is on cell {cell_name}: relabel or delete it, or click an empty place to add "
                    "a cell there.")
     whole, back = st.columns(2)
     # a short label: "Accept the whole image" was cut off at 1024 px
@@ -190,14 +192,14 @@ with picture_col:
 
 st.subheader("Cells")
 if selected is not None:
-    st.markdown(f"Selected cell #{selected}:")
-    st.dataframe(cells.iloc[[selected]], hide_index=False, width="stretch")
+    st.markdown(f"Selected cell {cell_name}:")
+    st.dataframe(cells.iloc[[selected]], hide_index=True, width="stretch")
     near = review.clicks[((review.clicks["x"] - cells.at[selected, "x"]) ** 2
                           + (review.clicks["y"] - cells.at[selected, "y"]) ** 2) <= DEFAULT_PICK_TOLERANCE**2]
     st.markdown(f"Raw clicks within {DEFAULT_PICK_TOLERANCE:g} px of it: **{len(near)}**")
     st.dataframe(near, hide_index=True, width="stretch")
 with st.expander(f"All cells ({len(cells)})", expanded=selected is None):
-    st.dataframe(cells, width="stretch")
+    st.dataframe(cells, hide_index=True, width="stretch")
 if show_clicks:
     with st.expander(f"Raw clicks ({len(review.clicks)})"):
         st.dataframe(review.clicks, hide_index=True, width="stretch")

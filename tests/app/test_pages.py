@@ -539,7 +539,8 @@ def test_review_adjudication_stores_expert_cells(app, app_engine):
     app.session_state[key] = {"x": target["x"], "y": target["y"], "width": view.width,
                               "height": view.height, "unix_time": 7}
     app.run()
-    assert "cell #0" in texts(app.markdown)
+    # named by its id, as in the tables' "cell" column (not by its row number)
+    assert f"cell #{target['cell']}" in texts(app.markdown) and target["cell"] != 0
     app.radio(key="review_action").set_value("relabel").run()
     new_label = "dead" if target["label"] == "alive" else "alive"
     app.radio(key="review_label").set_value(new_label).run()
