@@ -29,8 +29,13 @@ with st.form("export"):
     seed = cols[2].number_input("Split seed", value=0, step=1, help="a whole number, 0 or more")
     build = st.form_submit_button("Build the export", type="primary")
 
-if build and seed < 0:
-    st.error(f"The split seed must be 0 or more; got {seed}.")
+problems = [message for bad, message in (
+    (not 1 <= crop_size <= MAX_CROP_SIZE, f"Crop size must be from 1 to {MAX_CROP_SIZE} px; got {crop_size}."),
+    (not 0 <= min_confidence <= 1, f"Minimum confidence must be from 0 to 1; got {min_confidence:g}."),
+    (seed < 0, f"Split seed must be 0 or more; got {seed}."),
+) if bad]
+if build and problems:
+    st.error("Nothing was built. " + " ".join(problems))
 elif build:
     bar = st.progress(0.0, text="Exporting...")
 

@@ -66,6 +66,8 @@ def new_task(exclude: tuple[int, ...] = ()) -> dict | None:
             image, marks = draft
         else:
             image = next_image(session, annotator, exclude_ids=skip) if annotator else None
+            if image is not None:  # an empty draft: a reload before the first mark keeps the image too
+                save_draft(session, annotator, image.id, [])
         task = None if image is None else {
             "image_id": image.id, "name": image.name, "width": image.width, "height": image.height,
             "client_key": f"app-{uuid.uuid4().hex}", "annotator_id": student.annotator_id,
@@ -317,8 +319,7 @@ with tools_col:
               type="primary", shortcut="Ctrl+Enter", on_click=submit, args=(task["client_key"],), width="stretch",
               help="Save the marks of this image and get the next one (Ctrl+Enter)")
     if confirming:  # under the button, which stays where it was (above the fold on a tablet)
-        st.warning("No marks on this image. If it has no cells, press **Submit with no cells** "
-                   "again; otherwise click the cells first.", icon=":material/help:")
+        st.warning("No marks. No cells on this image? Press **Submit with no cells**.", icon=":material/help:")
     if saved:
         st.success(saved, icon=":material/check_circle:")
 
@@ -332,12 +333,15 @@ with picture_col:
     # (there the tools column goes below the picture: arrows there moved a view out of sight)
     if state["zoom"] > 1:
         with st.container(horizontal=True, gap="small"):
-            for name, dx, dy, arrow in (("Left", -1, 0, "←"), ("Up", 0, -1, "↑"), ("Down", 0, 1, "↓"),
-                                        ("Right", 1, 0, "→")):
-                st.button(arrow, key=f"pan-{name}", on_click=move, args=(dx, dy), shortcut=name,
-                          help=f"Move the view ({name.lower()} arrow key)")
+            for name, dx, dy, icon in (("Left", -1, 0, "arrow_back"), ("Up", 0, -1, "arrow_upward"),
+                                       ("Down", 0, 1, "arrow_downward"), ("Right", 1, 0, "arrow_forward")):
+                # an icon as the label: the shortcut hint beside it is the arrow key itself
+                st.button("", key=f"pan-{name}", icon=f":material/{icon}:", on_click=move, args=(dx, dy),
+                          shortcut=name, help=f"Move the view {name.lower()} ({name.lower()} arrow key)")
     st.caption(f"{task['name']} ({task['width']}×{task['height']} px){where}")
-    st.markdown(progress_line(progress()))
+    # on a phone the Saved line under Submit is far below, out of sight after the page scrolled up
+    # to the next image: the line under the image says it too (on a desktop it is below the fold)
+    st.markdown((f"✓ {saved.split('.')[0]} · " if saved else "") + progress_line(progress()))
 
 if state.get("feedback"):
     show_feedback(state["feedback"])

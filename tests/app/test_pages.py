@@ -312,6 +312,15 @@ def test_a_reload_keeps_the_image_and_the_unsubmitted_marks(app, app_engine):
     assert not after.info
 
 
+def test_a_reload_before_the_first_mark_keeps_the_image(app):
+    start_labelling(app, nickname="una")
+    shown = app.session_state["task"]["image_id"]
+    for _ in range(3):
+        reloaded = _new_tab("una")
+        assert reloaded.session_state["task"]["image_id"] == shown and reloaded.session_state["marks"] == []
+        assert not reloaded.info  # nothing came back: no notice
+
+
 def test_a_second_tab_submit_says_its_marks_were_dropped(app, app_engine):
     start_labelling(app, nickname="kim")
     click_image(app, 10, 20, 384, stamp=1)
@@ -361,7 +370,7 @@ def test_an_empty_submit_asks_first_and_stores_on_the_second_press(app, app_engi
     no_exception(app)
     assert count(app_engine, TaskRun, TaskRun.client_key == task["client_key"]) == 0
     assert app.session_state["task"]["client_key"] == task["client_key"]  # still the same image
-    assert any("No marks on this image" in w.value for w in app.warning)
+    assert any("No marks. No cells on this image? Press **Submit with no cells**." in w.value for w in app.warning)
     assert app.button(key=key).label == "Submit with no cells"
     # a mark placed now is a normal submit again
     click_image(app, 10, 20, 384, stamp=1)
@@ -875,9 +884,9 @@ def test_export_builds_a_downloadable_zip(app, store):
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    (0, 5000, "crop size must be a whole number of pixels from 1 to 1024; got 5000"),
-    (1, 1.5, "min_confidence must be within [0, 1]; got 1.5"),
-    (2, -1, "The split seed must be 0 or more; got -1."),
+    (0, 5000, "Nothing was built. Crop size must be from 1 to 1024 px; got 5000."),
+    (1, 1.5, "Nothing was built. Minimum confidence must be from 0 to 1; got 1.5."),
+    (2, -1, "Nothing was built. Split seed must be 0 or more; got -1."),
 ])
 def test_export_says_what_is_wrong_with_a_value_out_of_range(app, store, field, value, message):
     login(app)

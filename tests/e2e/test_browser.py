@@ -265,7 +265,7 @@ def test_an_empty_submit_asks_first_and_the_shortcut_confirms(
     expect(submit).not_to_have_text(re.compile("no cells"))
     submit.click()
     wait_idle(page)
-    expect(page.get_by_text(re.compile("No marks on this image"))).to_be_visible()
+    expect(page.get_by_text(re.compile("No marks. No cells on this image?"))).to_be_visible()
     expect(page.get_by_role("button", name=re.compile("Submit with no cells"))).to_be_visible()
     screenshot(page, artifacts_dir / "e2e-empty-submit.png")
     assert stored_runs(seeded_store, "dee") == [], "the first press on an empty image stores nothing"
@@ -416,6 +416,11 @@ def test_on_a_1024x768_tablet_submit_and_its_saved_line_are_above_the_fold(
     for what, box in (("Submit", page.get_by_role("button", name=re.compile("^Submit")).bounding_box()),
                       ("the Saved line", page.locator('[data-testid="stAlert"]').first.bounding_box())):
         assert box is not None and box["y"] + box["height"] <= 768, f"{what} ends below the fold: {box}"
+    # the question of an empty submit, under the button, fits too
+    click_button(page, "Submit")
+    expect(page.get_by_role("button", name=re.compile("^Submit with no cells"))).to_be_visible()
+    box = page.locator('[data-testid="stAlert"]').first.bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 768, f"the empty-submit question ends below the fold: {box}"
     # zoomed in, the pan buttons add a row above Submit: the Saved line must still fit
     page.keyboard.press("z")
     wait_idle(page)
@@ -452,9 +457,9 @@ def test_on_a_phone_zoom_and_submit_bring_the_image_back_into_view(
     page.wait_for_function("() => document.querySelector('iframe[title^=\"streamlit_image_coordinates\"]')"
                            ".getBoundingClientRect().top >= 0")
     image = picture.bounding_box()
-    buttons = {b.inner_text().split("\n")[0]: b for b in page.get_by_role("button").all()}
-    arrows = [buttons[arrow].bounding_box() for arrow in "←↑↓→"]
-    assert all(a is not None for a in arrows), list(buttons)
+    arrows = [page.get_by_role("button", name=re.compile(rf"^{icon} icon")).bounding_box()
+              for icon in ("arrow_back", "arrow_upward", "arrow_downward", "arrow_forward")]
+    assert all(a is not None for a in arrows)
     assert len({round(a["y"]) for a in arrows}) == 1, f"the pan arrows are not in one row: {arrows}"
     assert image["y"] + image["height"] <= arrows[0]["y"] <= image["y"] + image["height"] + 60
     assert arrows[0]["y"] + arrows[0]["height"] <= 844, "the pan arrows are below the fold"
@@ -467,3 +472,8 @@ def test_on_a_phone_zoom_and_submit_bring_the_image_back_into_view(
     page.wait_for_function("() => document.querySelector('iframe[title^=\"streamlit_image_coordinates\"]')"
                            ".getBoundingClientRect().top >= 0")
     assert shown_image(page)[0] != name
+    # the Saved line under Submit is out of sight now: the line under the image says it
+    under_image = page.get_by_text(re.compile(r"^✓ Saved: 1 mark\(s\) · Today you did"))
+    expect(under_image).to_be_visible()
+    box = under_image.bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 844, f"the saved note is below the fold: {box}"
