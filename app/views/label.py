@@ -89,9 +89,14 @@ def keep_draft() -> None:
         return
     try:
         with resources.session() as session:
-            save_draft(session, session.get(Annotator, student.annotator_id), task["image_id"], state["marks"])
+            kept = save_draft(session, session.get(Annotator, student.annotator_id), task["image_id"],
+                              state["marks"])
     except (InvalidClickError, ImageNotFoundError) as exc:
         log.warning("draft of image %s not kept: %s", task["image_id"], exc)
+        return
+    if not kept:  # a stale tab: say so now, not only at its Submit
+        state["notice"] = ("warning", "You already submitted this image in another tab or device: marks here "
+                                      "are not saved. Press Submit for your next image.")
 
 
 def set_marks(marks: list) -> None:
@@ -274,6 +279,8 @@ if click is not None:
     state["last_click"] = None if double else (stamp, click[0], click[1])
     if not double:
         set_marks(apply_click(state["marks"], click[0], click[1], state["current_label"], tolerance))
+    if state.get("notice", ("",))[0] == "warning":  # set by keep_draft on a stale tab: show it now
+        st.warning(state.pop("notice")[1], icon=":material/warning:")
 
 with resources.session() as session:
     image = session.get(Image, task["image_id"])

@@ -450,20 +450,27 @@ def submit_run(
 
 
 def save_draft(session: Session, annotator: Annotator, image_id: int,
-               marks: Sequence[tuple[float, float, str]]) -> None:
+               marks: Sequence[tuple[float, float, str]]) -> bool:
     """Keep ``marks`` ``(x, y, label)`` as ``annotator``'s unsubmitted work on ``image_id`` (one
     draft per student: a draft on another image is replaced). The marks are checked as a submit
     checks them (:class:`cellspot.store.queries.InvalidClickError`); :class:`ImageNotFoundError`
-    for an image outside the student's project. Flushes, never commits."""
+    for an image outside the student's project. Returns False, storing nothing, when the
+    student has already submitted ``image_id`` (a stale tab or device: its marks must not
+    replace the draft of the image the student is on now). Flushes, never commits."""
     image = get_project_image(session, annotator, image_id)
     clean = [(float(x), float(y), str(label)) for x, y, label in marks]
     queries.validate_clicks(image, clean)
+    done = session.scalar(select(TaskRun.id).where(TaskRun.annotator_id == annotator.id,
+                                                   TaskRun.image_id == image.id).limit(1))
+    if done is not None:
+        return False
     draft = session.get(LabelDraft, annotator.id)
     if draft is None:
         draft = LabelDraft(annotator_id=annotator.id, image_id=image.id)
         session.add(draft)
     draft.image_id, draft.marks, draft.updated_at = image.id, [list(m) for m in clean], utcnow()
     session.flush()
+    return True
 
 
 def draft_of(session: Session, annotator: Annotator,

@@ -338,6 +338,23 @@ def test_a_second_tab_submit_says_its_marks_were_dropped(app, app_engine):
     assert count(app_engine, TaskRun, TaskRun.annotator_id == app.session_state["annotator_id"]) == 1
 
 
+def test_a_stale_tab_cannot_replace_the_draft_of_the_current_image(app):
+    """Tab B stays on an image tab A submitted; a mark placed in B is not kept (and B is told at
+    once), so A's marks on its next image survive a reload."""
+    start_labelling(app, nickname="old")
+    stale = _new_tab("old")
+    first = app.session_state["task"]["image_id"]
+    app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()
+    app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()  # no marks: confirm
+    assert app.session_state["task"]["image_id"] != first
+    click_image(app, 30, 40, 384, stamp=1)
+    click_image(stale, 200, 100, 384, stamp=2)  # on the image already submitted
+    assert "You already submitted this image in another tab or device" in texts(stale.warning)
+    reloaded = _new_tab("old")
+    assert reloaded.session_state["task"]["image_id"] == app.session_state["task"]["image_id"]
+    assert reloaded.session_state["marks"] == [(30.0, 40.0, "alive")]
+
+
 def test_every_new_image_starts_unzoomed(app):
     start_labelling(app, nickname="zed")
     app.button(key="zoom_in").click().run()

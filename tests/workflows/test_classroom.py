@@ -211,8 +211,14 @@ def test_a_draft_on_an_image_no_longer_open_is_dropped(session, room) -> None:
     ann = c.join_class(session, "7B", "ann")
     c.save_draft(session, ann, images["c"].id, [(5, 5, "alive")])
     c.submit_run(session, ann, images["c"].id, [(6, 6, "dead")], "other-device")  # submitted elsewhere
-    c.save_draft(session, ann, images["c"].id, [(5, 5, "alive")])  # a late write of a stale tab
-    assert c.draft_of(session, ann) is None and _count(session, LabelDraft) == 0
+    c.save_draft(session, ann, images["d"].id, [(7, 7, "dead")])  # the image the student is on now
+    # a late write of a stale tab on the submitted image stores nothing: the draft on d stays
+    assert c.save_draft(session, ann, images["c"].id, [(5, 5, "alive")]) is False
+    image, marks = c.draft_of(session, ann)
+    assert image.id == images["d"].id and marks == [(7.0, 7.0, "dead")]
+    c.save_draft(session, ann, images["gold"].id, [])
+    session.execute(sa.update(Image).where(Image.id == images["gold"].id).values(has_pixels=False))
+    assert c.draft_of(session, ann) is None and _count(session, LabelDraft) == 0  # no longer open: dropped
 
 
 @pytest.mark.parametrize("marks", [[(100, 5, "alive")], [(5, 5, "maybe")], [(float("inf"), 5, "dead")]])
