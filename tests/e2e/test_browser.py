@@ -468,6 +468,7 @@ def test_on_a_phone_zoom_and_submit_bring_the_image_back_into_view(
     click_image_pixel(page, size[0] // 2, size[1] // 2, size)
     expect_counts(page, alive=1, dead=0, not_sure=0)
     page.get_by_role("button", name=re.compile("^Submit")).click()  # scrolls down to it first
+    wait_idle(page)  # the whole rerun: the Saved line is drawn before the new image's caption
     expect(page.get_by_text(re.compile(r"Saved: 1 mark\(s\)\."))).to_be_attached()
     page.wait_for_function("() => document.querySelector('iframe[title^=\"streamlit_image_coordinates\"]')"
                            ".getBoundingClientRect().top >= 0")
