@@ -464,12 +464,22 @@ def save_draft(session: Session, annotator: Annotator, image_id: int,
                                                    TaskRun.image_id == image.id).limit(1))
     if done is not None:
         return False
-    draft = session.get(LabelDraft, annotator.id)
-    if draft is None:
-        draft = LabelDraft(annotator_id=annotator.id, image_id=image.id)
+    values = {"annotator_id": annotator.id, "image_id": image.id, "marks": [list(m) for m in clean],
+              "updated_at": utcnow()}
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        # one statement, so two tabs of a student saving their first draft at once cannot collide
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        mod = sqlite if dialect == "sqlite" else postgresql
+        stmt = mod.insert(LabelDraft).values(**values)
+        session.execute(stmt.on_conflict_do_update(index_elements=["annotator_id"],
+                                                   set_={k: stmt.excluded[k] for k in values if k != "annotator_id"}))
+    else:
+        draft = session.get(LabelDraft, annotator.id) or LabelDraft(annotator_id=annotator.id)
         session.add(draft)
-    draft.image_id, draft.marks, draft.updated_at = image.id, [list(m) for m in clean], utcnow()
-    session.flush()
+        draft.image_id, draft.marks, draft.updated_at = values["image_id"], values["marks"], values["updated_at"]
+        session.flush()
     return True
 
 
@@ -478,7 +488,7 @@ def draft_of(session: Session, annotator: Annotator,
     """``annotator``'s saved draft as ``(image, marks)`` while its image is still open to them
     (pixels, not submitted by them, active or gold; not in ``exclude_ids``), else ``None`` (a
     draft whose image is no longer open is deleted). Flushes, never commits."""
-    draft = session.get(LabelDraft, annotator.id)
+    draft = session.get(LabelDraft, annotator.id, populate_existing=True)  # written by Core statements
     if draft is None:
         return None
     if int(draft.image_id) in {int(i) for i in exclude_ids}:

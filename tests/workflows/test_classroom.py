@@ -337,6 +337,39 @@ def test_concurrent_double_submits_store_one_run_each(engine) -> None:
         assert _count(s, Click) == 8
 
 
+def test_concurrent_first_drafts_of_one_student_do_not_collide(engine) -> None:
+    """Two tabs of a student saving their first draft at the same moment: both succeed (one
+    upsert each), one draft remains."""
+    make = session_factory(engine)
+    with make() as s, s.begin():
+        project = _project(s, codes=("7B",))
+        images = _images(s, project, ["a", "b"])
+        image_ids = [images["a"].id, images["b"].id]
+        student_id = c.join_class(s, "7B", "tabs").id
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            with make() as s, s.begin():
+                student = s.get(c.Annotator, student_id)
+                assert c.save_draft(s, student, image_ids[i % 2], [(1.0 + i, 2.0, "alive")])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    with make() as s:
+        assert _count(s, LabelDraft) == 1
+        image, marks = c.draft_of(s, s.get(c.Annotator, student_id))
+        assert image.id in image_ids and len(marks) == 1
+
+
 # --------------------------------------------------------------------------- progress
 
 
