@@ -302,6 +302,26 @@ def test_compare_with_gold(clicks, radius, expected) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
+def _at_once(n: int, work) -> None:
+    """Run ``work(i)`` for i in 0..n-1 in n threads released together; fails with their errors."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+
+
 def test_concurrent_double_submits_store_one_run_each(engine) -> None:
     """8 threads, own sessions: every key submitted by 2 threads at once -> one run per key."""
     make = session_factory(engine)
@@ -309,28 +329,17 @@ def test_concurrent_double_submits_store_one_run_each(engine) -> None:
         project = _project(s, codes=("7B",))
         image_id = _images(s, project, ["a"])["a"].id
         ids = [c.join_class(s, "7B", f"t{i}").id for i in range(4)]
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
     created: list[bool] = []
 
     def work(i: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            with make() as s, s.begin():
-                student = c.join_class(s, "7B", f"t{i % 4}")
-                assert student.id == ids[i % 4]
-                res = c.submit_run(s, student, image_id, [(1.0 + i % 4, 2.0, "alive"), (3.0, 4.0, "dead")],
-                                   f"key-{i % 4}")
-            created.append(res.created)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with make() as s, s.begin():
+            student = c.join_class(s, "7B", f"t{i % 4}")
+            assert student.id == ids[i % 4]
+            res = c.submit_run(s, student, image_id, [(1.0 + i % 4, 2.0, "alive"), (3.0, 4.0, "dead")],
+                               f"key-{i % 4}")
+        created.append(res.created)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    _at_once(8, work)
     assert sorted(created) == [False] * 4 + [True] * 4
     with make() as s:
         assert _count(s, TaskRun) == 4
@@ -346,24 +355,12 @@ def test_concurrent_first_drafts_of_one_student_do_not_collide(engine) -> None:
         images = _images(s, project, ["a", "b"])
         image_ids = [images["a"].id, images["b"].id]
         student_id = c.join_class(s, "7B", "tabs").id
-    barrier = threading.Barrier(6)
-    errors: list[BaseException] = []
-
     def work(i: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            with make() as s, s.begin():
-                student = s.get(c.Annotator, student_id)
-                assert c.save_draft(s, student, image_ids[i % 2], [(1.0 + i, 2.0, "alive")])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with make() as s, s.begin():
+            student = s.get(c.Annotator, student_id)
+            assert c.save_draft(s, student, image_ids[i % 2], [(1.0 + i, 2.0, "alive")])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    _at_once(6, work)
     with make() as s:
         assert _count(s, LabelDraft) == 1
         image, marks = c.draft_of(s, s.get(c.Annotator, student_id))
