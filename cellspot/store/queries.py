@@ -74,18 +74,24 @@ class ClientKeyConflictError(ValueError):
 # --------------------------------------------------------------------------- writers
 
 
+def _conflict_insert(session: Session, table: Any):
+    """The dialect's INSERT with ``ON CONFLICT`` clauses (SQLite, PostgreSQL), else ``None``."""
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        return None
+    return (sqlite if dialect == "sqlite" else postgresql).insert(table)
+
+
 def _insert_ignore(session: Session, model: type, values: dict[str, Any], conflict: list[str]) -> bool:
     """INSERT ``values`` unless a row with the same ``conflict`` columns exists; True if inserted.
 
     Uses ``INSERT ... ON CONFLICT DO NOTHING`` (SQLite and PostgreSQL) so concurrent writers
     cannot both insert; other dialects fall back to a check-then-insert.
     """
-    dialect = session.get_bind().dialect.name
     table = model.__table__
-    if dialect in ("sqlite", "postgresql"):
-        mod = sqlite if dialect == "sqlite" else postgresql
-        stmt = (mod.insert(table).values(**values)
-                .on_conflict_do_nothing(index_elements=conflict).returning(table.c.id))
+    insert_ = _conflict_insert(session, table)
+    if insert_ is not None:
+        stmt = insert_.values(**values).on_conflict_do_nothing(index_elements=conflict).returning(table.c.id)
         return session.execute(stmt).scalar_one_or_none() is not None
     where = [table.c[c] == values[c] for c in conflict]
     if session.execute(select(table.c.id).where(*where)).first() is not None:
@@ -93,6 +99,26 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], confli
     session.execute(insert(table).values(**values))
     return True
 
+
+
+def upsert(session: Session, model: type, values: dict[str, Any], key: list[str]) -> None:
+    """INSERT ``values``, or UPDATE the other columns of the row with the same ``key`` columns.
+
+    One ``INSERT ... ON CONFLICT DO UPDATE`` statement on SQLite and PostgreSQL, so two writers
+    of the same new key cannot collide; other dialects fall back to a get-then-write. Never
+    commits (rows of ``model`` already loaded in the session are not refreshed).
+    """
+    insert_ = _conflict_insert(session, model.__table__)
+    if insert_ is not None:
+        stmt = insert_.values(**values)
+        changes = {k: stmt.excluded[k] for k in values if k not in key}
+        session.execute(stmt.on_conflict_do_update(index_elements=key, set_=changes))
+        return
+    row = session.get(model, tuple(values[k] for k in key)) or model(**{k: values[k] for k in key})
+    session.add(row)
+    for name, value in values.items():
+        setattr(row, name, value)
+    session.flush()
 
 #: the longest project name (the ``projects.name`` column)
 PROJECT_NAME_MAX = 200

@@ -464,22 +464,10 @@ def save_draft(session: Session, annotator: Annotator, image_id: int,
                                                    TaskRun.image_id == image.id).limit(1))
     if done is not None:
         return False
-    values = {"annotator_id": annotator.id, "image_id": image.id, "marks": [list(m) for m in clean],
-              "updated_at": utcnow()}
-    dialect = session.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
-        # one statement, so two tabs of a student saving their first draft at once cannot collide
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        mod = sqlite if dialect == "sqlite" else postgresql
-        stmt = mod.insert(LabelDraft).values(**values)
-        session.execute(stmt.on_conflict_do_update(index_elements=["annotator_id"],
-                                                   set_={k: stmt.excluded[k] for k in values if k != "annotator_id"}))
-    else:
-        draft = session.get(LabelDraft, annotator.id) or LabelDraft(annotator_id=annotator.id)
-        session.add(draft)
-        draft.image_id, draft.marks, draft.updated_at = values["image_id"], values["marks"], values["updated_at"]
-        session.flush()
+    # one upsert, so two tabs of a student saving their first draft at once cannot collide
+    queries.upsert(session, LabelDraft, {"annotator_id": annotator.id, "image_id": image.id,
+                                         "marks": [list(m) for m in clean], "updated_at": utcnow()},
+                   key=["annotator_id"])
     return True
 
 
