@@ -111,15 +111,24 @@ def page_header(title: str) -> Project | None:
         return None
     ids = table["project_id"].astype(int).tolist()
     names = dict(zip(ids, table["project"].astype(str)))
-    current = st.session_state.get("r_project_id")
+    switch = st.session_state.pop("r_project_switch", None)
+    current = switch if switch is not None else st.session_state.get("r_project_id")
     if current not in ids:
         default = resources.settings().default_project
         current = next((i for i in ids if names[i] == default), ids[0])
-    chosen = pick_col.selectbox("Project", ids, index=ids.index(current), format_func=names.get,
-                                key="r_project_pick")
+    # The picker's value lives under its key: the browser keeps a widget's value across reruns
+    # and ignores a changed default, so a switch from code is written there before it is drawn.
+    if switch is not None or st.session_state.get("r_project_pick") not in ids:
+        st.session_state["r_project_pick"] = current
+    chosen = pick_col.selectbox("Project", ids, format_func=names.get, key="r_project_pick")
     st.session_state["r_project_id"] = chosen
     with resources.session() as session:
         return session.get(Project, chosen)
+
+
+def switch_project(project_id: int) -> None:
+    """Make ``project_id`` the picked project from the next run on (after creating it, say)."""
+    st.session_state["r_project_switch"] = project_id
 
 
 def recompute_consensus(project_id: int) -> str:

@@ -156,8 +156,7 @@ with st.expander("Create a project", expanded=researcher.projects(researcher.url
             st.error(str(exc))
         else:
             researcher.refresh()
-            st.session_state["r_project_id"] = new_id
-            st.session_state.pop("r_project_pick", None)  # the picker follows r_project_id
+            researcher.switch_project(new_id)
             st.session_state["setup_message"] = f"Project {name.strip()!r} created."
             st.rerun()
 

@@ -478,3 +478,53 @@ def test_on_a_phone_zoom_and_submit_bring_the_image_back_into_view(
     expect(under_image).to_be_visible()
     box = under_image.bounding_box()
     assert box is not None and box["y"] + box["height"] <= 844, f"the saved note is below the fold: {box}"
+
+
+def test_a_created_project_is_the_one_the_setup_page_imports_into(
+    app_server: AppServer, seeded_store: SeededStore, new_page, artifacts_dir: Path, tmp_path: Path,
+) -> None:
+    """The picker kept the old project after "Create" (the browser keeps a widget's value and
+    ignores a changed default), so the header named the new project and the next upload went
+    into the old one."""
+    import numpy as np
+    from PIL import Image as PILImage
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from cellspot.store.db import make_engine
+    from cellspot.store.models import Image, Project
+
+    page = new_page()
+    open_as_researcher(page, app_server.url, E2E_PASSWORD)
+    go_to(page, "Setup")
+    picker = page.locator('[data-testid="stSelectbox"]').filter(has_text="Project").locator("input")
+    expect(picker).to_have_value(seeded_store.project)
+    page.get_by_text("Create a project").click()
+    page.get_by_role("textbox", name="Name", exact=True).fill("Lab picker")
+    click_button(page, "Create", exact=True)
+    expect(page.get_by_text("Project 'Lab picker' created.")).to_be_visible()
+    expect(picker).to_have_value("Lab picker")
+    expect(page.get_by_role("heading", name="Lab picker")).to_be_visible()
+
+    image = tmp_path / "picked.png"
+    PILImage.fromarray(np.full((40, 60), 128, dtype=np.uint8)).save(image)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(image))
+    wait_idle(page)
+    page.get_by_role("button", name="Import", exact=True).first.click()
+    expect(page.get_by_text(re.compile(r"1 image\(s\) imported"))).to_be_visible(timeout=30_000)
+    expect(picker).to_have_value("Lab picker")
+    screenshot(page, artifacts_dir / "e2e-setup-created-project.png")
+    engine = make_engine(seeded_store.database_url)
+    with Session(engine) as session:
+        owner = session.scalar(select(Project.name).join(Image, Image.project_id == Project.id)
+                               .where(Image.name == "picked.png"))
+    engine.dispose()
+    assert owner == "Lab picker"
+
+    # and a pick by hand still wins over the remembered project
+    picker.click()
+    page.get_by_role("option", name=seeded_store.project, exact=True).click()
+    wait_idle(page)
+    expect(page.get_by_role("heading", name=seeded_store.project, exact=True)).to_be_visible()
+    expect(picker).to_have_value(seeded_store.project)
+    assert_no_exception(page)
