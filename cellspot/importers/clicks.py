@@ -127,7 +127,7 @@ class ParsedClicks:
 
 @dataclass
 class ClickImportReport:
-    """What :func:`import_clicks` did. ``imported + rejected + already_present == records``."""
+    """What :func:`import_clicks` did. ``imported + rejected + already_present + skipped == records``."""
 
     source: str
     format: str
@@ -145,6 +145,12 @@ class ClickImportReport:
     runs_replaced: int = 0
     """runs imported before from another file with other clicks, replaced by this file's
     (``replace_runs``); they count in ``runs_imported``"""
+    runs_kept: int = 0
+    """runs imported before from another file whose copy here has rejected rows: the stored run
+    is kept as it is and this file's copy is not imported (a partial copy never replaces it)"""
+    skipped: int = 0
+    """valid clicks of those kept runs, not imported (``imported + rejected + already_present +
+    skipped == records``)"""
     duplicates: list[tuple[int, int]] = field(default_factory=list)
     """(line, line of the click it repeats) of every imported click that repeats an earlier one of
     its run exactly (same x, y and label); they are imported as they are, this only reports them."""
@@ -155,7 +161,9 @@ class ClickImportReport:
             f"{self.rejected} rejected, {self.already_present} already present; runs: "
             f"{self.runs_imported} imported{f' ({self.runs_replaced} replacing earlier imports)' if self.runs_replaced else ''}, "
             f"{self.runs_already_present} already present, "
-            f"{self.runs_dropped} dropped; {self.images_created} image record(s) and "
+            f"{self.runs_dropped} dropped"
+            f"{f', {self.runs_kept} kept as stored ({self.skipped} valid click(s) of their copies here not imported: those copies have rejected rows)' if self.runs_kept else ''}"
+            f"; {self.images_created} image record(s) and "
             f"{self.annotators_created} annotator(s) created"
         )
         if self.duplicates:
@@ -502,8 +510,8 @@ def import_clicks(
         )
     keys = {run.key: _client_key(project.id, parsed.sha256, run.key) for run in parsed.runs.values()}
     present = _store.existing_client_keys(session, list(keys.values()))
-    same, replaced = _earlier_imports(session, project, parsed, placed, keys, present, images, replace_runs)
-    plan = _plan(parsed, placed, keys, present | same)
+    same, replaced, kept = _earlier_imports(session, project, parsed, placed, keys, present, images, replace_runs)
+    plan = _plan(parsed, placed, keys, present | same, kept)
     if replaced:
         _store.delete_runs(session, replaced)
         log.info("replaced %d run(s) imported before from another file", len(replaced))
@@ -521,7 +529,7 @@ def import_clicks(
         records=parsed.n_records, imported=len(plan.clicks), rejected=len(parsed.rejects),
         already_present=plan.clicks_present, runs_imported=len(plan.runs),
         runs_already_present=len(present) + len(same), runs_dropped=plan.runs_dropped,
-        runs_replaced=len(replaced),
+        runs_replaced=len(replaced), runs_kept=len(kept), skipped=plan.clicks_skipped,
         images_created=created[0], annotators_created=created[1], rejects_path=rejects_path,
         duplicates=duplicate_clicks(plan.clicks),
     )
@@ -548,34 +556,40 @@ def duplicate_clicks(clicks: Iterable[ParsedClick]) -> list[tuple[int, int]]:
 def _earlier_imports(
     session: Any, project: Any, parsed: ParsedClicks, placed: list[ParsedClick], keys: dict[str, str],
     present: set[str], images: dict[str, Any], replace_runs: bool,
-) -> tuple[set[str], list[int]]:
+) -> tuple[set[str], list[int], set[str]]:
     """Runs of a tidy file that another file imported before (same run key, image and annotator:
     a corrected or extended copy of that file). Returns the client keys of those with the same
-    clicks (already present) and the ids of the stored runs to replace (``replace_runs``);
-    without ``replace_runs`` a run with other clicks raises :class:`ClickImportError`.
+    clicks (already present), the ids of the stored runs to replace (``replace_runs``) and the
+    client keys of those whose copy here lost rows to rejects (with ``skip_invalid``): the
+    stored run is kept, as a partial copy must not replace it nor be stored beside it. Without
+    ``replace_runs`` a complete run with other clicks raises :class:`ClickImportError`.
 
     PyBossa runs are not matched across files: they are anonymous rows of one export.
     """
     from cellspot.importers import _store
 
     if parsed.format != "csv":
-        return set(), []
+        return set(), [], set()
     wanted = {_key_suffix(keys[run.key]): run for run in parsed.runs.values() if keys[run.key] not in present}
     ids = [images[run.image].id for run in wanted.values() if run.image in images]
     earlier = [row for row in _store.imported_runs(session, project, ids)
                if (run := wanted.get(_key_suffix(row[1]))) is not None
                and row[2] == images[run.image].id and row[3] == run.annotator]
     if not earlier:
-        return set(), []
+        return set(), [], set()
     stored = _store.run_clicks(session, [row[0] for row in earlier])
     here: dict[str, list[tuple[float, float, str]]] = {}
     for click in placed:
         here.setdefault(click.run, []).append((click.x, click.y, click.label))
-    same, replace_ids, problems = set(), [], []
+    same, replace_ids, kept, problems = set(), [], set(), []
     for run_id, key, _image_id, _nick, source in earlier:
         run = wanted[_key_suffix(key)]
         mine, theirs = here.get(run.key, []), stored[run_id]
-        if sorted(mine) == sorted(theirs):
+        if len(mine) < run.n_source_clicks:
+            kept.add(keys[run.key])
+            log.warning("%s line %d: run %r was imported before and some of its rows here are rejected: "
+                        "the stored run is kept", parsed.source, run.line, run.key)
+        elif sorted(mine) == sorted(theirs):
             same.add(keys[run.key])
         elif replace_runs:
             replace_ids.append(run_id)
@@ -589,7 +603,7 @@ def _earlier_imports(
     if problems:
         raise ClickImportError(parsed.source, problems,
                                "replace_runs / --replace-runs replaces the earlier runs with this file's")
-    return same, replace_ids
+    return same, replace_ids, kept
 
 
 def _key_suffix(client_key: str) -> str:
@@ -603,23 +617,28 @@ class _Plan:
     clicks: list[ParsedClick]
     clicks_present: int
     runs_dropped: int
+    clicks_skipped: int = 0
 
 
-def _plan(parsed: ParsedClicks, placed: list[ParsedClick], keys: dict[str, str], present: set[str]) -> _Plan:
-    """Runs and clicks to write: new runs with a valid click, or that were empty in the source."""
+def _plan(parsed: ParsedClicks, placed: list[ParsedClick], keys: dict[str, str], present: set[str],
+          kept: set[str] = frozenset()) -> _Plan:
+    """Runs and clicks to write: new runs with a valid click, or that were empty in the source;
+    not those already ``present`` nor those whose stored earlier import is ``kept``."""
     counts: dict[str, int] = {}
     for click in placed:
         counts[click.run] = counts.get(click.run, 0) + 1
-    runs, dropped, clicks_present = [], 0, 0
+    runs, dropped, clicks_present, skipped = [], 0, 0, 0
     for run in parsed.runs.values():
-        if keys[run.key] in present:
+        if keys[run.key] in kept:
+            skipped += counts.get(run.key, 0)
+        elif keys[run.key] in present:
             clicks_present += counts.get(run.key, 0)
         elif counts.get(run.key) or not run.n_source_clicks:
             runs.append(run)
         else:
             dropped += 1
     wanted = {run.key for run in runs}
-    return _Plan(runs, [c for c in placed if c.run in wanted], clicks_present, dropped)
+    return _Plan(runs, [c for c in placed if c.run in wanted], clicks_present, dropped, skipped)
 
 
 def _write(

@@ -279,6 +279,30 @@ def test_a_corrected_file_never_stores_a_run_twice(session, settings, tmp_path: 
         import_clicks(session, project, again, settings=settings)
 
 
+@pytest.mark.parametrize("replace_runs", [False, True])
+def test_a_copy_with_rejected_rows_never_replaces_a_stored_run(session, settings, tmp_path: Path,
+                                                               replace_runs: bool) -> None:
+    """With --skip-invalid (and --replace-runs), a run of a later file whose rows were all or
+    partly rejected replaced the stored complete run with nothing, or with fewer clicks."""
+    project = get_or_create_project(session, "p")
+    v1 = _write(tmp_path, f"{TIDY_HEADER}\na.png,stu1,10,20,alive\na.png,stu1,30,40,dead\n"
+                          "b.png,stu2,50,50,alive\nb.png,stu2,60,60,dead\nc.png,stu3,5,5,alive\n", "v1.csv")
+    import_clicks(session, project, v1, settings=settings)
+    before = _counts(session)
+    stored = sorted(session.execute(select(Click.x, Click.y, Click.label)).all())
+    v2 = _write(tmp_path, f"{TIDY_HEADER}\na.png,stu1,10,20,zombie\na.png,stu1,30,40,zombie\n"  # all rejected
+                          "b.png,stu2,50,50,alive\nb.png,stu2,60,60,maybe\n"  # one of two rejected
+                          "c.png,stu3,5,5,alive\nd.png,stu4,1,1,dead\n", "v2.csv")
+    report = import_clicks(session, project, v2, skip_invalid=True, replace_runs=replace_runs, settings=settings)
+    assert (report.runs_kept, report.runs_replaced, report.runs_imported, report.runs_already_present) == (2, 0, 1, 1)
+    assert (report.imported, report.rejected, report.already_present, report.skipped) == (1, 3, 1, 1)
+    assert report.imported + report.rejected + report.already_present + report.skipped == report.records
+    assert "2 kept as stored (1 valid click(s) of their copies here not imported" in report.summary()
+    assert _counts(session) == {**before, "Image": before["Image"] + 1, "Annotator": before["Annotator"] + 1,
+                                "TaskRun": before["TaskRun"] + 1, "Click": before["Click"] + 1}
+    assert sorted(session.execute(select(Click.x, Click.y, Click.label)).all()) == sorted([*stored, (1.0, 1.0, "dead")])
+
+
 def test_a_task_run_id_in_two_files_is_one_run(session, settings, tmp_path: Path) -> None:
     project = get_or_create_project(session, "p")
     header = f"{TIDY_HEADER},task_run"
