@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 from cellspot.imaging import IMAGE_SUFFIXES, sha256_file
 from cellspot.importers.csvtools import (
     CsvFormatError,
+    csv_content_sha256,
     csv_records,
     joined_problem,
     normalise_header,
@@ -116,6 +117,9 @@ class ParsedClicks:
     frame: tuple[int, int] | None
     runs: dict[str, ParsedRun] = field(default_factory=dict)
     clicks: list[ParsedClick] = field(default_factory=list)
+    earlier_sha256: tuple[str, ...] = ()
+    """other digests an earlier version of cellspot gave this file (its raw bytes' SHA-256,
+    where ``sha256`` is now that of its records): runs stored under them are present"""
     rejects: list[ImportProblem] = field(default_factory=list)
     declared_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     n_records: int = 0
@@ -357,8 +361,15 @@ def parse_pybossa_taskruns(path: str | Path) -> ParsedClicks:
     """
     path = Path(path)
     header, records = _open_table(path, PYBOSSA_REQUIRED)
-    sha = sha256_file(path)
-    parsed = ParsedClicks(path, "pybossa", sha, frame=PYBOSSA_FRAME)
+    # Its rows are anonymous (the export has no run id), so a run is known by the file's
+    # digest: that of its records, so the same export saved with other line endings or a
+    # byte-order mark is the same file (it was imported twice when the digest was the bytes').
+    try:
+        sha = csv_content_sha256(path)
+    except CsvFormatError as exc:
+        raise ClickImportError(path, [ImportProblem(str(path), exc.reason)]) from exc
+    raw = sha256_file(path)
+    parsed = ParsedClicks(path, "pybossa", sha, frame=PYBOSSA_FRAME, earlier_sha256=(raw,) if raw != sha else ())
     class_code = f"pybossa-{sha[:12]}"
     for row_index, (line, fields) in enumerate(records):
         row = _row_dict(parsed, header, line, fields)
@@ -510,6 +521,9 @@ def import_clicks(
         )
     keys = {run.key: _client_key(project.id, parsed.sha256, run.key) for run in parsed.runs.values()}
     present = _store.existing_client_keys(session, list(keys.values()))
+    for earlier_sha in parsed.earlier_sha256:
+        old = {_client_key(project.id, earlier_sha, key): keys[key] for key in keys}
+        present |= {old[k] for k in _store.existing_client_keys(session, list(old))}
     same, replaced, kept = _earlier_imports(session, project, parsed, placed, keys, present, images, replace_runs)
     plan = _plan(parsed, placed, keys, present | same, kept)
     if replaced:

@@ -53,6 +53,20 @@ def csv_records(path: Path, *, skip_empty_fields: bool = True) -> Iterator[tuple
         raise CsvFormatError(path, f"not a readable CSV: {exc}") from exc
 
 
+def csv_content_sha256(path: Path) -> str:
+    """SHA-256 of the records of a CSV as :func:`csv_records` reads them, so the same table
+    saved with other line endings, a byte-order mark or other quoting has the same digest.
+    Raises :class:`CsvFormatError`."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for _line, fields in csv_records(path):
+        digest.update(json.dumps(fields, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def normalise_header(fields: list[str]) -> list[str]:
     """Column names stripped and lower-cased."""
     return [f.strip().lower() for f in fields]

@@ -394,6 +394,46 @@ def test_pybossa_clicks_scaled_to_stored_image(session, settings, tmp_path: Path
     assert {a.role for a in annotators} == {"imported"} and len(annotators) == 3
 
 
+def test_the_same_pybossa_export_with_other_line_endings_or_a_bom_is_already_present(
+        session, settings, tmp_path: Path) -> None:
+    """PyBossa rows are anonymous, so runs are known by the file's digest; it was the bytes'
+    digest, and the same export saved with CRLF or a byte-order mark was imported again."""
+    project = get_or_create_project(session, "p")
+    rows = [f"{PYBOSSA_HEADER}", "\"[[u'alive', 100, 50]]\",1,http://h/a", "[],0,http://h/a"]
+    lf = tmp_path / "lf.csv"
+    lf.write_bytes(("\n".join(rows) + "\n").encode())
+    first = import_clicks(session, project, lf, settings=settings)
+    assert (first.runs_imported, first.imported) == (2, 1)
+    before = _counts(session)
+    for name, data in (("crlf.csv", ("\r\n".join(rows) + "\r\n").encode()),
+                       ("bom.csv", b"\xef\xbb\xbf" + ("\n".join(rows) + "\n").encode())):
+        (tmp_path / name).write_bytes(data)
+        again = import_clicks(session, project, tmp_path / name, settings=settings)
+        assert (again.runs_imported, again.runs_already_present, again.already_present) == (0, 2, 1), name
+        assert _counts(session) == before, name
+    other = tmp_path / "other.csv"  # another export (one more run) is another file
+    other.write_bytes(("\n".join([*rows, "[],0,http://h/b"]) + "\n").encode())
+    assert import_clicks(session, project, other, settings=settings).runs_imported == 3
+
+
+def test_pybossa_runs_stored_under_the_bytes_digest_are_present(session, settings, tmp_path: Path) -> None:
+    """A store filled before the digest became the records' one: its runs still count as present."""
+    from cellspot.imaging import sha256_file
+    from cellspot.importers.clicks import _client_key
+
+    project = get_or_create_project(session, "p")
+    path = _write(tmp_path, f"{PYBOSSA_HEADER}\r\n\"[[u'alive', 100, 50]]\",1,http://h/a\r\n")
+    import_clicks(session, project, path, settings=settings)
+    run = session.scalars(select(TaskRun)).one()
+    parsed = parse_pybossa_taskruns(path)
+    assert parsed.earlier_sha256 == (sha256_file(path),) and parsed.sha256 != sha256_file(path)
+    run.client_key = _client_key(project.id, sha256_file(path), "0")  # as the earlier version stored it
+    session.flush()
+    again = import_clicks(session, project, path, settings=settings)
+    assert (again.runs_imported, again.runs_already_present) == (0, 1)
+    assert _counts(session)["TaskRun"] == 1
+
+
 def test_timestamps_and_source_on_runs(session, settings, tmp_path: Path) -> None:
     project = get_or_create_project(session, "p")
     path = _write(tmp_path, f"{TIDY_HEADER},timestamp\na.png,s1,3,5,alive,2014-03-01T10:00:00\n")
