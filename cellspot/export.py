@@ -277,10 +277,16 @@ def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame, box_size: float = 
     }
 
 
+#: the longest stem :func:`safe_stem` gives: file names hold at most 255 bytes, and a crop's
+#: name adds the image id and the crop number to it
+SAFE_STEM_MAX = 120
+
+
 def safe_stem(name: str) -> str:
-    """File-system-safe stem of an image name (``a/b c.tif`` -> ``a_b_c``)."""
+    """File-system-safe stem of an image name (``a/b c.tif`` -> ``a_b_c``), at most
+    :data:`SAFE_STEM_MAX` characters (callers add the image id, which keeps names apart)."""
     stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", name)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:SAFE_STEM_MAX].strip("._") or "image"
 
 
 # ---------------------------------------------------------------- writing

@@ -195,6 +195,8 @@ def test_bad_inputs_change_nothing_already_stored(settings, images_dir: Path, tm
 @pytest.mark.parametrize("name, why", [
     ("", "must be a non-empty string"), ("   ", "must be a non-empty string"),
     ("lab ", "must not start or end with spaces; got 'lab ' (did you mean 'lab'?)"),
+    ("la\tb", "must not hold tabs, line breaks or other control characters; got 'la\\tb'"),
+    ("new\nline", "must not hold tabs, line breaks or other control characters"),
 ])
 @pytest.mark.parametrize("command", [("import", "images"), ("import", "clicks"), ("export",), ("queue",)])
 def test_a_blank_or_padded_project_name_is_a_usage_error(settings, images_dir: Path, tmp_path: Path,
@@ -219,6 +221,17 @@ def test_the_library_refuses_a_padded_project_name(session) -> None:
     with pytest.raises(ValueError, match="non-empty string"):
         get_or_create_project(session, " ")
     assert get_or_create_project(session, "lab").name == "lab"
+
+
+def test_a_project_named_like_another_but_for_case_is_refused(settings, images_dir: Path, tmp_path: Path) -> None:
+    """``--project CS`` where ``cs`` exists created a second project (a typo, most likely)."""
+    ok_cli("import", "images", str(images_dir), "--project", "cs")
+    before = _counts(settings)
+    result = run_cli("import", "clicks", str(_clicks_csv(tmp_path / "c.csv", np.random.default_rng(0))),
+                     "--project", "CS")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "no project named 'CS', but there is 'cs' (the names differ only in case)" in result.stderr
+    assert _counts(settings) == before
 
 
 def test_clicks_before_images_then_pixels_attach(settings, images_dir: Path, tmp_path: Path) -> None:

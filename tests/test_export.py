@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image as PILImage
+from sqlalchemy import select
 
 from cellspot.crops import SplitError
 from cellspot.export import (
@@ -429,6 +430,20 @@ def test_same_seed_same_split(session, settings, store, tmp_path):
 )
 def test_safe_stem(name, expected):
     assert safe_stem(name) == expected
+
+
+def test_an_image_named_longer_than_a_file_name_can_be_exported(session, settings, store, tmp_path):
+    """A 300-character image name (a zip member, a click CSV) failed the whole export with
+    "File name too long" on its crops."""
+    image = session.scalar(select(Image).where(Image.name == "img00.png"))
+    image.name = "m" * 300 + ".png"
+    session.flush()
+    report = export_dataset(session, store.project, tmp_path / "ds", settings, crop_size=CROP, seed=1)
+    index = pd.read_csv(tmp_path / "ds" / "crops" / "index.csv")
+    mine = index[index["image"] == image.name]
+    assert len(mine) > 0 and report.n_crops == len(index)
+    paths = mine["crop_path"]
+    assert all(len(Path(p).name) < 200 and (tmp_path / "ds" / "crops" / p).is_file() for p in paths)
 
 
 def test_flatten_metadata():

@@ -44,7 +44,10 @@ def _project_session(project_name: str | None) -> Iterator[tuple[Any, Any, Any]]
     try:
         upgrade(engine)
         with transaction(engine) as session:
-            project = get_or_create_project(session, project_name or settings.default_project)
+            try:
+                project = get_or_create_project(session, project_name or settings.default_project)
+            except ValueError as exc:  # a name that only differs in case from a project's
+                raise click.ClickException(str(exc)) from exc
             yield settings, session, project
     finally:
         engine.dispose()

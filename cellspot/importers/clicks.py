@@ -63,6 +63,7 @@ from cellspot.importers.csvtools import (
     parse_number,
 )
 from cellspot.importers.errors import ClickImportError, ImportProblem, write_problems_csv
+from cellspot.store.models import IMAGE_NAME_MAX, NICKNAME_MAX
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,9 @@ def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: 
         parsed.n_records += 1
     missing = [(name, "missing value", None) for name, value in (("image", image), ("annotator", annotator))
                if not value]
+    missing += [(name, f"{len(value)} characters; at most {limit} are allowed", value[:60] + "...")
+                for name, value, limit in (("image", image, IMAGE_NAME_MAX), ("annotator", annotator, NICKNAME_MAX))
+                if len(value) > limit]
     if missing:  # every bad field of the row in one reject: the click's too
         parsed.reject(line, *joined_problem([*missing, *([] if marker else _click_fields(row, None)[2])]))
         return

@@ -192,8 +192,12 @@ def _import_one(
     session: Any, project: Any, source: _Source, settings: Any,
     by_name: dict[str, Any], by_sha: dict[str, Any], report: ImageImportReport, max_pixels: int,
 ) -> None:
-    from cellspot.store.models import Image
+    from cellspot.store.models import IMAGE_NAME_MAX, Image
 
+    if len(source.name) > IMAGE_NAME_MAX:
+        report.errors.append(ImportProblem(
+            source.label, f"the file name has {len(source.name)} characters; at most {IMAGE_NAME_MAX} are allowed"))
+        return
     try:
         data = source.read()
         sha = sha256_bytes(data)

@@ -38,6 +38,11 @@ CLICK_LABELS = ("alive", "dead", "not_sure")
 CELL_LABELS = ("alive", "dead")
 ANNOTATOR_ROLES = ("student", "expert", "researcher", "imported")
 IMAGE_STATUSES = ("active", "retired")
+#: the longest image name, annotator nickname and class code the store holds (its column
+#: sizes); the importers refuse longer ones with their line, as PostgreSQL would fail the batch
+IMAGE_NAME_MAX = 500
+NICKNAME_MAX = 200
+CLASS_CODE_MAX = 100
 
 
 def utcnow() -> datetime:
@@ -96,7 +101,7 @@ class Image(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
-    name: Mapped[str] = mapped_column(String(500))
+    name: Mapped[str] = mapped_column(String(IMAGE_NAME_MAX))
     sha256: Mapped[str | None] = mapped_column(String(64))
     path: Mapped[str | None] = mapped_column(String(1000))
     width: Mapped[int] = mapped_column(Integer)
@@ -128,8 +133,8 @@ class Annotator(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
-    nickname: Mapped[str] = mapped_column(String(200))
-    class_code: Mapped[str] = mapped_column(String(100), default="")
+    nickname: Mapped[str] = mapped_column(String(NICKNAME_MAX))
+    class_code: Mapped[str] = mapped_column(String(CLASS_CODE_MAX), default="")
     role: Mapped[str] = mapped_column(String(16), default="student")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

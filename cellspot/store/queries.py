@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,7 +136,16 @@ def check_project_name(name: object) -> str:
     if name != name.strip():
         raise ValueError(f"a project name must not start or end with spaces; got {name!r} "
                          f"(did you mean {name.strip()!r}?)")
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise ValueError(f"a project name must not hold tabs, line breaks or other control characters; got {name!r}")
     return name
+
+
+def project_named_alike(session: Session, name: str) -> str | None:
+    """The name of another project that differs from ``name`` only in case (``Lab`` for
+    ``lab``), or ``None``: a new project named so is most likely a typo."""
+    return session.scalar(select(Project.name).where(func.lower(Project.name) == name.lower(),
+                                                     Project.name != name).limit(1))
 
 
 def get_or_create_project(session: Session, name: str, **settings: Any) -> Project:
@@ -147,6 +157,10 @@ def get_or_create_project(session: Session, name: str, **settings: Any) -> Proje
     check_project_name(name)
     project = session.scalar(select(Project).where(Project.name == name))
     if project is None:
+        alike = project_named_alike(session, name)
+        if alike is not None:
+            raise ValueError(f"no project named {name!r}, but there is {alike!r} (the names differ only in "
+                             "case); use that name, or another one for a new project")
         _insert_ignore(
             session, Project,
             {"name": name, "description": "", "settings": dict(settings), "created_at": utcnow()},

@@ -454,10 +454,16 @@ def create_project(session: Session, name: str, description: str = "", **setting
     empty or over-long name. Flushes, never commits.
     """
     name = " ".join(str(name or "").split())
-    if not name or len(name) > 200:
-        raise DashboardError(f"a project name must have 1 to 200 characters, got {len(name)}")
+    try:
+        queries.check_project_name(name)
+    except ValueError as exc:
+        raise DashboardError(str(exc)) from exc
     if session.scalar(select(Project.id).where(Project.name == name)) is not None:
         raise ProjectExistsError(f"a project named {name!r} exists already; choose another name")
+    alike = queries.project_named_alike(session, name)
+    if alike is not None:
+        raise ProjectExistsError(f"a project named {alike!r} exists already (the names differ only in case); "
+                                 "choose a name that differs in more than case")
     clean = validate_project_settings(settings)
     if "class_codes" in clean:
         _check_codes_free(session, None, clean["class_codes"])

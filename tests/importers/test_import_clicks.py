@@ -303,6 +303,20 @@ def test_a_copy_with_rejected_rows_never_replaces_a_stored_run(session, settings
     assert sorted(session.execute(select(Click.x, Click.y, Click.label)).all()) == sorted([*stored, (1.0, 1.0, "dead")])
 
 
+def test_names_longer_than_the_store_takes_are_rejected_with_their_line(session, settings, tmp_path: Path) -> None:
+    """PostgreSQL failed the whole batch with "value too long" and no line; SQLite took them."""
+    project = get_or_create_project(session, "p")
+    path = _write(tmp_path, f"{TIDY_HEADER}\n{'i' * 501},s1,3,5,alive\nb.png,{'n' * 201},3,5,alive\n"
+                            f"{'i' * 500},{'n' * 200},3,5,alive\n")
+    with pytest.raises(ClickImportError) as info:
+        import_clicks(session, project, path, settings=settings)
+    assert [(p.line, p.field, p.reason) for p in info.value.problems] == [
+        (2, "image", "501 characters; at most 500 are allowed"),
+        (3, "annotator", "201 characters; at most 200 are allowed")]
+    report = import_clicks(session, project, path, skip_invalid=True, settings=settings)
+    assert (report.imported, report.rejected) == (1, 2)
+
+
 def test_a_task_run_id_in_two_files_is_one_run(session, settings, tmp_path: Path) -> None:
     project = get_or_create_project(session, "p")
     header = f"{TIDY_HEADER},task_run"

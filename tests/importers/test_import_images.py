@@ -228,6 +228,15 @@ def test_zip_archive(session, project, settings, tmp_path: Path) -> None:
     assert _rows(session)["w2.tif"].bit_depth == 16
 
 
+def test_a_member_name_longer_than_the_store_takes_is_an_error(session, project, settings, tmp_path: Path) -> None:
+    long_name = "m" * 501 + ".png"
+    archive = _zip(tmp_path / "long.zip", {long_name: _png(1), "ok.png": _png(2)})
+    report = import_images(session, project, [archive], settings)
+    assert report.imported == ["ok.png"]
+    assert [(p.file, p.reason) for p in report.errors] == [
+        (f"{archive}::{long_name}", "the file name has 505 characters; at most 500 are allowed")]
+
+
 def test_zip_bomb_guarded_by_declared_size(session, project, settings, tmp_path: Path) -> None:
     archive = _zip(tmp_path / "bomb.zip", {"huge.png": b"\0" * 3_000_000, "ok.png": _png(1)})
     report = import_images(session, project, [archive], settings, max_file_bytes=1_000_000)

@@ -288,7 +288,8 @@ def test_class_codes_unique_across_projects(session, project) -> None:
 @pytest.mark.parametrize(
     ("name", "options", "error"),
     [("new one", {"gold_rate": 0.1}, None), ("p", {}, d.ProjectExistsError), ("  ", {}, d.DashboardError),
-     ("x", {"gold_rate": 2}, d.InvalidProjectSettingError)],
+     ("x", {"gold_rate": 2}, d.InvalidProjectSettingError), ("P", {}, d.ProjectExistsError),
+     ("a" * 201, {}, d.DashboardError)],
 )
 def test_create_project(session, project, name, options, error) -> None:
     if error:
