@@ -57,10 +57,12 @@ from cellspot.importers.csvtools import (
     csv_content_sha256,
     csv_records,
     joined_problem,
+    line_break_problem,
     normalise_header,
     outside_reason,
     parse_label,
     parse_number,
+    repeated_columns,
 )
 from cellspot.importers.errors import ClickImportError, ImportProblem, write_problems_csv
 from cellspot.store.models import IMAGE_NAME_MAX, NICKNAME_MAX
@@ -193,6 +195,9 @@ def _open_table(path: Path, required: Iterable[str]) -> tuple[list[str], Iterato
     if first is None:
         raise ClickImportError(path, [ImportProblem(str(path), "the file is empty", 1)])
     header = normalise_header(first[1])
+    repeated = repeated_columns(header)
+    if repeated:
+        raise ClickImportError(path, [ImportProblem(str(path), reason, first[0], name) for name, reason in repeated])
     missing = [c for c in required if c not in header]
     if missing:
         problems = [
@@ -229,6 +234,11 @@ def parse_tidy_csv(path: str | Path) -> ParsedClicks:
     parsed = ParsedClicks(path, "csv", sha256_file(path), frame=None)
     size_lines: dict[str, int] = {}
     for line, fields in records:
+        broken = line_break_problem(header, fields, line)
+        if broken is not None:
+            parsed.n_records += 1
+            parsed.reject(line, *broken)
+            continue
         row = _row_dict(parsed, header, line, fields)
         if row is not None:
             _tidy_row(parsed, row, line, size_lines)

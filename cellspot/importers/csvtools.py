@@ -72,6 +72,33 @@ def normalise_header(fields: list[str]) -> list[str]:
     return [f.strip().lower() for f in fields]
 
 
+def repeated_columns(header: list[str]) -> list[tuple[str, str]]:
+    """``(column, reason)`` for every non-empty column name the header has twice or more
+    (``image,x,y,x``: which ``x`` holds the value?)."""
+    positions: dict[str, list[int]] = {}
+    for k, name in enumerate(header, start=1):
+        if name:
+            positions.setdefault(name, []).append(k)
+    return [(name, f"the header has column {name!r} {len(where)} times (columns {', '.join(map(str, where))}); "
+                   "keep one") for name, where in positions.items() if len(where) > 1]
+
+
+def line_break_problem(header: list[str], fields: list[str], line: int) -> tuple[str, str, str] | None:
+    """``(field, reason, value)`` when a field of a record holds a line break: in these files
+    that is a quote opened and never closed, which swallows the lines after it into one field."""
+    for k, value in enumerate(fields):
+        if "\n" not in value and "\r" not in value:
+            continue
+        inner = value.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")  # a field left open at the end
+        breaks = max(1, inner.count("\n"))  # holds the file's last line break too
+        if breaks:
+            name = header[k] if k < len(header) else f"column {k + 1}"
+            return (name, f"a quoted field runs over lines {line}-{line + breaks}: a quote (\") opened on "
+                          f"line {line} is not closed, so the {breaks} line(s) after it were read into this "
+                          "field; close or remove the quote", value[:80])
+    return None
+
+
 #: the largest pixel coordinate or image side a file may give (a whole-slide scan is ~100,000
 #: px wide); anything larger is a typo or a unit error, and would overflow the store's integers
 MAX_PIXEL_VALUE = 1_000_000

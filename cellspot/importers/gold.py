@@ -19,10 +19,12 @@ from cellspot.importers.csvtools import (
     CsvFormatError,
     csv_records,
     joined_problem,
+    line_break_problem,
     normalise_header,
     outside_reason,
     parse_label,
     parse_number,
+    repeated_columns,
 )
 from cellspot.importers.errors import GoldImportError, ImportProblem
 
@@ -76,10 +78,14 @@ def parse_gold_csv(path: str | Path) -> tuple[list[GoldRow], list[ImportProblem]
         if missing:
             reason = f"missing column; required: {', '.join(GOLD_REQUIRED)}"
             return [], [ImportProblem(label, reason, first[0], c) for c in missing]
+        repeated = repeated_columns(header)
+        if repeated:
+            return [], [ImportProblem(label, reason, first[0], name) for name, reason in repeated]
         for line, fields in records:
             row, problem = _gold_row(dict(zip(header, fields + [""] * (len(header) - len(fields)))), line)
             if len(fields) > len(header):
                 problem = ("row", f"{len(fields)} fields but the header has {len(header)}", None)
+            problem = line_break_problem(header, fields, line) or problem
             if problem is not None:
                 problems.append(ImportProblem(label, problem[1], line, problem[0], problem[2]))
             else:

@@ -63,8 +63,8 @@ TIDY_BAD = [
      (3, "width", "on line 2")),
     ("run reused for another image", f"{TIDY_HEADER},task_run\na.png,s1,3,5,alive,r1\nb.png,s1,3,5,alive,r1\n",
      (3, "task_run", "one run covers one image")),
-    ("line after multi-line field", f'{TIDY_HEADER},timestamp\n"a\n.png",s1,3,5,alive,\na.png,s1,3,5,bad,\n',
-     (4, "label", "unknown label")),
+    ("multi-line field", f'{TIDY_HEADER},timestamp\n"a\n.png",s1,3,5,alive,\na.png,s1,3,5,alive,\n',
+     (2, "image", "a quoted field runs over lines 2-3")),
 ]
 
 
@@ -315,6 +315,30 @@ def test_names_longer_than_the_store_takes_are_rejected_with_their_line(session,
         (3, "annotator", "201 characters; at most 200 are allowed")]
     report = import_clicks(session, project, path, skip_invalid=True, settings=settings)
     assert (report.imported, report.rejected) == (1, 2)
+
+
+def test_a_quote_left_open_is_named_and_the_lines_it_swallowed_counted(session, settings, tmp_path: Path) -> None:
+    """A stray opening quote read every later line into one field: the reject said "x is not
+    a number" and --skip-invalid lost those lines without a word."""
+    project = get_or_create_project(session, "p")
+    path = _write(tmp_path, f'{TIDY_HEADER}\na.png,s1,3,5,alive\na.png,s2,"10,10,alive\na.png,s3,5,5,dead\n'
+                            "a.png,s4,6,6,dead\n")
+    with pytest.raises(ClickImportError) as info:
+        import_clicks(session, project, path, settings=settings)
+    [problem] = info.value.problems
+    assert (problem.line, problem.field) == (3, "x")
+    assert problem.reason.startswith('a quoted field runs over lines 3-5: a quote (") opened on line 3 is not closed, '
+                                     "so the 2 line(s) after it were read into this field")
+
+
+def test_a_repeated_column_is_refused(session, settings, tmp_path: Path) -> None:
+    project = get_or_create_project(session, "p")
+    with pytest.raises(ClickImportError) as info:
+        import_clicks(session, project, _write(tmp_path, f"{TIDY_HEADER},x\na.png,s1,10,4,alive,250\n"),
+                      settings=settings)
+    assert [(p.line, p.field, p.reason) for p in info.value.problems] == [
+        (1, "x", "the header has column 'x' 2 times (columns 3, 6); keep one")]
+    assert _counts(session)["Click"] == 0
 
 
 def test_a_task_run_id_in_two_files_is_one_run(session, settings, tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ BAD = [
      (2, "x, y, label", "x: x='one' is not a number; y: missing value; label: unknown label 'zombie'")),
     ("too many fields", "a.png,1,1,dead,extra", (2, "row", "5 fields")),
     ("conflicting labels in the file", "a.png,5,5,dead\na.png,5,5,alive", (3, "label", "same position in line 3")),
+    ("a quote left open", 'a.png,"5,5,dead\na.png,6,6,alive\na.png,7,7,dead',
+     (2, "x", "a quoted field runs over lines 3-5: a quote (\") opened on line 3 is not closed")),
 ]
 
 
@@ -70,6 +72,14 @@ def test_missing_column(session, project, tmp_path: Path) -> None:
     with pytest.raises(GoldImportError) as info:
         import_gold(session, project, _csv(tmp_path, "image,x,y\na.png,1,1\n"))
     assert [(p.line, p.field) for p in info.value.problems] == [(1, "label")]
+
+
+def test_a_repeated_column_is_refused(session, project, tmp_path: Path) -> None:
+    with pytest.raises(GoldImportError) as info:
+        import_gold(session, project, _csv(tmp_path, "image,x,y,label,x\na.png,1,1,dead,99\n"))
+    assert [(p.line, p.field, p.reason) for p in info.value.problems] == [
+        (1, "x", "the header has column 'x' 2 times (columns 2, 5); keep one")]
+    assert _count(session) == 0
 
 
 def test_import_and_reimport(session, project, tmp_path: Path) -> None:
