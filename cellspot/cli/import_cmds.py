@@ -136,13 +136,20 @@ def clicks_cmd(file: Path, fmt: str, project_name: str | None, skip_invalid: boo
     """Import crowd clicks (re-importing the same file changes nothing)."""
     from cellspot.importers import ClickImportError, import_clicks
 
+    stored = True
     try:
         with _project_session(project_name) as (settings, session, project):
+            label = project.name
             report = import_clicks(session, project, file, fmt, skip_invalid=skip_invalid, settings=settings,
                                    replace_runs=replace_runs)
+            stored = bool(report.runs_imported or report.images_created)
+            if not stored:  # every row rejected or present: roll back, so no new empty project is left
+                raise _NothingImported
+    except _NothingImported:
+        pass
     except ClickImportError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"project {project.name!r}: {report.summary()}")
+    click.echo(f"project {label!r}: {report.summary()}{'' if stored else '; nothing stored'}")
     if report.rejects_path is not None:
         click.echo(f"rejects: {report.rejects_path}")
 

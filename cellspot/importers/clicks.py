@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 
 from cellspot.imaging import IMAGE_SUFFIXES, sha256_file
 from cellspot.importers.csvtools import (
+    NO_ROWS,
     CsvFormatError,
     csv_content_sha256,
     csv_records,
@@ -526,6 +527,8 @@ def import_clicks(
 
     settings = settings or get_settings()
     parsed = parse_clicks(path, format)
+    if not parsed.runs and not parsed.rejects:  # a typo'd --project would be left behind, empty
+        raise ClickImportError(parsed.source, [ImportProblem(str(parsed.source), NO_ROWS, 2)])
     images = _store.project_images(session, project)
     sizes = _resolve_sizes(parsed, images)
     placed = _place_clicks(parsed, images, sizes.sizes)

@@ -18,6 +18,10 @@ LABEL_ALIASES: dict[str, str] = {
 """Accepted click labels (lower-cased, stripped) -> stored label."""
 
 
+#: the problem of a file that is only a header (an empty project is not created for it)
+NO_ROWS = "the file has a header but no rows: nothing to import"
+
+
 class CsvFormatError(ValueError):
     """The file is not a readable CSV (bad encoding, NUL bytes, broken quoting).
 

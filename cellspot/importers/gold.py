@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cellspot.importers.csvtools import (
+    NO_ROWS,
     CsvFormatError,
     csv_records,
     joined_problem,
@@ -90,6 +91,8 @@ def parse_gold_csv(path: str | Path) -> tuple[list[GoldRow], list[ImportProblem]
                 problems.append(ImportProblem(label, problem[1], line, problem[0], problem[2]))
             else:
                 rows.append(row)
+        if not rows and not problems:
+            problems.append(ImportProblem(label, NO_ROWS, first[0] + 1))
     except CsvFormatError as exc:
         problems.append(ImportProblem(label, exc.reason))
     return rows, problems

@@ -155,3 +155,24 @@ def test_an_import_of_nothing_leaves_no_project_and_names_what_it_skipped(settin
     with transaction(engine) as session:
         assert session.scalars(select(Project.name)).all() == ["real"]  # no empty "typo" project
     engine.dispose()
+
+
+@pytest.mark.parametrize(("command", "header"), [("clicks", "image,annotator,x,y,label"), ("gold", "image,x,y,label")])
+def test_a_header_only_file_is_an_error_and_leaves_no_project(settings, tmp_path: Path, command: str,
+                                                              header: str) -> None:
+    path = tmp_path / f"{command}.csv"
+    path.write_text(header + "\n")
+    result = run_cli("import", command, str(path), "--project", "typo")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{path}:2: the file has a header but no rows: nothing to import" in result.stderr
+    assert _count(settings, Project) == 0
+
+
+def test_a_click_file_with_every_row_rejected_leaves_no_new_project(settings, tmp_path: Path) -> None:
+    path = tmp_path / "z.csv"
+    path.write_text("image,annotator,x,y,label\na.png,s1,1,1,zombie\n")
+    result = run_cli("import", "clicks", str(path), "--project", "typo", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert "0 imported, 1 rejected" in result.stdout and result.stdout.rstrip().splitlines()[0].endswith(
+        "; nothing stored")
+    assert _count(settings, Project) == 0
