@@ -111,8 +111,8 @@ def _listed(message: str) -> str:
     """An importer's message (a summary line, then one ``file:line: field: reason`` per line) as
     markdown: the summary, then a bullet per problem (plain newlines would run them together)."""
     head, *rest = message.split("\n")
-    items = [line.strip() for line in rest if line.strip()]
-    return head + ("\n\n" + "\n".join(f"- {item}" for item in items) if items else "")
+    items = [roles.plain(line.strip()) for line in rest if line.strip()]
+    return roles.plain(head) + ("\n\n" + "\n".join(f"- {item}" for item in items) if items else "")
 
 
 def _save_uploads(files, tmp: str) -> list[Path]:
@@ -127,16 +127,16 @@ def _save_uploads(files, tmp: str) -> list[Path]:
 
 
 def _show_image_report(report, tmp: str) -> None:
-    st.success(report.summary())
+    st.success(roles.plain(report.summary()))
     errors = _problems(report.errors, tmp)
     if errors:
-        st.error("Not imported:\n\n" + "\n".join(f"- {e}" for e in errors))
+        st.error("Not imported:\n\n" + "\n".join(f"- {roles.plain(e)}" for e in errors))
     duplicates = _problems(report.duplicates, tmp)
     if duplicates:
-        st.warning("Already in the project:\n\n" + "\n".join(f"- {d}" for d in duplicates))
+        st.warning("Already in the project:\n\n" + "\n".join(f"- {roles.plain(d)}" for d in duplicates))
     notes = _problems(report.notes, tmp)
     if notes:
-        st.info("Imported, but note:\n\n" + "\n".join(f"- {n}" for n in notes))
+        st.info("Imported, but note:\n\n" + "\n".join(f"- {roles.plain(n)}" for n in notes))
 
 
 # --------------------------------------------------------------------------- create
@@ -153,7 +153,7 @@ with st.expander("Create a project", expanded=researcher.projects(researcher.url
                 project = create_project(session, name, description, **values)
                 new_id = project.id
         except DashboardError as exc:
-            st.error(str(exc))
+            st.error(roles.plain(str(exc)))
         else:
             researcher.refresh()
             researcher.switch_project(new_id)
@@ -161,16 +161,22 @@ with st.expander("Create a project", expanded=researcher.projects(researcher.url
             st.rerun()
 
 if "setup_message" in st.session_state:
-    st.success(st.session_state.pop("setup_message"))
+    st.success(roles.plain(st.session_state.pop("setup_message")))
 if project is None:
     st.info("No project yet: create one above.")
     st.stop()
 
-st.header(project.name)
-summary = researcher.projects(researcher.url()).set_index("project_id").loc[project.id]
-st.caption(f"{summary['images']} images ({summary['retired']} retired) · {summary['annotators']} annotators · "
-           f"{summary['task_runs']} runs · {summary['clicks']} clicks · {summary['gold_cells']} expert cells · "
-           f"{summary['snapshots']} consensus snapshots")
+st.header(roles.plain(project.name))
+counts_slot = st.empty()  # filled at the end of the page, after this run's imports and recompute
+
+
+def _show_counts() -> None:
+    summary = researcher.projects(researcher.url()).set_index("project_id").loc[project.id]
+    counts_slot.caption(
+        f"{summary['images']} images ({summary['retired']} retired) · {summary['annotators']} annotators · "
+        f"{summary['task_runs']} runs · {summary['clicks']} clicks · {summary['gold_cells']} expert cells · "
+        f"{summary['snapshots']} consensus snapshots")
+
 
 # --------------------------------------------------------------------------- settings
 
@@ -184,7 +190,7 @@ with st.expander("Class codes and rules", expanded=True):
                 stored = session.get(Project, project.id)
                 update_project_settings(session, stored, **values)
         except DashboardError as exc:
-            st.error(str(exc))
+            st.error(roles.plain(str(exc)))
         else:
             researcher.refresh()
             st.success("Saved.")
@@ -243,10 +249,10 @@ with folder_tab:
         if not folder.strip():
             st.error("Enter the path of a folder, zip or image on the server.")
         elif not source.exists():
-            st.error(f"{source} does not exist on the server.")
+            st.error(f"{roles.plain(source)} does not exist on the server.")
         elif meta_path is not None and not meta_path.is_file():
-            st.error(f"The metadata file {meta_path} is a folder, not a CSV file." if meta_path.is_dir()
-                     else f"The metadata file {meta_path} does not exist on the server.")
+            st.error(f"The metadata file {roles.plain(meta_path)} is a folder, not a CSV file." if meta_path.is_dir()
+                     else f"The metadata file {roles.plain(meta_path)} does not exist on the server.")
         else:
             try:
                 report = _import_with_progress([source], meta_path, str(source))
@@ -292,9 +298,9 @@ with clicks_col:
                     "tick 'Replace runs imported before from another file' to replace them")))
             else:
                 researcher.refresh()
-                (st.warning if report.duplicates else st.success)(_problems([report.summary()], tmp)[0])
+                (st.warning if report.duplicates else st.success)(roles.plain(_problems([report.summary()], tmp)[0]))
                 if report.rejects_path:
-                    st.warning(f"{report.rejected} rejected rows, with reasons, in {report.rejects_path} "
+                    st.warning(f"{report.rejected} rejected rows, with reasons, in {roles.plain(report.rejects_path)} "
                                "on the server, and here:")
                     st.download_button("Download the rejected rows (CSV)", Path(report.rejects_path).read_bytes(),
                                        file_name=Path(report.rejects_path).name, mime="text/csv",
@@ -316,9 +322,11 @@ with gold_col:
                 st.error(_listed(_problems([exc], tmp)[0]))
             else:
                 researcher.refresh()
-                st.success(_problems([report.summary()], tmp)[0])
+                st.success(roles.plain(_problems([report.summary()], tmp)[0]))
 
 st.subheader("Consensus")
 if st.button("Recompute consensus", key="setup_aggregate",
              help="Cells, reliability and retirement from every click (after imports or new rules)"):
     st.success(researcher.recompute_consensus(project.id))
+
+_show_counts()

@@ -33,7 +33,8 @@ def titles(at) -> list[str]:
 
 
 def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
+    """The elements' texts as a reader sees them: markdown escapes (``created\\.``) removed."""
+    return re.sub(r"\\(.)", r"\1", "\n".join(str(e.value) for e in elements))
 
 
 def no_exception(at) -> None:
@@ -780,6 +781,8 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
         meta = session.scalar(select(Image.meta).where(Image.project_id == project.id, Image.name == "a.png"))
     assert names == {"a.png", "b.png", "zipped.png"}
     assert meta.get("condition") == "control"
+    # the counts line is drawn after the import: it said "0 images" until the next rerun
+    assert app.caption[0].value.startswith("3 images (0 retired)"), app.caption[0].value
 
     # a folder on the server
     folder = tmp_path / "server_images"
@@ -792,6 +795,21 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
     bars = [el.proto.text for el in app.get("progress")]
     assert "Imported 1 / 1: c.png" in bars, bars
 
+
+
+def test_setup_shows_names_in_its_messages_as_they_are_not_as_markdown(app, app_engine):
+    """An image named ``**b** _i_ [l](x).png`` showed in bold and italics with a live link."""
+    from appkit.roles import plain
+
+    login(app)
+    app.switch_page("views/setup.py").run()
+    name = "**b** _i_ [l](x).png"
+    app.file_uploader(key="upload_images").set_value([(name, b"\x89PNG\r\n\x1a\nnot really", "image/png")])
+    [b for b in app.button if b.label == "Import"][0].click().run()
+    no_exception(app)
+    shown = "\n".join(str(e.value) for e in app.error)  # the markdown source
+    assert plain(name) in shown, shown
+    assert name not in shown
 
 
 def test_setup_lists_each_problem_of_a_rejected_click_file_and_asks_for_an_empty_folder(app, app_engine, store):
