@@ -130,14 +130,19 @@ def default_target_runs(project: Project) -> int:
 # --------------------------------------------------------------------------- actions
 
 
-def open_round(project_id: int, strategy: str, top: int | None, target_runs: int | None = None) -> str:
+def open_round(project_id: int, strategy: str, top: int | None, target_runs: int | None = None,
+               replacing: int | None | object = workflow.ANY_ROUND) -> str:
     """Open the next round with ``strategy`` (the best ``top`` images, or all), each queued
-    image served to ``target_runs`` students (``None``: the project's default); the message."""
-    with resources.session() as session:
-        info = workflow.open_new_round(session, _project(session, project_id), strategy=strategy,
-                                       top=int(top) if top else None,
-                                       target_runs=int(target_runs) if target_runs is not None else None)
-    refresh()
+    image served to ``target_runs`` students (``None``: the project's default), unless another
+    round than ``replacing`` (the one the page showed) is open by now; the message."""
+    try:
+        with resources.session() as session:
+            info = workflow.open_new_round(session, _project(session, project_id), strategy=strategy,
+                                           top=int(top) if top else None,
+                                           target_runs=int(target_runs) if target_runs is not None else None,
+                                           replacing=replacing)
+    finally:
+        refresh()  # also when refused: the page then shows the round that is open now
     runs = f"{info.target_runs} run{'s' if info.target_runs != 1 else ''} per image"
     return f"Opened {info.describe()}: students get its images first, {runs}."
 

@@ -13,7 +13,7 @@ from functools import partial
 import streamlit as st
 from appkit import researcher, roles, rounds_view
 
-from cellspot.workflows.rounds import DEFAULT_STRATEGY
+from cellspot.workflows.rounds import ANY_ROUND, DEFAULT_STRATEGY
 
 ERRORS = (ValueError, LookupError)  # the workflow's errors (strategy, scores, rounds, settings, queue)
 
@@ -60,7 +60,12 @@ round_request = (project.id, strategy, top, target_runs)
 if submitted and researcher.repeated("open_round", round_request):
     st.info("This round was opened a moment ago (a double click?), so no second round was opened.")
 elif submitted:
+    # the open round this page showed when the button was pressed (written below on every run):
+    # when another is open by now (the first press of a double click opened it, and this run
+    # began before that one had drawn it), nothing more is opened
+    seen = st.session_state.get("rounds_seen_open")
     act(rounds_view.open_round, project.id, strategy, top, target_runs,
+        seen[1] if seen is not None and seen[0] == project.id else ANY_ROUND,
         remember=researcher.done("open_round", round_request))
 
 
@@ -68,6 +73,7 @@ elif submitted:
 
 st.subheader("Current round")
 current = rounds_view.current(URL, project.id)
+st.session_state["rounds_seen_open"] = (project.id, None if current is None else current.number)
 if current is None:
     st.info("No round is open: students get the images with the fewest runs. Open a round above.")
 else:

@@ -150,6 +150,7 @@ def open_round(
     previous = current_round(session, project)
     if previous is not None:
         previous.status, previous.closed_at = "closed", when
+        session.flush()  # before the new open round: one open round per project (a unique index)
     number = (session.scalar(select(func.max(ALRound.number)).where(ALRound.project_id == project.id)) or 0) + 1
     round_ = ALRound(
         project_id=project.id, number=number, status="open", strategy=str(strategy),
@@ -274,6 +275,7 @@ def rollback_round(session: Session, round_: ALRound, now: datetime | None = Non
     if round_.status != "open":
         raise RoundError(f"round {round_.number} is {round_.status}; only the open round can be rolled back")
     round_.status, round_.closed_at = "rolled_back", now or utcnow()
+    session.flush()  # before another round opens: one open round per project (a unique index)
     previous = session.scalar(
         select(ALRound).where(ALRound.project_id == round_.project_id, ALRound.status == "closed",
                               ALRound.number < round_.number)

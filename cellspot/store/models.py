@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -391,6 +392,9 @@ class ALRound(Base):
     __table_args__ = (
         CheckConstraint(_in("status", ROUND_STATUSES), name="status"),
         UniqueConstraint("project_id", "number", name="uq_al_rounds_project_number"),
+        # at most one open round per project, also when two researchers open one at once
+        Index("uq_al_rounds_one_open", "project_id", unique=True,
+              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

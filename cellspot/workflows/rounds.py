@@ -37,6 +37,23 @@ class RoundsWorkflowError(ValueError):
     """A round or automatic-mode request that cannot be carried out (the message says why)."""
 
 
+#: ``replacing`` of :func:`open_new_round` when the caller does not say which round it saw
+ANY_ROUND = object()
+
+
+def _check_still_open(session: Session, project: Project, seen: int | None, action: str) -> None:
+    """Raise :class:`RoundsWorkflowError` unless round ``seen`` (``None``: no round) is still
+    the open round of ``project``."""
+    current = al.current_round(session, project)
+    now_open = None if current is None else current.number
+    if now_open == (None if seen is None else int(seen)):
+        return
+    what = "no round was open" if seen is None else f"round {seen} was open"
+    raise RoundsWorkflowError(
+        f"{what} when you pressed, but {'no round is' if now_open is None else f'round {now_open} is'} open now "
+        f"(changed a moment ago: a double click, another tab or another researcher); nothing was {action}")
+
+
 # --------------------------------------------------------------------------- rounds
 
 
@@ -159,11 +176,17 @@ def open_new_round(
     scores: pd.DataFrame | None = None,
     scorer: al.Scorer | None = None,
     now: datetime | None = None,
+    replacing: int | None | object = ANY_ROUND,
 ) -> RoundInfo:
     """Open the next round of ``project``: its queue is recomputed with ``strategy`` over the
     latest consensus and the active models' stored predictions (crowd and coverage signals
     only before any model exists); the open round closes. ``scores`` / ``scorer`` replace the
     computed ranking (tests, benchmarks); ``top`` keeps the ``top`` best images. Flushes.
+
+    ``replacing``: the number of the open round the caller saw (``None``: none was open); when
+    another round is open by now (a double click's first press, another tab or researcher),
+    nothing is opened. Two rounds opened at the same moment: the second fails on the store's
+    one-open-round index. Both raise :class:`RoundsWorkflowError`; roll the session back then.
 
     Raises :class:`cellspot.active.strategies.UnknownStrategyError` (listing the valid names),
     :class:`cellspot.active.strategies.MissingSignalError` (e.g. a model strategy before any
@@ -171,11 +194,22 @@ def open_new_round(
     """
     from cellspot.active.strategies import get_strategy
 
+    from sqlalchemy.exc import IntegrityError
+
     project = as_project(session, project)
     if scores is None and scorer is None:
         get_strategy(strategy)  # an unknown name fails before any work
-    round_ = al.open_round(session, project, strategy=strategy, top=top, scores=scores, scorer=scorer,
-                           target_runs=target_runs, now=now)
+    if replacing is not ANY_ROUND:
+        _check_still_open(session, project, replacing, "opened")
+    try:
+        round_ = al.open_round(session, project, strategy=strategy, top=top, scores=scores, scorer=scorer,
+                               target_runs=target_runs, now=now)
+    except IntegrityError as exc:
+        if "one_open" not in str(exc) and "al_rounds" not in str(exc):
+            raise
+        raise RoundsWorkflowError("another round of this project was opened at the same moment (by another "
+                                  "researcher or tab); nothing was opened: look at the current round, then "
+                                  "open again if you still want to") from exc
     info = round_info(session, project, round_)
     log.info("project %r: %s opened", project.name, info.describe())
     return info

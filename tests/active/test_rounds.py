@@ -166,6 +166,52 @@ def test_open_closes_the_previous_and_rollback_restores_it(session) -> None:
     assert list(rounds.round_history(session, project)["status"]) == ["rolled_back", "rolled_back", "rolled_back"]
 
 
+def test_rounds_opened_at_the_same_moment_leave_one_open(engine) -> None:
+    """Two researchers pressing "Open round" in the same second left several rounds open
+    (each closed the round it had read, then opened its own)."""
+    from concurrency import at_once
+
+    from cellspot.store.db import session_factory
+    from cellspot.workflows import rounds as wr
+
+    make = session_factory(engine)
+    with make() as s, s.begin():
+        _project(s)
+        wr.open_new_round(s, "p", strategy="random", scores=_scores("ab"))
+    outcomes: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            with make() as s, s.begin():
+                wr.open_new_round(s, "p", strategy="random", scores=_scores("cd"))
+            outcomes.append("opened")
+        except wr.RoundsWorkflowError as exc:
+            outcomes.append(str(exc))
+
+    at_once(4, work)
+    with make() as s:
+        statuses = s.execute(sa.select(ALRound.number, ALRound.status).order_by(ALRound.number)).all()
+    assert [status for _, status in statuses].count("open") == 1, statuses
+    assert len(statuses) == 1 + outcomes.count("opened"), (statuses, outcomes)
+    assert all(o == "opened" or "opened at the same moment" in o for o in outcomes), outcomes
+
+
+def test_a_round_is_opened_only_over_the_round_the_caller_saw(session) -> None:
+    """The first press of a double click opened round 2; the second (seen: round 1) opens nothing."""
+    from cellspot.workflows import rounds as wr
+
+    _project(session)
+    with pytest.raises(wr.RoundsWorkflowError, match="round 1 was open when you pressed, but no round is open now"):
+        wr.open_new_round(session, "p", strategy="random", scores=_scores("ab"), replacing=1)
+    assert wr.open_new_round(session, "p", strategy="random", scores=_scores("ab"), replacing=None).number == 1
+    assert wr.open_new_round(session, "p", strategy="random", scores=_scores("ab"), replacing=1).number == 2
+    with pytest.raises(wr.RoundsWorkflowError, match=r"round 1 was open when you pressed, but round 2 is open now "
+                                                     r"\(changed a moment ago: a double click, another tab or "
+                                                     r"another researcher\); nothing was opened"):
+        wr.open_new_round(session, "p", strategy="random", scores=_scores("ab"), replacing=1)
+    assert [r.number for r in session.scalars(sa.select(ALRound))] == [1, 2]
+
+
 def test_round_history(db) -> None:
     project, images = _project(db, target_runs=4)
     who = q.get_or_create_annotator(db, project, "x", "7B")

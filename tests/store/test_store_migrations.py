@@ -70,3 +70,23 @@ def test_head_is_single_and_described() -> None:
     assert len(script.get_heads()) == 1
     revisions = list(script.walk_revisions())
     assert all(rev.doc and rev.doc.strip() for rev in revisions)
+
+
+@pytest.mark.parametrize("empty_engine", BACKENDS, indirect=True)
+def test_one_open_round_migration_keeps_the_newest_open_round(empty_engine: sa.Engine) -> None:
+    """A store where a race left several rounds open: the newest stays open, the others close."""
+    upgrade(empty_engine, "e5a1f3c7b209")
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO projects (id, name, description, settings, created_at) "
+                             "VALUES (1, 'p', '', '{}', CURRENT_TIMESTAMP), (2, 'q', '', '{}', CURRENT_TIMESTAMP)"))
+        for rid, project, number, status in [(1, 1, 1, "closed"), (2, 1, 2, "open"), (3, 1, 3, "open"),
+                                             (4, 2, 1, "open")]:
+            conn.execute(sa.text("INSERT INTO al_rounds (id, project_id, number, status, strategy, params, created_at) "
+                                 "VALUES (:id, :p, :n, :s, 'random', '{}', CURRENT_TIMESTAMP)"),
+                         {"id": rid, "p": project, "n": number, "s": status})
+    upgrade(empty_engine)
+    with empty_engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, status, closed_at IS NOT NULL FROM al_rounds ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [(1, "closed", False), (2, "closed", True), (3, "open", False), (4, "open", False)]
+    with empty_engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):
+        conn.execute(sa.text("UPDATE al_rounds SET status = 'open' WHERE id = 1"))

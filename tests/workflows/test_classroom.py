@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -23,6 +22,7 @@ from cellspot.store.models import (
     TaskRun,
 )
 from cellspot.workflows import classroom as c
+from concurrency import at_once
 
 GOLD = [(20.0, 20.0, "alive"), (60.0, 30.0, "dead"), (80.0, 60.0, "alive")]
 
@@ -302,26 +302,6 @@ def test_compare_with_gold(clicks, radius, expected) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
-def _at_once(n: int, work) -> None:
-    """Run ``work(i)`` for i in 0..n-1 in n threads released together; fails with their errors."""
-    barrier = threading.Barrier(n)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-
-
 def test_concurrent_double_submits_store_one_run_each(engine) -> None:
     """8 threads, own sessions: every key submitted by 2 threads at once -> one run per key."""
     make = session_factory(engine)
@@ -339,7 +319,7 @@ def test_concurrent_double_submits_store_one_run_each(engine) -> None:
                                f"key-{i % 4}")
         created.append(res.created)
 
-    _at_once(8, work)
+    at_once(8, work)
     assert sorted(created) == [False] * 4 + [True] * 4
     with make() as s:
         assert _count(s, TaskRun) == 4
@@ -360,7 +340,7 @@ def test_concurrent_first_drafts_of_one_student_do_not_collide(engine) -> None:
             student = s.get(c.Annotator, student_id)
             assert c.save_draft(s, student, image_ids[i % 2], [(1.0 + i, 2.0, "alive")])
 
-    _at_once(6, work)
+    at_once(6, work)
     with make() as s:
         assert _count(s, LabelDraft) == 1
         image, marks = c.draft_of(s, s.get(c.Annotator, student_id))
