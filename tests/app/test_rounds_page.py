@@ -307,6 +307,22 @@ def test_a_double_click_on_open_round_opens_one_round(app, app_engine):
         assert len(wr.history(session, "demo")) == 1
 
 
+def test_a_second_press_that_began_before_the_first_had_drawn_its_round_opens_nothing(app, app_engine):
+    """The browser's second click can interrupt the first press's run after it opened the round
+    but before it was remembered or drawn; the page then still showed no round, and a second
+    round was opened."""
+    open_rounds(app)
+    with Session(app_engine) as session, session.begin():  # the first press's round, not yet drawn
+        wr.open_new_round(session, "demo", strategy="random")
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    assert "no round was open when you pressed, but round 1 is open now" in texts(app.error)
+    with Session(app_engine) as session:
+        assert len(wr.history(session, "demo")) == 1
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()  # pressed again, seeing round 1
+    assert "Opened round 2" in texts(app.success)
+
+
 def test_automatic_mode_form_shows_the_picked_projects_settings(app, app_engine):
     from cellspot.store.queries import get_or_create_project
 
