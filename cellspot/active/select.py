@@ -173,7 +173,7 @@ def select_batch(
     """The ``n`` images to label next: high scores, few near-duplicates (formula in the module doc).
 
     ``scores``: one row per image with columns ``image`` and ``score`` (higher = more worth
-    labelling; NaN counts as the lowest), e.g. :func:`cellspot.active.strategies.score_images`.
+    labelling; NaN rows come after every scored row, however novel), e.g. :func:`cellspot.active.strategies.score_images`.
     A repeated image keeps its best row. Features, in order of preference: ``embeddings``
     (a DataFrame indexed by image name, or an array with one row per row of ``scores``),
     :func:`default_features` of ``signals`` (matched on ``image``), or of ``scores`` itself.
@@ -243,6 +243,7 @@ def _greedy(s: np.ndarray, x: np.ndarray, k: int, diversity: float) -> tuple[np.
     for step in range(k):
         near01 = np.minimum(1.0, nearest / delta)
         gain = (1.0 - diversity) * s01 + diversity * near01
+        gain[~finite] -= 2.0  # unscored images come after every scored one (gains lie in [0, 1])
         gain[taken] = -np.inf
         pick = int(np.argmax(gain))  # ties: the earlier row, i.e. the better score
         order[step], novelty[step] = pick, near01[pick]

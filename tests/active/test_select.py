@@ -68,6 +68,16 @@ def test_nan_scores_rank_last() -> None:
     assert select_batch(scores, n=3, diversity=0.0)["image"].tolist() == ["b", "c", "a"]
 
 
+def test_nan_scores_rank_last_however_novel() -> None:
+    """The lowest real score scales to 0, as "no score" did: an unscored image that looked new
+    went above scored ones (the queue's top 3 held two images the model found no cell in)."""
+    scores = pd.DataFrame({"image": list("abcd"), "score": [0.96, np.nan, np.nan, 0.93]})
+    embeddings = pd.DataFrame([[0, 0], [5, 5], [-5, 5], [0.1, 0]], index=list("abcd"), dtype=float)
+    batch = select_batch(scores, embeddings, n=4, diversity=0.3)
+    assert batch["image"].tolist()[:2] == ["a", "d"]
+    assert sorted(batch["image"].tolist()[2:]) == ["b", "c"]
+
+
 def test_missing_aware_distance() -> None:
     x = np.array([[0.0, 0.0], [3.0, np.nan], [np.nan, np.nan]])
     d = distances_to(x, 0, delta=7.0)
