@@ -95,8 +95,9 @@ def auto(url: str, project_id: int) -> auto_workflow.AutoStatus:
 
 @st.cache_data(show_spinner=False)
 def strategies() -> pd.DataFrame:
-    """``name, summary`` of every acquisition strategy."""
-    return list_strategies()
+    """``name, summary`` of every acquisition strategy a round can be opened with (not ``bald``,
+    which needs MC-dropout samples that rounds do not compute)."""
+    return list_strategies(from_signals_only=True)
 
 
 def refresh() -> None:

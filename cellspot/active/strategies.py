@@ -112,22 +112,25 @@ StrategyFn = Callable[..., pd.DataFrame]
 @dataclass(frozen=True)
 class Strategy:
     """A registered strategy: its function, the parameters bound to this name, a summary;
-    ``needs_model``: it scores model predictions only, so before any model every image ties."""
+    ``needs_model``: it scores model predictions only, so before any model every image ties;
+    ``extra_input``: an input beyond the signal table that the caller must pass (``bald``'s
+    ``mc_samples``), so rounds, the queue and automatic mode cannot use it."""
 
     name: str
     fn: StrategyFn
     summary: str
     params: Mapping[str, Any] = field(default_factory=dict)
     needs_model: bool = False
+    extra_input: str | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def _register(name: str, summary: str, *, needs_model: bool = False,
+def _register(name: str, summary: str, *, needs_model: bool = False, extra_input: str | None = None,
               **params: Any) -> Callable[[StrategyFn], StrategyFn]:
     def deco(fn: StrategyFn) -> StrategyFn:
-        STRATEGIES[name] = Strategy(name, fn, summary, params, needs_model)
+        STRATEGIES[name] = Strategy(name, fn, summary, params, needs_model, extra_input)
         return fn
 
     return deco
@@ -143,9 +146,12 @@ def get_strategy(name: str) -> Strategy:
         ) from None
 
 
-def list_strategies() -> pd.DataFrame:
-    """Every strategy: ``name``, ``summary`` (sorted by name)."""
-    rows = [(s.name, s.summary) for s in sorted(STRATEGIES.values(), key=lambda s: s.name)]
+def list_strategies(*, from_signals_only: bool = False) -> pd.DataFrame:
+    """Every strategy: ``name``, ``summary`` (sorted by name); ``from_signals_only``: only those
+    that score from the signal table alone (no :attr:`Strategy.extra_input`), the ones a round
+    can be opened with."""
+    rows = [(s.name, s.summary) for s in sorted(STRATEGIES.values(), key=lambda s: s.name)
+            if not (from_signals_only and s.extra_input)]
     return pd.DataFrame(rows, columns=["name", "summary"])
 
 
@@ -363,7 +369,8 @@ def detector_uncertainty(signals: pd.DataFrame, ctx: Context, mismatch_weight: f
     return _frame(score, reason, det_near=near, mismatch=mismatch)
 
 
-@_register("bald", "BALD: mutual information of MC-dropout samples (needs mc_samples)", needs_model=True)
+@_register("bald", "BALD: mutual information of MC-dropout samples (needs mc_samples)", needs_model=True,
+           extra_input="mc_samples")
 def bald(signals: pd.DataFrame, ctx: Context, agg: str = "mean") -> pd.DataFrame:
     """``agg`` of :func:`mutual_information` over the image's cells; NaN without samples."""
     if agg not in AGGREGATES:

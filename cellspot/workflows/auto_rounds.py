@@ -103,9 +103,12 @@ class AutoSettings:
         top = None if new.top is None else runs("top", new.top)
         epochs = None if new.epochs is None else thousand("epochs", new.epochs)
         try:
-            get_strategy(str(new.strategy))
+            chosen = get_strategy(str(new.strategy))
         except UnknownStrategyError as exc:
             raise AutoSettingsError(str(exc)) from None
+        if chosen.extra_input:
+            raise AutoSettingsError(f"strategy {chosen.name!r} needs {chosen.extra_input}, which automatic rounds "
+                                    "do not compute; choose another (e.g. 'combined')")
         if new.preset not in AUTO_PRESETS:
             raise AutoSettingsError(f"preset must be one of {', '.join(AUTO_PRESETS)}, got {new.preset!r}")
         return replace(new, every_runs=every, top=top, epochs=epochs, strategy=str(new.strategy),

@@ -198,7 +198,10 @@ def open_new_round(
 
     project = as_project(session, project)
     if scores is None and scorer is None:
-        get_strategy(strategy)  # an unknown name fails before any work
+        chosen = get_strategy(strategy)  # an unknown name fails before any work
+        if chosen.extra_input:
+            raise RoundsWorkflowError(f"strategy {chosen.name!r} needs {chosen.extra_input}, which rounds do not "
+                                      "compute; open the round with another strategy (e.g. 'combined')")
     if replacing is not ANY_ROUND:
         _check_still_open(session, project, replacing, "opened")
     try:

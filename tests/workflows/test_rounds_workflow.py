@@ -86,7 +86,7 @@ def test_open_round_before_any_model_uses_crowd_signals(db) -> None:
 
 @pytest.mark.parametrize(("strategy", "error", "match"), [
     ("nope", UnknownStrategyError, "unknown acquisition strategy 'nope'; valid: bald, classifier"),
-    ("bald", MissingSignalError, "strategy 'bald' needs MC-dropout samples"),
+    ("bald", wr.RoundsWorkflowError, "strategy 'bald' needs mc_samples, which rounds do not compute"),
 ])
 def test_open_round_errors_name_the_problem(db, strategy, error, match) -> None:
     with pytest.raises(error, match=match):
@@ -347,14 +347,29 @@ def test_auto_round_retrains_predicts_and_opens_the_next_round(engine, settings,
 def test_auto_round_failure_is_recorded_and_clears_pending(engine, settings, monkeypatch, enqueued) -> None:
     install(monkeypatch)
     with transaction(engine) as session:
-        ar.set_auto_settings(session, "demo", enabled=True, strategy="bald")  # needs MC-dropout samples
+        ar.set_auto_settings(session, "demo", enabled=True)
         assert ar.maybe_auto_retrain(session, settings, "demo", force=True, now=T0).queued  # forced: off, 8 < 50
     assert enqueued == ["demo"]
+
+
+    def no_signal(*args, **kwargs):
+        raise MissingSignalError("strategy 'x' needs signal column(s) ['y']")
+
+    monkeypatch.setattr(ar, "open_new_round", no_signal)
     report = ar.run_auto_round(settings, "demo", predict=lambda *a: None, now=T0)
     assert report.status == "failed" and "MissingSignalError" in report.message
     with transaction(engine) as session:
         status = ar.auto_status(session, "demo", now=T0)
         assert status.pending_since is None and status.last["status"] == "failed"
+
+
+def test_automatic_mode_refuses_a_strategy_that_needs_more_than_the_signals(engine) -> None:
+    """'bald' was accepted; the mode then trained both models and only failed at the queue."""
+    with transaction(engine) as session:
+        with pytest.raises(ar.AutoSettingsError, match="strategy 'bald' needs mc_samples, which automatic rounds "
+                                                       "do not compute"):
+            ar.set_auto_settings(session, "demo", enabled=True, strategy="bald")
+        assert not ar.auto_status(session, "demo").settings.enabled
 
 
 def test_a_failed_training_is_reported_and_the_queue_still_refreshed(engine, settings, monkeypatch) -> None:
