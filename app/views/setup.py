@@ -14,6 +14,7 @@ import streamlit as st
 from appkit import researcher, resources, roles
 
 from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
+from cellspot.active.rounds import DEFAULT_TARGET_RUNS
 from cellspot.active.scheduler import DEFAULT_LEASE_SECONDS
 from cellspot.importers import (
     CellspotImportError,
@@ -23,12 +24,17 @@ from cellspot.importers import (
     import_images,
 )
 from cellspot.store.models import Project
+from cellspot.workflows.classroom import DEFAULT_FEEDBACK_RADIUS, DEFAULT_GOLD_RATE
 from cellspot.workflows.dashboard import DashboardError, create_project, update_project_settings
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "zip"]
 DEFAULT_POLICY = RetirementPolicy()
+#: what a project without the setting gets (the form shows it, so Save stores no other value;
+#: the runs per image: DEFAULT_TARGET_RUNS, as rounds read it)
+UNSET_DEFAULTS = {"gold_rate": DEFAULT_GOLD_RATE, "feedback_radius": DEFAULT_FEEDBACK_RADIUS}
+#: what a new project starts with
 NEW_PROJECT_DEFAULTS = {"target_runs_per_image": 5, "gold_rate": 0.1, "feedback_radius": 20.0,
                         **{SETTING_KEYS[f.name]: getattr(DEFAULT_POLICY, f.name) for f in fields(RetirementPolicy)}}
 
@@ -54,9 +60,10 @@ def _settings_inputs(current: dict, prefix: str) -> dict:
     codes = cols[0].text_input(
         "Class codes (comma-separated)", ", ".join(current.get("class_codes") or []), key=f"{prefix}_codes",
         help="Students join with one of these; 2 to 32 letters, digits, - or _. Each code names one project.")
-    target = cols[1].number_input("Target runs per image", 1, 1000, int(current.get("target_runs_per_image", 5)),
-                                  key=f"{prefix}_target")
-    gold = cols[2].number_input("Gold rate", 0.0, 1.0, float(current.get("gold_rate", 0.1)), step=0.05,
+    target_now = current.get("target_runs_per_image", current.get("target_runs", DEFAULT_TARGET_RUNS))
+    target = cols[1].number_input("Target runs per image", 1, 1000, int(target_now), key=f"{prefix}_target")
+    gold_now = current.get("gold_rate", UNSET_DEFAULTS["gold_rate"])
+    gold = cols[2].number_input("Gold rate", 0.0, 1.0, float(gold_now), step=0.05,
                                 key=f"{prefix}_gold",
                                 help="Share of images served from the expert-marked (gold) images")
     cols = st.columns(3)
@@ -85,8 +92,8 @@ def _settings_inputs(current: dict, prefix: str) -> dict:
         "Retire after at most ... runs (0 = no maximum)", 0, 1000, int(policy.max_runs or 0),
         key=f"{prefix}_max_runs",
         help="An image with this many runs retires whatever its consensus; 0 never retires by run count.")
-    radius = cols[2].number_input("Feedback radius (px)", 1.0, 500.0, float(current.get("feedback_radius", 20.0)),
-                                  key=f"{prefix}_radius",
+    radius_now = current.get("feedback_radius", UNSET_DEFAULTS["feedback_radius"])
+    radius = cols[2].number_input("Feedback radius (px)", 1.0, 500.0, float(radius_now), key=f"{prefix}_radius",
                                   help="A student's mark this close to an expert cell counts as finding it")
     lease = st.columns(3)[0].number_input(
         "Reserve a round's image for (minutes)", 1, 24 * 60,

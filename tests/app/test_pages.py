@@ -797,6 +797,24 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
 
 
 
+def test_setup_shows_what_a_project_without_settings_really_gets(app, app_engine):
+    """A project imported from the CLI has no settings: the form showed 5 runs per image and a
+    gold rate of 0.1 while rounds used 3 and students got no gold, and Save stored the shown values."""
+    from cellspot.active.rounds import DEFAULT_TARGET_RUNS
+    from cellspot.store.queries import get_or_create_project
+    from cellspot.workflows.classroom import DEFAULT_FEEDBACK_RADIUS, DEFAULT_GOLD_RATE
+
+    with Session(app_engine) as session, session.begin():
+        bare = get_or_create_project(session, "bare").id
+    login(app)
+    app.switch_page("views/setup.py").run()
+    app.selectbox(key="r_project_pick").set_value(bare).run()
+    no_exception(app)
+    assert app.number_input(key=f"p{bare}_target").value == DEFAULT_TARGET_RUNS
+    assert app.number_input(key=f"p{bare}_gold").value == DEFAULT_GOLD_RATE
+    assert app.number_input(key=f"p{bare}_radius").value == DEFAULT_FEEDBACK_RADIUS
+
+
 def test_setup_shows_names_in_its_messages_as_they_are_not_as_markdown(app, app_engine):
     """An image named ``**b** _i_ [l](x).png`` showed in bold and italics with a live link."""
     from appkit.roles import plain
