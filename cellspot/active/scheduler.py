@@ -202,12 +202,15 @@ def queue_candidates(
     exclude_ids: Collection[int] = (),
     limit: int | None = None,
     skip_locked: bool = False,
+    max_runs: int | None = None,
 ) -> pd.DataFrame:
     """The images of ``round_``'s queue that ``annotator`` may get now, in serving order.
 
     Columns :data:`CANDIDATE_COLUMNS`: ``runs`` = runs submitted since the round opened,
     ``leases`` = live leases; only rows with ``runs + leases < target_runs``, active status,
-    pixels, not submitted by ``annotator``, not in ``exclude_ids``; ordered by
+    pixels, fewer than ``max_runs`` runs in all (the retirement maximum: such an image retires
+    at the next consensus whatever it says, so it gets no more runs meanwhile), not submitted
+    by ``annotator``, not in ``exclude_ids``; ordered by
     ``(leases, rank)``. ``skip_locked`` (PostgreSQL only): lock the returned queue rows and skip
     the rows other open transactions hold (``FOR UPDATE OF al_queue SKIP LOCKED``).
     """
@@ -226,6 +229,10 @@ def queue_candidates(
     )
     if exclude_ids:
         stmt = stmt.where(q.image_id.not_in([int(i) for i in exclude_ids]))
+    if max_runs is not None:
+        total = (select(func.count()).select_from(TaskRun).where(TaskRun.image_id == q.image_id)
+                 .correlate(q).scalar_subquery())
+        stmt = stmt.where(total < int(max_runs))
     if limit is not None:
         stmt = stmt.limit(int(limit))
     if skip_locked and session.get_bind().dialect.name == "postgresql":
@@ -286,11 +293,18 @@ def _try_lease(session: Session, image_id: int, expected_live: int, req: LeaseRe
     return bool(freed) and _insert_lease(session, image_id, slot, req)
 
 
+def max_runs_of(project: Project) -> int | None:
+    """The project's retirement maximum of runs per image (``None``: no maximum)."""
+    from cellspot.active.retirement import RetirementPolicy  # lazy: retirement imports the rounds
+
+    return RetirementPolicy.for_project(project).max_runs
+
+
 def _locked_left(session: Session, round_: ALRound, annotator: Annotator, now: datetime, target: int,
-                 exclude_ids: Collection[int]) -> bool:
+                 exclude_ids: Collection[int], max_runs: int | None) -> bool:
     """True when candidates exist that ``FOR UPDATE SKIP LOCKED`` skipped (being leased now)."""
     return not queue_candidates(session, round_, annotator, now=now, target_runs=target,
-                                exclude_ids=exclude_ids, limit=1).empty
+                                exclude_ids=exclude_ids, limit=1, max_runs=max_runs).empty
 
 
 def next_queued_image(
@@ -326,6 +340,7 @@ def next_queued_image(
     target = int(target_runs) if target_runs is not None else target_runs_for(project, round_)
     if target < 1:
         raise ValueError(f"target_runs must be >= 1, got {target_runs!r}")
+    max_runs = max_runs_of(project)
     session.flush()
     held = held_image(session, project, annotator, round_=round_, now=now, lease_seconds=seconds,
                       exclude_ids=exclude_ids)
@@ -339,14 +354,14 @@ def next_queued_image(
     lost = 0
     while True:
         cands = queue_candidates(session, round_, annotator, now=now, target_runs=target,
-                                 exclude_ids=exclude_ids, limit=1, skip_locked=True)
+                                 exclude_ids=exclude_ids, limit=1, skip_locked=True, max_runs=max_runs)
         if not cands.empty:
             image_id, rank, _, leases = (int(v) for v in cands.iloc[0][CANDIDATE_COLUMNS])
             if _try_lease(session, image_id, leases, req):
                 log.debug("round %d: image %d (rank %d) leased to annotator %d after %d lost race(s)",
                           round_.number, image_id, rank, annotator.id, lost)
                 return session.get(Image, image_id)
-        elif not (postgres and _locked_left(session, round_, annotator, now, target, exclude_ids)):
+        elif not (postgres and _locked_left(session, round_, annotator, now, target, exclude_ids, max_runs)):
             log.debug("round %d: nothing left for annotator %d", round_.number, annotator.id)
             return None
         lost += 1

@@ -233,7 +233,8 @@ def gold_image_ids(session: Session, project_id: int) -> set[int]:
 def _open_images(
     session: Session, annotator: Annotator, exclude_ids: Collection[int] = ()
 ) -> pd.DataFrame:
-    """Images this annotator may still get: pixels, not seen by them; retired only if gold.
+    """Images this annotator may still get: pixels, not seen by them; retired or at the
+    project's maximum of runs (it retires at the next consensus) only if gold.
 
     Returns columns image_id, n_runs, status, gold (n_open x 4).
     """
@@ -250,7 +251,10 @@ def _open_images(
     frame = pd.DataFrame(session.execute(stmt).tuples().all(), columns=["image_id", "n_runs", "status"])
     gold = gold_image_ids(session, annotator.project_id)
     frame["gold"] = frame["image_id"].isin(gold)
-    keep = (frame["status"] == "active") | frame["gold"]
+    from cellspot.active.scheduler import max_runs_of  # lazy: keeps the classroom import light
+
+    limit = max_runs_of(session.get(Project, annotator.project_id))
+    keep = ((frame["status"] == "active") & (frame["n_runs"] < (limit if limit is not None else float("inf")))) | frame["gold"]
     if exclude_ids:
         keep &= ~frame["image_id"].isin(list(exclude_ids))
     return frame[keep].reset_index(drop=True)

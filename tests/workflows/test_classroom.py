@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta, timezone
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -145,6 +146,33 @@ def test_next_image_prefers_fewest_runs_and_spreads_students(session, room) -> N
     q.submit_task_run(session, images["d"], others[1], [], "o1d")
     picks = {c.next_image(session, c.join_class(session, "7B", f"s{i}"), random.Random(i)).name for i in range(12)}
     assert len(picks) >= 3
+
+
+@pytest.mark.parametrize("in_round", [False, True])
+def test_an_image_at_the_maximum_of_runs_is_not_served_before_the_consensus_retires_it(
+        session, room, in_round: bool) -> None:
+    """With "retire after at most 2 runs", images were served up to 12 runs until the next
+    recompute; the gold image (a check, not work) stays available."""
+    from cellspot.workflows import rounds as wr
+
+    project, images = room
+    project.settings = {**project.settings, "retire_min_runs": 1, "retire_max_runs": 2}
+    others = [q.get_or_create_annotator(session, project, f"o{i}", "7B") for i in range(2)]
+    for i, who in enumerate(others):  # a, b and c reach the maximum; d has one run
+        for name in ("a", "b", "c"):
+            q.submit_task_run(session, images[name], who, [], f"o{i}{name}")
+    q.submit_task_run(session, images["d"], others[0], [], "o0d")
+    if in_round:
+        wr.open_new_round(session, project, strategy="random", scores=pd.DataFrame(
+            {"image": ["a", "b", "c", "d"], "score": [0.9, 0.8, 0.7, 0.1]}), target_runs=5)
+    assert images["a"].status == "active"  # no consensus yet
+    served = set()
+    for k in range(3):
+        student = c.join_class(session, "7B", f"s{k}")
+        image = c.next_image(session, student, random.Random(k))
+        served.add(image.name)
+        c.submit_run(session, student, image.id, [], f"s{k}")
+    assert served == {"d", "gold"}, served  # d reaches 2 runs with the first student, then only gold
 
 
 def test_next_image_exclude_ids(session, room) -> None:
