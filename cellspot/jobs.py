@@ -18,11 +18,17 @@ up at once and must see the row); :func:`cellspot.workflows.models.queue_trainin
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+import socket
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +109,7 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
 
         engine = make_engine(settings=settings)
         try:
-            with transaction(engine) as session:
+            with busy(settings, "predict", project), transaction(engine) as session:
                 report = predict_project(
                     session, settings, get_project(session, project),
                     detector_run=get_run(session, detector) if detector else None,
@@ -125,7 +131,7 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         from cellspot.workflows.auto_rounds import run_auto_round
 
         try:
-            with huey.lock_task(f"auto-round-{project}"):
+            with huey.lock_task(f"auto-round-{project}"), busy(settings, "auto_round", project):
                 return run_auto_round(settings, project, queued_at=queued_at).as_dict()
         except TaskLockedException:
             log.warning("automatic round of %r already running; this one is dropped", project)
@@ -139,6 +145,77 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         return check_auto_rounds(settings)
 
     return train_task, predict_task, auto_round_task
+
+
+# --------------------------------------------------------------------------- what workers do
+
+
+@dataclass(frozen=True)
+class Busy:
+    """A job a worker is running that has no model run of its own to show it: a prediction of
+    a project or an automatic round (``task``), since ``since`` (UTC)."""
+
+    task: str
+    project: str
+    since: datetime
+    host: str
+    pid: int
+
+    def describe(self) -> str:
+        what = {"predict": "a prediction", "auto_round": "an automatic round"}.get(self.task, self.task)
+        return f"{what} of project {self.project!r}"
+
+
+def _busy_dir(settings: Settings) -> Path:
+    return Path(settings.home) / "workers"
+
+
+@contextmanager
+def busy(settings: Settings, task: str, project: str) -> Iterator[None]:
+    """Mark this worker busy with ``task`` on ``project`` while the block runs (a small file
+    under ``CELLSPOT_HOME/workers``, which the workers share with the app as they share the
+    models), so the dashboard can tell a busy worker from a missing one."""
+    folder = _busy_dir(settings)
+    path = folder / f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": task, "project": project, "since": datetime.now(timezone.utc).isoformat(),
+                                    "host": socket.gethostname(), "pid": os.getpid()}))
+    except OSError as exc:  # only a display aid: the job runs anyway
+        log.warning("cannot mark the worker busy in %s: %s", folder, exc)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def busy_jobs(settings: Settings, project: str | None = None) -> list[Busy]:
+    """What the workers are running now (of ``project``, or all), oldest first. A marker left
+    by a worker that was killed is ignored when it was written on this host by a process that
+    no longer runs."""
+    out = []
+    for path in sorted(_busy_dir(settings).glob("*.json")):
+        try:
+            raw = json.loads(path.read_text())
+            job = Busy(str(raw["task"]), str(raw["project"]), datetime.fromisoformat(raw["since"]),
+                       str(raw["host"]), int(raw["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written or removed
+        if job.host == socket.gethostname() and not _alive(job.pid):
+            continue
+        if project is None or job.project == project:
+            out.append(job)
+    return sorted(out, key=lambda j: j.since)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
 
 
 def get_queue(settings: Settings) -> JobQueue:

@@ -220,3 +220,23 @@ def test_predict_task_resolves_runs_by_version_and_commits(settings, immediate, 
         assert session.get(Project, 1).description == "predicted"
         assert registry.get_run(session, run_id).status == "queued"
     engine.dispose()
+
+
+def test_busy_marks_what_a_worker_runs_and_ignores_markers_of_dead_workers(settings) -> None:
+    import json
+    import subprocess
+    import sys
+
+    assert jobs.busy_jobs(settings) == []
+    with jobs.busy(settings, "predict", "demo"):
+        [job] = jobs.busy_jobs(settings)
+        assert (job.task, job.project, job.describe()) == ("predict", "demo", "a prediction of project 'demo'")
+        assert jobs.busy_jobs(settings, "other") == []
+        # a worker killed mid-job leaves its marker behind: its process is gone, so it does not count
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        (settings.home / "workers" / "stale.json").write_text(json.dumps(
+            {"task": "auto_round", "project": "demo", "since": job.since.isoformat(), "host": socket.gethostname(),
+             "pid": int(dead)}))
+        assert [j.task for j in jobs.busy_jobs(settings)] == ["predict"]
+    assert jobs.busy_jobs(settings) == []  # the marker goes with the job

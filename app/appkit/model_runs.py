@@ -210,6 +210,14 @@ def predict(project_name: str, detector: str | None, classifier: str | None) -> 
             "image; they show below when it is done.")
 
 
+def busy_jobs(project_name: str | None = None) -> list:
+    """What the workers run now that has no model run to show it (predictions, automatic
+    rounds), of ``project_name`` or all (:func:`cellspot.jobs.busy_jobs`)."""
+    from cellspot.jobs import busy_jobs as jobs_now
+
+    return jobs_now(resources.settings(), project_name)
+
+
 def predicted_since(url: str, project_id: int, since: datetime) -> bool:
     """Whether the project has predicted cells stored at or after ``since`` (UTC; naive stored
     times are UTC)."""

@@ -110,8 +110,14 @@ def live_run(version: str) -> None:
         waited = view.queued_for_s()
         busy = [v for v, status in live if status == "running" and v != view.version]
         silent = view.silent_s
+        other_jobs = model_runs.busy_jobs() if view.status == "queued" and not busy else []
         if view.status == "queued" and busy:
             st.caption(f"Queued behind {', '.join(busy)}: the worker takes it when that one ends.")
+        elif other_jobs:
+            job = other_jobs[0]
+            running = charts.format_seconds((datetime.now(timezone.utc) - job.since).total_seconds())
+            st.caption(f"Queued behind {job.describe()} (running for {running}): the worker takes it when that "
+                       "ends.")
         elif waited > model_runs.WORKER_WAIT_S:
             st.warning(WORKER_HINT.format(version=view.version, waited=charts.format_seconds(waited)),
                        icon=":material/warning:")
@@ -253,6 +259,9 @@ if missing:
     st.caption(f"Predict project needs an active classifier and detector (train and promote them above): {missing}")
 
 since = st.session_state.get(predict_key)
+if since is None:  # queued in another session (or before a reload) and running now
+    running = [job for job in model_runs.busy_jobs(project.name) if job.task == "predict"]
+    since = running[0].since if running else None
 
 
 @st.fragment(run_every=REFRESH_S if since is not None else None)
@@ -262,7 +271,11 @@ def prediction_watch(queued: datetime) -> None:
         st.session_state.pop(predict_key, None)
         st.rerun()
     waited = (datetime.now(timezone.utc) - queued).total_seconds()
-    if waited > model_runs.PREDICT_WAIT_S:
+    working = any(job.task == "predict" for job in model_runs.busy_jobs(project.name))
+    if working:  # a worker has it: no hint about a missing worker, however long a big project takes
+        st.info(f"Predicting every image with the active models… ({charts.format_seconds(waited)})",
+                icon=":material/hourglass_top:")
+    elif waited > model_runs.PREDICT_WAIT_S:
         st.session_state.pop(predict_key, None)
         st.warning(f"No new predictions {charts.format_seconds(waited)} after Predict project: is `cellspot "
                    "worker` running (same CELLSPOT_HOME and database as this app)? Reload to check again.",

@@ -157,6 +157,25 @@ def test_a_run_left_in_the_queue_says_to_start_a_worker_and_can_be_cancelled(app
     assert "Training now" not in [s.value for s in app.subheader]
 
 
+def test_a_run_queued_behind_a_prediction_says_so_not_that_no_worker_runs(app, app_engine):
+    """A worker predicting a project looked absent: the queued run said "No worker seems to be
+    running... start one" while the page's own notice said it was predicting."""
+    from appkit import resources
+
+    from cellspot.jobs import busy
+
+    version = add_run(app_engine, "classifier", "queued", age_s=120)
+    with busy(resources.settings(), "predict", "demo"):
+        open_models(app)
+        no_exception(app)
+        assert "No worker seems to be running" not in texts(app.warning)
+        assert "Queued behind a prediction of project 'demo' (running for" in texts(app.caption)
+        # a reload (a new session) still shows the prediction running
+        assert "Predicting every image with the active models" in texts(app.info)
+    open_models(app)
+    assert version in texts(app.warning) and "No worker seems to be running" in texts(app.warning)
+
+
 def test_a_running_run_shows_its_progress_and_curves(app, app_engine):
     progress = {"epoch": 2, "epochs": 5, "step": 3, "steps": 10, "phase": "train", "train_loss": 0.4,
                 "fraction": 0.26, "eta_s": 65.0}
