@@ -182,6 +182,8 @@ def config_from_dict(values: dict[str, Any]) -> DetectorConfig:
 def _validate(c: DetectorConfig) -> None:
     checks = [
         (c.arch in ARCHS, f"arch must be one of {ARCHS}, got {c.arch!r}"),
+        (known_encoder(c.encoder), f"unknown encoder {c.encoder!r}; use a segmentation-models-pytorch encoder such "
+                                   "as mobilenet_v2, resnet18, resnet34, efficientnet-b0, or tu-<a timm model name>"),
         (c.loss in LOSSES, f"loss must be one of {LOSSES}, got {c.loss!r}"),
         (c.target in ("auto",) + TARGET_KINDS, f"target must be 'auto' or one of {TARGET_KINDS}, got {c.target!r}"),
         (c.centre in ("auto",) + CENTRE_KINDS, f"centre must be 'auto' or one of {CENTRE_KINDS}, got {c.centre!r}"),
@@ -216,6 +218,16 @@ def _validate(c: DetectorConfig) -> None:
 
 
 # --------------------------------------------------------------------------- model and loss
+
+
+def known_encoder(name: str) -> bool:
+    """Whether segmentation-models-pytorch can build ``name``: one of its encoders, or ``tu-``
+    and a timm model (checked before a run is queued, so a typo does not fail in the worker)."""
+    if name.startswith("tu-"):
+        import timm
+
+        return timm.is_model(name[3:])
+    return name in smp.encoders.get_encoder_names()
 
 
 def build_model(config: DetectorConfig) -> torch.nn.Module:

@@ -78,6 +78,8 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(min_solidity=1.2), "min_solidity must be in"),
         (dict(max_eccentricity=0.0), "max_eccentricity must be in"),
         (dict(min_instance_prob=1.5), "min_instance_prob must be in"),
+        (dict(encoder="nonexistent_net"), "unknown encoder 'nonexistent_net'; use a segmentation-models-pytorch"),
+        (dict(encoder="tu-nonexistent_net"), "unknown encoder 'tu-nonexistent_net'"),
     ],
 )
 def test_bad_configs_raise(overrides: dict, match: str) -> None:

@@ -118,6 +118,14 @@ def test_bad_config_override_is_refused_before_a_run_is_stored(settings, store, 
         assert session.scalars(select(ModelRun)).all() == []
 
 
+def test_an_unknown_detector_encoder_is_refused_before_a_run_is_queued() -> None:
+    """It was queued and failed in the worker with a list of every encoder (the classifier's
+    was refused at once)."""
+    with pytest.raises(wf.WorkflowError, match="bad detector config: unknown encoder 'nonexistent_net'; use a "):
+        wf.check_config("detector", "cpu-fast", {"encoder": "nonexistent_net"})
+    assert wf.check_config("detector", "cpu-fast", {"encoder": "resnet18"}) == {"encoder": "resnet18"}
+
+
 def test_stored_config_that_no_longer_fits_fails_the_run_with_allowed_fields(settings, store, monkeypatch) -> None:
     install(monkeypatch)
     run_id = _new_run(store, settings)
