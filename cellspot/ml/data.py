@@ -648,7 +648,8 @@ def load_store(
         log.info("skipped %d image(s) without pixels (e.g. %s)", len(no_pixels), ", ".join(no_pixels[:5]))
     if not images:
         raise DataError(f"project {project.name!r} has no {source} cells at confidence >= {min_confidence} "
-                        f"on images with pixels ({len(no_pixels)} image(s) without pixels)")
+                        "on images with pixels"
+                        + (f" ({len(no_pixels)} image(s) with cells have no pixels)" if no_pixels else ""))
     info.update({"fractions": list(fractions), "seed": seed, "images_without_pixels": len(no_pixels)})
     log.info("loaded %d images with %d %s cells from project %r", len(images),
              sum(len(i.cells) for i in images), source, project.name)

@@ -275,12 +275,27 @@ def start_training(
                 f"project {project.name!r} has no consensus snapshot yet; run `cellspot aggregate` (or press "
                 "\"Recompute consensus\" in the dashboard) first")
         snapshot_id = data_source["snapshot_id"] = snapshot.id
+    elif not _has_expert_cells(session, project):
+        raise WorkflowError(
+            f"project {project.name!r} has no expert cells on images with pixels; import them (`cellspot import "
+            "gold`, or the Setup page), accept cells on the Review page, or train on the consensus")
     return registry.create_run(
         session, kind, project=project, preset=preset,
         config=check_config(kind, preset, _overrides(epochs, overrides)),
         data_source=data_source, snapshot_id=snapshot_id,
         path=registry.relative_path(settings, out_dir) if out_dir is not None else None,
     )
+
+
+def _has_expert_cells(session: Session, project: Project) -> bool:
+    """Whether ``project`` has an expert (gold) cell on an image with pixels."""
+    from sqlalchemy import select
+
+    from cellspot.store.models import GoldCell, Image
+
+    stmt = (select(GoldCell.id).join(Image, GoldCell.image_id == Image.id)
+            .where(Image.project_id == project.id, Image.has_pixels.is_(True)).limit(1))
+    return session.scalar(stmt) is not None
 
 
 def start_folder_training(

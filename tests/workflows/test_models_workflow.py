@@ -276,8 +276,20 @@ def test_consensus_training_needs_a_snapshot(settings, store) -> None:
 
     with transaction(store) as session, pytest.raises(wf.WorkflowError, match="cellspot aggregate"):
         wf.start_training(session, settings, get_or_create_project(session, "empty"), "classifier")
-    with transaction(store) as session:  # expert cells need no snapshot
-        run = wf.start_training(session, settings, get_project(session, "empty"), "detector", source="expert")
+    # expert cells need no snapshot, but some expert cells (it was queued and failed in the worker)
+    with transaction(store) as session, pytest.raises(wf.WorkflowError, match="has no expert cells on images with "
+                                                                              "pixels; import them"):
+        wf.start_training(session, settings, get_or_create_project(session, "empty"), "detector", source="expert")
+    with transaction(store) as session:
+        from cellspot.store.models import GoldCell, Image
+
+        project = get_or_create_project(session, "empty")
+        image = Image(project_id=project.id, name="a.png", width=10, height=10, has_pixels=True, path="x.png")
+        session.add(image)
+        session.flush()
+        session.add(GoldCell(image_id=image.id, x=1.0, y=1.0, label="alive"))
+        session.flush()
+        run = wf.start_training(session, settings, project, "detector", source="expert")
         assert run.data_source == {"kind": "expert", "project": "empty"} and run.snapshot_id is None
 
 
