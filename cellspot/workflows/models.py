@@ -731,12 +731,14 @@ def run_training(
             _finish(factory, run_id, status="cancelled", error="interrupted (Ctrl-C)")
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
-            if isinstance(exc, (DataError, TrainingError, WorkflowError)):  # bad input: the message says it all
+            bad_input = isinstance(exc, (DataError, TrainingError, WorkflowError))  # the message says it all
+            if bad_input:
                 log.error("training run %d failed: %s", run_id, exc)
             else:
                 log.exception("training run %d failed", run_id)
             _flush_quietly(reporter)
-            return _finish(factory, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            return _finish(factory, run_id, status="failed",
+                           error=str(exc) if bad_input else f"{type(exc).__name__}: {exc}")
         final = {**reporter.latest, "phase": "done", "fraction": 1.0}
         run = _finish(factory, run_id, status="done", error=None, metrics=registry.jsonable(result.metrics),
                       curves=registry.jsonable(result.curves) or reporter.curves, progress=final)

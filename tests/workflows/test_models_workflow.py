@@ -351,6 +351,6 @@ def test_bad_input_fails_the_run_without_a_traceback_in_the_log(settings, store,
     install(monkeypatch, BadData())
     with caplog.at_level("ERROR", logger="cellspot.workflows.models"):
         run = wf.run_training(settings, _new_run(store, settings))
-    assert run.status == "failed" and run.error == "DataError: x.csv, line 3, column 'x': bad"
+    assert run.status == "failed" and run.error == "x.csv, line 3, column 'x': bad"  # no Python class name
     record = next(r for r in caplog.records if "failed" in r.getMessage())
     assert record.exc_info is None and "x.csv, line 3" in record.getMessage()
