@@ -404,8 +404,11 @@ def is_lost(run: ModelRun, now: datetime | None = None) -> bool:
 
 
 def _mark_lost(run: ModelRun, now: datetime | None = None) -> None:
+    """Mark a lost ``run`` failed; it ended when it last reported (its time does not count the
+    minutes its dead worker kept it "running")."""
     minutes = silent_seconds(run, now) / 60
-    run.status, run.finished_at, run.cancel_requested = "failed", now or utcnow(), False
+    last = parse_utc((run.progress or {}).get("reported_at")) or parse_utc(run.started_at)
+    run.status, run.finished_at, run.cancel_requested = "failed", last or now or utcnow(), False
     run.error = (f"its worker stopped reporting {minutes:.0f} min ago (stopped or crashed); marked failed. "
                  "Resume goes on from the last resume.pt if one was saved, else start a new run")
     log.warning("run %s: %s", run.version, run.error)

@@ -205,6 +205,8 @@ def test_a_run_whose_worker_is_gone_is_marked_failed_by_cancel_resume_or_a_new_w
     assert (load_run(settings, alive).status, load_run(settings, alive).cancel_requested) == ("running", True)
     gone = load_run(settings, lost)
     assert gone.status == "failed" and gone.error.startswith("its worker stopped reporting 11 min ago")
+    # it ended at its last report: its time is the 49 min it trained, not the 11 it lay dead
+    assert (gone.finished_at - gone.started_at).total_seconds() == pytest.approx(49 * 60, abs=5)
     # resume of a lost run with a checkpoint goes on at once
     lost_again = running(30)
     folder = registry.model_dir(settings, load_run(settings, lost_again))
