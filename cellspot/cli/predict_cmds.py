@@ -156,14 +156,21 @@ def predict_command(
 
 def _predict(models: _Models, inputs: list[Path], out_dir: Path, *, overlays: bool,
              skip_invalid: bool) -> tuple[Any, Any]:
-    """Load the models once, predict every image with a progress bar, write the outputs."""
+    """Check the output folder and every input, load the models once, predict every image with a
+    progress bar, write the outputs."""
     from tqdm import tqdm
 
     from cellspot.ml import predict
 
-    try:  # before the long part: the output folder, missing inputs, two images with one name
+    try:  # before the long part: the output folder, missing inputs, two images with one name, unreadable files
         predict.check_output_dir(out_dir)
         images = predict.collect_images(inputs)
+        with tqdm(total=len(images), desc="check", unit="image", leave=False) as bar:
+            checked = predict.check_images(images, progress=lambda done, _total, _name: bar.update(done - bar.n))
+        if not checked.readable or (checked.errors and not skip_invalid):
+            raise predict.UnreadableImagesError(checked.errors, checked.total)
+    except predict.UnreadableImagesError as exc:
+        raise click.ClickException(_unreadable_message(exc, skip_invalid)) from None
     except predict.PredictionError as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -178,12 +185,28 @@ def _predict(models: _Models, inputs: list[Path], out_dir: Path, *, overlays: bo
         bar.update(done - bar.n)
 
     try:
-        result = predict.predict_images(images, detector, classifier, progress=progress, skip_invalid=skip_invalid)
+        result = predict.predict_images(checked, detector, classifier, progress=progress, skip_invalid=skip_invalid)
+        if not result.images:  # every file that passed the check failed to decode
+            raise predict.UnreadableImagesError(result.errors, checked.total)
         return result, predict.write_outputs(result, out_dir, overlays=overlays)
+    except predict.UnreadableImagesError as exc:
+        raise click.ClickException(_unreadable_message(exc, skip_invalid)) from None
     except predict.PredictionError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         bar.close()
+
+
+def _unreadable_message(exc: Any, skip_invalid: bool) -> str:
+    """The error of an :class:`~cellspot.ml.predict.UnreadableImagesError`, with what to do next
+    (with ``skip_invalid`` it is raised only when no image is readable)."""
+    from cellspot.ml.predict import format_image_errors
+
+    if exc.n_readable == 0 or skip_invalid:
+        return (f"no readable image among the {exc.total} image file(s) given; nothing was predicted or "
+                "written (--out is left as it was):\n" + format_image_errors(exc.errors))
+    return (f"{exc}\nnothing was written; --skip-invalid skips them (listing them in errors.csv) and predicts "
+            f"the other {exc.n_readable} image(s)")
 
 
 def _store_note(engine: Engine | None, project_name: str, models: _Models, result: Any,

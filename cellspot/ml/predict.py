@@ -30,7 +30,7 @@ import math
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,8 @@ DEFAULT_DIAMETER = 12.0
 """Cell diameter (pixels) for the overlay marks when neither instances nor the detector's
 config give one."""
 READ_AHEAD = 2
+MAX_LISTED_ERRORS = 20
+"""Unreadable files listed one by one in an :class:`UnreadableImagesError` message; the rest are counted."""
 
 ProgressCallback = Callable[[int, int, str], None]
 """Called after each image as ``progress(done, total, image_name)``."""
@@ -65,6 +67,21 @@ ProgressCallback = Callable[[int, int, str], None]
 
 class PredictionError(ValueError):
     """Prediction cannot run: unreadable image, no images, bad model output, no active model."""
+
+
+class UnreadableImagesError(PredictionError):
+    """Image files that cannot be read: ``errors`` gives each with its reason, ``total`` the number
+    of image files given (readable ones included)."""
+
+    def __init__(self, errors: Sequence[ImageError], total: int) -> None:
+        self.errors = list(errors)
+        self.total = total
+        super().__init__(f"{len(self.errors)} of {total} image file(s) cannot be read:\n"
+                         + format_image_errors(self.errors))
+
+    @property
+    def n_readable(self) -> int:
+        return self.total - len(self.errors)
 
 
 class NoActiveModelError(PredictionError, LookupError):
@@ -284,16 +301,24 @@ def collect_images(inputs: Mapping[str, str | Path] | Iterable[str | Path]) -> d
     """
     if isinstance(inputs, Mapping):
         found = {str(name): Path(path) for name, path in inputs.items()}
+        given: list[Path] = []
     else:
         found = {}
-        for raw in inputs:
-            for name, path in _expand(Path(raw)):
+        given = [Path(raw) for raw in inputs]
+        for raw in given:
+            for name, path in _expand(raw):
                 if name in found and found[name] != path:
                     raise PredictionError(f"two images are named {name!r}: {found[name]} and {path}; rename one")
                 found[name] = path
     if not found:
-        raise PredictionError(f"no images found; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+        where = f"in {_listed([str(p) for p in given], 5)}" if given else "(no files or folders given)"
+        raise PredictionError(f"no images found {where}; expected files ending in {', '.join(IMAGE_SUFFIXES)} "
+                              "(folders are searched with their subfolders; hidden files are skipped)")
     return found
+
+
+def _listed(items: Sequence[str], limit: int) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _expand(path: Path) -> Iterator[tuple[str, Path]]:
@@ -306,6 +331,59 @@ def _expand(path: Path) -> Iterator[tuple[str, Path]]:
         yield path.name, path
     else:
         raise PredictionError(f"{path}: no such file or folder")
+
+
+@dataclass(frozen=True)
+class CheckedImages:
+    """Image files sorted by :func:`check_images`: ``readable`` (name -> file, in input order)
+    and ``errors`` (the unreadable ones, with the reason)."""
+
+    readable: dict[str, Path]
+    errors: list[ImageError]
+
+    @property
+    def total(self) -> int:
+        return len(self.readable) + len(self.errors)
+
+
+def check_images(paths: Mapping[str, str | Path] | Iterable[str | Path],
+                 progress: ProgressCallback | None = None) -> CheckedImages:
+    """Find the images of ``paths`` (see :func:`collect_images`) and check that each can be read
+    (:func:`image_problem`), so a run can refuse or skip the unreadable ones before the models
+    load. ``progress(done, total, name)`` is called after each file."""
+    sources = collect_images(paths)
+    readable: dict[str, Path] = {}
+    errors: list[ImageError] = []
+    for done, (name, path) in enumerate(sources.items(), start=1):
+        reason = image_problem(path)
+        if reason is None:
+            readable[name] = path
+        else:
+            errors.append(ImageError(name, str(path), reason))
+        if progress is not None:
+            progress(done, len(sources), name)
+    if errors:
+        log.info("%d of %d image file(s) cannot be read", len(errors), len(sources))
+    return CheckedImages(readable, errors)
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why :func:`read_pixels` refuses the file at ``path`` (its :class:`ImageReadError` reason),
+    or ``None`` when the file reads. The file is decoded, so the answer is the decoder's own (a
+    decode costs a few percent of a prediction)."""
+    try:
+        read_image(path)
+    except ImageReadError as exc:
+        return exc.reason
+    return None
+
+
+def format_image_errors(errors: Sequence[ImageError], limit: int = MAX_LISTED_ERRORS) -> str:
+    """``  file: reason`` lines for the first ``limit`` errors, plus a count of the rest."""
+    lines = [f"  {e.path}: {e.error}" for e in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more")
+    return "\n".join(lines)
 
 
 def read_pixels(path: Path) -> np.ndarray:
@@ -327,29 +405,39 @@ def _read_ahead(items: list[tuple[str, Path]]) -> Iterator[tuple[str, Path, Futu
 
 
 def predict_images(
-    paths: Mapping[str, str | Path] | Iterable[str | Path],
+    paths: Mapping[str, str | Path] | Iterable[str | Path] | CheckedImages,
     detector: Detector,
     classifier: Classifier,
     *,
     progress: ProgressCallback | None = None,
     skip_invalid: bool = False,
 ) -> PredictionResult:
-    """Detect and classify the cells of every image in ``paths`` (see :func:`collect_images`).
+    """Detect and classify the cells of every image in ``paths`` (see :func:`collect_images`;
+    or the result of :func:`check_images`, which is then not checked again).
 
-    An unreadable file raises :class:`PredictionError` naming it; with ``skip_invalid`` it is
-    listed in :attr:`PredictionResult.errors` and the others still run.
+    Every file is checked to be readable first (:func:`check_images`): without ``skip_invalid``
+    any unreadable file raises :class:`UnreadableImagesError` listing all of them before an
+    image is predicted; with it they are listed in :attr:`PredictionResult.errors` and the
+    others run. A file that passes the check but fails to decode is handled the same way
+    when it is read.
     """
-    sources = collect_images(paths)
+    checked = paths if isinstance(paths, CheckedImages) else check_images(paths)
+    if checked.errors and not skip_invalid:
+        raise UnreadableImagesError(checked.errors, checked.total)
+    sources = checked.readable
     start = time.perf_counter()
-    result = PredictionResult([], str(detector.version), str(classifier.version))
+    result = PredictionResult([], str(detector.version), str(classifier.version), errors=list(checked.errors))
+    for error in checked.errors:
+        log.warning("skipping %s: %s", error.path, error.error)
     for done, (name, path, future) in enumerate(_read_ahead(list(sources.items())), start=1):
         try:
             pixels = future.result()
         except ImageReadError as exc:
+            error = ImageError(name, str(path), exc.reason)
             if not skip_invalid:
-                raise PredictionError(f"cannot read image {name!r} ({exc.path}): {exc.reason}") from exc
+                raise UnreadableImagesError([error], checked.total) from exc
             log.warning("skipping %s: %s", path, exc.reason)
-            result.errors.append(ImageError(name, str(path), exc.reason))
+            result.errors.append(error)
         else:
             cells, outline = predict_pixels(pixels, detector, classifier, name=name)
             cells.insert(0, "image", name)

@@ -78,3 +78,13 @@ def write_images(folder: Path, images: dict[str, list] = CELLS) -> Path:
     for name, cells in images.items():
         PILImage.fromarray(disc_pixels(cells)).save(folder / name)
     return folder
+
+
+def noisy_image_bytes(fmt: str = "PNG") -> bytes:
+    """A W x H RGB noise image encoded as ``fmt`` (``"PNG"``, ``"JPEG"``, ``"TIFF"``): some kB, so
+    that cutting it short leaves a file whose header still reads but whose pixels do not."""
+    import io
+
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -17,14 +17,19 @@ import pytest
 import tifffile
 from PIL import Image as PILImage
 
+from cellspot.imaging import ImageReadError, read_image
 from cellspot.ml import predict, project_predictions
 from cellspot.ml.overlay import ALIVE, DEAD, NO_CELL, Outline, draw_overlay
 from cellspot.ml.predict import (
     CELL_COLUMNS,
     SUMMARY_COLUMNS,
     PredictionError,
+    UnreadableImagesError,
     binary_entropy,
     cell_diameters,
+    check_images,
+    format_image_errors,
+    image_problem,
     overlay_names,
     predict_images,
     summarize,
@@ -38,6 +43,7 @@ from .predict_fakes import (
     FakeDetector,
     H,
     W,
+    noisy_image_bytes,
     disc_pixels,
     write_images,
 )
@@ -164,18 +170,96 @@ def test_folder_images_are_named_relative_to_the_folder(tmp_path: Path) -> None:
 def test_unreadable_file_is_named_in_the_error(tmp_path: Path, content: bytes, reason: str) -> None:
     folder = write_images(tmp_path / "images")
     (folder / "bad.png").write_bytes(content)
-    with pytest.raises(PredictionError, match=rf"'bad.png'.*bad\.png.*{reason}"):
-        predict_images([folder], FakeDetector(), FakeClassifier())
+    detector = FakeDetector()
+    message = rf"1 of 4 image file\(s\) cannot be read:\n  .*bad\.png: .*{reason}"
+    with pytest.raises(UnreadableImagesError, match=message):
+        predict_images([folder], detector, FakeClassifier())
+    assert detector.calls == 0  # refused before any image was predicted
     result = predict_images([folder], FakeDetector(), FakeClassifier(), skip_invalid=True)
     assert [e.image for e in result.errors] == ["bad.png"] and reason in result.errors[0].error
     assert sorted(p.image for p in result.images) == sorted(CELLS)
 
 
+def test_every_unreadable_file_is_listed_before_any_image_is_predicted(tmp_path: Path) -> None:
+    folder = write_images(tmp_path / "images")
+    (folder / "a_text.png").write_text("hello")
+    (folder / "z_cut.png").write_bytes(noisy_image_bytes("PNG")[:500])
+    detector = FakeDetector()
+    with pytest.raises(UnreadableImagesError) as caught:
+        predict_images([folder], detector, FakeClassifier())
+    assert detector.calls == 0
+    assert [(e.image, e.path) for e in caught.value.errors] == [
+        ("a_text.png", str(folder / "a_text.png")), ("z_cut.png", str(folder / "z_cut.png"))]
+    assert (caught.value.total, caught.value.n_readable) == (5, 3)
+    assert str(caught.value).splitlines() == [
+        "2 of 5 image file(s) cannot be read:",
+        f"  {folder / 'a_text.png'}: not a PNG, JPEG or TIFF image",
+        f"  {folder / 'z_cut.png'}: corrupt or truncated PNG data: image file is truncated"]
+
+
+@pytest.mark.parametrize(("n_errors", "last_line"),
+                         [(3, "  c2.png: r"), (20, "  c19.png: r"), (23, "  ... and 3 more")])
+def test_unreadable_list_is_capped(n_errors: int, last_line: str) -> None:
+    errors = [predict.ImageError(f"{i}", f"c{i}.png", "r") for i in range(n_errors)]
+    lines = format_image_errors(errors).splitlines()
+    assert len(lines) == min(n_errors, 21) and lines[-1] == last_line
+
+
+def _cut(data: bytes, cut: str) -> bytes:
+    return {"whole": data, "header only": data[:500], "half": data[: len(data) // 2],
+            "no end chunk": data[:-12]}[cut]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "cut", "readable"),
+    [("PNG", "whole", True), ("PNG", "header only", False), ("PNG", "half", False),
+     ("PNG", "no end chunk", True),  # PIL's verify() would refuse it; the decoder reads it, and decides
+     ("JPEG", "whole", True), ("JPEG", "header only", False), ("JPEG", "half", False),
+     ("TIFF", "whole", True), ("TIFF", "header only", False), ("TIFF", "half", False),
+     ("tifffile", "whole", True), ("tifffile", "half", False)],
+)
+def test_image_problem_agrees_with_the_decoder(tmp_path: Path, fmt: str, cut: str, readable: bool) -> None:
+    if fmt == "tifffile":
+        tifffile.imwrite(tmp_path / "whole", np.random.default_rng(0).integers(0, 256, (H, W, 3), np.uint8))
+        data = (tmp_path / "whole").read_bytes()
+    else:
+        data = noisy_image_bytes(fmt)
+    path = tmp_path / "image"
+    path.write_bytes(_cut(data, cut))
+    problem = image_problem(path)
+    assert (problem is None) == readable, problem
+    try:
+        read_image(path)
+    except ImageReadError as exc:
+        assert problem == exc.reason
+    else:
+        assert problem is None
+
+
+def test_a_file_that_passes_the_check_but_does_not_decode_is_still_handled(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_images(tmp_path / "images")
+    (folder / "bad.png").write_bytes(b"junk")
+    monkeypatch.setattr(predict, "image_problem", lambda path: None)
+    checked = check_images([folder])
+    assert checked.errors == [] and checked.total == 4
+    with pytest.raises(UnreadableImagesError, match=r"bad\.png: not a PNG"):
+        predict_images(checked, FakeDetector(), FakeClassifier())
+    result = predict_images(checked, FakeDetector(), FakeClassifier(), skip_invalid=True)
+    assert [e.image for e in result.errors] == ["bad.png"] and len(result.images) == 3
+
+
 @pytest.mark.parametrize(
     ("inputs", "message"),
-    [([], "no images found"), (["missing.png"], "missing.png: no such file or folder")],
+    [([], r"no images found \(no files or folders given\)"),
+     (["empty"], r"no images found in \S+/empty; expected files ending in \.png"),
+     (["empty", "only_text"], r"no images found in \S+/empty, \S+/only_text;"),
+     (["missing.png"], "missing.png: no such file or folder")],
 )
 def test_no_images_or_missing_path(tmp_path: Path, inputs: list[str], message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "only_text").mkdir()
+    (tmp_path / "only_text" / "notes.txt").write_text("no image")
     with pytest.raises(PredictionError, match=message):
         predict_images([tmp_path / p for p in inputs], FakeDetector(), FakeClassifier())
 

@@ -12,7 +12,7 @@ from cellspot.ml import project_predictions
 from cellspot.ml.predict import CELL_COLUMNS, SUMMARY_COLUMNS
 from clikit import ok_cli, run_cli
 
-from .predict_fakes import CELLS, disc_pixels, write_images
+from .predict_fakes import CELLS, disc_pixels, noisy_image_bytes, write_images
 
 
 @pytest.fixture
@@ -138,6 +138,85 @@ def test_predict_cli_bad_file(settings, tmp_path: Path, fake_loaders, model_dirs
     result = ok_cli(*args, "--skip-invalid")
     assert "skipped 1 unreadable file(s)" in result.output
     assert pd.read_csv(out / "errors.csv").image.tolist() == ["broken.png"]
+
+
+def test_unreadable_files_are_all_listed_before_the_models_load(settings, tmp_path: Path, fake_loaders,
+                                                                model_dirs) -> None:
+    images = write_images(tmp_path / "images", {"a.png": [(10, 10, "alive")], "b.png": []})
+    (images / "broken.png").write_text("a text file")
+    (images / "truncated.png").write_bytes(noisy_image_bytes("PNG")[:500])
+    out = tmp_path / "out1"
+    args = ("predict", images, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1])
+    failed = run_cli(*args)
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert fake_loaders == [] and not out.exists()  # refused before the models loaded; nothing written
+    assert "predict" not in failed.stderr.split("Error:")[0]  # no prediction started
+    assert failed.stderr.split("Error: ", 1)[1].splitlines() == [
+        "2 of 4 image file(s) cannot be read:",
+        f"  {images / 'broken.png'}: not a PNG, JPEG or TIFF image",
+        f"  {images / 'truncated.png'}: corrupt or truncated PNG data: image file is truncated",
+        "nothing was written; --skip-invalid skips them (listing them in errors.csv) and predicts the other "
+        "2 image(s)"]
+
+    result = ok_cli(*args, "--skip-invalid")
+    assert "predicted 2 image(s)" in result.output and "skipped 2 unreadable file(s)" in result.output
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors.image.tolist() == ["broken.png", "truncated.png"]
+    assert errors.error.tolist()[1] == "corrupt or truncated PNG data: image file is truncated"
+
+
+def test_the_list_of_unreadable_files_is_capped(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
+    images = write_images(tmp_path / "images", {"a.png": []})
+    for i in range(23):
+        (images / f"bad{i:02d}.png").write_text("junk")
+    failed = run_cli("predict", images, "--out", tmp_path / "out", "--detector", model_dirs[0],
+                     "--classifier", model_dirs[1])
+    lines = failed.stderr.split("Error: ", 1)[1].splitlines()
+    assert lines[0] == "23 of 24 image file(s) cannot be read:"
+    assert len(lines) == 23 and lines[20] == f"  {images / 'bad19.png'}: not a PNG, JPEG or TIFF image"
+    assert lines[21] == "  ... and 3 more" and "--skip-invalid" in lines[22]
+
+
+@pytest.mark.parametrize("skip_invalid", [True, False])
+def test_no_readable_image_fails_and_writes_nothing(settings, tmp_path: Path, fake_loaders, model_dirs,
+                                                   skip_invalid: bool) -> None:
+    folder = tmp_path / "only_bad"
+    folder.mkdir()
+    (folder / "broken.png").write_text("a text file")
+    out = tmp_path / "out"
+    result = run_cli("predict", folder, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1],
+                     *(["--skip-invalid"] if skip_invalid else []))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.split("Error: ", 1)[1].splitlines() == [
+        "no readable image among the 1 image file(s) given; nothing was predicted or written (--out is left as "
+        "it was):",
+        f"  {folder / 'broken.png'}: not a PNG, JPEG or TIFF image"]
+    assert fake_loaders == [] and not out.exists()
+
+
+def test_a_decode_failure_after_the_check_writes_nothing_when_no_image_is_left(
+        settings, tmp_path: Path, fake_loaders, model_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellspot.ml import predict
+
+    folder = tmp_path / "only_bad"
+    folder.mkdir()
+    (folder / "broken.png").write_text("a text file")
+    monkeypatch.setattr(predict, "image_problem", lambda path: None)  # as if it passed the cheap check
+    out = tmp_path / "out"
+    result = run_cli("predict", folder, "--out", out, "--detector", model_dirs[0], "--classifier", model_dirs[1],
+                     "--skip-invalid")
+    assert result.exit_code == 1 and "no readable image among the 1 image file(s) given" in result.output
+    assert not out.exists()
+
+
+def test_no_images_found_names_the_folders(settings, tmp_path: Path, fake_loaders, model_dirs) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("predict", empty, "--out", tmp_path / "out", "--detector", model_dirs[0],
+                     "--classifier", model_dirs[1])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: no images found in {empty}; expected files ending in .png" in result.output
+    assert fake_loaders == []
 
 
 def test_predict_cli_uses_and_stores_the_active_models(settings, tmp_path: Path, fake_loaders) -> None:
