@@ -155,12 +155,14 @@ def train(project_name: str, kind: str, preset: str, epochs: int | None, source:
     return run.version
 
 
-def cancel(version: str) -> str:
-    """Cancel a queued run at once or ask a running one to stop; the status message."""
+def cancel(version: str) -> str | tuple[str, str]:
+    """Cancel a queued run at once or ask a running one to stop; the status message, or
+    ``("warning", message)`` when the run turned out lost and was marked failed."""
     with resources.session() as session:
         run = workflow.cancel_run(session, version)
         message = (f"{run.version} cancelled." if run.status == "cancelled"
-                   else f"{run.version} failed: {run.error}." if run.status == "failed"
+                   else ("warning", f"{run.version} was not running any more: its worker had stopped, so it is "
+                                    "marked failed (the reason is under the run).") if run.status == "failed"
                    else f"{run.version} will stop at its next check (it saves a checkpoint to resume from).")
     refresh()
     return message

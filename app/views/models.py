@@ -40,7 +40,9 @@ if project is None:
 URL = model_runs.url()
 
 notice = st.session_state.pop("models_notice", None)
-if notice:
+if isinstance(notice, tuple):  # (level, text): an action that ended otherwise than asked
+    getattr(st, notice[0])(notice[1])
+elif notice:
     st.success(notice)
 
 

@@ -176,6 +176,20 @@ def test_a_run_queued_behind_a_prediction_says_so_not_that_no_worker_runs(app, a
     assert version in texts(app.warning) and "No worker seems to be running" in texts(app.warning)
 
 
+def test_cancel_of_a_run_whose_worker_is_gone_warns_once(app, app_engine):
+    """Cancel of a lost run said "... failed: <reason>" in a green box, and the reason again
+    in red under the run."""
+    lost_at = (utcnow() - timedelta(minutes=30)).isoformat()
+    version = add_run(app_engine, "detector", "running", progress={"epoch": 1, "reported_at": lost_at}, age_s=3600)
+    open_models(app)
+    app.button(key=f"cancel-{version}").click().run()
+    no_exception(app)
+    assert runs_in_store(app_engine)[version][1] == "failed"
+    assert f"{version} was not running any more" in texts(app.warning)
+    assert version not in texts(app.success)
+    assert texts(app.error).count("its worker stopped reporting") == 1
+
+
 def test_a_running_run_shows_its_progress_and_curves(app, app_engine):
     progress = {"epoch": 2, "epochs": 5, "step": 3, "steps": 10, "phase": "train", "train_loss": 0.4,
                 "fraction": 0.26, "eta_s": 65.0}
