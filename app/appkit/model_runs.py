@@ -143,10 +143,10 @@ def train(project_name: str, kind: str, preset: str, epochs: int | None, source:
 
     ``fields``: config overrides typed as ``FIELD=VALUE`` pairs separated by spaces.
     """
-    from cellspot.ml.common import TrainingError, parse_overrides
+    from cellspot.ml.common import TrainingError, parse_overrides, split_overrides
 
     try:
-        overrides = parse_overrides(fields.split())
+        overrides = parse_overrides(split_overrides(fields))
     except TrainingError as exc:
         raise workflow.WorkflowError(f"config fields: {exc}") from None
     run = workflow.queue_training(resources.settings(), project_name, kind, preset=preset, epochs=epochs,

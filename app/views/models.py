@@ -64,7 +64,8 @@ with st.form("models_train", border=True):
     fields_text = st.text_input(
         "Config fields (optional)", key="train_set", placeholder="e.g. polarity=auto tta=true",
         help="FIELD=VALUE pairs separated by spaces, over the preset: any field of the model's config, e.g. "
-             "polarity=auto for a detector on stained or brightfield images (dark nuclei on a light background).")
+             "polarity=auto for a detector on stained or brightfield images (dark nuclei on a light background). "
+             "Lists as decoder_channels=[64, 32, 16, 16] or 64,32,16,16.")
     submitted = st.form_submit_button("Train", type="primary", icon=":material/model_training:")
     st.caption("Training runs in the background worker (`cellspot worker`); this page queues it and "
                "shows its progress.")

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -119,16 +120,27 @@ class FitResult:
 def parse_override(text: str) -> tuple[str, Any]:
     """``FIELD=VALUE`` -> ``(FIELD, VALUE)``: a config override as typed on a command line.
 
-    The value is read as JSON when it parses (``3``, ``0.5``, ``true``, ``[64, 32]``), else kept
-    as text (``polarity=auto``). Raises :class:`TrainingError` without a ``=`` or a field name.
+    The value is read as JSON when it parses (``3``, ``0.5``, ``true``, ``[64, 32]``), a list of
+    JSON values when it is comma-separated (``64,32``), else kept as text (``polarity=auto``).
+    Raises :class:`TrainingError` without a ``=`` or a field name.
     """
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise TrainingError(f"expected FIELD=VALUE, got {text!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
+    for candidate in (value, f"[{value}]" if "," in value else None):
+        if candidate is not None:
+            try:
+                return key.strip(), json.loads(candidate)
+            except json.JSONDecodeError:
+                pass
+    return key.strip(), value
+
+
+def split_overrides(text: str) -> list[str]:
+    """``"a=1 b=[64, 32]"`` -> ``["a=1", "b=[64, 32]"]``: the ``FIELD=VALUE`` items of one line,
+    split where a space is followed by the next ``FIELD=`` (a value may hold spaces)."""
+    text = text.strip()
+    return re.split(r"\s+(?=[A-Za-z_]\w*\s*=)", text) if text else []
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

@@ -121,6 +121,23 @@ def test_bad_config_fields_are_refused_and_nothing_is_queued(app, app_engine, mo
     assert runs_in_store(app_engine) == {}
 
 
+@pytest.mark.parametrize("fields", ["decoder_channels=[64, 32, 16, 16] tta=true",
+                                    "decoder_channels=64,32,16,16  tta=true"])
+def test_config_fields_take_lists_with_spaces_or_commas(app, app_engine, monkeypatch, fields):
+    """``decoder_channels=[64, 32, 16, 16]`` was split at its spaces ("expected FIELD=VALUE, got
+    '32,'") and ``64,32`` failed with "invalid literal for int()"."""
+    monkeypatch.setattr("cellspot.workflows.models.enqueue", lambda *a, **kw: None)
+    open_models(app)
+    app.radio(key="train_kind").set_value("detector")
+    app.text_input(key="train_set").set_value(fields)
+    button(app, "Train").click().run()
+    no_exception(app)
+    assert not app.error, texts(app.error)
+    with Session(app_engine) as session:
+        config = session.scalar(select(ModelRun)).config
+    assert config["decoder_channels"] == [64, 32, 16, 16] and config["tta"] is True
+
+
 def test_train_queues_a_run_and_shows_it_live(app, app_engine, monkeypatch):
     queued = []
     monkeypatch.setattr("cellspot.workflows.models.enqueue",
