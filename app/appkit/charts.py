@@ -119,6 +119,10 @@ def progress_fraction(progress: Mapping[str, Any] | None) -> float:
         return 0.0
 
 
+#: how a training phase reads on the progress bar ("" = not shown)
+PHASE_WORDS = {"train": "", "epoch_end": "", "val": "validating", "calibrate": "calibrating", "done": "done"}
+
+
 def progress_text(progress: Mapping[str, Any] | None, status: str | None = None) -> str:
     """One line for the progress bar: ``"epoch 2/5 · step 3/10 · train loss 0.412 · ETA 1 min 05 s"``;
     before the first step it says what the run is waiting for (``status``: the run's status)."""
@@ -129,13 +133,17 @@ def progress_text(progress: Mapping[str, Any] | None, status: str | None = None)
         parts.append(f"epoch {progress.get('epoch', 0)}/{progress['epochs']}")
     if progress.get("steps"):
         parts.append(f"step {progress.get('step', 0)}/{progress['steps']}")
-    if progress.get("phase") and progress.get("phase") not in ("train",):
-        parts.append(str(progress["phase"]))
+    phase = PHASE_WORDS.get(str(progress.get("phase") or "train"), str(progress.get("phase")))
+    if phase:
+        parts.append(phase)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
         if progress.get(key) is not None:
             parts.append(f"{label} {float(progress[key]):.3f}")
-    parts.append(f"{100 * progress_fraction(progress):.0f} %")
-    if progress.get("eta_s") is not None:
+    fraction = progress_fraction(progress)
+    parts.append(f"{100 * fraction:.0f} %")
+    if status == "running" and fraction >= 1.0 and progress.get("phase") != "done":
+        parts.append("finishing: best epoch, calibration, post-processing")  # an "ETA 0 s" that lasts
+    elif progress.get("eta_s") is not None:
         parts.append(f"ETA {format_seconds(progress['eta_s'])}")
     if progress.get("message"):
         parts.append(str(progress["message"]))

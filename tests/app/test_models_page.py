@@ -422,12 +422,21 @@ def test_predict_is_disabled_without_active_models(app, app_engine):
     (None, ["waiting for the worker"]),
     ({"epoch": 1, "epochs": 4, "step": 5, "steps": 10, "fraction": 0.125}, ["epoch 1/4", "step 5/10", "12 %"]),
     ({"epoch": 3, "epochs": 4, "step": 0, "steps": 0, "phase": "epoch_end", "val_loss": 0.25},
-     ["epoch 3/4", "epoch_end", "val loss 0.250", "50 %"]),
+     ["epoch 3/4", "val loss 0.250", "50 %"]),
     ({"fraction": 1.0, "phase": "done", "eta_s": 0}, ["done", "100 %", "ETA 0 s"]),
+    ({"epoch": 4, "epochs": 4, "fraction": 1.0, "phase": "calibrate", "eta_s": 0}, ["calibrating", "100 %"]),
 ])
 def test_progress_text(progress, parts):
     text = charts.progress_text(progress)
     assert all(p in text for p in parts), text
+    assert "epoch_end" not in text  # an internal token
+
+
+def test_a_run_at_100_percent_that_still_works_says_it_is_finishing():
+    """The bar sat at "100 % · ETA 0 s" for 10 s while the model calibrated or tuned its post-processing."""
+    text = charts.progress_text({"epoch": 4, "epochs": 4, "fraction": 1.0, "phase": "epoch_end", "eta_s": 0},
+                                "running")
+    assert "ETA" not in text and "finishing: best epoch, calibration, post-processing" in text
 
 
 def test_progress_text_before_the_first_step_follows_the_status():
