@@ -685,8 +685,9 @@ class _Run:
             self.bad += 1
         best = (f"best {self.best_score:.4f} @ {self.best_epoch}" if self.best_epoch
                 else f"epochs count from {100 * self.config.best_from:.0f} % of the run")
+        # named as in the curves kept at the end (val_f1, ...), so a live chart's series keep their names
         self.emit("epoch_end", train_loss=row["train_loss"], val_loss=val_loss,
-                  metrics={k: float(v) for k, v in metrics.items()}, message=f"val {key} {score:.4f} ({best})")
+                  metrics={f"val_{k}": float(v) for k, v in metrics.items()}, message=f"val {key} {score:.4f} ({best})")
         log.info("epoch %d: train %.4f val %.4f %s %.4f", self.epoch, row["train_loss"] or float("nan"),
                  val_loss, key, score)
         over_time = bool(self.config.max_minutes) and self.elapsed() > 60.0 * self.config.max_minutes

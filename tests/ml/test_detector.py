@@ -196,7 +196,7 @@ def test_fit_reports_progress_and_the_checkpoint_round_trips(tmp_path: Path) -> 
     assert all(e.eta_s is not None and e.train_loss is not None for e in events if e.phase == "train")
     done = events[-1]  # a finished run reads 100 % with no time left (it read step 0 and an ETA)
     assert (done.step, done.steps, done.eta_s, done.fraction) == (done.steps, 2, 0.0, 1.0)
-    assert "instance_f1" in events[phases.index("epoch_end")].metrics
+    assert "val_instance_f1" in events[phases.index("epoch_end")].metrics  # as the final curves name it
     assert {"f1", "instance_f1", "val_f1", "split"} <= set(result.metrics) and result.metrics["split"] == "test"
     config = json.loads((tmp_path / "det-1" / "config.json").read_text())
     assert config["kind"] == "detector" and config["target_kind"] == "mask" and config["centre_kind"] == "distance"
