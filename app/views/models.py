@@ -19,7 +19,7 @@ from appkit import charts, model_runs, researcher, resources, roles
 from cellspot.jobs import JobQueueError
 from cellspot.ml.overlay import draw_overlay
 from cellspot.ml.predict import DEFAULT_DIAMETER
-from cellspot.ml.registry import KEY_METRICS, RegistryError, RunNotFoundError, format_metric, scored_on_note
+from cellspot.ml.registry import RegistryError, RunNotFoundError, format_metric, metric_columns, scored_on_note
 from cellspot.render import ImageUnavailableError
 from cellspot.store.models import MODEL_KINDS
 from cellspot.workflows.models import LOST_AFTER_S, STORE_SOURCES, WorkflowError
@@ -159,8 +159,7 @@ if runs.empty:
     st.info("No model yet: train one above (a classifier and a detector are both needed to predict).")
     st.stop()
 
-metric_cols = [c for c in dict.fromkeys(m for k in MODEL_KINDS for m in KEY_METRICS[k])
-               if c in runs.columns and runs[c].notna().any()]
+metric_cols = [c for c, _, _ in metric_columns(MODEL_KINDS) if c in runs.columns and runs[c].notna().any()]
 history = runs[["version", "kind", "status", "preset", "active", *metric_cols, "scored_on", "progress", "seconds",
                 "created", "data_snapshot_id", "error"]].copy()
 # the table is read once per page load: a live run's progress here would lag the bar under "Training now"

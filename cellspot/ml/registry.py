@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,23 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "classifier": ("balanced_accuracy", "accuracy", "f1", "roc_auc", "ece"),
     "detector": ("f1", "precision", "recall"),
 }
+#: a column name of :func:`runs_frame` for a metric whose name two kinds share but that
+#: measures different things (the classifier's F1 of the dead class, the detector's F1 of
+#: found cells); other metrics keep their name
+SHARED_METRIC_COLUMNS: dict[tuple[str, str], str] = {("classifier", "f1"): "dead_f1", ("detector", "f1"): "detection_f1"}
+
+
+def metric_columns(kinds: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(column, kind, metric)`` of the :data:`KEY_METRICS` of ``kinds``, as :func:`runs_frame`
+    shows them, in order."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for kind in kinds:
+        for metric in KEY_METRICS[kind]:
+            column = SHARED_METRIC_COLUMNS.get((kind, metric), metric)
+            out.setdefault(column, (column, kind, metric))
+    return list(out.values())
+
+
 RUNS_FRAME_COLUMNS = [
     "version", "kind", "status", "preset", "created", "seconds", "progress", "active",
     "data_snapshot_id", "error", "scored_on",
@@ -304,11 +321,13 @@ def runs_frame(session: Session, project: Project | None, kind: str | None = Non
     Columns: :data:`RUNS_FRAME_COLUMNS` (``seconds`` = training time, NaN until finished;
     ``progress`` = completed fraction in [0, 1]; ``scored_on`` = the split its metrics were
     measured on: test, val, or train when the data had neither) followed by the :data:`KEY_METRICS` of the
-    kinds shown (NaN where a run has no such metric).
+    kinds shown (:func:`metric_columns`: a name two kinds share is told apart, ``dead_f1`` and
+    ``detection_f1``; NaN where a run has no such metric).
     """
     runs = list_runs(session, project, kind)
     kinds = [kind] if kind is not None else list(MODEL_KINDS)
-    metric_cols = list(dict.fromkeys(m for k in kinds for m in KEY_METRICS[k]))
+    columns = metric_columns(kinds)
+    metric_cols = [column for column, _, _ in columns]
     rows = []
     for run in runs:
         metrics = run.metrics or {}
@@ -319,7 +338,8 @@ def runs_frame(session: Session, project: Project | None, kind: str | None = Non
             "active": bool(run.is_active), "data_snapshot_id": run.data_snapshot_id, "error": run.error,
             "scored_on": metrics.get("split"),
         }
-        row.update({m: _number(metrics.get(m)) for m in metric_cols})
+        row.update({column: _number(metrics.get(metric)) if run.kind == of_kind else math.nan
+                    for column, of_kind, metric in columns})
         rows.append(row)
     return pd.DataFrame(rows, columns=RUNS_FRAME_COLUMNS + metric_cols)
 

@@ -116,6 +116,19 @@ def test_a_resumed_runs_time_is_its_whole_training_not_the_last_part(session, pr
     assert frame.loc[plain.version, "seconds"] == pytest.approx(90, abs=1)
 
 
+def test_the_two_kinds_f1_are_two_columns(session, project) -> None:
+    """One "f1" column held the classifier's dead-class F1 (0.105) and the detector's detection
+    F1 (0.978), sortable and exported as if comparable."""
+    _done_run(session, project, f1=0.105)
+    det = registry.create_run(session, "detector", project=project)
+    det.status, det.metrics = "done", {"f1": 0.978}
+    session.flush()
+    frame = registry.runs_frame(session, project).set_index("kind")
+    assert "f1" not in frame.columns
+    assert frame.loc["classifier", "dead_f1"] == 0.105 and math.isnan(frame.loc["classifier", "detection_f1"])
+    assert frame.loc["detector", "detection_f1"] == 0.978 and math.isnan(frame.loc["detector", "dead_f1"])
+
+
 def test_runs_frame_compare_and_curves(session, project) -> None:
     a = _done_run(session, project, balanced_accuracy=0.9, accuracy=0.95, per_class={"dead": {"recall": 0.8}},
                   confusion_matrix=[[1, 2], [3, 4]])
