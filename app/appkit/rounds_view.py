@@ -32,9 +32,29 @@ TTL_S = 2.0
 THUMB_PX = 64  # longest side of a queue thumbnail
 THUMB_ROWS = 60  # thumbnails for the best N queued images (the rest of the table has none)
 TARGET_RUNS_MAX = 50  # the most runs per image the page offers (a larger project default raises it)
-QUEUE_SHOWN = ["thumbnail", "rank", "image", "score", "reason", "status", "runs_round", "leased", "n_runs"]
+# the progress columns before the long reason, so they stay on screen at 1024 px
+QUEUE_SHOWN = ["thumbnail", "rank", "image", "score", "status", "runs_round", "leased", "n_runs", "reason"]
 HISTORY_SHOWN = ["round", "status", "strategy", "images", "top", "target_runs", "detector_version",
                  "classifier_version", "snapshot_id", "task_runs_at_open", "task_runs", "created_at", "closed_at"]
+#: column headers of the history table on the page (its CSV keeps the machine names)
+HISTORY_LABELS = {
+    "round": "round", "status": "status", "strategy": "strategy", "images": "images queued", "top": "top N",
+    "target_runs": "runs per image", "detector_version": "detector", "classifier_version": "classifier",
+    "snapshot_id": "consensus snapshot", "task_runs_at_open": "task runs at open", "task_runs": "task runs in round",
+    "created_at": "opened (UTC)", "closed_at": "closed (UTC)",
+}
+#: what an empty history cell means, by column
+HISTORY_MISSING = {"top": "all images", "detector_version": "none", "classifier_version": "none",
+                   "snapshot_id": "none"}  # and closed_at: "still open"
+#: learning-curve metrics left out of the chart: lower is better, unlike the others on its axis
+#: (they stay in the CSV)
+CURVE_LEFT_OUT = ("ece",)
+#: short legend names of the learning-curve metrics (``classifier balanced_accuracy`` was cut off)
+METRIC_LABELS = {"balanced_accuracy": "balanced acc.", "accuracy": "accuracy", "f1": "F1", "roc_auc": "ROC AUC",
+                 "precision": "precision", "recall": "recall"}
+#: what a run's metrics were measured on, by its ``split`` (test images when it had them)
+SPLIT_WORDS = {"test": "its own test images", "val": "its validation images where it had no test images",
+               "train": "its own training data where it had no held-out images"}
 
 
 def url() -> str:
@@ -106,16 +126,65 @@ def refresh() -> None:
         cached.clear()
 
 
-def queue_status(queue: pd.DataFrame, target_runs: int) -> tuple[str, bool]:
-    """A line on the open round's progress, and whether it is complete (every queued image
-    that is still active has its ``target_runs`` runs of the round)."""
+def queue_status(queue: pd.DataFrame, target_runs: int) -> tuple[str, str | None]:
+    """A line on the open round's progress, and the message once the round has nothing left to
+    serve (``None`` before): every queued image still active has its ``target_runs`` runs of
+    the round, or every queued image retired (its consensus settled) before getting them."""
     active = queue[queue["status"] == "active"]
     done = int((active["runs_round"] >= target_runs).sum())
     leased = int(active["leased"].sum())
     retired = len(queue) - len(active)
+    after = ("students now get the open images outside the queue, fewest runs first, then gold images. "
+             "Retrain and open a new round to rank the images again.")
+    if active.empty:
+        line = (f"All {len(queue)} queued image(s) retired since the round opened (their consensus settled, or "
+                "they reached the most runs an image gets): none needs more runs")
+        return line, (f"The queued images retired before getting their {target_runs} run(s) of this round, so none "
+                      f"is left to serve: {after}")
     line = (f"{done} of {len(active)} queued image(s) have their {target_runs} run(s) of this round · "
             f"{leased} being labelled now" + (f" · {retired} retired since the round opened" if retired else ""))
-    return line, done == len(active)
+    if done < len(active):
+        return line, None
+    has = "has its runs" + (" or retired" if retired else "")
+    return line, f"Every queued image {has}: {after}"
+
+
+def history_table(rounds: pd.DataFrame) -> pd.DataFrame:
+    """The history columns :data:`HISTORY_SHOWN` of ``rounds`` (:func:`history`) as the page
+    shows them: ``rolled_back`` -> ``rolled back``, an empty cell says what it means
+    (:data:`HISTORY_MISSING`: ``all images``, ``none``); the column names stay (the page labels
+    them with :data:`HISTORY_LABELS`; the CSV keeps them as they are)."""
+    table = rounds[HISTORY_SHOWN].copy()
+    table["status"] = table["status"].astype(str).str.replace("_", " ", regex=False)
+    table["target_runs"] = pd.to_numeric(table["target_runs"], errors="coerce").astype("Int64")
+    for column, missing in HISTORY_MISSING.items():
+        table[column] = [missing if _missing(v) else str(int(v)) if isinstance(v, float) else str(v)
+                         for v in table[column]]
+    for column in ("created_at", "closed_at"):  # times as text: a missing one says why
+        table[column] = ["still open" if _missing(v) else pd.Timestamp(v).strftime("%Y-%m-%d %H:%M")
+                         for v in table[column]]
+    return table
+
+
+def _missing(value: object) -> bool:
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and np.isnan(value))
+
+
+def auto_counter(status: auto_workflow.AutoStatus) -> str:
+    """The automatic mode's counter as one line: the task runs counted, from what (the last
+    training, the last automatic round, or, before either, every run so far), and when the
+    next automatic round starts."""
+    since = {"training": "since the last training", "automatic round": "since the last automatic round"}
+    counted = status.counted_from
+    if counted in since:
+        text = f"{status.new_runs} new task runs {since[counted]}"
+    else:
+        text = f"{status.new_runs} task runs so far (no model trained yet)"
+    if not status.settings.enabled:
+        return text + "."
+    if status.due:
+        return text + ": the next automatic round is due and starts at the worker's next check (once a minute)."
+    return text + f"; {status.runs_to_go} more start the next automatic round."
 
 
 def default_target_runs(project: Project) -> int:
@@ -144,6 +213,9 @@ def open_round(project_id: int, strategy: str, top: int | None, target_runs: int
                                            replacing=replacing)
     finally:
         refresh()  # also when refused: the page then shows the round that is open now
+    if info.empty:
+        return (f"Opened {info.describe()}: no open image was left to rank, so the queue is empty and students "
+                "get gold images (and any open image outside the queue).")
     runs = f"{info.target_runs} run{'s' if info.target_runs != 1 else ''} per image"
     return f"Opened {info.describe()}: students get its images first, {runs}."
 
@@ -242,14 +314,44 @@ def queue_with_thumbnails(table: pd.DataFrame, rows: int = THUMB_ROWS) -> pd.Dat
 
 
 def curve_chart(points: pd.DataFrame) -> alt.Chart:
-    """Model metric (y) against task runs collected (x), one line per ``series`` (e.g.
-    ``classifier balanced_accuracy``), from :func:`cellspot.workflows.rounds.learning_curve`."""
-    return (alt.Chart(points).mark_line(point=True)
+    """Model metric (y) against task runs collected (x), one line per series, from
+    :func:`cellspot.workflows.rounds.learning_curve`; the metrics of :data:`CURVE_LEFT_OUT`
+    (lower is better) are left out, and each line is named in short (``classifier balanced acc.``,
+    :data:`METRIC_LABELS`), the legend below the plot at full length."""
+    shown = points[~points["metric"].isin(CURVE_LEFT_OUT)] if "metric" in points.columns else points
+    shown = shown.assign(line=[curve_label(s) for s in shown["series"]])
+    tooltip = ["round", "task_runs", alt.Tooltip("line:N", title="metric"), "version",
+               *(["split"] if "split" in shown.columns else []), alt.Tooltip("value:Q", format=".3f")]
+    return (alt.Chart(shown).mark_line(point=True)
             .encode(x=alt.X("task_runs:Q", title="task runs collected", axis=alt.Axis(format="d", tickMinStep=1)),
-                    y=alt.Y("value:Q", title="model metric", scale=alt.Scale(zero=False)),
-                    color=alt.Color("series:N", title=None),
-                    tooltip=["round", "task_runs", "series", "version", alt.Tooltip("value:Q", format=".3f")])
+                    y=alt.Y("value:Q", title="model metric (higher is better)", scale=alt.Scale(zero=False)),
+                    color=alt.Color("line:N", title=None,
+                                    legend=alt.Legend(orient="bottom", columns=3, labelLimit=0)),
+                    tooltip=tooltip)
             .properties(height=280))
+
+
+def curve_label(series: str) -> str:
+    """``"classifier balanced_accuracy"`` -> ``"classifier balanced acc."`` (:data:`METRIC_LABELS`)."""
+    kind, _, metric = str(series).partition(" ")
+    return f"{kind} {METRIC_LABELS.get(metric, metric.replace('_', ' '))}".strip()
+
+
+def curve_caption(points: pd.DataFrame) -> str:
+    """What the learning curve plots: the split each model was scored on (the ``split`` column
+    of :func:`cellspot.workflows.rounds.learning_curve`) and the metrics left out of the chart."""
+    splits = set(points["split"].dropna()) if "split" in points.columns else set()
+    parts = [words for split, words in SPLIT_WORDS.items() if split in splits]
+    measured = ("each model's metrics on " + ", or ".join(parts) if parts else "each model's stored metrics")
+    if len(parts) > 1:
+        measured += " (the CSV's split column says which)"
+    left_out = [m for m in CURVE_LEFT_OUT if "metric" in points.columns and (points["metric"] == m).any()]
+    text = (f"One point per round (rolled-back rounds left out): {measured}. Each model drew its own split, so "
+            "read the trend rather than exact differences.")
+    if left_out:
+        text += f" Left out of the chart: {', '.join(m.upper() for m in left_out)} (calibration error, lower is "
+        text += "better), in the CSV."
+    return text
 
 
 def models_caption(found: workflow.ScoringSources) -> str:

@@ -78,7 +78,7 @@ if current is None:
     st.info("No round is open: students get the images with the fewest runs. Open a round above.")
 else:
     st.markdown(f"**Round {current.number}** · {current.strategy} · {current.images} queued · "
-                f"{current.task_runs} task runs since it opened · scored with {current.models}")
+                f"{current.task_runs} task runs since it opened · {current.scoring}")
     with st.popover("Roll back this round", icon=":material/undo:",
                     help="Undo this round: the round before it (if any) serves the students again"):
         st.write(f"Roll back round {current.number}? Its queue stops serving; the task runs students "
@@ -92,16 +92,15 @@ else:
         act(rounds_view.rollback, project.id, wanted)
     queue = rounds_view.queue(URL, project.id)
     if queue.empty:
-        st.info("The queue is empty: students get the open images with the fewest runs, and gold images, "
-                "while this round is open.")
+        st.info("The queue is empty" + (" (no open image was left to score when it opened)" if current.empty else "")
+                + ": students get the open images with the fewest runs, if any, and gold images, while this round "
+                "is open.")
     else:
         target = current.target_runs or rounds_view.default_target_runs(project)
-        line, complete = rounds_view.queue_status(queue, target)
+        line, finished = rounds_view.queue_status(queue, target)
         st.caption(line)
-        if complete:
-            st.success("Every queued image has its runs: students now get the open images outside the queue, "
-                       "fewest runs first. Retrain and open a new round to rank the images again.",
-                       icon=":material/task_alt:")
+        if finished:
+            st.success(finished, icon=":material/task_alt:")
         if queue["score"].isna().all():
             st.warning(f"No image got a {current.strategy} score (it needs model predictions): every image "
                        "ties and the queue is in a random (seeded) order. Before a model exists, open a "
@@ -114,6 +113,8 @@ else:
             "runs_round": st.column_config.NumberColumn("runs this round", help=f"Of the {target} it gets"),
             "leased": st.column_config.NumberColumn("being labelled", help="Students holding it now"),
             "n_runs": st.column_config.NumberColumn("runs in all"),
+            "reason": st.column_config.TextColumn("reason", width="large",
+                                                  help="Why it is queued (hover a cell for the whole text)"),
             **{c: st.column_config.NumberColumn(c, format="%.3f") for c in components},
         })
         st.download_button("Download the queue (CSV)", queue.drop(columns=["components"]).to_csv(index=False),
@@ -127,14 +128,12 @@ rounds = rounds_view.history(URL, project.id)
 if rounds.empty:
     st.info("No round yet.")
 else:
-    table = rounds[rounds_view.HISTORY_SHOWN]
-    st.dataframe(table, hide_index=True, width="stretch", key="rounds_history", column_config={
-        "created_at": st.column_config.DatetimeColumn("opened (UTC)", format="YYYY-MM-DD HH:mm"),
-        "closed_at": st.column_config.DatetimeColumn("closed (UTC)", format="YYYY-MM-DD HH:mm"),
-        "task_runs_at_open": st.column_config.NumberColumn("task runs at open"),
-        "task_runs": st.column_config.NumberColumn("task runs in round"),
-    })
-    st.download_button("Download the round history (CSV)", table.to_csv(index=False),
+    numbers = ("round", "images", "target_runs", "task_runs_at_open", "task_runs")
+    st.dataframe(rounds_view.history_table(rounds), hide_index=True, width="stretch", key="rounds_history",
+                 column_config={c: (st.column_config.NumberColumn if c in numbers else st.column_config.TextColumn)(
+                     label) for c, label in rounds_view.HISTORY_LABELS.items()})
+    # the CSV keeps the machine names and empty cells
+    st.download_button("Download the round history (CSV)", rounds[rounds_view.HISTORY_SHOWN].to_csv(index=False),
                        f"{project.name}-rounds.csv", "text/csv")
 
 
@@ -147,8 +146,7 @@ if points.empty:
             "task runs collected so far and the metrics of the models it used.")
 else:
     st.altair_chart(rounds_view.curve_chart(points), width="stretch", key="rounds_curve")
-    st.caption("One point per round (rolled-back rounds left out). Each model is measured on its own validation "
-               "split, so read the trend rather than exact differences.")
+    st.caption(rounds_view.curve_caption(points))
     st.download_button("Download the learning curve (CSV)", points.to_csv(index=False),
                        f"{project.name}-learning-curve.csv", "text/csv")
 
@@ -161,8 +159,9 @@ with st.form("rounds_auto", border=True):
     cols = st.columns([1, 1, 2, 1], vertical_alignment="bottom")
     # keyed by project, as the runs per image above: a keyed widget keeps its value, and Save would
     # write the previous project's settings into this one
-    enabled = cols[0].toggle("Automatic mode", value=status.settings.enabled, key=f"auto_enabled_{project.id}",
-                             help="Retrain both models in the background and refresh the queue on its own")
+    enabled = cols[0].toggle("Enabled", value=status.settings.enabled, key=f"auto_enabled_{project.id}",
+                             help="Automatic mode: retrain both models in the background and refresh the queue "
+                                  "on its own")
     every = cols[1].number_input("Retrain after N new task runs", min_value=1, max_value=1_000_000, step=1,
                                  value=status.settings.every_runs, key=f"auto_every_{project.id}")
     auto_strategy = cols[2].selectbox("Strategy of the new rounds", names, key=f"auto_strategy_{project.id}",
@@ -182,9 +181,7 @@ if status.pending_since is not None:
                       "(its job, if still in the queue, does nothing when a worker starts)"):
         act(rounds_view.forget_auto, project.id)
 else:
-    st.caption(f"{status.new_runs} new task runs since the last training"
-               + (f"; {status.runs_to_go} more start the next automatic round." if status.settings.enabled
-                  else "."))
+    st.caption(rounds_view.auto_counter(status))
 if status.last:
     last = status.last
     when = str(last.get("finished_at") or "")[:16].replace("T", " ")

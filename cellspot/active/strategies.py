@@ -494,12 +494,13 @@ def combined(signals: pd.DataFrame, ctx: Context, weights: Mapping[str, float] |
     unknown = sorted(set(weights) - set(_COMPONENTS))
     if unknown or any(w < 0 for w in weights.values()):
         raise ValueError(f"weights must be >= 0 for components among {sorted(_COMPONENTS)}; got {weights}")
-    norm = {}
+    norm, raws = {}, {}
     for name, w in weights.items():
         try:
             raw = _COMPONENTS[name](signals, ctx)["score"].to_numpy(float)
         except MissingSignalError:
             raw = np.full(len(signals), np.nan)
+        raws[name] = raw  # what the reason shows: the signal itself, not its rank
         defined = raw[np.isfinite(raw)]
         if name != "coverage" and len(defined) and np.all(defined == defined[0]):
             # the same value for every image (no conflict anywhere, one image): it tells no image
@@ -513,16 +514,31 @@ def combined(signals: pd.DataFrame, ctx: Context, weights: Mapping[str, float] |
     total = (defined * w).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         score = np.where(total > 0, (np.nan_to_num(values) * w).sum(axis=1) / total, np.nan)
-    reason = [_combined_reason(row, w, list(norm)) for row in values]
+    raw_values = np.column_stack(list(raws.values())) if raws else np.zeros((len(signals), 0))
+    reason = [_combined_reason(row, raw_row, w, list(norm)) for row, raw_row in zip(values, raw_values)]
     return _frame(score, reason, **{k if k == "coverage" else f"{k}_rank": v for k, v in norm.items()})
 
 
-def _combined_reason(row: np.ndarray, w: np.ndarray, names: list[str]) -> str:
-    """The two largest weighted contributions, e.g. ``crowd disagreement 0.92, coverage 0.50``."""
+def _combined_reason(row: np.ndarray, raw: np.ndarray, w: np.ndarray, names: list[str]) -> str:
+    """The two components that weigh most in the image's score (weight x normalised value,
+    ``row``), each with its own signal value (``raw``, not the rank the blend used), e.g.
+    ``crowd disagreement 0.075, coverage 0.167 (5 runs)``."""
     contrib = np.where(np.isfinite(row), row * w, -np.inf)
     top = [i for i in np.argsort(-contrib, kind="stable")[:2] if np.isfinite(contrib[i])]
-    text = ", ".join(f"{_COMPONENT_LABELS[names[i]]} {row[i]:.2f}" for i in top) or "no signal"
+    text = ", ".join(_component_text(names[i], raw[i]) for i in top) or "no signal"
     model = [i for i, n in enumerate(names) if STRATEGIES[n].needs_model]
     if model and not np.isfinite(row[model]).any():
-        text += " (no model prediction)"
+        text += "; no model prediction"
     return text
+
+
+def _component_text(name: str, value: float) -> str:
+    """One component of a combined reason with its raw signal: ``crowd disagreement 0.075``,
+    ``coverage 0.250 (3 runs)``, ``rare class 4.2 expected cells``."""
+    label = _COMPONENT_LABELS[name]
+    if name == "rarity":
+        return f"{label} {_fmt(value, '.1f')} expected cells"
+    if name == "coverage" and np.isfinite(value) and value > 0:
+        runs = int(round(1.0 / value - 1.0))
+        return f"{label} {_fmt(value, '.3f')} ({runs} run{'' if runs == 1 else 's'})"
+    return f"{label} {_fmt(value, '.3f')}"

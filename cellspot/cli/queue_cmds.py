@@ -92,8 +92,10 @@ def queue_cmd(
     predicted = bool(sources.get("detector_run_id") or sources.get("classifier_run_id"))
     models = (f"models {sources.get('detector_version')} + {sources.get('classifier_version')}"
               if predicted else "no model predictions")
+    snapshot = sources.get("snapshot_id")
+    snapshot_text = f"snapshot {snapshot}" if snapshot is not None else "no consensus snapshot"
     click.echo(f"project {project!r}: {len(ranked)} image(s) ranked with {name} "
-               f"(snapshot {sources.get('snapshot_id')}, {models})" + (f" -> {out}" if out else ""), err=True)
+               f"({snapshot_text}, {models})" + (f" -> {out}" if out else ""), err=True)
     note = scoring_note(scoring, name, "this ranking")
     if note:
         click.echo(note, err=True)

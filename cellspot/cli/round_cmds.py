@@ -70,6 +70,10 @@ def open_cmd(project_name: str | None, strategy: str | None, top: int | None, ta
         session, project, strategy=strategy or DEFAULT_STRATEGY, top=top, target_runs=target_runs),
         scoring_sources(session, project)))
     click.echo(f"{info.describe()} opened")
+    if info.empty:
+        click.echo("note: no open image was left to rank (retired or without pixels), so the queue is empty; "
+                   "students get gold images, and any open image outside the queue", err=True)
+        return
     note = scoring_note(sources, info.strategy, "this round")
     if note:
         click.echo(note, err=True)

@@ -141,7 +141,10 @@ class AutoStatus:
     creation of the newest queued/running/done model run, whichever is later); ``new_runs`` =
     ``task_runs - baseline_runs``; ``pending_since``: an automatic round is queued or running
     (``None`` also when it is older than :data:`AUTO_STALE_AFTER`); ``last``: what the last
-    automatic round reported (:meth:`AutoReport.as_dict`, empty before the first).
+    automatic round reported (:meth:`AutoReport.as_dict`, empty before the first);
+    ``counted_from``: what ``baseline_runs`` marks, ``"training"`` (the newest model run),
+    ``"automatic round"`` (the last automatic trigger, later than any model run) or ``None``
+    (no model run and no automatic round yet: ``new_runs`` counts every task run so far).
     """
 
     settings: AutoSettings
@@ -149,6 +152,7 @@ class AutoStatus:
     baseline_runs: int
     pending_since: datetime | None
     last: dict[str, Any] = field(default_factory=dict)
+    counted_from: str | None = None
 
     @property
     def new_runs(self) -> int:
@@ -197,13 +201,16 @@ def auto_status(session: Session, project: Project | str, now: datetime | None =
     newest = session.scalar(select(func.max(ModelRun.created_at)).where(
         ModelRun.project_id == project.id, ModelRun.status.in_(TRAINING_STATUSES)))
     trained = _task_runs(session, project, until=al.utc(newest)) if newest is not None else 0
-    baseline = max(int(state.get("baseline_runs") or 0), trained)
+    triggered = int(state.get("baseline_runs") or 0)
+    baseline = max(triggered, trained)
+    counted_from = ("training" if newest is not None and trained >= triggered else
+                    "automatic round" if triggered > 0 else None)
     pending = parse_utc(state.get("pending_since"))
     if pending is not None and (al.utc(now) or utcnow()) - pending > AUTO_STALE_AFTER:
         log.warning("project %r: the automatic round pending since %s is taken as lost", project.name, pending)
         pending = None
     return AutoStatus(AutoSettings.from_project(project), _task_runs(session, project), baseline, pending,
-                      dict(state.get("last") or {}))
+                      dict(state.get("last") or {}), counted_from)
 
 
 def maybe_auto_retrain(

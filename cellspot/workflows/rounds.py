@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STRATEGY = al.DEFAULT_STRATEGY
 MODEL_ORDER = ("detector", "classifier")
-CURVE_COLUMNS = ["round", "task_runs", "status", "kind", "version", "metric", "value", "series"]
+CURVE_COLUMNS = ["round", "task_runs", "status", "kind", "version", "metric", "value", "split", "series"]
 PROGRESS_SHOWN = scheduler.PROGRESS_COLUMNS[1:]
 """Columns :func:`queue_table` adds to the queue (:func:`cellspot.active.scheduler.queue_progress`)."""
 
@@ -81,21 +81,49 @@ class RoundInfo:
         return self.detector_version is None and self.classifier_version is None
 
     @property
+    def empty(self) -> bool:
+        """True when the round queued no image (no open image was left to score)."""
+        return self.images == 0
+
+    @property
+    def tied(self) -> bool:
+        """True when the strategy reads model predictions alone and none were scored: every
+        image tied (a seeded random order)."""
+        from cellspot.active.strategies import STRATEGIES
+
+        known = STRATEGIES.get(self.strategy)
+        return self.crowd_only and known is not None and known.needs_model
+
+    @property
     def models(self) -> str:
         """``"detector-0002 + classifier-0003"``; without predictions ``"crowd and coverage
         signals only"``, or, for a strategy that reads model predictions alone, that every image
-        tied."""
+        tied; ``"nothing left to score"`` for an empty round."""
+        if self.empty:
+            return "nothing left to score"
+        if self.tied:
+            return "no model predictions: every image tied"
         if self.crowd_only:
-            from cellspot.active.strategies import STRATEGIES
-
-            known = STRATEGIES.get(self.strategy)
-            if known is not None and known.needs_model:
-                return "no model predictions to score: every image tied"
             return "crowd and coverage signals only"
         return f"{self.detector_version or 'no detector'} + {self.classifier_version or 'no classifier'}"
 
+    @property
+    def scoring(self) -> str:
+        """How the queue was ranked, as a phrase for a sentence: ``"scored with detector-0002 +
+        classifier-0003"``, ``"scored with crowd and coverage signals only"``, ``"no model
+        predictions, so every image tied (random order)"`` or, for an empty round, ``"nothing was
+        left to score (no open image)"``."""
+        if self.empty:
+            return "nothing was left to score (no open image)"
+        if self.tied:
+            return "no model predictions, so every image tied (random order)"
+        return f"scored with {self.models}"
+
     def describe(self) -> str:
-        """``"round 3 (combined, 12 images, detector-0002 + classifier-0003)"``."""
+        """``"round 3 (combined, 12 images, detector-0002 + classifier-0003)"``; an empty round
+        ``"round 4 (combined, 0 images: nothing left to score)"``."""
+        if self.empty:
+            return f"round {self.number} ({self.strategy}, 0 images: {self.models})"
         return f"round {self.number} ({self.strategy}, {_count(self.images, 'image')}, {self.models})"
 
 
@@ -280,9 +308,11 @@ def learning_curve(session: Session, project: Project | str, *, include_rolled_b
     Columns :data:`CURVE_COLUMNS`: ``task_runs`` = the project's task runs when the round
     opened; ``version`` = the model whose predictions the round scored, else the newest
     ``done`` run of that kind that finished before the round opened (none: no row);
-    ``value`` = that run's stored metric (:data:`cellspot.ml.registry.KEY_METRICS` of its
-    kind); ``series`` = ``"<kind> <metric>"``. Oldest round first. Metrics come from each
-    run's own validation split, so they compare trends, not exact numbers.
+    ``value`` = that run's stored top-level metric (:data:`cellspot.ml.registry.KEY_METRICS` of
+    its kind), measured on the split named in ``split``: the run's own test images, else its
+    validation images (``"val"``), else its training data (``"train"``; ``None`` when the run
+    did not say); ``series`` = ``"<kind> <metric>"``. Oldest round first. Each run drew its
+    own split, so the values compare trends, not exact numbers.
     """
     project = as_project(session, project)
     rounds = al.round_history(session, project)
@@ -306,7 +336,8 @@ def learning_curve(session: Session, project: Project | str, *, include_rolled_b
                     continue
                 rows.append({"round": int(r.round), "task_runs": _int_or_none(r.task_runs_at_open) or 0,
                              "status": r.status, "kind": kind, "version": run.version, "metric": metric,
-                             "value": float(value), "series": f"{kind} {metric}"})
+                             "value": float(value), "split": _str_or_none((run.metrics or {}).get("split")),
+                             "series": f"{kind} {metric}"})
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 

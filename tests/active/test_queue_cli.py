@@ -157,3 +157,20 @@ def test_queue_says_when_the_active_models_have_not_predicted_the_project(store,
     assert ("the active models (detector-0001 + classifier-0001) have not predicted this project yet, so this "
             "ranking used the stored predictions of detector-0001 + classifier-0002") in said
     engine.dispose()
+
+
+def test_queue_without_a_consensus_snapshot_says_so(store, settings) -> None:
+    from cellspot.store.db import make_engine, transaction
+    from cellspot.store.models import Image
+    from cellspot.store.queries import get_or_create_project
+
+    engine = make_engine(settings=settings)
+    with transaction(engine) as session:  # images, never labelled nor aggregated
+        project = get_or_create_project(session, "fresh")
+        session.flush()
+        session.add_all([Image(project_id=project.id, name=f"new{i}.png", width=8, height=8, has_pixels=True)
+                         for i in range(2)])
+    engine.dispose()
+    result = ok_cli("queue", "--project", "fresh")
+    assert "(no consensus snapshot, no model predictions)" in result.stderr
+    assert "None" not in result.stderr

@@ -282,7 +282,27 @@ def test_combined_without_models_uses_crowd_and_coverage(crowd_only: pd.DataFram
     # unsure: crowd rank 1, coverage 1/4 -> (0.35 * 1 + 0.15 * 0.25) / 0.5
     assert ranked.loc["unsure", "score"] == pytest.approx((0.35 + 0.15 * 0.25) / 0.5)
     assert ranked.loc["unsure", "score"] > ranked.loc["sure", "score"]
-    assert "(no model prediction)" in ranked.loc["sure", "reason"]
+    assert ranked.loc["sure", "reason"].endswith("; no model prediction")
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_combined_reason_shows_each_signal_not_its_rank(signals: pd.DataFrame, crowd_only: pd.DataFrame,
+                                                        with_model: bool) -> None:
+    """The reason names the raw signal values (crowd disagreement as the crowd strategy scores
+    it), never the [0, 1] ranks the blend used: "sure" ranks 0 on crowd but disagrees a little."""
+    table = signals if with_model else crowd_only
+    ranked = score_images(DEFAULT_STRATEGY, table).set_index("image")
+    crowd = by_image(score_images("crowd", table))
+    for image in ("sure", "unsure", "conflict"):
+        reason = ranked.loc[image, "reason"]
+        if "crowd disagreement" in reason:
+            assert f"crowd disagreement {crowd[image]:.3f}" in reason, reason
+    assert ranked.loc["sure", "crowd_rank"] == 0.0 and crowd["sure"] > 0.0
+    assert "crowd disagreement 0.000" not in ranked.loc["sure", "reason"]
+    assert "coverage 0.250 (3 runs)" in ranked.loc["sure", "reason"]  # 1 / (1 + 3), and the runs it means
+    if with_model:
+        entropy = score_images("classifier", table).set_index("image")["score"]
+        assert f"classifier entropy {entropy['new']:.3f}" in ranked.loc["new", "reason"]
 
 
 def test_combined_weights_can_be_changed(signals: pd.DataFrame) -> None:

@@ -105,7 +105,8 @@ def test_empty_state_explains_each_part(app, app_engine):
     info = texts(app.info)
     assert "No round is open" in info and "No round yet." in info and "The curve starts" in info
     assert "crowd and coverage signals only" in texts(app.caption)
-    assert "8 new task runs since the last training." in texts(app.caption)
+    assert "8 task runs so far (no model trained yet)." in texts(app.caption)  # no model was ever trained
+    assert "since the last training" not in texts(app.caption)
     assert app.selectbox(key="round_strategy").value == "combined"
     assert not app.toggle(key=f"auto_enabled_{demo_project(app_engine)[0]}").value
     assert not app.dataframe and not app.get("vega_lite_chart")
@@ -210,7 +211,7 @@ def test_roll_back_reopens_the_previous_round(app, app_engine):
     assert "Round 2 rolled back; round 1 is open again." in texts(app.success)
     assert len(table(app, "rounds_queue")) == 2
     history = table(app, "rounds_history")
-    assert history[["round", "status"]].values.tolist() == [[2, "rolled_back"], [1, "open"]]
+    assert history[["round", "status"]].values.tolist() == [[2, "rolled back"], [1, "open"]]
     app.button(key="rounds_rollback").click().run()
     assert "no round is open now" in texts(app.success) and "No round is open" in texts(app.info)
 
@@ -274,6 +275,78 @@ def test_learning_curve_plots_task_runs_against_model_metrics(app, app_engine):
     assert "One point per round" in texts(app.caption)
 
 
+def test_learning_curve_says_it_plots_test_metrics_and_leaves_ece_out(app, app_engine):
+    """The stored top-level metrics are the test split's (0.182 here; 0.6 on validation): the
+    caption must say test, not validation; ECE (lower is better) stays out of the chart."""
+    done_run(app_engine, "classifier", {"balanced_accuracy": 0.182, "accuracy": 0.3, "ece": 0.25, "split": "test",
+                                        "val": {"balanced_accuracy": 0.6}})
+    open_in_store(app_engine, [0], minutes=1)
+    open_rounds(app)
+    caption = texts(app.caption)
+    assert "each model's metrics on its own test images" in caption and "validation" not in caption
+    assert "Left out of the chart: ECE (calibration error, lower is better)" in caption
+    spec = json.loads(app.get("vega_lite_chart")[0].proto.spec)
+    assert spec["encoding"]["color"]["legend"]["labelLimit"] == 0
+    with Session(app_engine) as session:
+        points = wr.learning_curve(session, "demo")
+    shown = rounds_view.curve_chart(points).to_dict()
+    rows = next(iter(shown["datasets"].values()))
+    assert {r["line"]: r["value"] for r in rows} == {"classifier balanced acc.": 0.182, "classifier accuracy": 0.3}
+
+
+def test_all_queued_images_retired_is_not_called_complete(app, app_engine):
+    open_in_store(app_engine, [0, 1, 2])
+    with Session(app_engine) as session, session.begin():
+        for image in session.scalars(select(Image)).all():
+            image.status = "retired"
+    open_rounds(app)
+    caption, success = texts(app.caption), texts(app.success)
+    assert "All 3 queued image(s) retired since the round opened (their consensus settled" in caption
+    assert "0 of 0" not in caption and "Every queued image has its runs" not in success
+    assert "The queued images retired before getting their" in success
+    assert "students now get the open images outside the queue" in success
+
+
+def test_an_empty_round_says_nothing_was_left_to_score(app, app_engine):
+    """Every image retired: the round queues nothing, and must not say it was scored with crowd
+    and coverage signals."""
+    with Session(app_engine) as session, session.begin():
+        for image in session.scalars(select(Image)).all():
+            image.status = "retired"
+    open_rounds(app)
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    assert "Opened round 1 (combined, 0 images: nothing left to score)" in texts(app.success)
+    assert "students get its images first" not in texts(app.success)
+    header = texts(app.markdown)
+    assert "nothing was left to score (no open image)" in header and "crowd and coverage" not in header
+    assert "no open image was left to score when it opened" in texts(app.info)
+
+
+def test_history_and_queue_read_well(app, app_engine):
+    open_in_store(app_engine, [0, 1])
+    open_rounds(app)
+    history = table(app, "rounds_history")
+    assert history[["top", "detector_version", "classifier_version"]].values.tolist() == [
+        ["all images", "none", "none"]]
+    assert "None" not in history.astype(str).values
+    queue = table(app, "rounds_queue")
+    columns = list(queue.columns)
+    assert columns.index("runs_round") < columns.index("reason") and columns.index("leased") < columns.index("reason")
+    toggle = app.toggle(key=f"auto_enabled_{demo_project(app_engine)[0]}")
+    assert len(toggle.label) <= 10 and "Automatic mode" in toggle.help
+
+
+def test_the_rounds_header_does_not_say_scored_with_no_model_predictions(app, app_engine):
+    open_rounds(app)
+    app.selectbox(key="round_strategy").set_value("classifier")
+    app.button(key="FormSubmitter:rounds_open-Open round").click().run()
+    no_exception(app)
+    header = texts(app.markdown)
+    assert "no model predictions, so every image tied (random order)" in header
+    assert "scored with no model" not in header
+
+
 def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch):
     queued = []
     monkeypatch.setattr("cellspot.jobs.enqueue_auto_round", lambda settings, project, queued_at=None: queued.append(project))
@@ -288,7 +361,10 @@ def test_automatic_mode_is_saved_and_can_be_run_now(app, app_engine, monkeypatch
     with Session(app_engine) as session:
         stored = ar.AutoSettings.from_project(session.scalar(select(Project)))
     assert (stored.enabled, stored.every_runs, stored.strategy, stored.top) == (True, 5, "crowd", None)
-    assert "8 new task runs since the last training; 0 more start the next automatic round." in texts(app.caption)
+    counter = texts(app.caption)
+    assert "8 task runs so far (no model trained yet): the next automatic round is due and starts at the " \
+           "worker's next check" in counter
+    assert "0 more start" not in counter
     app.button(key="rounds_auto_now").click().run()
     no_exception(app)
     assert queued == ["demo"] and "Automatic round queued" in texts(app.success)
@@ -378,3 +454,49 @@ def test_learning_curve_counts_task_runs_in_whole_numbers():
                            "version": ["classifier-0001", "classifier-0002"], "value": [0.8, 0.85]})
     axis = rounds_view.curve_chart(points).to_dict()["encoding"]["x"]["axis"]
     assert axis["format"] == "d" and axis["tickMinStep"] == 1
+
+
+@pytest.mark.parametrize(("statuses", "runs", "line", "message"), [
+    (["active", "active"], [0, 1], "1 of 2 queued image(s) have their 1 run(s) of this round", None),
+    (["active", "retired"], [1, 0], "1 of 1 queued image(s) have their 1 run(s) of this round · 0 being "
+                                    "labelled now · 1 retired since the round opened",
+     "Every queued image has its runs or retired: students now get"),
+    (["active"], [1], "1 of 1 queued image(s)", "Every queued image has its runs: students now get"),
+    (["retired"] * 3, [0, 0, 0], "All 3 queued image(s) retired since the round opened", "retired before getting"),
+])
+def test_queue_status(statuses, runs, line, message):
+    queue = pd.DataFrame({"status": statuses, "runs_round": runs, "leased": [0] * len(runs)})
+    got_line, got_message = rounds_view.queue_status(queue, 1)
+    assert line in got_line and "0 of 0" not in got_line
+    assert (got_message is None) if message is None else (message in got_message)
+
+
+def _status(*, enabled=True, task_runs=80, baseline=0, counted_from=None, every=50):
+    return ar.AutoStatus(ar.AutoSettings(enabled=enabled, every_runs=every), task_runs, baseline, None,
+                         counted_from=counted_from)
+
+
+@pytest.mark.parametrize(("status", "text"), [
+    (_status(enabled=False, task_runs=68), "68 task runs so far (no model trained yet)."),
+    (_status(task_runs=20), "20 task runs so far (no model trained yet); 30 more start the next automatic round."),
+    (_status(task_runs=100, baseline=20, counted_from="training"),
+     "80 new task runs since the last training: the next automatic round is due and starts at the worker's next "
+     "check (once a minute)."),
+    (_status(task_runs=30, baseline=20, counted_from="automatic round"),
+     "10 new task runs since the last automatic round; 40 more start the next automatic round."),
+])
+def test_auto_counter(status, text):
+    assert rounds_view.auto_counter(status) == text
+
+
+def test_curve_legend_labels_are_short_and_ece_left_out():
+    points = pd.DataFrame({"round": [1] * 3, "task_runs": [10] * 3, "version": ["c-1"] * 3, "split": ["test"] * 3,
+                           "metric": ["balanced_accuracy", "roc_auc", "ece"], "value": [0.7, 0.8, 0.1],
+                           "series": ["classifier balanced_accuracy", "classifier roc_auc", "classifier ece"]})
+    chart = rounds_view.curve_chart(points).to_dict()
+    rows = next(iter(chart["datasets"].values()))
+    assert sorted(r["line"] for r in rows) == ["classifier ROC AUC", "classifier balanced acc."]
+    assert chart["encoding"]["y"]["title"] == "model metric (higher is better)"
+    assert "test images" in rounds_view.curve_caption(points) and "ECE" in rounds_view.curve_caption(points)
+    mixed = rounds_view.curve_caption(points.assign(split=["test", "val", "val"]))
+    assert "its validation images where it had no test images" in mixed and "split column" in mixed

@@ -146,7 +146,47 @@ def test_the_open_rounds_queue_counts_runs_of_the_round_and_leases(db) -> None:
 
 def test_a_model_strategy_round_without_predictions_says_every_image_tied(db) -> None:
     info = wr.open_new_round(db, "demo", strategy="classifier", now=T0)
-    assert info.crowd_only and info.describe().endswith("no model predictions to score: every image tied)")
+    assert info.crowd_only and info.describe().endswith("4 images, no model predictions: every image tied)")
+    assert info.scoring == "no model predictions, so every image tied (random order)"
+
+
+def _retire_all_and_predict(session) -> tuple[str, str]:
+    """Every demo image retired; an active detector + classifier pair with a stored prediction
+    (so a new round would score that pair); their versions."""
+    from cellspot.store.models import PredictionCell
+
+    project = get_project(session, "demo")
+    images = session.scalars(select(Image).where(Image.project_id == project.id)).all()
+    det = _done_run(session, "detector", {"f1": 0.5}, T0)
+    cls = _done_run(session, "classifier", {"balanced_accuracy": 0.7}, T0)
+    session.add(PredictionCell(image_id=images[0].id, detector_run_id=det.id, classifier_run_id=cls.id,
+                               x=5.0, y=5.0, label="alive", p_alive=0.9, uncertainty=0.1, score=0.9))
+    for image in images:
+        image.status = "retired"
+    session.flush()
+    return det.version, cls.version
+
+
+def test_an_empty_round_says_nothing_was_left_to_score(db) -> None:
+    """With every image retired, the round queues nothing: it must not claim it was scored with
+    crowd and coverage signals while the active pair has predictions."""
+    versions = _retire_all_and_predict(db)
+    assert wr.scoring_sources(db, "demo").scored_detector == versions[0]
+    info = wr.open_new_round(db, "demo", now=T0)
+    assert info.images == 0 and info.empty
+    assert info.describe() == "round 1 (combined, 0 images: nothing left to score)"
+    assert info.scoring == "nothing was left to score (no open image)"
+    assert "crowd and coverage" not in info.describe() + info.scoring
+
+
+def test_round_cli_open_on_an_all_retired_project(engine) -> None:
+    with Session(engine) as session, session.begin():
+        _retire_all_and_predict(session)
+    out = CliRunner().invoke(main, ["round", "open"])
+    assert out.exit_code == 0, out.output
+    assert "round 1 (combined, 0 images: nothing left to score) opened" in out.stdout
+    assert "crowd and coverage" not in out.output
+    assert "no open image was left to rank" in " ".join(out.stderr.split())
 
 
 def test_learning_curve_pairs_task_runs_with_model_metrics(db) -> None:
@@ -164,6 +204,7 @@ def test_learning_curve_pairs_task_runs_with_model_metrics(db) -> None:
     wr.rollback_current(db, "demo")  # round 4 leaves the curve
 
     curve = wr.learning_curve(db, "demo")
+    assert curve["split"].isna().all()  # these runs did not say which split they were scored on
     got = {(r.round, r.task_runs, r.series): (r.version, r.value) for r in curve.itertuples()}
     assert got == {
         (2, 11, "detector f1"): ("detector-0001", 0.5),
@@ -174,6 +215,20 @@ def test_learning_curve_pairs_task_runs_with_model_metrics(db) -> None:
         (3, 13, "classifier accuracy"): ("classifier-0002", 0.95),
     }
     assert set(wr.learning_curve(db, "demo", include_rolled_back=True)["round"]) == {2, 3, 4}
+
+
+def test_learning_curve_plots_the_metrics_of_the_split_each_run_was_scored_on(db) -> None:
+    """A run's top-level metrics are its test-split metrics (``split``); its validation metrics
+    sit under ``val``. The curve holds the top-level ones and says they are test metrics."""
+    _done_run(db, "classifier", {"balanced_accuracy": 0.182, "ece": 0.3, "split": "test",
+                                 "val": {"balanced_accuracy": 0.6}}, T0)
+    _done_run(db, "detector", {"f1": 0.5, "split": "val"}, T0)
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [0]), now=T0 + timedelta(hours=1))
+    table = wr.learning_curve(db, "demo")
+    assert list(table.columns) == wr.CURVE_COLUMNS
+    curve = table.set_index("series")
+    assert curve.loc["classifier balanced_accuracy", ["value", "split"]].tolist() == [0.182, "test"]
+    assert curve.loc["detector f1", "split"] == "val" and curve.loc["classifier ece", "value"] == 0.3
 
 
 # --------------------------------------------------------------------------- automatic mode
@@ -306,10 +361,22 @@ def test_a_round_forgotten_while_it_runs_keeps_the_next_rounds_mark(engine, sett
 def test_a_manual_training_resets_the_counter(db, settings) -> None:
     ar.set_auto_settings(db, "demo", enabled=True, every_runs=3)
     assert ar.auto_status(db, "demo").due
+    assert ar.auto_status(db, "demo").counted_from is None  # nothing trained: every run so far counts
     registry.create_run(db, "classifier", project=get_project(db, "demo"))  # queued from the Models page
     _submit(db, 2)
     status = ar.auto_status(db, "demo")
     assert (status.baseline_runs, status.new_runs, status.due) == (8, 2, False)
+    assert status.counted_from == "training"
+
+
+def test_the_counter_says_what_it_counts_from(engine, settings, enqueued) -> None:
+    with transaction(engine) as session:
+        assert ar.auto_status(session, "demo", now=T0).counted_from is None
+        assert ar.maybe_auto_retrain(session, settings, "demo", now=T0, force=True).queued
+    with transaction(engine) as session:
+        assert ar.auto_status(session, "demo", now=T0).counted_from == "automatic round"
+        ar.forget_pending(session, "demo")  # the counter goes back: nothing was trained
+        assert ar.auto_status(session, "demo", now=T0).counted_from is None
 
 
 def _predict_recorder(calls: list[tuple[str, ...]]):
