@@ -258,7 +258,10 @@ if st.button("Predict project", key="models_predict", icon=":material/batch_pred
         act(model_runs.predict, project.name, active["detector"], active["classifier"],
             remember={predict_key: datetime.now(timezone.utc), **researcher.done("predict", request)})
 if missing:
-    st.caption(f"Predict project needs an active classifier and detector (train and promote them above): {missing}")
+    absent = [kind_name for kind_name in ("detector", "classifier") if not active[kind_name]] or ["model"]
+    st.caption(f"Predict project needs an active detector and classifier; this project has no active "
+               f"{' and no active '.join(absent)} yet. Train {'them' if len(absent) > 1 else 'one'} above: a "
+               "finished run becomes active when its kind has none, and Promote makes another one active.")
 
 since = st.session_state.get(predict_key)
 if since is None:  # queued in another session (or before a reload) and running now

@@ -174,6 +174,19 @@ def test_a_run_left_in_the_queue_says_to_start_a_worker_and_can_be_cancelled(app
     assert "Training now" not in [s.value for s in app.subheader]
 
 
+@pytest.mark.parametrize(("kinds", "absent"), [(("classifier",), "no active detector yet. Train one"),
+                                               (("detector",), "no active classifier yet. Train one")])
+def test_predict_project_says_which_active_model_is_missing(app, app_engine, kinds, absent):
+    """The caption gave CLI advice (`cellspot train detector --project demo`, --detector
+    MODEL_DIR) and named only the detector when both were missing."""
+    for kind in kinds:
+        add_run(app_engine, kind, promote=True)
+    open_models(app)
+    assert app.button(key="models_predict").disabled
+    caption = texts(app.caption)
+    assert absent in caption and "--detector" not in caption and "cellspot train" not in caption
+
+
 def test_a_run_queued_behind_a_prediction_says_so_not_that_no_worker_runs(app, app_engine):
     """A worker predicting a project looked absent: the queued run said "No worker seems to be
     running... start one" while the page's own notice said it was predicting."""
