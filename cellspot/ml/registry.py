@@ -392,6 +392,9 @@ def scored_on_note(frame: pd.DataFrame) -> str | None:
     splits = {v: s for v, s in (frame.attrs.get("scored_on") or {}).items() if s}  # a failed run has none
     if len(splits) < 2 or (len(set(splits.values())) == 1 and "train" not in splits.values()):
         return None
+    if set(splits.values()) == {"train"}:
+        return ("neither score is held out: both runs were scored on their own training data (they had no "
+                "validation or test images), so the figures say how well each fits, not how well it generalises")
     said = ", ".join(f"{v} on {'its own training data' if s == 'train' else f'its {s} split'}"
                      for v, s in splits.items())
     return f"not like for like: {said}"

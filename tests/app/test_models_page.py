@@ -424,7 +424,7 @@ def test_predict_is_disabled_without_active_models(app, app_engine):
     add_run(app_engine, "classifier", promote=True)
     open_models(app)
     assert app.button(key="models_predict").disabled
-    assert "no active detector model" in texts(app.caption)
+    assert "no active detector yet" in texts(app.caption)
     assert "No predictions yet" in texts(app.info)
 
 

@@ -196,3 +196,8 @@ def test_runs_and_comparisons_say_what_the_metrics_were_measured_on(session) -> 
     runs[1].metrics = {"balanced_accuracy": 0.8, "split": "test"}
     session.flush()
     assert registry.scored_on_note(registry.compare_runs(session, "classifier-0001", "classifier-0002")) is None
+    for run in runs:  # both on their own training data: like for like, but neither held out
+        run.metrics = {"balanced_accuracy": 0.8, "split": "train"}
+    session.flush()
+    note = registry.scored_on_note(registry.compare_runs(session, "classifier-0001", "classifier-0002"))
+    assert note.startswith("neither score is held out: both runs were scored on their own training data")
