@@ -323,8 +323,11 @@ with right:
     counted = int(totals.sum())
     st.markdown(f"**{counted}** cells on **{int((summary['n_cells'] > 0).sum())}** images · viability "
                 + (f"**{100 * totals['alive'] / counted:.1f} %**" if counted else "-"))
-    st.dataframe(summary, hide_index=True, width="stretch", key="models_summary",
-                 column_config={"viability_pct": st.column_config.NumberColumn("viability %", format="%.1f")})
+    # narrow number columns: at 1024 px "viability %" and "n_cells" were cut off beside the image
+    st.dataframe(summary, hide_index=True, width="stretch", key="models_summary", column_config={
+        "image": st.column_config.TextColumn("image", width="medium"),
+        **{c: st.column_config.NumberColumn(c, width="small") for c in ("alive", "dead", "n_cells")},
+        "viability_pct": st.column_config.NumberColumn("viability %", format="%.1f", width="small")})
     st.download_button("Download per-image counts (CSV)", summary.to_csv(index=False),
                        f"{project.name}-predicted-counts.csv", "text/csv")
     st.download_button("Download predicted cells (CSV)", cells.to_csv(index=False),
