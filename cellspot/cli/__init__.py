@@ -20,7 +20,7 @@ class _Main(click.Group):
 
     def invoke(self, ctx: click.Context):
         from pydantic import ValidationError
-        from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
+        from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 
         try:
             return super().invoke(ctx)
@@ -30,6 +30,12 @@ class _Main(click.Group):
             bad = "; ".join(f"CELLSPOT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
                             for e in exc.errors())
             raise click.ClickException(f"bad setting: {bad}") from None
+        except IntegrityError as exc:  # a unique row written by another command at the same moment
+            log.debug("store conflict", exc_info=True)
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise click.ClickException(
+                f"another command wrote the same rows at the same moment ({reason}); nothing of this one was "
+                "stored: run it again") from None
         except (ArgumentError, DatabaseError, OperationalError) as exc:
             log.debug("store error", exc_info=True)
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

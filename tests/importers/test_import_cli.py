@@ -176,3 +176,21 @@ def test_a_click_file_with_every_row_rejected_leaves_no_new_project(settings, tm
     assert "0 imported, 1 rejected" in result.stdout and result.stdout.rstrip().splitlines()[0].endswith(
         "; nothing stored")
     assert _count(settings, Project) == 0
+
+
+def test_a_unique_row_written_by_a_concurrent_import_is_a_clear_error(settings, tmp_path: Path, monkeypatch) -> None:
+    """Two imports of one file at once: the second said "cannot use the database ... run
+    `cellspot init`" (the store was fine; the other import had written the same rows)."""
+    from sqlalchemy.exc import IntegrityError
+
+    def clash(*args, **kwargs):
+        raise IntegrityError("INSERT INTO images ...", {}, Exception("UNIQUE constraint failed: images.project_id"))
+
+    monkeypatch.setattr("cellspot.importers.import_clicks", clash)
+    path = tmp_path / "c.csv"
+    path.write_text("image,annotator,x,y,label\na.png,s1,1,1,alive\n")
+    result = run_cli("import", "clicks", str(path), "--project", "p")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert ("another command wrote the same rows at the same moment (UNIQUE constraint failed: images.project_id); "
+            "nothing of this one was stored: run it again") in result.stderr
+    assert "cellspot init" not in result.stderr
