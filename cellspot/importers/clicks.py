@@ -261,12 +261,17 @@ def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: 
         return
     timestamp = None
     size, problem = _declared_size(parsed, row, image, line, size_lines)
-    if problem is None and row.get("timestamp", "").strip():
+    row_problems = [problem] if problem is not None else []
+    if row.get("timestamp", "").strip():
         timestamp, reason = _parse_timestamp(row["timestamp"])
-        problem = ("timestamp", reason, row["timestamp"]) if reason else None
-    if problem is None:
-        run_key = row.get("task_run", "").strip() or f"{annotator}@{image}"
-        run, problem = _tidy_run(parsed, run_key, image, annotator, line)
+        if reason:
+            row_problems.append(("timestamp", reason, row["timestamp"]))
+    if row_problems:  # with the click's own problems: every bad field of the row in one reject
+        click_problems = [] if marker else _click_fields(row, size if problem is None else None)[2]
+        parsed.reject(line, *joined_problem([*row_problems, *click_problems]))
+        return
+    run_key = row.get("task_run", "").strip() or f"{annotator}@{image}"
+    run, problem = _tidy_run(parsed, run_key, image, annotator, line)
     if problem is not None:
         parsed.reject(line, *problem)
         return

@@ -63,6 +63,11 @@ TIDY_BAD = [
      (3, "width", "on line 2")),
     ("run reused for another image", f"{TIDY_HEADER},task_run\na.png,s1,3,5,alive,r1\nb.png,s1,3,5,alive,r1\n",
      (3, "task_run", "one run covers one image")),
+    ("bad timestamp hides no other field", f"{TIDY_HEADER},timestamp\na.png,s1,x1,5,zombie,yesterday\n",
+     (2, "timestamp, x, label", "timestamp: timestamp 'yesterday' is not ISO 8601 (e.g. 2014-03-01T10:15:00Z); "
+                                "x: x='x1' is not a number; label: unknown label 'zombie'")),
+    ("bad width hides no other field", "image,annotator,x,y,label,width,height\na.png,s1,3,-5,alive,-4,10\n",
+     (2, "width, y", "y: y=-5 is negative")),
     ("multi-line field", f'{TIDY_HEADER},timestamp\n"a\n.png",s1,3,5,alive,\na.png,s1,3,5,alive,\n',
      (2, "image", "a quoted field runs over lines 2-3")),
 ]
