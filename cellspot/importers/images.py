@@ -114,18 +114,23 @@ def read_metadata_csv(path: str | Path) -> tuple[dict[str, tuple[int, dict[str, 
     key = [h.lower() for h in header].index("image")
     result: dict[str, tuple[int, dict[str, Any]]] = {}
     problems: list[ImportProblem] = []
+    conflicting: dict[str, int] = {}  # image -> its first line: rows with other values, none applied
     for line, fields in records[1:]:
         name = fields[key].strip() if key < len(fields) else ""
         if not name:
             problems.append(ImportProblem(str(path), "missing value", line, "image"))
-        elif len(fields) > len(header):
+            continue
+        if len(fields) > len(header):
             reason = f"{len(fields)} fields but the header has {len(header)}"
             problems.append(ImportProblem(str(path), reason, line))
-        elif name in result:
-            reason = f"image {name!r} repeats line {result[name][0]}"
+            continue
+        values = {h: _meta_value(v) for i, (h, v) in enumerate(zip(header, fields)) if i != key and h and v.strip()}
+        if name in conflicting or (name in result and result[name][1] != values):
+            first = conflicting.setdefault(name, result.pop(name, (line, None))[0])
+            reason = (f"image {name!r} has other values here than on line {first}; which is right? none of its "
+                      "rows was applied")
             problems.append(ImportProblem(str(path), reason, line, "image"))
-        else:
-            values = {h: _meta_value(v) for i, (h, v) in enumerate(zip(header, fields)) if i != key and h and v.strip()}
+        elif name not in result:  # a repeat with the same values changes nothing
             result[name] = (line, values)
     return result, problems
 
@@ -380,7 +385,9 @@ def _apply_metadata(
         if target is None and len(by_stem.get(name, [])) == 1:
             target = by_stem[name][0]
         if target is None:
-            reason = f"no image named {name!r} in this import or the project"
+            alike = sorted(by_stem.get(name, []))
+            reason = (f"{name!r} matches {len(alike)} images ({', '.join(alike)}); give the full file name"
+                      if alike else f"no image named {name!r} in this import or the project")
             report.errors.append(ImportProblem(str(path), reason, line, "image"))
             continue
         image = by_name[target]

@@ -260,15 +260,30 @@ def test_metadata_csv(session, project, settings, tmp_path: Path) -> None:
         "b,control,,0,0,A1\n"  # matched by stem; empty drug left out
         "zzz.png,x,y,1,1,B1\n"
         "a.png,again,,,,\n"
+        "c.png,treated,,,,\n"
+        "c.png,treated,,,,\n"  # the same values again: harmless
     )
     report = import_images(session, project, [folder], settings, metadata_csv=meta)
     rows = _rows(session)
-    assert rows["a.png"].meta == {"condition": "treated", "drug": "cisplatin", "dose": 2.5, "time": 24, "well": "007"}
+    # a.png has other values on line 5 than on line 2: which is right? neither is applied
+    assert rows["a.png"].meta == {}
     assert rows["b.png"].meta == {"condition": "control", "dose": 0, "time": 0, "well": "A1"}
-    assert rows["c.png"].meta == {}
+    assert rows["c.png"].meta == {"condition": "treated"}
     assert [(p.line, p.field) for p in report.errors] == [(5, "image"), (4, "image")]
-    assert "repeats line 2" in report.errors[0].reason and "no image named 'zzz.png'" in report.errors[1].reason
-    assert sorted(report.metadata_applied) == ["a.png", "b.png"]
+    assert report.errors[0].reason == ("image 'a.png' has other values here than on line 2; which is right? none "
+                                       "of its rows was applied")
+    assert "no image named 'zzz.png'" in report.errors[1].reason
+    assert sorted(report.metadata_applied) == ["b.png", "c.png"]
+
+
+def test_a_metadata_name_without_extension_that_matches_two_images_says_so(session, project, settings,
+                                                                          tmp_path: Path) -> None:
+    folder = _write(tmp_path / "in", {"w1.png": _png(1), "w1.tif": _tiff16(2)})
+    meta = tmp_path / "meta.csv"
+    meta.write_text("image,condition\nw1,treated\n")
+    report = import_images(session, project, [folder], settings, metadata_csv=meta)
+    assert [(p.line, p.reason) for p in report.errors] == [
+        (2, "'w1' matches 2 images (w1.png, w1.tif); give the full file name")]
 
 
 def test_metadata_applies_to_images_already_in_the_project(session, project, settings, tmp_path: Path) -> None:
