@@ -64,6 +64,7 @@ from cellspot.importers.csvtools import (
     parse_label,
     parse_number,
     repeated_columns,
+    separator_hint,
 )
 from cellspot.importers.errors import ClickImportError, ImportProblem, write_problems_csv
 from cellspot.store.models import IMAGE_NAME_MAX, NICKNAME_MAX
@@ -201,8 +202,9 @@ def _open_table(path: Path, required: Iterable[str]) -> tuple[list[str], Iterato
         raise ClickImportError(path, [ImportProblem(str(path), reason, first[0], name) for name, reason in repeated])
     missing = [c for c in required if c not in header]
     if missing:
+        hint = separator_hint(header)
         problems = [
-            ImportProblem(str(path), f"missing column; required: {', '.join(required)}", first[0], c)
+            ImportProblem(str(path), f"missing column; required: {', '.join(required)}{hint}", first[0], c)
             for c in missing
         ]
         raise ClickImportError(path, problems)
@@ -490,7 +492,8 @@ def detect_format(path: str | Path) -> str:
         [ImportProblem(
             str(path),
             f"unknown click file format (columns: {', '.join(header)}); expected a tidy CSV "
-            f"({','.join(TIDY_REQUIRED)}) or a PyBossa export ({', '.join(PYBOSSA_REQUIRED)})",
+            f"({','.join(TIDY_REQUIRED)}) or a PyBossa export ({', '.join(PYBOSSA_REQUIRED)})"
+            f"{separator_hint(header)}",
             1,
         )],
     )
@@ -569,7 +572,7 @@ def import_clicks(
         images_created=created[0], annotators_created=created[1], rejects_path=rejects_path,
         duplicates=duplicate_clicks(plan.clicks),
     )
-    (log.warning if report.duplicates else log.info)("%s", report.summary())
+    log.info("%s", report.summary())  # its duplicate warning is the caller's to show (once)
     if rejects_path is not None:
         log.info("%d rejected click(s) written with their reasons to %s", len(parsed.rejects), rejects_path)
     return report

@@ -76,6 +76,16 @@ def normalise_header(fields: list[str]) -> list[str]:
     return [f.strip().lower() for f in fields]
 
 
+def separator_hint(header: list[str]) -> str:
+    """``"; ..."`` advice when a header that lacks required columns is one column holding ``;``
+    or a tab (a file saved with another separator), else ``""``."""
+    if len(header) == 1:
+        for mark, name in ((";", "semicolons"), ("\t", "tabs")):
+            if mark in header[0]:
+                return f"; the header is one column: the file seems separated by {name}; save it with commas"
+    return ""
+
+
 def repeated_columns(header: list[str]) -> list[tuple[str, str]]:
     """``(column, reason)`` for every non-empty column name the header has twice or more
     (``image,x,y,x``: which ``x`` holds the value?)."""

@@ -26,6 +26,7 @@ from cellspot.importers.csvtools import (
     parse_label,
     parse_number,
     repeated_columns,
+    separator_hint,
 )
 from cellspot.importers.errors import GoldImportError, ImportProblem
 
@@ -77,7 +78,7 @@ def parse_gold_csv(path: str | Path) -> tuple[list[GoldRow], list[ImportProblem]
         header = normalise_header(first[1])
         missing = [c for c in GOLD_REQUIRED if c not in header]
         if missing:
-            reason = f"missing column; required: {', '.join(GOLD_REQUIRED)}"
+            reason = f"missing column; required: {', '.join(GOLD_REQUIRED)}{separator_hint(header)}"
             return [], [ImportProblem(label, reason, first[0], c) for c in missing]
         repeated = repeated_columns(header)
         if repeated:

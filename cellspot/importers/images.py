@@ -41,7 +41,7 @@ from cellspot.imaging import (
     read_image,
     sha256_bytes,
 )
-from cellspot.importers.csvtools import CsvFormatError, csv_records
+from cellspot.importers.csvtools import CsvFormatError, csv_records, separator_hint
 from cellspot.importers.errors import ImageImportError, ImportProblem
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def read_metadata_csv(path: str | Path) -> tuple[dict[str, tuple[int, dict[str, 
     if "image" not in [h.lower() for h in header]:
         raise ImageImportError(
             f"{path}: the metadata CSV has no 'image' column (columns: {', '.join(header) or 'none'}); "
-            "expected image plus any of condition, drug, dose, time, ..."
+            "expected image plus any of condition, drug, dose, time, ..." + separator_hint(header)
         )
     key = [h.lower() for h in header].index("image")
     result: dict[str, tuple[int, dict[str, Any]]] = {}

@@ -194,3 +194,21 @@ def test_a_unique_row_written_by_a_concurrent_import_is_a_clear_error(settings, 
     assert ("another command wrote the same rows at the same moment (UNIQUE constraint failed: images.project_id); "
             "nothing of this one was stored: run it again") in result.stderr
     assert "cellspot init" not in result.stderr
+
+
+@pytest.mark.parametrize(("command", "text"), [("clicks", "image;annotator;x;y;label\na.png;s1;1;1;alive\n"),
+                                               ("gold", "image;x;y;label\na.png;1;1;alive\n")])
+def test_a_semicolon_separated_file_says_so(settings, tmp_path: Path, command: str, text: str) -> None:
+    path = tmp_path / "semi.csv"
+    path.write_text(text)
+    result = run_cli("import", command, str(path), "--project", "p")
+    assert result.exit_code == 1
+    assert "the header is one column: the file seems separated by semicolons; save it with commas" in result.stderr
+
+
+def test_a_duplicate_click_warning_is_printed_once(settings, tmp_path: Path) -> None:
+    path = tmp_path / "dup.csv"
+    path.write_text("image,annotator,x,y,label\na.png,s1,1,1,alive\na.png,s1,1,1,alive\n")
+    result = run_cli("import", "clicks", str(path), "--project", "p")
+    assert result.exit_code == 0
+    assert result.output.count("repeat an earlier click of the same run exactly") == 1, result.output

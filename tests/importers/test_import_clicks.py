@@ -370,11 +370,13 @@ def test_exact_duplicate_clicks_are_kept_and_reported(session, settings, tmp_pat
     # line 6 the same click by another annotator: neither is a duplicate
     path = _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\na.png,s1,9,9,dead\na.png,s1,3,5,alive\n"
                             "a.png,s1,3,5,dead\na.png,s2,3,5,alive\n")
-    with caplog.at_level("WARNING", logger="cellspot.importers.clicks"):
+    with caplog.at_level("INFO", logger="cellspot.importers.clicks"):
         report = import_clicks(session, project, path, settings=settings)
     assert report.imported == 5 and report.duplicates == [(4, 2)]
     assert "1 click(s) repeat an earlier click of the same run exactly" in report.summary()
     assert "line 4 (repeats line 2)" in caplog.text
+    # logged at INFO: the CLI prints the summary with its warning once (a WARNING record showed it twice)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
     clean = import_clicks(session, get_or_create_project(session, "q"),
                           _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\n", "clean.csv"), settings=settings)
     assert clean.duplicates == [] and "warning" not in clean.summary()
