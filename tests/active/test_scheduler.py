@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
@@ -17,6 +16,7 @@ from cellspot.store import queries as q
 from cellspot.store.db import session_factory
 from cellspot.store.models import Annotator, GoldCell, Image, ImageLease, Project, TaskRun
 from cellspot.workflows import classroom as c
+from concurrency import at_once
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -264,27 +264,6 @@ def test_leave_class_gives_the_leased_image_back(db) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
-def _in_threads(n: int, work) -> list:
-    barrier = threading.Barrier(n)
-    results: list = [None] * n
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            results[i] = work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors[:3]
-    return results
-
-
 @pytest.mark.parametrize(("n_images", "target"), [(50, 3), (10, 3)])
 def test_forty_students_at_once_get_distinct_images_while_enough_exist(engine, n_images, target) -> None:
     make = session_factory(engine)
@@ -298,7 +277,7 @@ def test_forty_students_at_once_get_distinct_images_while_enough_exist(engine, n
             image = c.next_image(s, who, now=T0)
             return None if image is None else image.name
 
-    got = _in_threads(40, ask)
+    got = at_once(40, ask)
     served = Counter(name for name in got if name is not None)
     if n_images >= 40:
         assert len(served) == 40 and set(served.values()) == {1}  # 40 distinct images
@@ -328,7 +307,7 @@ def test_concurrent_class_fills_every_image_to_its_target_and_no_one_twice(engin
                 c.submit_run(s, s.get(Annotator, ids[i]), image_id, [], f"{i}-{name}")
             done.append(name)
 
-    got = _in_threads(n_students, label_until_done)
+    got = at_once(n_students, label_until_done)
     assert all(len(names) == len(set(names)) for names in got)  # a student never gets an image twice
     with make() as s:
         runs = Counter(s.scalars(sa.select(TaskRun.image_id)).all())
