@@ -334,6 +334,8 @@ def curve_chart(points: pd.DataFrame) -> alt.Chart:
 def curve_label(series: str) -> str:
     """``"classifier balanced_accuracy"`` -> ``"classifier balanced acc."`` (:data:`METRIC_LABELS`)."""
     kind, _, metric = str(series).partition(" ")
+    if (kind, metric) == ("classifier", "f1"):  # the dead class's F1, not the detector's F1 of found cells
+        return "classifier dead-class F1"
     return f"{kind} {METRIC_LABELS.get(metric, metric.replace('_', ' '))}".strip()
 
 

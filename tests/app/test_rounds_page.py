@@ -498,5 +498,8 @@ def test_curve_legend_labels_are_short_and_ece_left_out():
     assert sorted(r["line"] for r in rows) == ["classifier ROC AUC", "classifier balanced acc."]
     assert chart["encoding"]["y"]["title"] == "model metric (higher is better)"
     assert "test images" in rounds_view.curve_caption(points) and "ECE" in rounds_view.curve_caption(points)
+    # the two kinds' F1 measure different things
+    assert rounds_view.curve_label("classifier f1") == "classifier dead-class F1"
+    assert rounds_view.curve_label("detector f1") == "detector F1"
     mixed = rounds_view.curve_caption(points.assign(split=["test", "val", "val"]))
     assert "its validation images where it had no test images" in mixed and "split column" in mixed
