@@ -116,14 +116,22 @@ def page_header(title: str) -> Project | None:
     if current not in ids:
         default = resources.settings().default_project
         current = next((i for i in ids if names[i] == default), ids[0])
-    # The picker's value lives under its key: the browser keeps a widget's value across reruns
-    # and ignores a changed default, so a switch from code is written there before it is drawn.
-    if switch is not None or st.session_state.get("r_project_pick") not in ids:
-        st.session_state["r_project_pick"] = current
-    chosen = pick_col.selectbox("Project", ids, format_func=names.get, key="r_project_pick")
+    # ``r_project_id`` is the project; the picker shows it. Its value is written under its key
+    # on every run, before it is drawn: the browser keeps a widget's value across reruns and
+    # ignores a changed default (a project created on Setup stayed unpicked), and each page has
+    # its own picker (one left on another page showed the first project). A pick by hand
+    # updates ``r_project_id`` in its callback, which runs before the page.
+    st.session_state["r_project_id"] = current
+    st.session_state["r_project_pick"] = current
+    chosen = pick_col.selectbox("Project", ids, format_func=names.get, key="r_project_pick",
+                                on_change=_follow_pick)
     st.session_state["r_project_id"] = chosen
     with resources.session() as session:
         return session.get(Project, chosen)
+
+
+def _follow_pick() -> None:
+    st.session_state["r_project_id"] = st.session_state["r_project_pick"]
 
 
 def switch_project(project_id: int) -> None:

@@ -521,10 +521,25 @@ def test_a_created_project_is_the_one_the_setup_page_imports_into(
     engine.dispose()
     assert owner == "Lab picker"
 
-    # and a pick by hand still wins over the remembered project
+    # a pick by hand still wins over the remembered project, on the next page too
     picker.click()
     page.get_by_role("option", name=seeded_store.project, exact=True).click()
     wait_idle(page)
     expect(page.get_by_role("heading", name=seeded_store.project, exact=True)).to_be_visible()
     expect(picker).to_have_value(seeded_store.project)
+    go_to(page, "Results")
+    expect(picker).to_have_value(seeded_store.project)
+
+    # a project created after a pick by hand stays picked on another page (each page has its
+    # own picker: it showed the first project) and back on Setup
+    go_to(page, "Setup")
+    page.get_by_text("Create a project").click()
+    page.get_by_role("textbox", name="Name", exact=True).fill("Lab second")
+    click_button(page, "Create", exact=True)
+    expect(picker).to_have_value("Lab second")
+    go_to(page, "Class")
+    expect(page.get_by_role("heading", name="Class")).to_be_visible()
+    expect(picker).to_have_value("Lab second")
+    go_to(page, "Setup")
+    expect(picker).to_have_value("Lab second")
     assert_no_exception(page)
