@@ -41,7 +41,13 @@ from cellspot.imaging import (
     read_image,
     sha256_bytes,
 )
-from cellspot.importers.csvtools import CsvFormatError, csv_records, separator_hint
+from cellspot.importers.csvtools import (
+    CsvFormatError,
+    csv_records,
+    line_break_problem,
+    repeated_columns,
+    separator_hint,
+)
 from cellspot.importers.errors import ImageImportError, ImportProblem
 
 log = logging.getLogger(__name__)
@@ -111,12 +117,19 @@ def read_metadata_csv(path: str | Path) -> tuple[dict[str, tuple[int, dict[str, 
             f"{path}: the metadata CSV has no 'image' column (columns: {', '.join(header) or 'none'}); "
             "expected image plus any of condition, drug, dose, time, ..." + separator_hint(header)
         )
+    repeated = repeated_columns([h.lower() for h in header])
+    if repeated:
+        raise ImageImportError("; ".join(f"{path}:{records[0][0]}: {name}: {reason}" for name, reason in repeated))
     key = [h.lower() for h in header].index("image")
     result: dict[str, tuple[int, dict[str, Any]]] = {}
     problems: list[ImportProblem] = []
     conflicting: dict[str, int] = {}  # image -> its first line: rows with other values, none applied
     for line, fields in records[1:]:
         name = fields[key].strip() if key < len(fields) else ""
+        broken = line_break_problem(header, fields, line)
+        if broken is not None:
+            problems.append(ImportProblem(str(path), broken[1], line, broken[0]))
+            continue
         if not name:
             problems.append(ImportProblem(str(path), "missing value", line, "image"))
             continue
@@ -380,6 +393,7 @@ def _apply_metadata(
     by_stem: dict[str, list[str]] = {}
     for name in by_name:
         by_stem.setdefault(PurePosixPath(name).stem, []).append(name)
+    rows_of: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # image -> its rows (a name with or without extension)
     for name, (line, values) in metadata.items():
         target = name if name in by_name else None
         if target is None and len(by_stem.get(name, [])) == 1:
@@ -389,6 +403,16 @@ def _apply_metadata(
             reason = (f"{name!r} matches {len(alike)} images ({', '.join(alike)}); give the full file name"
                       if alike else f"no image named {name!r} in this import or the project")
             report.errors.append(ImportProblem(str(path), reason, line, "image"))
+            continue
+        rows_of.setdefault(target, []).append((line, values))
+    for target, rows in rows_of.items():
+        first_line, values = rows[0]
+        other = [line for line, v in rows[1:] if v != values]
+        if other:  # "a" and "a.png" with other values: which is right?
+            for line in other:
+                reason = (f"image {target!r} has other values here than on line {first_line}; which is right? "
+                          "none of its rows was applied")
+                report.errors.append(ImportProblem(str(path), reason, line, "image"))
             continue
         image = by_name[target]
         image.meta = {**(image.meta or {}), **values}

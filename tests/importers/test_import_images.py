@@ -276,6 +276,36 @@ def test_metadata_csv(session, project, settings, tmp_path: Path) -> None:
     assert sorted(report.metadata_applied) == ["b.png", "c.png"]
 
 
+def test_metadata_for_one_image_under_two_names_with_other_values_is_not_applied(session, project, settings,
+                                                                                   tmp_path: Path) -> None:
+    folder = _write(tmp_path / "in", {"w1.png": _png(1), "w2.png": _png(2)})
+    meta = tmp_path / "meta.csv"
+    meta.write_text("image,condition\nw1,ctrl\nw1.png,drug\nw2,ctrl\nw2.png,ctrl\n")
+    report = import_images(session, project, [folder], settings, metadata_csv=meta)
+    rows = _rows(session)
+    assert rows["w1.png"].meta == {} and rows["w2.png"].meta == {"condition": "ctrl"}
+    assert [(p.line, p.reason) for p in report.errors] == [
+        (3, "image 'w1.png' has other values here than on line 2; which is right? none of its rows was applied")]
+    assert report.metadata_applied == ["w2.png"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("image,condition,condition\nw1.png,a,b\n", "the header has column 'condition' 2 times"),
+    ('image,condition\nw1.png,"ctrl\nw2.png,drug\n', "a quoted field runs over lines 2-3"),
+])
+def test_a_broken_metadata_csv_names_the_problem(session, project, settings, tmp_path: Path, text, message) -> None:
+    folder = _write(tmp_path / "in", {"w1.png": _png(1), "w2.png": _png(2)})
+    meta = tmp_path / "meta.csv"
+    meta.write_text(text)
+    try:
+        report = import_images(session, project, [folder], settings, metadata_csv=meta)
+    except ImageImportError as exc:
+        assert message in str(exc)
+    else:
+        assert any(message in p.reason for p in report.errors), report.errors
+    assert all(row.meta == {} for row in _rows(session).values())
+
+
 def test_a_metadata_name_without_extension_that_matches_two_images_says_so(session, project, settings,
                                                                           tmp_path: Path) -> None:
     folder = _write(tmp_path / "in", {"w1.png": _png(1), "w1.tif": _tiff16(2)})
