@@ -197,6 +197,7 @@ def test_bad_inputs_change_nothing_already_stored(settings, images_dir: Path, tm
     ("lab ", "must not start or end with spaces; got 'lab ' (did you mean 'lab'?)"),
     ("la\tb", "must not hold tabs, line breaks or other control characters; got 'la\\tb'"),
     ("new\nline", "must not hold tabs, line breaks or other control characters"),
+    ("a\u2028b", "must not hold tabs, line breaks or other control characters"),
 ])
 @pytest.mark.parametrize("command", [("import", "images"), ("import", "clicks"), ("export",), ("queue",)])
 def test_a_blank_or_padded_project_name_is_a_usage_error(settings, images_dir: Path, tmp_path: Path,

@@ -158,13 +158,13 @@ with st.expander("Create a project", expanded=researcher.projects(researcher.url
         try:
             with resources.session() as session:
                 project = create_project(session, name, description, **values)
-                new_id = project.id
+                new_id, created_name = project.id, project.name
         except DashboardError as exc:
             st.error(roles.plain(str(exc)))
         else:
             researcher.refresh()
             researcher.switch_project(new_id)
-            st.session_state["setup_message"] = f"Project {name.strip()!r} created."
+            st.session_state["setup_message"] = f"Project {created_name!r} created."
             st.rerun()
 
 if "setup_message" in st.session_state:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -68,6 +69,9 @@ from cellspot.importers.csvtools import (
 )
 from cellspot.importers.errors import ClickImportError, ImportProblem, write_problems_csv
 from cellspot.store.models import IMAGE_NAME_MAX, NICKNAME_MAX
+
+#: Unicode categories refused in names: controls, format characters, line and paragraph separators
+CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +207,10 @@ def _open_table(path: Path, required: Iterable[str]) -> tuple[list[str], Iterato
     missing = [c for c in required if c not in header]
     if missing:
         hint = separator_hint(header)
-        problems = [
-            ImportProblem(str(path), f"missing column; required: {', '.join(required)}{hint}", first[0], c)
-            for c in missing
+        problems = [  # the separator hint once, on the first
+            ImportProblem(str(path), f"missing column; required: {', '.join(required)}{hint if k == 0 else ''}",
+                          first[0], c)
+            for k, c in enumerate(missing)
         ]
         raise ClickImportError(path, problems)
     return header, _guarded(path, records)
@@ -253,29 +258,21 @@ def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: 
     marker = not (row["x"].strip() or row["y"].strip() or row["label"].strip())
     if not marker:
         parsed.n_records += 1
-    missing = [(name, "missing value", None) for name, value in (("image", image), ("annotator", annotator))
-               if not value]
-    missing += [(name, f"{len(value)} characters; at most {limit} are allowed", value[:60] + "...")
-                for name, value, limit in (("image", image, IMAGE_NAME_MAX), ("annotator", annotator, NICKNAME_MAX))
-                if len(value) > limit]
-    if missing:  # every bad field of the row in one reject: the click's too
-        parsed.reject(line, *joined_problem([*missing, *([] if marker else _click_fields(row, None)[2])]))
-        return
+    row_problems = _name_problems(image, annotator)
+    size, problem = (None, None) if row_problems else _declared_size(parsed, row, image, line, size_lines)
+    row_problems += [problem] if problem is not None else []
     timestamp = None
-    size, problem = _declared_size(parsed, row, image, line, size_lines)
-    row_problems = [problem] if problem is not None else []
     if row.get("timestamp", "").strip():
         timestamp, reason = _parse_timestamp(row["timestamp"])
         if reason:
             row_problems.append(("timestamp", reason, row["timestamp"]))
+    if not row_problems:
+        run_key = row.get("task_run", "").strip() or f"{annotator}@{image}"
+        run, problem = _tidy_run(parsed, run_key, image, annotator, line)
+        row_problems += [problem] if problem is not None else []
     if row_problems:  # with the click's own problems: every bad field of the row in one reject
         click_problems = [] if marker else _click_fields(row, size if problem is None else None)[2]
         parsed.reject(line, *joined_problem([*row_problems, *click_problems]))
-        return
-    run_key = row.get("task_run", "").strip() or f"{annotator}@{image}"
-    run, problem = _tidy_run(parsed, run_key, image, annotator, line)
-    if problem is not None:
-        parsed.reject(line, *problem)
         return
     if timestamp is not None:
         run.started_at = min(run.started_at or timestamp, timestamp)
@@ -291,19 +288,36 @@ def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: 
     parsed.clicks.append(ParsedClick(run.key, x, y, label, run.n_source_clicks - 1, line))
 
 
+def _name_problems(image: str, annotator: str) -> list[tuple[str, str, Any]]:
+    """Problems of a row's image and annotator names: missing, longer than the store takes, or
+    holding control characters (a NUL, which PostgreSQL refuses, a tab, a line break)."""
+    problems = []
+    for name, value, limit in (("image", image, IMAGE_NAME_MAX), ("annotator", annotator, NICKNAME_MAX)):
+        if not value:
+            problems.append((name, "missing value", None))
+        elif len(value) > limit:
+            problems.append((name, f"{len(value)} characters; at most {limit} are allowed", value[:60] + "..."))
+        elif any(unicodedata.category(c) in CONTROL_CATEGORIES for c in value):
+            problems.append((name, "holds a control character (a NUL byte, a tab or a line break)", repr(value)))
+    return problems
+
+
 def _declared_size(
     parsed: ParsedClicks, row: dict[str, str], image: str, line: int, size_lines: dict[str, int]
 ) -> tuple[tuple[int, int] | None, tuple[str, str, Any] | None]:
     if not (row.get("width", "").strip() or row.get("height", "").strip()):
         return parsed.declared_sizes.get(image), None
-    values = []
+    values, problems = [], []
     for name in ("width", "height"):
         value, reason = parse_number(row.get(name, ""), name)
         if reason is None and (value < 1 or not float(value).is_integer()):
             reason = f"{name}={row[name].strip()} is not a positive whole number"
         if reason is not None:
-            return None, (name, reason, row.get(name))
-        values.append(int(value))
+            problems.append((name, reason, row.get(name)))
+        else:
+            values.append(int(value))
+    if problems:  # both sides' problems at once
+        return None, joined_problem(problems)
     size = (values[0], values[1])
     known = parsed.declared_sizes.setdefault(image, size)
     size_lines.setdefault(image, line)
@@ -626,8 +640,8 @@ def _earlier_imports(
         mine, theirs = here.get(run.key, []), stored[run_id]
         if len(mine) < run.n_source_clicks:
             kept.add(keys[run.key])
-            log.warning("%s line %d: run %r was imported before and some of its rows here are rejected: "
-                        "the stored run is kept", parsed.source, run.line, run.key)
+            log.info("%s line %d: run %r was imported before and some of its rows here are rejected: "
+                     "the stored run is kept", parsed.source, run.line, run.key)
         elif sorted(mine) == sorted(theirs):
             same.add(keys[run.key])
         elif replace_runs:

@@ -78,8 +78,10 @@ def parse_gold_csv(path: str | Path) -> tuple[list[GoldRow], list[ImportProblem]
         header = normalise_header(first[1])
         missing = [c for c in GOLD_REQUIRED if c not in header]
         if missing:
-            reason = f"missing column; required: {', '.join(GOLD_REQUIRED)}{separator_hint(header)}"
-            return [], [ImportProblem(label, reason, first[0], c) for c in missing]
+            reason = f"missing column; required: {', '.join(GOLD_REQUIRED)}"
+            hint = separator_hint(header)  # once, on the first
+            return [], [ImportProblem(label, reason + (hint if k == 0 else ""), first[0], c)
+                        for k, c in enumerate(missing)]
         repeated = repeated_columns(header)
         if repeated:
             return [], [ImportProblem(label, reason, first[0], name) for name, reason in repeated]

@@ -136,7 +136,7 @@ def check_project_name(name: object) -> str:
     if name != name.strip():
         raise ValueError(f"a project name must not start or end with spaces; got {name!r} "
                          f"(did you mean {name.strip()!r}?)")
-    if any(unicodedata.category(c).startswith("C") for c in name):
+    if any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in name):
         raise ValueError(f"a project name must not hold tabs, line breaks or other control characters; got {name!r}")
     return name
 

@@ -797,6 +797,18 @@ def test_setup_creates_a_project_sets_rules_and_imports(app, app_engine, tmp_pat
 
 
 
+def test_setup_says_the_name_a_project_was_created_under(app, app_engine):
+    """A tab in the name was collapsed to a space, but the message showed the typed name."""
+    login(app)
+    app.switch_page("views/setup.py").run()
+    app.text_input(key="new_name").input("Lab\t  9")
+    app.button[0].click().run()
+    no_exception(app)
+    assert "Project 'Lab 9' created." in texts(app.success)
+    with Session(app_engine) as session:
+        assert session.scalar(select(Project.name).where(Project.name.like("Lab%9"))) == "Lab 9"
+
+
 def test_setup_shows_what_a_project_without_settings_really_gets(app, app_engine):
     """A project imported from the CLI has no settings: the form showed 5 runs per image and a
     gold rate of 0.1 while rounds used 3 and students got no gold, and Save stored the shown values."""
