@@ -328,7 +328,8 @@ def curve_chart(points: pd.DataFrame) -> alt.Chart:
                     color=alt.Color("line:N", title=None,
                                     legend=alt.Legend(orient="bottom", columns=3, labelLimit=0)),
                     tooltip=tooltip)
-            .properties(height=280))
+            # fit-x: with the default autosize and a legend below, the plot was squeezed to a few pixels
+            .properties(height=280, autosize=alt.AutoSizeParams(type="fit-x", contains="padding")))
 
 
 def curve_label(series: str) -> str:

@@ -84,7 +84,15 @@ class AutoSettings:
         """The project's stored settings (defaults for missing keys; unknown keys ignored)."""
         stored = (project.settings or {}).get(AUTO_KEY) or {}
         names = {f.name for f in fields(cls)}
-        return cls.validated(cls(), **{k: v for k, v in dict(stored).items() if k in names})
+        settings = cls()
+        for key, value in dict(stored).items():  # one by one: a value an older version stored that is
+            if key not in names:                  # no longer allowed (strategy 'bald') falls back to the
+                continue                          # default alone, and the page and the worker go on
+            try:
+                settings = cls.validated(settings, **{key: value})
+            except AutoSettingsError as exc:
+                log.warning("project %r: stored automatic-mode %s ignored: %s", project.name, key, exc)
+        return settings
 
     @classmethod
     def validated(cls, base: AutoSettings, **changes: Any) -> AutoSettings:

@@ -497,6 +497,7 @@ def test_curve_legend_labels_are_short_and_ece_left_out():
     rows = next(iter(chart["datasets"].values()))
     assert sorted(r["line"] for r in rows) == ["classifier ROC AUC", "classifier balanced acc."]
     assert chart["encoding"]["y"]["title"] == "model metric (higher is better)"
+    assert chart["autosize"] == {"type": "fit-x", "contains": "padding"}  # it was squeezed to a few pixels
     assert "test images" in rounds_view.curve_caption(points) and "ECE" in rounds_view.curve_caption(points)
     # the two kinds' F1 measure different things
     assert rounds_view.curve_label("classifier f1") == "classifier dead-class F1"

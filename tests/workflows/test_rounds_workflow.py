@@ -439,6 +439,17 @@ def test_automatic_mode_refuses_a_strategy_that_needs_more_than_the_signals(engi
         assert not ar.auto_status(session, "demo").settings.enabled
 
 
+def test_automatic_settings_stored_before_a_value_was_refused_fall_back_to_the_default(engine) -> None:
+    """A project that saved 'bald' before it was refused made the Rounds page and every
+    worker's periodic check raise."""
+    with transaction(engine) as session:
+        project = get_project(session, "demo")
+        project.settings = {**project.settings, ar.AUTO_KEY: {"enabled": True, "strategy": "bald", "every_runs": 7}}
+    with transaction(engine) as session:
+        settings = ar.auto_status(session, "demo").settings
+        assert (settings.enabled, settings.every_runs, settings.strategy) == (True, 7, ar.AutoSettings().strategy)
+
+
 def test_a_failed_training_is_reported_and_the_queue_still_refreshed(engine, settings, monkeypatch) -> None:
     install(monkeypatch, FakeFit(fail_at=1))
     with transaction(engine) as session:
