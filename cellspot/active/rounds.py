@@ -47,6 +47,10 @@ class RoundError(ValueError):
     """A round operation that the round's state does not allow (e.g. rolling back a closed round)."""
 
 
+#: ``replacing`` of :func:`open_round` when the caller does not say which round it expects open
+ANY_ROUND = object()
+
+
 class ScoresError(ValueError):
     """A scores frame that cannot become a queue (missing columns, unknown images)."""
 
@@ -120,8 +124,14 @@ def open_round(
     scorer: Scorer | None = None,
     target_runs: int | None = None,
     now: datetime | None = None,
+    replacing: int | None | object = ANY_ROUND,
 ) -> ALRound:
     """Open round ``n + 1`` of ``project`` with a ranked queue; the open round (if any) closes.
+
+    ``replacing``: the number of the round the caller expects to be open (``None``: none);
+    the open round is closed by one conditional UPDATE, so when another caller replaced it
+    meanwhile (even a moment ago, in another process) :class:`RoundError` is raised and
+    nothing is written (with ``None``, the store's one-open-round index refuses the insert).
 
     ``scores``: one row per image, best first (as :func:`cellspot.active.strategies.score_images`
     and :func:`cellspot.active.select.select_batch` return them), columns ``image`` (name) or ``image_id``,
@@ -147,10 +157,13 @@ def open_round(
     detector_id, classifier_id = _model_runs(session, project, scores)
     when = now or utcnow()
 
-    previous = current_round(session, project)
-    if previous is not None:
-        previous.status, previous.closed_at = "closed", when
-        session.flush()  # before the new open round: one open round per project (a unique index)
+    if replacing is ANY_ROUND:
+        previous = current_round(session, project)
+        if previous is not None:
+            previous.status, previous.closed_at = "closed", when
+            session.flush()  # before the new open round: one open round per project (a unique index)
+    else:
+        previous = _close_expected(session, project, replacing, when)
     number = (session.scalar(select(func.max(ALRound.number)).where(ALRound.project_id == project.id)) or 0) + 1
     round_ = ALRound(
         project_id=project.id, number=number, status="open", strategy=str(strategy),
@@ -170,6 +183,24 @@ def open_round(
              strategy, len(rows), detector_id, classifier_id,
              f"; round {previous.number} closed" if previous is not None else "")
     return round_
+
+
+def _close_expected(session: Session, project: Project, number: int | None, when: datetime) -> ALRound | None:
+    """Close round ``number`` of ``project`` if it is still the open one, in one UPDATE (it waits
+    for, then sees, a concurrent writer's commit); the closed round, or ``None`` for ``None``.
+    :class:`RoundError` when it is not open any more."""
+    from sqlalchemy import update
+
+    if number is None:
+        return None
+    done = session.execute(
+        update(ALRound).where(ALRound.project_id == project.id, ALRound.status == "open", ALRound.number == int(number))
+        .values(status="closed", closed_at=when).execution_options(synchronize_session=False))
+    if done.rowcount != 1:
+        raise RoundError(f"round {number} is no longer the open round")
+    closed = session.scalar(select(ALRound).where(ALRound.project_id == project.id, ALRound.number == int(number)))
+    session.refresh(closed)
+    return closed
 
 
 def _queue_rows(session: Session, project: Project, scores: pd.DataFrame, top: int | None) -> list[dict[str, Any]]:

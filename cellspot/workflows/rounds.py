@@ -38,7 +38,7 @@ class RoundsWorkflowError(ValueError):
 
 
 #: ``replacing`` of :func:`open_new_round` when the caller does not say which round it saw
-ANY_ROUND = object()
+ANY_ROUND = al.ANY_ROUND
 
 
 def _check_still_open(session: Session, project: Project, seen: int | None, action: str) -> None:
@@ -234,7 +234,12 @@ def open_new_round(
         _check_still_open(session, project, replacing, "opened")
     try:
         round_ = al.open_round(session, project, strategy=strategy, top=top, scores=scores, scorer=scorer,
-                               target_runs=target_runs, now=now)
+                               target_runs=target_runs, now=now, replacing=replacing)
+    except al.RoundError as exc:  # replaced a moment ago by another process: say by which round
+        if replacing is ANY_ROUND:
+            raise
+        _check_still_open(session, project, replacing, "opened")
+        raise RoundsWorkflowError(f"{exc}; nothing was opened") from exc
     except IntegrityError as exc:
         if "one_open" not in str(exc) and "al_rounds" not in str(exc):
             raise

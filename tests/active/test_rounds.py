@@ -196,6 +196,31 @@ def test_rounds_opened_at_the_same_moment_leave_one_open(engine) -> None:
     assert all(o == "opened" or "opened at the same moment" in o for o in outcomes), outcomes
 
 
+def test_a_round_opened_by_another_process_after_the_check_is_not_replaced(engine) -> None:
+    """Two browsers showing round 1 pressed Open round a few ms apart: both checks read round 1
+    before either wrote, and rounds 2 and 3 were opened (4 of 5 tries). Here the other press
+    commits round 2 while this one is scoring, after its check."""
+    from cellspot.store.db import session_factory
+    from cellspot.workflows import rounds as wr
+
+    make = session_factory(engine)
+    with make() as s, s.begin():
+        _project(s)
+        wr.open_new_round(s, "p", strategy="random", scores=_scores("ab"))
+
+    def scorer(session, project, strategy, top):  # the other researcher's press lands meanwhile
+        with make() as other, other.begin():
+            wr.open_new_round(other, "p", strategy="random", scores=_scores("cd"), replacing=1)
+        return _scores("ab")
+
+    with pytest.raises(wr.RoundsWorkflowError, match="round 1 was open when you pressed, but round 2 is open now"):
+        with make() as s, s.begin():
+            wr.open_new_round(s, "p", strategy="random", scorer=scorer, replacing=1)
+    with make() as s:
+        statuses = s.execute(sa.select(ALRound.number, ALRound.status).order_by(ALRound.number)).all()
+    assert [tuple(r) for r in statuses] == [(1, "closed"), (2, "open")]
+
+
 def test_a_round_is_opened_only_over_the_round_the_caller_saw(session) -> None:
     """The first press of a double click opened round 2; the second (seen: round 1) opens nothing."""
     from cellspot.workflows import rounds as wr
