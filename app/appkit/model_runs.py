@@ -88,6 +88,21 @@ def runs(url: str, project_id: int) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
+def running_elsewhere(url: str, project_id: int) -> list[str]:
+    """Versions of the runs training now for other projects or on folders: the worker is busy
+    with them (one at a time), so this project's queued runs wait behind them."""
+    from sqlalchemy import or_, select
+
+    from cellspot.store.models import ModelRun
+
+    with resources.session() as session:
+        stmt = (select(ModelRun.version).where(ModelRun.status == "running",
+                                               or_(ModelRun.project_id.is_(None), ModelRun.project_id != project_id))
+                .order_by(ModelRun.id))
+        return list(session.scalars(stmt))
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
 def run_view(url: str, version: str) -> RunView:
     """One run's status, progress, metrics and curves (:func:`registry.run_curves`)."""
     with resources.session() as session:
@@ -131,7 +146,7 @@ def summary(cells: pd.DataFrame, images: list[str]) -> pd.DataFrame:
 
 def refresh() -> None:
     """Forget the cached reads (after a write)."""
-    for cached in (runs, run_view, compare, active_versions, predictions, can_roll_back):
+    for cached in (runs, run_view, compare, active_versions, predictions, can_roll_back, running_elsewhere):
         cached.clear()
 
 

@@ -112,6 +112,8 @@ def live_run(version: str) -> None:
         st.progress(charts.progress_fraction(view.progress), text=charts.progress_text(view.progress, view.status))
         waited = view.queued_for_s()
         busy = [v for v, status in live if status == "running" and v != view.version]
+        if view.status == "queued" and not busy:  # the worker may be training another project's run
+            busy = [f"{v} (another project)" for v in model_runs.running_elsewhere(URL, project.id)]
         silent = view.silent_s
         other_jobs = model_runs.busy_jobs() if view.status == "queued" and not busy else []
         if view.status == "queued" and busy:
@@ -299,7 +301,8 @@ if since is not None:
 
 cells = model_runs.predictions(URL, project.id)
 if cells.empty:
-    st.info("No predictions yet: press Predict project once a classifier and a detector are active.")
+    st.info("No predictions yet: they show here when the prediction is done." if since is not None else
+            "No predictions yet: press Predict project once a classifier and a detector are active.")
     st.stop()
 
 pairs = cells[["detector_version", "classifier_version"]].drop_duplicates().apply(tuple, axis=1).tolist()
@@ -323,11 +326,6 @@ with right:
     counted = int(totals.sum())
     st.markdown(f"**{counted}** cells on **{int((summary['n_cells'] > 0).sum())}** images · viability "
                 + (f"**{100 * totals['alive'] / counted:.1f} %**" if counted else "-"))
-    # narrow number columns: at 1024 px "viability %" and "n_cells" were cut off beside the image
-    st.dataframe(summary, hide_index=True, width="stretch", key="models_summary", column_config={
-        "image": st.column_config.TextColumn("image", width="medium"),
-        **{c: st.column_config.NumberColumn(c, width="small") for c in ("alive", "dead", "n_cells")},
-        "viability_pct": st.column_config.NumberColumn("viability %", format="%.1f", width="small")})
     st.download_button("Download per-image counts (CSV)", summary.to_csv(index=False),
                        f"{project.name}-predicted-counts.csv", "text/csv")
     st.download_button("Download predicted cells (CSV)", cells.to_csv(index=False),
@@ -343,3 +341,8 @@ with left:
     else:
         st.image(draw_overlay(rgb, shown[shown["label"].isin(("alive", "dead"))]), width="stretch",
                  caption=f"{names[image_id]}: {len(shown)} predicted cells (○ alive, □ with X dead)")
+
+# the per-image table below the image and its totals, at the page's width: beside the image,
+# at 1024 px, "viability %" and "n_cells" were cut off
+st.dataframe(summary, hide_index=True, width="stretch", key="models_summary", column_config={
+    "viability_pct": st.column_config.NumberColumn("viability %", format="%.1f")})

@@ -220,6 +220,22 @@ def test_cancel_of_a_run_whose_worker_is_gone_warns_once(app, app_engine):
     assert texts(app.error).count("its worker stopped reporting") == 1
 
 
+def test_a_run_queued_behind_another_projects_training_says_so(app, app_engine):
+    """The worker trains one run at a time: a run queued while it trained another project's
+    said "No worker seems to be running"."""
+    from cellspot.store.queries import get_or_create_project
+
+    with Session(app_engine) as session, session.begin():
+        other = get_or_create_project(session, "other")
+        busy = registry.create_run(session, "detector", project=other, preset="cpu-fast", config={})
+        busy.status = "running"
+        busy_version = busy.version
+    version = add_run(app_engine, "classifier", "queued", age_s=120)
+    open_models(app)
+    assert "No worker seems to be running" not in texts(app.warning)
+    assert f"Queued behind {busy_version} (another project)" in texts(app.caption), version
+
+
 def test_a_running_run_shows_its_progress_and_curves(app, app_engine):
     progress = {"epoch": 2, "epochs": 5, "step": 3, "steps": 10, "phase": "train", "train_loss": 0.4,
                 "fraction": 0.26, "eta_s": 65.0}
@@ -329,7 +345,7 @@ def test_after_predict_the_page_waits_for_the_new_predictions_then_shows_them(ap
     app.button(key="models_predict").click().run()
     no_exception(app)
     assert "Predicting every image with the active models" in texts(app.info)
-    assert "No predictions yet" in texts(app.info)
+    assert "No predictions yet: they show here when the prediction is done." in texts(app.info)
     with Session(app_engine) as session, session.begin():  # what the worker stores
         runs = {r.version: r.id for r in session.scalars(select(ModelRun))}
         image = session.scalars(select(Image).order_by(Image.name)).first()
