@@ -143,7 +143,12 @@ class DetectorConfig:
     tta: bool = False
 
     def __post_init__(self) -> None:
-        self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+        channels = self.decoder_channels
+        if isinstance(channels, (int, str)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
+            raise TrainingError(f"bad detector config: decoder_channels must be a list of whole numbers >= 1 (one "
+                                f"per encoder stage, e.g. [64, 32, 16, 16]); got {channels!r}")
+        self.decoder_channels = tuple(channels)
         _validate(self)
 
     @property

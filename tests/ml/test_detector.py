@@ -79,6 +79,11 @@ def test_presets_build_and_run_forward_backward() -> None:
         (dict(max_eccentricity=0.0), "max_eccentricity must be in"),
         (dict(min_instance_prob=1.5), "min_instance_prob must be in"),
         (dict(encoder="nonexistent_net"), "unknown encoder 'nonexistent_net'; use a segmentation-models-pytorch"),
+        (dict(decoder_channels=(0, 0, 0, 0)), "decoder_channels must be a list of whole numbers >= 1"),
+        (dict(decoder_channels=(-1, 32, 16, 16)), "decoder_channels must be a list of whole numbers >= 1"),
+        (dict(decoder_channels=(64.9, 32, 16, 16)), "decoder_channels must be a list of whole numbers >= 1"),
+        (dict(decoder_channels=64), "decoder_channels must be a list of whole numbers >= 1"),
+        (dict(decoder_channels="64 32"), "decoder_channels must be a list of whole numbers >= 1"),
         (dict(encoder="tu-nonexistent_net"), "unknown encoder 'tu-nonexistent_net'"),
     ],
 )
