@@ -276,12 +276,18 @@ def test_metadata_csv(session, project, settings, tmp_path: Path) -> None:
     assert sorted(report.metadata_applied) == ["b.png", "c.png"]
 
 
+def _with_metadata(session, project, settings, tmp_path: Path, files: dict[str, bytes], text: str):
+    """Import ``files`` with the metadata CSV ``text``; the report."""
+    folder = _write(tmp_path / "in", files)
+    meta = tmp_path / "meta.csv"
+    meta.write_text(text)
+    return import_images(session, project, [folder], settings, metadata_csv=meta)
+
+
 def test_metadata_for_one_image_under_two_names_with_other_values_is_not_applied(session, project, settings,
                                                                                    tmp_path: Path) -> None:
-    folder = _write(tmp_path / "in", {"w1.png": _png(1), "w2.png": _png(2)})
-    meta = tmp_path / "meta.csv"
-    meta.write_text("image,condition\nw1,ctrl\nw1.png,drug\nw2,ctrl\nw2.png,ctrl\n")
-    report = import_images(session, project, [folder], settings, metadata_csv=meta)
+    report = _with_metadata(session, project, settings, tmp_path, {"w1.png": _png(1), "w2.png": _png(2)},
+                            "image,condition\nw1,ctrl\nw1.png,drug\nw2,ctrl\nw2.png,ctrl\n")
     rows = _rows(session)
     assert rows["w1.png"].meta == {} and rows["w2.png"].meta == {"condition": "ctrl"}
     assert [(p.line, p.reason) for p in report.errors] == [
@@ -294,11 +300,8 @@ def test_metadata_for_one_image_under_two_names_with_other_values_is_not_applied
     ('image,condition\nw1.png,"ctrl\nw2.png,drug\n', "a quoted field runs over lines 2-3"),
 ])
 def test_a_broken_metadata_csv_names_the_problem(session, project, settings, tmp_path: Path, text, message) -> None:
-    folder = _write(tmp_path / "in", {"w1.png": _png(1), "w2.png": _png(2)})
-    meta = tmp_path / "meta.csv"
-    meta.write_text(text)
     try:
-        report = import_images(session, project, [folder], settings, metadata_csv=meta)
+        report = _with_metadata(session, project, settings, tmp_path, {"w1.png": _png(1), "w2.png": _png(2)}, text)
     except ImageImportError as exc:
         assert message in str(exc)
     else:
@@ -308,10 +311,8 @@ def test_a_broken_metadata_csv_names_the_problem(session, project, settings, tmp
 
 def test_a_metadata_name_without_extension_that_matches_two_images_says_so(session, project, settings,
                                                                           tmp_path: Path) -> None:
-    folder = _write(tmp_path / "in", {"w1.png": _png(1), "w1.tif": _tiff16(2)})
-    meta = tmp_path / "meta.csv"
-    meta.write_text("image,condition\nw1,treated\n")
-    report = import_images(session, project, [folder], settings, metadata_csv=meta)
+    report = _with_metadata(session, project, settings, tmp_path, {"w1.png": _png(1), "w1.tif": _tiff16(2)},
+                            "image,condition\nw1,treated\n")
     assert [(p.line, p.reason) for p in report.errors] == [
         (2, "'w1' matches 2 images (w1.png, w1.tif); give the full file name")]
 
