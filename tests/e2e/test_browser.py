@@ -22,6 +22,7 @@ from st_ui import (
     click_button,
     click_image_pixel,
     dataframe_rows,
+    fill_text,
     go_to,
     log_in,
     nav_links,
@@ -500,9 +501,9 @@ def test_a_created_project_is_the_one_the_setup_page_imports_into(
     picker = page.locator('[data-testid="stSelectbox"]').filter(has_text="Project").locator("input")
     expect(picker).to_have_value(seeded_store.project)
     page.get_by_text("Create a project").click()
-    page.get_by_role("textbox", name="Name", exact=True).fill("Lab picker")
-    click_button(page, "Create", exact=True)
-    expect(page.get_by_text("Project 'Lab picker' created.")).to_be_visible()
+    fill_text(page, "Name", "Lab picker", exact=True)  # committed (Tab) before the press: under load a
+    click_button(page, "Create", exact=True)            # press right after typing was lost
+    expect(page.get_by_text("Project 'Lab picker' created.")).to_be_visible(timeout=20_000)
     expect(picker).to_have_value("Lab picker")
     expect(page.get_by_role("heading", name="Lab picker")).to_be_visible()
 
@@ -534,9 +535,9 @@ def test_a_created_project_is_the_one_the_setup_page_imports_into(
     # own picker: it showed the first project) and back on Setup
     go_to(page, "Setup")
     page.get_by_text("Create a project").click()
-    page.get_by_role("textbox", name="Name", exact=True).fill("Lab second")
+    fill_text(page, "Name", "Lab second", exact=True)
     click_button(page, "Create", exact=True)
-    expect(picker).to_have_value("Lab second")
+    expect(picker).to_have_value("Lab second", timeout=20_000)
     go_to(page, "Class")
     expect(page.get_by_role("heading", name="Class")).to_be_visible()
     expect(picker).to_have_value("Lab second")
