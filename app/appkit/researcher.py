@@ -111,8 +111,7 @@ def page_header(title: str) -> Project | None:
         return None
     ids = table["project_id"].astype(int).tolist()
     names = dict(zip(ids, table["project"].astype(str)))
-    switch = st.session_state.pop("r_project_switch", None)
-    current = switch if switch is not None else st.session_state.get("r_project_id")
+    current = st.session_state.get("r_project_id")
     if current not in ids:
         default = resources.settings().default_project
         current = next((i for i in ids if names[i] == default), ids[0])
@@ -123,11 +122,9 @@ def page_header(title: str) -> Project | None:
     # updates ``r_project_id`` in its callback, which runs before the page.
     st.session_state["r_project_id"] = current
     st.session_state["r_project_pick"] = current
-    chosen = pick_col.selectbox("Project", ids, format_func=names.get, key="r_project_pick",
-                                on_change=_follow_pick)
-    st.session_state["r_project_id"] = chosen
+    pick_col.selectbox("Project", ids, format_func=names.get, key="r_project_pick", on_change=_follow_pick)
     with resources.session() as session:
-        return session.get(Project, chosen)
+        return session.get(Project, current)
 
 
 def _follow_pick() -> None:
@@ -136,7 +133,7 @@ def _follow_pick() -> None:
 
 def switch_project(project_id: int) -> None:
     """Make ``project_id`` the picked project from the next run on (after creating it, say)."""
-    st.session_state["r_project_switch"] = project_id
+    st.session_state["r_project_id"] = project_id
 
 
 def recompute_consensus(project_id: int) -> str:

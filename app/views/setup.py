@@ -14,7 +14,7 @@ import streamlit as st
 from appkit import researcher, resources, roles
 
 from cellspot.active.retirement import SETTING_KEYS, RetirementPolicy
-from cellspot.active.rounds import DEFAULT_TARGET_RUNS
+from cellspot.active.rounds import target_runs_setting
 from cellspot.active.scheduler import DEFAULT_LEASE_SECONDS
 from cellspot.importers import (
     CellspotImportError,
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "zip"]
 DEFAULT_POLICY = RetirementPolicy()
 #: what a project without the setting gets (the form shows it, so Save stores no other value;
-#: the runs per image: DEFAULT_TARGET_RUNS, as rounds read it)
+#: the runs per image: cellspot.active.rounds.target_runs_setting, as rounds read it)
 UNSET_DEFAULTS = {"gold_rate": DEFAULT_GOLD_RATE, "feedback_radius": DEFAULT_FEEDBACK_RADIUS}
 #: what a new project starts with
 NEW_PROJECT_DEFAULTS = {"target_runs_per_image": 5, "gold_rate": 0.1, "feedback_radius": 20.0,
@@ -60,8 +60,8 @@ def _settings_inputs(current: dict, prefix: str) -> dict:
     codes = cols[0].text_input(
         "Class codes (comma-separated)", ", ".join(current.get("class_codes") or []), key=f"{prefix}_codes",
         help="Students join with one of these; 2 to 32 letters, digits, - or _. Each code names one project.")
-    target_now = current.get("target_runs_per_image", current.get("target_runs", DEFAULT_TARGET_RUNS))
-    target = cols[1].number_input("Target runs per image", 1, 1000, int(target_now), key=f"{prefix}_target")
+    target = cols[1].number_input("Target runs per image", 1, 1000, int(target_runs_setting(current)),
+                                  key=f"{prefix}_target")
     gold_now = current.get("gold_rate", UNSET_DEFAULTS["gold_rate"])
     gold = cols[2].number_input("Gold rate", 0.0, 1.0, float(gold_now), step=0.05,
                                 key=f"{prefix}_gold",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -65,14 +65,19 @@ def current_round(session: Session, project: Project) -> ALRound | None:
     return session.scalar(stmt)
 
 
+def target_runs_setting(settings: Mapping[str, Any]) -> Any:
+    """The runs per image a project's ``settings`` give its rounds (``target_runs_per_image``,
+    or its older name ``target_runs``, else :data:`DEFAULT_TARGET_RUNS`), as stored."""
+    return settings.get("target_runs_per_image", settings.get("target_runs", DEFAULT_TARGET_RUNS))
+
+
 def target_runs_for(project: Project, round_: ALRound | None = None) -> int:
     """Runs each queued image should get in a round: the round's ``params["target_runs"]``,
     else the project setting ``target_runs_per_image`` (the Setup page's "Target runs per
     image"; ``target_runs`` is read as an older name of it), else :data:`DEFAULT_TARGET_RUNS`."""
     value = (round_.params or {}).get("target_runs") if round_ is not None else None
     if value is None:
-        settings = project.settings or {}
-        value = settings.get("target_runs_per_image", settings.get("target_runs", DEFAULT_TARGET_RUNS))
+        value = target_runs_setting(project.settings or {})
     target = int(value)
     if target < 1:
         raise ValueError(f"target_runs must be >= 1, got {value!r}")

@@ -44,7 +44,6 @@ from __future__ import annotations
 import ast
 import logging
 import math
-import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -68,10 +67,8 @@ from cellspot.importers.csvtools import (
     separator_hint,
 )
 from cellspot.importers.errors import ClickImportError, ImportProblem, write_problems_csv
+from cellspot.names import has_control_character
 from cellspot.store.models import IMAGE_NAME_MAX, NICKNAME_MAX
-
-#: Unicode categories refused in names: controls, format characters, line and paragraph separators
-CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 log = logging.getLogger(__name__)
 
@@ -259,19 +256,21 @@ def _tidy_row(parsed: ParsedClicks, row: dict[str, str], line: int, size_lines: 
     if not marker:
         parsed.n_records += 1
     row_problems = _name_problems(image, annotator)
-    size, problem = (None, None) if row_problems else _declared_size(parsed, row, image, line, size_lines)
-    row_problems += [problem] if problem is not None else []
+    size, size_problem = (None, None) if row_problems else _declared_size(parsed, row, image, line, size_lines)
+    row_problems += [size_problem] if size_problem is not None else []
     timestamp = None
     if row.get("timestamp", "").strip():
         timestamp, reason = _parse_timestamp(row["timestamp"])
         if reason:
             row_problems.append(("timestamp", reason, row["timestamp"]))
+    run_problem = None
     if not row_problems:
         run_key = row.get("task_run", "").strip() or f"{annotator}@{image}"
-        run, problem = _tidy_run(parsed, run_key, image, annotator, line)
-        row_problems += [problem] if problem is not None else []
+        run, run_problem = _tidy_run(parsed, run_key, image, annotator, line)
+        row_problems += [run_problem] if run_problem is not None else []
     if row_problems:  # with the click's own problems: every bad field of the row in one reject
-        click_problems = [] if marker else _click_fields(row, size if problem is None else None)[2]
+        bounds = size if run_problem is None else None  # the image bounds are checked for an accepted run only
+        click_problems = [] if marker else _click_fields(row, bounds)[2]
         parsed.reject(line, *joined_problem([*row_problems, *click_problems]))
         return
     if timestamp is not None:
@@ -297,7 +296,7 @@ def _name_problems(image: str, annotator: str) -> list[tuple[str, str, Any]]:
             problems.append((name, "missing value", None))
         elif len(value) > limit:
             problems.append((name, f"{len(value)} characters; at most {limit} are allowed", value[:60] + "..."))
-        elif any(unicodedata.category(c) in CONTROL_CATEGORIES for c in value):
+        elif has_control_character(value):
             problems.append((name, "holds a control character (a NUL byte, a tab or a line break)", repr(value)))
     return problems
 

@@ -415,13 +415,16 @@ def predict_images(
     """Detect and classify the cells of every image in ``paths`` (see :func:`collect_images`;
     or the result of :func:`check_images`, which is then not checked again).
 
-    Every file is checked to be readable first (:func:`check_images`): without ``skip_invalid``
-    any unreadable file raises :class:`UnreadableImagesError` listing all of them before an
-    image is predicted; with it they are listed in :attr:`PredictionResult.errors` and the
-    others run. A file that passes the check but fails to decode is handled the same way
-    when it is read.
+    Without ``skip_invalid`` every file is checked to be readable first (:func:`check_images`),
+    and any unreadable file raises :class:`UnreadableImagesError` listing all of them before an
+    image is predicted. With it, unreadable files are listed in :attr:`PredictionResult.errors`
+    as they are read and the others run (no check first: it would decode every file twice). A
+    file that passes the check but fails to decode is handled the same way when it is read.
     """
-    checked = paths if isinstance(paths, CheckedImages) else check_images(paths)
+    if isinstance(paths, CheckedImages):
+        checked = paths
+    else:
+        checked = CheckedImages(collect_images(paths), []) if skip_invalid else check_images(paths)
     if checked.errors and not skip_invalid:
         raise UnreadableImagesError(checked.errors, checked.total)
     sources = checked.readable

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from sqlalchemy import Select, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from cellspot.names import has_control_character
 from cellspot.store.models import (
     ANNOTATOR_ROLES,
     CLICK_LABELS,
@@ -136,7 +136,7 @@ def check_project_name(name: object) -> str:
     if name != name.strip():
         raise ValueError(f"a project name must not start or end with spaces; got {name!r} "
                          f"(did you mean {name.strip()!r}?)")
-    if any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in name):
+    if has_control_character(name):
         raise ValueError(f"a project name must not hold tabs, line breaks or other control characters; got {name!r}")
     return name
 

@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from cellspot.evaluation import match_cells
+from cellspot.names import has_control_character
 from cellspot.store import queries
 from cellspot.store.models import (
     ALQueueItem,
@@ -168,7 +169,7 @@ def normalize_nickname(nickname: str) -> str:
             f"the nickname has {len(text)} characters; at most {NICKNAME_MAX_CHARS} are allowed")
     # control and format characters (bidi overrides, zero-width spaces) are refused, except the
     # zero-width joiners that glue emoji sequences together (a woman scientist emoji is one)
-    if any(unicodedata.category(ch).startswith("C") and ch not in _EMOJI_JOINERS for ch in text):
+    if has_control_character(text, allowed=_EMOJI_JOINERS):
         raise InvalidNicknameError("the nickname contains control characters; use letters, digits or symbols")
     return text
 
