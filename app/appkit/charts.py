@@ -125,9 +125,10 @@ PHASE_WORDS = {"train": "", "epoch_end": "", "val": "validating", "calibrate": "
 
 def progress_text(progress: Mapping[str, Any] | None, status: str | None = None) -> str:
     """One line for the progress bar: ``"epoch 2/5 · step 3/10 · train loss 0.412 · ETA 1 min 05 s"``;
-    before the first step it says what the run is waiting for (``status``: the run's status)."""
+    before the first step it says what the run is doing (``status``: the run's status; a queued run's line
+    under the bar says what it waits for: a worker, or the run ahead of it)."""
     if not {k: v for k, v in (progress or {}).items() if k != "queued_at"}:
-        return "loading the data and building the model" if status == "running" else "waiting for the worker to start"
+        return "loading the data and building the model" if status == "running" else "queued"
     parts = []
     if progress.get("epochs"):
         parts.append(f"epoch {progress.get('epoch', 0)}/{progress['epochs']}")

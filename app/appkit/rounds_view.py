@@ -44,7 +44,7 @@ HISTORY_LABELS = {
     "created_at": "opened (UTC)", "closed_at": "closed (UTC)",
 }
 #: what an empty history cell means, by column
-HISTORY_MISSING = {"top": "all images", "detector_version": "none", "classifier_version": "none",
+HISTORY_MISSING = {"top": "all", "detector_version": "none", "classifier_version": "none",
                    "snapshot_id": "none"}  # and closed_at: "still open"
 #: learning-curve metrics left out of the chart: lower is better, unlike the others on its axis
 #: (they stay in the CSV)
@@ -152,7 +152,7 @@ def queue_status(queue: pd.DataFrame, target_runs: int) -> tuple[str, str | None
 def history_table(rounds: pd.DataFrame) -> pd.DataFrame:
     """The history columns :data:`HISTORY_SHOWN` of ``rounds`` (:func:`history`) as the page
     shows them: ``rolled_back`` -> ``rolled back``, an empty cell says what it means
-    (:data:`HISTORY_MISSING`: ``all images``, ``none``); the column names stay (the page labels
+    (:data:`HISTORY_MISSING`: ``all``, ``none``); the column names stay (the page labels
     them with :data:`HISTORY_LABELS`; the CSV keeps them as they are)."""
     table = rounds[HISTORY_SHOWN].copy()
     table["status"] = table["status"].astype(str).str.replace("_", " ", regex=False)

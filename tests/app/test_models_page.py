@@ -448,7 +448,7 @@ def test_predict_is_disabled_without_active_models(app, app_engine):
 
 
 @pytest.mark.parametrize(("progress", "parts"), [
-    (None, ["waiting for the worker"]),
+    (None, ["queued"]),
     ({"epoch": 1, "epochs": 4, "step": 5, "steps": 10, "fraction": 0.125}, ["epoch 1/4", "step 5/10", "12 %"]),
     ({"epoch": 3, "epochs": 4, "step": 0, "steps": 0, "phase": "epoch_end", "val_loss": 0.25},
      ["epoch 3/4", "val loss 0.250", "50 %"]),
@@ -470,7 +470,7 @@ def test_a_run_at_100_percent_that_still_works_says_it_is_finishing():
 
 def test_progress_text_before_the_first_step_follows_the_status():
     assert charts.progress_text({}, "running") == "loading the data and building the model"
-    assert charts.progress_text({"queued_at": "2026-01-01T00:00:00"}, "queued") == "waiting for the worker to start"
+    assert charts.progress_text({"queued_at": "2026-01-01T00:00:00"}, "queued") == "queued"
 
 
 def test_a_resumed_run_counts_its_queue_time_from_the_resume():

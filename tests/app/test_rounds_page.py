@@ -328,7 +328,7 @@ def test_history_and_queue_read_well(app, app_engine):
     open_rounds(app)
     history = table(app, "rounds_history")
     assert history[["top", "detector_version", "classifier_version"]].values.tolist() == [
-        ["all images", "none", "none"]]
+        ["all", "none", "none"]]
     assert "None" not in history.astype(str).values
     queue = table(app, "rounds_queue")
     columns = list(queue.columns)
