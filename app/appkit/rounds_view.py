@@ -133,7 +133,8 @@ def queue_status(queue: pd.DataFrame, target_runs: int) -> tuple[str, str | None
     active = queue[queue["status"] == "active"]
     done = int((active["runs_round"] >= target_runs).sum())
     leased = int(active["leased"].sum())
-    retired = len(queue) - len(active)
+    at_max = int((queue["status"] == workflow.AT_MAX_RUNS).sum())
+    retired = len(queue) - len(active) - at_max
     after = ("students now get the open images outside the queue, fewest runs first, then gold images. "
              "Retrain and open a new round to rank the images again.")
     if active.empty:
@@ -142,10 +143,12 @@ def queue_status(queue: pd.DataFrame, target_runs: int) -> tuple[str, str | None
         return line, (f"The queued images retired before getting their {target_runs} run(s) of this round, so none "
                       f"is left to serve: {after}")
     line = (f"{done} of {len(active)} queued image(s) have their {target_runs} run(s) of this round · "
-            f"{leased} being labelled now" + (f" · {retired} retired since the round opened" if retired else ""))
+            f"{leased} being labelled now" + (f" · {retired} retired since the round opened" if retired else "")
+            + (f" · {at_max} at the most runs an image gets (served no more; the next consensus retires them)"
+               if at_max else ""))
     if done < len(active):
         return line, None
-    has = "has its runs" + (" or retired" if retired else "")
+    has = "has its runs" + (" or retired" if retired or at_max else "")
     return line, f"Every queued image {has}: {after}"
 
 
@@ -302,11 +305,12 @@ def thumbnails(image_ids: list[int], size: int = THUMB_PX) -> dict[int, str | No
 
 def queue_with_thumbnails(table: pd.DataFrame, rows: int = THUMB_ROWS) -> pd.DataFrame:
     """The queue table to show: :data:`QUEUE_SHOWN` then the score components, a ``thumbnail``
-    data URI for the best ``rows`` images (``None`` below)."""
+    data URI for the best ``rows`` images (``None`` below); statuses read as words (``at max runs``)."""
     components = [c for c in table.columns if c not in (*QUEUE_SHOWN, "image_id", "components")]
     ids = table["image_id"].astype(int).tolist()
     shown = thumbnails(ids[:rows])
-    out = table.assign(thumbnail=[shown.get(i) for i in ids])
+    out = table.assign(thumbnail=[shown.get(i) for i in ids],
+                       status=table["status"].astype(str).str.replace("_", " ", regex=False))
     return out[QUEUE_SHOWN + components]
 
 

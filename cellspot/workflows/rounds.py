@@ -30,6 +30,8 @@ DEFAULT_STRATEGY = al.DEFAULT_STRATEGY
 MODEL_ORDER = ("detector", "classifier")
 CURVE_COLUMNS = ["round", "task_runs", "status", "kind", "version", "metric", "value", "split", "series"]
 PROGRESS_SHOWN = scheduler.PROGRESS_COLUMNS[1:]
+#: the queue's status of an active image that has the project's maximum of runs (served no more)
+AT_MAX_RUNS = "at_max_runs"
 """Columns :func:`queue_table` adds to the queue (:func:`cellspot.active.scheduler.queue_progress`)."""
 
 
@@ -289,7 +291,9 @@ def queue_table(session: Session, project: Project | str, number: int | None = N
     """The queue of round ``number`` (default: the open round) best first, with each image's
     score, reason and score components (:func:`cellspot.active.rounds.round_queue`) and, while
     the round is open, its runs this round and live leases (``runs_round``, ``leased``; empty for
-    a closed round); an empty frame with those columns when there is no such round."""
+    a closed round); an empty frame with those columns when there is no such round. While the
+    round is open, an active image with the project's maximum of runs has the status
+    :data:`AT_MAX_RUNS`: no student gets it any more, and the next consensus retires it."""
     project = as_project(session, project)
     if number is None:
         round_ = al.current_round(session, project)
@@ -300,6 +304,9 @@ def queue_table(session: Session, project: Project | str, number: int | None = N
     table = al.round_queue(session, round_)
     if round_.status != "open" or table.empty:
         return table.assign(**{c: pd.NA for c in PROGRESS_SHOWN})
+    max_runs = scheduler.max_runs_of(project)
+    if max_runs is not None:  # served no more; the next consensus retires it (it still read "active")
+        table.loc[(table["status"] == "active") & (table["n_runs"] >= max_runs), "status"] = AT_MAX_RUNS
     progress = scheduler.queue_progress(session, round_)
     return table.merge(progress, on="image_id", how="left")
 

@@ -463,12 +463,25 @@ def test_learning_curve_counts_task_runs_in_whole_numbers():
      "Every queued image has its runs or retired: students now get"),
     (["active"], [1], "1 of 1 queued image(s)", "Every queued image has its runs: students now get"),
     (["retired"] * 3, [0, 0, 0], "All 3 queued image(s) retired since the round opened", "retired before getting"),
+    (["active", "at_max_runs"], [0, 0], "0 of 1 queued image(s) have their 1 run(s) of this round · 0 being "
+                                        "labelled now · 1 at the most runs an image gets", None),
+    (["active", "at_max_runs", "retired"], [1, 0, 0], "1 retired since the round opened · 1 at the most runs",
+     "Every queued image has its runs or retired"),
 ])
 def test_queue_status(statuses, runs, line, message):
     queue = pd.DataFrame({"status": statuses, "runs_round": runs, "leased": [0] * len(runs)})
     got_line, got_message = rounds_view.queue_status(queue, 1)
     assert line in got_line and "0 of 0" not in got_line
     assert (got_message is None) if message is None else (message in got_message)
+
+
+def test_the_queue_table_shows_statuses_as_words(monkeypatch):
+    monkeypatch.setattr(rounds_view, "thumbnails", lambda ids: {})
+    queue = pd.DataFrame({"rank": [1, 2], "image_id": [7, 8], "image": ["a.png", "b.png"], "score": [0.9, 0.8],
+                          "status": ["active", "at_max_runs"], "runs_round": [0, 0], "leased": [0, 0],
+                          "n_runs": [1, 5], "reason": ["x", "y"], "crowd": [0.5, 0.4]})
+    shown = rounds_view.queue_with_thumbnails(queue)
+    assert shown["status"].tolist() == ["active", "at max runs"] and "crowd" in shown.columns
 
 
 def _status(*, enabled=True, task_runs=80, baseline=0, counted_from=None, every=50):

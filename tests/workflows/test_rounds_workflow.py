@@ -144,6 +144,24 @@ def test_the_open_rounds_queue_counts_runs_of_the_round_and_leases(db) -> None:
     assert closed[wr.PROGRESS_SHOWN].isna().all().all()  # only an open round's progress is counted
 
 
+def test_the_queue_shows_an_image_at_the_maximum_of_runs_as_served_no_more(db) -> None:
+    """It read "active" until the next consensus retired it, though no student got it any more."""
+    from cellspot.store.models import utcnow
+
+    t0 = utcnow() + timedelta(hours=1)
+    wr.open_new_round(db, "demo", strategy="crowd", scores=_scores(db, [0, 1]), target_runs=5, now=t0)
+    project = get_project(db, "demo")
+    runs = dict(zip(*zip(*wr.queue_table(db, "demo")[["image_id", "n_runs"]].values.tolist())))
+    first = db.scalars(select(Image.id).where(Image.project_id == project.id).order_by(Image.id)).first()
+    project.settings = {**(project.settings or {}), "retire_min_runs": 1, "retire_max_runs": runs[first] + 1}
+    db.flush()
+    assert set(wr.queue_table(db, "demo")["status"]) == {"active"}
+    _submit(db, 1, when=t0 + timedelta(minutes=1))  # image ``first`` reaches the maximum
+    queue = wr.queue_table(db, "demo").set_index("image_id")
+    assert queue.loc[first, "status"] == wr.AT_MAX_RUNS
+    assert (queue.drop(index=first)["status"] == "active").all()
+
+
 def test_a_model_strategy_round_without_predictions_says_every_image_tied(db) -> None:
     info = wr.open_new_round(db, "demo", strategy="classifier", now=T0)
     assert info.crowd_only and info.describe().endswith("4 images, no model predictions: every image tied)")
