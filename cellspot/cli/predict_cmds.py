@@ -141,6 +141,9 @@ def predict_command(
     need_store = detector_dir is None or classifier_dir is None or store is True
     engine = _open_store(settings, required=need_store) if need_store or store is None else None
     try:
+        from cellspot.ml.common import configure_threads
+
+        configure_threads(settings.torch_threads)  # CELLSPOT_TORCH_THREADS, as for training
         models = _resolve_models(engine, settings, name, detector_dir, classifier_dir)
         if store is True and not models.are_active:
             raise click.ClickException(

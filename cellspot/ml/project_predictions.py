@@ -99,9 +99,11 @@ def predict_project(
     from sqlalchemy import select
 
     from cellspot.ml import registry
+    from cellspot.ml.common import configure_threads
     from cellspot.render import ImageUnavailableError, image_file
     from cellspot.store.models import Image
 
+    configure_threads(settings.torch_threads)  # CELLSPOT_TORCH_THREADS (a worker's share), as for training
     if detector_run is None or classifier_run is None:
         active_detector, active_classifier = active_runs(session, project)
         detector_run, classifier_run = detector_run or active_detector, classifier_run or active_classifier

@@ -325,3 +325,41 @@ def test_predict_stores_each_project_image_once_and_marks_the_images_it_ran_on(s
         assert not signals.loc["well_b.png", "has_model"]
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def torch_threads():
+    """Restores torch's thread count after a test that sets it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_predict_cli_uses_the_torch_threads_setting(settings, tmp_path: Path, fake_loaders, model_dirs,
+                                                     monkeypatch, torch_threads) -> None:
+    """CELLSPOT_TORCH_THREADS was documented for prediction but only training applied it."""
+    import torch
+
+    torch.set_num_threads(2)
+    monkeypatch.setenv("CELLSPOT_TORCH_THREADS", "1")
+    ok_cli("predict", write_images(tmp_path / "images"), "--out", tmp_path / "out", "--detector", model_dirs[0],
+           "--classifier", model_dirs[1], "--no-overlays")
+    assert torch.get_num_threads() == 1
+
+
+def test_predicting_a_project_uses_the_torch_threads_setting(settings, tmp_path: Path, fake_loaders,
+                                                             torch_threads) -> None:
+    """A worker's prediction job (and an automatic round) runs with its share of the threads."""
+    import torch
+
+    from cellspot.store.db import session_factory
+    from cellspot.store.queries import get_project
+
+    engine = _store_project(settings, write_images(tmp_path / "images"))
+    torch.set_num_threads(2)
+    with session_factory(engine)() as session:
+        project_predictions.predict_project(session, settings.model_copy(update={"torch_threads": 1}),
+                                            get_project(session, "p"))
+    assert torch.get_num_threads() == 1
