@@ -11,6 +11,7 @@ other runs also saw and on images only spam runs saw.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ def spam_kept(cells: pd.DataFrame, spam: pd.DataFrame, within: float = 3.0) -> i
     return kept
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Prints a table; writes no files.",
+                            ).parse_args(argv)
     if not CLICKS.exists():
         print(f"skipped: {CLICKS} is absent")
         return

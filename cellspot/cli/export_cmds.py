@@ -20,7 +20,9 @@ from cellspot.cli import OUT_DIR, PROJECT, main
 @click.option("--min-confidence", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Cells below this consensus confidence are left out (and counted in the manifest).")
 @click.option("--snapshot", "snapshot_id", default=None, type=int, help="Snapshot id (default: the latest).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTDIR if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier cellspot export in OUTDIR (one with its manifest.json); any other "
+                   "non-empty folder is refused.")
 def export_command(
     outdir: Path,
     project_name: str | None,

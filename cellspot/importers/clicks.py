@@ -534,7 +534,7 @@ def import_clicks(
     source_name: str | None = None,
     replace_runs: bool = False,
 ) -> ClickImportReport:
-    """Import a click file into ``project`` (caller-owned ``session``; flushes, never commits).
+    """Import a click file into ``project`` (a Project or its name; caller-owned ``session``; flushes, never commits).
 
     Raises :class:`ClickImportError` (nothing written) when the file has any reject and
     ``skip_invalid`` is false, or when a run of a tidy file was imported before from another
@@ -546,6 +546,9 @@ def import_clicks(
     from cellspot.importers import _store
     from cellspot.settings import get_settings
 
+    from cellspot.store.queries import as_project
+
+    project = as_project(session, project)  # a name, from the Python API
     settings = settings or get_settings()
     parsed = parse_clicks(path, format)
     if not parsed.runs and not parsed.rejects:  # a typo'd --project would be left behind, empty

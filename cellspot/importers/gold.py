@@ -120,7 +120,7 @@ def _gold_row(row: dict[str, str], line: int) -> tuple[GoldRow | None, tuple[str
 
 
 def import_gold(session: Any, project: Any, path: str | Path, source: str | None = None) -> GoldImportReport:
-    """Import gold cells into ``project`` (caller-owned ``session``; flushes, never commits).
+    """Import gold cells into ``project`` (a Project or its name; caller-owned ``session``; flushes, never commits).
 
     ``source`` is stored on each cell (default ``"import:<file name>"``). Raises
     :class:`GoldImportError` listing every problem; then nothing is written.
@@ -130,6 +130,9 @@ def import_gold(session: Any, project: Any, path: str | Path, source: str | None
     from cellspot.importers import _store
     from cellspot.store.models import GoldCell, utcnow
 
+    from cellspot.store.queries import as_project
+
+    project = as_project(session, project)  # a name, from the Python API
     path = Path(path)
     rows, problems = parse_gold_csv(path)
     images = _store.project_images(session, project)

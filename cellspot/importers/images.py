@@ -177,7 +177,7 @@ def import_images(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     progress: ProgressCallback | None = None,
 ) -> ImageImportReport:
-    """Import image files, folders (recursive) and zip archives into ``project``.
+    """Import image files, folders (recursive) and zip archives into ``project`` (a Project or its name).
 
     Caller-owned ``session``: rows are flushed, never committed. Bad files are reported in
     :attr:`ImageImportReport.errors` (the others still import); a metadata CSV without an
@@ -186,6 +186,9 @@ def import_images(
     from cellspot.importers import _store
     from cellspot.settings import get_settings
 
+    from cellspot.store.queries import as_project
+
+    project = as_project(session, project)  # a name, from the Python API
     settings = settings or get_settings()
     metadata, meta_problems = read_metadata_csv(metadata_csv) if metadata_csv else ({}, [])
     report = ImageImportReport()

@@ -589,3 +589,25 @@ def test_same_file_into_two_projects_imports_into_both(session, settings, tmp_pa
     again = import_clicks(session, get_or_create_project(session, "two"), path, settings=settings)
     assert (again.imported, again.already_present) == (0, 2)
     assert _counts(session) == {"Image": 2, "Annotator": 4, "TaskRun": 4, "Click": 4}
+
+
+def test_the_python_api_takes_a_project_name(session, settings, tmp_path: Path) -> None:
+    """The README shows ``import_clicks(session, project, path)`` beside functions that take a name;
+    a name failed with "'str' object has no attribute 'id'"."""
+    from PIL import Image as PILImage
+
+    from cellspot.importers import import_gold, import_images
+    from cellspot.store.queries import ProjectNotFoundError
+
+    get_or_create_project(session, "p")
+    report = import_clicks(session, "p", _write(tmp_path, f"{TIDY_HEADER}\na.png,s1,3,5,alive\n"), settings=settings)
+    assert report.imported == 1 and _counts(session)["Click"] == 1
+    folder = tmp_path / "images"
+    folder.mkdir()
+    PILImage.new("L", (8, 8)).save(folder / "b.png")
+    assert import_images(session, "p", [folder], settings).imported == ["b.png"]
+    for call in (lambda: import_clicks(session, "q", tmp_path / "clicks.csv", settings=settings),
+                 lambda: import_images(session, "q", [folder], settings),
+                 lambda: import_gold(session, "q", tmp_path / "clicks.csv")):
+        with pytest.raises(ProjectNotFoundError, match="no project named 'q'; existing projects: 'p'"):
+            call()
