@@ -306,3 +306,38 @@ def test_demo_then_export(settings, tmp_path: Path) -> None:
 
 def _between(text: str, start: str, end: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0]
+
+
+@pytest.mark.parametrize(("command", "option", "names"), [
+    (["consensus"], "--method", "methods"), (["aggregate"], "--method", "methods"), (["demo"], "--profile", "profiles"),
+])
+def test_help_lists_every_choice_the_code_has(command, option, names) -> None:
+    """The help named no method or profile; this keeps the written list in step with the registries."""
+    from cellspot.consensus.registry import DEFAULT_METHOD, METHODS
+    from cellspot.simulate import PROFILES
+
+
+    text = " ".join(ok_cli(*command, "--help").output.split())
+    line = text[text.index(option):]
+    expected = sorted(METHODS) if names == "methods" else list(PROFILES)
+    assert all(name in line[:200] for name in expected), line[:200]
+    if names == "methods":
+        assert f"{DEFAULT_METHOD} (the default)" in line
+
+
+def test_every_option_has_help() -> None:
+    """``train --preset``, ``models list --kind`` and ``models resume --device`` had none."""
+    import click
+
+    from cellspot.cli import main
+
+    def walk(command, path):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, command
+
+    missing = [f"{' '.join(path)} {param.opts[0]}" for path, command in walk(main, [])
+               for param in command.params if isinstance(param, click.Option) and not param.help]
+    assert not missing, missing

@@ -43,7 +43,8 @@ with st.form("rounds_open", border=True):
     st.subheader("Open a new round")
     cols = st.columns([3, 1, 1])
     strategy = cols[0].selectbox("Strategy", names, index=names.index(DEFAULT_STRATEGY), key="round_strategy",
-                                 format_func=lambda n: f"{n}: {summaries[n]}",
+                                 format_func=lambda n: f"{n}{' (default)' if n == DEFAULT_STRATEGY else ''}: "
+                                                       f"{summaries[n]}",
                                  help="How images are ranked; combined blends crowd and model signals")
     top = cols[1].number_input("Top N images (optional)", min_value=1, value=None, step=1, key="round_top",
                                placeholder="all images")

@@ -484,7 +484,7 @@ _COMPONENTS: dict[str, Callable[[pd.DataFrame, Context], pd.DataFrame]] = {
 }
 
 
-@_register(DEFAULT_STRATEGY, "default: ranked crowd + model signals blended (crowd + coverage before any model)")
+@_register(DEFAULT_STRATEGY, "ranked crowd + model signals blended (crowd + coverage before any model)")
 def combined(signals: pd.DataFrame, ctx: Context, weights: Mapping[str, float] | None = None) -> pd.DataFrame:
     """``sum_k w_k r_k / sum_k w_k`` over the components defined for each image (module doc).
 

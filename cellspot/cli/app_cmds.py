@@ -84,6 +84,7 @@ def prepare_store(build_demo_if_empty: bool = True) -> str:
 
 @main.command(
     "app",
+    short_help="Start the app (migrates the store; builds the demo project in an empty one).",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                       "help_option_names": ["-h", "--help"]},
 )

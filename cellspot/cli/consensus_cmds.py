@@ -10,12 +10,13 @@ import click
 from cellspot.cli import OutFile, main, os_error_text
 
 
-@main.command("consensus")
+@main.command("consensus", short_help="Merge the clicks of a CSV into consensus cells (no store needed).")
 @click.argument("clicks_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out", required=True,
               type=OutFile("image,x,y,label,p_alive", "cells CSV written by cellspot consensus", "cells.csv"),
               help="Output CSV of consensus cells (an existing file is replaced only when it is such a CSV).")
-@click.option("--method", default=None, help="Consensus method (default: cluster_em).")
+@click.option("--method", default=None,
+              help="Consensus method: cluster_em (the default), dbscan_vote or seed_r35.")
 @click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True, max=10_000), default=None,
               help="Optional cell radius hint in pixels; by default the scale is estimated from the clicks.")
 @click.option("--annotators-out", default=None,

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed: same seed, same demo.")
 @click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name (default: the settings' default project, 'demo').")
-@click.option("--profile", default="realistic", show_default=True, help="Crowd simulation profile.")
+@click.option("--profile", default="realistic", show_default=True,
+              help="Crowd simulation profile: easy, realistic or hard.")
 def demo_command(n_images: int, n_students: int, seed: int, project_name: str | None, profile: str) -> None:
     """Build (or rebuild) the demo project in the store and print a summary."""
     from cellspot.settings import get_settings

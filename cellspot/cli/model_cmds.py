@@ -146,7 +146,8 @@ def _overrides(kind: str, preset: str, texts: tuple[str, ...]) -> dict[str, Any]
 @main.command("train")
 @click.argument("kind", type=click.Choice(KINDS))
 @click.option("--project", "project_name", type=PROJECT, default=None,
-              help="Train on this project's consensus (default: the settings' default project).")
+              help="Train on this project's cells, its consensus or (--source expert) its expert cells "
+                   "(default: the settings' default project).")
 @click.option("--source", type=click.Choice(["consensus", "expert"]), default=None,
               help="Project cells to train on (default: consensus of the latest snapshot).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -157,7 +158,9 @@ def _overrides(kind: str, preset: str, texts: tuple[str, ...]) -> dict[str, Any]
               help="Optional folder of instance masks for --images.")
 @click.option("--out", type=OUT_DIR, default=None,
               help="Checkpoint folder (default: CELLSPOT_HOME/models/<kind>/<version>).")
-@click.option("--preset", type=click.Choice(PRESETS), default="cpu-fast", show_default=True)
+@click.option("--preset", type=click.Choice(PRESETS), default="cpu-fast", show_default=True,
+              help="cpu-fast: small models that train in minutes on 2 CPU cores; quality: bigger models and more "
+                   "epochs, for a GPU.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's epochs.")
 @click.option("--set", "settings_", metavar="FIELD=VALUE", multiple=True,
               help="Override one config field of the preset (repeatable), e.g. --set polarity=auto "
@@ -241,7 +244,7 @@ def train_command(kind: str, project_name: str | None, source: str | None, image
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Jobs run at once (threads); torch threads are shared out between them.")
 def worker_command(workers: int) -> None:
-    """Run the background job worker (training, prediction) until Ctrl-C."""
+    """Run the background job worker (training, prediction, automatic rounds) until Ctrl-C."""
     import logging
     import os
 
@@ -296,7 +299,7 @@ def _registry_errors() -> tuple[type[Exception], ...]:
 @click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project (default: the settings' default project).")
 @click.option("--folder", is_flag=True, help="List the runs trained on folders (no project) instead.")
-@click.option("--kind", type=click.Choice(KINDS), default=None)
+@click.option("--kind", type=click.Choice(KINDS), default=None, help="Only the runs of this kind.")
 def models_list(project_name: str | None, folder: bool, kind: str | None) -> None:
     """List model runs, newest first."""
     import pandas as pd
@@ -385,7 +388,8 @@ def models_cancel(version: str) -> None:
 
 @models_group.command("resume")
 @click.argument("version")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: CUDA when present, else CPU.")
 def models_resume(version: str, device: str | None) -> None:
     """Queue the cancelled or failed run VERSION again, going on from its resume.pt."""
     from cellspot.workflows.models import queue_resume

@@ -16,9 +16,13 @@ def _list_strategies(ctx: click.Context, _param: click.Parameter, value: bool) -
         return
     from cellspot.active.strategies import DEFAULT_STRATEGY, list_strategies
 
-    for row in list_strategies().itertuples():
+    usable = list_strategies(from_signals_only=True)
+    for row in usable.itertuples():
         mark = " (default)" if row.name == DEFAULT_STRATEGY else ""
         click.echo(f"{row.name:<14} {row.summary}{mark}")
+    other = sorted(set(list_strategies()["name"]) - set(usable["name"]))
+    if other:  # bald: MC-dropout samples, which the queue and rounds do not compute
+        click.echo(f"\nPython API and benchmark only (need inputs beyond the signal table): {', '.join(other)}")
     ctx.exit(0)
 
 

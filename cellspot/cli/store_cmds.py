@@ -67,7 +67,8 @@ def init_cmd() -> None:
 @main.command("aggregate")
 @click.option("--project", "project_name", type=PROJECT, default=None,
               help="Project name [default: the settings' default project].")
-@click.option("--method", default=None, help="Consensus method [default: the registry's default].")
+@click.option("--method", default=None,
+              help="Consensus method: cluster_em (the default), dbscan_vote or seed_r35.")
 @click.option("--cell-radius", type=click.FloatRange(min=0, min_open=True, max=10_000), default=None,
               help="Cell radius hint in pixels (the default method estimates it).")
 @click.option("--min-runs", type=click.IntRange(min=1), default=None,

@@ -108,7 +108,11 @@ def test_queue_errors(store, args: list[str], code: int, message: str) -> None:
 
 def test_list_strategies() -> None:
     result = ok_cli("queue", "--list-strategies")
-    assert "combined" in result.output and "(default)" in result.output and "bald" in result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("combined") and line.endswith("(default)") for line in lines)
+    assert "default: ranked" not in result.output  # "default" said once
+    assert not any(line.startswith("bald") for line in lines)  # refused by queue and round open
+    assert lines[-1] == "Python API and benchmark only (need inputs beyond the signal table): bald"
 
 
 def test_the_coverage_queue_has_one_n_runs_column(store) -> None:
