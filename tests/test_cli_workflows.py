@@ -316,7 +316,6 @@ def test_help_lists_every_choice_the_code_has(command, option, names) -> None:
     from cellspot.consensus.registry import DEFAULT_METHOD, METHODS
     from cellspot.simulate import PROFILES
 
-
     text = " ".join(ok_cli(*command, "--help").output.split())
     line = text[text.index(option):]
     expected = sorted(METHODS) if names == "methods" else list(PROFILES)
