@@ -23,6 +23,10 @@ from cellspot.workflows.review import (
 )
 
 NEXT_CONSENSUS = "Expert cells replace consensus in the next consensus computation."
+NO_CELLS = ("the image has no cells now: an expert decision that replaces its consensus in the next consensus "
+            "computation, until 'Back to consensus'")
+#: consensus cells below this confidence are left out of an export by default (its minimum confidence)
+UNCERTAIN_BELOW = 0.5
 PICKED = "review_image_id"  # the image the researcher chose, by id (see the picker below)
 ACTIONS = {
     "accept": "Accept the cell",
@@ -86,6 +90,8 @@ picture_col, side_col = st.columns([3, 2], gap="medium")
 with side_col:
     kind = "expert cells (they override consensus)" if review.expert else (
         f"consensus cells of snapshot {review.snapshot_id}" if review.snapshot_id else "no consensus yet")
+    if review.expert and not len(cells):
+        kind = "cells: an expert found none (this replaces consensus)"
     st.markdown(f"**{len(cells)}** {kind} · **{review.n_runs}** runs · **{len(review.clicks)}** raw clicks")
     show_clicks = st.toggle("Show raw clicks", key="review_clicks")
     st.caption("Shape = label (○ alive, □ with X dead); colour = probability of being alive "
@@ -111,13 +117,26 @@ with side_col:
     if point is not None and on_a_cell:
         st.caption(f"The point is on cell {cell_name}: relabel or delete it, or click an empty place to add "
                    "a cell there.")
+    # the first decision copies every consensus cell into the expert set, uncertain ones too: say so before
+    uncertain = 0 if review.expert else int((cells["confidence"] < UNCERTAIN_BELOW).sum())
+    if uncertain:
+        st.warning(f"The first decision on this image makes all its {len(cells)} consensus cells expert cells "
+                   f"(certain, and gold for the students' reliability), {uncertain} of them with a consensus "
+                   f"confidence below {UNCERTAIN_BELOW:g}, which an export leaves out by default (the smallest "
+                   "markers). Check those first: delete or relabel what is not right.",
+                   icon=":material/warning:")
     whole, back = st.columns(2)
     # a short label: "Accept the whole image" was cut off at 1024 px
-    accept_all = whole.button("Accept all cells", key="review_accept_all", disabled=not len(cells),
-                              help="Store the image's current cells as expert cells" if len(cells) else
-                              f"Nothing to accept: the image has no cells yet (add them with '{ACTIONS['add']}')")
+    empty_now = not len(cells)
+    accept_all = whole.button("Confirm no cells" if empty_now else "Accept all cells", key="review_accept_all",
+                              disabled=empty_now and review.expert,
+                              help=("Store the image's current cells as expert cells" if not empty_now else
+                                    "Already decided: an expert found no cells here" if review.expert else
+                                    "An expert decision that the image has no cells: it replaces the crowd's "
+                                    f"cells (if any) until 'Back to consensus'; or add cells with "
+                                    f"'{ACTIONS['add']}'"))
     to_consensus = back.button("Back to consensus", key="review_clear", disabled=not review.expert,
-                               help="Remove this image's expert cells")
+                               help="Remove this image's expert cells (or its expert 'no cells')")
     # expert cells imported from a file are ground truth that no click can bring back: ask first
     imported_from = cells.loc[cells["source"] != "adjudication", "source"] if review.expert else []
     imported = len(imported_from)
@@ -143,14 +162,17 @@ with side_col:
                 done = adjudicate(session, image_id, action, point[0], point[1],
                                   label if action in ("relabel", "add") else None,
                                   researcher=researcher_annotator(session, project), tolerance=pick)
-            message = (f"{ACTIONS[action]}: done; the image has {done.n_expert_cells} expert cells"
-                       + (f" ({done.seeded} copied from consensus first)" if done.seeded else "")
-                       + ". " + NEXT_CONSENSUS)
+            copied = (f" ({done.seeded} copied from consensus first"
+                      + (f", {uncertain} of them uncertain" if uncertain else "") + ")") if done.seeded else ""
+            message = (f"{ACTIONS[action]}: done; "
+                       + (f"the image has {done.n_expert_cells} expert cells{copied}. {NEXT_CONSENSUS}"
+                          if done.n_expert_cells else f"{NO_CELLS}{copied}."))
         elif accept_all:
             with resources.session() as session:
                 done = adjudicate(session, image_id, "accept",
                                   researcher=researcher_annotator(session, project))
-            message = f"Accepted: the image has {done.n_expert_cells} expert cells. {NEXT_CONSENSUS}"
+            message = (f"Accepted: the image has {done.n_expert_cells} expert cells. {NEXT_CONSENSUS}"
+                       if done.n_expert_cells else f"Confirmed: {NO_CELLS}.")
         elif to_consensus:
             # the snapshot still holds the expert cells as this image's cells: recompute, so that the
             # page (and the next adjudication, which starts from the snapshot) shows the crowd's cells

@@ -158,6 +158,8 @@ def import_gold(session: Any, project: Any, path: str | Path, source: str | None
     if problems:
         raise GoldImportError(path, sorted(problems, key=lambda p: p.line or 0))
     _enlarge_lower_bounds(images, [row for _, row in placed])
+    for name in {row.image for _, row in placed}:
+        images[name].expert_empty = False  # it has expert cells now, not an expert's "no cells"
     if new_cells:
         extra = {"source": (source or f"import:{path.name}")[:500], "annotator_id": None, "created_at": utcnow()}
         session.execute(insert(GoldCell), [{**cell, **extra} for cell in new_cells])

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -110,6 +111,9 @@ class Image(Base):
     channels: Mapped[int] = mapped_column(Integer, default=1)
     bit_depth: Mapped[int] = mapped_column(Integer, default=8)
     has_pixels: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: an expert decided the image has no cells: its (empty) expert set replaces its consensus
+    #: (an image with expert cells needs no flag; see cellspot.workflows.review)
+    expert_empty: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     status: Mapped[str] = mapped_column(String(16), default="active")
     retired_at: Mapped[datetime | None] = mapped_column()

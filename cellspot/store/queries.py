@@ -339,6 +339,16 @@ def gold_frame(session: Session, project: Project) -> pd.DataFrame:
     )
 
 
+def expert_empty_ids(session: Session, project: Project) -> list[int]:
+    """Ids of the images of ``project`` an expert marked as having no cells (``expert_empty``)
+    and that have no expert cell: their empty expert set replaces their consensus."""
+    stmt = (select(Image.id)
+            .where(Image.project_id == project.id, Image.expert_empty.is_(True),
+                   Image.id.not_in(select(GoldCell.image_id)))
+            .order_by(Image.id))
+    return [int(i) for i in session.scalars(stmt)]
+
+
 def latest_snapshot(session: Session, project: Project) -> ConsensusSnapshot | None:
     """The newest consensus snapshot of ``project``, or ``None``."""
     stmt = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +33,14 @@ from cellspot.store.models import (
     Project,
     utcnow,
 )
-from cellspot.store.queries import as_project, clicks_frame, gold_frame, latest_snapshot, runs_frame
+from cellspot.store.queries import (
+    as_project,
+    clicks_frame,
+    expert_empty_ids,
+    gold_frame,
+    latest_snapshot,
+    runs_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +174,8 @@ def aggregate(
     clicks = clicks_frame(session, project)
     runs = runs_frame(session, project)
     gold = gold_frame(session, project)
-    data = data_fingerprint(clicks, runs, gold)
+    empty = expert_empty_ids(session, project)
+    data = data_fingerprint(clicks, runs, gold, empty)
     inputs = input_fingerprint(clicks, runs, gold, method, cell_radius, data=data)
     latest = latest_snapshot(session, project)
     if latest is not None and (latest.stats or {}).get("inputs") == inputs:
@@ -174,7 +183,8 @@ def aggregate(
 
     result = _consensus(clicks, runs, gold, method, cell_radius)
     image_ids = _image_ids(session, project)
-    cells = _with_gold(_map_cells(result.cells, image_ids), gold, clicks, runs, _radius(result, cell_radius))
+    cells = _with_gold(_map_cells(result.cells, image_ids), gold, clicks, runs, _radius(result, cell_radius),
+                       empty)
 
     snapshot = ConsensusSnapshot(project_id=project.id, method=method, params=_jsonable(result.params),
                                  created_at=started)
@@ -187,7 +197,7 @@ def aggregate(
 
     report = AggregateReport(
         snapshot_id=snapshot.id, method=method,
-        images=int(pd.concat([runs["image_id"], gold["image_id"]]).nunique()),
+        images=int(pd.concat([runs["image_id"], gold["image_id"], pd.Series(empty, dtype="int64")]).nunique()),
         cells=len(cells), gold_cells=int(cells["from_gold"].sum()), annotators=n_annotators,
         task_runs=len(runs), clicks=len(clicks), **_retirement_fields(change),
     )
@@ -209,9 +219,11 @@ def input_fingerprint(
     return hashlib.sha256(f"{method}|{cell_radius!r}|{__version__}|{data}".encode()).hexdigest()
 
 
-def data_fingerprint(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame) -> str:
-    """A SHA-256 hex digest of the data alone (clicks, runs, expert cells; row order does not
-    matter): whether a snapshot still describes the store, whatever method made it."""
+def data_fingerprint(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFrame,
+                     empty: Sequence[int] = ()) -> str:
+    """A SHA-256 hex digest of the data alone (clicks, runs, expert cells, the images an expert
+    found empty; row order does not matter): whether a snapshot still describes the store,
+    whatever method made it. Without ``empty`` it is the digest of stores before that flag."""
     digest = hashlib.sha256()
     parts = (
         (clicks, ["task_run_id", "click_index", "x", "y", "label"]),
@@ -222,6 +234,8 @@ def data_fingerprint(clicks: pd.DataFrame, runs: pd.DataFrame, gold: pd.DataFram
         rows = frame[cols].sort_values(cols, kind="stable").reset_index(drop=True)
         digest.update(f"{len(rows)}:".encode())
         digest.update(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes())
+    if len(empty):
+        digest.update(f"expert_empty:{sorted(int(i) for i in empty)}".encode())
     return digest.hexdigest()
 
 
@@ -231,12 +245,13 @@ def snapshot_lag(session: Session, project: Project | str, snapshot: ConsensusSn
     Snapshots written before the data fingerprint are compared by their counts only."""
     project = as_project(session, project)
     clicks, runs, gold = clicks_frame(session, project), runs_frame(session, project), gold_frame(session, project)
+    empty = expert_empty_ids(session, project)
     stats = snapshot.stats or {}
     changes = [f"{n} {what} (the snapshot saw {stats[key]})"
                for key, what, n in (("task_runs", "task runs", len(runs)), ("clicks", "clicks", len(clicks)))
                if stats.get(key) is not None and stats[key] != n]
     if "data" in stats:
-        if stats["data"] == data_fingerprint(clicks, runs, gold):
+        if stats["data"] == data_fingerprint(clicks, runs, gold, empty):
             return None
         if not changes:
             changes = ["changed clicks, task runs or expert cells"]
@@ -327,15 +342,18 @@ def _map_cells(cells: pd.DataFrame, image_ids: dict[str, int]) -> pd.DataFrame:
 
 
 def _with_gold(
-    cells: pd.DataFrame, gold: pd.DataFrame, clicks: pd.DataFrame, runs: pd.DataFrame, radius: float
+    cells: pd.DataFrame, gold: pd.DataFrame, clicks: pd.DataFrame, runs: pd.DataFrame, radius: float,
+    empty: Sequence[int] = (),
 ) -> pd.DataFrame:
-    """Replace the consensus cells of every image that has gold cells by its gold cells.
+    """Replace the consensus cells of every image that has gold cells by its gold cells, and
+    drop those of the images an expert found empty (``empty``: image ids).
 
     Gold cells get ``p_alive`` 1 / 0, confidence 1, ``from_gold`` True, and ``support`` = the
     number of runs with a click within ``radius`` px.
     """
+    cells = cells[~cells["image_id"].isin(list(empty))] if len(empty) else cells
     if gold.empty:
-        return cells
+        return cells.reset_index(drop=True)
     n_runs = runs.groupby("image_id").size()
     rows = gold.assign(
         p_alive=(gold["label"] == "alive").astype(float), confidence=1.0, p_cell=1.0,

@@ -6,7 +6,10 @@ Adjudication model: a researcher's decisions are stored as expert cells
 image copies its current consensus cells into the expert set (an expert set must be complete:
 once an image has expert cells they replace its consensus in the next aggregate, and they
 serve as gold for students' reliability and feedback); the decision is then applied to that
-set. Deleting the last expert cell of an image gives the image back to consensus.
+set. Deleting the last expert cell of an image, or accepting an image that has no cell, is a
+decision too: the image is marked ``expert_empty`` and its consensus is replaced by no cells
+(it came back at the next aggregate before). Only :func:`clear_expert_cells` ("Back to
+consensus") gives an image back to its consensus.
 
 Every function takes a caller-owned session and never commits.
 """
@@ -67,9 +70,10 @@ class Review:
 
     ``cells``: the image's current cells (:data:`REVIEW_CELL_COLUMNS`): its expert cells when
     it has any (``from_gold`` True, ``cell`` = the expert cell id, ``source`` e.g.
-    ``"adjudication"``), else the latest snapshot's consensus cells (``cell`` = consensus cell
-    id, ``source`` ``"consensus"``). ``clicks``: every raw click on the image
-    (:data:`REVIEW_CLICK_COLUMNS`). ``expert``: True when ``cells`` are expert cells.
+    ``"adjudication"``), none when an expert found it empty, else the latest snapshot's
+    consensus cells (``cell`` = consensus cell id, ``source`` ``"consensus"``). ``clicks``:
+    every raw click on the image (:data:`REVIEW_CLICK_COLUMNS`). ``expert``: True when
+    ``cells`` are expert cells (or the expert's "no cells").
     ``n_runs``: the image's task runs up to now, those without a click included (as in the
     project's per-image results).
     """
@@ -97,12 +101,12 @@ def image_review(session: Session, image_id: int) -> Review:
     snapshot = queries.latest_snapshot(session, project)
     n_runs = int(session.scalar(select(func.count()).select_from(TaskRun).where(TaskRun.image_id == image.id)) or 0)
     expert = _expert_cells(session, image.id)
-    if expert:
+    if expert or image.expert_empty:
         cells = _expert_frame(expert, clicks, n_runs)
     else:
         cells = _consensus_frame(session, snapshot, image.id)
-    return Review(image=image, cells=cells, clicks=clicks,
-                  snapshot_id=snapshot.id if snapshot else None, expert=bool(expert), n_runs=n_runs)
+    return Review(image=image, cells=cells, clicks=clicks, snapshot_id=snapshot.id if snapshot else None,
+                  expert=bool(expert) or bool(image.expert_empty), n_runs=n_runs)
 
 
 def _image_clicks(session: Session, image_id: int) -> pd.DataFrame:
@@ -274,7 +278,7 @@ def adjudicate(
     """Apply one researcher decision to image ``image_id``'s expert cells.
 
     ``action`` (:data:`ADJUDICATION_ACTIONS`): ``accept`` the cell nearest ``(x, y)`` (or,
-    with no position, the image's consensus as a whole), ``relabel`` it to ``label``,
+    with no position, the image's consensus as a whole, "no cells" when it has none), ``relabel`` it to ``label``,
     ``delete`` it, or ``add`` a cell of ``label`` at ``(x, y)``. "Nearest" means within
     ``tolerance`` px. The first decision on an image copies its consensus cells into the
     expert set (see the module docstring). The effect reaches consensus, retirement and
@@ -290,12 +294,14 @@ def adjudicate(
     if action in ("relabel", "add"):
         _need_label(label)
     cells = _expert_cells(session, image.id)
-    seeded = 0 if cells else _seed(session, image, researcher)
+    seeded = 0 if cells or image.expert_empty else _seed(session, image, researcher)
     if seeded:
         cells = _expert_cells(session, image.id)
     cell = apply(session, image, cells, x, y, label, researcher, float(tolerance))
     session.flush()
     n_expert = session.scalar(select(func.count()).select_from(GoldCell).where(GoldCell.image_id == image.id)) or 0
+    image.expert_empty = n_expert == 0  # an expert decision: no cells (not "back to consensus")
+    session.flush()
     log.info("image %d: %s (%s) by %s; %d expert cells", image.id, action, label or "-",
              researcher.nickname if researcher else "unknown", n_expert)
     return Adjudication(
@@ -308,8 +314,11 @@ def adjudicate(
 
 
 def clear_expert_cells(session: Session, image_id: int) -> int:
-    """Remove every expert cell of an image (back to consensus); returns how many."""
+    """Remove every expert cell of an image, and an expert's "no cells", so that the image goes
+    back to its consensus; returns how many cells were removed."""
     image = _get_image(session, image_id)
+    image.expert_empty = False
+    session.flush()
     result = session.execute(delete(GoldCell).where(GoldCell.image_id == image.id))
     session.expire_all()
     return int(result.rowcount or 0)

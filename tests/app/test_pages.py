@@ -653,6 +653,69 @@ def test_review_accept_the_whole_image_then_back_to_consensus(app, app_engine):
     assert "expert cells (they override consensus)" not in texts(app.markdown)
 
 
+def test_review_deleting_the_only_cell_leaves_the_image_empty_until_back_to_consensus(app, app_engine):
+    """The deleted cell came back at once ("1 consensus cells"): an empty expert set gave the
+    image back to consensus."""
+    from cellspot.workflows.review import adjudicate
+
+    login(app)
+    app.switch_page("views/review.py").run()
+    image_id = review_picker(app).value
+    with Session(app_engine) as session:  # every cell of the image deleted but one, by the workflow
+        cells = app.dataframe[-1].value
+        for row in cells.iloc[1:].itertuples():
+            adjudicate(session, image_id, "delete", row.x, row.y)
+        session.commit()
+    app.run()
+    key, view = f"review-canvas-{image_id}", app.session_state[f"review-canvas-{image_id}.view"]
+    last = app.dataframe[-1].value.iloc[0]
+    app.session_state[key] = {"x": last["x"], "y": last["y"], "width": view.width, "height": view.height,
+                              "unix_time": 11}
+    app.run()
+    app.radio(key="review_action").set_value("delete").run()
+    app.button(key="review_apply").click().run()
+    no_exception(app)
+    assert "the image has no cells now: an expert decision" in texts(app.success)
+    assert "an expert found none" in texts(app.markdown) and app.dataframe[-1].value.empty
+    button = app.button(key="review_accept_all")
+    assert button.label == "Confirm no cells" and button.disabled  # already decided
+    app.button(key="review_aggregate").click().run()
+    no_exception(app)
+    assert app.dataframe[-1].value.empty  # still empty after a recompute
+    app.button(key="review_clear").click().run()
+    no_exception(app)
+    assert len(app.dataframe[-1].value) and "an expert found none" not in texts(app.markdown)
+
+
+def test_review_warns_before_uncertain_cells_become_expert_cells(app, app_engine):
+    """The first decision copies every consensus cell into the expert set, a 0.47 one too."""
+    from cellspot.store.models import ConsensusCell
+
+    login(app)
+    app.switch_page("views/review.py").run()
+    image_id = review_picker(app).value
+    cells = app.dataframe[-1].value
+    assert len(cells) >= 2 and set(cells["source"]) == {"consensus"}
+    with Session(app_engine) as session:  # one cell of the image becomes uncertain
+        session.get(ConsensusCell, int(cells["cell"].iloc[1])).confidence = 0.47
+        session.commit()
+    app.run()
+    no_exception(app)
+    n_unsure = int((app.dataframe[-1].value["confidence"] < 0.5).sum())
+    assert n_unsure >= 1
+    assert f"{n_unsure} of them with a consensus confidence below 0.5" in texts(app.warning)
+    key = f"review-canvas-{image_id}"
+    view, cell = app.session_state[f"{key}.view"], cells.iloc[0]
+    app.session_state[key] = {"x": cell["x"], "y": cell["y"], "width": view.width, "height": view.height,
+                              "unix_time": 12}
+    app.run()
+    app.radio(key="review_action").set_value("accept").run()
+    app.button(key="review_apply").click().run()
+    no_exception(app)
+    assert f"copied from consensus first, {n_unsure} of them uncertain)" in texts(app.success)
+    assert "consensus confidence below" not in texts(app.warning)  # expert cells now: nothing to warn of
+
+
 def test_review_add_on_a_cell_is_refused(app, app_engine):
     key, view, cells = open_review(app)
     x, y = float(cells["x"].iloc[0]) + 2.0, float(cells["y"].iloc[0])  # on the first cell's marker
