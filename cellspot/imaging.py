@@ -48,6 +48,8 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PERCENTILES = (0.5, 99.5)
 _PERCENTILE_SAMPLES = 1_000_000
+#: an 8-bit image whose 99.5th percentile is below this (a quarter of the range) is stretched for display
+DIM_8BIT_TOP = 64
 
 
 class ImageReadError(Exception):
@@ -317,14 +319,25 @@ def to_display_rgb8(array: np.ndarray, bit_depth: int = 8) -> np.ndarray:
 
     ``array``: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 2)`` (gray + alpha), ``(H, W, 3)`` or
     ``(H, W, 4)`` (RGBA). Alpha is dropped (not composited); gray is repeated to three
-    channels. ``uint8`` input is kept as it is. Anything else: with ``bit_depth <= 8`` the
+    channels. ``uint8`` input is kept as it is (unless dim, below). Anything else: with ``bit_depth <= 8`` the
     values are clipped to 0..255; otherwise they are scaled linearly so the 0.5th..99.5th
     percentiles (over all colour samples together, which keeps the colour balance) span
     0..255, falling back to min..max, and to zeros for a constant image: a dim 16-bit
-    fluorescence image is shown with the contrast a person needs to click its cells. Models
-    see :func:`to_model_rgb8` instead. Returns a new ``(H, W, 3)`` ``uint8`` array.
+    fluorescence image is shown with the contrast a person needs to click its cells. A dim
+    8-bit image (its 99.5th percentile below :data:`DIM_8BIT_TOP`) is stretched the same way:
+    shown as stored it was near black, cells invisible and no brightness control on the page.
+    Models see :func:`to_model_rgb8` instead. Returns a new ``(H, W, 3)`` ``uint8`` array.
     """
-    return _to_rgb8(array, bit_depth, _stretch_to_uint8)
+    rgb8 = _to_rgb8(array, bit_depth, _stretch_to_uint8)
+    if rgb8.size and _top_percentile(rgb8) < DIM_8BIT_TOP:
+        rgb8 = np.ascontiguousarray(_stretch_to_uint8(rgb8))
+    return rgb8
+
+
+def _top_percentile(rgb8: np.ndarray) -> float:
+    """The 99.5th percentile of ``rgb8``'s samples (a subsample of a large image)."""
+    flat = rgb8.reshape(-1)
+    return float(np.percentile(flat[::max(1, flat.size // _PERCENTILE_SAMPLES)], _PERCENTILES[1]))
 
 
 def _to_rgb8(array: np.ndarray, bit_depth: int, wide: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

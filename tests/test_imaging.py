@@ -193,6 +193,19 @@ def test_16bit_colour_keeps_colour_balance() -> None:
     assert (out[..., 0] >= out[..., 1]).all() and (out[..., 1] >= out[..., 2]).all()
 
 
+def test_a_dim_8bit_image_is_stretched_for_display_only() -> None:
+    """A real image scaled x0.08 showed near black on the label page: cells invisible."""
+    from cellspot.imaging import to_model_rgb8
+
+    dim = (RAMP8.astype(np.float32) * 0.08).astype(np.uint8)  # 0..18
+    shown = to_display_rgb8(dim)
+    assert shown.max() == 255 and np.all(np.diff(shown[-1, :, 0].astype(int)) >= 0)  # order kept
+    assert np.array_equal(to_model_rgb8(dim)[..., 0], dim)  # models see the stored values
+    assert not to_display_rgb8(np.zeros((H, W), np.uint8)).any()  # a black image stays black
+    bright = to_display_rgb8(RAMP8)
+    assert np.array_equal(bright[..., 0], RAMP8)  # a normal 8-bit image is shown as stored
+
+
 def test_to_display_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="expected an"):
         to_display_rgb8(np.zeros((2, 2, 5), np.uint8))
