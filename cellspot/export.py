@@ -7,15 +7,21 @@ Layout of an export folder (``outdir``)::
     cells_left_out.csv     consensus cells below ``min_confidence`` (counted in the manifest)
     clicks.csv             every raw click with its task run, annotator and image
     annotators.csv         reliability estimated by the snapshot, with nickname/class code/role
-    images.csv             per image: counts, viability %, size, status, metadata, split
-    coco_keypoints.json    COCO-style keypoints (pixel coordinates), categories alive/dead
+    images.csv             per image: task runs, clicks, expert cells, cell counts, viability %,
+                           size, status, metadata, split
+    coco_keypoints.json    COCO-style keypoints (pixel coordinates) of the labelled images,
+                           categories alive/dead
     crops/index.csv        crop_path (relative to crops/), image, split, label, x, y, ...
     crops/{train,val,test}/{alive,dead}/*.png
 
 The split is by image and stratified by the image's dead fraction
-(:func:`cellspot.crops.stratified_image_split`). Everything is written into a hidden
-temporary folder beside ``outdir`` and renamed into place at the end, so a failed export
-never leaves a half-written dataset.
+(:func:`cellspot.crops.stratified_image_split`, over every image of the project, as
+:func:`cellspot.ml.data.load_store` splits them). An image nobody labelled (no task run, no
+expert cell and no cell in the snapshot) gets the split ``unlabelled`` instead: it is no
+confirmed-empty image, so it stays out of the COCO file and the crops. An image whose file
+cannot be read has no crops (like an image without pixels); it is named in the manifest.
+Everything is written into a hidden temporary folder beside ``outdir`` and renamed into
+place at the end, so a failed export never leaves a half-written dataset.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import math
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 import cellspot
@@ -45,12 +51,27 @@ from cellspot.crops import SPLITS, crop_around, split_counts, stratified_image_s
 from cellspot.settings import Settings
 from cellspot.store import queries
 from cellspot.store.db import sqlite_file
-from cellspot.store.models import Annotator, Click, ConsensusSnapshot, Image, Project, TaskRun
+from cellspot.store.models import (
+    Annotator,
+    Click,
+    ConsensusCell,
+    ConsensusSnapshot,
+    GoldCell,
+    Image,
+    Project,
+    TaskRun,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "cellspot-dataset"
-FORMAT_VERSION = 1
+#: 2: images.csv has n_runs, n_clicks, n_expert_cells and the split ``unlabelled``; the
+#: manifest names the images whose file could not be read
+FORMAT_VERSION = 2
+#: the split of an image nobody labelled (see :func:`labelled_images`)
+UNLABELLED = "unlabelled"
+#: cells below this consensus confidence are left out of an export by default (CLI, page, API)
+DEFAULT_MIN_CONFIDENCE = 0.5
 MAX_CROP_SIZE = 1024  # px: a crop is one cell and its surroundings, not a whole image
 CELL_EXPORT_COLUMNS = [
     "image", "x", "y", "label", "p_alive", "confidence", "support", "n_runs", "p_cell", "from_gold", "split",
@@ -69,12 +90,14 @@ COCO_CATEGORIES = [
     {"id": 2, "name": "dead", "supercategory": "cell", "keypoints": ["center"], "skeleton": []},
 ]
 
-#: ``progress(stage, done, total)``: called as each stage advances (stages: "crops").
+#: ``progress(stage, done, total)``: called as each stage advances (stages: "crops"; the
+#: dashboard's zip adds "zip").
 ProgressCallback = Callable[[str, int, int], None]
 
 
 class ExportError(RuntimeError):
-    """The export cannot be made (no snapshot, unreadable image, bad parameter)."""
+    """The export cannot be made (no snapshot, bad parameter). An unreadable image file is no
+    error: it is skipped for crops and named in the manifest."""
 
 
 class NoSnapshotError(ExportError):
@@ -98,6 +121,8 @@ class ExportReport:
     #: what the store holds that the snapshot did not see (None: it is up to date); the cells
     #: and crops are the snapshot's, clicks.csv has every click of the store
     stale: str | None = None
+    #: images whose file could not be read (name -> reason): their cells have no crops
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_crops(self) -> int:
@@ -129,18 +154,66 @@ def resolve_snapshot(
     return snap
 
 
+@dataclass(frozen=True)
+class SnapshotChoice:
+    """A consensus snapshot an export can be made from (see :func:`export_choices`)."""
+
+    id: int
+    method: str
+    created_at: datetime
+    n_cells: int
+
+
+@dataclass(frozen=True)
+class ExportChoices:
+    """What an export of a project can be made from: its number of images and its consensus
+    snapshots, newest first (the first is the one :func:`resolve_snapshot` takes by default)."""
+
+    n_images: int
+    snapshots: list[SnapshotChoice]
+
+
+def export_choices(session: Session, project: Project | str) -> ExportChoices:
+    """The number of images of ``project`` and its consensus snapshots (id, method, time in
+    UTC, number of cells), newest first. ``project`` may be its name. Reads only."""
+    project = queries.as_project(session, project)
+    n_images = session.scalar(select(func.count(Image.id)).where(Image.project_id == project.id)) or 0
+    rows = session.execute(
+        select(ConsensusSnapshot.id, ConsensusSnapshot.method, ConsensusSnapshot.created_at,
+               func.count(ConsensusCell.id))
+        .outerjoin(ConsensusCell, ConsensusCell.snapshot_id == ConsensusSnapshot.id)
+        .where(ConsensusSnapshot.project_id == project.id)
+        .group_by(ConsensusSnapshot.id, ConsensusSnapshot.method, ConsensusSnapshot.created_at)
+        .order_by(ConsensusSnapshot.created_at.desc(), ConsensusSnapshot.id.desc())
+    ).all()
+    snapshots = [SnapshotChoice(id=int(i), method=str(m), created_at=_utc(t), n_cells=int(n)) for i, m, t, n in rows]
+    return ExportChoices(n_images=int(n_images), snapshots=snapshots)
+
+
 def _images_frame(session: Session, project: Project) -> pd.DataFrame:
     rows = session.execute(
         select(
             Image.id, Image.name, Image.path, Image.sha256, Image.width, Image.height, Image.channels,
-            Image.bit_depth, Image.has_pixels, Image.status, Image.meta,
+            Image.bit_depth, Image.has_pixels, Image.status, Image.expert_empty, Image.meta,
         )
         .where(Image.project_id == project.id)
         .order_by(Image.name)
     ).all()
     cols = ["image_id", "image", "path", "sha256", "width", "height", "channels", "bit_depth",
-            "has_pixels", "status", "meta"]
-    return pd.DataFrame(rows, columns=cols)
+            "has_pixels", "status", "expert_empty", "meta"]
+    frame = pd.DataFrame(rows, columns=cols)
+    return frame.astype({"expert_empty": bool}) if len(frame) else frame
+
+
+def _expert_cell_counts(session: Session, project: Project) -> dict[str, int]:
+    """Number of expert (gold) cells per image name of ``project`` (images without any left out)."""
+    rows = session.execute(
+        select(Image.name, func.count(GoldCell.id))
+        .join(GoldCell, GoldCell.image_id == Image.id)
+        .where(Image.project_id == project.id)
+        .group_by(Image.name)
+    ).all()
+    return {str(name): int(n) for name, n in rows}
 
 
 def _cells_frame(session: Session, snapshot: ConsensusSnapshot) -> pd.DataFrame:
@@ -206,10 +279,31 @@ def flatten_metadata(meta: pd.Series) -> pd.DataFrame:
     return flat[sorted(flat.columns)]
 
 
+def activity_counts(
+    images: pd.Series, runs: pd.DataFrame, clicks: pd.DataFrame, expert_cells: Mapping[str, int]
+) -> pd.DataFrame:
+    """What the store holds per image: ``n_runs`` (task runs, zero-click runs included),
+    ``n_clicks`` and ``n_expert_cells`` (expert / gold cells), 0 where there are none.
+
+    ``images``: image names (index kept); ``runs`` / ``clicks``: one row per task run / click
+    with an ``image`` column; ``expert_cells``: image name -> number of expert cells.
+    Returns a DataFrame with the index of ``images`` and those three int columns.
+    """
+    def per_image(counts: Mapping[str, int] | pd.Series) -> pd.Series:
+        return images.map(counts).fillna(0).astype(int)
+
+    return pd.DataFrame({
+        "n_runs": per_image(runs["image"].value_counts()),
+        "n_clicks": per_image(clicks["image"].value_counts()),
+        "n_expert_cells": per_image(pd.Series(dict(expert_cells), dtype=int)),
+    }, index=images.index)
+
+
 def image_table(images: pd.DataFrame, cells: pd.DataFrame, left_out: pd.DataFrame) -> pd.DataFrame:
     """Per-image summary (one row per image, ordered by name).
 
-    ``images``: from the store (image, width, height, ..., meta); ``cells``: exported cells;
+    ``images``: from the store (image, width, height, ..., meta) with the columns of
+    :func:`activity_counts` (n_runs, n_clicks, n_expert_cells); ``cells``: exported cells;
     ``left_out``: cells below the confidence threshold. Adds ``n_alive``, ``n_dead``,
     ``n_left_out``, ``viability_pct`` (100 * alive / (alive + dead), empty without cells)
     and flattened metadata columns.
@@ -218,7 +312,9 @@ def image_table(images: pd.DataFrame, cells: pd.DataFrame, left_out: pd.DataFram
         cells.groupby(["image", "label"]).size().unstack(fill_value=0)
         if len(cells) else pd.DataFrame()
     )
-    out = images[["image", "width", "height", "channels", "bit_depth", "has_pixels", "status", "sha256"]].copy()
+    columns = ["image", "width", "height", "channels", "bit_depth", "has_pixels", "status", "sha256",
+               "n_runs", "n_clicks", "n_expert_cells", "expert_empty"]
+    out = images[[c for c in columns if c in images.columns]].copy()
     out["n_alive"] = out["image"].map(counts.get("alive", pd.Series(dtype=int))).fillna(0).astype(int)
     out["n_dead"] = out["image"].map(counts.get("dead", pd.Series(dtype=int))).fillna(0).astype(int)
     out["n_left_out"] = out["image"].map(left_out["image"].value_counts()).fillna(0).astype(int)
@@ -228,10 +324,43 @@ def image_table(images: pd.DataFrame, cells: pd.DataFrame, left_out: pd.DataFram
     return pd.concat([out, meta], axis=1)
 
 
+def labelled_images(table: pd.DataFrame) -> pd.Series:
+    """True for every image someone labelled: it has a task run (one without clicks too: a
+    student looked and found no cell), an expert cell, an expert's "no cells"
+    (``expert_empty``), or a cell in the snapshot (at any confidence). False for an image
+    nobody has seen yet, whose lack of cells means nothing.
+
+    ``table``: :func:`image_table` (n_runs, n_expert_cells, n_alive, n_dead, n_left_out and,
+    where present, expert_empty). Returns a bool Series with the index of ``table``.
+    """
+    snapshot_cells = table["n_alive"] + table["n_dead"] + table["n_left_out"]
+    empty = table["expert_empty"].astype(bool) if "expert_empty" in table else False
+    return (table["n_runs"] > 0) | (table["n_expert_cells"] > 0) | (snapshot_cells > 0) | empty
+
+
+def image_splits(table: pd.DataFrame, fractions: Sequence[float], seed: int) -> dict[str, str]:
+    """Split of every image of ``table`` (:func:`image_table`): :data:`UNLABELLED` for the
+    images :func:`labelled_images` says nobody labelled, else the ``train`` / ``val`` /
+    ``test`` that :func:`cellspot.crops.stratified_image_split` gives the image when it splits
+    *every* image of the table.
+
+    Splitting every image, not only the labelled ones, is deliberate: it is the rule of
+    :func:`cellspot.ml.data.load_store`, so a model trained with the same fractions, seed and
+    minimum confidence holds out the images this export puts in val / test, and a labelled
+    image keeps the split that earlier exports gave it. Returns ``{image: split}``.
+    """
+    assignment = stratified_image_split(table[["image", "n_alive", "n_dead"]], fractions, seed=seed)
+    for name in table.loc[~labelled_images(table), "image"]:
+        assignment[name] = UNLABELLED
+    return assignment
+
+
 def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame, box_size: float = 96.0) -> dict[str, Any]:
     """COCO-style keypoint dataset: one keypoint ``[x, y, 2]`` (pixels) per cell.
 
-    ``images``: image, width, height, split (image ids are 1-based in name order);
+    ``images``: image, width, height, split, in name order (an image's id is its 1-based
+    row: its row in images.csv). Images whose split is :data:`UNLABELLED` are left out (a
+    detector would take them for confirmed background); their ids are skipped.
     ``cells``: exported cells. ``score`` is the consensus confidence. Clicks give no
     extent, so ``bbox`` is the ``box_size`` square centred on the cell (the crop window;
     COCO tools require a box) clipped to the image (tools reject boxes that leave it), with
@@ -239,6 +368,7 @@ def coco_keypoints(images: pd.DataFrame, cells: pd.DataFrame, box_size: float = 
     """
     half = box_size / 2.0
     image_ids = {name: i + 1 for i, name in enumerate(images["image"])}
+    images = images[images["split"] != UNLABELLED]
     size = {r.image: (float(r.width), float(r.height)) for r in images.itertuples(index=False)}
 
     def box(image: str, x: float, y: float) -> list[float]:
@@ -455,11 +585,14 @@ def _write_crops(
     settings: Settings,
     crop_size: int,
     progress: ProgressCallback | None,
-) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Crop every exported cell of every image with pixels; returns (index, counts).
+) -> tuple[pd.DataFrame, dict[str, int], dict[str, str]]:
+    """Crop every exported cell of every image with readable pixels; returns (index, counts,
+    unreadable images as name -> reason).
 
-    Plain numpy columns and dict lookups per image (no per-row pandas access): the time goes
-    into reading images and encoding PNGs.
+    An image whose file cannot be read (missing, truncated, corrupt) is skipped like an image
+    without pixels: its cells stay in the tables, have no crop, and are counted
+    (``cells_on_unreadable_images``). Plain numpy columns and dict lookups per image (no
+    per-row pandas access): the time goes into reading images and encoding PNGs.
     """
     from cellspot.imaging import ImageReadError, read_image, to_model_rgb8
 
@@ -469,7 +602,8 @@ def _write_crops(
     label_all = cells["label"].to_numpy(object)
     p_all, c_all = cells["p_alive"].to_numpy(float), cells["confidence"].to_numpy(float)
     columns: dict[str, list[Any]] = {name: [] for name in CROP_INDEX_COLUMNS}
-    skipped_cells = 0
+    skipped_cells = unreadable_cells = 0
+    unreadable: dict[str, str] = {}
     todo = sorted(groups)
     for done, name in enumerate(todo, start=1):
         rows = groups[name]
@@ -478,23 +612,29 @@ def _write_crops(
             skipped_cells += len(rows)
         else:
             try:
-                loaded = read_image(settings.home / str(row["path"]))
+                loaded = read_image(settings.home / str(row["path"]), name)
             except ImageReadError as exc:
-                raise ExportError(f"cannot read the pixels of image {name!r}: {exc}") from exc
-            rgb = to_model_rgb8(loaded.array, loaded.bit_depth)
-            stem = f"{safe_stem(name)}-{int(row['image_id'])}"
-            split = row["split"]
-            for i, k in enumerate(rows):
-                rel = f"{split}/{label_all[k]}/{stem}-{i:04d}.png"
-                writer.write_png(f"crops/{rel}", crop_around(rgb, x_all[k], y_all[k], crop_size))
-                for column, value in zip(
-                    CROP_INDEX_COLUMNS, (rel, name, split, label_all[k], x_all[k], y_all[k], p_all[k], c_all[k])
-                ):
-                    columns[column].append(value)
+                log.warning("export: no crops for the %d cell(s) of image %r: cannot read %s: %s",
+                            len(rows), name, settings.home / str(row["path"]), exc.reason)
+                unreadable[name] = exc.reason
+                unreadable_cells += len(rows)
+            else:
+                rgb = to_model_rgb8(loaded.array, loaded.bit_depth)
+                stem = f"{safe_stem(name)}-{int(row['image_id'])}"
+                split = row["split"]
+                for i, k in enumerate(rows):
+                    rel = f"{split}/{label_all[k]}/{stem}-{i:04d}.png"
+                    writer.write_png(f"crops/{rel}", crop_around(rgb, x_all[k], y_all[k], crop_size))
+                    for column, value in zip(
+                        CROP_INDEX_COLUMNS, (rel, name, split, label_all[k], x_all[k], y_all[k], p_all[k], c_all[k])
+                    ):
+                        columns[column].append(value)
         if progress is not None:
             progress("crops", done, len(todo))
     index = pd.DataFrame(columns, columns=CROP_INDEX_COLUMNS)
-    return index, {"cells_without_pixels": skipped_cells}
+    counts = {"cells_without_pixels": skipped_cells, "images_unreadable": len(unreadable),
+              "cells_on_unreadable_images": unreadable_cells}
+    return index, counts, unreadable
 
 
 # ---------------------------------------------------------------- entry point
@@ -508,7 +648,7 @@ def export_dataset(
     crop_size: int = 96,
     split: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
-    min_confidence: float = 0.5,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     snapshot: ConsensusSnapshot | int | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -517,12 +657,15 @@ def export_dataset(
 
     ``snapshot``: the consensus snapshot (object or id) to export; default the latest.
     ``crop_size``: side of the square crops in pixels (reflect padding at borders).
-    ``split``: train/val/test fractions of *images*; ``seed`` makes the split reproducible.
+    ``split``: train/val/test fractions of *images*; ``seed`` makes the split reproducible
+    (:func:`image_splits`; images nobody labelled get the split ``unlabelled``).
     ``min_confidence``: cells below it are left out of cells/COCO/crops, listed in
     ``cells_left_out.csv`` and counted in the manifest.
     ``overwrite``: replace a non-empty ``outdir`` (only once the new export is complete).
     ``progress``: optional ``progress(stage, done, total)`` callback (the CLI shows tqdm bars).
     ``project`` may be a :class:`Project` or its name.
+    An image whose file cannot be read gets no crops (its cells stay in the tables); it is
+    logged, counted and named in the manifest and in :attr:`ExportReport.unreadable`.
     Reads only; never commits. Raises :class:`NoSnapshotError`, :class:`OutputExistsError`,
     :class:`ExportError`, :class:`cellspot.crops.SplitError`.
     """
@@ -542,6 +685,9 @@ def export_dataset(
     cells, left_out = all_cells[keep].reset_index(drop=True), all_cells[~keep].reset_index(drop=True)
     runs = _runs_frame(session, project)
     clicks = _clicks_frame(session, runs, project)
+    images = pd.concat(
+        [images, activity_counts(images["image"], runs, clicks, _expert_cell_counts(session, project))], axis=1
+    )
     annotators = _reliability_frame(session, snap)
     from cellspot.workflows.aggregate import snapshot_lag
 
@@ -552,7 +698,7 @@ def export_dataset(
              snap.id, project.name, len(images), len(cells), len(left_out), min_confidence, len(clicks))
 
     table = image_table(images, cells, left_out)
-    assignment = stratified_image_split(table[["image", "n_alive", "n_dead"]], fractions, seed=seed)
+    assignment = image_splits(table, fractions, seed)
     images["split"] = images["image"].map(assignment)
     table["split"] = table["image"].map(assignment)
     cells["split"] = cells["image"].map(assignment)
@@ -573,10 +719,11 @@ def export_dataset(
         for s in SPLITS:
             for label in ("alive", "dead"):
                 (tmp / "crops" / s / label).mkdir(parents=True, exist_ok=True)
-        index, crop_counts = _write_crops(writer, cells, images, settings, crop_size, progress)
+        index, crop_counts, unreadable = _write_crops(writer, cells, images, settings, crop_size, progress)
         writer.write_csv("crops/index.csv", index)
         counts = _counts(images, cells, left_out, clicks, annotators, index, assignment, crop_counts, len(runs))
-        manifest = _manifest(project, snap, counts, writer.files, crop_size, fractions, seed, min_confidence, stale)
+        manifest = _manifest(project, snap, counts, writer.files, crop_size, fractions, seed, min_confidence, stale,
+                             unreadable)
         writer.write_json("manifest.json", manifest)
         _swap_into_place(tmp, outdir)
     except BaseException:
@@ -585,7 +732,7 @@ def export_dataset(
     files = {rel: meta["sha256"] for rel, meta in writer.files.items()}
     log.info("export written to %s (%d files, %d crops)", outdir, len(files), counts["crops"])
     return ExportReport(outdir=outdir, manifest_path=outdir / "manifest.json", snapshot_id=snap.id,
-                        method=snap.method, counts=counts, files=files, stale=stale)
+                        method=snap.method, counts=counts, files=files, stale=stale, unreadable=unreadable)
 
 
 def _counts(
@@ -603,17 +750,22 @@ def _counts(
         s: {lab: int(((index["split"] == s) & (index["label"] == lab)).sum()) for lab in ("alive", "dead")}
         for s in SPLITS
     }
+    labelled = {name: split for name, split in assignment.items() if split != UNLABELLED}
     return {
         "images": len(images),
         "images_with_pixels": int(images["has_pixels"].sum()),
         "images_without_pixels": int((~images["has_pixels"].astype(bool)).sum()),
-        "images_per_split": split_counts(assignment),
+        "images_unreadable": crop_counts["images_unreadable"],
+        "images_labelled": len(labelled),
+        "images_unlabelled": len(assignment) - len(labelled),
+        "images_per_split": split_counts(labelled),
         "cells_in_snapshot": len(cells) + len(left_out),
         "cells_exported": len(cells),
         "cells_alive": int((cells["label"] == "alive").sum()),
         "cells_dead": int((cells["label"] == "dead").sum()),
         "cells_below_min_confidence": len(left_out),
         "cells_without_pixels": crop_counts["cells_without_pixels"],
+        "cells_on_unreadable_images": crop_counts["cells_on_unreadable_images"],
         "crops": len(index),
         "crops_per_split": per_split_label,
         "clicks": len(clicks),
@@ -633,6 +785,7 @@ def _manifest(
     seed: int,
     min_confidence: float,
     stale: str | None,
+    unreadable: Mapping[str, str],
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
@@ -648,10 +801,13 @@ def _manifest(
         "crop_size": crop_size,
         "crop_path_relative_to": "crops/",
         "split": dict(zip(SPLITS, fractions)),
-        "split_by": "image, stratified by dead fraction",
+        "split_by": "image, stratified by dead fraction; images nobody labelled (no task run, expert cell "
+                    f"or snapshot cell) are {UNLABELLED!r}",
         "seed": seed,
         "min_confidence": float(min_confidence),
         "counts": counts,
+        # image -> why its file could not be read (its cells have no crops)
+        "unreadable_images": dict(sorted(unreadable.items())),
         "files": dict(sorted(files.items())),
     }
 

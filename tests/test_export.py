@@ -13,19 +13,24 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from cellspot.crops import SplitError
+from cellspot.crops import SPLITS, SplitError, stratified_image_split
 from cellspot.export import (
+    UNLABELLED,
     ExportError,
     NoSnapshotError,
     OutputExistsError,
+    activity_counts,
+    export_choices,
     export_dataset,
     flatten_metadata,
+    image_splits,
     image_table,
+    labelled_images,
     safe_stem,
     verify_export,
 )
 from cellspot.store import queries
-from cellspot.store.models import AnnotatorReliability, ConsensusCell, ConsensusSnapshot, Image
+from cellspot.store.models import AnnotatorReliability, ConsensusCell, ConsensusSnapshot, GoldCell, Image
 
 W, H = 40, 30
 CROP = 16
@@ -375,11 +380,54 @@ def test_failed_overwrite_keeps_the_previous_export(session, settings, store, tm
     assert (out / "manifest.json").read_bytes() == before
 
 
-def test_missing_image_file_is_a_clear_error(session, settings, store, tmp_path):
-    (settings.home / "images/exp/img03.png").unlink()
-    with pytest.raises(ExportError, match="img03.png"):
-        export_dataset(session, store.project, tmp_path / "ds", settings)
-    assert not (tmp_path / "ds").exists()
+def _spoil(path: Path, how: str) -> None:
+    """Make the image file at ``path`` unreadable: cut short, overwritten, emptied or removed."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:60])
+    elif how == "not an image":
+        path.write_text("not an image\n")
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "not an image", "empty", "missing"])
+def test_an_unreadable_image_is_skipped_counted_and_named(session, settings, store, tmp_path, how):
+    """One corrupt image file failed the whole export ("cannot read the pixels of image ...")
+    and wrote nothing. It is skipped like an image without pixels: its cells stay in the
+    tables, it has no crops, and the manifest counts and names it."""
+    _spoil(settings.home / "images/exp/img03.png", how)
+    report = export_dataset(session, store.project, tmp_path / "ds", settings, crop_size=CROP, seed=1)
+    out = tmp_path / "ds"
+    assert verify_export(out) == [] and not list(tmp_path.glob(".ds.*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["unreadable_images"]) == ["img03.png"] == list(report.unreadable)
+    assert manifest["unreadable_images"]["img03.png"] == report.unreadable["img03.png"] != ""
+    assert str(settings.home) not in manifest["unreadable_images"]["img03.png"]  # the reason, not the path
+    counts = manifest["counts"]
+    n_kept = len(CELLS) - N_LOW
+    assert counts["images_unreadable"] == 1 and counts["cells_on_unreadable_images"] == n_kept
+    assert counts["cells_without_pixels"] == n_kept  # the image without pixels, as before
+    cells, index = _read(out, "cells.csv"), _read(out, "crops/index.csv")
+    assert (cells["image"] == "img03.png").sum() == n_kept  # the cells stay in the tables
+    assert "img03.png" not in set(index["image"])
+    assert counts["crops"] == len(index) == len(cells) - 2 * n_kept
+    assert set(index["image"]) == {f"img{i:02d}.png" for i in range(10)} - {"img03.png"}
+
+
+def test_an_unreadable_image_is_logged(session, settings, store, tmp_path, caplog):
+    _spoil(settings.home / "images/exp/img03.png", "truncated")
+    with caplog.at_level("WARNING", logger="cellspot.export"):
+        export_dataset(session, store.project, tmp_path / "ds", settings, crop_size=CROP)
+    assert "no crops for the 5 cell(s) of image 'img03.png'" in caplog.text
+
+
+def test_a_readable_export_names_no_unreadable_image(exported):
+    report, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["unreadable_images"] == {} == report.unreadable
+    assert manifest["counts"]["images_unreadable"] == 0 == manifest["counts"]["cells_on_unreadable_images"]
 
 
 def test_without_snapshot_says_to_run_aggregate(session, settings, tmp_path):
@@ -459,6 +507,7 @@ def test_image_table_counts_and_viability():
     images = pd.DataFrame({
         "image": ["a", "b"], "width": [10, 10], "height": [5, 5], "channels": [1, 3], "bit_depth": [8, 8],
         "has_pixels": [True, False], "status": ["active", "retired"], "sha256": ["x", None], "meta": [{}, {}],
+        "n_runs": [3, 0], "n_clicks": [4, 0], "n_expert_cells": [0, 0],
     })
     cells = pd.DataFrame({"image": ["a", "a", "a", "a"], "label": ["alive", "alive", "alive", "dead"]})
     left = pd.DataFrame({"image": ["b"], "label": ["dead"]})
@@ -467,6 +516,7 @@ def test_image_table_counts_and_viability():
     assert table.loc["a", "viability_pct"] == 75.0
     assert table.loc["b", ["n_alive", "n_dead", "n_left_out"]].tolist() == [0, 0, 1]
     assert pd.isna(table.loc["b", "viability_pct"])
+    assert table.loc["a", ["n_runs", "n_clicks", "n_expert_cells"]].tolist() == [3, 4, 0]
 
 
 def test_cli_export_without_snapshot_says_to_aggregate(settings, sqlite_engine, tmp_path):
@@ -481,3 +531,163 @@ def test_cli_export_without_snapshot_says_to_aggregate(settings, sqlite_engine, 
     assert result.exit_code != 0
     assert "cellspot aggregate --project fresh" in result.output
     assert not (tmp_path / "ds").exists()
+
+
+# ---------------------------------------------------------------- labelled / unlabelled images
+
+
+def _add_image(session, settings, project, name: str) -> Image:
+    """An image with pixels and nothing else: no task run, no expert cell, no consensus cell."""
+    rel = f"images/exp/{name}"
+    _write_png(settings.home / rel, _pixels("grey8", len(name)))
+    image = Image(project_id=project.id, name=name, path=rel, sha256=hashlib.sha256(name.encode()).hexdigest(),
+                  width=W, height=H, has_pixels=True, meta={})
+    session.add(image)
+    session.flush()
+    return image
+
+
+@pytest.fixture
+def mixed(session, settings, store) -> Store:
+    """The store plus an image nobody saw, one a student looked at and found empty (a run
+    without clicks), and one with only an expert cell (added after the snapshot)."""
+    _add_image(session, settings, store.project, "unseen.png")
+    empty = _add_image(session, settings, store.project, "looked-empty.png")
+    student = queries.get_or_create_annotator(session, store.project, "s0", "DEMO")
+    queries.submit_task_run(session, empty, student, [], client_key="looked-empty-0")
+    expert = _add_image(session, settings, store.project, "expert.png")
+    session.add(GoldCell(image_id=expert.id, x=5.0, y=6.0, label="dead"))
+    _add_image(session, settings, store.project, "expert-empty.png").expert_empty = True  # the Review's "no cells"
+    session.flush()
+    return store
+
+
+def test_images_nobody_labelled_are_not_exported_as_empty(session, settings, mixed, tmp_path):
+    """An image no student ever saw got n_alive 0, n_dead 0 and a train/val/test split, like
+    an image students checked and found empty, and was a COCO image without annotations (a
+    detector learns it as background)."""
+    report = export_dataset(session, mixed.project, tmp_path / "ds", settings, crop_size=CROP, seed=1)
+    out = tmp_path / "ds"
+    images = _read(out, "images.csv").set_index("image")
+    assert {"n_runs", "n_clicks", "n_expert_cells"} <= set(images.columns)
+    columns = ["n_runs", "n_clicks", "n_expert_cells", "n_alive", "n_dead"]
+    assert images.loc["unseen.png", columns].tolist() == [0, 0, 0, 0, 0]
+    assert images.loc["looked-empty.png", columns].tolist() == [1, 0, 0, 0, 0]
+    assert images.loc["expert.png", columns].tolist() == [0, 0, 1, 0, 0]
+    assert images.loc["expert-empty.png", columns].tolist() == [0, 0, 0, 0, 0]
+    assert images["expert_empty"].tolist() == [name == "expert-empty.png" for name in images.index]
+    assert images.loc["expert-empty.png", "split"] in SPLITS  # confirmed empty: labelled
+    assert images.loc["img00.png", ["n_runs", "n_clicks"]].tolist() == [2, 3 + 4]
+    assert images.loc["unseen.png", "split"] == UNLABELLED
+    assert images.drop(index="unseen.png")["split"].isin(SPLITS).all()
+
+    coco = json.loads((out / "coco_keypoints.json").read_text())
+    names = [i["file_name"] for i in coco["images"]]
+    assert "unseen.png" not in names and {"looked-empty.png", "expert.png", "expert-empty.png"} <= set(names)
+    rows = {name: i + 1 for i, name in enumerate(images.index)}  # a COCO id is the row in images.csv
+    assert {i["file_name"]: i["id"] for i in coco["images"]} == {n: rows[n] for n in names}
+    assert {a["image_id"] for a in coco["annotations"]} <= {i["id"] for i in coco["images"]}
+
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    n_images = mixed.n_pixel_images + 1 + 4
+    assert counts["images"] == n_images == len(images)
+    assert counts["images_unlabelled"] == 1 == report.counts["images_unlabelled"]
+    assert counts["images_labelled"] == n_images - 1 == sum(counts["images_per_split"].values())
+    assert "unseen.png" not in set(_read(out, "crops/index.csv")["image"])
+    assert sorted(p.name for p in (out / "crops").iterdir() if p.is_dir()) == sorted(SPLITS)
+
+
+def test_labelled_images_keep_the_split_a_model_trains_with(session, settings, mixed, tmp_path):
+    """The split of the labelled images is still the one :func:`cellspot.ml.data.load_store`
+    gives them (stratified over every image): leaving the unlabelled images out of the
+    split would move labelled images between train, val and test."""
+    from cellspot.ml.data import load_store
+
+    export_dataset(session, mixed.project, tmp_path / "ds", settings, crop_size=CROP, seed=3)
+    exported = _read(tmp_path / "ds", "images.csv").set_index("image")["split"]
+    data = load_store(session, settings, mixed.project, seed=3)
+    assert len(data.images) == mixed.n_pixel_images
+    assert {im.name: im.split for im in data.images} == {im.name: exported[im.name] for im in data.images}
+
+
+def test_every_exported_cell_is_on_a_labelled_image(session, settings, mixed, tmp_path):
+    export_dataset(session, mixed.project, tmp_path / "ds", settings, crop_size=CROP, min_confidence=0.0)
+    for name in ("cells.csv", "crops/index.csv"):
+        assert _read(tmp_path / "ds", name)["split"].isin(SPLITS).all(), name
+
+
+@pytest.mark.parametrize(
+    ("n_runs", "n_expert_cells", "n_alive", "n_dead", "n_left_out", "labelled"),
+    [
+        (0, 0, 0, 0, 0, False),  # nobody saw it
+        (1, 0, 0, 0, 0, True),   # a student looked and found no cell
+        (3, 0, 2, 1, 0, True),
+        (0, 2, 0, 0, 0, True),   # expert cells only (not yet in the snapshot)
+        (0, 0, 1, 0, 0, True),   # cells in the snapshot, runs since removed
+        (0, 0, 0, 0, 1, True),   # only cells below the minimum confidence
+    ],
+)
+def test_labelled_images(n_runs, n_expert_cells, n_alive, n_dead, n_left_out, labelled):
+    table = pd.DataFrame({"image": ["a"], "n_runs": [n_runs], "n_expert_cells": [n_expert_cells],
+                          "n_alive": [n_alive], "n_dead": [n_dead], "n_left_out": [n_left_out]}, index=[7])
+    result = labelled_images(table)
+    assert list(result.index) == [7] and bool(result.iloc[0]) is labelled
+
+
+def test_image_splits_mark_unlabelled_images_and_keep_the_others():
+    rng = np.random.default_rng(0)
+    n = 40
+    seen = np.arange(n) % 4 != 0  # every fourth image: nobody saw it
+    table = pd.DataFrame({
+        "image": [f"im{i:02d}" for i in range(n)], "n_runs": 3 * seen, "n_expert_cells": 0,
+        "n_alive": rng.integers(0, 5, n) * seen, "n_dead": rng.integers(0, 5, n) * seen, "n_left_out": 0,
+    })
+    splits = image_splits(table, (0.6, 0.2, 0.2), seed=4)
+    unlabelled = ~labelled_images(table)
+    assert unlabelled.any() and (~unlabelled).any()
+    everyone = stratified_image_split(table[["image", "n_alive", "n_dead"]], (0.6, 0.2, 0.2), seed=4)
+    for name, is_unlabelled in zip(table["image"], unlabelled):
+        assert splits[name] == (UNLABELLED if is_unlabelled else everyone[name])
+
+
+def test_activity_counts():
+    images = pd.Series(["a", "b", "c"], index=[3, 4, 5])
+    runs = pd.DataFrame({"image": ["a", "a", "b"]})
+    clicks = pd.DataFrame({"image": ["a", "a", "a"]})
+    counts = activity_counts(images, runs, clicks, {"c": 2, "elsewhere": 9})
+    assert list(counts.index) == [3, 4, 5]
+    assert counts.to_dict("list") == {"n_runs": [2, 1, 0], "n_clicks": [3, 0, 0], "n_expert_cells": [0, 0, 2]}
+
+
+def test_export_choices_list_the_snapshots_newest_first(session, store):
+    from datetime import timedelta
+
+    newer = ConsensusSnapshot(project_id=store.project.id, method="later", params={}, stats={},
+                              created_at=store.snapshot.created_at + timedelta(minutes=5))
+    session.add(newer)
+    session.flush()
+    choices = export_choices(session, store.project)
+    assert choices.n_images == store.n_pixel_images + 1
+    assert [(c.id, c.method, c.n_cells) for c in choices.snapshots] == [
+        (newer.id, "later", 0), (store.snapshot.id, "hand", (store.n_pixel_images + 1) * len(CELLS))]
+    assert choices.snapshots[0].created_at.tzinfo is not None
+    empty = export_choices(session, queries.get_or_create_project(session, "nothing"))
+    assert (empty.n_images, empty.snapshots) == (0, [])
+
+
+def test_cli_export_warns_of_unreadable_and_counts_unlabelled_images(settings, sqlite_engine, tmp_path):
+    from click.testing import CliRunner
+
+    from cellspot.cli import main
+    from cellspot.store.db import transaction
+
+    with transaction(sqlite_engine) as session:
+        store = _build_store(session, settings, n_pixel_images=4)
+        _add_image(session, settings, store.project, "unseen.png")
+    _spoil(settings.home / "images/exp/img02.png", "truncated")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "ds"), "--project", "exp", "--crop-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "1 unlabelled (no task run or expert cell)" in result.output
+    assert "warning: 1 image file(s) could not be read" in result.output
+    assert "img02.png" in result.output
+    assert verify_export(tmp_path / "ds") == []

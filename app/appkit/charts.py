@@ -1,4 +1,6 @@
-"""Charts and short texts of the Models page: training curves, progress lines, metric tables.
+"""Charts and short texts of the researcher pages: the Models page's training curves, progress
+lines and metric tables; the Class page's timeline and confidence histogram; the Results
+page's viability by condition.
 
 Pure helpers over plain data (lists of dicts, DataFrames) plus the Altair chart builders; no
 store access and no Streamlit calls, so they are unit-tested directly.
@@ -9,9 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 LOSS_COLUMNS = ("train_loss", "val_loss")
@@ -168,3 +171,151 @@ def short_metrics(metrics: Mapping[str, Any] | None, keys: Iterable[str] = (
     values = scalar_metrics(metrics)
     chosen = [k for k in keys if k in values][:limit] or list(values)[:limit]
     return " · ".join(f"{k} {values[k]:.3f}" for k in chosen)
+
+
+# --------------------------------------------------------------------------- Class page
+
+
+def timeline_chart(timeline: pd.DataFrame) -> alt.Chart:
+    """Runs and clicks per minute from ``timeline`` (``minute, runs, clicks``, minutes in UTC, as
+    :func:`cellspot.workflows.dashboard.class_activity` gives it).
+
+    The time axis is a UTC scale labelled ``HH:MM`` on a 24-hour clock, and the tooltip shows the
+    same text (a plain time axis showed the browser's local time, 12-hour without AM/PM, under a
+    "minute (UTC)" title). Counts start at 0 with whole-number ticks (``[0, max(1, highest)]``):
+    an idle minute is a line on the floor, not one "0.000000" tick with a line mid-chart.
+    """
+    long = timeline.melt("minute", value_vars=["runs", "clicks"], var_name="what", value_name="count")
+    long["minute"] = pd.to_datetime(long["minute"], utc=True)  # naive minutes are UTC, never local
+    long["minute_utc"] = long["minute"].dt.strftime("%H:%M")
+    top = max(1, int(long["count"].max())) if len(long) else 1
+    return alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("minute:T", title="minute (UTC)", scale=alt.Scale(type="utc"), axis=alt.Axis(format="%H:%M")),
+        y=alt.Y("count:Q", title="per minute", scale=alt.Scale(domain=[0, top]),
+                axis=alt.Axis(tickMinStep=1, format="d")),
+        color=alt.Color("what:N", title=None),
+        strokeDash=alt.StrokeDash("what:N", title=None),
+        tooltip=[alt.Tooltip("minute_utc:N", title="minute (UTC)"), alt.Tooltip("what:N", title="what"),
+                 alt.Tooltip("count:Q", title="count", format="d")],
+    )
+
+
+#: width of a bin of the Class page's confidence histogram
+CONFIDENCE_STEP = 0.05
+#: fewest runs an image needs for its consensus confidence to measure agreement between students
+AGREEMENT_MIN_RUNS = 2
+
+
+class ConfidenceHistogram(NamedTuple):
+    """``bins``: ``bin_start, bin_end, range, status, images`` (one row per bin and image status
+    with images; bins are ``[start, end)`` except the last, ``[1 - step, 1]``); ``n_images``: the
+    images counted; ``single_run`` / ``expert``: images left out because they have fewer than
+    ``min_runs`` runs, or expert cells (confidence 1 by definition)."""
+
+    bins: pd.DataFrame
+    n_images: int
+    single_run: int
+    expert: int
+    min_runs: int
+
+
+def confidence_bins(values: Any, step: float = CONFIDENCE_STEP) -> tuple[np.ndarray, np.ndarray]:
+    """``(bin_start, bin_end)`` of each value in [0, 1] (values outside are clipped), bins of width
+    ``step`` with the last one closed: 1.0 falls in ``[1 - step, 1]``, not in a bin beyond 1."""
+    n = round(1 / step) if step > 0 else 0
+    if n < 1 or not math.isclose(n * step, 1.0):
+        raise ValueError(f"step must divide 1 into whole bins (0.05, 0.1, 0.25...), got {step}")
+    edges = np.round(np.arange(n + 1) * step, 10)
+    clipped = np.clip(np.asarray(values, dtype=float), 0.0, 1.0)
+    index = np.clip(np.searchsorted(edges, clipped, side="right") - 1, 0, n - 1)
+    return edges[index], edges[index + 1]
+
+
+def confidence_histogram(
+    agreement: pd.DataFrame, step: float = CONFIDENCE_STEP, min_runs: int = AGREEMENT_MIN_RUNS
+) -> ConfidenceHistogram:
+    """The images of ``agreement`` (``Activity.agreement``) whose mean consensus confidence says how
+    much students agreed, binned (:func:`confidence_bins`). An image with fewer than
+    ``min_runs`` runs is left out (one student's clicks: nothing to agree on), and so is one whose
+    cells are expert cells (confidence 1 whatever the students did); both are counted."""
+    rows = agreement.dropna(subset=["mean_confidence"])
+    expert = (rows["expert"].fillna(False).astype(bool) if "expert" in rows.columns
+              else pd.Series(False, index=rows.index))
+    few = ~expert & (rows["n_runs"] < min_runs)
+    kept = rows[~expert & ~few]
+    start, end = confidence_bins(kept["mean_confidence"], step)
+    binned = kept.assign(bin_start=start, bin_end=end)
+    bins = (binned.groupby(["bin_start", "bin_end", "status"]).size().rename("images").reset_index()
+            if len(binned) else pd.DataFrame(columns=["bin_start", "bin_end", "status", "images"]))
+    bins.insert(2, "range", [f"{a:.2f}-{b:.2f}" for a, b in zip(bins["bin_start"], bins["bin_end"])])
+    return ConfidenceHistogram(bins, len(kept), int(few.sum()), int(expert.sum()), min_runs)
+
+
+def confidence_chart(hist: ConfidenceHistogram) -> alt.Chart:
+    """Stacked bars of :func:`confidence_histogram` (images per bin, coloured by status) on a fixed
+    0-1 axis (the bins come pre-computed: Vega-Lite's own binning put 1.0 in a bin past 1)."""
+    return alt.Chart(hist.bins).mark_bar().encode(
+        x=alt.X("bin_start:Q", bin="binned", scale=alt.Scale(domain=[0, 1]),
+                title="mean confidence of the image's consensus cells"),
+        x2="bin_end:Q",
+        y=alt.Y("images:Q", title="images", axis=alt.Axis(tickMinStep=1, format="d")),
+        color=alt.Color("status:N", title="status"),
+        tooltip=[alt.Tooltip("range:N", title="confidence"), alt.Tooltip("status:N"),
+                 alt.Tooltip("images:Q", format="d")],
+    )
+
+
+def confidence_note(hist: ConfidenceHistogram) -> str:
+    """What :func:`confidence_chart` counts and what it leaves out, in one line."""
+    text = (f"{hist.n_images} image(s) with {hist.min_runs}+ runs. Confidence is how sure the consensus is "
+            "of each cell and its label (mean over the image's cells): high when the students' clicks agree.")
+    left = [f"{n} {what}" for n, what in (
+        (hist.single_run, f"with fewer than {hist.min_runs} runs (one student's clicks: nothing to agree on)"),
+        (hist.expert, "with expert cells (confidence 1 by definition)")) if n]
+    return text + (f" Left out: {'; '.join(left)}." if left else "")
+
+
+# --------------------------------------------------------------------------- Results page
+
+#: the statistics columns of ``Results.by_condition``; every other column is a condition key
+CONDITION_STATS = ("n_images", "n_alive", "n_dead", "viability_pct", "viability_mean", "viability_sd")
+
+
+def condition_plot_frame(by_condition: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``(plot rows, condition keys)`` of ``Results.by_condition``: adds ``group`` (a readable
+    label such as ``"treated · dose_uM 5"``; images without those keys: ``"(no condition
+    metadata)"``) and the whiskers ``whisker_low`` / ``whisker_high``,
+    mean ± SD of the images' viability cut to [0, 100] % (a viability is a percentage: 75 ± 38
+    draws 37-100, not 37-113). A condition without an SD (one counted image) has no whisker."""
+    groups = [c for c in by_condition.columns if c not in CONDITION_STATS]
+    mean, sd = by_condition["viability_mean"].astype(float), by_condition["viability_sd"].astype(float)
+    label = by_condition[groups].apply(
+        lambda row: " · ".join(f"{k} {v}" if k in ("dose_uM", "time_h") else str(v)
+                               for k, v in row.items() if str(v) not in ("", "nan", "None"))
+        or "(no condition metadata)", axis=1)
+    plot = by_condition.assign(group=label if len(by_condition) else pd.Series(dtype=str),
+                               whisker_low=(mean - sd).clip(0.0, 100.0), whisker_high=(mean + sd).clip(0.0, 100.0))
+    return plot, groups
+
+
+def viability_chart(plot: pd.DataFrame, groups: list[str]) -> alt.LayerChart:
+    """Viability by condition from :func:`condition_plot_frame`: a bar per condition (pooled over
+    its cells), a diamond at the mean over its images and a whisker of ± SD cut to [0, 100] %."""
+    order = plot["group"].tolist()
+    y = alt.Y("group:N", sort=order, title=None, axis=alt.Axis(labelLimit=480))
+    scale = alt.Scale(domain=[0, 100])
+    tooltip = [*groups, alt.Tooltip("n_images:Q", title="images"), alt.Tooltip("n_alive:Q", title="alive"),
+               alt.Tooltip("n_dead:Q", title="dead"),
+               alt.Tooltip("viability_pct:Q", title="viability % (pooled cells)", format=".1f"),
+               alt.Tooltip("viability_mean:Q", title="mean over images %", format=".1f"),
+               alt.Tooltip("viability_sd:Q", title="SD over images", format=".1f"),
+               alt.Tooltip("whisker_low:Q", title="whisker from (mean - SD, not below 0)", format=".1f"),
+               alt.Tooltip("whisker_high:Q", title="whisker to (mean + SD, not above 100)", format=".1f")]
+    base = alt.Chart(plot)
+    bars = base.mark_bar().encode(
+        y=y, x=alt.X("viability_pct:Q", title="viability % (alive / counted cells)", scale=scale), tooltip=tooltip)
+    whiskers = base.mark_errorbar(ticks=True).encode(
+        y=y, x=alt.X("whisker_low:Q", title="", scale=scale), x2="whisker_high:Q", tooltip=tooltip)
+    means = base.mark_point(shape="diamond", filled=True, size=60, color="black").encode(
+        y=y, x=alt.X("viability_mean:Q", title="", scale=scale), tooltip=tooltip)
+    return bars + whiskers + means

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import altair as alt
 import streamlit as st
-from appkit import researcher, roles
+from appkit import charts, researcher, roles
 
 roles.require_researcher()  # every researcher page checks again
 project = researcher.page_header("Results")
@@ -51,28 +51,14 @@ total = per_image["n_alive"].sum() + per_image["n_dead"].sum()
 row[3].metric("Viability", f"{100 * per_image['n_alive'].sum() / total:.1f} %" if total else "-")
 
 st.subheader("Viability by condition")
-groups = [c for c in by_condition.columns
-          if c not in ("n_images", "n_alive", "n_dead", "viability_pct", "viability_mean", "viability_sd")]
+plot, groups = charts.condition_plot_frame(by_condition)
 if by_condition.empty or not groups:
     st.info("No condition metadata to group by.")
 else:
-    plot = by_condition.assign(
-        group=by_condition[groups].apply(
-            lambda row: " · ".join(f"{k} {v}" if k in ("dose_uM", "time_h") else str(v)
-                                   for k, v in row.items() if str(v) not in ("", "nan", "None")), axis=1),
-        low=by_condition["viability_mean"] - by_condition["viability_sd"].fillna(0),
-        high=by_condition["viability_mean"] + by_condition["viability_sd"].fillna(0),
-    )
-    order = plot["group"].tolist()
-    bars = alt.Chart(plot).mark_bar().encode(
-        y=alt.Y("group:N", sort=order, title=None, axis=alt.Axis(labelLimit=480)),
-        x=alt.X("viability_pct:Q", title="viability % (alive / counted cells)", scale=alt.Scale(domain=[0, 100])),
-        tooltip=[*groups, "n_images", "n_alive", "n_dead", "viability_pct", "viability_mean", "viability_sd"],
-    )
-    errors = alt.Chart(plot).mark_errorbar().encode(
-        y=alt.Y("group:N", sort=order), x=alt.X("low:Q", title=""), x2="high:Q")
-    st.altair_chart(bars + errors, width="stretch")
-    st.caption("Bars: viability pooled over the cells of each condition; whiskers: mean ± SD over images.")
+    st.altair_chart(charts.viability_chart(plot, groups), width="stretch")
+    st.caption("Bars: viability pooled over the cells of each condition. Diamonds and whiskers: mean ± SD of "
+               "the images' viability, the whiskers cut at 0 and 100 % (none for a condition with one counted "
+               "image).")
     st.dataframe(by_condition, hide_index=True, width="stretch")
     st.download_button("Download by condition (CSV)", by_condition.to_csv(index=False),
                        researcher.csv_name(project.name, "viability-by-condition", min_confidence),

@@ -11,6 +11,7 @@ from appkit.marks import view_window
 from PIL import ImageDraw
 
 from cellspot.consensus import DEFAULT_METHOD
+from cellspot.export import DEFAULT_MIN_CONFIDENCE
 from cellspot.render import ImageUnavailableError, draw_consensus, find_mark, to_display_pixels
 from cellspot.workflows.aggregate import aggregate
 from cellspot.workflows.review import (
@@ -25,8 +26,7 @@ from cellspot.workflows.review import (
 NEXT_CONSENSUS = "Expert cells replace consensus in the next consensus computation."
 NO_CELLS = ("the image has no cells now: an expert decision that replaces its consensus in the next consensus "
             "computation, until 'Back to consensus'")
-#: consensus cells below this confidence are left out of an export by default (its minimum confidence)
-UNCERTAIN_BELOW = 0.5
+UNCERTAIN_BELOW = DEFAULT_MIN_CONFIDENCE  # cells an export leaves out by default
 PICKED = "review_image_id"  # the image the researcher chose, by id (see the picker below)
 ACTIONS = {
     "accept": "Accept the cell",

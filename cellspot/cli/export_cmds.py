@@ -8,6 +8,9 @@ import click
 
 from cellspot.cli import OUT_DIR, PROJECT, main
 
+#: unreadable image files named on the terminal (the manifest names them all)
+UNREADABLE_SHOWN = 20
+
 
 @main.command("export")
 @click.argument("outdir", type=OUT_DIR)
@@ -15,8 +18,10 @@ from cellspot.cli import OUT_DIR, PROJECT, main
               help="Project name (default: the settings' default project).")
 @click.option("--crop-size", default=96, show_default=True, type=click.IntRange(min=1, max=1024), help="Crop side in pixels (at most 1024).")
 @click.option("--split", "split_text", default="0.8,0.1,0.1", show_default=True,
-              help="Train,val,test fractions of images (split by image, stratified by dead fraction).")
+              help="Train,val,test fractions of images (split by image, stratified by dead fraction; "
+                   "images nobody labelled get the split 'unlabelled').")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+# default: cellspot.export.DEFAULT_MIN_CONFIDENCE (not imported here: --help stays fast)
 @click.option("--min-confidence", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Cells below this consensus confidence are left out (and counted in the manifest).")
 @click.option("--snapshot", "snapshot_id", default=None, type=int, help="Snapshot id (default: the latest).")
@@ -75,14 +80,24 @@ def export_command(
     c = report.counts
     split = c["images_per_split"]
     click.echo(f"exported project {name!r}, snapshot {report.snapshot_id} ({report.method}) to {report.outdir}")
-    click.echo(f"  images: {c['images']} (train {split['train']}, val {split['val']}, test {split['test']}; "
+    click.echo(f"  images: {c['images']} (train {split['train']}, val {split['val']}, test {split['test']}, "
+               f"{c['images_unlabelled']} unlabelled (no task run or expert cell); "
                f"{c['images_without_pixels']} without pixels)")
     click.echo(f"  cells:  {c['cells_exported']} ({c['cells_alive']} alive, {c['cells_dead']} dead); "
                f"{c['cells_below_min_confidence']} below confidence {min_confidence:g} left out")
     click.echo(f"  crops:  {c['crops']} of {crop_size}x{crop_size} px "
-               f"({c['cells_without_pixels']} cells on images without pixels have none)")
+               f"({c['cells_without_pixels']} cells on images without pixels and "
+               f"{c['cells_on_unreadable_images']} on unreadable images have none)")
     click.echo(f"  clicks: {c['clicks']} in {c['task_runs']} task runs "
                f"({c['task_runs'] - c['task_runs_with_clicks']} of them without clicks)")
     click.echo(f"manifest: {report.manifest_path}")
     if report.stale:
         click.echo(f"warning: the cells and crops are those of the snapshot, but {report.stale}", err=True)
+    if report.unreadable:
+        click.echo(f"warning: {len(report.unreadable)} image file(s) could not be read; their "
+                   f"{c['cells_on_unreadable_images']} cells are in the tables but have no crops "
+                   "(listed as unreadable_images in the manifest):", err=True)
+        for image, reason in list(report.unreadable.items())[:UNREADABLE_SHOWN]:
+            click.echo(f"  {image}: {reason}", err=True)
+        if len(report.unreadable) > UNREADABLE_SHOWN:
+            click.echo(f"  ... and {len(report.unreadable) - UNREADABLE_SHOWN} more", err=True)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from cellspot.settings import Settings
@@ -42,11 +42,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_MINUTES = 10
 CONDITION_KEYS = ("condition", "drug", "dose_uM", "dose", "time_h", "time")
+#: the annotators table of the class view, most useful first (a narrow screen shows the left columns)
 STUDENT_COLUMNS = [
-    "annotator_id", "nickname", "class_code", "runs", "clicks", "runs_in_window", "gold_checks",
-    "last_seen", "active", "sensitivity", "precision", "accuracy_alive", "accuracy_dead", "weight",
+    "annotator_id", "nickname", "role", "runs", "weight", "clicks", "consensus_clicks", "runs_in_window",
+    "last_seen", "active", "class_code", "gold_checks", "sensitivity", "precision", "accuracy_alive",
+    "accuracy_dead",
 ]
-AGREEMENT_COLUMNS = ["image_id", "image", "status", "n_runs", "n_cells", "mean_confidence", "min_confidence"]
+#: the annotator roles in the order the class view lists them (class students first)
+ROLE_ORDER = ("student", "imported", "expert", "researcher")
+AGREEMENT_COLUMNS = ["image_id", "image", "status", "n_runs", "n_cells", "mean_confidence", "min_confidence",
+                     "expert"]
 TIMELINE_COLUMNS = ["minute", "runs", "clicks"]
 CLASS_CODE_PATTERN = re.compile(r"^[A-Z0-9_-]{2,32}$")
 
@@ -74,13 +79,17 @@ class ProjectExistsError(DashboardError):
 class Activity:
     """The live class view of one project at ``now``.
 
-    ``students_active``: students with a run (or who joined) in the last ``window_minutes``.
-    ``runs_per_minute`` / ``clicks_per_minute``: over that window. Images: ``unseen`` (no run,
-    active), ``in_progress`` (runs, active), ``retired``. ``students``: one row per student
-    (:data:`STUDENT_COLUMNS`; reliability from the latest snapshot, NaN before one).
-    ``agreement``: per image with consensus cells, the mean / min cell confidence
-    (:data:`AGREEMENT_COLUMNS`; the agreement distribution). ``timeline``: runs and clicks per
-    minute over the window (:data:`TIMELINE_COLUMNS`, zero-filled, oldest first).
+    ``students_active`` / ``students_total``: class students (role ``student``) with a run (or
+    who joined) in the last ``window_minutes`` / all of them. ``runs_per_minute`` /
+    ``clicks_per_minute`` and ``runs_total`` / ``clicks_total`` count every annotator's runs
+    (imported ones too). Images: ``unseen`` (no run, active), ``in_progress`` (runs, active),
+    ``retired``. ``students``: one row per annotator of every role, class students first
+    (:data:`STUDENT_COLUMNS`; its ``runs`` and ``clicks`` sum to ``runs_total`` and
+    ``clicks_total``; reliability from the latest snapshot, NaN before one; per role:
+    :func:`annotator_counts`). ``agreement``: per image with consensus cells, the mean / min
+    cell confidence and whether they are expert cells (:data:`AGREEMENT_COLUMNS`).
+    ``timeline``: runs and clicks per minute over the window (:data:`TIMELINE_COLUMNS`,
+    zero-filled, oldest first, UTC).
     """
 
     now: datetime
@@ -123,16 +132,15 @@ def class_activity(
     since = now - timedelta(minutes=window_minutes)
     runs = _runs(session, project)
     students = _students(session, project, runs, since, class_code)
-    if class_code is not None:
-        runs_in_scope = runs[runs["annotator_id"].isin(students["annotator_id"])]
-    else:
-        runs_in_scope = runs
+    # the table lists every annotator in scope, so its runs and clicks are the totals below
+    runs_in_scope = runs[runs["annotator_id"].isin(students["annotator_id"])]
     recent = runs_in_scope[runs_in_scope["submitted_at"] >= since]
     status = _image_status(session, project, runs)
     snapshot = queries.latest_snapshot(session, project)
+    in_class = students[students["role"] == "student"]
     return Activity(
         now=now, window_minutes=window_minutes,
-        students_active=int(students["active"].sum()), students_total=len(students),
+        students_active=int(in_class["active"].sum()), students_total=len(in_class),
         runs_per_minute=round(len(recent) / window_minutes, 3),
         clicks_per_minute=round(float(recent["n_clicks"].sum()) / window_minutes, 3),
         runs_total=len(runs_in_scope), clicks_total=int(runs_in_scope["n_clicks"].sum()),
@@ -165,12 +173,19 @@ def _runs(session: Session, project: Project) -> pd.DataFrame:
 def _students(
     session: Session, project: Project, runs: pd.DataFrame, since: datetime, class_code: str | None
 ) -> pd.DataFrame:
-    stmt = select(Annotator.id, Annotator.nickname, Annotator.class_code, Annotator.created_at).where(
-        Annotator.project_id == project.id, Annotator.role == "student")
+    """One row per annotator of ``project`` (of ``class_code`` when given), whatever its role:
+    class students, imported annotators (``cellspot import clicks``), experts, researchers;
+    columns :data:`STUDENT_COLUMNS`, ordered by :data:`ROLE_ORDER` then nickname.
+    ``consensus_clicks``: the clicks the latest snapshot used (its ``n_clicks``, as in the
+    export's annotators.csv; <NA> before one): fewer than ``clicks`` by the repeated clicks it
+    set aside (:func:`cellspot.consensus.common.drop_repeated_clicks`) and by clicks made after it."""
+    stmt = select(Annotator.id, Annotator.nickname, Annotator.role, Annotator.class_code,
+                  Annotator.created_at).where(Annotator.project_id == project.id)
     if class_code is not None:
         stmt = stmt.where(Annotator.class_code == normalize_class_code(class_code))
-    people = pd.DataFrame(session.execute(stmt.order_by(Annotator.nickname)).tuples().all(),
-                          columns=["annotator_id", "nickname", "class_code", "created_at"])
+    people = pd.DataFrame(session.execute(stmt).tuples().all(),
+                          columns=["annotator_id", "nickname", "role", "class_code", "created_at"])
+    people = _in_role_order(people)
     people["created_at"] = pd.to_datetime(people["created_at"], utc=True)
     since_ts = pd.Timestamp(since)
     by = runs.groupby("annotator_id")
@@ -184,15 +199,36 @@ def _students(
     people["last_seen"] = people["last_seen"].fillna(people["created_at"])
     people["active"] = people["last_seen"] >= since_ts
     snapshot = queries.latest_snapshot(session, project)
-    metrics = ["sensitivity", "precision", "accuracy_alive", "accuracy_dead", "weight"]
-    if snapshot is not None:
-        rel = queries.reliability_frame(session, snapshot).set_index("annotator_id")
-        for m in metrics:
-            people[m] = people["annotator_id"].map(rel[m]).astype(float)
-    else:
-        for m in metrics:
-            people[m] = np.nan
+    metrics = {"sensitivity": "sensitivity", "precision": "precision", "accuracy_alive": "accuracy_alive",
+               "accuracy_dead": "accuracy_dead", "weight": "weight", "consensus_clicks": "n_clicks"}
+    rel = (queries.reliability_frame(session, snapshot).set_index("annotator_id") if snapshot is not None
+           else pd.DataFrame(columns=list(metrics.values())))
+    for column, source in metrics.items():
+        people[column] = people["annotator_id"].map(rel[source]).astype(float)
+    people["consensus_clicks"] = people["consensus_clicks"].astype("Int64")  # <NA>: not in the snapshot
     return people[STUDENT_COLUMNS].reset_index(drop=True)
+
+
+def _in_role_order(people: pd.DataFrame) -> pd.DataFrame:
+    """``people`` sorted by :data:`ROLE_ORDER` (unknown roles last), then by nickname with its
+    numbers compared as numbers (``pybossa-run-2`` before ``pybossa-run-10``)."""
+    rank = {role: i for i, role in enumerate(ROLE_ORDER)}
+
+    def key(row: tuple) -> tuple:
+        parts = re.split(r"(\d+)", row[1].casefold())
+        return rank.get(row[0], len(rank)), [(0, int(p)) if p.isdigit() else (1, p) for p in parts if p]
+
+    order = sorted(range(len(people)), key=lambda i: key((people["role"].iat[i], people["nickname"].iat[i])))
+    return people.iloc[order].reset_index(drop=True)
+
+
+def annotator_counts(students: pd.DataFrame) -> pd.DataFrame:
+    """Per role of the class view's annotators table (``Activity.students``): ``annotators``,
+    ``active``, ``runs``, ``clicks``; one row per role present, in :data:`ROLE_ORDER`."""
+    counts = students.groupby("role").agg(annotators=("annotator_id", "size"), active=("active", "sum"),
+                                          runs=("runs", "sum"), clicks=("clicks", "sum"))
+    roles = [r for r in ROLE_ORDER if r in counts.index] + sorted(set(counts.index) - set(ROLE_ORDER))
+    return counts.reindex(roles).astype("int64").rename_axis("role").reset_index()
 
 
 def _image_status(session: Session, project: Project, runs: pd.DataFrame) -> pd.Series:
@@ -205,17 +241,19 @@ def _image_status(session: Session, project: Project, runs: pd.DataFrame) -> pd.
 
 
 def _agreement(session: Session, snapshot: ConsensusSnapshot | None, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per image with cells in ``snapshot``: :data:`AGREEMENT_COLUMNS` (``n_runs`` over ``runs``)."""
     if snapshot is None:
         return pd.DataFrame(columns=AGREEMENT_COLUMNS)
     c = ConsensusCell
     stmt = (select(c.image_id, Image.name, Image.status, func.count(), func.avg(c.confidence),
-                   func.min(c.confidence))
+                   func.min(c.confidence), func.max(case((c.from_gold, 1), else_=0)))
             .join(Image, c.image_id == Image.id).where(c.snapshot_id == snapshot.id)
             .group_by(c.image_id, Image.name, Image.status).order_by(c.image_id))
     frame = pd.DataFrame(session.execute(stmt).tuples().all(), columns=[
-        "image_id", "image", "status", "n_cells", "mean_confidence", "min_confidence"])
+        "image_id", "image", "status", "n_cells", "mean_confidence", "min_confidence", "expert"])
     frame["n_runs"] = frame["image_id"].map(runs.groupby("image_id").size()).fillna(0).astype("int64")
-    return frame.astype({"mean_confidence": float, "min_confidence": float})[AGREEMENT_COLUMNS]
+    # expert: the image's cells are its expert (gold) cells, confidence 1 by definition, not the students'
+    return frame.astype({"mean_confidence": float, "min_confidence": float, "expert": bool})[AGREEMENT_COLUMNS]
 
 
 def _timeline(recent: pd.DataFrame, now: datetime, window_minutes: int) -> pd.DataFrame:
@@ -478,17 +516,39 @@ def create_project(session: Session, name: str, description: str = "", **setting
 # --------------------------------------------------------------------------- export
 
 
-def export_zip(session: Session, project: Project, settings: Settings, **export_options: Any) -> tuple[Path, Any]:
+#: export zips of a project kept in ``exports_dir``: building one deletes the project's older ones
+EXPORTS_KEPT = 3
+#: files zipped between two progress reports: at most about a hundred reports per zip
+_ZIP_REPORTS = 100
+
+
+def export_zip(
+    session: Session,
+    project: Project,
+    settings: Settings,
+    *,
+    keep_last: int = EXPORTS_KEPT,
+    keep: tuple[Path | str, ...] = (),
+    **export_options: Any,
+) -> tuple[Path, Any]:
     """Export ``project`` like ``cellspot export`` and zip it under ``settings.exports_dir``.
 
     ``export_options`` go to :func:`cellspot.export.export_dataset` (crop_size, split, seed,
     min_confidence, snapshot, progress). The zip holds the export folder's files under one
     top folder and is written under a temporary name, then renamed, so a listed zip is always
-    complete. Returns its path and the :class:`cellspot.export.ExportReport`. Raises :class:`cellspot.export.NoSnapshotError` before any
-    consensus exists.
+    complete. ``progress(stage, done, total)``, when given, also follows the zipping (stage
+    ``"zip"``, files done of all). Once the zip is complete, the project's export zips older
+    than its ``keep_last`` newest (this one included) are deleted, except the zips named in
+    ``keep`` (one that a page still offers for download); see :func:`prune_export_zips`.
+    Returns the zip's path and the :class:`cellspot.export.ExportReport`. Raises
+    :class:`cellspot.export.NoSnapshotError` before any consensus exists, and
+    :class:`DashboardError` for a ``keep_last`` below 1.
     """
     from cellspot.export import export_dataset, safe_stem
 
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise DashboardError(f"keep_last must be a whole number, 1 or more (the zip just built); got {keep_last!r}")
+    progress: Callable[[str, int, int], None] | None = export_options.get("progress")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     stem = f"{safe_stem(project.name)}-{stamp}-{uuid.uuid4().hex[:6]}"
     out_dir = Path(settings.exports_dir)
@@ -499,16 +559,79 @@ def export_zip(session: Session, project: Project, settings: Settings, **export_
         folder = Path(tmp) / stem
         report = export_dataset(session, project, folder, settings, **export_options)
         try:
-            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                    archive.write(path, f"{stem}/{path.relative_to(folder).as_posix()}")
+            _zip_folder(folder, partial, stem, progress)
             partial.replace(target)
         finally:
             if partial.exists():
                 partial.unlink()
     log.info("export of %r zipped to %s", project.name, target)
+    prune_export_zips(out_dir, project, keep_last, keep=(target, *keep))
     return target, report
 
+
+def _zip_folder(folder: Path, archive_path: Path, top: str, progress: Callable[[str, int, int], None] | None) -> None:
+    """Zip every file under ``folder`` into ``archive_path``, under the top folder ``top``;
+    ``progress("zip", done, total)`` about a hundred times (first at 0 files)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    every = max(1, len(files) // _ZIP_REPORTS)
+    if progress is not None:
+        progress("zip", 0, len(files))
+    with zipfile.ZipFile(archive_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for done, path in enumerate(files, start=1):
+            archive.write(path, f"{top}/{path.relative_to(folder).as_posix()}")
+            if progress is not None and (done % every == 0 or done == len(files)):
+                progress("zip", done, len(files))
+
+
+def prune_export_zips(
+    exports_dir: Path, project: Project, keep_last: int = EXPORTS_KEPT, keep: tuple[Path | str, ...] = ()
+) -> list[Path]:
+    """Delete the export zips of ``project`` in ``exports_dir`` but its ``keep_last`` newest
+    (by the time in their name, then their modification time) and those named in ``keep``.
+
+    A zip is the project's when its name is one :func:`export_zip` gives (``<project>-<UTC
+    time>-<6 hex>.zip``) and its ``manifest.json`` names the project's id: other files,
+    other projects' zips (also one whose name gives the same file-safe stem) and unreadable
+    zips are never deleted. A zip that cannot be deleted is logged and left. Returns the
+    deleted paths.
+    """
+    from cellspot.export import safe_stem
+
+    pattern = re.compile(re.escape(safe_stem(project.name)) + r"-(\d{8}T\d{6}Z)-[0-9a-f]{6}\.zip")
+    named = [(m.group(1), p) for p in Path(exports_dir).iterdir()
+             if (m := pattern.fullmatch(p.name)) is not None and p.is_file()]
+    ours = [(stamp, p) for stamp, p in named if _export_zip_project_id(p) == project.id]
+    ours.sort(key=lambda item: (item[0], item[1].stat().st_mtime_ns), reverse=True)
+    kept = {Path(k).resolve() for k in keep}
+    deleted = []
+    for _, path in ours[keep_last:]:
+        if path.resolve() in kept:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue  # another session deleted it first
+        except OSError as exc:
+            log.warning("cannot delete the old export %s: %s", path, exc)
+            continue
+        deleted.append(path)
+    if deleted:
+        log.info("deleted %d older export zip(s) of %r: %s", len(deleted), project.name,
+                 ", ".join(p.name for p in deleted))
+    return deleted
+
+
+def _export_zip_project_id(path: Path) -> int | None:
+    """The project id in the manifest of the export zip at ``path`` (None when it has none)."""
+    import json
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            manifest = json.loads(archive.read(f"{path.stem}/manifest.json"))
+        return int(manifest["project"]["id"])
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+        log.debug("%s is not a readable cellspot export zip (%s); left alone", path, exc)
+        return None
 
 __all__ = [
     "Activity", "ClassCodeTakenError", "ConsensusBasis", "DashboardError", "InvalidProjectSettingError",

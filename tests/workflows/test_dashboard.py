@@ -319,3 +319,80 @@ def test_export_zip(session, project, busy, settings) -> None:
         cells = pd.read_csv(archive.open(f"{top}/cells.csv"))
     assert set(cells["image"]) <= {"a", "b"} and len(cells) >= 2
     assert not list(settings.exports_dir.glob(".*.part"))
+
+
+# --------------------------------------------------------------------------- class view: every annotator
+
+#: a tidy click file: crowd-2 on image c (a minute ago), crowd-10 on c (2 min ago) and d (2 h ago)
+CROWD_CSV = """image,annotator,x,y,label,timestamp
+c,crowd-2,20,20,alive,2025-03-04T09:59:00Z
+c,crowd-2,60,30,dead,2025-03-04T09:59:00Z
+c,crowd-10,21,19,alive,2025-03-04T09:58:00Z
+d,crowd-10,50,50,dead,2025-03-04T08:00:00Z
+"""
+
+
+def test_class_activity_lists_imported_annotators_and_experts_with_their_role(
+    session, project, busy, tmp_path, settings
+) -> None:
+    from cellspot.importers.clicks import import_clicks
+
+    (tmp_path / "crowd.csv").write_text(CROWD_CSV)
+    import_clicks(session, project, tmp_path / "crowd.csv", settings=settings)
+    q.get_or_create_annotator(session, project, "prof", "", role="expert").created_at = NOW - timedelta(days=1)
+    session.flush()
+    act = d.class_activity(session, project, window_minutes=10, now=NOW)
+    table = act.students
+    # class students first, then imported (numbers in nicknames compared as numbers), then experts
+    assert table["nickname"].tolist() == ["other", "s0", "s1", "s2", "crowd-2", "crowd-10", "prof"]
+    assert table["role"].tolist() == ["student"] * 4 + ["imported"] * 2 + ["expert"]
+    # the table and the totals count the same runs; the metric counts class students only
+    assert table["runs"].sum() == act.runs_total == 5 + 3
+    assert table["clicks"].sum() == act.clicks_total == 7 + 4
+    assert (act.students_active, act.students_total) == (4, 4)
+    assert act.runs_per_minute == pytest.approx((4 + 2) / 10)
+    counts = d.annotator_counts(table).set_index("role")
+    assert counts.index.tolist() == ["student", "imported", "expert"]
+    assert counts.loc["imported"].tolist() == [2, 2, 3, 4]  # annotators, active, runs, clicks
+    assert counts.loc["expert"].tolist() == [1, 0, 0, 0]
+    assert list(d.class_activity(session, project, class_code="7B", now=NOW).students["role"]) == ["student"] * 3
+
+
+def test_class_activity_reliability_of_imported_annotators(session, project, busy, tmp_path, settings) -> None:
+    from cellspot.importers.clicks import import_clicks
+
+    (tmp_path / "crowd.csv").write_text(CROWD_CSV)
+    import_clicks(session, project, tmp_path / "crowd.csv", settings=settings)
+    aggregate(session, project)
+    table = d.class_activity(session, project, now=NOW).students.set_index("nickname")
+    rel = q.reliability_frame(session, q.latest_snapshot(session, project)).set_index("nickname")
+    for name in ("crowd-2", "crowd-10"):
+        assert table.loc[name, "weight"] == pytest.approx(rel.loc[name, "weight"])
+
+
+def test_students_show_the_clicks_the_consensus_counted(session, project, images, busy) -> None:
+    # s0 clicks the same spot twice on image c: the consensus sets the repeat aside
+    _submit(session, images["c"], busy[0], [(40.0, 40.0, "alive"), (40.0, 40.0, "alive"), (70.0, 20.0, "dead")],
+            "c0", NOW)
+    session.flush()
+    assert d.class_activity(session, project, now=NOW).students["consensus_clicks"].isna().all()  # no snapshot
+    aggregate(session, project)
+    s0 = d.class_activity(session, project, now=NOW).students.set_index("nickname").loc["s0"]
+    assert (s0["clicks"], s0["consensus_clicks"]) == (2 + 1 + 3, 2 + 1 + 2)
+    rel = q.reliability_frame(session, q.latest_snapshot(session, project)).set_index("nickname")
+    assert s0["consensus_clicks"] == rel.loc["s0", "n_clicks"]  # the export's annotators.csv n_clicks
+
+
+def test_class_activity_columns_put_the_weight_early() -> None:
+    assert d.STUDENT_COLUMNS[:5] == ["annotator_id", "nickname", "role", "runs", "weight"]
+
+
+def test_agreement_marks_images_whose_cells_are_expert_cells(session, project, images, busy) -> None:
+    session.add(GoldCell(image_id=images["b"].id, x=20.0, y=20.0, label="alive", source="test"))
+    session.flush()
+    aggregate(session, project)
+    agreement = d.class_activity(session, project, now=NOW).agreement
+    assert list(agreement.columns) == d.AGREEMENT_COLUMNS
+    agreement = agreement.set_index("image")
+    assert agreement.loc["b", "expert"] and agreement.loc["b", "mean_confidence"] == 1.0
+    assert not agreement.loc["a", "expert"] and agreement.loc["a", "n_runs"] == 3
