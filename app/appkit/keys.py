@@ -5,6 +5,10 @@ focus is inside it and the page's button shortcuts (A, D, N, U, Z, arrows, Ctrl+
 not see the keys. This small script, run once per page in the app's own document, forwards
 key presses (keydown and keyup, so no key seems held) from the image frames to the page. The
 frames are served by this app (same origin), so nothing crosses an origin boundary.
+
+Streamlit matches a shortcut's modifiers exactly, so Shift+A (or A with Caps Lock and Shift)
+was not A. The script hands the page a Shift+A, D, N or U (:data:`UNSHIFTED_KEYS`; never in a
+text field, never with Ctrl, Alt or Cmd) as the plain key; Shift+Z stays "zoom out".
 """
 
 from __future__ import annotations
@@ -12,12 +16,32 @@ from __future__ import annotations
 import streamlit as st
 
 FRAME_SELECTOR = 'iframe[title^="streamlit_image_coordinates"]'
+#: letters whose shortcut also answers with Shift held (Z is not here: Shift+Z is "zoom out")
+UNSHIFTED_KEYS = "ADNU"
 
 _SCRIPT = """
 <script>
 (() => {
   if (window.__cellspotKeyForwarding) return;
   window.__cellspotKeyForwarding = true;
+  const letters = '__UNSHIFTED__';
+  const editable = (el) => !!el && (el.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(el.tagName || ''));
+  // Shift+A (and Caps Lock with Shift) is A for the label shortcuts: the event goes on as the plain key
+  const unshift = (event) => {
+    if (event.__cellspotUnshifted || !event.shiftKey || event.ctrlKey || event.altKey || event.metaKey) return;
+    const code = /^Key[A-Z]$/.test(event.code || '') ? event.code.slice(3) : (event.key || '').toUpperCase();
+    if (code.length !== 1 || !letters.includes(code) || editable(event.target)) return;
+    event.stopImmediatePropagation();
+    const plain = new KeyboardEvent(event.type, {
+      key: code.toLowerCase(), code: event.code, keyCode: event.keyCode, which: event.which,
+      shiftKey: false, repeat: event.repeat, bubbles: true, cancelable: true,
+    });
+    plain.__cellspotUnshifted = true;
+    (event.target || document.body).dispatchEvent(plain);
+    if (plain.defaultPrevented) event.preventDefault();
+  };
+  window.addEventListener('keydown', unshift, true);
+  window.addEventListener('keyup', unshift, true);
   const hook = () => {
     document.querySelectorAll('__FRAMES__').forEach((frame) => {
       let inner;
@@ -41,7 +65,7 @@ _SCRIPT = """
   setInterval(hook, 400);
 })();
 </script>
-""".replace("__FRAMES__", FRAME_SELECTOR)
+""".replace("__FRAMES__", FRAME_SELECTOR).replace("__UNSHIFTED__", UNSHIFTED_KEYS)
 
 
 _SCROLL = """

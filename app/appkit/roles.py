@@ -22,11 +22,14 @@ import streamlit as st
 
 from appkit import resources
 from cellspot.workflows.classroom import (
+    ClassCodeSharedError,
     ClassNotFoundError,
     InvalidNicknameError,
+    NicknameUse,
     join_class,
     leave_class,
-    runs_submitted,
+    nickname_use,
+    normalize_class_code,
 )
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 STUDENT = "student"
 RESEARCHER = "researcher"
 STUDENT_KEYS = ("annotator_id", "project_id", "nickname", "class_code", "tutorial_done")
+#: the join page's notice after a reload whose class code is no longer open, and its pending "is that you?"
+JOIN_NOTICE, JOIN_CONFIRM = "join_notice", "join_confirm"
 LABEL_KEYS = ("task", "marks", "history", "feedback", "last_click", "current_label", "zoom", "centre")
 
 
@@ -62,6 +67,8 @@ def join(class_code: str, nickname: str) -> Student:
         annotator = join_class(session, class_code, nickname)
         student = Student(annotator.id, annotator.project_id, annotator.nickname, annotator.class_code)
     forget_student()
+    for key in (JOIN_NOTICE, JOIN_CONFIRM):
+        st.session_state.pop(key, None)
     st.session_state.update(role=STUDENT, annotator_id=student.annotator_id,
                             project_id=student.project_id, nickname=student.nickname,
                             class_code=student.class_code)
@@ -69,14 +76,19 @@ def join(class_code: str, nickname: str) -> Student:
     return student
 
 
-def runs_of(student: Student) -> int:
-    """How many task runs ``student`` has submitted (in any session)."""
+def use_of(class_code: str, nickname: str) -> NicknameUse:
+    """What joining with ``nickname`` would continue (:func:`cellspot.workflows.classroom.nickname_use`);
+    raises :class:`ClassNotFoundError` / :class:`InvalidNicknameError` as :func:`join` does."""
     with resources.session() as session:
-        return runs_submitted(session, student.annotator_id)
+        return nickname_use(session, class_code, nickname)
 
 
 def restore_student_from_url() -> None:
-    """Re-join the student named in the URL (after a reload), if this session has no role."""
+    """Re-join the student named in the URL (after a reload), if this session has no role.
+
+    A reload is the same student carrying on: no "is that you?" question. When the class code
+    is no longer open (withdrawn or expired), the join page says so, with the nickname filled in.
+    """
     if role() is not None:
         return
     code, nick = st.query_params.get("class"), st.query_params.get("nick")
@@ -86,8 +98,13 @@ def restore_student_from_url() -> None:
         join(code, nick)
         st.session_state["tutorial_done"] = True
     except (ClassNotFoundError, InvalidNicknameError) as exc:
-        log.info("ignoring the class in the URL: %s", exc)
+        log.info("the class in the URL cannot be joined again (%s); the join page says so", exc)
         st.query_params.clear()
+        if isinstance(exc, ClassNotFoundError):
+            text = str(exc) if isinstance(exc, ClassCodeSharedError) else (
+                f"The class code {normalize_class_code(code)} is no longer open: ask your teacher for the current one.")
+            st.session_state[JOIN_NOTICE] = plain(text[:1].upper() + text[1:])
+            st.session_state["join_nickname"] = str(nick)  # the join form's nickname field, filled in
 
 
 def keep_student_in_url() -> None:
@@ -117,10 +134,15 @@ def require_student() -> Student:
     return student
 
 
-def forget_student() -> None:
+def forget_student(*, leave: bool = True) -> None:
     """Drop the student and their draft from this session (and from the URL); the image leased
-    to them goes back to the round's queue at once (:func:`leave_class`)."""
-    if role() == STUDENT and st.session_state.get("annotator_id") is not None:
+    to them goes back to the round's queue at once (:func:`leave_class`). ``leave=False``, or
+    a session that has not said it is the student labelling under that nickname right now
+    (:func:`ask_if_same_student`): this session only, the store untouched (the draft and lease
+    may be another student's)."""
+    if st.session_state.get(JOIN_CONFIRM):
+        leave = False
+    if leave and role() == STUDENT and st.session_state.get("annotator_id") is not None:
         with resources.session() as session:
             leave_class(session, int(st.session_state["annotator_id"]))
     for key in (*STUDENT_KEYS, *LABEL_KEYS):
@@ -129,6 +151,38 @@ def forget_student() -> None:
         st.session_state.pop("role")
     for key in ("class", "nick"):
         st.query_params.pop(key, None)
+
+
+def ask_if_same_student() -> bool:
+    """When this session joined with a nickname someone is labelling under right now (the join
+    page set :data:`JOIN_CONFIRM`), ask whether that is this student on another device: "Yes"
+    carries on, "No" leaves this session only (the other student's draft and lease stay) and
+    goes back to the join form with the class code filled in. True while the question is open."""
+    pending = st.session_state.get(JOIN_CONFIRM)
+    if not pending:
+        return False
+    st.warning(
+        f"Someone is labelling as **{plain(pending['nickname'])}** in class {plain(pending['code'])} right now. "
+        "Is that you, on another device or tab? If not, pick another nickname: with one nickname, two "
+        "students share (and overwrite) each other's marks.", icon=":material/group:")
+    mine, other = st.columns(2)
+    mine.button("Yes, that is me", key="same_student_yes", width="stretch", on_click=_confirm_same_student)
+    other.button("No, pick another nickname", key="same_student_no", type="primary", width="stretch",
+                 on_click=_not_the_same_student)
+    return True
+
+
+def _confirm_same_student() -> None:
+    st.session_state.pop(JOIN_CONFIRM, None)
+
+
+def _not_the_same_student() -> None:
+    pending = st.session_state.pop(JOIN_CONFIRM, None) or {}
+    forget_student(leave=False)
+    st.session_state.update({
+        "join_code": pending.get("code", ""), "join_nickname": "",
+        JOIN_NOTICE: f"{plain(pending.get('nickname', 'That nickname'))} is taken in this class right now: "
+                     "pick another nickname."})
 
 
 def researcher_page_of(url: str | None, paths: list[str]) -> str | None:

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 student = roles.require_student()
 state = st.session_state
+if roles.ask_if_same_student():  # no image (nor anyone's marks) before the student says who they are
+    st.stop()
 state.setdefault("current_label", "alive")
 state.setdefault("zoom", 1)
 
@@ -54,8 +56,11 @@ state.setdefault("zoom", 1)
 
 def new_task(exclude: tuple[int, ...] = ()) -> dict | None:
     """The student's next image with a new client key: the one of their saved draft with its
-    marks (a reload, another device), else a new pick with no marks."""
+    marks (a reload, another device; also when the image closed meanwhile, so no mark is
+    lost), else a new pick with no marks (held as the student's empty draft by ``next_image``,
+    so a reload before the first mark keeps the image too)."""
     marks: list = []
+    closed = False
     with resources.session() as session:
         annotator = session.get(Annotator, student.annotator_id)
         # images whose pixels cannot be shown stay out for the rest of the session: with only the
@@ -63,16 +68,17 @@ def new_task(exclude: tuple[int, ...] = ()) -> dict | None:
         skip = (*state.get("unshowable", ()), *exclude)
         draft = draft_of(session, annotator, exclude_ids=skip) if annotator else None
         if draft is not None:
-            image, marks = draft
+            image, marks, closed = draft
         else:
             image = next_image(session, annotator, exclude_ids=skip) if annotator else None
-            if image is not None:  # an empty draft: a reload before the first mark keeps the image too
-                save_draft(session, annotator, image.id, [])
         task = None if image is None else {
             "image_id": image.id, "name": image.name, "width": image.width, "height": image.height,
             "client_key": f"app-{uuid.uuid4().hex}", "annotator_id": student.annotator_id,
         }
-    if marks:
+    if closed:
+        state["notice"] = ("warning", f"This image was closed meanwhile (the class has enough marks on it), but "
+                                      f"your {len(marks)} mark(s) on it are kept: finish it and press Submit.")
+    elif marks:
         state["notice"] = ("info", f"Your {len(marks)} unsubmitted mark(s) on this image are back.")
     # every image starts at 1x: a zoom carried over hid most of the next image, and a student
     # who marked only the visible part was told on a check image that they missed the rest
@@ -135,21 +141,24 @@ def move(dx: int, dy: int) -> None:
 
 
 @st.cache_data(ttl=15, show_spinner=False)
-def _progress(annotator_id: int, session_token: str, submitted: int) -> Progress:
+def _progress(annotator_id: int, session_token: str, submitted: int, unshowable: tuple[int, ...]) -> Progress:
     """The student's progress, cached briefly per browser session (``session_token``; the
-    submit counter restarts in every session) and refreshed after each submit (``submitted``)."""
+    submit counter restarts in every session) and refreshed after each submit (``submitted``)
+    or image found unshowable (``unshowable``: counted apart, not as images left)."""
     with resources.session() as session:
-        return student_progress(session, session.get(Annotator, annotator_id))
+        return student_progress(session, session.get(Annotator, annotator_id), exclude_ids=unshowable)
 
 
 def progress() -> Progress:
     token = state.setdefault("progress_token", uuid.uuid4().hex)
-    return _progress(student.annotator_id, token, state.get("submitted", 0))
+    unshowable = tuple(sorted(state.get("unshowable", ())))
+    return _progress(student.annotator_id, token, state.get("submitted", 0), unshowable)
 
 
 def progress_line(p: Progress) -> str:
+    broken = f" ({p.images_unshowable} more cannot be shown)" if p.images_unshowable else ""
     return (f"Today you did **{p.done_today}** image(s) ({p.done_total} in all) · "
-            f"your class did **{p.class_total_today}** today · {p.images_left} left for you")
+            f"your class did **{p.class_total_today}** today · {p.images_left} left for you{broken}")
 
 
 def submit(client_key: str) -> None:
@@ -252,6 +261,10 @@ if task is None:
         st.title("Nothing free right now")
         st.write(f"The {p.images_waiting} image(s) left for you are being labelled by classmates at the "
                  "moment. One comes back when a classmate leaves it unfinished: look again in a few minutes.")
+    elif p.images_unshowable:  # not "all done": these images are open, their files are missing or damaged
+        st.title("No image can be shown")
+        st.write(f"{p.images_unshowable} image(s) left for you could not be shown (a missing or damaged file). "
+                 "Tell your teacher; look again later.")
     elif p.done_total == 0:  # nothing labelled, nothing open: no images yet, or all finished before
         st.title("Nothing to label here yet")
         st.write("This class has no image open for labelling right now: none has been added yet, or the "
@@ -289,9 +302,14 @@ try:
 except ImageUnavailableError:
     rgb = None
 if rgb is None:
-    state["notice"] = ("error", f"The image {task['name']} cannot be shown; here is another one.")
     state["unshowable"] = {*state.get("unshowable", ()), task["image_id"]}
-    new_task()
+    following = new_task()
+    # "here is another one" only when there is one; the next image's own notice (its marks are
+    # back, it closed meanwhile) is kept, after this one
+    after = state.pop("notice", ("", ""))[1]
+    state["notice"] = ("error", f"The image {task['name']} cannot be shown; "
+                                + ("here is another one." if following else "no other image is open to you.")
+                                + (f" {after}" if after else ""))
     st.rerun()
 
 keys.forward_keys_from_image_frames(scroll_nonce=uuid.uuid4().hex if scroll_top else None)
@@ -347,8 +365,10 @@ with picture_col:
                           shortcut=name, help=f"Move the view {name.lower()} ({name.lower()} arrow key)")
     st.caption(f"{task['name']} ({task['width']}×{task['height']} px){where}")
     # on a phone the Saved line under Submit is far below, out of sight after the page scrolled up
-    # to the next image: the line under the image says it too (on a desktop it is below the fold)
-    st.markdown((f"✓ {saved.split('.')[0]} · " if saved else "") + progress_line(progress()))
+    # to the next image: the line under the image says it too (on a desktop it is below the fold),
+    # and after a check image that the check result is further down
+    check = " · your check result is below" if saved and state.get("feedback") else ""
+    st.markdown((f"✓ {saved.split('.')[0]}{check} · " if saved else "") + progress_line(progress()))
 
 if state.get("feedback"):
     show_feedback(state["feedback"])

@@ -12,18 +12,20 @@ from cellspot.workflows.classroom import tutorial_examples
 student = roles.require_student()
 
 
-
-
 def _to_labelling() -> None:
     st.session_state["tutorial_done"] = True
     st.session_state.pop("welcome_back", None)
+    st.session_state.pop(roles.JOIN_CONFIRM, None)  # going on to label answers "is that you?" with yes
     st.switch_page("views/label.py")
 
 
 st.title("How to spot cells")
+# set by the join page for a nickname someone is labelling under right now: asked before any image
+asking = roles.ask_if_same_student()
 if "welcome_back" in st.session_state:  # set by the join page for a nickname with earlier work
     st.info(st.session_state["welcome_back"], icon=":material/waving_hand:")
-if st.button("Skip the tutorial", key="skip", help="Go straight to labelling."):
+if st.button("Skip the tutorial", key="skip",
+             help="Go straight to labelling" + (" (as the student above)." if asking else ".")):
     _to_labelling()
 
 st.markdown(

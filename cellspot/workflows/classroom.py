@@ -1,8 +1,8 @@
 """Student workflows: join a class, get the next image, submit a run, progress, tutorial.
 
 The Streamlit student pages call only these functions. Every function takes a caller-owned
-session and never commits (the app commits after each call that writes: :func:`join_class`
-and :func:`submit_run`).
+session and never commits (the app commits after each call that writes: :func:`join_class`,
+:func:`next_image` (the student's hold on the image), :func:`save_draft`, :func:`submit_run`).
 
 Coordinates are original image pixels (x right, y down, origin top-left), as in
 :class:`cellspot.store.models.Click`.
@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 import unicodedata
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, NamedTuple
 
 import pandas as pd
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, delete, func, select, union
 from sqlalchemy.orm import Session
 
 from cellspot.evaluation import match_cells
@@ -33,6 +34,7 @@ from cellspot.store.models import (
     ConsensusCell,
     GoldCell,
     Image,
+    ImageLease,
     LabelDraft,
     Project,
     TaskRun,
@@ -45,10 +47,16 @@ NICKNAME_MAX_CHARS = 40
 DEFAULT_FEEDBACK_RADIUS = 20.0  # px: a click this close to a gold cell "found" it
 DEFAULT_GOLD_RATE = 0.0
 TUTORIAL_MARGIN = 48  # px: example cells at least this far from the image border
+HOLD_WAIT_SECONDS = 2.0  # PostgreSQL: wait this long for images other requests are taking, then serve unlocked
+HOLD_RETRY_SECONDS = 0.01  # PostgreSQL: pause while the only images left are being taken by other requests
 
 
 class ClassNotFoundError(LookupError):
     """No project lists this class code (``project.settings["class_codes"]``)."""
+
+
+class ClassCodeSharedError(ClassNotFoundError):
+    """Several projects list the same class code (a setup error)."""
 
 
 class InvalidNicknameError(ValueError):
@@ -121,15 +129,42 @@ class SubmitResult:
 @dataclass(frozen=True)
 class Progress:
     """A student's progress: runs today / in total, the class's runs today, images still open
-    to this student (not seen, not retired, and not a queued image that already has every run
-    of the open round), and how many of those are queued images leased to classmates right
-    now (they come back to the queue if a lease lapses)."""
+    to this student (not seen, not retired, not one the page cannot show, and not a queued image
+    that already has every run of the open round), how many of those are held by classmates
+    right now up to their runs (queued images leased for every remaining run of the round, or
+    images whose runs and holders reach the maximum: they come back if a classmate leaves
+    them), and how many open images were left out because this device cannot show them."""
 
     done_today: int
     done_total: int
     class_total_today: int
     images_left: int
     images_waiting: int = 0
+    images_unshowable: int = 0
+
+
+@dataclass(frozen=True)
+class NicknameUse:
+    """What a nickname of a class already has (:func:`nickname_use`): ``nickname`` as stored
+    (the first spelling; as typed when new), its submitted ``runs``, and ``active``: someone
+    is labelling under it right now (its draft changed within the project's lease time, it
+    holds a round's lease, or it is new: joined within the lease time, no run yet)."""
+
+    nickname: str
+    class_code: str
+    exists: bool
+    runs: int
+    active: bool
+
+
+class SavedDraft(NamedTuple):
+    """A student's saved draft (:func:`draft_of`): the ``image``, the ``marks`` ``(x, y, label)``,
+    and ``closed``: the image is no longer open (retired, or at the maximum of runs) but the
+    draft has marks, so the student keeps it to finish and submit."""
+
+    image: Image
+    marks: list[tuple[float, float, str]]
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,10 +198,11 @@ def normalize_nickname(nickname: str) -> str:
         raise InvalidNicknameError(f"a nickname must be text, got {type(nickname).__name__}")
     text = unicodedata.normalize("NFC", " ".join(nickname.split()))
     if not text:
-        raise InvalidNicknameError("the nickname is empty; type 1 to 40 characters (no real name needed)")
+        raise InvalidNicknameError(
+            f"the nickname is empty; type 1 to {NICKNAME_MAX_CHARS} characters (no real name needed)")
     if len(text) > NICKNAME_MAX_CHARS:
         raise InvalidNicknameError(
-            f"the nickname has {len(text)} characters; at most {NICKNAME_MAX_CHARS} are allowed")
+            f"the nickname is too long: at most {NICKNAME_MAX_CHARS} characters; got {len(text)}")
     # control and format characters (bidi overrides, zero-width spaces) are refused, except the
     # zero-width joiners that glue emoji sequences together (a woman scientist emoji is one)
     if has_control_character(text, allowed=_EMOJI_JOINERS):
@@ -194,8 +230,8 @@ def find_class(session: Session, class_code: str) -> Project:
         raise ClassNotFoundError(f"no class has the code {code!r}; check the code with your teacher")
     if len(matches) > 1:
         names = ", ".join(repr(p.name) for p in matches)
-        raise ClassNotFoundError(f"the class code {code!r} is used by several projects ({names}); "
-                                 "ask your teacher to give each class its own code")
+        raise ClassCodeSharedError(f"the class code {code!r} is used by several projects ({names}); "
+                                   "ask your teacher to give each class its own code")
     return matches[0]
 
 
@@ -207,6 +243,15 @@ def join_class(session: Session, class_code: str, nickname: str) -> Annotator:
     the first join is kept). Raises :class:`ClassNotFoundError`,
     :class:`InvalidNicknameError`. Flushes, never commits.
     """
+    project, code, nick = _class_and_nickname(session, class_code, nickname)
+    annotator = queries.get_or_create_annotator(session, project, nick, code, role="student")
+    log.info("annotator %d joined class %s of project %r", annotator.id, annotator.class_code, project.name)
+    return annotator
+
+
+def _class_and_nickname(session: Session, class_code: str, nickname: str) -> tuple[Project, str, str]:
+    """``(project, class code, nickname)`` as :func:`join_class` stores them: the nickname in the
+    spelling of an earlier join when one differs only by letter case."""
     nick = normalize_nickname(nickname)
     project = find_class(session, class_code)
     code = normalize_class_code(class_code)
@@ -216,9 +261,26 @@ def join_class(session: Session, class_code: str, nickname: str) -> Annotator:
         Annotator.project_id == project.id, Annotator.class_code == code).order_by(Annotator.id)).all()
     if nick not in known:
         nick = next((n for n in known if n.casefold() == nick.casefold()), nick)
-    annotator = queries.get_or_create_annotator(session, project, nick, code, role="student")
-    log.info("annotator %d joined class %s of project %r", annotator.id, annotator.class_code, project.name)
-    return annotator
+    return project, code, nick
+
+
+def nickname_use(session: Session, class_code: str, nickname: str, now: datetime | None = None) -> NicknameUse:
+    """What joining ``class_code`` as ``nickname`` (any letter case) would continue, without
+    joining: the runs of that student and whether someone is labelling under the nickname
+    right now (changed a draft within the project's lease time at ``now``, holds a live round
+    lease, or joined within it and has no run yet), so the join page can ask "is that you?"
+    before two students become one annotator. Raises what :func:`join_class` raises. Reads only."""
+    project, code, nick = _class_and_nickname(session, class_code, nickname)
+    annotator = session.scalar(select(Annotator).where(
+        Annotator.project_id == project.id, Annotator.class_code == code, Annotator.nickname == nick))
+    if annotator is None:
+        return NicknameUse(nick, code, exists=False, runs=0, active=False)
+    now = _utc(now)
+    runs = runs_submitted(session, annotator.id)
+    # a new nickname joined moments ago is someone in the tutorial or on their first image
+    joined_now = runs == 0 and _utc(annotator.created_at) > now - timedelta(seconds=_lease_seconds(project))
+    holding = bool(_holders(session, project, now, annotator_id=annotator.id))
+    return NicknameUse(nick, code, exists=True, runs=runs, active=joined_now or holding)
 
 
 # --------------------------------------------------------------------------- next image
@@ -269,78 +331,213 @@ def next_image(
     *,
     now: datetime | None = None,
 ) -> Image | None:
-    """The image to show ``annotator`` next, or ``None`` when nothing is left for them.
+    """The image to show ``annotator`` next, held for them; ``None`` when nothing is left for them.
 
     Candidates: images of the annotator's project with pixels that this annotator has not
     submitted yet and that are not retired (gold images stay available: they are checks, not
     work), minus ``exclude_ids``. With probability ``project.settings["gold_rate"]`` a gold
     image is chosen (an image with expert cells), otherwise a non-gold one; when the chosen
-    pool is empty the other is used. Within the pool, one of the images with the fewest runs,
-    uniformly at random (so students in one room get different images).
+    pool has nothing to serve the other is used.
+
+    Students in one room get different images: within a pool, the image with the fewest runs
+    plus *holders* comes first (then one nobody holds, then ``rng``'s order). A holder is
+    another student on the image right now: their draft on it changed within the project's
+    lease time (``settings["lease_seconds"]``), or they hold a live round lease on it. A non-gold image
+    whose runs plus holders reach the project's maximum of runs is not served at all (its
+    holders would take it past the maximum), and one at the target runs only when no image
+    below it is open. The image returned becomes the student's draft (empty; one draft per
+    student, so the earlier one is dropped): that is their hold, seen by the next request.
+    See "Concurrency" below.
 
     While the project has an open active-learning round, the non-gold image comes from the
     round's queue instead (:func:`cellspot.active.scheduler.next_queued_image`: best rank
     first, leased to this student until it is submitted or the lease expires at ``now`` +
     ``settings["lease_seconds"]``). When the queue has nothing for this student (every queued
     image done by them, given its runs for the round, or leased to classmates), the open images
-    outside the queue follow, fewest runs first as without a round, so a class never stalls
-    before the researcher opens the next round; then a gold image if one is open, else ``None``.
-    Without an open round the behaviour above is unchanged.
+    outside the queue follow, fewest runs plus holders first as without a round, so a class
+    never stalls before the researcher opens the next round; then a gold image if one is open,
+    else ``None``.
+
+    Concurrency: on SQLite, dropping the student's earlier draft is the request's first write
+    and takes the database's write lock, so requests run one after another and every count is
+    current. On PostgreSQL the chosen image's row is locked ``FOR NO KEY UPDATE SKIP LOCKED``
+    (a request never waits for a lock, so none deadlocks; submits are not blocked) and its runs
+    and holders are counted afresh: an image another request is taking is skipped, one another
+    request took since the ranking is ranked again. Flushes, never commits: the hold counts for
+    others once the caller commits.
     """
     rng = rng or random.Random()
+    now = _utc(now)
     project = session.get(Project, annotator.project_id)
     from cellspot.active.rounds import current_round  # lazy: keeps the classroom import light
 
     round_ = current_round(session, project)
     if round_ is not None:
         return _next_in_round(session, project, annotator, round_, rng, exclude_ids, now)
-    frame = _open_images(session, annotator, exclude_ids)
-    if frame.empty:
-        return None
-    rate = _gold_rate(project)
-    want_gold = rng.random() < rate
-    pool = frame[frame["gold"] == want_gold]
-    if pool.empty:
-        pool = frame
-    return _least_runs(session, pool, rng)
+    want_gold = rng.random() < _gold_rate(project)
+    pools = [lambda f: f["gold"] == want_gold, lambda f: f["gold"] != want_gold]
+    return _take_open_image(session, project, annotator, pools, rng, exclude_ids, now)
 
 
 def _gold_rate(project: Project) -> float:
     return float((project.settings or {}).get("gold_rate", DEFAULT_GOLD_RATE) or 0.0)
 
 
-def _least_runs(session: Session, pool: pd.DataFrame, rng: random.Random) -> Image:
-    """One of the ``pool`` images with the fewest runs, uniformly at random."""
-    least = pool[pool["n_runs"] == pool["n_runs"].min()]
-    image_id = int(least["image_id"].iloc[rng.randrange(len(least))])
-    return session.get(Image, image_id)
+def _utc(ts: datetime | None) -> datetime:
+    """``ts`` (now when ``None``) as an aware UTC datetime (SQLite returns naive UTC datetimes)."""
+    ts = ts or utcnow()
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
+def _lease_seconds(project: Project) -> float:
+    from cellspot.active.scheduler import lease_seconds_for  # lazy: keeps the classroom import light
+
+    return lease_seconds_for(project)
+
+
+def _holds(project: Project, now: datetime, *, annotator_id: int | None = None, image_id: int | None = None,
+           not_annotator_id: int | None = None) -> Any:
+    """``SELECT image_id, annotator_id`` (a UNION: a student once per image) of the students who
+    hold an image of ``project`` at ``now``: their draft on it changed within the project's lease
+    time, or a live round lease on it (not expired, image not submitted by them). Only
+    ``annotator_id``'s holds, only ``image_id``'s, or everyone's but ``not_annotator_id``'s, when given."""
+    since = now - timedelta(seconds=_lease_seconds(project))
+    done = (select(TaskRun.id).where(TaskRun.image_id == ImageLease.image_id,
+                                     TaskRun.annotator_id == ImageLease.annotator_id).exists())
+    parts = []
+    for model, alive in ((LabelDraft, LabelDraft.updated_at > since),
+                         (ImageLease, and_(ImageLease.expires_at > now, ~done))):
+        stmt = (select(model.image_id, model.annotator_id).join(Image, Image.id == model.image_id)
+                .where(Image.project_id == project.id, alive))
+        if annotator_id is not None:
+            stmt = stmt.where(model.annotator_id == int(annotator_id))
+        if not_annotator_id is not None:
+            stmt = stmt.where(model.annotator_id != int(not_annotator_id))
+        if image_id is not None:
+            stmt = stmt.where(model.image_id == int(image_id))
+        parts.append(stmt)
+    return union(*parts)
+
+
+def _holders(session: Session, project: Project, now: datetime, **which: int | None) -> dict[int, int]:
+    """``{image_id: students}``: how many students hold each image of ``project`` at ``now``
+    (:func:`_holds`, whose filters ``which`` takes)."""
+    out: dict[int, int] = {}
+    for image, _ in session.execute(_holds(project, now, **which)).tuples():
+        out[int(image)] = out.get(int(image), 0) + 1
+    return out
+
+
+def _ranked(frame: pd.DataFrame, holders: dict[int, int], max_runs: int | None, rng: random.Random) -> pd.DataFrame:
+    """``frame`` (:func:`_open_images`) in serving order with ``load`` = runs + holders: least
+    load first, then the fewest holders (an image nobody is on before a held one with as much
+    load), then ``rng``'s order; non-gold images whose load reaches ``max_runs`` left out."""
+    held = frame["image_id"].map(lambda i: holders.get(int(i), 0)).astype(int)
+    frame = frame.assign(load=(frame["n_runs"] + held).astype(int), holders=held,
+                         tie=[rng.random() for _ in range(len(frame))])
+    if max_runs is not None:
+        frame = frame[frame["gold"] | (frame["load"] < int(max_runs))]
+    return frame.sort_values(["load", "holders", "tie"], kind="stable")
+
+
+Pool = Callable[[pd.DataFrame], pd.Series]
+
+
+def _candidates(session: Session, project: Project, annotator: Annotator, pools: Sequence[Pool],
+                rng: random.Random, exclude_ids: Collection[int], now: datetime) -> pd.DataFrame:
+    """The images of ``pools`` (filters of :func:`_open_images`' frame, each pool before the next)
+    that ``annotator`` may be served now, in serving order (:func:`_ranked`)."""
+    from cellspot.active.scheduler import max_runs_of
+
+    frame = _open_images(session, annotator, exclude_ids)
+    holders = _holders(session, project, now, not_annotator_id=annotator.id)
+    max_runs = max_runs_of(project)
+    ranked = [r for r in (_ranked(frame[pool(frame)], holders, max_runs, rng) for pool in pools) if not r.empty]
+    return pd.concat(ranked, ignore_index=True) if ranked else frame.iloc[:0].assign(load=0)
+
+
+def _lock_image(session: Session, image_id: int) -> bool:
+    """PostgreSQL: lock image ``image_id``'s row unless another open transaction holds it (True
+    when locked). ``FOR NO KEY UPDATE``: inserts referencing the image (runs, drafts) still pass."""
+    stmt = select(Image.id).where(Image.id == int(image_id)).with_for_update(skip_locked=True, key_share=True)
+    return session.execute(stmt).first() is not None
+
+
+def _image_load(session: Session, project: Project, annotator: Annotator, image_id: int, now: datetime) -> int:
+    """Runs plus holders (other than ``annotator``) of one image, counted now in one statement:
+    one snapshot, so a classmate's submit (a hold turned into a run) cannot be missed or counted twice."""
+    runs = select(func.count()).select_from(TaskRun).where(TaskRun.image_id == int(image_id)).scalar_subquery()
+    holds = _holds(project, now, image_id=image_id, not_annotator_id=annotator.id).subquery()
+    held = select(func.count()).select_from(holds).scalar_subquery()
+    return int(session.scalar(select(runs + held)) or 0)
+
+
+def _take_open_image(session: Session, project: Project, annotator: Annotator, pools: Sequence[Pool],
+                     rng: random.Random, exclude_ids: Collection[int], now: datetime) -> Image | None:
+    """Hold and return the first image of :func:`_candidates` (see :func:`next_image`, "Concurrency")."""
+    drop_draft(session, annotator.id)  # the student's earlier hold ends; on SQLite: the write lock
+    if session.get_bind().dialect.name != "postgresql":
+        ranked = _candidates(session, project, annotator, pools, rng, exclude_ids, now)
+        return None if ranked.empty else _hold(session, annotator, int(ranked["image_id"].iloc[0]), now)
+    deadline = time.monotonic() + HOLD_WAIT_SECONDS
+    skipped: set[int] = set()
+    while True:
+        ranked = _candidates(session, project, annotator, pools, rng, exclude_ids, now)
+        if ranked.empty:
+            return None
+        moved = False
+        for image_id, load in ranked[["image_id", "load"]].itertuples(index=False):
+            if int(image_id) in skipped:
+                continue
+            if not _lock_image(session, int(image_id)):
+                skipped.add(int(image_id))  # another request is taking it now
+                continue
+            if _image_load(session, project, annotator, int(image_id), now) != int(load):
+                moved = True  # another request took it since the ranking: rank again
+                break
+            return _hold(session, annotator, int(image_id), now)
+        if time.monotonic() > deadline:
+            log.warning("annotator %d: every open image was being taken by other requests for %.0f s; "
+                        "serving the best one without its lock", annotator.id, HOLD_WAIT_SECONDS)
+            return _hold(session, annotator, int(ranked["image_id"].iloc[0]), now)
+        if not moved:
+            time.sleep(HOLD_RETRY_SECONDS)
+            skipped.clear()
+
+
+def _hold(session: Session, annotator: Annotator, image_id: int, now: datetime) -> Image:
+    """Make ``image_id`` the student's draft, keeping its marks when the draft is already on it."""
+    draft = session.get(LabelDraft, annotator.id, populate_existing=True)
+    if draft is not None and int(draft.image_id) == int(image_id):
+        draft.updated_at = now
+        session.flush()
+    else:
+        queries.upsert(session, LabelDraft, {"annotator_id": annotator.id, "image_id": int(image_id),
+                                             "marks": [], "updated_at": now}, key=["annotator_id"])
+    return session.get(Image, int(image_id))
 
 
 def _next_in_round(
     session: Session, project: Project, annotator: Annotator, round_: Any, rng: random.Random,
-    exclude_ids: Collection[int], now: datetime | None,
+    exclude_ids: Collection[int], now: datetime,
 ) -> Image | None:
     """:func:`next_image` while ``round_`` is open: gold at its rate, else the round's queue."""
     from cellspot.active import scheduler
 
     held = scheduler.held_image(session, project, annotator, round_=round_, now=now, exclude_ids=exclude_ids)
     if held is not None:  # a reload: the image the student is on, before any draw of a gold image
-        return held
+        return _hold(session, annotator, held.id, now)
     frame = _open_images(session, annotator, exclude_ids)
-    gold = frame[frame["gold"]]
-    if not gold.empty and rng.random() < _gold_rate(project):
+    if frame["gold"].any() and rng.random() < _gold_rate(project):
         scheduler.release_leases(session, annotator.id)  # the student moved on to a check image
-        return _least_runs(session, gold, rng)
+        return _take_open_image(session, project, annotator, [lambda f: f["gold"]], rng, exclude_ids, now)
     image = scheduler.next_queued_image(session, project, annotator, now=now, exclude_ids=exclude_ids,
                                         round_=round_)
     if image is not None:
-        return image
-    queued = session.scalars(select(ALQueueItem.image_id).where(ALQueueItem.round_id == round_.id)).all()
-    rest = frame[~frame["gold"] & ~frame["image_id"].isin(queued)]
-    for pool in (rest, gold):
-        if not pool.empty:
-            return _least_runs(session, pool, rng)
-    return None
+        return _hold(session, annotator, image.id, now)
+    queued = set(session.scalars(select(ALQueueItem.image_id).where(ALQueueItem.round_id == round_.id)))
+    rest: Pool = lambda f: ~f["gold"] & ~f["image_id"].isin(queued)  # noqa: E731
+    return _take_open_image(session, project, annotator, [rest, lambda f: f["gold"]], rng, exclude_ids, now)
 
 
 def leave_class(session: Session, annotator_id: int) -> int:
@@ -476,22 +673,33 @@ def save_draft(session: Session, annotator: Annotator, image_id: int,
     return True
 
 
-def draft_of(session: Session, annotator: Annotator,
-             exclude_ids: Collection[int] = ()) -> tuple[Image, list[tuple[float, float, str]]] | None:
-    """``annotator``'s saved draft as ``(image, marks)`` while its image is still open to them
-    (pixels, not submitted by them, active or gold; not in ``exclude_ids``), else ``None`` (a
-    draft whose image is no longer open is deleted). Flushes, never commits."""
+def draft_of(session: Session, annotator: Annotator, exclude_ids: Collection[int] = ()) -> SavedDraft | None:
+    """``annotator``'s saved draft as :class:`SavedDraft` ``(image, marks, closed)``, else ``None``.
+
+    A draft comes back while its image is open to the student (pixels, not submitted by them,
+    active or gold, below the maximum of runs). A draft *with marks* whose image closed since
+    (retired by a consensus, or at the maximum of runs by a classmate's submit) comes back too,
+    with ``closed=True``: nothing a student clicked is thrown away, and their submit is stored.
+    ``None`` for a draft on an image in ``exclude_ids`` (kept), or on an image the student
+    submitted or that lost its pixels, or an empty draft on a closed image (those are deleted).
+    Flushes, never commits."""
     draft = session.get(LabelDraft, annotator.id, populate_existing=True)  # written by Core statements
     if draft is None:
         return None
     if int(draft.image_id) in {int(i) for i in exclude_ids}:
         return None
-    still_open = _open_images(session, annotator)["image_id"].eq(draft.image_id).any()
-    if not still_open:
-        drop_draft(session, annotator.id)
-        return None
     marks = [(float(x), float(y), str(label)) for x, y, label in (draft.marks or [])]
-    return session.get(Image, draft.image_id), marks
+    image = session.get(Image, draft.image_id)
+    if _open_images(session, annotator)["image_id"].eq(draft.image_id).any():
+        return SavedDraft(image, marks)
+    done = session.scalar(select(TaskRun.id).where(TaskRun.annotator_id == annotator.id,
+                                                   TaskRun.image_id == draft.image_id).limit(1))
+    if marks and done is None and image.has_pixels:
+        log.info("annotator %d keeps %d mark(s) on image %d, closed since they started it",
+                 annotator.id, len(marks), image.id)
+        return SavedDraft(image, marks, closed=True)
+    drop_draft(session, annotator.id)
+    return None
 
 
 def drop_draft(session: Session, annotator_id: int, image_id: int | None = None) -> None:
@@ -517,9 +725,12 @@ def runs_submitted(session: Session, annotator_id: int, since: datetime | None =
     return int(session.scalar(mine if since is None else mine.where(TaskRun.submitted_at >= since)) or 0)
 
 
-def student_progress(session: Session, annotator: Annotator, now: datetime | None = None) -> Progress:
+def student_progress(session: Session, annotator: Annotator, now: datetime | None = None,
+                     exclude_ids: Collection[int] = ()) -> Progress:
     """Runs of ``annotator`` today and in total, runs of its class (same project and class
-    code) today, and the images still open to it. "Today" starts at local midnight."""
+    code) today, and the images still open to it (see :class:`Progress`); ``exclude_ids``: the
+    images the page cannot show (missing or damaged files), counted apart. "Today" starts at
+    local midnight."""
     since = day_start(now)
     done_total = runs_submitted(session, annotator.id)
     done_today = runs_submitted(session, annotator.id, since)
@@ -528,28 +739,43 @@ def student_progress(session: Session, annotator: Annotator, now: datetime | Non
     class_today = session.scalar(
         select(func.count()).select_from(TaskRun)
         .where(TaskRun.annotator_id.in_(classmates), TaskRun.submitted_at >= since)) or 0
-    left, waiting = _images_left(session, annotator, now)
-    return Progress(int(done_today), int(done_total), int(class_today), left, waiting)
+    left, waiting, unshowable = _images_left(session, annotator, _utc(now), exclude_ids)
+    return Progress(int(done_today), int(done_total), int(class_today), left, waiting, unshowable)
 
 
-def _images_left(session: Session, annotator: Annotator, now: datetime | None) -> tuple[int, int]:
-    """``(left, waiting)`` for :func:`student_progress`: the images open to ``annotator``
-    without the queued images that have every run of the open round, and how many of those
-    left are queued images whose remaining runs are all leased to students right now."""
+def _images_left(session: Session, annotator: Annotator, now: datetime,
+                 exclude_ids: Collection[int]) -> tuple[int, int, int]:
+    """``(left, waiting, unshowable)`` for :func:`student_progress`: the images open to
+    ``annotator`` without those in ``exclude_ids`` and the queued images that have every run of
+    the open round; how many of those left are held by classmates up to their runs right now
+    (a queued image whose remaining runs are all leased, or a non-gold image whose runs and
+    holders reach the maximum of runs); and how many open images are in ``exclude_ids``."""
     from cellspot.active import scheduler
     from cellspot.active.rounds import current_round, target_runs_for
 
     frame = _open_images(session, annotator)
+    skip = frame["image_id"].isin([int(i) for i in exclude_ids])
+    unshowable = int(skip.sum())
+    frame = frame[~skip]
+    if frame.empty:
+        return 0, 0, unshowable
     project = session.get(Project, annotator.project_id)
+    max_runs = scheduler.max_runs_of(project)
+    waiting = pd.Series(False, index=frame.index)
+    if max_runs is not None:
+        holders = _holders(session, project, now, not_annotator_id=annotator.id)
+        load = frame["n_runs"] + frame["image_id"].map(lambda i: holders.get(int(i), 0))
+        waiting = ~frame["gold"] & (load >= int(max_runs))
     round_ = current_round(session, project)
-    if round_ is None or frame.empty:
-        return len(frame), 0
-    queue = scheduler.queue_progress(session, round_, now)
-    target = target_runs_for(project, round_)
-    full = queue.loc[queue["runs_round"] >= target, "image_id"]
-    busy = queue.loc[(queue["runs_round"] < target) & (queue["runs_round"] + queue["leased"] >= target), "image_id"]
-    frame = frame[~frame["image_id"].isin(full)]
-    return len(frame), int(frame["image_id"].isin(busy).sum())
+    if round_ is not None:
+        queue = scheduler.queue_progress(session, round_, now)
+        target = target_runs_for(project, round_)
+        full = queue.loc[queue["runs_round"] >= target, "image_id"]
+        busy = queue.loc[(queue["runs_round"] < target) & (queue["runs_round"] + queue["leased"] >= target),
+                         "image_id"]
+        keep = ~frame["image_id"].isin(full)
+        frame, waiting = frame[keep], waiting[keep] | frame.loc[keep, "image_id"].isin(busy)
+    return len(frame), int(waiting.sum()), unshowable
 
 
 # --------------------------------------------------------------------------- tutorial
@@ -622,9 +848,10 @@ def _consensus_examples(session: Session, project: Project, label: str, n: int, 
 
 
 __all__ = [
-    "ClassNotFoundError", "Example", "FeedbackCell", "GoldFeedback", "ImageNotFoundError",
-    "InvalidNicknameError", "Progress", "SubmitResult", "compare_with_gold", "day_start",
+    "ClassCodeSharedError", "ClassNotFoundError", "Example", "FeedbackCell", "GoldFeedback", "ImageNotFoundError",
+    "InvalidNicknameError", "NicknameUse", "Progress", "SavedDraft", "SubmitResult", "compare_with_gold", "day_start",
     "draft_of", "drop_draft", "feedback_radius", "find_class", "get_project_image", "gold_image_ids", "join_class",
-    "leave_class", "next_image", "normalize_class_code", "normalize_nickname", "runs_submitted", "save_draft", "student_progress",
+    "leave_class", "next_image", "nickname_use", "normalize_class_code", "normalize_nickname", "runs_submitted",
+    "save_draft", "student_progress",
     "submit_run", "tutorial_examples",
 ]

@@ -224,7 +224,7 @@ def test_next_image_falls_back_to_gold_when_the_queue_is_done(db) -> None:
 
 def test_after_the_queue_the_open_images_outside_it_follow_then_gold(db) -> None:
     """A used-up queue does not stall the class: the open images outside it come next (fewest
-    runs first), then gold; a queued image past its round's target is not served again."""
+    runs plus holders first), then gold; a queued image past its round's target is not served again."""
     project = q.get_or_create_project(db, "p", class_codes=["7B"], gold_rate=0.0, target_runs=1)
     names = ["q0", "out1", "out2", "gold"]
     images = {n: Image(project=project, name=n, width=100, height=80, has_pixels=True) for n in names}
@@ -249,7 +249,8 @@ def test_after_the_queue_the_open_images_outside_it_follow_then_gold(db) -> None
     while (image := c.next_image(db, cid, now=T0)) is not None and len(served) < 5:
         served.append(image.name)
         c.submit_run(db, cid, image.id, [], f"k-cid-{image.name}")
-    assert served == ["out1", "out2", "gold"]  # never q0 again this round
+    # out1 (no run, bob on it) and out2 (one run) weigh the same: either first; never q0 again this round
+    assert sorted(served[:2]) == ["out1", "out2"] and served[2:] == ["gold"]
 
 
 def test_leave_class_gives_the_leased_image_back(db) -> None:

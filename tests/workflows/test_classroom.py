@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
@@ -21,6 +22,7 @@ from cellspot.store.models import (
     LabelDraft,
     Project,
     TaskRun,
+    utcnow,
 )
 from cellspot.workflows import classroom as c
 from concurrency import at_once
@@ -96,13 +98,40 @@ def test_a_nickname_is_one_student_whatever_its_letter_case(session, room) -> No
 def test_join_messages_say_what_is_wrong(session, room) -> None:
     with pytest.raises(c.ClassNotFoundError, match="no class has the code '9Z'"):
         c.join_class(session, "9z", "ann")
-    with pytest.raises(c.InvalidNicknameError, match="41 characters; at most 40"):
+    with pytest.raises(c.InvalidNicknameError, match="too long: at most 40 characters; got 41"):
         c.join_class(session, "7B", "y" * 41)
+    # an emoji is one character (a browser counts some as two)
+    assert c.join_class(session, "7B", "\U0001f52c" * 40).nickname == "\U0001f52c" * 40
+
+
+def test_nickname_use_says_whether_someone_is_labelling_under_it_now(session, room) -> None:
+    """Two students typing "Max" and "max" became one annotator without knowing it: the join
+    page asks first when the nickname joined or changed a draft within the lease time."""
+    project, images = room
+    t0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+    assert c.nickname_use(session, "7b", "max", now=t0) == c.NicknameUse("max", "7B", False, 0, False)
+    max_ = c.join_class(session, "7B", "Max")
+    max_.created_at = t0 - timedelta(days=1)  # joined in an earlier lesson
+    c.submit_run(session, max_, images["b"].id, [], "old")
+    session.flush()
+    assert c.nickname_use(session, "7B", "MAX", now=t0) == c.NicknameUse("Max", "7B", True, 1, False)
+    c.next_image(session, max_, now=t0)  # labelling now: the image served is his draft
+    use = c.nickname_use(session, "7B", "max", now=t0 + timedelta(minutes=5))
+    assert (use.nickname, use.runs, use.active) == ("Max", 1, True)
+    lapsed = t0 + timedelta(seconds=c._lease_seconds(project) + 1)
+    assert not c.nickname_use(session, "7B", "max", now=lapsed).active  # the tab was left long ago
+    c.join_class(session, "7B", "newbie")  # new, just joined (still in the tutorial): active too
+    assert c.nickname_use(session, "7B", "Newbie").active
+    assert not c.nickname_use(session, "7B", "Newbie", now=utcnow() + timedelta(hours=1)).active
+    with pytest.raises(c.ClassNotFoundError):
+        c.nickname_use(session, "9Z", "max")
+    with pytest.raises(c.InvalidNicknameError):
+        c.nickname_use(session, "7B", "m" * 41)
 
 
 def test_code_used_by_two_projects_is_refused(session, room) -> None:
     _project(session, "other", codes=("7b",))
-    with pytest.raises(c.ClassNotFoundError, match="several projects"):
+    with pytest.raises(c.ClassCodeSharedError, match="several projects"):
         c.join_class(session, "7B", "ann")
 
 
@@ -175,6 +204,67 @@ def test_an_image_at_the_maximum_of_runs_is_not_served_before_the_consensus_reti
     assert served == {"d", "gold"}, served  # d reaches 2 runs with the first student, then only gold
 
 
+def test_students_one_after_another_get_the_images_nobody_holds(session, room) -> None:
+    """The audit: one image had the fewest runs and 7 of 8 students got it. Students holding an
+    image (their draft on it) count with its runs: each next student gets another image."""
+    project, images = room
+    other = q.get_or_create_annotator(session, project, "o", "7B")
+    for name in ("b", "c", "d"):  # one run each, a none
+        q.submit_task_run(session, images[name], other, [], f"o-{name}")
+    served = [c.next_image(session, c.join_class(session, "7B", f"s{k}"), random.Random(0)).name
+              for k in range(4)]
+    assert served[0] == "a" and sorted(served) == ["a", "b", "c", "d"], served
+
+
+@pytest.mark.parametrize("max_runs", [2, 3])
+def test_an_image_whose_runs_and_holders_reach_the_maximum_is_not_served(session, room, max_runs) -> None:
+    project, images = room
+    project.settings = {**project.settings, "retire_min_runs": 1, "retire_max_runs": max_runs}
+    others = [q.get_or_create_annotator(session, project, f"o{i}", "7B") for i in range(max_runs)]
+    for name in ("b", "c", "d"):  # at the maximum: not open
+        for i, who in enumerate(others):
+            q.submit_task_run(session, images[name], who, [], f"o{i}{name}")
+    q.submit_task_run(session, images["a"], others[0], [], "o0a")  # a: one run, max_runs - 1 places
+    served = [c.next_image(session, c.join_class(session, "7B", f"s{k}"), random.Random(k)).name
+              for k in range(max_runs + 1)]
+    assert served == ["a"] * (max_runs - 1) + ["gold", "gold"], served
+    ann = c.join_class(session, "7B", "s0")
+    assert c.student_progress(session, ann).images_waiting == 0  # ann holds a herself
+    late = c.join_class(session, "7B", "late")
+    project.settings = {**project.settings, "gold_rate": 0.0}
+    progress = c.student_progress(session, late)
+    assert (progress.images_left, progress.images_waiting) == (2, 1)  # a (held up to the maximum), gold
+
+
+def test_a_hold_lapses_after_the_lease_time(session, room) -> None:
+    project, images = room
+    project.settings = {**project.settings, "lease_seconds": 60}
+    session.execute(sa.update(Image).where(Image.name.in_(["c", "d", "gold"])).values(status="retired"))
+    session.execute(sa.delete(GoldCell))
+    q.submit_task_run(session, images["b"], q.get_or_create_annotator(session, project, "o", "7B"), [], "ob")
+    t0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+    first = c.next_image(session, c.join_class(session, "7B", "s1"), now=t0)
+    assert first.name == "a"  # no run
+    # a: no run + s1 on it; b: one run, nobody on it -> as much load, b is nobody's: b
+    assert c.next_image(session, c.join_class(session, "7B", "s2"), now=t0 + timedelta(seconds=30)).name == "b"
+    # s1's hold (a draft that has not changed for 70 s) lapsed; s2's on b still counts
+    assert c.next_image(session, c.join_class(session, "7B", "s3"), now=t0 + timedelta(seconds=70)).name == "a"
+
+
+def test_next_image_keeps_the_image_as_the_students_draft(session, room) -> None:
+    """The image served is held by the student's draft (empty): a reload finds it, the next
+    request replaces it, a submit ends it."""
+    project, images = room
+    ann = c.join_class(session, "7B", "ann")
+    image = c.next_image(session, ann, random.Random(1))
+    held = c.draft_of(session, ann)
+    assert held.image.id == image.id and held.marks == [] and not held.closed
+    other = c.next_image(session, ann, random.Random(1), exclude_ids=[image.id])
+    assert c.draft_of(session, ann).image.id == other.id and _count(session, LabelDraft) == 1
+    c.submit_run(session, ann, other.id, [], "k")
+    assert c.draft_of(session, ann) is None
+
+
 def test_next_image_exclude_ids(session, room) -> None:
     project, images = room
     student = c.join_class(session, "7B", "ann")
@@ -223,8 +313,8 @@ def test_a_draft_is_kept_per_student_until_submitted(session, room) -> None:
     assert c.draft_of(session, ann) is None
     c.save_draft(session, ann, images["a"].id, [(10, 12, "alive"), (20.5, 30, "dead")])
     c.save_draft(session, bob, images["a"].id, [])
-    image, marks = c.draft_of(session, ann)
-    assert image.id == images["a"].id and marks == [(10.0, 12.0, "alive"), (20.5, 30.0, "dead")]
+    image, marks, closed = c.draft_of(session, ann)
+    assert image.id == images["a"].id and marks == [(10.0, 12.0, "alive"), (20.5, 30.0, "dead")] and not closed
     assert c.draft_of(session, ann, exclude_ids=[images["a"].id]) is None  # e.g. its pixels cannot be shown
     c.save_draft(session, ann, images["b"].id, [(1, 2, "not_sure")])  # moved on: one draft per student
     assert c.draft_of(session, ann)[0].id == images["b"].id and _count(session, LabelDraft) == 2
@@ -242,11 +332,45 @@ def test_a_draft_on_an_image_no_longer_open_is_dropped(session, room) -> None:
     c.save_draft(session, ann, images["d"].id, [(7, 7, "dead")])  # the image the student is on now
     # a late write of a stale tab on the submitted image stores nothing: the draft on d stays
     assert c.save_draft(session, ann, images["c"].id, [(5, 5, "alive")]) is False
-    image, marks = c.draft_of(session, ann)
+    image, marks, _ = c.draft_of(session, ann)
     assert image.id == images["d"].id and marks == [(7.0, 7.0, "dead")]
     c.save_draft(session, ann, images["gold"].id, [])
     session.execute(sa.update(Image).where(Image.id == images["gold"].id).values(has_pixels=False))
     assert c.draft_of(session, ann) is None and _count(session, LabelDraft) == 0  # no longer open: dropped
+
+
+@pytest.mark.parametrize("how", ["retired", "maximum"])
+def test_marks_on_an_image_that_closed_meanwhile_are_kept_and_stored(session, room, how) -> None:
+    """The audit: the image retired ("Recompute consensus") or reached the maximum of runs by a
+    classmate's submit while a student was marking it; a reload dropped their marks. A draft
+    with marks keeps its image (``closed``), and its submit is stored."""
+    project, images = room
+    project.settings = {**project.settings, "retire_min_runs": 1, "retire_max_runs": 2}
+    ann = c.join_class(session, "7B", "ann")
+    c.save_draft(session, ann, images["a"].id, [(5, 5, "alive"), (9, 9, "dead")])
+    if how == "retired":
+        images["a"].status = "retired"
+        session.flush()
+    else:
+        for i in range(2):
+            c.submit_run(session, c.join_class(session, "7B", f"o{i}"), images["a"].id, [], f"o{i}")
+    draft = c.draft_of(session, ann)
+    assert draft is not None and draft.closed and draft.image.id == images["a"].id
+    assert draft.marks == [(5.0, 5.0, "alive"), (9.0, 9.0, "dead")]
+    assert c.draft_of(session, ann).closed  # every reload, not only the first
+    result = c.submit_run(session, ann, images["a"].id, draft.marks, "ann-a")
+    assert result.created and result.n_clicks == 2
+    assert _count(session, Click, Click.task_run_id == result.task_run_id) == 2
+    assert c.draft_of(session, ann) is None
+
+
+def test_an_empty_draft_on_an_image_that_closed_moves_on(session, room) -> None:
+    project, images = room
+    ann = c.join_class(session, "7B", "ann")
+    c.save_draft(session, ann, images["a"].id, [])
+    images["a"].status = "retired"
+    session.flush()
+    assert c.draft_of(session, ann) is None and _count(session, LabelDraft) == 0
 
 
 @pytest.mark.parametrize("marks", [[(100, 5, "alive")], [(5, 5, "maybe")], [(float("inf"), 5, "dead")]])
@@ -371,8 +495,92 @@ def test_concurrent_first_drafts_of_one_student_do_not_collide(engine) -> None:
     at_once(6, work)
     with make() as s:
         assert _count(s, LabelDraft) == 1
-        image, marks = c.draft_of(s, s.get(c.Annotator, student_id))
+        image, marks, _ = c.draft_of(s, s.get(c.Annotator, student_id))
         assert image.id in image_ids and len(marks) == 1
+
+
+def _class_of(make, n_images: int, n_students: int, runs: dict[int, int] | None = None, **settings):
+    """Project 'p' (class 7B, no gold) with images i00.. (``runs``: image index -> runs by
+    outsiders) and ``n_students`` students; returns their ids."""
+    with make() as s, s.begin():
+        project = _project(s, codes=("7B",), gold_rate=0.0, **settings)
+        images = list(_images(s, project, [f"i{k:02d}" for k in range(n_images)]).values())
+        for k, n in (runs or {}).items():
+            for r in range(n):
+                who = q.get_or_create_annotator(s, project, f"outsider{r}", "7B")
+                q.submit_task_run(s, images[k], who, [], f"out-{k}-{r}")
+        return [c.join_class(s, "7B", f"t{i:02d}").id for i in range(n_students)]
+
+
+def _ask(make, annotator_id: int) -> str | None:
+    with make() as s, s.begin():
+        image = c.next_image(s, s.get(c.Annotator, annotator_id))
+        return None if image is None else image.name
+
+
+@pytest.mark.parametrize(
+    ("n_images", "runs", "n_students", "rules", "expected"),
+    [
+        # the audit: 8 students at once, one image with the fewest runs -> 8 different images
+        (12, {k: 1 for k in range(1, 12)}, 8, {}, {"distinct": 8}),
+        (8, {}, 8, {}, {"distinct": 8}),
+        # 3 images, at most 2 runs each: 6 students get one, 2 nothing (the holders would exceed it)
+        (3, {}, 8, {"retire_min_runs": 1, "retire_max_runs": 2}, {"per_image": 2, "none": 2}),
+    ],
+)
+def test_students_asking_at_once_get_distinct_images_while_enough_exist(
+        engine, n_images, runs, n_students, rules, expected) -> None:
+    make = session_factory(engine)
+    ids = _class_of(make, n_images, n_students, runs, **rules)
+    got = at_once(n_students, lambda i: _ask(make, ids[i]))
+    served = Counter(name for name in got if name is not None)
+    if "distinct" in expected:
+        assert len(served) == expected["distinct"] and set(served.values()) == {1}, got
+    else:
+        assert set(served.values()) == {expected["per_image"]} and got.count(None) == expected["none"], got
+    with make() as s:  # each served image is its student's draft (the hold)
+        assert _count(s, LabelDraft) == sum(served.values())
+
+
+def test_students_asking_at_once_in_a_round_spread_over_the_images_outside_the_queue(engine) -> None:
+    """The audit: with a round open and its queue used up, 4 of 6 students got the same image
+    from the pool outside the queue."""
+    from cellspot.workflows import rounds as wr
+
+    make = session_factory(engine)
+    ids = _class_of(make, 8, 6, {k: 1 for k in range(2, 8)}, target_runs=1)
+    with make() as s, s.begin():
+        project = s.scalar(sa.select(Project))
+        wr.open_new_round(s, project, strategy="random", target_runs=1,
+                          scores=pd.DataFrame({"image": ["i00"], "score": [1.0]}))
+    got = at_once(6, lambda i: _ask(make, ids[i]))
+    assert got.count("i00") == 1 and len(set(got)) == 6, got  # the queued image once, then distinct ones
+
+
+def test_a_class_labelling_at_once_never_takes_an_image_past_the_maximum(engine) -> None:
+    """8 students label until nothing is left, at once: no image gets more runs than the maximum
+    (the audit saw 12 runs with a maximum of 10), no student gets an image twice."""
+    make = session_factory(engine)
+    ids = _class_of(make, 5, 8, retire_min_runs=1, retire_max_runs=3)
+
+    def label_until_done(i: int) -> list[str]:
+        done = []
+        for _ in range(10):
+            with make() as s, s.begin():
+                image = c.next_image(s, s.get(c.Annotator, ids[i]))
+                if image is None:
+                    return done
+                image_id, name = image.id, image.name
+            with make() as s, s.begin():
+                c.submit_run(s, s.get(c.Annotator, ids[i]), image_id, [], f"{i}-{name}")
+            done.append(name)
+        return done
+
+    got = at_once(8, label_until_done)
+    assert all(len(names) == len(set(names)) for names in got)
+    with make() as s:
+        runs = Counter(s.scalars(sa.select(TaskRun.image_id)).all())
+        assert len(runs) == 5 and max(runs.values()) <= 3, runs
 
 
 # --------------------------------------------------------------------------- progress
