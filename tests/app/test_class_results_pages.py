@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pandas as pd
 import pytest
-from app_testkit import PASSWORD
+from app_testkit import login, texts
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -20,19 +20,6 @@ from appkit import charts
 from cellspot.store.models import Annotator, Image, Project, TaskRun
 
 # --------------------------------------------------------------------------- helpers
-
-
-def texts(elements) -> str:
-    return re.sub(r"\\(.)", r"\1", "\n".join(str(e.value) for e in elements))
-
-
-def login(at):
-    at.run()
-    at.switch_page("views/login.py").run()
-    at.text_input(key="login_password").input(PASSWORD)
-    at.button[0].click().run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def open_page(at, page: str):

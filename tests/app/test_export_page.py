@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from app_testkit import PASSWORD
+from app_testkit import PASSWORD, no_exception, texts
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -18,15 +18,6 @@ from cellspot.store.models import ConsensusSnapshot, Project
 
 INT = 0  # NumberInput.DataType.INT of Streamlit's proto
 KEPT = 3  # cellspot.workflows.dashboard.EXPORTS_KEPT: export zips kept per project
-
-
-def texts(elements) -> str:
-    """The elements' texts as a reader sees them: markdown escapes removed."""
-    return re.sub(r"\\(.)", r"\1", "\n".join(str(e.value) for e in elements))
-
-
-def no_exception(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
 
 
 def open_export(at):

@@ -13,7 +13,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from app_testkit import APP_SCRIPT, CLASS_CODE, PASSWORD, REPO
+from app_testkit import (
+    APP_SCRIPT,
+    CLASS_CODE,
+    PASSWORD,
+    REPO,
+    click_image,
+    count,
+    join,
+    login,
+    no_exception,
+    reload,
+    start_labelling,
+    texts,
+    titles,
+)
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -26,59 +40,6 @@ RESEARCHER_PAGES = ["class_view", "review", "results", "models", "rounds", "setu
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def titles(at) -> list[str]:
-    return [t.value for t in at.title]
-
-
-def texts(elements) -> str:
-    """The elements' texts as a reader sees them: markdown escapes (``created\\.``) removed."""
-    return re.sub(r"\\(.)", r"\1", "\n".join(str(e.value) for e in elements))
-
-
-def no_exception(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def join(at, code: str = CLASS_CODE, nickname: str = "ana"):
-    at.run()
-    at.text_input(key="join_code").input(code)
-    at.text_input(key="join_nickname").input(nickname)
-    at.button[0].click().run()
-    no_exception(at)
-    return at
-
-
-def start_labelling(at, nickname: str = "ana"):
-    join(at, nickname=nickname)
-    at.button(key="skip").click().run()
-    no_exception(at)
-    return at
-
-
-def login(at, password: str = PASSWORD):
-    at.run()
-    at.switch_page("views/login.py").run()
-    at.text_input(key="login_password").input(password)
-    at.button[0].click().run()
-    no_exception(at)
-    return at
-
-
-def click_image(at, x: float, y: float, shown_width: float, stamp: float):
-    """A click at display pixel (x, y) on the clickable image shown ``shown_width`` px wide, at
-    browser time ``stamp`` seconds (the component sends milliseconds)."""
-    key = f"canvas-{at.session_state['task']['client_key']}"
-    view = at.session_state[f"{key}.view"]
-    at.session_state[key] = {"x": x, "y": y, "width": shown_width,
-                             "height": shown_width * view.height / view.width, "unix_time": int(stamp * 1000)}
-    return at.run()
-
-
-def count(engine, model, *where) -> int:
-    with Session(engine) as session:
-        return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
 
 # --------------------------------------------------------------------------- join
@@ -269,19 +230,6 @@ def test_submit_stores_one_run_and_a_repeat_stores_nothing(app, app_engine):
     assert count(app_engine, Click, Click.task_run_id == runs[0].id) == 2
 
 
-def _new_tab(nickname: str):
-    """Another browser session of the student (a reload, a second tab): the same URL, nothing else."""
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
-    at.secrets["unused"] = "tests use CELLSPOT_RESEARCHER_PASSWORD only"
-    at.query_params["class"] = CLASS_CODE
-    at.query_params["nick"] = nickname
-    at.run()
-    no_exception(at)
-    return at
-
-
 def test_a_reload_keeps_the_image_and_the_unsubmitted_marks(app, app_engine):
     """The marks are kept in the store on every change: a reload (a new session) comes back to
     the same image with them, and the submit then stores them and drops the draft."""
@@ -291,16 +239,16 @@ def test_a_reload_keeps_the_image_and_the_unsubmitted_marks(app, app_engine):
     app.button(key="label-dead").click().run()
     click_image(app, 300, 200, 384, stamp=2)
     for _ in range(3):  # every reload, not only the first
-        reloaded = _new_tab("rey")
+        reloaded = reload("rey")
         assert reloaded.session_state["task"]["image_id"] == task["image_id"]
         assert reloaded.session_state["marks"] == [(10.0, 20.0, "alive"), (300.0, 200.0, "dead")]
         assert "Your 2 unsubmitted mark(s) on this image are back." in texts(reloaded.info)
     # a change in the new session is kept as well (Clear, then Undo of it, then a new mark)
     reloaded.button(key="clear").click().run()
-    assert _new_tab("rey").session_state["marks"] == []
+    assert reload("rey").session_state["marks"] == []
     reloaded.button(key="undo").click().run()
     click_image(reloaded, 50, 60, 384, stamp=3)
-    assert _new_tab("rey").session_state["marks"] == [(10.0, 20.0, "alive"), (300.0, 200.0, "dead"),
+    assert reload("rey").session_state["marks"] == [(10.0, 20.0, "alive"), (300.0, 200.0, "dead"),
                                                       (50.0, 60.0, "alive")]
     new_key = reloaded.session_state["task"]["client_key"]
     reloaded.button(key=f"submit-{new_key}").click().run()
@@ -308,7 +256,7 @@ def test_a_reload_keeps_the_image_and_the_unsubmitted_marks(app, app_engine):
     with Session(app_engine) as session:
         run = session.scalars(select(TaskRun).where(TaskRun.client_key == new_key)).one()
         assert run.image_id == task["image_id"]
-    after = _new_tab("rey")  # the draft went with the submit: a new image, no marks, no notice
+    after = reload("rey")  # the draft went with the submit: a new image, no marks, no notice
     assert after.session_state["task"]["image_id"] != task["image_id"] and after.session_state["marks"] == []
     assert not after.info
 
@@ -317,7 +265,7 @@ def test_a_reload_before_the_first_mark_keeps_the_image(app):
     start_labelling(app, nickname="una")
     shown = app.session_state["task"]["image_id"]
     for _ in range(3):
-        reloaded = _new_tab("una")
+        reloaded = reload("una")
         assert reloaded.session_state["task"]["image_id"] == shown and reloaded.session_state["marks"] == []
         assert not reloaded.info  # nothing came back: no notice
 
@@ -326,7 +274,7 @@ def test_a_second_tab_submit_says_its_marks_were_dropped(app, app_engine):
     start_labelling(app, nickname="kim")
     click_image(app, 10, 20, 384, stamp=1)
     click_image(app, 100, 120, 384, stamp=2)
-    other = _new_tab("kim")  # the same image (the draft), its own client key
+    other = reload("kim")  # the same image (the draft), its own client key
     assert other.session_state["task"]["image_id"] == app.session_state["task"]["image_id"]
     app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()
     assert "Saved: 2 mark(s)." in texts(app.success)
@@ -343,7 +291,7 @@ def test_a_stale_tab_cannot_replace_the_draft_of_the_current_image(app):
     """Tab B stays on an image tab A submitted; a mark placed in B is not kept (and B is told at
     once), so A's marks on its next image survive a reload."""
     start_labelling(app, nickname="old")
-    stale = _new_tab("old")
+    stale = reload("old")
     first = app.session_state["task"]["image_id"]
     app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()
     app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()  # no marks: confirm
@@ -351,7 +299,7 @@ def test_a_stale_tab_cannot_replace_the_draft_of_the_current_image(app):
     click_image(app, 30, 40, 384, stamp=1)
     click_image(stale, 200, 100, 384, stamp=2)  # on the image already submitted
     assert "You already submitted this image in another tab or device" in texts(stale.warning)
-    reloaded = _new_tab("old")
+    reloaded = reload("old")
     assert reloaded.session_state["task"]["image_id"] == app.session_state["task"]["image_id"]
     assert reloaded.session_state["marks"] == [(30.0, 40.0, "alive")]
 
@@ -594,6 +542,20 @@ def open_review(app):
     return key, app.session_state[f"{key}.view"], app.dataframe[-1].value
 
 
+def pick_on_review(app, image_id: int, x: float, y: float, stamp: int) -> None:
+    """A click at image pixel (x, y) on the Review page's image, shown at its own size."""
+    key = f"review-canvas-{image_id}"
+    view = app.session_state[f"{key}.view"]
+    app.session_state[key] = {"x": x, "y": y, "width": view.width, "height": view.height, "unix_time": stamp}
+    app.run()
+
+
+def apply_on_review(app, action: str) -> None:
+    app.radio(key="review_action").set_value(action).run()
+    app.button(key="review_apply").click().run()
+    no_exception(app)
+
+
 def test_review_apply_needs_a_cell_except_to_add_one(app, app_engine):
     key, view, cells = open_review(app)
     far = max(((x, y) for x in (2.0, view.width / 2, view.width - 2) for y in (2.0, view.height / 2, view.height - 2)),
@@ -667,14 +629,9 @@ def test_review_deleting_the_only_cell_leaves_the_image_empty_until_back_to_cons
             adjudicate(session, image_id, "delete", row.x, row.y)
         session.commit()
     app.run()
-    key, view = f"review-canvas-{image_id}", app.session_state[f"review-canvas-{image_id}.view"]
     last = app.dataframe[-1].value.iloc[0]
-    app.session_state[key] = {"x": last["x"], "y": last["y"], "width": view.width, "height": view.height,
-                              "unix_time": 11}
-    app.run()
-    app.radio(key="review_action").set_value("delete").run()
-    app.button(key="review_apply").click().run()
-    no_exception(app)
+    pick_on_review(app, image_id, last["x"], last["y"], stamp=11)
+    apply_on_review(app, "delete")
     assert "the image has no cells now: an expert decision" in texts(app.success)
     assert "an expert found none" in texts(app.markdown) and app.dataframe[-1].value.empty
     button = app.button(key="review_accept_all")
@@ -704,14 +661,8 @@ def test_review_warns_before_uncertain_cells_become_expert_cells(app, app_engine
     n_unsure = int((app.dataframe[-1].value["confidence"] < 0.5).sum())
     assert n_unsure >= 1
     assert f"{n_unsure} of them with a consensus confidence below 0.5" in texts(app.warning)
-    key = f"review-canvas-{image_id}"
-    view, cell = app.session_state[f"{key}.view"], cells.iloc[0]
-    app.session_state[key] = {"x": cell["x"], "y": cell["y"], "width": view.width, "height": view.height,
-                              "unix_time": 12}
-    app.run()
-    app.radio(key="review_action").set_value("accept").run()
-    app.button(key="review_apply").click().run()
-    no_exception(app)
+    pick_on_review(app, image_id, cells["x"].iloc[0], cells["y"].iloc[0], stamp=12)
+    apply_on_review(app, "accept")
     assert f"copied from consensus first, {n_unsure} of them uncertain)" in texts(app.success)
     assert "consensus confidence below" not in texts(app.warning)  # expert cells now: nothing to warn of
 
@@ -770,7 +721,7 @@ def test_results_say_which_consensus_they_count_and_when_it_is_behind(app, app_e
     assert re.search(r"From consensus snapshot \d+ of .* UTC, up to date with every click", texts(app.caption))
     assert not app.warning
     # a student submits: the counts shown are now behind the store, and the page says so
-    student = _new_tab("late")
+    student = reload("late")
     click_image(student, 10, 20, 384, stamp=1)
     student.button(key=f"submit-{student.session_state['task']['client_key']}").click().run()
     assert "Saved: 1 mark(s)." in texts(student.success)

@@ -5,76 +5,24 @@ nicknames, the check result after a gold image. ``AppTest`` on the seeded store 
 
 from __future__ import annotations
 
-import re
-
-from app_testkit import APP_SCRIPT, CLASS_CODE
+from app_testkit import (
+    CLASS_CODE,
+    click_image,
+    count,
+    join,
+    new_session,
+    no_exception,
+    reload,
+    start_labelling,
+    texts,
+    titles,
+)
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cellspot.store.models import Annotator, Click, GoldCell, Image, LabelDraft, Project, TaskRun
 
 # --------------------------------------------------------------------------- helpers
-
-
-def texts(elements) -> str:
-    """The elements' texts as a reader sees them: markdown escapes (``created\\.``) removed."""
-    return re.sub(r"\\(.)", r"\1", "\n".join(str(e.value) for e in elements))
-
-
-def titles(at) -> list[str]:
-    return [t.value for t in at.title]
-
-
-def no_exception(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def join(at, code: str = CLASS_CODE, nickname: str = "ana"):
-    at.run()
-    at.text_input(key="join_code").input(code)
-    at.text_input(key="join_nickname").input(nickname)
-    at.button[0].click().run()
-    no_exception(at)
-    return at
-
-
-def start_labelling(at, nickname: str = "ana"):
-    join(at, nickname=nickname)
-    at.button(key="skip").click().run()
-    no_exception(at)
-    return at
-
-
-def new_session():
-    """Another browser session (another device), nothing in it yet."""
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
-    at.secrets["unused"] = "tests use CELLSPOT_RESEARCHER_PASSWORD only"
-    return at
-
-
-def reload(nickname: str, code: str = CLASS_CODE):
-    """A reload of the student's tab: a new session at the same URL (class and nickname in it)."""
-    at = new_session()
-    at.query_params["class"] = code
-    at.query_params["nick"] = nickname
-    at.run()
-    no_exception(at)
-    return at
-
-
-def click_image(at, x: float, y: float, shown_width: float = 384, stamp: float = 1.0):
-    key = f"canvas-{at.session_state['task']['client_key']}"
-    view = at.session_state[f"{key}.view"]
-    at.session_state[key] = {"x": x, "y": y, "width": shown_width,
-                             "height": shown_width * view.height / view.width, "unix_time": int(stamp * 1000)}
-    return at.run()
-
-
-def count(engine, model, *where) -> int:
-    with Session(engine) as session:
-        return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
 
 def under_image_line(at) -> str:
