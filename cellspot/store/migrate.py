@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -43,10 +44,33 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
+    """Run the Alembic ``step`` to ``revision`` in one transaction. On SQLite, foreign keys are
+    off meanwhile (the pragma is ignored inside a transaction, so it is set before): a batch
+    migration copies a table and drops the old one, and with foreign keys on, that drop deletes
+    every row pointing at it through ``ON DELETE CASCADE``. Refuses to commit when rows are left
+    pointing at nothing (``PRAGMA foreign_key_check``)."""
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                step(alembic_config(connection), revision)
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall() if sqlite else []
+                if broken:
+                    raise RuntimeError(f"migrating to {revision} would leave {len(broken)} row(s) pointing at "
+                                       f"missing rows (first: {tuple(broken[0])}); nothing was changed")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Upgrade the database behind ``engine`` to ``revision`` (default: the newest)."""
-    with engine.begin() as connection:
-        command.upgrade(alembic_config(connection), revision)
+    _migrate(engine, command.upgrade, revision)
     log.info("database %s upgraded to %s", _safe_url(engine), revision)
 
 
@@ -70,8 +94,7 @@ def prepare_store(settings: "Settings") -> Engine:
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Downgrade the database behind ``engine`` to ``revision`` (``"base"`` empties it)."""
-    with engine.begin() as connection:
-        command.downgrade(alembic_config(connection), revision)
+    _migrate(engine, command.downgrade, revision)
     log.info("database %s downgraded to %s", _safe_url(engine), revision)
 
 

@@ -25,11 +25,15 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# A plain ALTER TABLE, not batch mode: batch mode on SQLite copies the table to a new one and
+# drops the old, and with foreign keys on that drop deleted every row that points at an image
+# (task runs, clicks, expert and consensus cells). cellspot.store.migrate also switches SQLite's
+# foreign keys off while migrating.
+
+
 def upgrade() -> None:
-    with op.batch_alter_table('images', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('expert_empty', sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column('images', sa.Column('expert_empty', sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('images', schema=None) as batch_op:
-        batch_op.drop_column('expert_empty')
+    op.drop_column('images', 'expert_empty')  # SQLite >= 3.35 drops a column in place

@@ -90,3 +90,67 @@ def test_one_open_round_migration_keeps_the_newest_open_round(empty_engine: sa.E
     assert [tuple(r) for r in rows] == [(1, "closed", False), (2, "closed", True), (3, "open", False), (4, "open", False)]
     with empty_engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):
         conn.execute(sa.text("UPDATE al_rounds SET status = 'open' WHERE id = 1"))
+
+
+COUNTED = ("projects", "images", "annotators", "task_runs", "clicks", "gold_cells")
+
+
+def _counts(engine: sa.Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar() for t in COUNTED}
+
+
+@pytest.mark.parametrize("empty_engine", BACKENDS, indirect=True)
+def test_the_expert_empty_migration_keeps_every_row(empty_engine: sa.Engine) -> None:
+    """Upgrading a SQLite store that had data emptied task_runs, clicks and gold_cells: the
+    batch migration copied ``images`` and dropped the old table with foreign keys on."""
+    upgrade(empty_engine, "f1b7a2c9d4e6")
+    now = "CURRENT_TIMESTAMP"
+    with empty_engine.begin() as conn:
+        for sql in (
+            f"INSERT INTO projects (id, name, description, settings, created_at) VALUES (1, 'p', '', '{{}}', {now})",
+            "INSERT INTO images (id, project_id, name, width, height, channels, bit_depth, has_pixels, metadata, "
+            f"status, created_at) VALUES (1, 1, 'a.png', 10, 10, 1, 8, false, '{{}}', 'active', {now})",
+            f"INSERT INTO annotators (id, project_id, nickname, class_code, role, created_at) "
+            f"VALUES (1, 1, 's', 'C', 'student', {now})",
+            "INSERT INTO task_runs (id, image_id, annotator_id, client_key, source, is_gold_check, submitted_at) "
+            f"VALUES (1, 1, 1, 'k', 'app', false, {now})",
+            "INSERT INTO clicks (id, task_run_id, click_index, x, y, label) VALUES (1, 1, 0, 2.0, 3.0, 'alive')",
+            "INSERT INTO gold_cells (id, image_id, x, y, label, source, created_at) "
+            f"VALUES (1, 1, 4.0, 5.0, 'dead', 'import', {now})",
+        ):
+            conn.execute(sa.text(sql))
+    before = _counts(empty_engine)
+    assert set(before.values()) == {1}
+    upgrade(empty_engine)
+    assert _counts(empty_engine) == before
+    with empty_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT expert_empty FROM images")).scalar() in (False, 0)
+    downgrade(empty_engine, "f1b7a2c9d4e6")
+    assert _counts(empty_engine) == before
+    upgrade(empty_engine)
+    assert _counts(empty_engine) == before
+
+
+def test_a_sqlite_migration_runs_with_foreign_keys_off_and_turns_them_on_after(settings) -> None:
+    """The safety net under every batch migration: SQLite ignores the pragma inside a
+    transaction, so it is set around it; the pooled connection gets foreign keys back."""
+    from alembic import command
+
+    from cellspot.store.db import make_engine
+    from cellspot.store.migrate import _migrate
+
+    engine = make_engine(settings=settings)
+    seen = []
+
+    def spy(config, revision):
+        seen.append(config.attributes["connection"].exec_driver_sql("PRAGMA foreign_keys").scalar())
+        command.upgrade(config, revision)
+
+    try:
+        _migrate(engine, spy, "head")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+    assert seen == [0]
