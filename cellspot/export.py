@@ -346,8 +346,10 @@ def image_splits(table: pd.DataFrame, fractions: Sequence[float], seed: int) -> 
 
     Splitting every image, not only the labelled ones, is deliberate: it is the rule of
     :func:`cellspot.ml.data.load_store`, so a model trained with the same fractions, seed and
-    minimum confidence holds out the images this export puts in val / test, and a labelled
-    image keeps the split that earlier exports gave it. Returns ``{image: split}``.
+    minimum confidence holds out the images this export puts in val / test. The split is
+    stratified by each image's dead fraction, so it holds while the images and their counts
+    hold: new images or changed cells can move an image to another split. Returns
+    ``{image: split}``.
     """
     assignment = stratified_image_split(table[["image", "n_alive", "n_dead"]], fractions, seed=seed)
     for name in table.loc[~labelled_images(table), "image"]:

@@ -27,6 +27,11 @@ NEXT_CONSENSUS = "Expert cells replace consensus in the next consensus computati
 NO_CELLS = ("the image has no cells now: an expert decision that replaces its consensus in the next consensus "
             "computation, until 'Back to consensus'")
 UNCERTAIN_BELOW = DEFAULT_MIN_CONFIDENCE  # cells an export leaves out by default
+
+
+def cells_word(n: int, noun: str) -> str:
+    """``"1 expert cell"``, ``"3 expert cells"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 PICKED = "review_image_id"  # the image the researcher chose, by id (see the picker below)
 ACTIONS = {
     "accept": "Accept the cell",
@@ -156,23 +161,28 @@ with side_col:
             st.rerun()
 
     message = None
+
+    def outcome(done, what: str) -> str:
+        """What a decision left: the expert cells (and how many came from consensus, uncertain
+        ones among them), or the expert's "no cells"."""
+        copied = (f" ({done.seeded} copied from consensus first"
+                  + (f", {uncertain} of them uncertain" if uncertain else "") + ")") if done.seeded else ""
+        if not done.n_expert_cells:
+            return f"{what}: {NO_CELLS}{copied}."
+        return f"{what}: the image has {cells_word(done.n_expert_cells, 'expert cell')}{copied}. {NEXT_CONSENSUS}"
+
     try:
         if apply and point is not None:
             with resources.session() as session:
                 done = adjudicate(session, image_id, action, point[0], point[1],
                                   label if action in ("relabel", "add") else None,
                                   researcher=researcher_annotator(session, project), tolerance=pick)
-            copied = (f" ({done.seeded} copied from consensus first"
-                      + (f", {uncertain} of them uncertain" if uncertain else "") + ")") if done.seeded else ""
-            message = (f"{ACTIONS[action]}: done; "
-                       + (f"the image has {done.n_expert_cells} expert cells{copied}. {NEXT_CONSENSUS}"
-                          if done.n_expert_cells else f"{NO_CELLS}{copied}."))
+            message = outcome(done, f"{ACTIONS[action]}: done")
         elif accept_all:
             with resources.session() as session:
                 done = adjudicate(session, image_id, "accept",
                                   researcher=researcher_annotator(session, project))
-            message = (f"Accepted: the image has {done.n_expert_cells} expert cells. {NEXT_CONSENSUS}"
-                       if done.n_expert_cells else f"Confirmed: {NO_CELLS}.")
+            message = outcome(done, "Accepted" if done.n_expert_cells else "Confirmed")
         elif to_consensus:
             # the snapshot still holds the expert cells as this image's cells: recompute, so that the
             # page (and the next adjudication, which starts from the snapshot) shows the crowd's cells
@@ -180,8 +190,9 @@ with side_col:
                 with resources.session() as session:
                     n = clear_expert_cells(session, image_id)
                     report = aggregate(session, project, method=DEFAULT_METHOD)
-            message = (f"Removed {n} expert cells and recomputed consensus (snapshot {report.snapshot_id}): "
-                       "the image shows the crowd's cells again.")
+            removed = f"Removed {cells_word(n, 'expert cell')}" if n else "Removed the expert's \"no cells\""
+            message = (f"{removed} and recomputed consensus (snapshot {report.snapshot_id}): the image shows the "
+                       "crowd's cells again.")
     except AdjudicationError as exc:
         st.error(str(exc))
     if message:

@@ -642,10 +642,13 @@ def test_review_deleting_the_only_cell_leaves_the_image_empty_until_back_to_cons
     app.button(key="review_clear").click().run()
     no_exception(app)
     assert len(app.dataframe[-1].value) and "an expert found none" not in texts(app.markdown)
+    assert 'Removed the expert\'s "no cells" and recomputed consensus' in texts(app.success)  # not "0 expert cells"
 
 
-def test_review_warns_before_uncertain_cells_become_expert_cells(app, app_engine):
-    """The first decision copies every consensus cell into the expert set, a 0.47 one too."""
+@pytest.mark.parametrize("whole", [False, True])
+def test_review_warns_before_uncertain_cells_become_expert_cells(app, app_engine, whole):
+    """The first decision copies every consensus cell into the expert set, a 0.47 one too
+    (``whole``: "Accept all cells", whose message said nothing of them)."""
     from cellspot.store.models import ConsensusCell
 
     login(app)
@@ -661,8 +664,12 @@ def test_review_warns_before_uncertain_cells_become_expert_cells(app, app_engine
     n_unsure = int((app.dataframe[-1].value["confidence"] < 0.5).sum())
     assert n_unsure >= 1
     assert f"{n_unsure} of them with a consensus confidence below 0.5" in texts(app.warning)
-    pick_on_review(app, image_id, cells["x"].iloc[0], cells["y"].iloc[0], stamp=12)
-    apply_on_review(app, "accept")
+    if whole:
+        app.button(key="review_accept_all").click().run()
+        no_exception(app)
+    else:
+        pick_on_review(app, image_id, cells["x"].iloc[0], cells["y"].iloc[0], stamp=12)
+        apply_on_review(app, "accept")
     assert f"copied from consensus first, {n_unsure} of them uncertain)" in texts(app.success)
     assert "consensus confidence below" not in texts(app.warning)  # expert cells now: nothing to warn of
 
