@@ -109,8 +109,10 @@ def restore_student_from_url() -> None:
 
 def keep_student_in_url() -> None:
     """Put the student's class code and nickname back into the URL when a page change dropped
-    them (Streamlit clears query parameters on navigation), so a reload carries on."""
-    if role() != STUDENT:
+    them (Streamlit clears query parameters on navigation), so a reload carries on. Not while
+    "is that you?" is open: a reload then rejoined from the URL without asking, onto the other
+    student's marks."""
+    if role() != STUDENT or st.session_state.get(JOIN_CONFIRM):
         return
     wanted = {"class": st.session_state["class_code"], "nick": st.session_state["nickname"]}
     if any(st.query_params.get(k) != v for k, v in wanted.items()):
@@ -174,6 +176,7 @@ def ask_if_same_student() -> bool:
 
 def _confirm_same_student() -> None:
     st.session_state.pop(JOIN_CONFIRM, None)
+    keep_student_in_url()  # a reload carries on from now
 
 
 def _not_the_same_student() -> None:

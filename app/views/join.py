@@ -45,6 +45,7 @@ if joined:
     else:
         if use.active:  # asked on the next page, before any image is shown
             state[roles.JOIN_CONFIRM] = {"code": student.class_code, "nickname": student.nickname}
+            st.query_params.clear()  # not in the URL until "Yes": a reload would skip the question
         elif use.runs:
             # a nickname that has labelled before continues that student's work: say so, since two
             # students of one class who type the same nickname become one annotator

@@ -241,7 +241,7 @@ task = state["task"]
 
 # The "saved" line goes under the Submit button, where it moves nothing a student is about to
 # tap (a toast covered the label buttons on tablets); an error goes on top, where it is seen.
-saved = None
+saved = state.pop("saved_carry", None)  # a submit's "Saved" kept across a skipped unshowable image
 if "notice" in state:
     kind, text = state.pop("notice")
     if kind == "success":
@@ -310,6 +310,8 @@ if rgb is None:
     state["notice"] = ("error", f"The image {task['name']} cannot be shown; "
                                 + ("here is another one." if following else "no other image is open to you.")
                                 + (f" {after}" if after else ""))
+    if saved:  # the submit just made: its "Saved" line stays (it vanished behind the error)
+        state["saved_carry"] = saved
     st.rerun()
 
 keys.forward_keys_from_image_frames(scroll_nonce=uuid.uuid4().hex if scroll_top else None)

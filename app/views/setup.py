@@ -96,10 +96,12 @@ def _settings_inputs(current: dict, prefix: str) -> dict:
     radius = cols[2].number_input("Feedback radius (px)", 1.0, 500.0, float(radius_now), key=f"{prefix}_radius",
                                   help="A student's mark this close to an expert cell counts as finding it")
     lease = st.columns(3)[0].number_input(
-        "Reserve a round's image for (minutes)", 1, 24 * 60,
+        "Hold a student's image for (minutes)", 1, 24 * 60,
         max(1, round(float(current.get("lease_seconds", DEFAULT_LEASE_SECONDS)) / 60)), key=f"{prefix}_lease",
-        help="While a round is open, an image given to a student is held for them this long; an image "
-             "left unfinished (a closed tab) goes back to the queue after it.")
+        help="An image given to a student is held for them this long after their last click, in a round and "
+             "outside one, so classmates get other images; an image left unfinished (a closed tab) is free "
+             "again after it. A nickname used this recently also counts as taken: a second student typing "
+             "it is asked \"is that you?\".")
     return {"class_codes": codes, "target_runs_per_image": int(target), "gold_rate": float(gold),
             "retire_min_runs": int(min_runs), "retire_min_confidence": float(min_conf),
             "feedback_radius": float(radius), "lease_seconds": int(lease) * 60,

@@ -142,6 +142,8 @@ class Annotator(Base):
     class_code: Mapped[str] = mapped_column(String(CLASS_CODE_MAX), default="")
     role: Mapped[str] = mapped_column(String(16), default="student")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: when the student last pressed Leave (None: never, or joined again since)
+    left_at: Mapped[datetime | None] = mapped_column()
 
     project: Mapped[Project] = relationship(back_populates="annotators")
     # deleting an annotator deletes its runs (the FK cascades too); without this the ORM would

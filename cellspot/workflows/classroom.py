@@ -245,6 +245,7 @@ def join_class(session: Session, class_code: str, nickname: str) -> Annotator:
     """
     project, code, nick = _class_and_nickname(session, class_code, nickname)
     annotator = queries.get_or_create_annotator(session, project, nick, code, role="student")
+    annotator.left_at = None  # labelling under this nickname again
     log.info("annotator %d joined class %s of project %r", annotator.id, annotator.class_code, project.name)
     return annotator
 
@@ -277,8 +278,10 @@ def nickname_use(session: Session, class_code: str, nickname: str, now: datetime
         return NicknameUse(nick, code, exists=False, runs=0, active=False)
     now = _utc(now)
     runs = runs_submitted(session, annotator.id)
-    # a new nickname joined moments ago is someone in the tutorial or on their first image
-    joined_now = runs == 0 and _utc(annotator.created_at) > now - timedelta(seconds=_lease_seconds(project))
+    # a new nickname joined moments ago is someone in the tutorial or on their first image,
+    # unless that student has pressed Leave since
+    joined_now = (runs == 0 and annotator.left_at is None
+                  and _utc(annotator.created_at) > now - timedelta(seconds=_lease_seconds(project)))
     holding = bool(_holders(session, project, now, annotator_id=annotator.id))
     return NicknameUse(nick, code, exists=True, runs=runs, active=joined_now or holding)
 
@@ -547,6 +550,9 @@ def leave_class(session: Session, annotator_id: int) -> int:
     from cellspot.active import scheduler
 
     drop_draft(session, annotator_id)
+    annotator = session.get(Annotator, annotator_id)
+    if annotator is not None:
+        annotator.left_at = utcnow()  # the nickname is free again (see nickname_use)
     return scheduler.release_leases(session, annotator_id)
 
 
@@ -682,7 +688,8 @@ def draft_of(session: Session, annotator: Annotator, exclude_ids: Collection[int
     with ``closed=True``: nothing a student clicked is thrown away, and their submit is stored.
     ``None`` for a draft on an image in ``exclude_ids`` (kept), or on an image the student
     submitted or that lost its pixels, or an empty draft on a closed image (those are deleted).
-    Flushes, never commits."""
+    A draft that comes back on an open image renews the student's hold on it. Flushes, never
+    commits."""
     draft = session.get(LabelDraft, annotator.id, populate_existing=True)  # written by Core statements
     if draft is None:
         return None
@@ -691,6 +698,8 @@ def draft_of(session: Session, annotator: Annotator, exclude_ids: Collection[int
     marks = [(float(x), float(y), str(label)) for x, y, label in (draft.marks or [])]
     image = session.get(Image, draft.image_id)
     if _open_images(session, annotator)["image_id"].eq(draft.image_id).any():
+        draft.updated_at = utcnow()  # the student is on it again: their hold starts anew (see _holders)
+        session.flush()
         return SavedDraft(image, marks)
     done = session.scalar(select(TaskRun.id).where(TaskRun.annotator_id == annotator.id,
                                                    TaskRun.image_id == draft.image_id).limit(1))

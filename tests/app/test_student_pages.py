@@ -128,6 +128,31 @@ def test_a_nickname_someone_is_labelling_under_asks_before_showing_an_image(app,
     assert again.session_state["task"]["image_id"] == mine[0] and again.session_state["marks"] == mine[1]
 
 
+def test_the_nickname_goes_into_the_url_only_once_the_student_says_it_is_them(app):
+    """A reload while "is that you?" was open rejoined from the URL without asking, onto the
+    other student's image and marks."""
+    start_labelling(app, nickname="Zed")
+    click_image(app, 50, 60, stamp=1)
+    other = join(new_session(), nickname="zed")
+    assert "Someone is labelling as **Zed**" in texts(other.warning)
+    assert "nick" not in other.query_params
+    other.switch_page("views/label.py").run()  # a page change puts a student's name back: not this one
+    assert "nick" not in other.query_params
+    other.button(key="same_student_yes").click().run()
+    no_exception(other)
+    assert other.query_params["nick"] in ("Zed", ["Zed"])
+
+
+def test_rejoining_after_leave_is_not_asked(app):
+    """After Leave the nickname has no draft: "Someone is labelling as Lou right now" was wrong."""
+    start_labelling(app, nickname="Lou")
+    app.switch_page("views/leave.py").run()
+    app.button[0].click().run()
+    no_exception(app)
+    again = join(new_session(), nickname="Lou")
+    assert not any("Someone is labelling" in str(w.value) for w in again.warning)
+
+
 def test_leaving_before_answering_leaves_the_other_students_work_alone(app, app_engine):
     start_labelling(app, nickname="Lou")
     click_image(app, 50, 60, stamp=1)
@@ -198,6 +223,21 @@ def test_when_no_image_can_be_shown_the_page_says_so_and_counts_them(app, app_en
     assert f"0 left for you ({n} more cannot be shown)" in texts(app.markdown)
     assert "cannot be shown; no other image is open to you." in texts(app.error)
     assert "here is another one" not in texts(app.error)
+
+
+def test_the_saved_line_stays_when_the_next_image_cannot_be_shown(app, app_engine, store):
+    """After a submit, the "Saved" line vanished behind "the next image cannot be shown"."""
+    start_labelling(app, nickname="cy")
+    current = app.session_state["task"]["image_id"]
+    with Session(app_engine) as session:
+        paths = [store.home / i.path for i in session.scalars(select(Image).where(Image.id != current))]
+    for path in paths:
+        path.write_bytes(b"not an image")
+    click_image(app, 50, 60, stamp=1)
+    app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()
+    no_exception(app)
+    assert "cannot be shown" in texts(app.error)
+    assert "Saved: 1 mark(s)" in texts(app.success)
 
 
 # --------------------------------------------------------------------------- 6: nickname length

@@ -265,6 +265,28 @@ def test_next_image_keeps_the_image_as_the_students_draft(session, room) -> None
     assert c.draft_of(session, ann) is None
 
 
+def test_a_reload_renews_the_students_hold(session, room) -> None:
+    """A student back on their image (a reload, another device) counted as nobody once their
+    draft had not changed for the lease time, so a classmate got the same image."""
+    project, images = room
+    ann = c.join_class(session, "7B", "ann")
+    image = c.next_image(session, ann, random.Random(1))
+    old = utcnow() - timedelta(minutes=30)
+    session.execute(sa.update(LabelDraft).where(LabelDraft.annotator_id == ann.id).values(updated_at=old))
+    assert c.draft_of(session, ann).image.id == image.id
+    assert c._holders(session, project, utcnow()).get(image.id) == 1
+
+
+def test_a_nickname_is_free_again_after_leave(session, room) -> None:
+    """After Leave, rejoining with the nickname was asked "someone is labelling as Lou"."""
+    lou = c.join_class(session, "7B", "Lou")
+    assert c.nickname_use(session, "7B", "lou").active  # just joined: someone in the tutorial
+    c.leave_class(session, lou.id)
+    assert not c.nickname_use(session, "7B", "lou").active
+    c.join_class(session, "7B", "Lou")
+    assert c.nickname_use(session, "7B", "lou").active  # labelling under it again
+
+
 def test_next_image_exclude_ids(session, room) -> None:
     project, images = room
     student = c.join_class(session, "7B", "ann")
