@@ -85,7 +85,10 @@ def build_project(engine: sa.Engine, n_images: int, n_gold: int, gold_rate: floa
     first ``n_gold`` of them with expert cells, class code :data:`CLASS_CODE`."""
     rng = random.Random(0)
     with transaction(engine) as s:
-        project = Project(name="load", settings={"class_codes": [CLASS_CODE], "gold_rate": gold_rate})
+        # no maximum of runs per image: 40 students x 25 submissions are 1,000 runs on 60 images, over
+        # the default maximum of 10 each, and the students would run out of images (this measures submits)
+        project = Project(name="load", settings={"class_codes": [CLASS_CODE], "gold_rate": gold_rate,
+                                                 "retire_max_runs": None})
         s.add(project)
         s.flush()
         images = [Image(project_id=project.id, name=f"img_{i:04d}.png", width=WIDTH, height=HEIGHT,
