@@ -321,10 +321,11 @@ with tools_col:
     st.markdown(f"**{roles.plain(student.nickname)}** · class {roles.plain(student.class_code)}")
     current = state["current_label"]
     st.markdown(f"Label: **{LABELS[current][0]}** ({LABELS[current][2]})")
+    # no tooltips on the buttons a student taps all the time: on a touch screen a tooltip stays after
+    # the tap and covers the button beside it (the "Label:" line above and the key hints say it all)
     for label, (text, shortcut, _) in LABELS.items():
         st.button(text, key=f"label-{label}", type="primary" if label == current else "secondary",
-                  on_click=set_label, args=(label,), shortcut=shortcut, width="stretch",
-                  help=f"Marks placed now are '{label.replace('_', ' ')}' (key {shortcut})")
+                  on_click=set_label, args=(label,), shortcut=shortcut, width="stretch")
     n = counts(state["marks"])
     st.markdown(f"◯ Alive **{n['alive']}** · ☒ Dead **{n['dead']}** · △ Not sure **{n['not_sure']}**")
     undo_col, clear_col = st.columns(2)
@@ -332,15 +333,13 @@ with tools_col:
                     width="stretch", help="Take back the last change (key U)")
     clear_col.button("Clear", key="clear", on_click=clear, disabled=not state["marks"], width="stretch",
                      help="Remove every mark (Undo brings them back)")
-    # one row for both zoom buttons, the level in their tooltips and the image caption: the
-    # Submit button and its "Saved" line stay above the fold on a 1024x768 tablet
+    # one row for both zoom buttons, the level in the image caption: the Submit button and its
+    # "Saved" line stay above the fold on a 1024x768 tablet
     zoom_out_col, zoom_in_col = st.columns(2)
     zoom_out_col.button("", key="zoom_out", icon=":material/zoom_out:", on_click=set_zoom, args=(-1,),
-                        shortcut="Shift+Z", disabled=state["zoom"] == ZOOMS[0], width="stretch",
-                        help=f"Zoom out (keys Shift+Z); now {state['zoom']}×")
+                        shortcut="Shift+Z", disabled=state["zoom"] == ZOOMS[0], width="stretch")
     zoom_in_col.button("", key="zoom_in", icon=":material/zoom_in:", on_click=set_zoom, args=(1,),
-                       shortcut="Z", disabled=state["zoom"] == ZOOMS[-1], width="stretch",
-                       help=f"Zoom in (key Z); now {state['zoom']}×")
+                       shortcut="Z", disabled=state["zoom"] == ZOOMS[-1], width="stretch")
     confirming = not state["marks"] and state.get("confirm_empty") == task["client_key"]
     st.button("Submit with no cells" if confirming else "Submit", key=f"submit-{task['client_key']}",
               type="primary", shortcut="Ctrl+Enter", on_click=submit, args=(task["client_key"],), width="stretch",
