@@ -9,6 +9,8 @@ from cellspot.render import ImageUnavailableError, example_crop
 from cellspot.store.models import Image, Project
 from cellspot.workflows.classroom import tutorial_examples
 
+EXAMPLE_WIDTH = 144  # CSS px per example crop: two or three to a row on a phone, six on a laptop
+
 student = roles.require_student()
 
 
@@ -52,16 +54,17 @@ with resources.session() as session:
 
 if examples:
     st.subheader("Examples from this class's images")
-    cols = st.columns(6)  # six slots whatever the count: one example is not stretched to the page width
-    for col, example in zip(cols, examples):
+    crops, captions = [], []
+    for example in examples:
         try:
             rgb = resources.display_rgb(images[example.image_id])
         except ImageUnavailableError:
             continue
         word = "Alive" if example.label == "alive" else "Dead"
-        col.image(example_crop(rgb, example.x, example.y, example.label, size=96, zoom=2.0),
-                  caption=f"{word} ({'expert' if example.source == 'gold' else 'class consensus'})",
-                  width="stretch")
+        crops.append(example_crop(rgb, example.x, example.y, example.label, size=96, zoom=2.0))
+        captions.append(f"{word} ({'expert' if example.source == 'gold' else 'class consensus'})")
+    if crops:  # one row that wraps (in columns, a phone stacked them at full width: 3,500 px of page)
+        st.image(crops, caption=captions, width=EXAMPLE_WIDTH)
 else:
     st.info("This class has no example cells yet.")
 

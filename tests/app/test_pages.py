@@ -115,6 +115,8 @@ def test_tutorial_shows_alive_and_dead_examples_and_can_be_skipped(app):
     join(app)
     captions = " ".join(c for img in app.image for c in img.captions)
     assert "Alive" in captions and "Dead" in captions
+    # one wrapping row of small crops (in columns a phone stacked them at full width)
+    assert len(app.image) == 1 and len(app.image[0].captions) >= 2
     app.button(key="skip").click().run()
     no_exception(app)
     assert app.session_state["tutorial_done"] is True
