@@ -17,6 +17,7 @@ import streamlit as st
 from appkit import canvas, keys, resources, roles
 from appkit.marks import ZOOMS, apply_click, counts, pan, view_window
 
+from cellspot.active.scheduler import LeaseContentionError
 from cellspot.render import ImageUnavailableError, draw_markers
 from cellspot.store.models import Annotator, Image
 from cellspot.store.queries import ClientKeyConflictError, InvalidClickError
@@ -70,7 +71,11 @@ def new_task(exclude: tuple[int, ...] = ()) -> dict | None:
         if draft is not None:
             image, marks, closed = draft
         else:
-            image = next_image(session, annotator, exclude_ids=skip) if annotator else None
+            try:
+                image = next_image(session, annotator, exclude_ids=skip) if annotator else None
+            except LeaseContentionError as exc:  # the whole class asking at once, for many seconds
+                log.warning("annotator %d: %s", student.annotator_id, exc)
+                image, state["busy"] = None, True
         task = None if image is None else {
             "image_id": image.id, "name": image.name, "width": image.width, "height": image.height,
             "client_key": f"app-{uuid.uuid4().hex}", "annotator_id": student.annotator_id,
@@ -257,7 +262,11 @@ scroll_top = state.pop("scroll_top", False)
 
 if task is None:
     p = progress()
-    if p.images_waiting:
+    if state.pop("busy", False):
+        st.title("Busy right now")
+        st.write("Your classmates are all getting their next image at the same moment: press **Look for new "
+                 "images** in a few seconds.")
+    elif p.images_waiting:
         st.title("Nothing free right now")
         st.write(f"The {p.images_waiting} image(s) left for you are being labelled by classmates at the "
                  "moment. One comes back when a classmate leaves it unfinished: look again in a few minutes.")

@@ -47,7 +47,7 @@ NICKNAME_MAX_CHARS = 40
 DEFAULT_FEEDBACK_RADIUS = 20.0  # px: a click this close to a gold cell "found" it
 DEFAULT_GOLD_RATE = 0.0
 TUTORIAL_MARGIN = 48  # px: example cells at least this far from the image border
-HOLD_WAIT_SECONDS = 2.0  # PostgreSQL: wait this long for images other requests are taking, then serve unlocked
+HOLD_WAIT_SECONDS = 15.0  # PostgreSQL: wait this long for images other requests are taking, then give up
 HOLD_RETRY_SECONDS = 0.01  # PostgreSQL: pause while the only images left are being taken by other requests
 
 
@@ -305,8 +305,9 @@ def _open_images(
     Returns columns image_id, n_runs, status, gold (n_open x 4).
     """
     seen = select(TaskRun.image_id).where(TaskRun.annotator_id == annotator.id)
-    runs = (select(TaskRun.image_id, func.count().label("n")).group_by(TaskRun.image_id)
-            .subquery())
+    runs = (select(TaskRun.image_id, func.count().label("n"))
+            .join(Image, TaskRun.image_id == Image.id).where(Image.project_id == annotator.project_id)
+            .group_by(TaskRun.image_id).subquery())  # this project's runs only (it grouped every run)
     stmt = (
         select(Image.id, func.coalesce(runs.c.n, 0), Image.status)
         .outerjoin(runs, runs.c.image_id == Image.id)
@@ -366,8 +367,10 @@ def next_image(
     current. On PostgreSQL the chosen image's row is locked ``FOR NO KEY UPDATE SKIP LOCKED``
     (a request never waits for a lock, so none deadlocks; submits are not blocked) and its runs
     and holders are counted afresh: an image another request is taking is skipped, one another
-    request took since the ranking is ranked again. Flushes, never commits: the hold counts for
-    others once the caller commits.
+    request took since the ranking is ranked again (each try in a savepoint, so a missed
+    image's lock is let go at once). After :data:`HOLD_WAIT_SECONDS` of races lost it raises
+    :class:`cellspot.active.scheduler.LeaseContentionError` rather than serve an image without
+    its lock. Flushes, never commits: the hold counts for others once the caller commits.
     """
     rng = rng or random.Random()
     now = _utc(now)
@@ -492,19 +495,24 @@ def _take_open_image(session: Session, project: Project, annotator: Annotator, p
         for image_id, load in ranked[["image_id", "load"]].itertuples(index=False):
             if int(image_id) in skipped:
                 continue
+            attempt = session.begin_nested()  # rolled back on a miss: the row lock goes with it
             if not _lock_image(session, int(image_id)):
+                attempt.rollback()
                 skipped.add(int(image_id))  # another request is taking it now
                 continue
             if _image_load(session, project, annotator, int(image_id), now) != int(load):
+                attempt.rollback()  # its lock goes too: others need not wait on an image nobody took
                 moved = True  # another request took it since the ranking: rank again
                 break
+            attempt.commit()
             return _hold(session, annotator, int(image_id), now)
-        if time.monotonic() > deadline:
-            log.warning("annotator %d: every open image was being taken by other requests for %.0f s; "
-                        "serving the best one without its lock", annotator.id, HOLD_WAIT_SECONDS)
-            return _hold(session, annotator, int(ranked["image_id"].iloc[0]), now)
+        if time.monotonic() > deadline:  # never an image without its lock: it could pass the maximum
+            from cellspot.active.scheduler import LeaseContentionError
+
+            raise LeaseContentionError(f"every open image was being taken by other requests for "
+                                       f"{HOLD_WAIT_SECONDS:.0f} s; ask again")
+        time.sleep(HOLD_RETRY_SECONDS)
         if not moved:
-            time.sleep(HOLD_RETRY_SECONDS)
             skipped.clear()
 
 
@@ -688,8 +696,10 @@ def draft_of(session: Session, annotator: Annotator, exclude_ids: Collection[int
     with ``closed=True``: nothing a student clicked is thrown away, and their submit is stored.
     ``None`` for a draft on an image in ``exclude_ids`` (kept), or on an image the student
     submitted or that lost its pixels, or an empty draft on a closed image (those are deleted).
-    A draft that comes back on an open image renews the student's hold on it. Flushes, never
-    commits."""
+    A draft that comes back on an open image renews the student's hold on it, unless the hold
+    had lapsed and classmates filled the image up to its maximum meanwhile: then an empty draft
+    is dropped (``None``: the next image) and one with marks comes back ``closed``. Flushes,
+    never commits."""
     draft = session.get(LabelDraft, annotator.id, populate_existing=True)  # written by Core statements
     if draft is None:
         return None
@@ -698,7 +708,13 @@ def draft_of(session: Session, annotator: Annotator, exclude_ids: Collection[int
     marks = [(float(x), float(y), str(label)) for x, y, label in (draft.marks or [])]
     image = session.get(Image, draft.image_id)
     if _open_images(session, annotator)["image_id"].eq(draft.image_id).any():
-        draft.updated_at = utcnow()  # the student is on it again: their hold starts anew (see _holders)
+        now = utcnow()
+        if _hold_lapsed_and_taken(session, annotator, draft, image, now):
+            if not marks:  # nothing to keep: the next image
+                drop_draft(session, annotator.id)
+                return None
+            return SavedDraft(image, marks, closed=True)
+        draft.updated_at = now  # the student is on it again: their hold starts anew (see _holders)
         session.flush()
         return SavedDraft(image, marks)
     done = session.scalar(select(TaskRun.id).where(TaskRun.annotator_id == annotator.id,
@@ -709,6 +725,22 @@ def draft_of(session: Session, annotator: Annotator, exclude_ids: Collection[int
         return SavedDraft(image, marks, closed=True)
     drop_draft(session, annotator.id)
     return None
+
+
+def _hold_lapsed_and_taken(session: Session, annotator: Annotator, draft: LabelDraft, image: Image,
+                           now: datetime) -> bool:
+    """True when the student's hold on ``image`` lapsed (no change for the lease time) and
+    classmates' runs and holds have since filled the image up to the maximum of runs: renewing
+    the hold would put one more student on it than allowed. Gold images have no maximum."""
+    from cellspot.active.scheduler import max_runs_of  # lazy: keeps the classroom import light
+
+    project = session.get(Project, annotator.project_id)
+    if _utc(draft.updated_at) > now - timedelta(seconds=_lease_seconds(project)):
+        return False  # still held: the classmates' counts included this student
+    limit = max_runs_of(project)
+    if limit is None or image.id in gold_image_ids(session, project.id):
+        return False
+    return _image_load(session, project, annotator, image.id, now) >= int(limit)
 
 
 def drop_draft(session: Session, annotator_id: int, image_id: int | None = None) -> None:

@@ -278,3 +278,22 @@ def test_after_a_gold_image_the_line_under_the_image_says_the_check_result_is_be
     click_image(app, 10, 20, stamp=1)
     app.button(key=f"submit-{app.session_state['task']['client_key']}").click().run()
     assert "check result" not in under_image_line(app)
+
+
+def test_a_class_too_busy_to_hold_an_image_says_so(app, monkeypatch):
+    """next_image gives up after racing classmates for seconds (PostgreSQL): the page says so
+    instead of failing or claiming the student is done."""
+    from cellspot.active.scheduler import LeaseContentionError
+    from cellspot.workflows import classroom
+
+    def busy(*_args, **_kwargs):
+        raise LeaseContentionError("every open image was being taken by other requests")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(classroom, "next_image", busy)
+        start_labelling(app, nickname="dee")
+        no_exception(app)
+        assert "Busy right now" in titles(app) and "All done!" not in titles(app)
+    app.button[-1].click().run()  # Look for new images
+    no_exception(app)
+    assert app.session_state["task"] is not None

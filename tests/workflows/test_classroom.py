@@ -605,6 +605,58 @@ def test_a_class_labelling_at_once_never_takes_an_image_past_the_maximum(engine)
         assert len(runs) == 5 and max(runs.values()) <= 3, runs
 
 
+@pytest.mark.parametrize("engine", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_a_request_that_keeps_losing_races_gives_up_rather_than_serve_an_unlocked_image(engine, monkeypatch) -> None:
+    """After 2 s of races lost, requests served the best image without its lock: two students
+    both got the last free slot of an image another request was taking (3 holders, maximum 2)."""
+    import threading
+
+    from cellspot.active.scheduler import LeaseContentionError
+
+    monkeypatch.setattr(c, "HOLD_WAIT_SECONDS", 0.5)
+    make = session_factory(engine)
+    ids = _class_of(make, 2, 3, runs={0: 1, 1: 2}, retire_min_runs=1, retire_max_runs=2)  # i01 full
+    slow = make()
+    slow.begin()
+    assert c.next_image(slow, slow.get(c.Annotator, ids[0])).name == "i00"  # not committed: a slow request
+    outcome = {}
+
+    def ask(i: int) -> None:
+        try:
+            outcome[i] = _ask(make, ids[i])
+        except LeaseContentionError:
+            outcome[i] = "busy"
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    slow.commit()
+    slow.close()
+    assert outcome == {1: "busy", 2: "busy"}
+    with make() as s:
+        assert c._holders(s, s.get(c.Project, s.get(c.Annotator, ids[0]).project_id), c._utc(None)) == {
+            s.scalar(sa.select(Image.id).where(Image.name == "i00")): 1}
+
+
+def test_a_lapsed_hold_is_not_renewed_past_the_maximum(session, room) -> None:
+    """A student back after the lease time on an image classmates filled meanwhile made it one
+    student over the maximum (3 runs with a maximum of 2)."""
+    project, images = room
+    project.settings = {**project.settings, "lease_seconds": 60, "retire_min_runs": 1, "retire_max_runs": 2}
+    session.execute(sa.delete(GoldCell))
+    ann = c.join_class(session, "7B", "ann")
+    c.save_draft(session, ann, images["a"].id, [])
+    old = utcnow() - timedelta(minutes=2)
+    session.execute(sa.update(LabelDraft).where(LabelDraft.annotator_id == ann.id).values(updated_at=old))
+    for name in ("bob", "cat"):  # the hold lapsed: two classmates take the image's two runs
+        c.save_draft(session, c.join_class(session, "7B", name), images["a"].id, [])
+    assert c.draft_of(session, ann) is None and _count(session, LabelDraft) == 2  # an empty draft moves on
+    c.save_draft(session, ann, images["a"].id, [(5, 5, "alive")])
+    session.execute(sa.update(LabelDraft).where(LabelDraft.annotator_id == ann.id).values(updated_at=old))
+    kept = c.draft_of(session, ann)
+    assert kept.image.id == images["a"].id and kept.marks == [(5.0, 5.0, "alive")] and kept.closed
+
+
 # --------------------------------------------------------------------------- progress
 
 
