@@ -205,6 +205,20 @@ def _images_frame(session: Session, project: Project) -> pd.DataFrame:
     return frame.astype({"expert_empty": bool}) if len(frame) else frame
 
 
+def _seen_by(session: Session, project: Project, snap: ConsensusSnapshot, names: pd.Series) -> dict[str, pd.Series]:
+    """``n_runs`` and ``n_expert_cells`` per image of ``names`` as ``snap`` saw them (runs
+    submitted and expert cells made up to its ``created_at``), index of ``names``."""
+    when = snap.created_at
+    runs = dict(session.execute(
+        select(Image.name, func.count(TaskRun.id)).join(TaskRun, TaskRun.image_id == Image.id)
+        .where(Image.project_id == project.id, TaskRun.submitted_at <= when).group_by(Image.name)).tuples().all())
+    experts = dict(session.execute(
+        select(Image.name, func.count(GoldCell.id)).join(GoldCell, GoldCell.image_id == Image.id)
+        .where(Image.project_id == project.id, GoldCell.created_at <= when).group_by(Image.name)).tuples().all())
+    return {"n_runs": names.map(runs).fillna(0).astype(int),
+            "n_expert_cells": names.map(experts).fillna(0).astype(int)}
+
+
 def _expert_cell_counts(session: Session, project: Project) -> dict[str, int]:
     """Number of expert (gold) cells per image name of ``project`` (images without any left out)."""
     rows = session.execute(
@@ -700,7 +714,9 @@ def export_dataset(
              snap.id, project.name, len(images), len(cells), len(left_out), min_confidence, len(clicks))
 
     table = image_table(images, cells, left_out)
-    assignment = image_splits(table, fractions, seed)
+    # labelled or not as the snapshot saw it: an image first labelled after it has no cells in it
+    # yet, and would be exported as a confirmed-empty training image
+    assignment = image_splits(table.assign(**_seen_by(session, project, snap, table["image"])), fractions, seed)
     images["split"] = images["image"].map(assignment)
     table["split"] = table["image"].map(assignment)
     cells["split"] = cells["image"].map(assignment)

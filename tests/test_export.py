@@ -559,7 +559,34 @@ def mixed(session, settings, store) -> Store:
     session.add(GoldCell(image_id=expert.id, x=5.0, y=6.0, label="dead"))
     _add_image(session, settings, store.project, "expert-empty.png").expert_empty = True  # the Review's "no cells"
     session.flush()
+    _snapshot_saw_everything(session, store)
     return store
+
+
+def _snapshot_saw_everything(session, store) -> None:
+    """The latest snapshot dated now, as if computed after the runs and expert cells above (an
+    export decides "labelled" from what its snapshot saw)."""
+    from cellspot.store.models import utcnow
+
+    queries.latest_snapshot(session, store.project).created_at = utcnow()
+    session.flush()
+
+
+def test_images_labelled_after_the_snapshot_are_not_exported_as_empty(session, settings, store, tmp_path):
+    """Two students marked cells on an image after the snapshot: it was exported with no cells
+    and a train split (a detector would learn it as background)."""
+    late = _add_image(session, settings, store.project, "late.png")
+    for k in range(2):
+        student = queries.get_or_create_annotator(session, store.project, f"late{k}", "DEMO")
+        queries.submit_task_run(session, late, student, [(5.0, 6.0, "alive"), (20.0, 9.0, "dead")],
+                                client_key=f"late-{k}")
+    session.flush()
+    export_dataset(session, store.project, tmp_path / "ds", settings, crop_size=CROP, seed=1)
+    images = _read(tmp_path / "ds", "images.csv").set_index("image")
+    assert images.loc["late.png", ["n_runs", "n_clicks", "n_alive", "n_dead"]].tolist() == [2, 4, 0, 0]
+    assert images.loc["late.png", "split"] == UNLABELLED
+    coco = json.loads((tmp_path / "ds" / "coco_keypoints.json").read_text())
+    assert "late.png" not in {i["file_name"] for i in coco["images"]}
 
 
 def test_images_nobody_labelled_are_not_exported_as_empty(session, settings, mixed, tmp_path):

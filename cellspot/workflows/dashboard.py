@@ -600,8 +600,8 @@ def prune_export_zips(
     pattern = re.compile(re.escape(safe_stem(project.name)) + r"-(\d{8}T\d{6}Z)-[0-9a-f]{6}\.zip")
     named = [(m.group(1), p) for p in Path(exports_dir).iterdir()
              if (m := pattern.fullmatch(p.name)) is not None and p.is_file()]
-    ours = [(stamp, p) for stamp, p in named if _export_zip_project_id(p) == project.id]
-    ours.sort(key=lambda item: (item[0], item[1].stat().st_mtime_ns), reverse=True)
+    ours = [(stamp, _mtime(p), p) for stamp, p in named if _export_zip_project_id(p) == project.id]
+    ours = [(stamp, p) for stamp, mtime, p in sorted((o for o in ours if o[1] is not None), reverse=True)]
     kept = {Path(k).resolve() for k in keep}
     deleted = []
     for _, path in ours[keep_last:]:
@@ -621,6 +621,14 @@ def prune_export_zips(
     return deleted
 
 
+def _mtime(path: Path) -> int | None:
+    """``path``'s modification time (ns), None when another session deleted it meanwhile."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def _export_zip_project_id(path: Path) -> int | None:
     """The project id in the manifest of the export zip at ``path`` (None when it has none)."""
     import json
@@ -629,9 +637,10 @@ def _export_zip_project_id(path: Path) -> int | None:
         with zipfile.ZipFile(path) as archive:
             manifest = json.loads(archive.read(f"{path.stem}/manifest.json"))
         return int(manifest["project"]["id"])
-    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, NotImplementedError, zipfile.BadZipFile) as exc:
         log.debug("%s is not a readable cellspot export zip (%s); left alone", path, exc)
         return None
+
 
 __all__ = [
     "Activity", "ClassCodeTakenError", "ConsensusBasis", "DashboardError", "InvalidProjectSettingError",

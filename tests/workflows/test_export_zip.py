@@ -78,3 +78,21 @@ def test_keep_last_must_keep_the_new_zip(session, settings, keep_last):
     with pytest.raises(d.DashboardError, match="keep_last must be a whole number, 1 or more"):
         d.export_zip(session, project, settings, crop_size=8, keep_last=keep_last)
     assert not settings.exports_dir.exists() or not list(settings.exports_dir.iterdir())
+
+
+def test_a_zip_another_session_deleted_meanwhile_does_not_fail_the_export(session, settings, monkeypatch):
+    """Two exports at once: the other cleanup deleted a listed zip before this one sorted them
+    by time, and FileNotFoundError escaped after the new zip was built."""
+    project = _project(session, "p")
+    built = [d.export_zip(session, project, settings, crop_size=8, keep_last=10)[0] for _ in range(3)]
+    real = d._export_zip_project_id
+
+    def read_then_lose(path):
+        found = real(path)
+        if path == built[0]:
+            path.unlink()  # the other session's cleanup, between the listing and the sort
+        return found
+
+    monkeypatch.setattr(d, "_export_zip_project_id", read_then_lose)
+    assert d.prune_export_zips(settings.exports_dir, project, keep_last=1) == [built[1]]
+    assert sorted(settings.exports_dir.glob("*.zip")) == [built[2]]
