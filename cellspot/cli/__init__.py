@@ -22,6 +22,8 @@ class _Main(click.Group):
         from pydantic import ValidationError
         from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 
+        from cellspot.store.migrate import MigrationError
+
         try:
             return super().invoke(ctx)
         except ValidationError as exc:  # a CELLSPOT_* variable with a bad value
@@ -30,6 +32,9 @@ class _Main(click.Group):
             bad = "; ".join(f"CELLSPOT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
                             for e in exc.errors())
             raise click.ClickException(f"bad setting: {bad}") from None
+        except MigrationError as exc:  # names the copy of the store made before it
+            log.debug("migration error", exc_info=True)
+            raise click.ClickException(str(exc)) from None
         except IntegrityError as exc:  # a unique row written by another command at the same moment
             log.debug("store conflict", exc_info=True)
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

@@ -44,12 +44,54 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+class MigrationError(RuntimeError):
+    """A migration failed; the message says where the database from before it is."""
+
+
 def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
     """Run the Alembic ``step`` to ``revision`` in one transaction. On SQLite, foreign keys are
     off meanwhile (the pragma is ignored inside a transaction, so it is set before): a batch
     migration copies a table and drops the old one, and with foreign keys on, that drop deletes
     every row pointing at it through ``ON DELETE CASCADE``. Refuses to commit when rows are left
-    pointing at nothing (``PRAGMA foreign_key_check``)."""
+    pointing at nothing (``PRAGMA foreign_key_check``).
+
+    SQLite's driver runs DDL outside the transaction, so a migration that fails midway can leave
+    a half-changed database: an existing SQLite store with migrations to run is first copied
+    beside itself (``<file>.before-<head>``), and a failure raises :class:`MigrationError`
+    naming that copy."""
+    backup = _backup_sqlite(engine)
+    try:
+        _run_step(engine, step, revision)
+    except Exception as exc:
+        if backup is None:
+            raise
+        raise MigrationError(f"migrating {_safe_url(engine)} to {revision} failed ({exc}); the database from "
+                             f"before is saved as {backup}: copy it back over the database file to undo") from exc
+
+
+def _backup_sqlite(engine: Engine) -> Path | None:
+    """A copy of an existing SQLite store that has migrations to run (SQLite's backup API, safe
+    with WAL), or None (PostgreSQL, in-memory, a new database, nothing to run)."""
+    import sqlite3
+
+    from cellspot.store.db import sqlite_file
+
+    file = sqlite_file(engine.url.render_as_string(hide_password=False))
+    if file is None or not file.is_file():
+        return None
+    current, head = current_revision(engine), head_revision()
+    if current is None or current == head:
+        return None
+    target = file.with_name(f"{file.name}.before-{head}")
+    with sqlite3.connect(file) as source, sqlite3.connect(target) as copy:
+        source.backup(copy)
+    source.close()
+    copy.close()
+    log.info("SQLite store %s copied to %s before migrating from %s to %s", file, target, current, head)
+    return target
+
+
+def _run_step(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
         if sqlite:
@@ -61,7 +103,7 @@ def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str)
                 broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall() if sqlite else []
                 if broken:
                     raise RuntimeError(f"migrating to {revision} would leave {len(broken)} row(s) pointing at "
-                                       f"missing rows (first: {tuple(broken[0])}); nothing was changed")
+                                       f"missing rows (first: {tuple(broken[0])})")
         finally:
             if sqlite:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")

@@ -154,3 +154,46 @@ def test_a_sqlite_migration_runs_with_foreign_keys_off_and_turns_them_on_after(s
     finally:
         engine.dispose()
     assert seen == [0]
+
+
+def test_a_failed_sqlite_migration_names_the_copy_made_before_it(settings) -> None:
+    """SQLite runs DDL outside the transaction: a migration failing midway left a half-changed
+    store (a column added, the old version recorded), and the message said nothing was changed."""
+    from alembic import command
+
+    from cellspot.store.db import make_engine, sqlite_file
+    from cellspot.store.migrate import MigrationError, _migrate
+
+    engine = make_engine(settings=settings)
+    try:
+        upgrade(engine, "f1b7a2c9d4e6")
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO projects (id, name, description, settings, created_at) "
+                                 "VALUES (1, 'p', '', '{}', CURRENT_TIMESTAMP)"))
+
+        def fails_midway(config, revision):
+            command.upgrade(config, revision)
+            raise RuntimeError("disk full")
+
+        with pytest.raises(MigrationError, match=r"failed \(disk full\); the database from before is saved as") as info:
+            _migrate(engine, fails_midway, "head")
+        copy = sqlite_file(settings.resolved_database_url).with_name(
+            f"{sqlite_file(settings.resolved_database_url).name}.before-{head_revision()}")
+        assert str(copy) in str(info.value)
+        saved = sa.create_engine(f"sqlite:///{copy}")
+        assert current_revision(saved) == "f1b7a2c9d4e6" and _counts(saved)["projects"] == 1
+        saved.dispose()
+    finally:
+        engine.dispose()
+
+
+def test_an_up_to_date_or_new_store_is_not_copied(settings) -> None:
+    from cellspot.store.db import make_engine, sqlite_file
+
+    engine = make_engine(settings=settings)
+    try:
+        upgrade(engine)  # a new database: nothing to keep
+        upgrade(engine)  # at head: nothing to run
+    finally:
+        engine.dispose()
+    assert not list(sqlite_file(settings.resolved_database_url).parent.glob("*.before-*"))
