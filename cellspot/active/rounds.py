@@ -150,6 +150,7 @@ def open_round(
     The round stores the model runs that produced the scores (``detector_run_id`` /
     ``classifier_run_id`` columns of ``scores`` when present, else the project's active runs),
     the latest consensus snapshot id, ``target_runs`` and the number of task runs so far.
+    Openings of one project's rounds run one at a time (its row is locked on PostgreSQL).
     """
     if top is not None and int(top) < 1:
         raise ValueError(f"top must be a positive number of images, got {top!r}")
@@ -161,6 +162,10 @@ def open_round(
         raise ValueError(f"target_runs must be >= 1, got {target!r}")
     detector_id, classifier_id = _model_runs(session, project, scores)
     when = now or utcnow()
+    # one round opening per project at a time (PostgreSQL; SQLite writers queue anyway): four
+    # at once deadlocked on the one-open-round index, one waiting for the round another was
+    # closing while that one waited for the open round the first had inserted
+    session.execute(select(Project.id).where(Project.id == project.id).with_for_update())
 
     if replacing is ANY_ROUND:
         previous = current_round(session, project)
