@@ -205,28 +205,24 @@ def _images_frame(session: Session, project: Project) -> pd.DataFrame:
     return frame.astype({"expert_empty": bool}) if len(frame) else frame
 
 
-def _seen_by(session: Session, project: Project, snap: ConsensusSnapshot, names: pd.Series) -> dict[str, pd.Series]:
-    """``n_runs`` and ``n_expert_cells`` per image of ``names`` as ``snap`` saw them (runs
-    submitted and expert cells made up to its ``created_at``), index of ``names``."""
-    when = snap.created_at
-    runs = dict(session.execute(
-        select(Image.name, func.count(TaskRun.id)).join(TaskRun, TaskRun.image_id == Image.id)
-        .where(Image.project_id == project.id, TaskRun.submitted_at <= when).group_by(Image.name)).tuples().all())
-    experts = dict(session.execute(
-        select(Image.name, func.count(GoldCell.id)).join(GoldCell, GoldCell.image_id == Image.id)
-        .where(Image.project_id == project.id, GoldCell.created_at <= when).group_by(Image.name)).tuples().all())
-    return {"n_runs": names.map(runs).fillna(0).astype(int),
-            "n_expert_cells": names.map(experts).fillna(0).astype(int)}
+def _seen_by(session: Session, project: Project, snap: ConsensusSnapshot, names: pd.Series, runs: pd.DataFrame,
+             clicks: pd.DataFrame) -> dict[str, pd.Series]:
+    """``n_runs`` and ``n_expert_cells`` per image of ``names`` as ``snap`` saw them: the runs of
+    ``runs`` (:func:`_runs_frame`) submitted and the expert cells made up to its ``created_at``."""
+    when = pd.Timestamp(_utc(snap.created_at))
+    seen = runs[pd.to_datetime(runs["submitted_at"], utc=True) <= when]
+    counts = activity_counts(names, seen, clicks, _expert_cell_counts(session, project, until=snap.created_at))
+    return {"n_runs": counts["n_runs"], "n_expert_cells": counts["n_expert_cells"]}
 
 
-def _expert_cell_counts(session: Session, project: Project) -> dict[str, int]:
-    """Number of expert (gold) cells per image name of ``project`` (images without any left out)."""
-    rows = session.execute(
-        select(Image.name, func.count(GoldCell.id))
-        .join(GoldCell, GoldCell.image_id == Image.id)
-        .where(Image.project_id == project.id)
-        .group_by(Image.name)
-    ).all()
+def _expert_cell_counts(session: Session, project: Project, until: datetime | None = None) -> dict[str, int]:
+    """Number of expert (gold) cells per image name of ``project`` (images without any left
+    out); ``until``: only the cells made up to then."""
+    stmt = (select(Image.name, func.count(GoldCell.id)).join(GoldCell, GoldCell.image_id == Image.id)
+            .where(Image.project_id == project.id))
+    if until is not None:
+        stmt = stmt.where(GoldCell.created_at <= until)
+    rows = session.execute(stmt.group_by(Image.name)).all()
     return {str(name): int(n) for name, n in rows}
 
 
@@ -716,7 +712,8 @@ def export_dataset(
     table = image_table(images, cells, left_out)
     # labelled or not as the snapshot saw it: an image first labelled after it has no cells in it
     # yet, and would be exported as a confirmed-empty training image
-    assignment = image_splits(table.assign(**_seen_by(session, project, snap, table["image"])), fractions, seed)
+    seen = _seen_by(session, project, snap, table["image"], runs, clicks)
+    assignment = image_splits(table.assign(**seen), fractions, seed)
     images["split"] = images["image"].map(assignment)
     table["split"] = table["image"].map(assignment)
     cells["split"] = cells["image"].map(assignment)

@@ -17,7 +17,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -38,6 +38,7 @@ from cellspot.store.models import (
     LabelDraft,
     Project,
     TaskRun,
+    parse_utc,
     utcnow,
 )
 
@@ -391,8 +392,7 @@ def _gold_rate(project: Project) -> float:
 
 def _utc(ts: datetime | None) -> datetime:
     """``ts`` (now when ``None``) as an aware UTC datetime (SQLite returns naive UTC datetimes)."""
-    ts = ts or utcnow()
-    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    return parse_utc(ts) or utcnow()
 
 
 def _lease_seconds(project: Project) -> float:
@@ -434,11 +434,16 @@ def _holders(session: Session, project: Project, now: datetime, **which: int | N
     return out
 
 
+def _held(frame: pd.DataFrame, holders: dict[int, int]) -> pd.Series:
+    """Holders (:func:`_holders`) of each image of ``frame`` (:func:`_open_images`), 0 for none."""
+    return frame["image_id"].map(lambda i: holders.get(int(i), 0)).astype(int)
+
+
 def _ranked(frame: pd.DataFrame, holders: dict[int, int], max_runs: int | None, rng: random.Random) -> pd.DataFrame:
     """``frame`` (:func:`_open_images`) in serving order with ``load`` = runs + holders: least
     load first, then the fewest holders (an image nobody is on before a held one with as much
     load), then ``rng``'s order; non-gold images whose load reaches ``max_runs`` left out."""
-    held = frame["image_id"].map(lambda i: holders.get(int(i), 0)).astype(int)
+    held = _held(frame, holders)
     frame = frame.assign(load=(frame["n_runs"] + held).astype(int), holders=held,
                          tie=[rng.random() for _ in range(len(frame))])
     if max_runs is not None:
@@ -804,8 +809,7 @@ def _images_left(session: Session, annotator: Annotator, now: datetime,
     max_runs = scheduler.max_runs_of(project)
     waiting = pd.Series(False, index=frame.index)
     if max_runs is not None:
-        holders = _holders(session, project, now, not_annotator_id=annotator.id)
-        load = frame["n_runs"] + frame["image_id"].map(lambda i: holders.get(int(i), 0))
+        load = frame["n_runs"] + _held(frame, _holders(session, project, now, not_annotator_id=annotator.id))
         waiting = ~frame["gold"] & (load >= int(max_runs))
     round_ = current_round(session, project)
     if round_ is not None:
