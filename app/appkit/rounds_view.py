@@ -21,6 +21,7 @@ from PIL import Image as PILImage
 
 from appkit import resources
 from cellspot.active.rounds import DEFAULT_TARGET_RUNS, target_runs_for
+from cellspot.active.scheduler import max_runs_of
 from cellspot.active.strategies import list_strategies
 from cellspot.imaging import ImageReadError
 from cellspot.render import ImageUnavailableError, image_file, read_display_rgb
@@ -193,11 +194,68 @@ def auto_counter(status: auto_workflow.AutoStatus) -> str:
 def default_target_runs(project: Project) -> int:
     """Runs per queued image a new round of ``project`` gets unless told otherwise
     (:func:`cellspot.active.rounds.target_runs_for`); :data:`DEFAULT_TARGET_RUNS` when the
-    project's ``target_runs`` setting is not a whole number >= 1 (the page sends its own)."""
+    project's ``target_runs`` setting is not a whole number >= 1 (the page sends its own). At
+    most the project's maximum of runs (:func:`max_runs`): a store saved before the Setup page
+    refused it may hold a target above it, which no image would ever reach."""
     try:
-        return target_runs_for(project)
+        target = target_runs_for(project)
     except (TypeError, ValueError):
-        return DEFAULT_TARGET_RUNS
+        target = DEFAULT_TARGET_RUNS
+    cap = max_runs(project)
+    return min(target, cap) if cap is not None else target
+
+
+def max_runs(project: Project) -> int | None:
+    """The most runs an image of ``project`` gets in all (the Setup page's "Retire after at most
+    ... runs", setting ``retire_max_runs``); ``None`` for no maximum (0 or unset and switched
+    off), or for retirement settings the policy refuses (the Setup page says why)."""
+    try:
+        cap = max_runs_of(project)
+    except (TypeError, ValueError):
+        return None
+    return int(cap) if cap else None
+
+
+def runs_over_max(target_runs: int | None, cap: int | None, round_number: int | None = None) -> str | None:
+    """The warning when ``target_runs`` runs per image (of round ``round_number``, or chosen for
+    a new round) exceed the project's maximum ``cap`` (:func:`max_runs`); ``None`` otherwise."""
+    if target_runs is None or cap is None or int(target_runs) <= int(cap):
+        return None
+    what = (f"Round {round_number} asks for {target_runs} runs per image, more than" if round_number is not None
+            else f"{target_runs} runs per image is more than")
+    return (f"{what} the {cap} runs an image gets at most (Setup page: \"Retire after at most {cap} "
+            f"runs\"): an image is served no more once it has {cap} runs in all, earlier rounds included, so no "
+            f"queued image gets {target_runs} runs in this round. Choose {cap} or fewer, or raise the maximum "
+            "on the Setup page.")
+
+
+def score_warning(queue: pd.DataFrame, strategy: str) -> str | None:
+    """The warning when the queue's scores do not rank it: no image got a ``strategy`` score, or
+    every scored image got the same one (``conflict`` with no conflict anywhere, ``diversity``
+    with every image labelled: 0.000), so the order is only the seeded tie-break; ``None``
+    when the scores tell the images apart (or one image is queued)."""
+    scored = pd.to_numeric(queue["score"], errors="coerce").dropna()
+    if scored.empty:
+        return (f"No image got a {strategy} score (it needs model predictions): every image ties and the queue "
+                "is in a random (seeded) order. Before a model exists, open a combined, crowd or coverage round.")
+    if len(scored) < 2 or scored.max() - scored.min() > 1e-9:
+        return None
+    every = ("Every queued image" if len(scored) == len(queue)
+             else f"Every scored image ({len(scored)} of {len(queue)}; the others have no score and come last)")
+    other = "" if strategy == "combined" else " A combined round blends several signals and may tell them apart."
+    return (f"{every} has the same {strategy} score ({float(scored.iloc[0]):.3f}): the score does not tell them "
+            f"apart, so their order is only a random (seeded) tie-break, not a ranking.{other}")
+
+
+def rank_caption(queue: pd.DataFrame) -> str | None:
+    """A note when a queued image has a higher score than the one ranked just above it (the
+    batch-aware selection pushes near-duplicates down); ``None`` when rank follows score."""
+    ordered = queue.sort_values("rank", kind="stable") if "rank" in queue.columns else queue
+    scores = pd.to_numeric(ordered["score"], errors="coerce").dropna()
+    if not (scores.diff() > 1e-9).any():
+        return None
+    return ("Rank is the order in which the images were selected, not the order of their scores: selection is "
+            "batch-aware, so an image much like one ranked above it moves down, below images with lower scores.")
 
 
 # --------------------------------------------------------------------------- actions
@@ -221,6 +279,23 @@ def open_round(project_id: int, strategy: str, top: int | None, target_runs: int
                 "get gold images (and any open image outside the queue).")
     runs = f"{info.target_runs} run{'s' if info.target_runs != 1 else ''} per image"
     return f"Opened {info.describe()}: students get its images first, {runs}."
+
+
+def close(project_id: int, number: int) -> str:
+    """Close round ``number`` if it is still the open one, without opening another; the message."""
+    try:
+        with resources.session() as session:
+            project = _project(session, project_id)
+            closed = workflow.close_current(session, project, number=number)
+            auto = auto_workflow.AutoSettings.from_project(project)
+    finally:
+        refresh()  # also when refused: the page then shows the round that is open now
+    text = (f"Round {closed.number} closed; no round is open now: students get the images with the fewest runs "
+            "until you open the next round.")
+    if auto.enabled:
+        text += (f" Automatic mode is on: it opens a new round after {auto.every_runs} new task runs (switch it "
+                 "off below to stay without rounds).")
+    return text
 
 
 def rollback(project_id: int, number: int) -> str:

@@ -1,6 +1,6 @@
 """Rounds: open the next labelling round (the images the system is least sure about go to the
-students first), see its queue and why each image is there, roll it back, follow the learning
-curve, and switch on the automatic mode.
+students first), see its queue and why each image is there, close it or roll it back, follow the
+learning curve, and switch on the automatic mode.
 
 The page only calls :mod:`cellspot.workflows.rounds` through ``appkit.rounds_view``; the
 automatic mode runs in the background worker (``cellspot worker``).
@@ -48,15 +48,18 @@ with st.form("rounds_open", border=True):
                                  help="How images are ranked; combined blends crowd and model signals")
     top = cols[1].number_input("Top N images (optional)", min_value=1, value=None, step=1, key="round_top",
                                placeholder="all images")
-    default_runs = rounds_view.default_target_runs(project)
+    default_runs = rounds_view.default_target_runs(project)  # at most the project's maximum of runs
+    max_runs = rounds_view.max_runs(project)
     # keyed by project: a keyed widget keeps its value, so switching projects shows the new default
     target_runs = cols[2].number_input(
         "Runs per image this round", min_value=1, max_value=max(rounds_view.TARGET_RUNS_MAX, default_runs),
         value=default_runs, step=1, key=f"round_target_runs_{project.id}",
         help="Each queued image is served to this many students in the round. 1 spreads the runs over more "
-             "images, and an image comes back in a later round while the crowd still disputes it.")
+             "images, and an image comes back in a later round while the crowd still disputes it."
+             + (f" An image gets at most {max_runs} runs in all (Setup page)." if max_runs is not None else ""))
     st.caption(rounds_view.models_caption(rounds_view.sources(URL, project.id)))
     submitted = st.form_submit_button("Open round", type="primary", icon=":material/playlist_add:")
+runs_note = st.empty()  # filled below, once the open round is known (its own warning says it then)
 round_request = (project.id, strategy, top, target_runs)
 if submitted and researcher.repeated("open_round", round_request):
     st.info("This round was opened a moment ago (a double click?), so no second round was opened.")
@@ -75,22 +78,44 @@ elif submitted:
 st.subheader("Current round")
 current = rounds_view.current(URL, project.id)
 st.session_state["rounds_seen_open"] = (project.id, None if current is None else current.number)
+if current is None or current.target_runs != target_runs:  # the round's own warning says it otherwise
+    over = rounds_view.runs_over_max(target_runs, max_runs)
+    if over:
+        runs_note.warning(over, icon=":material/warning:")
+# the numbers are bound when the buttons are drawn: on the click's rerun the page may already see
+# another open round, or none (a second tab closed or rolled this one back), and must not close or
+# roll back that one; a click's rerun acts even when the round it saw is gone (the workflow says so)
+to_close = st.session_state.pop("rounds_close_number", None)
+if to_close is not None and researcher.repeated("close_round", (project.id, to_close)):
+    st.info(f"Round {to_close} was closed a moment ago (a double click?), so nothing more was done.")
+elif to_close is not None:
+    act(rounds_view.close, project.id, to_close, remember=researcher.done("close_round", (project.id, to_close)))
+wanted = st.session_state.pop("rounds_rollback_number", None)
+if wanted is not None:
+    act(rounds_view.rollback, project.id, wanted)
 if current is None:
     st.info("No round is open: students get the images with the fewest runs. Open a round above.")
 else:
     st.markdown(f"**Round {current.number}** · {current.strategy} · {current.images} queued · "
                 f"{current.task_runs} task runs since it opened · {current.scoring}")
-    with st.popover("Roll back this round", icon=":material/undo:",
-                    help="Undo this round: the round before it (if any) serves the students again"):
+    over = rounds_view.runs_over_max(current.target_runs, max_runs, current.number)
+    if over:
+        st.warning(over, icon=":material/warning:")
+    close_col, rollback_col = st.columns(2)
+    with close_col.popover("Close this round", icon=":material/stop_circle:",
+                           help="End this round without opening another: students get the images with the "
+                                "fewest runs, as before any round"):
+        st.write(f"Close round {current.number}? Its queue stops serving and no round is open afterwards: "
+                 "students get the images with the fewest runs until you open the next round. The task runs "
+                 "students submitted stay, and the round stays in the history.")
+        st.button(f"Yes, close round {current.number}", key="rounds_close", type="primary",
+                  on_click=st.session_state.__setitem__, args=("rounds_close_number", current.number))
+    with rollback_col.popover("Roll back this round", icon=":material/undo:",
+                              help="Undo this round: the round before it (if any) serves the students again"):
         st.write(f"Roll back round {current.number}? Its queue stops serving; the task runs students "
                  "submitted stay.")
-        # the number is bound when the button is drawn: on the click's rerun the page may already
-        # see another open round (a second tab rolled this one back), and must not roll that back
         st.button(f"Yes, roll back round {current.number}", key="rounds_rollback", type="primary",
                   on_click=st.session_state.__setitem__, args=("rounds_rollback_number", current.number))
-    wanted = st.session_state.pop("rounds_rollback_number", None)
-    if wanted is not None:
-        act(rounds_view.rollback, project.id, wanted)
     queue = rounds_view.queue(URL, project.id)
     if queue.empty:
         st.info("The queue is empty" + (" (no open image was left to score when it opened)" if current.empty else "")
@@ -102,10 +127,12 @@ else:
         st.caption(line)
         if finished:
             st.success(finished, icon=":material/task_alt:")
-        if queue["score"].isna().all():
-            st.warning(f"No image got a {current.strategy} score (it needs model predictions): every image "
-                       "ties and the queue is in a random (seeded) order. Before a model exists, open a "
-                       "combined, crowd or coverage round.")
+        tied = rounds_view.score_warning(queue, current.strategy)
+        if tied:
+            st.warning(tied)
+        order = rounds_view.rank_caption(queue)
+        if order:
+            st.caption(order)
         shown = rounds_view.queue_with_thumbnails(queue)
         components = shown.columns[len(rounds_view.QUEUE_SHOWN):]
         st.dataframe(shown, hide_index=True, width="stretch", key="rounds_queue", column_config={

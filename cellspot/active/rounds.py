@@ -1,10 +1,11 @@
-"""Active-learning rounds: open one with a ranked queue, roll it back, list the history.
+"""Active-learning rounds: open one with a ranked queue, close it, roll it back, list the history.
 
 A round freezes one ranking of a project's images (best first) together with what produced
 it: the strategy, the consensus snapshot, the detector and classifier runs whose predictions
 were scored. While a round is open, the labelling page takes its images from the round's
-queue (:mod:`cellspot.active.scheduler`). Opening a round closes the previous one; rolling
-the open round back reopens the round before it.
+queue (:mod:`cellspot.active.scheduler`). Opening a round closes the previous one; closing
+the open round (:func:`close_round`) leaves none open, so students are served as without
+rounds (fewest runs first); rolling the open round back reopens the round before it.
 
 The caller owns the session: these functions flush, never commit.
 """
@@ -162,10 +163,7 @@ def open_round(
         raise ValueError(f"target_runs must be >= 1, got {target!r}")
     detector_id, classifier_id = _model_runs(session, project, scores)
     when = now or utcnow()
-    # one round opening per project at a time (PostgreSQL; SQLite writers queue anyway): four
-    # at once deadlocked on the one-open-round index, one waiting for the round another was
-    # closing while that one waited for the open round the first had inserted
-    session.execute(select(Project.id).where(Project.id == project.id).with_for_update())
+    _lock_rounds(session, project.id)
 
     if replacing is ANY_ROUND:
         previous = current_round(session, project)
@@ -173,7 +171,7 @@ def open_round(
             previous.status, previous.closed_at = "closed", when
             session.flush()  # before the new open round: one open round per project (a unique index)
     else:
-        previous = _close_expected(session, project, replacing, when)
+        previous = _close_expected(session, project.id, replacing, when)
     number = (session.scalar(select(func.max(ALRound.number)).where(ALRound.project_id == project.id)) or 0) + 1
     round_ = ALRound(
         project_id=project.id, number=number, status="open", strategy=str(strategy),
@@ -195,21 +193,55 @@ def open_round(
     return round_
 
 
-def _close_expected(session: Session, project: Project, number: int | None, when: datetime) -> ALRound | None:
-    """Close round ``number`` of ``project`` if it is still the open one, in one UPDATE (it waits
-    for, then sees, a concurrent writer's commit); the closed round, or ``None`` for ``None``.
-    :class:`RoundError` when it is not open any more."""
+def _lock_rounds(session: Session, project_id: int) -> None:
+    """Lock the project's row (PostgreSQL ``FOR UPDATE``; SQLite writers queue anyway), so that
+    openings and closings of one project's rounds run one at a time: four openings at once
+    deadlocked on the one-open-round index, one waiting for the round another was closing
+    while that one waited for the open round the first had inserted."""
+    session.execute(select(Project.id).where(Project.id == int(project_id)).with_for_update())
+
+
+def _close_expected(session: Session, project_id: int, number: int | None, when: datetime) -> ALRound | None:
+    """Close round ``number`` of project ``project_id`` if it is still the open one, in one
+    UPDATE (it waits for, then sees, a concurrent writer's commit); the closed round, or
+    ``None`` for ``None``. :class:`RoundError` when it is not open any more."""
     from sqlalchemy import update
 
     if number is None:
         return None
     done = session.execute(
-        update(ALRound).where(ALRound.project_id == project.id, ALRound.status == "open", ALRound.number == int(number))
+        update(ALRound).where(ALRound.project_id == int(project_id), ALRound.status == "open",
+                              ALRound.number == int(number))
         .values(status="closed", closed_at=when).execution_options(synchronize_session=False))
     if done.rowcount != 1:
         raise RoundError(f"round {number} is no longer the open round")
-    closed = session.scalar(select(ALRound).where(ALRound.project_id == project.id, ALRound.number == int(number)))
+    closed = session.scalar(select(ALRound).where(ALRound.project_id == int(project_id),
+                                                  ALRound.number == int(number)))
     session.refresh(closed)
+    return closed
+
+
+# --------------------------------------------------------------------------- closing
+
+
+def close_round(session: Session, round_: ALRound, now: datetime | None = None) -> ALRound:
+    """Close ``round_`` (its project's open round) without opening another: it becomes
+    ``closed`` at ``now`` (as the open round does when the next one opens) and the project has
+    no open round, so the labelling page serves images as without rounds (fewest runs first).
+    The queue stays for the history. Returns ``round_``, refreshed.
+
+    Takes the project's lock that openings take (:func:`open_round`), then closes by one
+    conditional UPDATE: a close and an opening never interleave, and when the round is not
+    open any more (closed, rolled back or replaced meanwhile, even in another process)
+    :class:`RoundError` is raised and nothing is written. Leases of the round are left as
+    opening and rolling back leave them: they end when their student submits, leaves the class
+    or lets them expire, and count meanwhile as that student's hold on the image.
+    """
+    if round_.status != "open":
+        raise RoundError(f"round {round_.number} is {round_.status}; only the open round can be closed")
+    _lock_rounds(session, round_.project_id)
+    closed = _close_expected(session, round_.project_id, round_.number, now or utcnow())
+    log.info("round %d closed; no round is open", closed.number)
     return closed
 
 
@@ -390,6 +422,6 @@ def utc(ts: datetime | None) -> datetime | None:
 
 __all__ = [
     "DEFAULT_STRATEGY", "DEFAULT_TARGET_RUNS", "HISTORY_COLUMNS", "QUEUE_COLUMNS", "RoundError",
-    "ScoresError", "current_round", "default_scorer", "open_round", "rollback_round",
+    "ScoresError", "close_round", "current_round", "default_scorer", "open_round", "rollback_round",
     "round_history", "round_queue", "target_runs_for", "utc",
 ]

@@ -337,7 +337,10 @@ def _classifier(signals: pd.DataFrame, ctx: Context, measure: str = "entropy", a
     return _frame(score, reason, **{column: score})
 
 
-_register("classifier", "classifier uncertainty (entropy|margin, mean|max|sum via measure=, agg=)",
+# the summary is what the Rounds page and the CLI offer: they score with the defaults (entropy,
+# mean); the other measures and aggregates are strategies of their own (entropy_max, margin_mean...)
+_register("classifier", "classifier uncertainty: entropy of alive/dead, mean over the image's cells "
+          "(as entropy_mean; the entropy_* and margin_* strategies offer the others)",
           needs_model=True)(_classifier)
 for _m in MEASURES:
     for _a in AGGREGATES:

@@ -1,4 +1,4 @@
-"""``cellspot round open|rollback|list``: active-learning rounds from the command line.
+"""``cellspot round open|close|rollback|list``: active-learning rounds from the command line.
 
 The same workflows as the dashboard's Rounds page (:mod:`cellspot.workflows.rounds`).
 """
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from cellspot.store.models import Project
 
 LIST_COLUMNS = ["round", "status", "strategy", "images", "detector_version", "classifier_version",
-                "task_runs_at_open", "task_runs", "created_at"]
+                "task_runs_at_open", "task_runs", "created_at", "closed_at"]
 QUEUE_COLUMNS = ["rank", "image", "score", "status", "n_runs", "reason"]
 
 
@@ -79,6 +79,22 @@ def open_cmd(project_name: str | None, strategy: str | None, top: int | None, ta
         click.echo(note, err=True)
 
 
+@round_group.command("close")
+@_project_option
+def close_cmd(project_name: str | None) -> None:
+    """Close the open round without opening another: students get the images with the fewest
+    runs again, as without rounds, until the next round opens."""
+    from cellspot.workflows.auto_rounds import AutoSettings
+    from cellspot.workflows.rounds import close_current
+
+    closed, auto = _in_project(project_name, lambda session, project: (
+        close_current(session, project), AutoSettings.from_project(project)))
+    click.echo(f"round {closed.number} closed; no round is open now: students get the images with the fewest runs")
+    if auto.enabled:
+        click.echo(f"note: automatic mode is on: it opens a new round after {auto.every_runs} new task runs "
+                   "(switch it off on the Rounds page to stay without rounds)", err=True)
+
+
 @round_group.command("rollback")
 @_project_option
 def rollback_cmd(project_name: str | None) -> None:
@@ -88,6 +104,13 @@ def rollback_cmd(project_name: str | None) -> None:
     undone, restored = _in_project(project_name, rollback_current)
     again = f"round {restored.number} is open again" if restored is not None else "no round is open now"
     click.echo(f"round {undone.number} rolled back; {again}")
+
+
+def _when(t: Any) -> str:
+    """A round's time as ``2026-03-02 09:00`` (UTC); ``-`` when it has none (still open)."""
+    import pandas as pd
+
+    return "-" if t is None or pd.isna(t) else t.strftime("%Y-%m-%d %H:%M")
 
 
 @round_group.command("list")
@@ -104,8 +127,7 @@ def list_cmd(project_name: str | None, show_queue: bool, top: int) -> None:
     if table.empty:
         click.echo("no round yet; open one with `cellspot round open`")
         return
-    shown = table[LIST_COLUMNS].assign(created_at=table["created_at"].map(
-        lambda t: t.strftime("%Y-%m-%d %H:%M") if t is not None else "")).astype(object)
+    shown = table[LIST_COLUMNS].assign(**{c: table[c].map(_when) for c in ("created_at", "closed_at")}).astype(object)
     shown = shown.where(shown.notna(), "-")
     click.echo(shown.to_string(index=False, na_rep="-"))
     if queue is not None:

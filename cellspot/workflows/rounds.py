@@ -1,5 +1,5 @@
-"""Active-learning rounds as the researcher sees them: open, roll back, history, queue and
-the learning curve.
+"""Active-learning rounds as the researcher sees them: open, close, roll back, history, queue
+and the learning curve.
 
 Thin workflows over :mod:`cellspot.active.rounds` (the round store), used by the Rounds page
 (``app/views/rounds.py``) and ``cellspot round``. Functions that take a session never commit
@@ -274,6 +274,33 @@ def rollback_current(
             round_info(session, project, restored) if restored is not None else None)
 
 
+def close_current(
+    session: Session, project: Project | str, *, number: int | None = None, now: datetime | None = None
+) -> RoundInfo:
+    """Close the open round of ``project`` without opening another; the closed round. Flushes.
+
+    No round is open afterwards: students get the images with the fewest runs, as without
+    rounds (:func:`cellspot.workflows.classroom.next_image`), until a round opens. ``number``:
+    the round the caller means (the one a page shows); when another round is open by now, or
+    none (a double click's first press, another tab or researcher), nothing is closed.
+    :class:`RoundsWorkflowError` when no round is open or it is not round ``number``.
+    """
+    project = as_project(session, project)
+    if number is not None:
+        _check_still_open(session, project, number, "closed")
+    current = al.current_round(session, project)
+    if current is None:
+        raise RoundsWorkflowError(f"project {project.name!r} has no open round to close")
+    try:
+        closed = al.close_round(session, current, now=now)
+    except al.RoundError as exc:  # closed or replaced a moment ago by another process: say what is open
+        _check_still_open(session, project, current.number, "closed")
+        raise RoundsWorkflowError(f"{exc}; nothing was closed") from exc
+    info = round_info(session, project, closed)
+    log.info("project %r: %s closed", project.name, info.describe())
+    return info
+
+
 def current_round_info(session: Session, project: Project | str) -> RoundInfo | None:
     """The open round of ``project`` as :class:`RoundInfo`, or ``None``."""
     project = as_project(session, project)
@@ -365,6 +392,6 @@ def _latest_done(runs: list[ModelRun], kind: str, before: datetime | None) -> Mo
 
 __all__ = [
     "CURVE_COLUMNS", "DEFAULT_STRATEGY", "MODEL_ORDER", "RoundInfo", "RoundsWorkflowError", "ScoringSources",
-    "current_round_info", "history", "learning_curve", "open_new_round", "queue_table",
+    "close_current", "current_round_info", "history", "learning_curve", "open_new_round", "queue_table",
     "rollback_current", "round_info", "scoring_sources",
 ]
