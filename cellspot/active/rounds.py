@@ -344,9 +344,17 @@ def rollback_round(session: Session, round_: ALRound, now: datetime | None = Non
     round before it (the newest ``closed`` one) opens again. Returns that restored round, or
     ``None`` when there was none (the project then has no open round and the labelling page
     serves images as without rounds). The rolled-back round keeps its queue for the history.
+    Takes the project's lock that openings and closings take; :class:`RoundError`, with nothing
+    written, when the round is not open any more (closed or replaced meanwhile, even in another
+    process).
     """
     if round_.status != "open":
         raise RoundError(f"round {round_.number} is {round_.status}; only the open round can be rolled back")
+    _lock_rounds(session, round_.project_id)  # as openings and closings: one at a time per project
+    session.refresh(round_)  # another process may have closed or replaced it meanwhile
+    if round_.status != "open":
+        raise RoundError(f"round {round_.number} is no longer the open round (now {round_.status}); "
+                         "nothing was rolled back")
     round_.status, round_.closed_at = "rolled_back", now or utcnow()
     session.flush()  # before another round opens: one open round per project (a unique index)
     previous = session.scalar(

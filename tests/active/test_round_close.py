@@ -301,3 +301,24 @@ def test_the_strategies_offered_name_no_python_arguments() -> None:
     assert not offered[offered["summary"].str.contains("=|measure|agg", regex=True)].values.tolist()
     classifier = dict(zip(offered["name"], offered["summary"]))["classifier"]
     assert "entropy" in classifier and "mean" in classifier  # the defaults rounds and `queue` score with
+
+
+def test_a_round_closed_by_another_process_is_not_rolled_back(engine) -> None:
+    """Rollback re-reads the round under the project's lock: a stale in-memory "open" round
+    that another session closed is refused, and the round before it stays closed."""
+    from cellspot.store.db import session_factory
+
+    make = session_factory(engine)
+    with make() as s, s.begin():
+        _project(s)
+        wr.open_new_round(s, "p", strategy="random", scores=_scores("ab"), now=T0)
+        wr.open_new_round(s, "p", strategy="random", scores=_scores("ba"), now=T0 + timedelta(minutes=5))
+    with make() as s, s.begin():
+        stale = rounds.current_round(s, q.get_project(s, "p"))
+        with make() as other, other.begin():
+            wr.close_current(other, "p", now=T0 + timedelta(hours=1))
+        assert stale.status == "open"
+        with pytest.raises(rounds.RoundError, match="round 2 is no longer the open round"):
+            rounds.rollback_round(s, stale, now=T0 + timedelta(hours=2))
+    with make() as s:
+        assert _statuses(s) == [(1, "closed"), (2, "closed")]
