@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import streamlit as st
 from appkit import researcher, resources, roles
@@ -23,9 +24,15 @@ from cellspot.importers import (
     import_gold,
     import_images,
 )
+from cellspot.names import tidying_note
 from cellspot.store.models import Project
 from cellspot.workflows.classroom import DEFAULT_FEEDBACK_RADIUS, DEFAULT_GOLD_RATE
-from cellspot.workflows.dashboard import DashboardError, create_project, update_project_settings
+from cellspot.workflows.dashboard import (
+    ConflictingProjectSettingsError,
+    DashboardError,
+    create_project,
+    update_project_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +60,95 @@ def _retirement_shown(current: Mapping) -> RetirementPolicy:
         return DEFAULT_POLICY
 
 
-def _settings_inputs(current: dict, prefix: str) -> dict:
-    """The project-setting widgets; returns the values typed (validated by the workflow)."""
+class _Field(NamedTuple):
+    """A number field of the settings form: its label, the values it takes (in the form's unit),
+    and the shorter name a message about two fields uses."""
+
+    label: str
+    lowest: float
+    highest: float
+    whole: bool = False
+    short: str = ""
+
+    def allowed(self) -> str:
+        return f"{'a whole number' if self.whole else 'a number'} from {self.lowest:g} to {self.highest:g}"
+
+
+#: the number fields by project setting. The widgets take any number and Save checks these
+#: ranges: a widget with bounds kept its previous value when one out of range was typed (shown
+#: red), so Save stored the old value and said "Saved.".
+NUMBER_FIELDS = {
+    "target_runs_per_image": _Field("Target runs per image", 1, 1000, whole=True),
+    "gold_rate": _Field("Gold rate", 0, 1),
+    "retire_min_runs": _Field("Retire after at least ... runs", 1, 1000, whole=True),
+    "retire_min_confidence": _Field("... when every cell has confidence ≥", 0, 1),
+    "retire_min_cell_certainty": _Field("... and every cell's existence certainty ≥", 0, 1),
+    "retire_count_tolerance": _Field("Count tolerance (share of the cells)", 0, 10),
+    "retire_max_runs": _Field("Retire after at most ... runs (0 = no maximum)", 0, 1000, whole=True,
+                              short="Retire after at most ... runs"),
+    "feedback_radius": _Field("Feedback radius (px)", 1, 500),
+    "lease_seconds": _Field("Hold a student's image for (minutes)", 1, 24 * 60, whole=True),
+}
+#: how to settle two settings that contradict each other (ConflictingProjectSettingsError's pair)
+CONFLICT_HINTS = {
+    ("retire_max_runs", "retire_min_runs"): "raise the maximum, lower the minimum, or set the maximum to 0 for none",
+    ("retire_max_runs", "target_runs_per_image"):
+        "images retire at the maximum, so a round could never give them the target; lower the target, raise "
+        "the maximum, or set the maximum to 0 for none",
+}
+
+
+def _number(col, setting: str, value: float, key: str, help: str = "", step: float | None = None):
+    """The number input of ``setting`` (unbounded: :func:`_out_of_range` checks it) in ``col``;
+    its help ends with the values allowed."""
+    field = NUMBER_FIELDS[setting]
+    allowed = field.allowed()
+    return col.number_input(field.label, value=value, step=step, key=key,
+                            help=f"{help} {allowed[0].upper()}{allowed[1:]}.".strip())
+
+
+def _out_of_range(typed: Mapping[str, float]) -> list[str]:
+    """One line per value of ``typed`` (setting -> the number in the form) outside its field's range."""
+    problems = []
+    for setting, value in typed.items():
+        field = NUMBER_FIELDS[setting]
+        if not field.lowest <= value <= field.highest:
+            shown = value if isinstance(value, int) else f"{value:g}"
+            problems.append(f'"{field.label}" must be {field.allowed()}; you typed {shown}.')
+    return problems
+
+
+def _refusal(exc: DashboardError) -> str:
+    """The workflow's refusal of the settings in the form's words: two fields that contradict
+    each other by their labels and the values typed; any other refusal as it is."""
+    if isinstance(exc, ConflictingProjectSettingsError) and (exc.low[0], exc.high[0]) in CONFLICT_HINTS:
+        (low_key, low), (high_key, high) = exc.low, exc.high
+        low_field, high_field = NUMBER_FIELDS[low_key], NUMBER_FIELDS[high_key]
+        return (f'"{low_field.short or low_field.label}" ({low}) is below "{high_field.short or high_field.label}" '
+                f"({high}): {CONFLICT_HINTS[(low_key, high_key)]}.")
+    return str(exc)
+
+
+def _settings_inputs(current: dict, prefix: str) -> tuple[dict, list[str]]:
+    """The project-setting widgets; returns the values typed (validated by the workflow) and
+    the problems of those out of their field's range (nothing may be stored when there are any)."""
     policy = _retirement_shown(current)
     cols = st.columns(3)
     codes = cols[0].text_input(
         "Class codes (comma-separated)", ", ".join(current.get("class_codes") or []), key=f"{prefix}_codes",
         help="Students join with one of these; 2 to 32 letters, digits, - or _. Each code names one project.")
-    target = cols[1].number_input("Target runs per image", 1, 1000, int(target_runs_setting(current)),
-                                  key=f"{prefix}_target")
+    target = _number(cols[1], "target_runs_per_image", int(target_runs_setting(current)), f"{prefix}_target")
     gold_now = current.get("gold_rate", UNSET_DEFAULTS["gold_rate"])
-    gold = cols[2].number_input("Gold rate", 0.0, 1.0, float(gold_now), step=0.05,
-                                key=f"{prefix}_gold",
-                                help="Share of images served from the expert-marked (gold) images")
+    gold = _number(cols[2], "gold_rate", float(gold_now), f"{prefix}_gold", step=0.05,
+                   help="Share of images served from the expert-marked (gold) images.")
     cols = st.columns(3)
-    min_runs = cols[0].number_input("Retire after at least ... runs", 1, 1000, int(policy.min_runs),
-                                    key=f"{prefix}_min_runs",
-                                    help="No image retires on its consensus before it has this many runs.")
-    min_conf = cols[1].number_input("... when every cell has confidence ≥", 0.0, 1.0,
-                                    float(policy.min_confidence), step=0.05, key=f"{prefix}_min_conf",
-                                    help="Every consensus cell's label (alive or dead) must be at least this sure.")
-    certainty = cols[2].number_input(
-        "... and every cell's existence certainty ≥", 0.0, 1.0, float(policy.min_cell_certainty), step=0.05,
-        key=f"{prefix}_min_cell_certainty",
+    min_runs = _number(cols[0], "retire_min_runs", int(policy.min_runs), f"{prefix}_min_runs",
+                       help="No image retires on its consensus before it has this many runs.")
+    min_conf = _number(cols[1], "retire_min_confidence", float(policy.min_confidence), f"{prefix}_min_conf",
+                       step=0.05, help="Every consensus cell's label (alive or dead) must be at least this sure.")
+    certainty = _number(
+        cols[2], "retire_min_cell_certainty", float(policy.min_cell_certainty), f"{prefix}_min_cell_certainty",
+        step=0.05,
         help="Each cell's probability p of being a cell must be far from 0.5: |2p − 1| at least this "
              "(0.5 means p ≤ 0.25 or p ≥ 0.75); 0 skips this check.")
     cols = st.columns(3)
@@ -83,31 +156,34 @@ def _settings_inputs(current: dict, prefix: str) -> dict:
         "... and the cell count agrees", policy.count_tolerance is not None, key=f"{prefix}_count_check",
         help="Untick to retire without comparing the number of clicks per run with the consensus count.")
     shown_tolerance = policy.count_tolerance if policy.count_tolerance is not None else DEFAULT_POLICY.count_tolerance
-    tolerance = cols[0].number_input(
-        "Count tolerance (share of the cells)", 0.0, 10.0, float(shown_tolerance or 0.0), step=0.05,
-        key=f"{prefix}_count_tolerance",
+    tolerance = _number(
+        cols[0], "retire_count_tolerance", float(shown_tolerance or 0.0), f"{prefix}_count_tolerance", step=0.05,
         help="The median number of clicks per run must be within this share of the consensus cell count "
              "(at least 1 click off is always allowed).")
-    max_runs = cols[1].number_input(
-        "Retire after at most ... runs (0 = no maximum)", 0, 1000, int(policy.max_runs or 0),
-        key=f"{prefix}_max_runs",
-        help="An image with this many runs retires whatever its consensus; 0 never retires by run count.")
+    max_runs = _number(cols[1], "retire_max_runs", int(policy.max_runs or 0), f"{prefix}_max_runs",
+                       help="An image with this many runs retires whatever its consensus; 0 never retires by "
+                            "run count.")
     radius_now = current.get("feedback_radius", UNSET_DEFAULTS["feedback_radius"])
-    radius = cols[2].number_input("Feedback radius (px)", 1.0, 500.0, float(radius_now), key=f"{prefix}_radius",
-                                  help="A student's mark this close to an expert cell counts as finding it")
-    lease = st.columns(3)[0].number_input(
-        "Hold a student's image for (minutes)", 1, 24 * 60,
-        max(1, round(float(current.get("lease_seconds", DEFAULT_LEASE_SECONDS)) / 60)), key=f"{prefix}_lease",
+    radius = _number(cols[2], "feedback_radius", float(radius_now), f"{prefix}_radius",
+                     help="A student's mark this close to an expert cell counts as finding it.")
+    lease = _number(
+        st.columns(3)[0], "lease_seconds",
+        max(1, round(float(current.get("lease_seconds", DEFAULT_LEASE_SECONDS)) / 60)), f"{prefix}_lease",
         help="An image given to a student is held for them this long after their last click, in a round and "
              "outside one, so classmates get other images; an image left unfinished (a closed tab) is free "
              "again after it. A nickname used this recently also counts as taken: a second student typing "
              "it is asked \"is that you?\".")
-    return {"class_codes": codes, "target_runs_per_image": int(target), "gold_rate": float(gold),
-            "retire_min_runs": int(min_runs), "retire_min_confidence": float(min_conf),
-            "feedback_radius": float(radius), "lease_seconds": int(lease) * 60,
-            SETTING_KEYS["min_cell_certainty"]: float(certainty),
-            SETTING_KEYS["count_tolerance"]: float(tolerance) if check_count else None,
-            SETTING_KEYS["max_runs"]: int(max_runs) or None}
+    typed = {"target_runs_per_image": target, "gold_rate": gold, "retire_min_runs": min_runs,
+             "retire_min_confidence": min_conf, "retire_min_cell_certainty": certainty,
+             "retire_max_runs": max_runs, "feedback_radius": radius, "lease_seconds": lease,
+             **({"retire_count_tolerance": tolerance} if check_count else {})}  # unticked: not used
+    values = {"class_codes": codes, "target_runs_per_image": int(target), "gold_rate": float(gold),
+              "retire_min_runs": int(min_runs), "retire_min_confidence": float(min_conf),
+              "feedback_radius": float(radius), "lease_seconds": int(lease) * 60,
+              SETTING_KEYS["min_cell_certainty"]: float(certainty),
+              SETTING_KEYS["count_tolerance"]: float(tolerance) if check_count else None,
+              SETTING_KEYS["max_runs"]: int(max_runs) or None}
+    return values, _out_of_range(typed)
 
 
 def _problems(problems: Iterable[object], tmp: str) -> list[str]:
@@ -154,19 +230,22 @@ with st.expander("Create a project", expanded=researcher.projects(researcher.url
     with st.form("create_project"):
         name = st.text_input("Name", key="new_name")
         description = st.text_area("Description", key="new_description", height=68)
-        values = _settings_inputs(NEW_PROJECT_DEFAULTS, "new")
+        values, out_of_range = _settings_inputs(NEW_PROJECT_DEFAULTS, "new")
         create = st.form_submit_button("Create", type="primary")
-    if create:
+    if create and out_of_range:
+        st.error(roles.plain("Nothing was created. " + " ".join(out_of_range)))
+    elif create:
         try:
             with resources.session() as session:
                 project = create_project(session, name, description, **values)
                 new_id, created_name = project.id, project.name
         except DashboardError as exc:
-            st.error(roles.plain(str(exc)))
+            st.error(roles.plain(_refusal(exc)))
         else:
             researcher.refresh()
             researcher.switch_project(new_id)
-            st.session_state["setup_message"] = f"Project {created_name!r} created."
+            tidied = tidying_note(name)  # create_project stores the name tidied: say so
+            st.session_state["setup_message"] = f"Project {created_name!r} created{f' ({tidied})' if tidied else ''}."
             st.rerun()
 
 if "setup_message" in st.session_state:
@@ -191,15 +270,17 @@ def _show_counts() -> None:
 
 with st.expander("Class codes and rules", expanded=True):
     with st.form("project_settings"):
-        values = _settings_inputs(project.settings or {}, f"p{project.id}")
+        values, out_of_range = _settings_inputs(project.settings or {}, f"p{project.id}")
         save = st.form_submit_button("Save", type="primary")
-    if save:
+    if save and out_of_range:
+        st.error(roles.plain("Nothing was saved. " + " ".join(out_of_range)))
+    elif save:
         try:
             with resources.session() as session:
                 stored = session.get(Project, project.id)
                 update_project_settings(session, stored, **values)
         except DashboardError as exc:
-            st.error(roles.plain(str(exc)))
+            st.error(roles.plain(_refusal(exc)))
         else:
             researcher.refresh()
             st.success("Saved.")
@@ -227,7 +308,9 @@ def _import_with_progress(paths: list[Path], meta_path: Path | None, what: str) 
 st.subheader("Images")
 upload_tab, folder_tab = st.tabs(["Upload files or a zip", "Folder on the server"])
 with upload_tab:
-    with st.form("upload_images", clear_on_submit=True):
+    # the files stay chosen after an import, as the click file does: a cleared uploader ignored
+    # the same file chosen again after a refused import (importing it twice adds nothing)
+    with st.form("upload_images"):
         files = st.file_uploader("Images (TIFF, PNG, JPEG; 8/16-bit, grey or RGB) or zip archives",
                                  type=IMAGE_TYPES, accept_multiple_files=True, key="upload_images")
         meta = st.file_uploader("Metadata CSV (optional): image, condition, drug, dose, time, ...",
@@ -315,7 +398,7 @@ with clicks_col:
                                        file_name=Path(report.rejects_path).name, mime="text/csv",
                                        key="clicks_rejects", icon=":material/download:", on_click="ignore")
 with gold_col:
-    with st.form("upload_gold", clear_on_submit=True):
+    with st.form("upload_gold"):  # the file stays chosen, as above (cells already stored are skipped)
         gold_file = st.file_uploader("Expert cells CSV: image, x, y, label", type=["csv"], key="upload_gold")
         go_gold = st.form_submit_button("Import expert cells", type="primary")
     if go_gold and gold_file is None:

@@ -55,6 +55,17 @@ class RetirementPolicyError(ValueError):
     """A retirement threshold out of its allowed range."""
 
 
+class MaxBelowMinRunsError(RetirementPolicyError):
+    """A maximum number of runs below the minimum: ``max_runs`` and ``min_runs`` hold the two
+    values, ``sources`` where each came from (``"project setting"``, ``"given"`` or ``"default"``),
+    so a form can say it in its own words."""
+
+    def __init__(self, message: str, max_runs: int, min_runs: int, sources: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.max_runs, self.min_runs = max_runs, min_runs
+        self.sources = dict(sources or {})
+
+
 @dataclass(frozen=True)
 class RetirementPolicy:
     """Thresholds of adaptive retirement (see the module docstring for the rules).
@@ -75,14 +86,17 @@ class RetirementPolicy:
         if int(self.min_runs) < 1:
             raise RetirementPolicyError(f"retirement min_runs must be >= 1, got {self.min_runs}")
         if self.max_runs is not None and int(self.max_runs) < int(self.min_runs):
-            raise RetirementPolicyError(
-                f"retirement max_runs ({self.max_runs}) must be >= min_runs ({self.min_runs}), or None")
+            raise MaxBelowMinRunsError(
+                f"retirement max_runs ({self.max_runs}) must be >= min_runs ({self.min_runs}), or switched off "
+                "(no maximum)", int(self.max_runs), int(self.min_runs))
         for name in ("min_confidence", "min_cell_certainty"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise RetirementPolicyError(f"retirement {name} must be in [0, 1], got {value}")
         if self.count_tolerance is not None and not float(self.count_tolerance) >= 0:
-            raise RetirementPolicyError(f"retirement count_tolerance must be >= 0 or None, got {self.count_tolerance}")
+            raise RetirementPolicyError(
+                f"retirement count_tolerance must be >= 0, or switched off (no count check), "
+                f"got {self.count_tolerance}")
 
     @classmethod
     def for_project(cls, project: Project, **overrides: Any) -> RetirementPolicy:
@@ -128,10 +142,12 @@ class RetirementPolicy:
             def show(name: str, value: Any) -> str:
                 return f"{SETTING_KEYS[name]} = {value} ({sources.get(name, 'default')})"
 
-            raise RetirementPolicyError(
-                f"retirement max_runs ({max_runs}) must be >= min_runs ({min_runs}), or None: "
+            raise MaxBelowMinRunsError(
+                f"retirement max_runs ({max_runs}) must be >= min_runs ({min_runs}), or switched off: "
                 f"{show('max_runs', max_runs)} is below {show('min_runs', min_runs)}; raise "
-                f"{SETTING_KEYS['max_runs']}, lower {SETTING_KEYS['min_runs']}, or switch the maximum off")
+                f"{SETTING_KEYS['max_runs']}, lower {SETTING_KEYS['min_runs']}, or switch the maximum off "
+                f"(no maximum)", max_runs, min_runs,
+                {name: sources.get(name, "default") for name in ("max_runs", "min_runs")})
         return cls(**values)
 
     @classmethod
@@ -293,7 +309,7 @@ def _update(session: Session, ids: list[int], values: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "DECISION_COLUMNS", "FEATURE_COLUMNS", "REASONS", "SETTING_KEYS", "RetirementChange",
+    "DECISION_COLUMNS", "FEATURE_COLUMNS", "REASONS", "SETTING_KEYS", "MaxBelowMinRunsError", "RetirementChange",
     "RetirementPolicy", "RetirementPolicyError", "apply_retirement", "decide", "image_features",
     "run_clicks_frame",
 ]

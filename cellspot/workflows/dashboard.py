@@ -24,6 +24,7 @@ import pandas as pd
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from cellspot.names import tidy_spaces
 from cellspot.settings import Settings
 from cellspot.store import queries
 from cellspot.store.models import (
@@ -66,6 +67,16 @@ class InvalidProjectSettingError(DashboardError):
 
 class ClassCodeTakenError(InvalidProjectSettingError):
     """A class code is already used by another project."""
+
+
+class ConflictingProjectSettingsError(InvalidProjectSettingError):
+    """Two project settings, each in its range, that contradict each other: ``low`` (a
+    ``(setting, value)`` pair) must not be below ``high``, as ``retire_max_runs`` below
+    ``retire_min_runs`` or below ``target_runs_per_image``. The pairs let a form name its own fields."""
+
+    def __init__(self, message: str, low: tuple[str, Any], high: tuple[str, Any]) -> None:
+        super().__init__(message)
+        self.low, self.high = low, high
 
 
 class ProjectExistsError(DashboardError):
@@ -443,15 +454,38 @@ def validate_project_settings(changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_retirement(settings: dict[str, Any]) -> None:
-    """The retirement thresholds of ``settings`` must make a policy together (e.g. max runs
-    not below min runs); raises :class:`InvalidProjectSettingError` naming the settings."""
-    from cellspot.active.retirement import RetirementPolicy, RetirementPolicyError
+def _check_together(settings: dict[str, Any]) -> None:
+    """The settings that must agree with each other, checked on the whole of ``settings``: the
+    retirement thresholds must make a policy (the maximum runs not below the minimum), and
+    the target runs per image must not exceed the maximum runs (images retire at the maximum,
+    so a round could never give them the target). A maximum switched off (``None``) agrees with
+    anything. Raises :class:`ConflictingProjectSettingsError` naming both settings and values,
+    :class:`InvalidProjectSettingError` for another bad threshold.
+
+    The one place of these rules: the Setup page and the Python API (create and update) both
+    come here; the CLI sets no project settings.
+    """
+    from cellspot.active.retirement import MaxBelowMinRunsError, RetirementPolicy, RetirementPolicyError
+    from cellspot.active.rounds import target_runs_setting
 
     try:
-        RetirementPolicy.from_settings(settings)
+        policy = RetirementPolicy.from_settings(settings)
+    except MaxBelowMinRunsError as exc:
+        raise ConflictingProjectSettingsError(
+            str(exc), ("retire_max_runs", exc.max_runs), ("retire_min_runs", exc.min_runs)) from exc
     except RetirementPolicyError as exc:
         raise InvalidProjectSettingError(str(exc)) from exc
+    try:
+        target = int(target_runs_setting(settings))
+    except (TypeError, ValueError):  # an old "target_runs" that is no number: nothing to compare
+        return
+    if policy.max_runs is not None and target > policy.max_runs:
+        source = "" if "retire_max_runs" in settings else " (the default)"
+        raise ConflictingProjectSettingsError(
+            f"target_runs_per_image = {target} is above retire_max_runs = {policy.max_runs}{source}: images "
+            f"retire after {policy.max_runs} runs, so a round could never give them {target}; lower "
+            "target_runs_per_image, raise retire_max_runs, or switch the maximum off (no maximum)",
+            ("retire_max_runs", policy.max_runs), ("target_runs_per_image", target))
 
 
 def _check_codes_free(session: Session, project_id: int | None, codes: list[str]) -> None:
@@ -471,14 +505,15 @@ def update_project_settings(session: Session, project: Project, **changes: Any) 
     ``lease_seconds`` (how long a round's image stays reserved for a student, 30 s to a day), and the
     other retirement thresholds (:data:`cellspot.active.retirement.SETTING_KEYS`:
     ``retire_max_runs`` and ``retire_count_tolerance`` may be ``None`` = off,
-    ``retire_min_cell_certainty`` 0..1), which must make a policy together.
+    ``retire_min_cell_certainty`` 0..1), which must make a policy together; a
+    ``target_runs_per_image`` above the maximum runs is refused (:func:`_check_together`).
     Nothing is changed when any value is invalid. Flushes, never commits.
     """
     clean = validate_project_settings(changes)
     if "class_codes" in clean:
         _check_codes_free(session, project.id, clean["class_codes"])
     new = {**(project.settings or {}), **clean}
-    _check_retirement(new)
+    _check_together(new)
     project.settings = new  # a new dict, so the JSON column is marked dirty
     session.flush()
     log.info("project %r settings updated: %s", project.name, sorted(clean))
@@ -488,10 +523,13 @@ def update_project_settings(session: Session, project: Project, **changes: Any) 
 def create_project(session: Session, name: str, description: str = "", **settings: Any) -> Project:
     """A new project ``name`` with validated ``settings`` (see :func:`update_project_settings`).
 
-    Raises :class:`ProjectExistsError` when the name is taken, :class:`DashboardError` for an
-    empty or over-long name. Flushes, never commits.
+    The name is stored tidied (:func:`cellspot.names.tidy_spaces`: no spaces at either end, each
+    run of whitespace inside made one space); the returned project's ``name`` is the one stored,
+    and :func:`cellspot.names.tidying_note` says what changed. Raises :class:`ProjectExistsError`
+    when the name is taken, :class:`DashboardError` for an empty or over-long name. Flushes,
+    never commits.
     """
-    name = " ".join(str(name or "").split())
+    name = tidy_spaces(str(name or ""))
     try:
         queries.check_project_name(name)
     except ValueError as exc:
@@ -505,7 +543,7 @@ def create_project(session: Session, name: str, description: str = "", **setting
     clean = validate_project_settings(settings)
     if "class_codes" in clean:
         _check_codes_free(session, None, clean["class_codes"])
-    _check_retirement(clean)
+    _check_together(clean)
     project = Project(name=name, description=str(description or ""), settings=clean)
     session.add(project)
     session.flush()
@@ -643,7 +681,8 @@ def _export_zip_project_id(path: Path) -> int | None:
 
 
 __all__ = [
-    "Activity", "ClassCodeTakenError", "ConsensusBasis", "DashboardError", "InvalidProjectSettingError",
+    "Activity", "ClassCodeTakenError", "ConflictingProjectSettingsError", "ConsensusBasis", "DashboardError",
+    "InvalidProjectSettingError",
     "PROJECT_SETTING_VALIDATORS", "ProjectExistsError", "Results", "class_activity", "consensus_basis",
     "create_project", "export_zip", "results", "update_project_settings", "validate_project_settings",
 ]

@@ -830,7 +830,8 @@ def test_setup_says_the_name_a_project_was_created_under(app, app_engine):
     app.text_input(key="new_name").input("Lab\t  9")
     app.button[0].click().run()
     no_exception(app)
-    assert "Project 'Lab 9' created." in texts(app.success)
+    assert "Project 'Lab 9' created (tabs, line breaks and runs of spaces inside the name made one space)." \
+        in texts(app.success)
     with Session(app_engine) as session:
         assert session.scalar(select(Project.name).where(Project.name.like("Lab%9"))) == "Lab 9"
 
@@ -955,7 +956,8 @@ def test_setup_refuses_a_maximum_below_the_minimum_runs(app, app_engine):
     [b for b in app.button if b.label == "Save"][0].click().run()
     no_exception(app)
     errors = texts(app.error)
-    assert "retire_max_runs = 10" in errors and "retire_min_runs = 15" in errors
+    assert ('"Retire after at most ... runs" (10) is below "Retire after at least ... runs" (15): raise the '
+            "maximum, lower the minimum, or set the maximum to 0 for none.") in errors
     assert "Saved." not in texts(app.success)
     assert _demo_settings(app_engine) == (pid, before)  # nothing stored
 
