@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 
 import cellspot
 
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(cellspot.__file__).resolve().parents[1]
 MIGRATIONS_DIR = REPO_ROOT / "migrations"
+#: the PostgreSQL advisory lock (one per database) that lets one starter migrate at a time:
+#: any fixed 64-bit number; this one is "cellspot" in ASCII
+PG_MIGRATION_LOCK = 0x63656C6C73706F74
 
 
 class MigrationsNotFoundError(FileNotFoundError):
@@ -48,8 +52,11 @@ class MigrationError(RuntimeError):
     """A migration failed; the message says where the database from before it is."""
 
 
-def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
-    """Run the Alembic ``step`` to ``revision`` in one transaction. On SQLite, foreign keys are
+def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str) -> tuple[str | None, str | None]:
+    """Run the Alembic ``step`` to ``revision`` in one transaction; returns the revisions
+    before and after. One starter at a time (:func:`_migration_lock`): workers and
+    ``cellspot init`` started together on a fresh database each wait, then find it at head
+    (they used to create the same tables at once, and all but one died). On SQLite, foreign keys are
     off meanwhile (the pragma is ignored inside a transaction, so it is set before): a batch
     migration copies a table and drops the old one, and with foreign keys on, that drop deletes
     every row pointing at it through ``ON DELETE CASCADE``. Refuses to commit when rows are left
@@ -59,14 +66,53 @@ def _migrate(engine: Engine, step: Callable[[Config, str], None], revision: str)
     a half-changed database: an existing SQLite store with migrations to run is first copied
     beside itself (``<file>.before-<head>``), and a failure raises :class:`MigrationError`
     naming that copy."""
-    backup = _backup_sqlite(engine)
+    with _migration_lock(engine):
+        backup = _backup_sqlite(engine)
+        try:
+            return _run_step(engine, step, revision)
+        except Exception as exc:
+            if backup is None:
+                raise
+            raise MigrationError(f"migrating {_safe_url(engine)} to {revision} failed ({exc}); the database "
+                                 f"from before is saved as {backup}: copy it back over the database file to "
+                                 "undo") from exc
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Hold the database's migration lock while the block runs, waiting for it as long as
+    another process migrates. PostgreSQL: a session-level advisory lock
+    (:data:`PG_MIGRATION_LOCK`, released by the server should this process die); a SQLite
+    file: an exclusive ``flock`` on ``<file>.migrate-lock`` beside it (the busy timeout alone
+    does not serialize: SQLite's driver runs DDL outside the transaction, so two starters both
+    found no tables and both created them); anything else: no lock."""
+    from cellspot.store.db import sqlite_file
+
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": PG_MIGRATION_LOCK})
+            connection.commit()  # the lock belongs to the session, not to this transaction
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PG_MIGRATION_LOCK})
+                connection.commit()
+        return
+    file = sqlite_file(engine.url.render_as_string(hide_password=False))
     try:
-        _run_step(engine, step, revision)
-    except Exception as exc:
-        if backup is None:
-            raise
-        raise MigrationError(f"migrating {_safe_url(engine)} to {revision} failed ({exc}); the database from "
-                             f"before is saved as {backup}: copy it back over the database file to undo") from exc
+        import fcntl
+    except ImportError:  # Windows: no flock; starters there are not serialized
+        fcntl = None  # type: ignore[assignment]
+    if file is None or fcntl is None:
+        yield
+        return
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file.with_name(f"{file.name}.migrate-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _backup_sqlite(engine: Engine) -> Path | None:
@@ -91,7 +137,7 @@ def _backup_sqlite(engine: Engine) -> Path | None:
     return target
 
 
-def _run_step(engine: Engine, step: Callable[[Config, str], None], revision: str) -> None:
+def _run_step(engine: Engine, step: Callable[[Config, str], None], revision: str) -> tuple[str | None, str | None]:
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
         if sqlite:
@@ -99,11 +145,14 @@ def _run_step(engine: Engine, step: Callable[[Config, str], None], revision: str
             connection.commit()
         try:
             with connection.begin():
+                before = MigrationContext.configure(connection).get_current_revision()
                 step(alembic_config(connection), revision)
+                after = MigrationContext.configure(connection).get_current_revision()
                 broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall() if sqlite else []
                 if broken:
                     raise RuntimeError(f"migrating to {revision} would leave {len(broken)} row(s) pointing at "
                                        f"missing rows (first: {tuple(broken[0])})")
+            return before, after
         finally:
             if sqlite:
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
@@ -112,8 +161,12 @@ def _run_step(engine: Engine, step: Callable[[Config, str], None], revision: str
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Upgrade the database behind ``engine`` to ``revision`` (default: the newest)."""
-    _migrate(engine, command.upgrade, revision)
-    log.info("database %s upgraded to %s", _safe_url(engine), revision)
+    before, after = _migrate(engine, command.upgrade, revision)
+    if before == after:
+        log.info("database %s already at %s%s; nothing to migrate", _safe_url(engine), revision,
+                 f" ({after})" if after != revision else "")
+    else:
+        log.info("database %s upgraded from %s to %s", _safe_url(engine), before or "an empty database", after)
 
 
 def prepare_store(settings: "Settings") -> Engine:
@@ -136,8 +189,8 @@ def prepare_store(settings: "Settings") -> Engine:
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Downgrade the database behind ``engine`` to ``revision`` (``"base"`` empties it)."""
-    _migrate(engine, command.downgrade, revision)
-    log.info("database %s downgraded to %s", _safe_url(engine), revision)
+    before, after = _migrate(engine, command.downgrade, revision)
+    log.info("database %s downgraded from %s to %s", _safe_url(engine), before, after or "an empty database")
 
 
 def current_revision(engine: Engine) -> str | None:
