@@ -18,6 +18,7 @@ up at once and must see the row); :func:`cellspot.workflows.models.queue_trainin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ import signal
 import socket
 import sqlite3
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huey import Huey, RedisHuey, SqliteHuey, crontab
+from huey import Huey, RedisExpireHuey, SqliteHuey, crontab
 from huey.api import Result, TaskWrapper
 from huey.consumer import Consumer
 from huey.exceptions import TaskLockedException
@@ -43,10 +46,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "cellspot"
+#: seconds a task's result is kept in Redis (nothing in cellspot reads them; a test or a
+#: person with ``redis-cli`` may, for a while); they used to stay forever
+RESULT_TTL_S = 24 * 3600
 SQLITE_PREFIX = "sqlite:///"
 REDIS_PREFIXES = ("redis://", "rediss://", "unix://")
 
-_QUEUES: dict[tuple[str, str, str, int | None], JobQueue] = {}
+_QUEUES: dict[tuple[str, str, str, int | None, str | None], JobQueue] = {}
 _QUEUES_LOCK = threading.Lock()
 
 
@@ -74,7 +80,8 @@ class JobQueue:
 def make_huey(url: str, *, name: str | None = None) -> Huey:
     """A bare huey instance for ``url``: ``sqlite:///path/queue.db`` or ``redis://host:port/db``.
 
-    ``name`` (default :data:`QUEUE_NAME`) separates queues that share one Redis database.
+    ``name`` (default :data:`QUEUE_NAME`) separates queues that share one Redis database
+    (:func:`queue_name`). On Redis, task results expire after :data:`RESULT_TTL_S`.
     """
     name = name or QUEUE_NAME
     if url.startswith(SQLITE_PREFIX):
@@ -82,20 +89,49 @@ def make_huey(url: str, *, name: str | None = None) -> Huey:
         path.parent.mkdir(parents=True, exist_ok=True)
         return SqliteHuey(name, filename=str(path))
     if url.startswith(REDIS_PREFIXES):
-        return RedisHuey(name, url=url)
+        return RedisExpireHuey(name, url=url, expire_time=RESULT_TTL_S)
     raise JobQueueError(
         f"unsupported queue URL {url!r}; use sqlite:///path/to/queue.db or redis://host:6379/0 "
         "(CELLSPOT_QUEUE_URL; unset = SQLite file in CELLSPOT_HOME)"
     )
 
 
+def queue_name(settings: Settings) -> str:
+    """The queue's name for ``settings``: ``CELLSPOT_QUEUE_NAME``, else :data:`QUEUE_NAME`, a
+    dash and a short hash of the store (the database URL without driver or password, a SQLite
+    file by its absolute path), so that two stores whose workers share one Redis database do not
+    take each other's jobs. The app and its workers must name the same database."""
+    if settings.queue_name:
+        return settings.queue_name
+    from sqlalchemy.engine import make_url
+
+    from cellspot.store.db import sqlite_file
+
+    url = settings.resolved_database_url
+    file = sqlite_file(url)
+    if file is not None:
+        store = f"sqlite:{file.resolve()}"
+    else:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(backend, "")
+        query = "&".join(f"{k}={v}" for k, v in sorted(parsed.query.items()))
+        store = (f"{backend}://{parsed.username or ''}@{(parsed.host or '').lower()}:{port}/"
+                 f"{parsed.database or ''}?{query}")
+    return f"{QUEUE_NAME}-{hashlib.sha256(store.encode()).hexdigest()[:10]}"
+
+
 def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWrapper, TaskWrapper]:
     @huey.task(name="cellspot.train")
     def train_task(run_id: int, resume: bool | None = None, device: str | None = None) -> dict[str, Any]:
         """Train model run ``run_id`` (see :func:`cellspot.workflows.models.run_training`)."""
+        from cellspot.ml.registry import RunNotFoundError
         from cellspot.workflows.models import run_training
 
-        run = run_training(settings, run_id, resume=resume, device=device)
+        try:
+            run = run_training(settings, run_id, resume=resume, device=device)
+        except RunNotFoundError as exc:
+            return _not_in_this_store(settings, f"training run {run_id}", exc)
         return {"run_id": run.id, "version": run.version, "status": run.status, "error": run.error}
 
     @huey.task(name="cellspot.predict")
@@ -103,21 +139,26 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         """Predict every image of ``project`` and store the cells; ``detector`` / ``classifier``
         are run versions or ids (default: the project's active runs)."""
         from cellspot.ml.project_predictions import predict_project
-        from cellspot.ml.registry import get_run
+        from cellspot.ml.registry import RunNotFoundError, get_run
         from cellspot.store.db import make_engine, transaction
-        from cellspot.store.queries import get_project
+        from cellspot.store.queries import ProjectNotFoundError, get_project
 
         engine = make_engine(settings=settings)
+        key = _prediction_key(project, detector, classifier)
         try:
             with busy(settings, "predict", project), transaction(engine) as session:
+                _mark_prediction_running(huey, key)
                 report = predict_project(
                     session, settings, get_project(session, project),
                     detector_run=get_run(session, detector) if detector else None,
                     classifier_run=get_run(session, classifier) if classifier else None,
                 )
+        except (RunNotFoundError, ProjectNotFoundError) as exc:
+            return _not_in_this_store(settings, f"the prediction of project {project!r}", exc)
         finally:
+            _forget_prediction(huey, key)
             engine.dispose()
-        summary = {key: getattr(report, key, None) for key in
+        summary = {name: getattr(report, name, None) for name in
                    ("project", "detector_version", "classifier_version", "images", "cells", "alive", "dead",
                     "seconds")}
         log.info("predictions stored: %s", summary)
@@ -128,14 +169,25 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         """Retrain, predict and open the next round of ``project`` (one at a time per project;
         see :func:`cellspot.workflows.auto_rounds.run_auto_round`; a round forgotten since
         ``queued_at`` does nothing)."""
-        from cellspot.workflows.auto_rounds import run_auto_round
+        from cellspot.store.queries import ProjectNotFoundError
+        from cellspot.workflows.auto_rounds import forget_dropped_round, run_auto_round
 
         try:
-            with huey.lock_task(f"auto-round-{project}"), busy(settings, "auto_round", project):
+            with round_lock(huey, project), busy(settings, "auto_round", project):
                 return run_auto_round(settings, project, queued_at=queued_at).as_dict()
-        except TaskLockedException:
-            log.warning("automatic round of %r already running; this one is dropped", project)
-            return {"project": project, "status": "skipped", "message": "already running"}
+        except TaskLockedException as exc:
+            # its pending mark goes (when it is this job's): the running round does not clear
+            # another round's mark, which would block the project for AUTO_STALE_AFTER
+            try:
+                forgot = queued_at is not None and forget_dropped_round(settings, project, queued_at)
+            except Exception:  # noqa: BLE001 - the mark then expires after AUTO_STALE_AFTER
+                log.exception("automatic round of %r: cannot clear the pending mark of a dropped round", project)
+                forgot = False
+            log.warning("automatic round of %r dropped: %s%s", project, exc,
+                        "; its pending mark is cleared" if forgot else "")
+            return {"project": project, "status": "skipped", "message": f"already running ({exc})"}
+        except ProjectNotFoundError as exc:
+            return _not_in_this_store(settings, f"the automatic round of project {project!r}", exc)
 
     @huey.periodic_task(crontab(minute="*"), name="cellspot.auto_check")
     def auto_check_task() -> list[str]:
@@ -145,6 +197,101 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         return check_auto_rounds(settings)
 
     return train_task, predict_task, auto_round_task
+
+
+def _not_in_this_store(settings: Settings, what: str, exc: LookupError) -> dict[str, Any]:
+    """One clear error line (no traceback) for a job naming a run or project this worker's
+    database does not have: a worker on the queue of another store."""
+    from sqlalchemy.engine import make_url
+
+    store = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    log.error("%s is not in this worker's database %s (%s); the job is dropped. Start the worker with the "
+              "app's CELLSPOT_DATABASE_URL", what, store, exc)
+    return {"status": "not found", "error": f"{what} is not in the worker's database {store}"}
+
+
+# --------------------------------------------------------------------------- automatic-round lock
+
+#: the lock of a running automatic round is renewed this often ...
+ROUND_LOCK_BEAT_S = 30.0
+#: ... and taken as left by a dead worker once not renewed for this long
+ROUND_LOCK_STALE_S = 180.0
+#: tokens of the round locks this process holds
+_HELD_LOCKS: set[str] = set()
+
+
+@contextmanager
+def round_lock(huey: Huey, project: str) -> Iterator[None]:
+    """Hold the lock of ``project``'s automatic round (one at a time per project, across the
+    workers of the queue) while the block runs; :class:`TaskLockedException` when a live worker
+    holds it. The lock is a key in the queue's storage naming its holder (host, process, a
+    token) and renewed every :data:`ROUND_LOCK_BEAT_S` by a thread; a lock whose holder was
+    killed (``kill -9``: no ``finally`` ran) is taken over: at once when the holder was a
+    process of this host that no longer runs (or this very process, restarted with the same
+    pid), else once not renewed for :data:`ROUND_LOCK_STALE_S`. (huey's own ``lock_task`` has
+    no holder and no expiry: a killed worker blocked the project's rounds for good.)"""
+    key = json.dumps(["cellspot.auto_round.lock", project])
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "beat": time.time()}
+    if not huey.put_if_empty(key, mine):
+        holder = huey.get(key, peek=True)
+        if holder is not None and _lock_holder_alive(holder):
+            raise TaskLockedException(f"a worker on {holder.get('host')} (pid {holder.get('pid')}) runs it")
+        log.warning("automatic round of %r: lock left by a worker that no longer runs (%s): taken over", project,
+                    _describe_holder(holder))
+        huey.delete(key)
+        if not huey.put_if_empty(key, mine):  # another worker took it over first
+            raise TaskLockedException("another worker took it over first")
+    _HELD_LOCKS.add(mine["token"])
+    stop = threading.Event()
+    beat = threading.Thread(target=_renew_round_lock, args=(huey, key, mine, stop), daemon=True,
+                            name=f"round-lock-{project}")
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        _HELD_LOCKS.discard(mine["token"])
+        try:
+            if _lock_token(huey.get(key, peek=True)) == mine["token"]:
+                huey.delete(key)
+        except Exception as exc:  # noqa: BLE001 - the round's own result matters more; the lock goes stale
+            log.warning("cannot release the lock of the automatic round of %r: %s", project, exc)
+
+
+def _renew_round_lock(huey: Huey, key: str, mine: dict[str, Any], stop: threading.Event) -> None:
+    while not stop.wait(ROUND_LOCK_BEAT_S):
+        try:
+            if _lock_token(huey.get(key, peek=True)) != mine["token"]:
+                log.warning("the lock %s was taken over by another worker; not renewed", key)
+                return
+            huey.put(key, {**mine, "beat": time.time()})
+        except Exception as exc:  # noqa: BLE001 - the queue may be back at the next beat
+            log.warning("cannot renew the lock %s: %s", key, exc)
+
+
+def _lock_token(holder: Any) -> str | None:
+    return holder.get("token") if isinstance(holder, dict) else None
+
+
+def _lock_holder_alive(holder: Any) -> bool:
+    """Whether the holder of a round lock still runs (see :func:`round_lock`)."""
+    try:
+        host, pid, beat, token = str(holder["host"]), int(holder["pid"]), float(holder["beat"]), holder["token"]
+    except (TypeError, KeyError, ValueError):
+        return False
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return token in _HELD_LOCKS
+        if not _alive(pid):
+            return False
+    return time.time() - beat < ROUND_LOCK_STALE_S
+
+
+def _describe_holder(holder: Any) -> str:
+    if not isinstance(holder, dict):
+        return "unreadable"
+    return f"{holder.get('host')} pid {holder.get('pid')}, renewed at {holder.get('beat')}"
 
 
 # --------------------------------------------------------------------------- what workers do
@@ -222,12 +369,12 @@ def get_queue(settings: Settings) -> JobQueue:
     """The job queue for ``settings`` (one per queue URL, database URL and home)."""
     key = (
         settings.resolved_queue_url, settings.resolved_database_url,
-        str(settings.home.resolve()), settings.torch_threads,
+        str(settings.home.resolve()), settings.torch_threads, settings.queue_name,
     )
     with _QUEUES_LOCK:
         queue = _QUEUES.get(key)
         if queue is None:
-            huey = make_huey(key[0])
+            huey = make_huey(key[0], name=queue_name(settings))
             train, predict, auto_round = _register_tasks(huey, settings)
             queue = _QUEUES[key] = JobQueue(huey=huey, train=train, predict=predict, settings=settings,
                                             auto_round=auto_round)
@@ -243,12 +390,20 @@ def get_huey(settings: Settings) -> Huey:
 def _put(settings: Settings, task: str, *args: Any, **kwargs: Any) -> Result | None:
     """Call ``task`` of the queue; a queue that cannot take it raises :class:`JobQueueError`
     (with ``huey.immediate`` the task runs here, and its own errors pass unchanged)."""
+    with _queue_errors(settings) as queue:
+        return getattr(queue, task)(*args, **kwargs)
+
+
+@contextmanager
+def _queue_errors(settings: Settings) -> Iterator[JobQueue]:
+    """The queue of ``settings``; an error of the queue's storage in the block becomes
+    :class:`JobQueueError` (except with ``huey.immediate``, where tasks run in the block)."""
     from redis.exceptions import RedisError
 
     queue = None
     try:
         queue = get_queue(settings)
-        return getattr(queue, task)(*args, **kwargs)
+        yield queue
     except (OSError, sqlite3.Error, RedisError) as exc:
         if queue is not None and queue.huey.immediate:
             raise
@@ -268,8 +423,86 @@ def enqueue_training(
 def enqueue_prediction(
     settings: Settings, project: str, *, detector: str | None = None, classifier: str | None = None
 ) -> Result | None:
-    """Put a prediction over ``project`` on the queue (model runs by version; default active)."""
-    return _put(settings, "predict", project, detector=detector, classifier=classifier)
+    """Put a prediction over ``project`` on the queue (model runs by version; default active),
+    once: while a prediction of the same project and model pair is queued or running, a second
+    one is refused with :class:`PredictionPendingError` (a double click on "Predict project"
+    queued two). The mark is a key in the queue's own storage, set atomically before the job is
+    queued and removed when the job ends; a mark whose job is neither waiting in the queue nor
+    running in a worker (a worker killed mid-job) does not count."""
+    key = _prediction_key(project, detector, classifier)
+    with _queue_errors(settings) as queue:
+        task = queue.predict.s(project, detector=detector, classifier=classifier)
+        mark = {"state": "queued", "task_id": task.id, "since": datetime.now(timezone.utc).isoformat()}
+        if not queue.huey.put_if_empty(key, mark):
+            pending = queue.huey.get(key, peek=True)
+            if pending is not None and _prediction_alive(queue, settings, project, pending):
+                raise PredictionPendingError(project, detector, classifier, pending)
+            log.warning("prediction mark of %r left by a job that no longer runs: replaced", project)
+            queue.huey.delete(key)
+            if not queue.huey.put_if_empty(key, mark):  # another caller replaced it first
+                raise PredictionPendingError(project, detector, classifier, queue.huey.get(key, peek=True) or {})
+        try:
+            return queue.huey.enqueue(task)
+        except BaseException:
+            if not queue.huey.immediate:  # not queued: forget the mark (immediate: the task did)
+                queue.huey.delete(key)
+            raise
+
+
+#: a prediction mark this young counts even before its job shows in the queue (see :func:`_prediction_alive`)
+QUEUEING_S = 60.0
+
+
+class PredictionPendingError(RuntimeError):
+    """A prediction of the project with the same model pair is already queued or running
+    (:func:`enqueue_prediction`); ``state`` is "queued" or "running", ``since`` when (UTC)."""
+
+    def __init__(self, project: str, detector: str | None, classifier: str | None, mark: dict[str, Any]) -> None:
+        self.project, self.detector, self.classifier = project, detector, classifier
+        self.state = str(mark.get("state") or "queued")
+        self.since = _parse_time(mark.get("since"))
+        pair = (f"{detector or 'the active detector'} and {classifier or 'the active classifier'}")
+        super().__init__(f"a prediction of project {project!r} with {pair} is already {self.state}; it was not "
+                         "queued again")
+
+
+def _prediction_key(project: str, detector: str | None, classifier: str | None) -> str:
+    """The queue-storage key that marks a prediction of ``project`` with this model pair as pending."""
+    return json.dumps(["cellspot.predict.pending", project, detector, classifier])
+
+
+def _prediction_alive(queue: JobQueue, settings: Settings, project: str, mark: dict[str, Any]) -> bool:
+    """Whether the job of a prediction ``mark`` still waits in the queue or runs in a worker. A
+    mark younger than :data:`QUEUEING_S` counts whatever the queue holds: its caller may not have
+    put the job on the queue yet."""
+    if mark.get("state") == "running":
+        return any(job.task == "predict" for job in busy_jobs(settings, project))
+    since = _parse_time(mark.get("since"))
+    if since is None or (datetime.now(timezone.utc) - since).total_seconds() < QUEUEING_S:
+        return True
+    return any(getattr(task, "id", None) == mark.get("task_id") for task in queue.huey.pending())
+
+
+def _mark_prediction_running(huey: Huey, key: str) -> None:
+    """Turn the pending mark of a prediction into "running" (the worker has taken it)."""
+    try:
+        huey.put(key, {"state": "running", "since": datetime.now(timezone.utc).isoformat()})
+    except Exception as exc:  # noqa: BLE001 - a display and de-duplication aid: the job runs anyway
+        log.warning("cannot mark the prediction running: %s", exc)
+
+
+def _forget_prediction(huey: Huey, key: str) -> None:
+    try:
+        huey.delete(key)
+    except Exception as exc:  # noqa: BLE001 - the job's own result matters more
+        log.warning("cannot clear the prediction mark: %s", exc)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
 
 
 def enqueue_auto_round(settings: Settings, project: str, queued_at: str | None = None) -> Result | None:
@@ -304,11 +537,78 @@ def run_worker(settings: Settings, *, workers: int = 1, **consumer_options: Any)
     if workers < 1:
         raise JobQueueError(f"workers must be >= 1, got {workers}")
     huey = _answering_huey(settings)
+    _warn_of_jobs_under_the_old_name(settings, huey)
+    throttle_queue_errors()
     options = {"periodic": True, **consumer_options}  # cellspot.auto_check, once a minute
     STOPPING.clear()
     consumer = GracefulConsumer(huey, workers=workers, worker_type="thread", **options)
-    log.info("worker on %s with %d thread(s)", _safe(settings.resolved_queue_url), workers)
+    log.info("worker on %s (queue %s) with %d thread(s)", _safe(settings.resolved_queue_url), huey.name, workers)
     consumer.run()
+
+
+def _warn_of_jobs_under_the_old_name(settings: Settings, huey: Huey) -> None:
+    """Say so when jobs wait under :data:`QUEUE_NAME` alone, where versions before
+    :func:`queue_name` queued them: this worker does not take them."""
+    if huey.name == QUEUE_NAME:
+        return
+    try:
+        waiting = make_huey(settings.resolved_queue_url, name=QUEUE_NAME).pending_count()
+    except Exception as exc:  # noqa: BLE001 - only a hint
+        log.debug("cannot count the jobs under the old queue name: %s", exc)
+        return
+    if waiting:
+        log.warning("%d job(s) wait on queue %r, where cellspot queued them before queue names followed the "
+                    "database; this worker (queue %r) does not take them: run one worker with "
+                    "CELLSPOT_QUEUE_NAME=%s until they are done, or queue them again", waiting, QUEUE_NAME,
+                    huey.name, QUEUE_NAME)
+
+
+#: the loggers on which the huey consumer repeats an error of the queue's storage in its loop
+CONSUMER_LOGGERS = ("huey.consumer.Worker", "huey.consumer.Scheduler", "huey.consumer", "huey")
+#: of those errors, one traceback passes per this many seconds
+QUEUE_ERROR_EVERY_S = 60.0
+
+
+class QueueErrorThrottle(logging.Filter):
+    """Lets one record carrying an error of the queue's storage (Redis gone: a connection error;
+    a SQLite queue file gone) through per ``every`` seconds, and says on the next one how many
+    were held back; other records pass. Redis going away mid-job made the consumer's worker and
+    scheduler log a traceback each loop: thousands of lines a minute."""
+
+    def __init__(self, every: float = QUEUE_ERROR_EVERY_S, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.every, self.clock = every, clock
+        self._last: float | None = None
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from redis.exceptions import RedisError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, (OSError, sqlite3.Error, RedisError)):
+            return True
+        with self._lock:
+            now = self.clock()
+            if self._last is not None and now - self._last < self.every:
+                self._held += 1
+                return False
+            self._last, held, self._held = now, self._held, 0
+        if held:
+            record.msg = f"{record.msg} ({held} more like it since the last one not logged)"
+        return True
+
+
+def throttle_queue_errors() -> QueueErrorThrottle:
+    """Put one :class:`QueueErrorThrottle` on the huey consumer's loggers (once per process)."""
+    for name in CONSUMER_LOGGERS:
+        for existing in logging.getLogger(name).filters:
+            if isinstance(existing, QueueErrorThrottle):
+                return existing
+    throttle = QueueErrorThrottle()
+    for name in CONSUMER_LOGGERS:
+        logging.getLogger(name).addFilter(throttle)
+    return throttle
 
 
 def _answering_huey(settings: Settings) -> Huey:

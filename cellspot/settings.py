@@ -29,6 +29,12 @@ class Settings(BaseSettings):
         description="Job queue: None = a SQLite huey queue at `home`/queue.db; "
         "'redis://host:6379/0' = a Redis queue shared by workers on several machines.",
     )
+    queue_name: str | None = Field(
+        default=None,
+        description="Name of the job queue; None = 'cellspot-' and a short hash of the database, so that "
+        "stores sharing one Redis database keep their jobs apart ('cellspot' drains jobs queued by "
+        "versions before that).",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="CPU threads torch may use per job; None = the CPUs this process may use."
     )

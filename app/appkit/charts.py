@@ -85,7 +85,12 @@ def curves_charts(long: pd.DataFrame, title: str = "") -> list[alt.Chart]:
             "tooltip": ["epoch", "series", alt.Tooltip("value:Q", format=".4f")],
         }
         if compare:
-            encoding["strokeDash"] = alt.StrokeDash("run:N", title="run", legend=alt.Legend(orient="bottom"))
+            # the runs' legend on a row of its own above the plot (beside the series legend below,
+            # at 1280 px its labels were cut to "classifier-0"), its symbol a stretch of each run's
+            # dash (the points' default circle drew both runs as the same black dot)
+            encoding["strokeDash"] = alt.StrokeDash("run:N", title="run", legend=alt.Legend(
+                orient="top", labelLimit=0, symbolType="stroke", symbolSize=900, symbolStrokeWidth=2,
+                symbolStrokeColor="#555555"))
             encoding["tooltip"] = ["run", *encoding["tooltip"]]
         charts.append(alt.Chart(part, title=f"{title} {heading}".strip()).mark_line(point=True)
                       .encode(**encoding)
@@ -149,6 +154,8 @@ def progress_text(progress: Mapping[str, Any] | None, status: str | None = None)
         parts.append("finishing: best epoch, calibration, post-processing")  # an "ETA 0 s" that lasts
     elif progress.get("eta_s") is not None:
         parts.append(f"ETA {format_seconds(progress['eta_s'])}")
+    elif status == "running" and progress.get("steps"):  # no ETA from the first steps (start-up costs)
+        parts.append("ETA estimating…")
     if progress.get("message"):
         parts.append(str(progress["message"]))
     return " · ".join(parts)
@@ -166,11 +173,14 @@ def scalar_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 def short_metrics(metrics: Mapping[str, Any] | None, keys: Iterable[str] = (
         "balanced_accuracy", "accuracy", "f1", "roc_auc", "ece", "dice", "iou", "precision", "recall"),
-        limit: int = 3) -> str:
-    """A short ``"balanced_accuracy 0.951 · f1 0.930"`` summary of the best-known metrics."""
+        limit: int = 3, labels: Mapping[str, str] | None = None) -> str:
+    """A short ``"balanced_accuracy 0.951 · dead F1 0.930"`` summary of the best-known metrics;
+    ``labels``: names for people of some keys (``{"f1": "dead F1"}`` for a classifier,
+    :func:`cellspot.ml.registry.metric_labels`)."""
     values = scalar_metrics(metrics)
     chosen = [k for k in keys if k in values][:limit] or list(values)[:limit]
-    return " · ".join(f"{k} {values[k]:.3f}" for k in chosen)
+    labels = labels or {}
+    return " · ".join(f"{labels.get(k, k)} {values[k]:.3f}" for k in chosen)
 
 
 # --------------------------------------------------------------------------- Class page

@@ -31,6 +31,9 @@ WORKER_WAIT_S = 20.0
 SILENT_WARN_S = 120.0
 #: the Models page stops waiting for a queued prediction after this long
 PREDICT_WAIT_S = 600.0
+#: the example in the empty "Config fields" box, per model kind: fields that kind's config has
+#: (``polarity`` is a detector field only; a classifier refused the old shared example)
+CONFIG_EXAMPLES = {"classifier": "tta=false patience=3", "detector": "polarity=auto tta=true"}
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,13 @@ def run_view(url: str, version: str) -> RunView:
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def compare(url: str, a: str, b: str) -> pd.DataFrame:
-    """:func:`cellspot.ml.registry.compare_runs` of versions ``a`` and ``b``."""
+    """:func:`cellspot.ml.registry.compare_runs` of versions ``a`` and ``b``, its rows named as the
+    run captions name them (the classifier's ``f1`` is "dead F1", :func:`registry.metric_labels`)."""
     with resources.session() as session:
-        return registry.compare_runs(session, a, b)
+        frame = registry.compare_runs(session, a, b)
+    labelled = frame.rename(index=registry.metric_labels(frame.attrs["kind"]))
+    labelled.attrs = dict(frame.attrs)
+    return labelled
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -218,11 +225,18 @@ def missing_model(project_id: int) -> str | None:
     return None
 
 
-def predict(project_name: str, detector: str | None, classifier: str | None) -> str:
-    """Queue a prediction of every image of the project with its active models; the message."""
-    from cellspot.jobs import enqueue_prediction
+def predict(project_name: str, detector: str | None, classifier: str | None) -> str | tuple[str, str]:
+    """Queue a prediction of every image of the project with ``detector`` and ``classifier`` (its
+    active models; ``None``: whichever is active when the job runs); the message, or ``("info",
+    message)`` when that prediction is already queued or running (:func:`cellspot.jobs.enqueue_prediction`
+    queues it once)."""
+    from cellspot.jobs import PredictionPendingError, enqueue_prediction
 
-    enqueue_prediction(resources.settings(), project_name)
+    try:
+        enqueue_prediction(resources.settings(), project_name, detector=detector, classifier=classifier)
+    except PredictionPendingError as exc:
+        return ("info", f"A prediction with {detector} and {classifier} is already {exc.state}, so it was not "
+                        "queued again; its cells show below when it is done.")
     return (f"Prediction queued with {detector} and {classifier}: the worker stores the cells of every "
             "image; they show below when it is done.")
 

@@ -60,32 +60,57 @@ def project_basis(url: str, project_id: int) -> ConsensusBasis:
 
 #: seconds within which the same request again is taken for a double click, not a new request
 REPEAT_WINDOW_S = 5.0
+_DONE = "done."
 
 
 def repeated(action: str, request: tuple) -> bool:
-    """True when ``action`` with the same ``request`` succeeded less than
-    :data:`REPEAT_WINDOW_S` ago in this session (see :func:`done`): a double click on a button
-    that queues work (a second training run, a second round) rather than a new request."""
-    last = st.session_state.get(f"done.{action}")
-    return last is not None and last[0] == request and time.monotonic() - last[1] < REPEAT_WINDOW_S
+    """True when ``action`` with the same ``request`` was started (see :func:`act`) or succeeded
+    less than :data:`REPEAT_WINDOW_S` ago in this session (see :func:`done`): a double click on a
+    button that queues work (a second training run, a second round) rather than a new request."""
+    last = st.session_state.get(f"{_DONE}{action}")
+    if not isinstance(last, dict) or last.get("failed"):
+        return False
+    return last["request"] == request and time.monotonic() - last["at"] < REPEAT_WINDOW_S
 
 
 def done(action: str, request: tuple) -> dict:
-    """The session state that records ``action``'s ``request`` as done now (for :func:`repeated`)."""
-    return {f"done.{action}": (request, time.monotonic())}
+    """The session state that records ``action``'s ``request`` as done now (for :func:`repeated`;
+    :func:`act` writes it before the action runs)."""
+    return {f"{_DONE}{action}": {"request": request, "at": time.monotonic(), "failed": False}}
 
 
 def act(notice_key: str, errors: tuple[type[Exception], ...], action, *args, remember: dict | None = None) -> None:
     """Run a page action: its message goes to ``st.session_state[notice_key]`` for the page to
-    show after the rerun, an error of ``errors`` is shown at once (and nothing is remembered);
-    ``remember``: session state to set only when the action succeeded. Forgets the cached
-    summaries before the rerun."""
+    show after the rerun, an error of ``errors`` is shown at once; ``remember``: session state
+    for a successful action (e.g. :func:`done`). Forgets the cached summaries before the rerun.
+
+    ``remember`` is written *before* the action, the :func:`done` marks last, and taken back when
+    the action fails. A second click is a new run that interrupts this one at its next ``st``
+    call, and writing ``st.session_state`` is one: a mark written after the action was lost when
+    the second click came while the job was being queued, and the second run queued it again.
+    From the mark's write to the action there is no ``st`` call, and the mark is a dict that
+    later steps change in place, which cannot be interrupted.
+    """
+    remember = remember or {}
+    marks = [key for key in remember if key.startswith(_DONE)]
+    before = {key: st.session_state.get(key) for key in remember}
+    for key in sorted(remember, key=lambda k: k in marks):  # the marks last: nothing runs between them and the action
+        st.session_state[key] = remember[key]
     try:
-        st.session_state[notice_key] = action(*args)
+        message = action(*args)
     except errors as exc:
+        for key in marks:
+            remember[key]["failed"] = True  # in place: no interruption between the failure and this
+        for key, value in before.items():
+            if value is None:
+                st.session_state.pop(key, None)
+            else:
+                st.session_state[key] = value
         st.error(str(exc))
         return
-    st.session_state.update(remember or {})
+    for key in marks:
+        remember[key]["at"] = time.monotonic()  # the window counts from the action's end
+    st.session_state[notice_key] = message
     refresh()
     st.rerun()
 

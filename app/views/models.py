@@ -19,7 +19,14 @@ from appkit import charts, model_runs, researcher, resources, roles
 from cellspot.jobs import JobQueueError
 from cellspot.ml.overlay import draw_overlay
 from cellspot.ml.predict import DEFAULT_DIAMETER
-from cellspot.ml.registry import RegistryError, RunNotFoundError, format_metric, metric_columns, scored_on_note
+from cellspot.ml.registry import (
+    RegistryError,
+    RunNotFoundError,
+    format_metric,
+    metric_columns,
+    metric_labels,
+    scored_on_note,
+)
 from cellspot.render import ImageUnavailableError
 from cellspot.store.models import MODEL_KINDS
 from cellspot.workflows.models import LOST_AFTER_S, STORE_SOURCES, WorkflowError
@@ -51,21 +58,25 @@ act = partial(researcher.act, "models_notice", ERRORS)  # message after the reru
 
 # --------------------------------------------------------------------------- train
 
-with st.form("models_train", border=True):
+with st.container(border=True):
     st.subheader("Train a model")
-    cols = st.columns([2, 2, 2, 2])
-    kind = cols[0].radio("Model", MODEL_KINDS, key="train_kind", horizontal=True,
-                         help="classifier: alive or dead for each cell · detector: finds the cells (U-Net)")
-    preset = cols[1].radio("Preset", PRESETS, key="train_preset", horizontal=True, help=PRESET_HELP)
-    source = cols[2].radio("Train on", STORE_SOURCES, key="train_source", horizontal=True,
+    # outside the form: the config fields' example below follows the kind at once (a form's
+    # widgets send their values only on submit, and "polarity=auto" is no classifier field)
+    kind = st.radio("Model", MODEL_KINDS, key="train_kind", horizontal=True,
+                    help="classifier: alive or dead for each cell · detector: finds the cells (U-Net)")
+    train_form = st.form("models_train", border=False)
+with train_form:
+    cols = st.columns([2, 2, 2])
+    preset = cols[0].radio("Preset", PRESETS, key="train_preset", horizontal=True, help=PRESET_HELP)
+    source = cols[1].radio("Train on", STORE_SOURCES, key="train_source", horizontal=True,
                            help="consensus: the latest consensus snapshot · expert: expert cells only")
-    epochs = cols[3].number_input("Epochs (optional)", min_value=1, max_value=1000, value=None, step=1,
+    epochs = cols[2].number_input("Epochs (optional)", min_value=1, max_value=1000, value=None, step=1,
                                   key="train_epochs", placeholder="preset default")
     fields_text = st.text_input(
-        "Config fields (optional)", key="train_set", placeholder="e.g. polarity=auto tta=true",
-        help="FIELD=VALUE pairs separated by spaces, over the preset: any field of the model's config, e.g. "
-             "polarity=auto for a detector on stained or brightfield images (dark nuclei on a light background). "
-             "Lists as decoder_channels=[64, 32, 16, 16] or 64,32,16,16.")
+        "Config fields (optional)", key="train_set", placeholder=f"e.g. {model_runs.CONFIG_EXAMPLES[kind]}",
+        help=f"FIELD=VALUE pairs separated by spaces, over the preset: any field of the {kind}'s config. "
+             "polarity=auto is a detector field, for stained or brightfield images (dark nuclei on a light "
+             "background). Lists as decoder_channels=[64, 32, 16, 16] or 64,32,16,16.")
     submitted = st.form_submit_button("Train", type="primary", icon=":material/model_training:")
     st.caption("Training runs in the background worker (`cellspot worker`); this page queues it and "
                "shows its progress.")
@@ -161,7 +172,9 @@ if runs.empty:
     st.info("No model yet: train one above (a classifier and a detector are both needed to predict).")
     st.stop()
 
-metric_cols = [c for c, _, _ in metric_columns(MODEL_KINDS) if c in runs.columns and runs[c].notna().any()]
+# the table keeps the columns' names (``dead_f1``, as in the CSV); its headings say them in words
+metric_names = {c: metric_labels(kind_name).get(metric, c) for c, kind_name, metric in metric_columns(MODEL_KINDS)}
+metric_cols = [c for c in metric_names if c in runs.columns and runs[c].notna().any()]
 history = runs[["version", "kind", "status", "preset", "active", *metric_cols, "scored_on", "progress", "seconds",
                 "created", "data_snapshot_id", "error"]].copy()
 # the table is read once per page load: a live run's progress here would lag the bar under "Training now"
@@ -171,7 +184,7 @@ st.dataframe(history, hide_index=True, width="stretch", key="models_history", co
     "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
     "seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
     "created": st.column_config.DatetimeColumn("created (UTC)", format="YYYY-MM-DD HH:mm"),
-    **{c: st.column_config.NumberColumn(c, format="%.3f") for c in metric_cols},
+    **{c: st.column_config.NumberColumn(metric_names[c], format="%.3f") for c in metric_cols},
 })
 st.download_button("Download run history (CSV)", history.to_csv(index=False), f"{project.name}-model-runs.csv",
                    "text/csv")
@@ -186,7 +199,7 @@ with st.container(border=True):
     if view.error:
         (st.error if view.status == "failed" else st.caption)(view.error)
     if view.metrics:
-        st.caption(charts.short_metrics(view.metrics, limit=6))
+        st.caption(charts.short_metrics(view.metrics, limit=6, labels=metric_labels(view.kind)))
     show_curves(view.curves, key=f"curves-{view.version}")
     buttons = st.columns(4)
     if buttons[0].button("Promote", key="models_promote", icon=":material/verified:",
@@ -256,7 +269,8 @@ if st.button("Predict project", key="models_predict", icon=":material/batch_pred
     if researcher.repeated("predict", request):
         st.info("This prediction was queued a moment ago (a double click?), so it was not queued again.")
     else:
-        # remembered only once the job is queued, and per project: the watch below belongs to this one
+        # per project (the watch below belongs to this one); written before the job is queued and taken
+        # back if it fails (researcher.act); the queue itself also takes this prediction once
         act(model_runs.predict, project.name, active["detector"], active["classifier"],
             remember={predict_key: datetime.now(timezone.utc), **researcher.done("predict", request)})
 if missing:
@@ -315,6 +329,9 @@ if st.session_state.get("models_pair_listing") != listing or st.session_state.ge
     st.session_state["models_pair"] = wanted if wanted in pairs else pairs[-1]
 pair = st.selectbox("Predictions of", pairs, format_func=lambda p: f"detector {p[0]} + classifier {p[1]}",
                     key="models_pair")
+if None not in wanted and wanted not in pairs:  # a promotion since the last prediction
+    st.info(f"The active models ({wanted[0]} + {wanted[1]}) have no predictions yet: press Predict project. "
+            f"Shown: the predictions of detector {pair[0]} + classifier {pair[1]}.", icon=":material/info:")
 cells = cells[(cells["detector_version"] == pair[0]) & (cells["classifier_version"] == pair[1])]
 per_image = researcher.project_results(researcher.url(), project.id).per_image
 names = dict(zip(per_image["image_id"].astype(int), per_image["image"].astype(str)))

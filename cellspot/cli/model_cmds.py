@@ -274,7 +274,7 @@ def worker_command(workers: int) -> None:
 
 @main.group("models")
 def models_group() -> None:
-    """The model registry: list, promote, roll back, cancel, resume, compare runs."""
+    """The model registry: list, show, promote, roll back, cancel, resume, compare runs."""
 
 
 def _session_scope() -> tuple[Settings, Engine]:
@@ -324,11 +324,71 @@ def models_list(project_name: str | None, folder: bool, kind: str | None) -> Non
                    + (f"; {folder_runs} run(s) trained on folders: `cellspot models list --folder`"
                       if folder_runs else ""))
         return
-    frame = frame.drop(columns=["error"]).assign(
+    frame = frame.assign(
         created=pd.to_datetime(frame["created"], utc=True).dt.strftime("%Y-%m-%d %H:%M"),
         active=frame["active"].map({True: "*", False: ""}),
-    ).dropna(axis="columns", how="all")
+        error=frame["error"].map(_short_error),
+    )
+    frame = frame[[c for c in frame.columns if c != "error"] + ["error"]].dropna(axis="columns", how="all")
     click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if "error" in frame.columns:
+        click.echo("(`cellspot models show VERSION` prints a run's whole error)")
+
+
+#: how many characters of a run's error ``cellspot models list`` shows
+ERROR_WIDTH = 60
+
+
+def _short_error(error: str | None) -> str | None:
+    """The first line of ``error``, cut to :data:`ERROR_WIDTH` characters; None for none."""
+    if not error:
+        return None
+    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return line if len(line) <= ERROR_WIDTH else line[: ERROR_WIDTH - 3] + "..."
+
+
+@models_group.command("show")
+@click.argument("version")
+def models_show(version: str) -> None:
+    """Everything about run VERSION: status, error, times, data, config, metrics, folder."""
+    import json
+
+    from cellspot.ml import registry
+    from cellspot.store.db import session_factory
+    from cellspot.store.models import Project
+
+    settings, engine = _session_scope()
+    try:
+        with session_factory(engine)() as session:
+            run = registry.get_run(session, version)
+            project = session.get(Project, run.project_id) if run.project_id is not None else None
+            seconds = registry.runs_frame(session, project, run.kind).set_index("version").loc[run.version, "seconds"]
+            lines = _show_lines(run, project, seconds, registry.model_dir(settings, run))
+    except _registry_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    for name, value in lines:
+        text = value if isinstance(value, str) else json.dumps(value, indent=2, sort_keys=True, default=str)
+        click.echo(f"{name}: {text}")
+
+
+def _show_lines(run: ModelRun, project: Project | None, seconds: float, folder: Path) -> list[tuple[str, Any]]:
+    from cellspot.ml.registry import format_metric
+
+    def when(ts: Any) -> str:
+        return ts.strftime("%Y-%m-%d %H:%M:%S") if ts is not None else "-"
+
+    return [
+        ("version", run.version), ("kind", run.kind),
+        ("project", project.name if project is not None else "(trained on a folder)"),
+        ("status", run.status + (" (active)" if run.is_active else "")),
+        ("error", run.error or "-"),
+        ("created", when(run.created_at)), ("started", when(run.started_at)), ("finished", when(run.finished_at)),
+        ("seconds", format_metric(seconds, 1)), ("preset", run.preset),
+        ("data", run.data_source or {}), ("data snapshot", run.data_snapshot_id or "-"),
+        ("config", run.config or {}), ("metrics", run.metrics or {}), ("folder", str(folder)),
+    ]
 
 
 def _change(action: str, ref: str, project_name: str | None = None) -> str:

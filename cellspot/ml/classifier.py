@@ -431,7 +431,6 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, WarmupCosine(cfg.epochs * self.steps))
         self.state = _State()
         self.clock = EtaClock()
-        self.start_fraction = 0.0
 
     # -- resume
     def save_resume(self) -> None:
@@ -463,7 +462,6 @@ class _Run:
             best_epoch=int(saved["best_epoch"]), bad_epochs=int(saved["bad_epochs"]), curves=list(saved["curves"]),
             best_state=dict(saved["best_state"]) or None, seconds=float(saved["seconds"]),
         )
-        self.start_fraction = ((self.state.epoch - 1) + self.state.step / self.steps) / self.cfg.epochs
         log.info("resuming %s at epoch %d step %d", self.out_dir, self.state.epoch, self.state.step)
 
     # -- progress
@@ -472,8 +470,7 @@ class _Run:
             return
         event = Progress(epoch=epoch, epochs=self.cfg.epochs, step=step, steps=self.steps, phase=phase,
                          elapsed_s=self.state.seconds + self.clock.elapsed(), **values)
-        done = event.fraction - self.start_fraction
-        eta = self.clock.elapsed() * (1.0 - event.fraction) / done if done > 0 else None
+        eta = self.clock.eta(event.fraction)  # the steps' pace after the first step (start-up costs)
         self.progress(Progress(**{**event.__dict__, "eta_s": eta if phase != "done" else 0.0}))
 
     # -- loop

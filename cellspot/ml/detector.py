@@ -613,8 +613,9 @@ class _Run:
     def emit(self, phase: str, **kw: Any) -> None:
         if self.progress is None:
             return
-        frac = self.fraction()
-        eta = self.elapsed() * (1 - frac) / frac if frac > 0 else None
+        c = self.config  # ETA: the steps' pace after the first step (EtaClock), within the time budget
+        steps_done = ((self.epoch - 1) * c.steps_per_epoch + self.step) / (c.epochs * c.steps_per_epoch)
+        eta = self.clock.eta(steps_done, 60.0 * c.max_minutes - self.elapsed() if c.max_minutes else None)
         step = self.step
         if phase == "done":  # the last epoch is complete (its step counter was reset): no time left
             step, eta = self.config.steps_per_epoch, 0.0

@@ -14,6 +14,7 @@ flush when they write and never commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cellspot.store.models import MODEL_KINDS, ModelRun, Project, utcnow
@@ -42,6 +44,14 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
 #: measures different things (the classifier's F1 of the dead class, the detector's F1 of
 #: found cells); other metrics keep their name
 SHARED_METRIC_COLUMNS: dict[tuple[str, str], str] = {("classifier", "f1"): "dead_f1", ("detector", "f1"): "detection_f1"}
+#: how the dashboard names those metrics for people (run captions, table headings, the
+#: comparison's rows); the key in ``metrics.json`` and the column of :func:`runs_frame` stay
+METRIC_LABELS: dict[tuple[str, str], str] = {("classifier", "f1"): "dead F1", ("detector", "f1"): "detection F1"}
+
+
+def metric_labels(kind: str) -> dict[str, str]:
+    """``{metric: label}`` of :data:`METRIC_LABELS` for ``kind`` (a metric not listed keeps its name)."""
+    return {metric: label for (of_kind, metric), label in METRIC_LABELS.items() if of_kind == kind}
 
 
 def metric_columns(kinds: Iterable[str]) -> list[tuple[str, str, str]]:
@@ -59,6 +69,8 @@ RUNS_FRAME_COLUMNS = [
     "version", "kind", "status", "preset", "created", "seconds", "progress", "active",
     "data_snapshot_id", "error", "scored_on",
 ]
+#: how many versions :func:`create_run` tries when concurrent creations take the one it chose
+VERSION_TRIES = 8
 _VERSION_RE = re.compile(r"^(?P<kind>[a-z]+)-(?P<number>\d+)$")
 _ModelRef = int | str | ModelRun
 
@@ -99,12 +111,19 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def next_version(session: Session, kind: str) -> str:
-    """The next free version of ``kind``: one above the highest stored (``classifier-0001`` first)."""
+def next_version(session: Session, kind: str, *, models_dir: Path | None = None, above: int = 0) -> str:
+    """The next free version of ``kind``: one above the highest stored (``classifier-0001`` first)
+    and above ``above``, skipping every version whose folder ``models_dir/<kind>/<version>``
+    exists: a deleted run (a rebuilt demo project's, say) leaves its folder, and a new run must
+    neither reuse its version nor train into (or resume from) its files."""
     check_kind(kind)
     versions = session.scalars(select(ModelRun.version).where(ModelRun.kind == kind)).all()
     numbers = [int(m["number"]) for v in versions if (m := _VERSION_RE.match(v))]
-    return f"{kind}-{max(numbers, default=0) + 1:04d}"
+    number = max(numbers + [above], default=0) + 1
+    while models_dir is not None and (stale := Path(models_dir) / kind / f"{kind}-{number:04d}").exists():
+        log.warning("version %s-%04d skipped: its folder %s exists (left by a deleted run)", kind, number, stale)
+        number += 1
+    return f"{kind}-{number:04d}"
 
 
 def relative_path(settings: Settings, folder: Path) -> str:
@@ -127,6 +146,7 @@ def create_run(
     data_source: Mapping[str, Any] | None = None,
     snapshot_id: int | None = None,
     path: str | None = None,
+    models_dir: Path | None = None,
 ) -> ModelRun:
     """Add a queued run with the next version of ``kind`` and flush it.
 
@@ -134,11 +154,36 @@ def create_run(
     resolved config replaces them when training starts). ``data_source``: where the training
     data comes from (``{"kind": "consensus", ...}``, see :mod:`cellspot.workflows.models`).
     ``path``: the checkpoint folder as stored (default ``models/<kind>/<version>``).
+    ``models_dir``: the settings' models folder; versions whose folder exists there are skipped
+    (:func:`next_version`). Versions are global: on PostgreSQL a creation that loses the race
+    for one to a concurrent transaction takes the next one (up to :data:`VERSION_TRIES` times,
+    each insert in a savepoint); SQLite takes its one writer lock first, so creations queue.
     """
     check_kind(kind)
     if not preset or not preset.strip():
         raise RegistryError("preset must be a non-empty name such as 'cpu-fast' or 'quality'")
-    version = next_version(session, kind)
+    savepoint = session.get_bind().dialect.name != "sqlite"  # pysqlite's savepoints would commit early
+    if not savepoint:
+        _sqlite_writer_lock(session)
+    above = 0
+    for attempt in range(1, VERSION_TRIES + 1):
+        version = next_version(session, kind, models_dir=models_dir, above=above)
+        try:
+            return _insert_run(session, kind, version, project=project, preset=preset, config=config,
+                               data_source=data_source, snapshot_id=snapshot_id, path=path, savepoint=savepoint)
+        except IntegrityError as exc:
+            if "version" not in str(exc.orig) or attempt == VERSION_TRIES:
+                raise
+            log.info("version %s was taken by a concurrent run; trying the next one", version)
+            above = int(version.rsplit("-", 1)[1])
+    raise AssertionError("unreachable")
+
+
+def _insert_run(session: Session, kind: str, version: str, *, project: Project | None, preset: str,
+                config: Mapping[str, Any] | None, data_source: Mapping[str, Any] | None,
+                snapshot_id: int | None, path: str | None, savepoint: bool) -> ModelRun:
+    """Insert the queued run ``version``, in a savepoint when ``savepoint`` (undone alone when the
+    version is taken)."""
     run = ModelRun(
         project_id=project.id if project is not None else None,
         kind=kind,
@@ -156,8 +201,9 @@ def create_run(
         cancel_requested=False,
         created_at=utcnow(),
     )
-    session.add(run)
-    session.flush()
+    with session.begin_nested() if savepoint else contextlib.nullcontext():
+        session.add(run)
+        session.flush()
     log.info("model run %s created (preset %s, project id %s)", version, preset, run.project_id)
     return run
 
@@ -207,10 +253,44 @@ def model_dir(settings: Settings, run: ModelRun) -> Path:
     return path if path.is_absolute() else settings.home / path
 
 
+def lock_promotions(session: Session, run: ModelRun) -> None:
+    """Hold, until the transaction ends, the lock that serializes promotions in ``run``'s project
+    and kind: PostgreSQL locks the project's row ``FOR UPDATE`` (as round openings do; runs
+    without a project take a transaction advisory lock per kind); SQLite takes its one writer
+    lock with a no-op write. Two runs finishing at once then cannot both see "no active run"."""
+    if session.get_bind().dialect.name == "postgresql":
+        if run.project_id is not None:
+            session.execute(select(Project.id).where(Project.id == run.project_id).with_for_update())
+        else:
+            session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"cellspot.promote.{run.kind}"))))
+        return
+    _sqlite_writer_lock(session)
+
+
+def _sqlite_writer_lock(session: Session) -> None:
+    """Take SQLite's one writer lock until the transaction ends (a write that matches no row):
+    later reads of the transaction see every committed write, and other writers wait."""
+    session.execute(update(ModelRun).where(ModelRun.id.is_(None)).values(kind=ModelRun.kind)
+                    .execution_options(synchronize_session=False))
+
+
+def promote_if_first(session: Session, run: ModelRun) -> bool:
+    """Promote the ``done`` run ``run`` when its project and kind have no active run yet (the
+    first finished run becomes active), under :func:`lock_promotions`; flush. Whether it did."""
+    lock_promotions(session, run)
+    active = session.scalar(select(ModelRun.id).where(*_same_group(run.project_id, run.kind),
+                                                      ModelRun.is_active.is_(True)).limit(1))
+    if active is not None:
+        return False
+    promote(session, run)
+    return True
+
+
 def promote(session: Session, run: ModelRun) -> ModelRun:
     """Make ``run`` (status ``done``) the active model of its project and kind; flush."""
     if run.status != "done":
         raise RegistryError(f"cannot promote {run.version}: its status is {run.status!r}, only 'done' runs can be")
+    lock_promotions(session, run)
     others = session.scalars(
         select(ModelRun).where(
             *_same_group(run.project_id, run.kind), ModelRun.is_active.is_(True), ModelRun.id != run.id
@@ -271,13 +351,16 @@ def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
 
 def _seconds(run: ModelRun) -> float:
     """The training time: the fit's own ``seconds`` metric when it has one (it adds up the
-    parts of a cancelled and resumed run), else the wall clock from the last start to the end."""
+    parts of a cancelled and resumed run), else the wall clock from the last start to the end
+    plus the earlier parts of a resumed run (``progress["trained_before_s"]``, kept when a worker
+    claims it again)."""
     recorded = _number((run.metrics or {}).get("seconds"))
     if recorded > 0:
         return recorded
     if run.started_at is None or run.finished_at is None:
         return math.nan
-    return (_aware(run.finished_at) - _aware(run.started_at)).total_seconds()
+    before = _number((run.progress or {}).get("trained_before_s"))
+    return (_aware(run.finished_at) - _aware(run.started_at)).total_seconds() + (before if before > 0 else 0.0)
 
 
 def _aware(ts):  # noqa: ANN001, ANN202 - SQLite returns naive UTC datetimes
@@ -361,7 +444,8 @@ def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
 
     Index: metric names (nested ones as ``"a.b"``) plus ``seconds`` and ``epochs``; columns:
     the two versions and ``difference`` (b - a). NaN where a run lacks a metric.
-    ``attrs["scored_on"]``: each version's split (:func:`scored_on_note` says it in words).
+    ``attrs["scored_on"]``: each version's split (:func:`scored_on_note` says it in words);
+    ``attrs["kind"]``: the runs' kind (:func:`metric_labels` names its metrics for people).
     """
     run_a, run_b = get_run(session, a), get_run(session, b)
     if run_a.id == run_b.id:
@@ -383,6 +467,7 @@ def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
     )
     frame["difference"] = frame[run_b.version] - frame[run_a.version]
     frame.attrs["scored_on"] = {run.version: (run.metrics or {}).get("split") for run in (run_a, run_b)}
+    frame.attrs["kind"] = run_a.kind
     return frame
 
 

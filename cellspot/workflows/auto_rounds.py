@@ -269,6 +269,26 @@ def forget_pending(session: Session, project: Project | str) -> datetime | None:
     return pending
 
 
+def forget_dropped_round(settings: Settings, project_name: str, queued_at: str) -> bool:
+    """:func:`forget_pending` for a round job that a worker dropped (another round of the project
+    was running), when the pending mark is still the one the job was queued under (``queued_at``):
+    nobody else would clear it, and the periodic check may queue the round again once it is due.
+    Opens and commits its own transaction; returns whether the mark was cleared."""
+    from cellspot.store.db import make_engine, transaction
+
+    engine = make_engine(settings=settings)
+    try:
+        with transaction(engine) as session:
+            project = as_project(session, project_name)
+            session.refresh(project, with_for_update=True)
+            if _state(project).get("pending_since") != queued_at:
+                return False
+            forget_pending(session, project)
+            return True
+    finally:
+        engine.dispose()
+
+
 def _enqueue_after_commit(session: Session, settings: Settings, project_name: str, queued_at: str) -> None:
     """Put :func:`run_auto_round` on the queue after ``session``'s next commit (not after a rollback);
     ``queued_at``: the pending mark it was queued under."""

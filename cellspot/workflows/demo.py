@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from cellspot.settings import Settings
 from cellspot.store import queries
-from cellspot.store.models import ConsensusSnapshot, GoldCell, Image, Project
+from cellspot.store.models import ConsensusSnapshot, GoldCell, Image, ModelRun, Project
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,10 @@ def _fresh_project(session: Session, name: str, class_code: str, **mark: Any) ->
                 "Choose another name for the demo project."
             )
         log.info("rebuilding demo project %r (id %d)", name, existing.id)
+        runs = session.scalars(select(ModelRun.version).where(ModelRun.project_id == existing.id)).all()
+        if runs:  # their rows go with the project; next_version skips their folders' versions
+            log.info("the demo project's %d model run(s) (%s) are deleted; their folders under models/ stay "
+                     "and their versions are not used again", len(runs), ", ".join(sorted(runs)))
         # Through the ORM so the session forgets every deleted object; snapshots first
         # (their cells and reliabilities cascade), then the project (images, runs, clicks,
         # gold cells, annotators cascade).

@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 import typing
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cellspot.ml import registry
@@ -54,6 +56,11 @@ PROGRESS_INTERVAL_S = 1.0
 CANCEL_POLL_S = 1.0
 #: a running run that has not written its progress for this long has lost its worker
 LOST_AFTER_S = 600.0
+#: a database that has not answered a training's progress writes and cancel polls for this long
+#: stops it (it saves ``resume.pt`` and ends failed, resumable); shorter outages are waited out
+DB_OUTAGE_S = 60.0
+#: waits (seconds) between the tries of a run's final status write when the database does not answer
+FINISH_RETRY_S: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
 STORE_SOURCES = ("consensus", "expert")
 
 
@@ -279,12 +286,41 @@ def start_training(
         raise WorkflowError(
             f"project {project.name!r} has no expert cells on images with pixels; import them (`cellspot import "
             "gold`, or the Setup page), accept cells on the Review page, or train on the consensus")
+    if kind == "classifier":
+        _check_both_labels(session, project, source, snapshot_id)
     return registry.create_run(
         session, kind, project=project, preset=preset,
         config=check_config(kind, preset, _overrides(epochs, overrides)),
         data_source=data_source, snapshot_id=snapshot_id,
         path=registry.relative_path(settings, out_dir) if out_dir is not None else None,
+        models_dir=settings.models_dir,
     )
+
+
+def _check_both_labels(session: Session, project: Project, source: str, snapshot_id: int | None) -> None:
+    """:class:`WorkflowError` when the cells a classifier would train on (those the trainer's own
+    :func:`cellspot.ml.data.load_store` keeps: its source's cells at its default confidence, on
+    images with pixels) are all alive or all dead: the run would only fail in the worker
+    ("training needs alive and dead cells in the train split"). The whole set is checked, not
+    the train split, which needs the images' pixels read."""
+    from sqlalchemy import select
+
+    from cellspot.ml.data import _store_cells, load_store
+    from cellspot.store.models import Image
+
+    min_confidence = float(load_store.__kwdefaults__["min_confidence"])
+    cells, _ = _store_cells(session, project, source, snapshot_id, min_confidence)
+    with_pixels = select(Image.id).where(Image.project_id == project.id, Image.has_pixels.is_(True),
+                                         Image.path.is_not(None))
+    kept = cells[(cells["confidence"] >= min_confidence) & cells["image_id"].isin(list(session.scalars(with_pixels)))]
+    alive, dead = int((kept["label"] == "alive").sum()), int((kept["label"] == "dead").sum())
+    if (alive > 0) == (dead > 0):  # both; or no cell at all, which the data loader reports in its own words
+        return
+    what = f"consensus snapshot {snapshot_id}" if source == "consensus" else "expert cells"
+    raise WorkflowError(
+        f"training needs alive and dead cells in the train split; got {alive} alive, {dead} dead in all the "
+        f"{what} of project {project.name!r} (cells at confidence >= {min_confidence:g} on images with pixels). "
+        f"Label some {'dead' if alive else 'alive'} cells first (expert cells, or more runs and a new consensus)")
 
 
 def _has_expert_cells(session: Session, project: Project) -> bool:
@@ -330,6 +366,7 @@ def start_folder_training(
         config=check_config(kind, preset, _overrides(epochs, overrides)),
         data_source=data_source,
         path=registry.relative_path(settings, out_dir) if out_dir is not None else None,
+        models_dir=settings.models_dir,
     )
 
 
@@ -466,6 +503,9 @@ def resume_run(session: Session, settings: Settings, run: ModelRun | int | str) 
     checkpoint = registry.model_dir(settings, run) / RESUME_FILE
     if not checkpoint.is_file():
         raise WorkflowError(f"run {run.version} has no {checkpoint} to resume from; start a new run instead")
+    foreign = checkpoint_owner(checkpoint.parent, run)
+    if foreign is not None:
+        raise WorkflowError(f"run {run.version} cannot resume from {checkpoint}: {foreign}; start a new run instead")
     run.status = "queued"
     run.cancel_requested = False
     run.error = None
@@ -491,7 +531,8 @@ def can_resume(settings: Settings, run: ModelRun) -> bool:
 
     if run.status not in ("cancelled", "failed") and not is_lost(run):
         return False
-    return (registry.model_dir(settings, run) / RESUME_FILE).is_file()
+    folder = registry.model_dir(settings, run)
+    return (folder / RESUME_FILE).is_file() and checkpoint_owner(folder, run) is None
 
 
 def queue_resume(settings: Settings, ref: int | str, *, device: str | None = None) -> ModelRun:
@@ -509,12 +550,71 @@ def queue_resume(settings: Settings, ref: int | str, *, device: str | None = Non
 # running a training job
 # ---------------------------------------------------------------------------------------------
 
-class _StoreReporter:
-    """Progress callback: forwards every event, writes ``progress``/``curves`` to the store."""
+class RunTakenOver(Exception):  # noqa: N818 - a state, not an error of this code
+    """The run no longer belongs to this training (marked failed as lost and resumed elsewhere,
+    claimed by another worker, deleted): it stops at once, writes nothing more to the store and
+    saves no ``resume.pt`` (the folder may be another training's now)."""
 
-    def __init__(self, factory: sessionmaker[Session], run_id: int, curves: list[dict[str, Any]],
+
+def _transient(exc: DBAPIError) -> bool:
+    """Whether ``exc`` is the database or its connection failing (worth another try), not a bad
+    statement."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or bool(exc.connection_invalidated)
+
+
+@dataclass
+class _Attempt:
+    """One claim of run ``run_id`` by a training: ``token`` (stored as ``progress["attempt"]``
+    when claimed) says which training owns the run; every later write is conditional on it.
+    ``before_s``: the run's training time in its earlier attempts (a resumed run)."""
+
+    run_id: int
+    token: str
+    before_s: float = 0.0
+    outage_since: float | None = None  # monotonic time of the first failed call of an outage
+
+    def owns(self) -> tuple[Any, ...]:
+        """WHERE clauses: the run is still running under this attempt."""
+        return (ModelRun.id == self.run_id, ModelRun.status == "running",
+                ModelRun.progress["attempt"].as_string() == self.token)
+
+    def owned_by_me(self, status: str | None, progress: Mapping[str, Any] | None) -> bool:
+        return status == "running" and (progress or {}).get("attempt") == self.token
+
+    def stamp(self, progress: Mapping[str, Any]) -> dict[str, Any]:
+        """``progress`` with this attempt's token and the earlier attempts' training time."""
+        return {**progress, "attempt": self.token, "trained_before_s": self.before_s}
+
+    def taken_over(self, now: str) -> typing.NoReturn:
+        message = (f"run {self.run_id} is no longer this training's (now {now}; another worker or a lost-run "
+                   "check took it): stopping without writing to it")
+        log.warning(message)
+        raise RunTakenOver(message)
+
+    def db_failed(self, what: str, exc: Exception) -> bool:
+        """Note a failed database call; True once the outage has lasted :data:`DB_OUTAGE_S`."""
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since = now
+        down = now - self.outage_since
+        log.warning("run %d: %s skipped, the database did not answer for %.0f s (%s); trying again later",
+                    self.run_id, what, down, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return down >= DB_OUTAGE_S
+
+    def db_ok(self) -> None:
+        self.outage_since = None
+
+
+class _StoreReporter:
+    """Progress callback: forwards every event, writes ``progress``/``curves`` to the store while
+    ``attempt`` owns the run. A write the database does not take (a short outage) is skipped
+    with a warning and made with a later event; a write that finds the run no longer this
+    attempt's raises :class:`RunTakenOver`."""
+
+    def __init__(self, factory: sessionmaker[Session], attempt: _Attempt, curves: list[dict[str, Any]],
                  forward: ProgressFn | None) -> None:
-        self.factory, self.run_id, self.forward = factory, run_id, forward
+        self.factory, self.attempt, self.forward = factory, attempt, forward
+        self.run_id = attempt.run_id
         self.curves = curves
         self.last_write = float("-inf")
         self.latest: dict[str, Any] = {}
@@ -535,22 +635,42 @@ class _StoreReporter:
     def flush(self, now: float | None = None) -> None:
         values: dict[str, Any] = {"curves": self.curves}
         if self.latest:  # reported_at: the sign of life that tells a lost run (is_lost)
-            values["progress"] = {**self.latest, "reported_at": utcnow().isoformat()}
-        with self.factory() as session, session.begin():
-            session.execute(update(ModelRun).where(ModelRun.id == self.run_id).values(**values))
+            values["progress"] = self.attempt.stamp({**self.latest, "reported_at": utcnow().isoformat()})
         self.last_write = time.monotonic() if now is None else now
+        try:
+            with self.factory() as session, session.begin():
+                result = session.execute(update(ModelRun).where(*self.attempt.owns()).values(**values)
+                                         .execution_options(synchronize_session=False))
+        except DBAPIError as exc:
+            if not _transient(exc):
+                raise
+            self.attempt.db_failed("progress write", exc)  # the cancel poll stops a long outage
+            return
+        self.attempt.db_ok()
+        if result.rowcount != 1:
+            self.attempt.taken_over(self._now())
+
+    def _now(self) -> str:
+        with self.factory() as session:
+            status = session.scalar(select(ModelRun.status).where(ModelRun.id == self.run_id))
+        return status or "deleted"
 
 
 class _CancelPoll:
-    """``should_stop``: reads ``cancel_requested`` at most every :data:`CANCEL_POLL_S` seconds."""
+    """``should_stop``: at most every :data:`CANCEL_POLL_S` seconds reads the run's
+    ``cancel_requested``, status and owner. True on a cancel request, when this process's worker
+    stops, or once the database has not answered for :data:`DB_OUTAGE_S` (``db_down``; shorter
+    outages are waited out); the fit then saves ``resume.pt``. Raises :class:`RunTakenOver` when
+    the run is no longer ``attempt``'s (no checkpoint: another training may own the folder)."""
 
-    def __init__(self, factory: sessionmaker[Session], run_id: int) -> None:
-        self.factory, self.run_id = factory, run_id
+    def __init__(self, factory: sessionmaker[Session], attempt: _Attempt) -> None:
+        self.factory, self.attempt, self.run_id = factory, attempt, attempt.run_id
         from cellspot.jobs import STOPPING  # noqa: PLC0415 - jobs imports huey
 
         self.last_poll = float("-inf")
         self.stop = False
         self.worker_stopping = False
+        self.db_down = False
         self.stopping = STOPPING
 
     def __call__(self) -> bool:
@@ -560,9 +680,22 @@ class _CancelPoll:
         if self.stop or now - self.last_poll < CANCEL_POLL_S:
             return self.stop
         self.last_poll = now
-        with self.factory() as session:
-            flag = session.scalar(select(ModelRun.cancel_requested).where(ModelRun.id == self.run_id))
-        self.stop = flag is None or bool(flag)
+        try:
+            with self.factory() as session:
+                row = session.execute(select(ModelRun.cancel_requested, ModelRun.status, ModelRun.progress)
+                                      .where(ModelRun.id == self.run_id)).one_or_none()
+        except DBAPIError as exc:
+            if not _transient(exc):
+                raise
+            if self.attempt.db_failed("cancel check", exc):
+                log.error("run %d: the database has not answered for %.0f s; stopping (saving resume.pt)",
+                          self.run_id, DB_OUTAGE_S)
+                self.db_down = self.stop = True
+            return self.stop
+        self.attempt.db_ok()
+        if row is None or not self.attempt.owned_by_me(row.status, row.progress):
+            self.attempt.taken_over("deleted" if row is None else row.status)
+        self.stop = bool(row.cancel_requested)
         return self.stop
 
 
@@ -593,15 +726,33 @@ class _GentleInterrupt:
                     "without it)")
 
 
-def _claim(factory: sessionmaker[Session], run_id: int) -> bool:
-    """Atomically move run ``run_id`` from queued to running (False when not queued)."""
+def _claim(factory: sessionmaker[Session], run_id: int) -> _Attempt | None:
+    """Atomically move run ``run_id`` from queued to running under a new attempt token (stored
+    as ``progress["attempt"]``); None when the run is not queued."""
+    attempt = _Attempt(run_id, uuid.uuid4().hex)
     with factory() as session, session.begin():
+        before = session.execute(select(ModelRun.progress, ModelRun.started_at)
+                                 .where(ModelRun.id == run_id)).one_or_none()
+        if before is not None:
+            attempt.before_s = _trained_s(before.progress, before.started_at)
         result = session.execute(
             update(ModelRun)
             .where(ModelRun.id == run_id, ModelRun.status == "queued")
-            .values(status="running", started_at=utcnow(), finished_at=None, cancel_requested=False, error=None)
+            .values(status="running", started_at=utcnow(), finished_at=None, cancel_requested=False, error=None,
+                    progress=attempt.stamp({}))
         )
-        return result.rowcount == 1
+        return attempt if result.rowcount == 1 else None
+
+
+def _trained_s(progress: Mapping[str, Any] | None, started_at: datetime | None) -> float:
+    """The training seconds of a run's attempts so far: what :func:`_finish` recorded
+    (``trained_s``), else (a run marked lost) up to its last report."""
+    progress = progress or {}
+    before = float(progress.get("trained_before_s") or 0.0)
+    if progress.get("trained_s") is not None:
+        return float(progress["trained_s"])
+    start, last = parse_utc(started_at), parse_utc(progress.get("reported_at"))
+    return before + max(0.0, (last - start).total_seconds()) if start and last else before
 
 
 def _resolve_config(trainer: Trainer, preset: str, stored: Mapping[str, Any]) -> Any:
@@ -626,40 +777,61 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return registry.jsonable(dict(config))
 
 
-def _finish(factory: sessionmaker[Session], run_id: int, **values: Any) -> ModelRun:
+def _finish(factory: sessionmaker[Session], attempt: _Attempt, **values: Any) -> tuple[ModelRun, bool]:
+    """Record the end of ``attempt`` (status, error, metrics, ...) when it still owns the run;
+    the first ``done`` run of its project and kind becomes active. Returns the stored run and
+    whether this attempt wrote it (False: the run was taken over, the store keeps what the new
+    owner wrote). A database that does not answer is tried again after each of
+    :data:`FINISH_RETRY_S`, then the error is raised."""
+    for wait in (*FINISH_RETRY_S, None):
+        try:
+            return _finish_once(factory, attempt, values)
+        except DBAPIError as exc:
+            if wait is None or not _transient(exc):
+                raise
+            log.warning("run %d: the database did not take its end (%s); trying again in %.1f s",
+                        attempt.run_id, str(exc).splitlines()[0], wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _finish_once(factory: sessionmaker[Session], attempt: _Attempt, values: Mapping[str, Any]
+                 ) -> tuple[ModelRun, bool]:
+    values = dict(values)
+    progress = values.pop("progress", None)
+    now = utcnow()
     with factory() as session, session.begin():
-        run = session.get(ModelRun, run_id)
-        assert run is not None  # claimed by this job; rows are not deleted while running
-        for key, value in values.items():
-            setattr(run, key, value)
-        run.finished_at = utcnow()
-        run.cancel_requested = False
-        if run.status == "done" and registry.active_run(session, _project_of(session, run), run.kind) is None:
-            registry.promote(session, run)
+        result = session.execute(update(ModelRun).where(*attempt.owns())
+                                 .values(**values, finished_at=now, cancel_requested=False)
+                                 .execution_options(synchronize_session=False))
+        run = session.get(ModelRun, attempt.run_id, populate_existing=True)
+        if run is None:
+            raise WorkflowError(f"run {attempt.run_id} was deleted while it trained")
+        if result.rowcount != 1:
+            log.warning("run %s: not recording its end as %s, it is no longer this training's (now %s)",
+                        run.version, values.get("status"), run.status)
+            session.expunge(run)
+            return run, False
+        started = parse_utc(run.started_at)
+        trained = attempt.before_s + ((now - started).total_seconds() if started else 0.0)
+        run.progress = attempt.stamp({**(run.progress if progress is None else progress), "trained_s": trained})
+        if run.status == "done":
+            registry.promote_if_first(session, run)
         session.flush()
         session.expunge(run)
-    return run
+    return run, True
 
 
-def _project_of(session: Session, run: ModelRun) -> Project | None:
-    return session.get(Project, run.project_id) if run.project_id is not None else None
-
-
-def _prepare(session: Session, settings: Settings, run_id: int, resume: bool | None
+def _prepare(session: Session, settings: Settings, attempt: _Attempt, resume: bool | None
              ) -> tuple[Trainer, Any, TrainingData, Path, bool, list[dict[str, Any]]]:
-    from cellspot.ml.common import RESUME_FILE, TrainingError
-
-    run = session.get(ModelRun, run_id)
+    run = session.get(ModelRun, attempt.run_id)
     assert run is not None
     trainer = get_trainer(run.kind)
     config = _resolve_config(trainer, run.preset, run.config or {})
     if settings.torch_threads is not None and getattr(config, "threads", "absent") is None:
         config = dataclasses.replace(config, threads=settings.torch_threads)  # the fit sets its own threads
     out_dir = registry.model_dir(settings, run)
-    has_resume = (out_dir / RESUME_FILE).is_file()
-    if resume and not has_resume:
-        raise TrainingError(f"cannot resume {run.version}: {out_dir / RESUME_FILE} does not exist")
-    resume_flag = has_resume if resume is None else bool(resume)
+    resume_flag = _resume_decision(out_dir, run, resume)
     data = load_training_data(session, settings, run)
     run.config = _config_dict(config)
     run.data_snapshot_id = data.snapshot_id
@@ -667,15 +839,74 @@ def _prepare(session: Session, settings: Settings, run_id: int, resume: bool | N
         run.snapshot_id = int(data.source["snapshot_id"])
     curves = [dict(r) for r in (run.curves or [])] if resume_flag else []
     run.curves = curves
-    run.progress = {}
+    run.progress = attempt.stamp({})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_run_file(out_dir, run)  # names the run that owns the folder (and the resume.pt it writes)
     return trainer, config, data, out_dir, resume_flag, curves
+
+
+def checkpoint_owner(out_dir: Path, run: ModelRun) -> str | None:
+    """None when ``out_dir``'s ``resume.pt`` is ``run``'s own, else why not (for messages).
+
+    Its own: the folder's :data:`RUN_FILE` names ``run`` (id, version and creation time, written
+    when it starts training); a folder without that record (a run started before cellspot kept
+    it) counts as the run's when the checkpoint is not older than the run. A deleted run's
+    folder (a rebuilt demo project's) holds another run's record, or an older checkpoint."""
+    from cellspot.ml.common import RESUME_FILE, read_json
+
+    try:
+        record = read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    created = parse_utc(run.created_at)
+    if isinstance(record, Mapping) and record.get("created_at"):
+        mine = (record.get("run_id"), record.get("version"), parse_utc(record["created_at"])) == (
+            run.id, run.version, created)
+        return None if mine else (f"it belongs to run {record.get('version')} (id {record.get('run_id')}, "
+                                  f"created {record.get('created_at')}), a deleted or another run")
+    try:
+        written = datetime.fromtimestamp((out_dir / RESUME_FILE).stat().st_mtime, tz=created.tzinfo)
+    except (OSError, AttributeError):
+        return "it cannot be read"
+    if created is not None and written.timestamp() < created.timestamp() - 1.0:
+        return f"it was written at {written:%Y-%m-%d %H:%M:%S}, before run {run.version} was created"
+    return None
+
+
+def _resume_decision(out_dir: Path, run: ModelRun, resume: bool | None) -> bool:
+    """Whether to go on from ``out_dir/resume.pt``: ``resume`` None = when it is the run's own
+    (:func:`checkpoint_owner`), True = must (one in a folder given with ``--resume --out`` and
+    no record of a run is taken; another run's is refused), False = start over. A checkpoint
+    that is not the run's is moved aside as ``stale-resume.pt`` when the run starts over."""
+    from cellspot.ml.common import RESUME_FILE, TrainingError
+
+    path = out_dir / RESUME_FILE
+    if not path.is_file():
+        if resume:
+            raise TrainingError(f"cannot resume {run.version}: {path} does not exist")
+        return False
+    foreign = checkpoint_owner(out_dir, run)
+    if foreign is None:
+        return resume is not False
+    if resume and not (out_dir / RUN_FILE).is_file():
+        log.info("run %s goes on from %s as asked (%s)", run.version, path, foreign)
+        return True
+    if resume:
+        raise TrainingError(f"cannot resume {run.version}: {path} is not its own checkpoint ({foreign}); start a "
+                            "new run")
+    stale = path.with_name(f"stale-{RESUME_FILE}")
+    path.replace(stale)
+    log.warning("run %s: ignoring %s (%s); moved to %s, training from scratch", run.version, path, foreign, stale)
+    return False
 
 
 def _write_run_file(out_dir: Path, run: ModelRun) -> None:
     from cellspot.ml.common import write_json
 
+    created = parse_utc(run.created_at)
     write_json(out_dir / RUN_FILE, {
-        "version": run.version, "kind": run.kind, "preset": run.preset, "data_source": run.data_source,
+        "version": run.version, "run_id": run.id, "created_at": created.isoformat() if created else None,
+        "kind": run.kind, "preset": run.preset, "data_source": run.data_source,
         "data_snapshot_id": run.data_snapshot_id, "snapshot_id": run.snapshot_id,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
     })
@@ -693,9 +924,14 @@ def run_training(
     run (detached). A run that is not queued (already taken, cancelled) is left alone.
 
     ``progress`` also receives every event (the CLI's progress bars). ``resume``: ``None`` =
-    go on from ``resume.pt`` when the run's folder has one, ``True`` = must, ``False`` =
-    start over. Errors end the run as ``failed`` with the message in ``error`` (not raised);
-    Ctrl-C ends it as ``cancelled`` and is re-raised.
+    go on from ``resume.pt`` when the run's folder has one that this run wrote (another run's
+    is moved aside, see :func:`_resume_decision`), ``True`` = must, ``False`` = start over.
+    Errors end the run as ``failed`` with the message in ``error`` (not raised); Ctrl-C ends it
+    as ``cancelled`` and is re-raised. The run is claimed under a new attempt token: when
+    someone else takes it meanwhile (marked lost, resumed by another worker), this training
+    stops at its next check and writes nothing (:class:`RunTakenOver`). Database outages
+    shorter than :data:`DB_OUTAGE_S` are waited out; a longer one saves ``resume.pt`` and
+    ends the run failed (resumable).
     """
     from cellspot.ml.common import TrainingCancelled, TrainingError, configure_threads
     from cellspot.ml.data import DataError
@@ -704,34 +940,37 @@ def run_training(
     engine = make_engine(settings=settings)
     factory = session_factory(engine)
     try:
-        if not _claim(factory, run_id):
-            with factory() as session:
-                run = registry.get_run(session, run_id)
-                session.expunge(run)
-            log.warning("run %s is %s, not queued: not training it", run.version, run.status)
-            return run
+        attempt = _claim(factory, run_id)
+        if attempt is None:
+            return _stored_run(factory, run_id, "not queued: not training it")
         threads = configure_threads(settings.torch_threads)
         reporter: _StoreReporter | None = None
         interrupt = _GentleInterrupt()
-        poll = _CancelPoll(factory, run_id)
+        poll = _CancelPoll(factory, attempt)
         try:
             with factory() as session, session.begin():
-                trainer, config, data, out_dir, resume_flag, curves = _prepare(session, settings, run_id, resume)
+                trainer, config, data, out_dir, resume_flag, curves = _prepare(session, settings, attempt, resume)
             log.info("training run %d: %d images, %d cells, %d CPU threads, resume=%s",
                      run_id, len(data.images), data.n_cells(), threads, resume_flag)
-            reporter = _StoreReporter(factory, run_id, curves, progress)
+            reporter = _StoreReporter(factory, attempt, curves, progress)
             with interrupt:
                 result = trainer.fit(data, config, out_dir, progress=reporter,
                                      should_stop=lambda: interrupt.requested or poll(),
                                      resume=resume_flag, device=device)
+        except RunTakenOver:
+            return _stored_run(factory, run_id, "taken over: this training stopped without writing")
         except TrainingCancelled:
             _flush_quietly(reporter)
+            if poll.db_down:
+                return _finish(factory, attempt, status="failed",
+                               error=f"the database did not answer for {DB_OUTAGE_S:.0f} s, so the training stopped "
+                                     "(resume.pt saved); resume to go on")[0]
             why = ("interrupted (Ctrl-C)" if interrupt.requested else
                    "its worker was stopped" if poll.worker_stopping else "cancelled on request")
-            return _finish(factory, run_id, status="cancelled", error=f"{why}; resume to go on")
+            return _finish(factory, attempt, status="cancelled", error=f"{why}; resume to go on")[0]
         except KeyboardInterrupt:
             _flush_quietly(reporter)
-            _finish(factory, run_id, status="cancelled", error="interrupted (Ctrl-C)")
+            _finish(factory, attempt, status="cancelled", error="interrupted (Ctrl-C)")
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its message
             bad_input = isinstance(exc, (DataError, TrainingError, WorkflowError))  # the message says it all
@@ -740,11 +979,13 @@ def run_training(
             else:
                 log.exception("training run %d failed", run_id)
             _flush_quietly(reporter)
-            return _finish(factory, run_id, status="failed",
-                           error=str(exc) if bad_input else f"{type(exc).__name__}: {exc}")
+            return _finish(factory, attempt, status="failed",
+                           error=str(exc) if bad_input else f"{type(exc).__name__}: {exc}")[0]
         final = {**reporter.latest, "phase": "done", "fraction": 1.0}
-        run = _finish(factory, run_id, status="done", error=None, metrics=registry.jsonable(result.metrics),
-                      curves=registry.jsonable(result.curves) or reporter.curves, progress=final)
+        run, mine = _finish(factory, attempt, status="done", error=None, metrics=registry.jsonable(result.metrics),
+                            curves=registry.jsonable(result.curves) or reporter.curves, progress=final)
+        if not mine:
+            return run
         _write_run_file(out_dir, run)
         log.info("training run %s done in %.1f s: %s", run.version, result.seconds, run.metrics)
         return run
@@ -752,10 +993,21 @@ def run_training(
         engine.dispose()
 
 
+def _stored_run(factory: sessionmaker[Session], run_id: int, why: str) -> ModelRun:
+    """Run ``run_id`` as stored (detached), after a warning that this training leaves it alone."""
+    with factory() as session:
+        run = registry.get_run(session, run_id)
+        session.expunge(run)
+    log.warning("run %s is %s, %s", run.version, run.status, why)
+    return run
+
+
 def _flush_quietly(reporter: _StoreReporter | None) -> None:
     if reporter is None:
         return
     try:
         reporter.flush()
+    except RunTakenOver:
+        pass  # _finish says so
     except Exception:  # noqa: BLE001 - the final status write matters more
         log.exception("could not write the last progress")
