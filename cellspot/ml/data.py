@@ -146,7 +146,7 @@ def read_rgb8(path: Path, name: str | None = None) -> np.ndarray:
     try:
         loaded = read_image(path, name=name)
     except ImageReadError as exc:
-        raise DataError(f"cannot read image {name or path}: {exc.reason}") from exc
+        raise DataError(f"cannot read image {name + ' (' + str(path) + ')' if name else path}: {exc.reason}") from exc
     return to_model_rgb8(loaded.array, loaded.bit_depth)
 
 
@@ -641,7 +641,12 @@ def load_store(
             no_pixels.append(row.name)
             continue
         kept = by_image[row.name].assign(diameter=np.nan)[CELL_COLUMNS].reset_index(drop=True)
-        pixels = read_rgb8(settings.home / row.path, row.name)
+        file = settings.home / row.path
+        if not file.is_file():  # the store names it, this process's CELLSPOT_HOME lacks it
+            raise DataError(f"cannot read image {row.name}: {file} does not exist; the store keeps image files "
+                            f"under CELLSPOT_HOME ({settings.home} here): a worker needs the app's "
+                            "CELLSPOT_HOME, at the same path")
+        pixels = read_rgb8(file, row.name)
         images.append(AnnotatedImage(name=row.name, pixels=pixels, cells=kept, split=assignment[row.name],
                                      image_id=int(row.id)))
     if no_pixels:

@@ -321,6 +321,18 @@ def test_load_store_expert_cells(session, settings):
         load_store(session, settings, "ml", min_confidence=0.95)
 
 
+def test_load_store_names_a_missing_image_file_and_the_home_it_looked_in(session, settings):
+    """A worker started with another CELLSPOT_HOME than the app's: the image the store names is
+    missing there; the error says which file, and that the worker needs the app's home."""
+    _store(session, settings)
+    (settings.home / "images/ml/im3.png").unlink()
+    with pytest.raises(DataError) as info:
+        load_store(session, settings, "ml", seed=2)
+    text = str(info.value)
+    assert f"cannot read image im3.png: {settings.home / 'images/ml/im3.png'} does not exist" in text
+    assert f"CELLSPOT_HOME ({settings.home} here)" in text and "the app's CELLSPOT_HOME" in text
+
+
 # ---------------------------------------------------------------- real data
 
 
