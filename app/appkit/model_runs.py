@@ -200,7 +200,7 @@ def resume(version: str) -> str:
 def promote(version: str) -> str:
     """Make ``version`` the active model of its kind."""
     with resources.session() as session:
-        run = registry.promote(session, registry.get_run(session, version))
+        run = registry.promote(session, registry.get_run(session, version), resources.settings())
         message = f"{run.version} is now the active {run.kind}."
     refresh()
     return message

@@ -402,7 +402,7 @@ def _change(action: str, ref: str, project_name: str | None = None) -> str:
     try:
         with session_factory(engine)() as session, session.begin():
             if action == "promote":
-                run = registry.promote(session, registry.get_run(session, ref))
+                run = registry.promote(session, registry.get_run(session, ref), settings)
                 if run.project_id is None:  # folder-trained runs have their own active model, no project's
                     return (f"{run.version} is now the active {run.kind} of the runs trained on folders; a "
                             f"project's active {run.kind} is unchanged (predict with this model: "

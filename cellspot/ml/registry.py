@@ -286,10 +286,16 @@ def promote_if_first(session: Session, run: ModelRun) -> bool:
     return True
 
 
-def promote(session: Session, run: ModelRun) -> ModelRun:
-    """Make ``run`` (status ``done``) the active model of its project and kind; flush."""
+def promote(session: Session, run: ModelRun, settings: Settings | None = None) -> ModelRun:
+    """Make ``run`` (status ``done``) the active model of its project and kind; flush. With
+    ``settings`` (the CLI and the dashboard), its ``weights.pt`` must be readable under them:
+    a run trained by a worker with another ``CELLSPOT_HOME`` is refused here, not at prediction."""
     if run.status != "done":
         raise RegistryError(f"cannot promote {run.version}: its status is {run.status!r}, only 'done' runs can be")
+    if settings is not None and not (model_dir(settings, run) / "weights.pt").is_file():
+        raise RegistryError(f"cannot promote {run.version}: {model_dir(settings, run) / 'weights.pt'} is missing "
+                            "(trained by a worker with another CELLSPOT_HOME, or its folder deleted?); "
+                            "prediction could not load it")
     lock_promotions(session, run)
     others = session.scalars(
         select(ModelRun).where(

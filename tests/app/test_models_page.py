@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cellspot.ml import registry
+from cellspot.settings import Settings
 from cellspot.store.models import Image, ModelRun, PredictionCell, Project, utcnow
 
 CURVES = [{"epoch": 1, "train_loss": 0.9, "val_loss": 1.0, "balanced_accuracy": 0.6, "elapsed_s": 3.0},
@@ -60,6 +61,9 @@ def add_run(engine, kind: str, status: str = "done", *, metrics: dict | None = N
         run.created_at = utcnow() - timedelta(seconds=age_s)
         if status == "done":
             run.started_at, run.finished_at = run.created_at, run.created_at + timedelta(seconds=42)
+            folder = registry.model_dir(Settings(), run)  # the test's CELLSPOT_HOME (the settings fixture)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "weights.pt").write_bytes(b"weights")  # promote checks they are there
         if promote:
             registry.promote(session, run)
         return run.version
@@ -280,6 +284,21 @@ def test_promote_and_roll_back_change_the_active_model(app, app_engine):
     no_exception(app)
     assert runs_in_store(app_engine)[old][2] and not runs_in_store(app_engine)[new][2]
     assert f"{old} is the active classifier again" in texts(app.success)
+
+
+def test_a_run_whose_weights_are_not_here_is_not_promoted(app, app_engine, settings):
+    """Trained by a worker with another CELLSPOT_HOME: promoting it would break prediction."""
+    old = add_run(app_engine, "classifier", metrics={"f1": 0.7}, promote=True)
+    new = add_run(app_engine, "classifier", metrics={"f1": 0.8})
+    weights = settings.home / "models" / "classifier" / new / "weights.pt"
+    weights.unlink()
+    open_models(app)
+    app.selectbox(key="models_run").set_value(new).run()
+    app.button(key="models_promote").click().run()
+    no_exception(app)
+    errors = texts(app.error)
+    assert f"cannot promote {new}: {weights} is missing" in errors, errors
+    assert runs_in_store(app_engine)[old][2] and not runs_in_store(app_engine)[new][2]
 
 
 def test_a_failed_run_can_be_resumed_not_promoted(app, app_engine, settings):
