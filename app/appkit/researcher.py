@@ -98,7 +98,7 @@ def act(notice_key: str, errors: tuple[type[Exception], ...], action, *args, rem
         st.session_state[key] = remember[key]
     try:
         message = action(*args)
-    except errors as exc:
+    except Exception as exc:  # not Streamlit's rerun / stop: a rerun leaves the marks standing
         for key in marks:
             remember[key]["failed"] = True  # in place: no interruption between the failure and this
         for key, value in before.items():
@@ -106,6 +106,8 @@ def act(notice_key: str, errors: tuple[type[Exception], ...], action, *args, rem
                 st.session_state.pop(key, None)
             else:
                 st.session_state[key] = value
+        if not isinstance(exc, errors):
+            raise  # a bug: shown by Streamlit, and the next click is a new request, not "a moment ago"
         st.error(str(exc))
         return
     for key in marks:

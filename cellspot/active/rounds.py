@@ -350,13 +350,19 @@ def rollback_round(session: Session, round_: ALRound, now: datetime | None = Non
     """
     if round_.status != "open":
         raise RoundError(f"round {round_.number} is {round_.status}; only the open round can be rolled back")
+    from sqlalchemy import update
+
     _lock_rounds(session, round_.project_id)  # as openings and closings: one at a time per project
-    session.refresh(round_)  # another process may have closed or replaced it meanwhile
-    if round_.status != "open":
+    # one conditional UPDATE (SQLite ignores FOR UPDATE): a round another process closed or
+    # replaced meanwhile is not rolled back, and it is written before another round opens
+    # (one open round per project: a unique index)
+    done = session.execute(
+        update(ALRound).where(ALRound.id == round_.id, ALRound.status == "open")
+        .values(status="rolled_back", closed_at=now or utcnow()).execution_options(synchronize_session=False))
+    session.refresh(round_)
+    if done.rowcount != 1:
         raise RoundError(f"round {round_.number} is no longer the open round (now {round_.status}); "
                          "nothing was rolled back")
-    round_.status, round_.closed_at = "rolled_back", now or utcnow()
-    session.flush()  # before another round opens: one open round per project (a unique index)
     previous = session.scalar(
         select(ALRound).where(ALRound.project_id == round_.project_id, ALRound.status == "closed",
                               ALRound.number < round_.number)

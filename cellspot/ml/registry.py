@@ -27,6 +27,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cellspot.ml.files import WEIGHTS_FILE
 from cellspot.store.models import MODEL_KINDS, ModelRun, Project, utcnow
 
 if TYPE_CHECKING:
@@ -292,8 +293,9 @@ def promote(session: Session, run: ModelRun, settings: Settings | None = None) -
     a run trained by a worker with another ``CELLSPOT_HOME`` is refused here, not at prediction."""
     if run.status != "done":
         raise RegistryError(f"cannot promote {run.version}: its status is {run.status!r}, only 'done' runs can be")
-    if settings is not None and not (model_dir(settings, run) / "weights.pt").is_file():
-        raise RegistryError(f"cannot promote {run.version}: {model_dir(settings, run) / 'weights.pt'} is missing "
+    weights = model_dir(settings, run) / WEIGHTS_FILE if settings is not None else None
+    if weights is not None and not weights.is_file():
+        raise RegistryError(f"cannot promote {run.version}: {weights} is missing "
                             "(trained by a worker with another CELLSPOT_HOME, or its folder deleted?); "
                             "prediction could not load it")
     lock_promotions(session, run)

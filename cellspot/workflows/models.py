@@ -59,8 +59,10 @@ LOST_AFTER_S = 600.0
 #: a database that has not answered a training's progress writes and cancel polls for this long
 #: stops it (it saves ``resume.pt`` and ends failed, resumable); shorter outages are waited out
 DB_OUTAGE_S = 60.0
-#: waits (seconds) between the tries of a run's final status write when the database does not answer
-FINISH_RETRY_S: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: waits (seconds) between the tries of a run's final status write when the database does not
+#: answer: doubling to 15 s, for as long as :data:`LOST_AFTER_S` (after that the run would be
+#: taken for lost anyway: Cancel, Resume or a starting worker then mark it failed, resumable)
+FINISH_RETRY_S: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, *[15.0] * 39)
 STORE_SOURCES = ("consensus", "expert")
 
 

@@ -41,6 +41,27 @@ def test_a_second_click_that_interrupts_the_first_after_queueing_does_not_queue_
     assert "queued a moment ago (a double click?)" in texts(app.info)
 
 
+def test_a_click_that_failed_unexpectedly_is_not_taken_for_a_double_click(app, app_engine, monkeypatch):
+    """An exception the page does not expect (a bug) is shown, and the next click queues: the
+    mark written before the action must not say "queued a moment ago" for work never queued."""
+    asked = []
+
+    def enqueue(settings, project, **kw):
+        asked.append((project, kw))
+        if len(asked) == 1:
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr("cellspot.jobs.enqueue_prediction", enqueue)
+    add_run(app_engine, "detector", promote=True), add_run(app_engine, "classifier", promote=True)
+    open_models(app)
+    app.button(key="models_predict").click().run()
+    assert app.exception and "a bug" in app.exception[0].message
+    app.button(key="models_predict").click().run()
+    no_exception(app)
+    assert len(asked) == 2
+    assert "queued a moment ago" not in texts(app.info)
+
+
 def test_a_prediction_already_queued_is_not_queued_again_and_the_page_says_so(app, app_engine, monkeypatch):
     from appkit import researcher
 
