@@ -263,13 +263,16 @@ def rollback_current(
     :class:`RoundsWorkflowError` when no round is open or it is not round ``number``.
     """
     project = as_project(session, project)
+    if number is not None:
+        _check_still_open(session, project, number, "rolled back")
     current = al.current_round(session, project)
     if current is None:
         raise RoundsWorkflowError(f"project {project.name!r} has no open round to roll back")
-    if number is not None and current.number != int(number):
-        raise RoundsWorkflowError(f"round {number} is no longer the open round (round {current.number} is, "
-                                  "changed meanwhile, perhaps in another tab); nothing was rolled back")
-    restored = al.rollback_round(session, current)
+    try:
+        restored = al.rollback_round(session, current)
+    except al.RoundError as exc:  # closed or replaced a moment ago by another process: say what is open
+        _check_still_open(session, project, current.number, "rolled back")
+        raise RoundsWorkflowError(f"{exc}; nothing was rolled back") from exc
     return (round_info(session, project, current),
             round_info(session, project, restored) if restored is not None else None)
 

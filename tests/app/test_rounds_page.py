@@ -216,6 +216,23 @@ def test_roll_back_reopens_the_previous_round(app, app_engine):
     assert "no round is open now" in texts(app.success) and "No round is open" in texts(app.info)
 
 
+def test_roll_back_of_a_round_closed_meanwhile_says_so(app, app_engine):
+    """The rollback confirmation of round 2 is open; the round is closed elsewhere (the CLI):
+    the page says round 2 was closed meanwhile, not only "no open round"."""
+    open_in_store(app_engine, [0, 1])
+    open_in_store(app_engine, [3], strategy="coverage", minutes=1)
+    open_rounds(app)
+    with Session(app_engine) as session, session.begin():
+        wr.close_current(session, "demo", number=2)  # `cellspot round close`
+    rounds_view.refresh()
+    app.button(key="rounds_rollback").click().run()
+    no_exception(app)
+    assert "round 2 was open when you pressed, but no round is open now" in texts(app.error)
+    assert "nothing was rolled back" in texts(app.error)
+    with Session(app_engine) as session:
+        assert wr.current_round_info(session, "demo") is None
+
+
 def test_roll_back_from_a_stale_page_rolls_back_nothing(app, app_engine):
     """Two researcher tabs both show round 2; the first rolls it back, the second's button must
     not roll back round 1 as well."""
@@ -228,7 +245,8 @@ def test_roll_back_from_a_stale_page_rolls_back_nothing(app, app_engine):
     rounds_view.refresh()  # as the other tab's rollback does: this tab's rerun now reads round 1 as open
     app.button(key="rounds_rollback").click().run()
     no_exception(app)
-    assert "round 2 is no longer the open round (round 1 is" in texts(app.error)
+    assert ("round 2 was open when you pressed, but round 1 is open now (changed a moment ago: a double "
+            "click, another tab or another researcher); nothing was rolled back") in texts(app.error)
     with Session(app_engine) as session:
         assert wr.current_round_info(session, "demo").number == 1
 
