@@ -28,8 +28,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +39,16 @@ from huey import Huey, RedisExpireHuey, SqliteHuey, crontab
 from huey.api import Result, TaskWrapper
 from huey.consumer import Consumer
 from huey.exceptions import TaskLockedException
+
+from cellspot.marks import (
+    MarkHeldError,
+    describe_holder,
+    hold_mark,
+    holder_alive,
+    pid_alive,
+    swap_mark,
+    take_mark,
+)
 
 if TYPE_CHECKING:
     from cellspot.settings import Settings
@@ -96,11 +106,20 @@ def make_huey(url: str, *, name: str | None = None) -> Huey:
     )
 
 
+#: host names of this machine in a database URL (no host: PostgreSQL's local socket)
+LOOPBACK_HOSTS = ("", "localhost", "127.0.0.1", "::1", "[::1]")
+
+
 def queue_name(settings: Settings) -> str:
     """The queue's name for ``settings``: ``CELLSPOT_QUEUE_NAME``, else :data:`QUEUE_NAME`, a
-    dash and a short hash of the store (the database URL without driver or password, a SQLite
-    file by its absolute path), so that two stores whose workers share one Redis database do not
-    take each other's jobs. The app and its workers must name the same database."""
+    dash and a short hash of the store, so that two stores whose workers share one Redis
+    database do not take each other's jobs. The store is what picks the data, and only that:
+    a SQLite file by its absolute path; else the backend, user, host (any case), port (its
+    default when not given; ``localhost``, ``127.0.0.1``, ``::1`` and no host are one) and
+    database, and for PostgreSQL the ``options`` parameter when it
+    sets a ``search_path`` (a schema: ``?options=-csearch_path%3Dlab``). The driver, the
+    password and the other query parameters (``connect_timeout``, ``sslmode``, ...) may
+    differ between the app and its workers."""
     if settings.queue_name:
         return settings.queue_name
     from sqlalchemy.engine import make_url
@@ -115,9 +134,12 @@ def queue_name(settings: Settings) -> str:
         parsed = make_url(url)
         backend = parsed.get_backend_name()
         port = parsed.port or {"postgresql": 5432, "mysql": 3306}.get(backend, "")
-        query = "&".join(f"{k}={v}" for k, v in sorted(parsed.query.items()))
-        store = (f"{backend}://{parsed.username or ''}@{(parsed.host or '').lower()}:{port}/"
-                 f"{parsed.database or ''}?{query}")
+        options = parsed.query.get("options")
+        # a search_path in PostgreSQL's options picks the schema: another store on that database
+        query = f"options={options}" if backend == "postgresql" and "search_path" in str(options) else ""
+        host = (parsed.host or "").lower()
+        host = "localhost" if host in LOOPBACK_HOSTS else host  # this machine, however it is written
+        store = f"{backend}://{parsed.username or ''}@{host}:{port}/{parsed.database or ''}?{query}"
     return f"{QUEUE_NAME}-{hashlib.sha256(store.encode()).hexdigest()[:10]}"
 
 
@@ -146,8 +168,8 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         engine = make_engine(settings=settings)
         key = _prediction_key(project, detector, classifier)
         try:
-            with busy(settings, "predict", project), transaction(engine) as session:
-                _mark_prediction_running(huey, key)
+            with busy(settings, "predict", project), _running_prediction(huey, key), \
+                    transaction(engine) as session:
                 report = predict_project(
                     session, settings, get_project(session, project),
                     detector_run=get_run(session, detector) if detector else None,
@@ -156,7 +178,6 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         except (RunNotFoundError, ProjectNotFoundError) as exc:
             return _not_in_this_store(settings, f"the prediction of project {project!r}", exc)
         finally:
-            _forget_prediction(huey, key)
             engine.dispose()
         summary = {name: getattr(report, name, None) for name in
                    ("project", "detector_version", "classifier_version", "images", "cells", "alive", "dead",
@@ -212,86 +233,24 @@ def _not_in_this_store(settings: Settings, what: str, exc: LookupError) -> dict[
 
 # --------------------------------------------------------------------------- automatic-round lock
 
-#: the lock of a running automatic round is renewed this often ...
-ROUND_LOCK_BEAT_S = 30.0
-#: ... and taken as left by a dead worker once not renewed for this long
-ROUND_LOCK_STALE_S = 180.0
-#: tokens of the round locks this process holds
-_HELD_LOCKS: set[str] = set()
-
 
 @contextmanager
 def round_lock(huey: Huey, project: str) -> Iterator[None]:
     """Hold the lock of ``project``'s automatic round (one at a time per project, across the
     workers of the queue) while the block runs; :class:`TaskLockedException` when a live worker
-    holds it. The lock is a key in the queue's storage naming its holder (host, process, a
-    token) and renewed every :data:`ROUND_LOCK_BEAT_S` by a thread; a lock whose holder was
-    killed (``kill -9``: no ``finally`` ran) is taken over: at once when the holder was a
-    process of this host that no longer runs (or this very process, restarted with the same
-    pid), else once not renewed for :data:`ROUND_LOCK_STALE_S`. (huey's own ``lock_task`` has
-    no holder and no expiry: a killed worker blocked the project's rounds for good.)"""
-    key = json.dumps(["cellspot.auto_round.lock", project])
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "beat": time.time()}
-    if not huey.put_if_empty(key, mine):
-        holder = huey.get(key, peek=True)
-        if holder is not None and _lock_holder_alive(holder):
-            raise TaskLockedException(f"a worker on {holder.get('host')} (pid {holder.get('pid')}) runs it")
-        log.warning("automatic round of %r: lock left by a worker that no longer runs (%s): taken over", project,
-                    _describe_holder(holder))
-        huey.delete(key)
-        if not huey.put_if_empty(key, mine):  # another worker took it over first
-            raise TaskLockedException("another worker took it over first")
-    _HELD_LOCKS.add(mine["token"])
-    stop = threading.Event()
-    beat = threading.Thread(target=_renew_round_lock, args=(huey, key, mine, stop), daemon=True,
-                            name=f"round-lock-{project}")
-    beat.start()
-    try:
+    holds it. The lock is a mark (:func:`cellspot.marks.hold_mark`): a key in the queue's storage naming its
+    holder, renewed every :data:`cellspot.marks.MARK_BEAT_S`; the lock of a killed worker (``kill -9``: no
+    ``finally`` ran) is taken over at once when that worker was a process of this host, else
+    once not renewed for :data:`cellspot.marks.MARK_STALE_S`; of two workers taking over one lock, one gets
+    it. (huey's own ``lock_task`` has no holder and no expiry: a killed worker blocked the
+    project's rounds for good.)"""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hold_mark(huey, json.dumps(["cellspot.auto_round.lock", project])))
+        except MarkHeldError as exc:
+            holder = exc.holder if isinstance(exc.holder, dict) else {}
+            raise TaskLockedException(f"a worker on {holder.get('host')} (pid {holder.get('pid')}) runs it") from None
         yield
-    finally:
-        stop.set()
-        beat.join()
-        _HELD_LOCKS.discard(mine["token"])
-        try:
-            if _lock_token(huey.get(key, peek=True)) == mine["token"]:
-                huey.delete(key)
-        except Exception as exc:  # noqa: BLE001 - the round's own result matters more; the lock goes stale
-            log.warning("cannot release the lock of the automatic round of %r: %s", project, exc)
-
-
-def _renew_round_lock(huey: Huey, key: str, mine: dict[str, Any], stop: threading.Event) -> None:
-    while not stop.wait(ROUND_LOCK_BEAT_S):
-        try:
-            if _lock_token(huey.get(key, peek=True)) != mine["token"]:
-                log.warning("the lock %s was taken over by another worker; not renewed", key)
-                return
-            huey.put(key, {**mine, "beat": time.time()})
-        except Exception as exc:  # noqa: BLE001 - the queue may be back at the next beat
-            log.warning("cannot renew the lock %s: %s", key, exc)
-
-
-def _lock_token(holder: Any) -> str | None:
-    return holder.get("token") if isinstance(holder, dict) else None
-
-
-def _lock_holder_alive(holder: Any) -> bool:
-    """Whether the holder of a round lock still runs (see :func:`round_lock`)."""
-    try:
-        host, pid, beat, token = str(holder["host"]), int(holder["pid"]), float(holder["beat"]), holder["token"]
-    except (TypeError, KeyError, ValueError):
-        return False
-    if host == socket.gethostname():
-        if pid == os.getpid():
-            return token in _HELD_LOCKS
-        if not _alive(pid):
-            return False
-    return time.time() - beat < ROUND_LOCK_STALE_S
-
-
-def _describe_holder(holder: Any) -> str:
-    if not isinstance(holder, dict):
-        return "unreadable"
-    return f"{holder.get('host')} pid {holder.get('pid')}, renewed at {holder.get('beat')}"
 
 
 # --------------------------------------------------------------------------- what workers do
@@ -348,21 +307,11 @@ def busy_jobs(settings: Settings, project: str | None = None) -> list[Busy]:
                        str(raw["host"]), int(raw["pid"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written or removed
-        if job.host == socket.gethostname() and not _alive(job.pid):
+        if job.host == socket.gethostname() and not pid_alive(job.pid):
             continue
         if project is None or job.project == project:
             out.append(job)
     return sorted(out, key=lambda j: j.since)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: it exists
-        return True
-    return True
 
 
 def get_queue(settings: Settings) -> JobQueue:
@@ -427,25 +376,22 @@ def enqueue_prediction(
     once: while a prediction of the same project and model pair is queued or running, a second
     one is refused with :class:`PredictionPendingError` (a double click on "Predict project"
     queued two). The mark is a key in the queue's own storage, set atomically before the job is
-    queued and removed when the job ends; a mark whose job is neither waiting in the queue nor
-    running in a worker (a worker killed mid-job) does not count."""
+    queued, marked running by the worker that takes the job and removed when the job ends; a
+    mark whose job is neither waiting in the queue nor running in a live worker (a worker
+    killed mid-job, on this host or another) does not count (:func:`_prediction_alive`) and is
+    taken over (:func:`cellspot.marks.take_mark`: of two callers at once, one queues the job)."""
     key = _prediction_key(project, detector, classifier)
     with _queue_errors(settings) as queue:
         task = queue.predict.s(project, detector=detector, classifier=classifier)
         mark = {"state": "queued", "task_id": task.id, "since": datetime.now(timezone.utc).isoformat()}
-        if not queue.huey.put_if_empty(key, mark):
-            pending = queue.huey.get(key, peek=True)
-            if pending is not None and _prediction_alive(queue, settings, project, pending):
-                raise PredictionPendingError(project, detector, classifier, pending)
-            log.warning("prediction mark of %r left by a job that no longer runs: replaced", project)
-            queue.huey.delete(key)
-            if not queue.huey.put_if_empty(key, mark):  # another caller replaced it first
-                raise PredictionPendingError(project, detector, classifier, queue.huey.get(key, peek=True) or {})
+        found = take_mark(queue.huey, key, mark, alive=lambda pending: _prediction_alive(queue.huey, pending))
+        if found is not None:
+            raise PredictionPendingError(project, detector, classifier, found if isinstance(found, dict) else {})
         try:
             return queue.huey.enqueue(task)
         except BaseException:
             if not queue.huey.immediate:  # not queued: forget the mark (immediate: the task did)
-                queue.huey.delete(key)
+                _forget_prediction(queue.huey, key, mark)
             raise
 
 
@@ -471,30 +417,53 @@ def _prediction_key(project: str, detector: str | None, classifier: str | None) 
     return json.dumps(["cellspot.predict.pending", project, detector, classifier])
 
 
-def _prediction_alive(queue: JobQueue, settings: Settings, project: str, mark: dict[str, Any]) -> bool:
+def _prediction_alive(huey: Huey, mark: Any) -> bool:
     """Whether the job of a prediction ``mark`` still waits in the queue or runs in a worker. A
-    mark younger than :data:`QUEUEING_S` counts whatever the queue holds: its caller may not have
-    put the job on the queue yet."""
+    "running" mark counts while its holder lives (:func:`cellspot.marks.holder_alive`: not once it was a process
+    of this host that no longer runs, nor once not renewed for :data:`cellspot.marks.MARK_STALE_S`, whichever
+    host wrote it). A "queued" one counts while its job waits in the queue, and whatever the
+    queue holds while younger than :data:`QUEUEING_S` (its caller may not have put the job on
+    the queue yet)."""
+    if not isinstance(mark, dict):
+        return False
     if mark.get("state") == "running":
-        return any(job.task == "predict" for job in busy_jobs(settings, project))
+        return holder_alive(mark)
     since = _parse_time(mark.get("since"))
-    if since is None or (datetime.now(timezone.utc) - since).total_seconds() < QUEUEING_S:
+    if since is not None and since.tzinfo is not None and \
+            (datetime.now(timezone.utc) - since).total_seconds() < QUEUEING_S:
         return True
-    return any(getattr(task, "id", None) == mark.get("task_id") for task in queue.huey.pending())
+    return any(getattr(task, "id", None) == mark.get("task_id") for task in huey.pending())
 
 
-def _mark_prediction_running(huey: Huey, key: str) -> None:
-    """Turn the pending mark of a prediction into "running" (the worker has taken it)."""
+def _running_mark_alive(mark: Any) -> bool:
+    """For the worker that starts a prediction: a "queued" mark is its job's (or a job's that
+    waits behind it), a "running" one counts while its holder lives."""
+    return isinstance(mark, dict) and mark.get("state") == "running" and holder_alive(mark)
+
+
+@contextmanager
+def _running_prediction(huey: Huey, key: str) -> Iterator[None]:
+    """Mark the prediction at ``key`` running in this worker while the block runs, in place of
+    its "queued" mark: a mark with a holder and a heartbeat (:func:`cellspot.marks.hold_mark`), removed at the
+    end. A mark and de-duplication aid only: the job runs without it when another live worker
+    runs the same prediction or the queue's storage fails."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hold_mark(huey, key, {"state": "running",
+                                                      "since": datetime.now(timezone.utc).isoformat()},
+                                          alive=_running_mark_alive))
+        except MarkHeldError as exc:
+            log.info("the same prediction is run by %s; this one runs too, unmarked", describe_holder(exc.holder))
+        except Exception as exc:  # noqa: BLE001 - the job runs anyway
+            log.warning("cannot mark the prediction running: %s", exc)
+        yield
+
+
+def _forget_prediction(huey: Huey, key: str, mark: dict[str, Any]) -> None:
+    """Remove the prediction ``mark`` at ``key`` if it is still there."""
     try:
-        huey.put(key, {"state": "running", "since": datetime.now(timezone.utc).isoformat()})
-    except Exception as exc:  # noqa: BLE001 - a display and de-duplication aid: the job runs anyway
-        log.warning("cannot mark the prediction running: %s", exc)
-
-
-def _forget_prediction(huey: Huey, key: str) -> None:
-    try:
-        huey.delete(key)
-    except Exception as exc:  # noqa: BLE001 - the job's own result matters more
+        swap_mark(huey, key, mark, None)
+    except Exception as exc:  # noqa: BLE001 - the caller's own error matters more
         log.warning("cannot clear the prediction mark: %s", exc)
 
 
@@ -563,17 +532,22 @@ def _warn_of_jobs_under_the_old_name(settings: Settings, huey: Huey) -> None:
                     huey.name, QUEUE_NAME)
 
 
-#: the loggers on which the huey consumer repeats an error of the queue's storage in its loop
-CONSUMER_LOGGERS = ("huey.consumer.Worker", "huey.consumer.Scheduler", "huey.consumer", "huey")
+#: the loggers of the huey consumer's worker and scheduler loops (huey 3.5: ``huey.consumer.<process_name>``)
+CONSUMER_LOGGERS = ("huey.consumer.Worker", "huey.consumer.Scheduler")
+#: the messages with which those loops log an error of the queue's storage (and go on looping):
+#: only these are throttled, never a task's own failure ("Unhandled exception in task ...")
+CONSUMER_LOOP_ERRORS = ("Error reading from queue", "Error reading schedule.", "Error enqueueing ")
 #: of those errors, one traceback passes per this many seconds
 QUEUE_ERROR_EVERY_S = 60.0
 
 
 class QueueErrorThrottle(logging.Filter):
-    """Lets one record carrying an error of the queue's storage (Redis gone: a connection error;
-    a SQLite queue file gone) through per ``every`` seconds, and says on the next one how many
-    were held back; other records pass. Redis going away mid-job made the consumer's worker and
-    scheduler log a traceback each loop: thousands of lines a minute."""
+    """Lets one record of the consumer's loops failing on the queue's storage (one of
+    :data:`CONSUMER_LOOP_ERRORS` carrying a connection error of Redis, an error of a SQLite queue
+    file gone) through per ``every`` seconds, and says on the next one how many were held back;
+    other records pass, a task's errors included (huey logs those on other messages). Redis
+    going away made the consumer's worker and scheduler log a traceback each loop: thousands of
+    lines a minute."""
 
     def __init__(self, every: float = QUEUE_ERROR_EVERY_S, clock: Any = time.monotonic) -> None:
         super().__init__()
@@ -585,6 +559,8 @@ class QueueErrorThrottle(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from redis.exceptions import RedisError
 
+        if record.name not in CONSUMER_LOGGERS or not str(record.msg).startswith(CONSUMER_LOOP_ERRORS):
+            return True
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, (OSError, sqlite3.Error, RedisError)):
             return True

@@ -4,6 +4,7 @@ PostgreSQL), sessions."""
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +14,8 @@ from types import ModuleType
 import pytest
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+#: the Redis server of the tests; they use database 13 and queue names of their own
+REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 13
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -69,6 +72,28 @@ def _postgres_available() -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means "not available"
         return f"PostgreSQL at {POSTGRES_URL} does not answer: {type(exc).__name__}: {exc}".splitlines()[0]
     return None
+
+
+def _redis_skip_reason() -> str | None:
+    """None when a Redis server answers PING at REDIS_HOST:REDIS_PORT, else the reason it does not."""
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(16).startswith(b"+PONG"):
+                return f"{REDIS_HOST}:{REDIS_PORT} answers, but not like Redis"
+    except OSError as exc:
+        return f"Redis at {REDIS_HOST}:{REDIS_PORT} does not answer: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """``redis://127.0.0.1:6379/13``, the tests' Redis database, when a server answers there; skips
+    the test otherwise. A test keeps to queue names of its own and flushes only those."""
+    reason = _redis_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 
 
 @pytest.fixture(scope="session")

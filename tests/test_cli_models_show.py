@@ -42,6 +42,7 @@ def test_list_shows_a_short_error(runs) -> None:
     assert header.split()[-1] == "error" and "classifier-0002" in done and "classifier-0001" in failed
     assert "ValueError: the crops are all black" in failed and failed.rstrip().endswith("...")
     assert "second line" not in out and "models show VERSION" in out
+    assert "None" not in done and "nan" not in done  # no error: a blank cell
 
 
 @pytest.mark.parametrize(

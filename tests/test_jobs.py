@@ -17,9 +17,6 @@ from cellspot.store.queries import get_project
 from cellspot.workflows import models as wf
 from fake_trainer import FakeFit, install, load_run, request_cancel, seed_project
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-
-
 def _queued_run(settings, **kwargs) -> int:
     engine = make_engine(settings=settings)
     try:
@@ -169,24 +166,10 @@ def test_sqlite_queue_round_trip_with_consumer_thread(settings, monkeypatch) -> 
     assert (settings.home / "queue.db").is_file()
 
 
-def _redis_skip_reason() -> str | None:
-    try:
-        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            if not sock.recv(16).startswith(b"+PONG"):
-                return f"{REDIS_HOST}:{REDIS_PORT} answers, but not like Redis"
-    except OSError as exc:
-        return f"Redis at {REDIS_HOST}:{REDIS_PORT} does not answer: {exc}"
-    return None
-
-
-def test_redis_queue_round_trip_with_consumer_thread(settings, monkeypatch) -> None:
-    reason = _redis_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    # a database number no one else uses in this test; a unique name keeps parallel runs apart
+def test_redis_queue_round_trip_with_consumer_thread(settings, monkeypatch, redis_url) -> None:
+    # a unique queue name keeps parallel runs on the tests' Redis database apart
     monkeypatch.setattr(jobs, "QUEUE_NAME", f"cellspot-test-{uuid.uuid4().hex[:8]}")
-    redis_settings = settings.model_copy(update={"queue_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/15"})
+    redis_settings = settings.model_copy(update={"queue_url": redis_url})
     try:
         _round_trip(redis_settings, monkeypatch)
     finally:

@@ -330,6 +330,8 @@ def models_list(project_name: str | None, folder: bool, kind: str | None) -> Non
         error=frame["error"].map(_short_error),
     )
     frame = frame[[c for c in frame.columns if c != "error"] + ["error"]].dropna(axis="columns", how="all")
+    if "error" in frame.columns:
+        frame["error"] = frame["error"].fillna("")  # runs without an error: blank, not "None"
     click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if "error" in frame.columns:
         click.echo("(`cellspot models show VERSION` prints a run's whole error)")

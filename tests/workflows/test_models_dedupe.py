@@ -7,7 +7,13 @@ jobs stay queued), or huey's immediate mode where a job must run.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -78,17 +84,79 @@ def test_enqueues_at_the_same_moment_queue_one_job(settings, queue) -> None:
     assert len(predict_jobs(settings)) == 1
 
 
-def test_a_running_prediction_refuses_another_until_its_worker_is_gone(settings, queue) -> None:
+def test_a_running_prediction_refuses_another_until_its_worker_is_done(settings, queue) -> None:
     key = jobs._prediction_key("demo", "detector-0001", "classifier-0001")
     jobs.enqueue_prediction(settings, "demo", detector="detector-0001", classifier="classifier-0001")
     queue.storage.flush_queue()  # a worker took the job ...
-    with jobs.busy(settings, "predict", "demo"):  # ... and runs it
-        jobs._mark_prediction_running(queue, key)
+    with jobs._running_prediction(queue, key):  # ... and runs it
+        mark = queue.get(key, peek=True)
+        assert (mark["state"], mark["host"], mark["pid"]) == ("running", socket.gethostname(), os.getpid())
         with pytest.raises(jobs.PredictionPendingError, match="already running"):
             jobs.enqueue_prediction(settings, "demo", detector="detector-0001", classifier="classifier-0001")
-    # its worker was killed: the mark stays, but no worker runs the job, so it does not count
-    assert queue.get(key, peek=True)["state"] == "running"
+    assert queue.get(key, peek=True) is None  # the mark goes with the job
     jobs.enqueue_prediction(settings, "demo", detector="detector-0001", classifier="classifier-0001")
+    assert len(predict_jobs(settings)) == 1
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize(("case", "holder", "refused"), [
+    ("a worker on another host, renewed now", lambda: {"host": "gpu-box-7", "pid": 4242}, True),
+    ("a worker on another host, killed 10 minutes ago", lambda: {"host": "gpu-box-7", "pid": 4242, "beat": -600},
+     False),
+    ("a worker of this host that no longer runs", lambda: {"pid": _dead_pid()}, False),
+    ("a mark written before marks named their worker", lambda: None, False),
+])
+def test_a_running_prediction_counts_while_its_worker_lives(settings, queue, case, holder, refused) -> None:
+    """The mark of a running prediction names its worker and is renewed while the job runs.
+    (It counted while any prediction of the project showed under CELLSPOT_HOME/workers, and the
+    file of a worker killed on another host stays there: "Predict project" was refused for good.)"""
+    key = jobs._prediction_key("demo", "detector-0001", "classifier-0001")
+    workers = settings.home / "workers"
+    workers.mkdir(parents=True)
+    (workers / "gpu-box-7-4242-1.json").write_text(json.dumps(
+        {"task": "predict", "project": "demo", "since": "2020-01-01T00:00:00+00:00", "host": "gpu-box-7",
+         "pid": 4242}))
+    mark = {"state": "running", "since": datetime.now(timezone.utc).isoformat()}
+    fields = holder()
+    if fields is not None:
+        mark |= {"host": socket.gethostname(), "pid": os.getpid(), "token": "t", **fields,
+                 "beat": time.time() + fields.get("beat", 0)}
+    queue.put(key, mark)
+    if refused:
+        with pytest.raises(jobs.PredictionPendingError, match="already running"):
+            jobs.enqueue_prediction(settings, "demo", detector="detector-0001", classifier="classifier-0001")
+        assert predict_jobs(settings) == [], case
+        return
+    jobs.enqueue_prediction(settings, "demo", detector="detector-0001", classifier="classifier-0001")
+    assert len(predict_jobs(settings)) == 1, case
+    assert queue.get(key, peek=True)["state"] == "queued"
+
+
+def test_clicks_at_the_same_moment_on_a_killed_prediction_queue_one_job(settings, queue) -> None:
+    key = jobs._prediction_key("demo", "detector-0001", "classifier-0001")
+    queue.put(key, {"state": "running", "since": "2020-01-01T00:00:00+00:00", "host": "gpu-box-7", "pid": 4242,
+                    "token": "t", "beat": time.time() - 3600})
+    start, outcomes = threading.Barrier(4), []
+
+    def click() -> None:
+        start.wait()
+        try:
+            jobs.enqueue_prediction(settings, "demo", detector="detector-0001", classifier="classifier-0001")
+            outcomes.append("queued")
+        except jobs.PredictionPendingError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=click) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["queued", "refused", "refused", "refused"]
     assert len(predict_jobs(settings)) == 1
 
 
