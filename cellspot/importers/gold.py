@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from cellspot.importers.csvtools import (
     separator_hint,
 )
 from cellspot.importers.errors import GoldImportError, ImportProblem
+from cellspot.names import ImageNames
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,14 @@ def import_gold(session: Any, project: Any, path: str | Path, source: str | None
     path = Path(path)
     rows, problems = parse_gold_csv(path)
     images = _store.project_images(session, project)
+    names = ImageNames(images)
     placed: list[tuple[int, GoldRow]] = []
     for row in rows:
+        target, alike = names.match(row.image)
+        if alike:
+            problems.append(ImportProblem(str(path), names.reason(row.image, alike, ""), row.line, "image", row.image))
+            continue
+        row = replace(row, image=target) if target is not None else row  # "a" for "a.png", as metadata CSVs
         problem = _place(row, images.get(row.image), project.name, not images)
         if problem is None:
             placed.append((images[row.image].id, row))

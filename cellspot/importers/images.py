@@ -49,6 +49,7 @@ from cellspot.importers.csvtools import (
     separator_hint,
 )
 from cellspot.importers.errors import ImageImportError, ImportProblem
+from cellspot.names import ImageNames
 
 log = logging.getLogger(__name__)
 
@@ -393,18 +394,12 @@ def _apply_metadata(
     path: Path, metadata: dict[str, tuple[int, dict[str, Any]]], by_name: dict[str, Any],
     report: ImageImportReport,
 ) -> None:
-    by_stem: dict[str, list[str]] = {}
-    for name in by_name:
-        by_stem.setdefault(PurePosixPath(name).stem, []).append(name)
+    names = ImageNames(by_name)
     rows_of: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # image -> its rows (a name with or without extension)
     for name, (line, values) in metadata.items():
-        target = name if name in by_name else None
-        if target is None and len(by_stem.get(name, [])) == 1:
-            target = by_stem[name][0]
+        target, alike = names.match(name)
         if target is None:
-            alike = sorted(by_stem.get(name, []))
-            reason = (f"{name!r} matches {len(alike)} images ({', '.join(alike)}); give the full file name"
-                      if alike else f"no image named {name!r} in this import or the project")
+            reason = names.reason(name, alike, "in this import or the project")
             report.errors.append(ImportProblem(str(path), reason, line, "image"))
             continue
         rows_of.setdefault(target, []).append((line, values))

@@ -95,6 +95,24 @@ def test_import_and_reimport(session, project, tmp_path: Path) -> None:
     assert _count(session) == 3
 
 
+def test_an_image_named_without_its_extension_is_found_as_in_metadata(session, project, tmp_path: Path) -> None:
+    """Metadata CSVs accept ``a`` for ``a.png``; expert-cell CSVs refused it ("no image named 'a'")."""
+    session.add(Image(project_id=project.id, name="c.png", width=10, height=10, has_pixels=True))
+    session.add(Image(project_id=project.id, name="c.tif", width=10, height=10, has_pixels=True))
+    report = import_gold(session, project, _csv(tmp_path, f"{HEADER}\na,10,20,alive\nb.jpg,5,5,dead\n"))
+    assert (report.imported, report.already_present) == (2, 0)
+    placed = session.execute(select(Image.name, GoldCell.x).join(GoldCell, GoldCell.image_id == Image.id)
+                             .order_by(GoldCell.x)).all()
+    assert [tuple(p) for p in placed] == [("b.jpg", 5.0), ("a.png", 10.0)]
+    assert import_gold(session, project, _csv(tmp_path, f"{HEADER}\na.png,10,20,alive\n")).already_present == 1
+    with pytest.raises(GoldImportError) as info:
+        import_gold(session, project, _csv(tmp_path, f"{HEADER}\nc,1,1,alive\n"))
+    problem = info.value.problems[0]
+    assert (problem.line, problem.field) == (2, "image")
+    assert "'c' matches 2 images (c.png, c.tif); give the full file name" in problem.reason
+    assert _count(session) == 2
+
+
 def test_conflict_with_a_stored_cell(session, project, tmp_path: Path) -> None:
     import_gold(session, project, _csv(tmp_path, f"{HEADER}\na.png,10,20,alive\n"))
     with pytest.raises(GoldImportError, match="labelled 'alive' is at the same position in the store"):
