@@ -96,10 +96,14 @@ class EtaClock:
     The first step carries the start-up (data, model, the first batch's allocations): an ETA
     from it said "8 min 55 s" at the detector's step 1 for an 80 s run. :meth:`eta` therefore
     starts its stopwatch at the first progress it sees and gives ``None`` ("estimating") until
-    the fraction has moved ``min_steps`` more times."""
+    the fraction has moved ``min_steps`` more times, or once when those steps are slow (at least
+    :data:`MIN_SECONDS` since the first): a short run of long steps (a classifier's 3-step
+    epochs) said "estimating" for half of it."""
 
-    #: steps after the first one before :meth:`eta` gives an estimate
+    #: steps after the first one before :meth:`eta` gives an estimate ...
     MIN_STEPS = 3
+    #: ... or seconds after the first, when one more step has come
+    MIN_SECONDS = 5.0
 
     def __init__(self, min_steps: int = MIN_STEPS, now: Callable[[], float] = time.perf_counter) -> None:
         self.now, self.min_steps = now, min_steps
@@ -112,7 +116,7 @@ class EtaClock:
 
     def eta(self, fraction: float, budget_left_s: float | None = None) -> float | None:
         """Seconds left at ``fraction`` (0-1) done, at the pace since the first progress; ``None``
-        until ``min_steps`` steps after it. ``budget_left_s``: a time budget's remaining seconds,
+        until ``min_steps`` steps after it (or one, :data:`MIN_SECONDS` after it). ``budget_left_s``: a time budget's remaining seconds,
         an upper bound."""
         now = self.now()
         if fraction >= 1.0:
@@ -124,7 +128,8 @@ class EtaClock:
             return None
         if fraction > self._last:
             self._last, self._steps = fraction, self._steps + 1
-        if self._steps < self.min_steps or fraction <= self._mark[1]:
+        slow = self._steps >= 1 and now - self._mark[0] >= self.MIN_SECONDS
+        if (self._steps < self.min_steps and not slow) or fraction <= self._mark[1]:
             return None
         eta = (now - self._mark[0]) * (1.0 - fraction) / (fraction - self._mark[1])
         return eta if budget_left_s is None else min(eta, max(0.0, budget_left_s))

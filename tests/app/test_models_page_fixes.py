@@ -178,6 +178,9 @@ class FakeTime:
     ([(5.0, 0.01), (5.5, 0.02), (6.0, 0.03), (6.5, 0.04)], 1.5 * 0.96 / 0.03),  # 0.5 s a step from then on
     ([(5.0, 0.01), (5.5, 0.02), (5.6, 0.02), (5.7, 0.02), (6.0, 0.03)], None),  # validation: no new step
     ([(5.0, 0.01), (5.5, 0.02), (6.0, 0.03), (6.5, 0.04), (7.0, 1.0)], 0.0),
+    # long steps (a classifier's 3-step epochs): one step after the first, 5 s on, is enough
+    ([(5.0, 1 / 6), (11.0, 2 / 6)], 6.0 * 4),
+    ([(5.0, 1 / 6), (9.0, 1 / 6), (10.0, 1 / 6)], None),  # 5 s on, but no step yet
 ])
 def test_eta_waits_for_steps_after_the_first(steps, expected):
     """At the detector's step 1 the ETA said "8 min 55 s" for an 80 s run: the first step carries
