@@ -226,7 +226,12 @@ if len(versions) < 2:
 else:
     pick = st.columns(2)
     kinds = dict(zip(runs["version"], runs["kind"]))
-    first = pick[0].selectbox("Run A", versions, index=1, key="compare_a")
+    # by default the second-newest run of the newest kind with two runs (B: the newest of it):
+    # a pair that can be compared, not a lone detector beside two classifiers
+    pairable = [v for v in versions if sum(kinds[w] == kinds[v] for w in versions) > 1]
+    newest_kind = [v for v in pairable if kinds[v] == kinds[pairable[0]]] if pairable else []
+    first = pick[0].selectbox("Run A", versions, key="compare_a",
+                              index=versions.index(newest_kind[1]) if newest_kind else 1)
     same_kind = [v for v in versions if kinds[v] == kinds[first] and v != first]  # newest first
     second = pick[1].selectbox("Run B", same_kind, index=0, key="compare_b") if same_kind else None
     if second is None:

@@ -455,6 +455,18 @@ def test_comparison_offers_runs_of_the_same_kind_and_rollback_needs_an_earlier_p
     assert not app.button(key="rollback-classifier").disabled
 
 
+def test_comparison_opens_on_a_pair_it_can_compare(app, app_engine):
+    """Classifier, detector, classifier: Run A opened on the detector (the second-newest run)
+    and said there was nothing to compare it with, beside two classifiers."""
+    older = add_run(app_engine, "classifier", curves=CURVES)
+    add_run(app_engine, "detector", curves=[{"epoch": 1, "val_f1": 0.5, "val_tp": 12, "val_fn": 3}])
+    newer = add_run(app_engine, "classifier", curves=CURVES)
+    open_models(app)
+    assert app.selectbox(key="compare_a").value == older
+    assert app.selectbox(key="compare_b").value == newer
+    assert not any("No other" in t for t in [i.value for i in app.info])
+
+
 def test_predict_is_disabled_without_active_models(app, app_engine):
     add_run(app_engine, "classifier", promote=True)
     open_models(app)
