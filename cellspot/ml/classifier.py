@@ -613,6 +613,8 @@ def fit_classifier(
     saved_config = {**asdict(cfg), "kind": KIND, "temperature": temperature, "output": "alive logit",
                     "positive_class": "dead", "versions": _versions(), "device": str(dev), "threads": threads,
                     "data": {"snapshot_id": data.snapshot_id, "source": data.source}}
+    if should_stop is not None:  # once more before the files: a run taken over meanwhile raises here
+        should_stop()
     save_checkpoint(out_dir, run.net.state_dict(), saved_config, metrics, run.state.curves)
     resume_path.unlink(missing_ok=True)
     run.emit("done", epochs_run, run.steps,

@@ -531,7 +531,7 @@ def fit_detector(
     if resume:
         run.load_resume()
     run.train(should_stop)
-    return run.finish(data)
+    return run.finish(data, should_stop)
 
 
 class _Run:
@@ -703,7 +703,7 @@ class _Run:
         return self.stopped_early or over_time
 
     # -- end
-    def finish(self, data: TrainingData) -> FitResult:
+    def finish(self, data: TrainingData, should_stop: StopFn | None = None) -> FitResult:
         if self.best_state and self.config.keep == "best":
             self.net.load_state_dict(self.best_state)
         probs = self.val_probs(self.config.tta)
@@ -722,6 +722,8 @@ class _Run:
                  "kept_epoch": self.best_epoch if self.config.keep == "best" and self.best_state else self.epoch,
                  "epochs_run": self.epoch, "stopped_early": self.stopped_early, "seconds": self.elapsed()}
         config = self.checkpoint_config(params, data)
+        if should_stop is not None:  # once more before the files: a run taken over meanwhile raises here
+            should_stop()
         save_checkpoint(self.out_dir, self.net.state_dict(), config, final, self.curves)
         (self.out_dir / RESUME_FILE).unlink(missing_ok=True)
         self.emit("done", metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},

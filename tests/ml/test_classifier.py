@@ -269,6 +269,26 @@ def test_cancel_writes_resume_and_resume_finishes_like_an_uninterrupted_run(tmp_
         fit_classifier(_data(), cfg, tmp_path / "x", resume=True)
 
 
+def test_a_run_taken_over_after_its_last_step_writes_no_model_files(tmp_path):
+    """A paused worker waking after its run was resumed elsewhere: ``should_stop`` (the store's
+    ownership check) is asked once more before the files are written, and its exception stops
+    the fit there; the new owner's folder is left alone."""
+    class TakenOver(Exception):
+        pass
+
+    phases: list[str] = []
+
+    def taken_over_after_training() -> bool:
+        if "calibrate" in phases:
+            raise TakenOver
+        return False
+
+    with pytest.raises(TakenOver):
+        fit_classifier(_data(), config_for("cpu-fast", **TINY), tmp_path / "run",
+                       progress=lambda e: phases.append(e.phase), should_stop=taken_over_after_training)
+    assert not (tmp_path / "run" / "weights.pt").exists() and "done" not in phases
+
+
 def test_training_needs_both_classes(tmp_path):
     data = _data()
     for im in data.images:
