@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -253,6 +254,25 @@ def open_new_round(
     return info
 
 
+def _on_open_round(session: Session, project: Project, number: int | None, verb: str,
+                   action: Callable[[Session, Any], Any]) -> tuple[Any, Any]:
+    """``(the open round, action(session, it))``: the rollback or close of ``project``'s open
+    round (``verb``: "roll back" or "close"), refused with :class:`RoundsWorkflowError` when no
+    round is open, when it is not round ``number`` (the one a page showed), or when another
+    process closed or replaced it between this read and the action's conditional update."""
+    done = {"roll back": "rolled back", "close": "closed"}[verb]
+    if number is not None:
+        _check_still_open(session, project, number, done)
+    current = al.current_round(session, project)
+    if current is None:
+        raise RoundsWorkflowError(f"project {project.name!r} has no open round to {verb}")
+    try:
+        return current, action(session, current)
+    except al.RoundError as exc:  # closed or replaced a moment ago by another process: say what is open
+        _check_still_open(session, project, current.number, done)
+        raise RoundsWorkflowError(f"{exc}; nothing was {done}") from exc
+
+
 def rollback_current(
     session: Session, project: Project | str, *, number: int | None = None
 ) -> tuple[RoundInfo, RoundInfo | None]:
@@ -263,16 +283,7 @@ def rollback_current(
     :class:`RoundsWorkflowError` when no round is open or it is not round ``number``.
     """
     project = as_project(session, project)
-    if number is not None:
-        _check_still_open(session, project, number, "rolled back")
-    current = al.current_round(session, project)
-    if current is None:
-        raise RoundsWorkflowError(f"project {project.name!r} has no open round to roll back")
-    try:
-        restored = al.rollback_round(session, current)
-    except al.RoundError as exc:  # closed or replaced a moment ago by another process: say what is open
-        _check_still_open(session, project, current.number, "rolled back")
-        raise RoundsWorkflowError(f"{exc}; nothing was rolled back") from exc
+    current, restored = _on_open_round(session, project, number, "roll back", al.rollback_round)
     return (round_info(session, project, current),
             round_info(session, project, restored) if restored is not None else None)
 
@@ -289,16 +300,8 @@ def close_current(
     :class:`RoundsWorkflowError` when no round is open or it is not round ``number``.
     """
     project = as_project(session, project)
-    if number is not None:
-        _check_still_open(session, project, number, "closed")
-    current = al.current_round(session, project)
-    if current is None:
-        raise RoundsWorkflowError(f"project {project.name!r} has no open round to close")
-    try:
-        closed = al.close_round(session, current, now=now)
-    except al.RoundError as exc:  # closed or replaced a moment ago by another process: say what is open
-        _check_still_open(session, project, current.number, "closed")
-        raise RoundsWorkflowError(f"{exc}; nothing was closed") from exc
+    _, closed = _on_open_round(session, project, number, "close",
+                               lambda s, current: al.close_round(s, current, now=now))
     info = round_info(session, project, closed)
     log.info("project %r: %s closed", project.name, info.describe())
     return info
