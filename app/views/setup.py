@@ -218,7 +218,8 @@ def _show_image_report(report, tmp: str) -> None:
         st.error("Not imported:\n\n" + "\n".join(f"- {roles.plain(e)}" for e in errors))
     duplicates = _problems(report.duplicates, tmp)
     if duplicates:
-        st.warning("Already in the project:\n\n" + "\n".join(f"- {roles.plain(d)}" for d in duplicates))
+        st.warning("Not imported again (the same picture as another image):\n\n"
+                   + "\n".join(f"- {roles.plain(d)}" for d in duplicates))
     notes = _problems(report.notes, tmp)
     if notes:
         st.info("Imported, but note:\n\n" + "\n".join(f"- {roles.plain(n)}" for n in notes))

@@ -195,10 +195,11 @@ def import_images(
     report = ImageImportReport()
     by_name = _store.project_images(session, project)
     by_sha = {image.sha256: image for image in by_name.values() if image.sha256}
+    stored = set(by_sha)  # content in the project before this import (the rest came with it)
     with ExitStack() as stack:
         sources = list(_collect(paths, stack, report, max_file_bytes))
         for done, source in enumerate(sources, start=1):
-            _import_one(session, project, source, settings, by_name, by_sha, report, max_pixels)
+            _import_one(session, project, source, settings, by_name, by_sha, report, max_pixels, stored)
             if progress is not None:
                 progress(done, len(sources), source.label)
     session.flush()
@@ -213,6 +214,7 @@ def import_images(
 def _import_one(
     session: Any, project: Any, source: _Source, settings: Any,
     by_name: dict[str, Any], by_sha: dict[str, Any], report: ImageImportReport, max_pixels: int,
+    stored: set[str] | None = None,
 ) -> None:
     from cellspot.store.models import IMAGE_NAME_MAX, Image
 
@@ -225,7 +227,8 @@ def _import_one(
         sha = sha256_bytes(data)
         if sha in by_sha:
             other = by_sha[sha].name
-            reason = f"same content as image {other!r} already in the project"
+            where = "already in the project" if stored is None or sha in stored else "earlier in this import"
+            reason = f"same content as image {other!r} {where}"
             report.duplicates.append(ImportProblem(source.label, reason))
             return
         loaded = read_image(data, source.label, max_pixels=max_pixels)

@@ -153,9 +153,11 @@ def test_duplicates_are_detected_not_stored_twice(session, project, settings, tm
     report = import_images(session, project, [folder], settings)
     assert sorted(report.imported) == ["a.png", "b.png"]
     assert [(Path(p.file).name, p.reason) for p in report.duplicates] == [
-        ("copy_of_a.png", "same content as image 'a.png' already in the project")]
+        ("copy_of_a.png", "same content as image 'a.png' earlier in this import")]
     again = import_images(session, project, [folder], settings)
     assert again.imported == [] and len(again.duplicates) == 3
+    assert {Path(p.file).name: p.reason for p in again.duplicates}["copy_of_a.png"] == (
+        "same content as image 'a.png' already in the project")
     assert session.scalar(select(func.count()).select_from(Image)) == 2
     assert len([p for p in settings.images_dir.rglob("*") if p.is_file()]) == 2
 
