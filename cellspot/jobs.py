@@ -182,7 +182,11 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         summary = {name: getattr(report, name, None) for name in
                    ("project", "detector_version", "classifier_version", "images", "cells", "alive", "dead",
                     "seconds")}
-        log.info("predictions stored: %s", summary)
+        errors = list(getattr(report, "errors", None) or [])
+        summary["not_predicted"] = [{"image": e.image, "error": e.error} for e in errors]
+        log.info("predictions stored: %s", {k: v for k, v in summary.items() if k != "not_predicted"})
+        for error in errors:  # nothing reads the task's result: the worker's log names them
+            log.warning("project %r: image %s was not predicted: %s", project, error.image, error.error)
         return summary
 
     @huey.task(name="cellspot.auto_round")

@@ -81,7 +81,10 @@ def take_mark(huey: Huey, key: str, mine: Any, *, alive: Callable[[Any], bool] =
         if alive(found):
             return found
         if swap_mark(huey, key, found, mine):
-            log.warning("%s: taken over from %s, which no longer runs", key, describe_holder(found))
+            if isinstance(found, dict) and "host" in found:  # a worker's mark: it stopped renewing
+                log.warning("%s: taken over from %s, which no longer renews it", key, describe_holder(found))
+            else:  # a mark without a holder (a queued job's): replaced as planned
+                log.info("%s: replaced %s", key, describe_holder(found))
             return None
         found = huey.get(key, peek=True)  # the mark of whoever swapped it first
         if found is not None:

@@ -176,8 +176,11 @@ def test_redis_queue_round_trip_with_consumer_thread(settings, monkeypatch, redi
         jobs.get_huey(redis_settings).flush()
 
 
-def test_predict_task_resolves_runs_by_version_and_commits(settings, immediate, monkeypatch) -> None:
+def test_predict_task_resolves_runs_by_version_and_commits(settings, immediate, monkeypatch, caplog) -> None:
+    import logging
     from types import SimpleNamespace
+
+    from cellspot.ml.predict import ImageError
 
     import cellspot.ml.project_predictions
     from cellspot.ml import registry
@@ -190,14 +193,18 @@ def test_predict_task_resolves_runs_by_version_and_commits(settings, immediate, 
     def fake_predict(session, settings_, project, *, detector_run=None, classifier_run=None, progress=None):
         calls.append((project.name, detector_run, classifier_run.version))
         project.description = "predicted"  # a write the task must commit
+        missing = ImageError("gone.png", "/nowhere/gone.png", "the file is missing")
         return SimpleNamespace(project=project.name, detector_version="d", classifier_version=classifier_run.version,
-                               images=2, cells=5, alive=4, dead=1, seconds=0.1)
+                               images=2, cells=5, alive=4, dead=1, seconds=0.1, errors=[missing])
 
     monkeypatch.setattr(cellspot.ml.project_predictions, "predict_project", fake_predict)
-    out = jobs.enqueue_prediction(settings, "demo", classifier="classifier-0001").get()
+    with caplog.at_level(logging.WARNING, logger="cellspot.jobs"):
+        out = jobs.enqueue_prediction(settings, "demo", classifier="classifier-0001").get()
     assert calls == [("demo", None, "classifier-0001")]
     assert out == {"project": "demo", "detector_version": "d", "classifier_version": "classifier-0001",
-                   "images": 2, "cells": 5, "alive": 4, "dead": 1, "seconds": 0.1}
+                   "images": 2, "cells": 5, "alive": 4, "dead": 1, "seconds": 0.1,
+                   "not_predicted": [{"image": "gone.png", "error": "the file is missing"}]}
+    assert "image gone.png was not predicted: the file is missing" in caplog.text  # nothing reads the result
     engine = make_engine(settings=settings)
     with transaction(engine) as session:
         assert session.get(Project, 1).description == "predicted"
