@@ -198,8 +198,8 @@ def _register_tasks(huey: Huey, settings: Settings) -> tuple[TaskWrapper, TaskWr
         from cellspot.workflows.auto_rounds import forget_dropped_round, run_auto_round
 
         try:
-            with round_lock(huey, project), busy(settings, "auto_round", project):
-                return run_auto_round(settings, project, queued_at=queued_at).as_dict()
+            with round_lock(huey, project) as still_ours, busy(settings, "auto_round", project):
+                return run_auto_round(settings, project, queued_at=queued_at, still_ours=still_ours).as_dict()
         except TaskLockedException as exc:
             # its pending mark goes (when it is this job's): the running round does not clear
             # another round's mark, which would block the project for AUTO_STALE_AFTER
@@ -239,22 +239,24 @@ def _not_in_this_store(settings: Settings, what: str, exc: LookupError) -> dict[
 
 
 @contextmanager
-def round_lock(huey: Huey, project: str) -> Iterator[None]:
+def round_lock(huey: Huey, project: str) -> Iterator[Callable[[], None]]:
     """Hold the lock of ``project``'s automatic round (one at a time per project, across the
     workers of the queue) while the block runs; :class:`TaskLockedException` when a live worker
-    holds it. The lock is a mark (:func:`cellspot.marks.hold_mark`): a key in the queue's storage naming its
-    holder, renewed every :data:`cellspot.marks.MARK_BEAT_S`; the lock of a killed worker (``kill -9``: no
-    ``finally`` ran) is taken over at once when that worker was a process of this host, else
-    once not renewed for :data:`cellspot.marks.MARK_STALE_S`; of two workers taking over one lock, one gets
-    it. (huey's own ``lock_task`` has no holder and no expiry: a killed worker blocked the
-    project's rounds for good.)"""
+    holds it. The lock is a mark (:func:`cellspot.marks.hold_mark`): a key in the queue's
+    storage naming its holder, renewed every :data:`cellspot.marks.MARK_BEAT_S`; the lock of a
+    killed worker (``kill -9``: no ``finally`` ran) is taken over at once when that worker was
+    a process of this host, else once not renewed for :data:`cellspot.marks.MARK_STALE_S`; of
+    two workers taking over one lock, one gets it. (huey's own ``lock_task`` has no holder and
+    no expiry: a killed worker blocked the project's rounds for good.) The block gets a check
+    that raises :class:`cellspot.marks.MarkLostError` once the lock was taken over (this worker
+    was paused for longer than the stale time): the round stops before its next step."""
     with ExitStack() as stack:
         try:
-            stack.enter_context(hold_mark(huey, json.dumps(["cellspot.auto_round.lock", project])))
+            mark = stack.enter_context(hold_mark(huey, json.dumps(["cellspot.auto_round.lock", project])))
         except MarkHeldError as exc:
             holder = exc.holder if isinstance(exc.holder, dict) else {}
             raise TaskLockedException(f"a worker on {holder.get('host')} (pid {holder.get('pid')}) runs it") from None
-        yield
+        yield mark.check
 
 
 # --------------------------------------------------------------------------- what workers do

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,6 +32,10 @@ MARK_BEAT_S = 30.0
 MARK_STALE_S = 180.0
 #: tokens of the marks (and takeover claims) this process holds now
 _HELD_TOKENS: set[str] = set()
+
+
+class MarkLostError(RuntimeError):
+    """The mark this process held was taken over (:meth:`_HeldMark.check`)."""
 
 
 class MarkHeldError(RuntimeError):
@@ -130,8 +134,9 @@ def _fingerprint(value: Any) -> str:
 
 @contextmanager
 def hold_mark(huey: Huey, key: str, fields: dict[str, Any] | None = None, *,
-              alive: Callable[[Any], bool] = holder_alive) -> Iterator[None]:
-    """Hold a mark at ``key`` of the queue's storage while the block runs: ``fields`` and its
+              alive: Callable[[Any], bool] = holder_alive) -> Iterator[_HeldMark]:
+    """Hold a mark at ``key`` of the queue's storage while the block runs (it gets the mark, whose
+    :meth:`_HeldMark.check` says whether it is still this process's): ``fields`` and its
     holder (:func:`new_holder`), renewed every :data:`MARK_BEAT_S` by a thread and removed at
     the end (unless it was taken over meanwhile). :class:`MarkHeldError` when a mark that
     ``alive`` calls live is there (default :func:`holder_alive`); a dead one is taken over
@@ -146,7 +151,7 @@ def hold_mark(huey: Huey, key: str, fields: dict[str, Any] | None = None, *,
         beat = threading.Thread(target=mark.beat, args=(stop,), daemon=True, name=f"mark-beat-{key}")
         beat.start()
         try:
-            yield
+            yield mark
         finally:
             stop.set()
             beat.join()
@@ -162,19 +167,41 @@ class _HeldMark:
     huey: Huey
     key: str
     value: dict[str, Any]
+    lost: threading.Event = field(default_factory=threading.Event)
+    _writing: threading.Lock = field(default_factory=threading.Lock)
 
     def beat(self, stop: threading.Event) -> None:
         """Renew the mark every :data:`MARK_BEAT_S` until ``stop``, or until someone took it over."""
         while not stop.wait(MARK_BEAT_S):
             renewed = {**self.value, "beat": time.time()}
             try:
-                if not swap_mark(self.huey, self.key, self.value, renewed):
-                    log.warning("the mark %s was taken over by another worker; not renewed", self.key)
-                    return
+                with self._writing:  # the key and ``value`` change together (see check)
+                    if not swap_mark(self.huey, self.key, self.value, renewed):
+                        self.lost.set()
+                        log.warning("the mark %s was taken over by another worker; not renewed", self.key)
+                        return
+                    self.value = renewed
             except Exception as exc:  # noqa: BLE001 - the queue may be back at the next beat
                 log.warning("cannot renew the mark %s: %s", self.key, exc)
-                continue
-            self.value = renewed
+
+    def check(self) -> None:
+        """:class:`MarkLostError` when the mark is no longer this process's (taken over while it
+        was paused longer than :data:`MARK_STALE_S`): its job stops before its next step. Reads
+        the key now, not only what the last renewal saw; a queue that does not answer counts as
+        still held (the renewal notices later)."""
+        holder: Any = None
+        if not self.lost.is_set():
+            with self._writing:
+                try:
+                    holder = self.huey.get(self.key, peek=True)
+                except Exception as exc:  # noqa: BLE001 - see above
+                    log.warning("cannot read the mark %s: %s", self.key, exc)
+                    return
+                if _fingerprint(holder) == _fingerprint(self.value):
+                    return
+                self.lost.set()
+        by = f" by {describe_holder(holder)}" if isinstance(holder, dict) else ""
+        raise MarkLostError(f"the mark {self.key} was taken over{by}")
 
     def release(self) -> None:
         try:

@@ -180,14 +180,17 @@ def test_a_held_mark_is_renewed_until_someone_takes_it_over(queue_settings, monk
     monkeypatch.setattr(marks, "MARK_BEAT_S", 0.02)
     huey = jobs.get_huey(queue_settings)
     key = "test.mark"
-    with marks.hold_mark(huey, key, {"state": "running"}):
+    with marks.hold_mark(huey, key, {"state": "running"}) as mark:
         first = huey.get(key, peek=True)
         assert first["state"] == "running" and first["pid"] == os.getpid()
         _wait_for(lambda: huey.get(key, peek=True)["beat"] > first["beat"])
         assert huey.get(key, peek=True)["token"] == first["token"]  # renewed, same holder
+        mark.check()  # still this process's: no error
         # a worker elsewhere took this one for dead (paused past MARK_STALE_S) and took the mark over
         taker = {**marks.new_holder(), "host": "gpu-box-7"}
         _wait_for(lambda: marks.swap_mark(huey, key, huey.get(key, peek=True), taker))
+        with pytest.raises(marks.MarkLostError, match="taken over by a worker on gpu-box-7"):
+            mark.check()  # the job learns it before its next step (a paused worker ran its whole round)
         time.sleep(0.2)  # beats come and go
         assert huey.get(key, peek=True) == taker  # not renewed back
     assert huey.get(key, peek=True) == taker  # and not removed by the holder it no longer is

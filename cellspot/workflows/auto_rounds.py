@@ -363,7 +363,8 @@ def _predict(session: Session, settings: Settings, project: Project) -> Any:
 
 
 def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn | None = None,
-                   now: datetime | None = None, queued_at: str | None = None) -> AutoReport:
+                   now: datetime | None = None, queued_at: str | None = None,
+                   still_ours: Callable[[], None] | None = None) -> AutoReport:
     """The automatic round of ``project_name`` (steps 1-5 of the module doc), each step in its
     own committed transaction so the dashboard follows along. Never raises for a failed step:
     the failure ends the report (``status="failed"``, ``message``) and is stored in the
@@ -373,7 +374,10 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
     prediction step (default :func:`cellspot.ml.project_predictions.predict_project`; tests swap it).
     ``queued_at``: the pending mark the job was queued under (see :func:`maybe_auto_retrain`); when
     the project's mark is another one (the round was forgotten, or taken as lost and queued
-    again), nothing is done and the report says ``skipped``.
+    again), nothing is done and the report says ``skipped``. ``still_ours``: called before the
+    training, the promotion and the round's opening; it raises when this job's lock was taken
+    over by another worker (:func:`cellspot.jobs.round_lock`), which ends the round failed
+    before that step, so two workers never both promote and open a round.
     """
     from cellspot.store.db import make_engine, transaction
 
@@ -384,11 +388,15 @@ def run_auto_round(settings: Settings, project_name: str, *, predict: PredictFn 
         log.info("project %r: %s", project_name, stale)
         return replace(report, status="skipped", message=stale)
     try:
+        check = still_ours or (lambda: None)
         with transaction(engine) as session:
             report, run_ids = _prepare_auto(session, settings, project_name, report)
+        check()
         report = _train(settings, run_ids, report)
+        check()
         with transaction(engine) as session:
             report = _promote_and_predict(session, settings, project_name, report, predict or _predict)
+        check()
         with transaction(engine) as session:
             cfg = AutoSettings.from_project(as_project(session, project_name))
             info = open_new_round(session, project_name, strategy=cfg.strategy, top=cfg.top, now=now)

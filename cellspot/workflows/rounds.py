@@ -225,7 +225,7 @@ def open_new_round(
     """
     from cellspot.active.strategies import get_strategy
 
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     project = as_project(session, project)
     if scores is None and scorer is None:
@@ -249,6 +249,9 @@ def open_new_round(
         raise RoundsWorkflowError("another round of this project was opened at the same moment (by another "
                                   "researcher or tab); nothing was opened: look at the current round, then "
                                   "open again if you still want to") from exc
+    except OperationalError as exc:
+        _written_meanwhile(exc, "opened")
+        raise
     info = round_info(session, project, round_)
     log.info("project %r: %s opened", project.name, info.describe())
     return info
@@ -266,11 +269,27 @@ def _on_open_round(session: Session, project: Project, number: int | None, verb:
     current = al.current_round(session, project)
     if current is None:
         raise RoundsWorkflowError(f"project {project.name!r} has no open round to {verb}")
+    from sqlalchemy.exc import OperationalError
+
     try:
         return current, action(session, current)
     except al.RoundError as exc:  # closed or replaced a moment ago by another process: say what is open
         _check_still_open(session, project, current.number, done)
         raise RoundsWorkflowError(f"{exc}; nothing was {done}") from exc
+    except OperationalError as exc:
+        _written_meanwhile(exc, done)
+        raise
+
+
+def _written_meanwhile(exc: Exception, done: str) -> None:
+    """Raise SQLite's "database is locked", when a transaction that has read the rounds tries to
+    write after another one wrote them (it cannot wait: its snapshot is stale), as a
+    :class:`RoundsWorkflowError`; return for any other error (the caller re-raises it)."""
+    if "database is locked" not in str(exc):
+        return
+    raise RoundsWorkflowError("another change to this project's rounds was written at the same moment (another "
+                               f"researcher, tab or the automatic mode); nothing was {done}: look at the current "
+                               "round, then try again if you still want to") from exc
 
 
 def rollback_current(

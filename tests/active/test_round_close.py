@@ -292,6 +292,34 @@ def test_the_automatic_mode_opens_a_round_after_a_close(demo, settings, monkeypa
         assert wr.history(session, "demo")[["round", "status"]].values.tolist() == [[2, "open"], [1, "closed"]]
 
 
+def test_an_automatic_round_whose_lock_was_taken_over_stops_before_promoting(demo, settings, monkeypatch) -> None:
+    """A worker paused past the lock's stale time woke and ran its whole round beside the
+    worker that took the lock over: both promoted their models, predicted and opened a round.
+    The round now checks its lock between steps and stops before promoting."""
+    from fake_trainer import install
+
+    from cellspot.marks import MarkLostError
+    from cellspot.store.db import transaction
+
+    install(monkeypatch)
+    with transaction(demo) as session:
+        ar.set_auto_settings(session, "demo", enabled=True, every_runs=5, strategy="crowd", top=2, epochs=1)
+    checks: list[int] = []
+
+    def still_ours() -> None:
+        checks.append(1)
+        if len(checks) == 2:  # after the training: another worker holds the lock now
+            raise MarkLostError("the mark was taken over by a worker on gpu-box-7")
+
+    predicted: list[str] = []
+    report = ar.run_auto_round(settings, "demo", predict=lambda *a: predicted.append("x"),
+                               now=T0 + timedelta(minutes=2), still_ours=still_ours)
+    assert report.status == "failed" and "taken over by a worker on gpu-box-7" in report.message
+    assert predicted == [] and len(checks) == 2
+    with transaction(demo) as session:
+        assert wr.history(session, "demo").empty  # no round opened
+
+
 # --------------------------------------------------------------------------- strategy list
 
 
@@ -322,3 +350,26 @@ def test_a_round_closed_by_another_process_is_not_rolled_back(engine) -> None:
             rounds.rollback_round(s, stale, now=T0 + timedelta(hours=2))
     with make() as s:
         assert _statuses(s) == [(1, "closed"), (2, "closed")]
+
+
+def test_a_sqlite_write_after_a_stale_read_is_said_in_words(session, monkeypatch) -> None:
+    """SQLite cannot let a transaction that read the rounds write after another wrote them:
+    "database is locked" at once. The close (and the rollback, and an opening) say what
+    happened instead of showing a raw OperationalError."""
+    from sqlalchemy.exc import OperationalError
+
+    project, _ = _project(session)
+    rounds.open_round(session, project, scores=_scores("ab"), now=T0)
+
+    def locked(*args, **kwargs):
+        raise OperationalError("UPDATE al_rounds ...", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(rounds, "close_round", locked)
+    with pytest.raises(wr.RoundsWorkflowError, match="written at the same moment .* nothing was closed"):
+        wr.close_current(session, "p", number=1)
+    monkeypatch.setattr(rounds, "rollback_round", locked)
+    with pytest.raises(wr.RoundsWorkflowError, match="nothing was rolled back"):
+        wr.rollback_current(session, "p", number=1)
+    monkeypatch.setattr(rounds, "open_round", locked)
+    with pytest.raises(wr.RoundsWorkflowError, match="nothing was opened"):
+        wr.open_new_round(session, "p", strategy="random", scores=_scores("ab"), replacing=1)
