@@ -27,7 +27,6 @@ import socket
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -412,7 +411,9 @@ class PredictionPendingError(RuntimeError):
     def __init__(self, project: str, detector: str | None, classifier: str | None, mark: dict[str, Any]) -> None:
         self.project, self.detector, self.classifier = project, detector, classifier
         self.state = str(mark.get("state") or "queued")
-        self.since = _parse_time(mark.get("since"))
+        from cellspot.store.models import parse_utc
+
+        self.since = parse_utc(mark.get("since"))
         pair = (f"{detector or 'the active detector'} and {classifier or 'the active classifier'}")
         super().__init__(f"a prediction of project {project!r} with {pair} is already {self.state}; it was not "
                          "queued again")
@@ -434,9 +435,10 @@ def _prediction_alive(huey: Huey, mark: Any) -> bool:
         return False
     if mark.get("state") == "running":
         return holder_alive(mark)
-    since = _parse_time(mark.get("since"))
-    if since is not None and since.tzinfo is not None and \
-            (datetime.now(timezone.utc) - since).total_seconds() < QUEUEING_S:
+    from cellspot.store.models import parse_utc
+
+    since = parse_utc(mark.get("since"))
+    if since is not None and (datetime.now(timezone.utc) - since).total_seconds() < QUEUEING_S:
         return True
     return any(getattr(task, "id", None) == mark.get("task_id") for task in huey.pending())
 
@@ -471,13 +473,6 @@ def _forget_prediction(huey: Huey, key: str, mark: dict[str, Any]) -> None:
         swap_mark(huey, key, mark, None)
     except Exception as exc:  # noqa: BLE001 - the caller's own error matters more
         log.warning("cannot clear the prediction mark: %s", exc)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
 
 
 def enqueue_auto_round(settings: Settings, project: str, queued_at: str | None = None) -> Result | None:

@@ -198,13 +198,17 @@ def _lock_rounds(session: Session, project_id: int) -> None:
     openings and closings of one project's rounds run one at a time: four openings at once
     deadlocked on the one-open-round index, one waiting for the round another was closing
     while that one waited for the open round the first had inserted."""
-    session.execute(select(Project.id).where(Project.id == int(project_id)).with_for_update())
+    from cellspot.store.queries import lock_project
+
+    lock_project(session, project_id)
 
 
-def _close_expected(session: Session, project_id: int, number: int | None, when: datetime) -> ALRound | None:
-    """Close round ``number`` of project ``project_id`` if it is still the open one, in one
-    UPDATE (it waits for, then sees, a concurrent writer's commit); the closed round, or
-    ``None`` for ``None``. :class:`RoundError` when it is not open any more."""
+def _close_expected(session: Session, project_id: int, number: int | None, when: datetime,
+                    status: str = "closed") -> ALRound | None:
+    """Close round ``number`` of project ``project_id`` (as ``status``: ``closed``, or
+    ``rolled_back``) if it is still the open one, in one conditional UPDATE (it waits for, then
+    sees, a concurrent writer's commit; SQLite ignores ``FOR UPDATE``, not this); the closed
+    round, or ``None`` for ``None``. :class:`RoundError` when it is not open any more."""
     from sqlalchemy import update
 
     if number is None:
@@ -212,7 +216,7 @@ def _close_expected(session: Session, project_id: int, number: int | None, when:
     done = session.execute(
         update(ALRound).where(ALRound.project_id == int(project_id), ALRound.status == "open",
                               ALRound.number == int(number))
-        .values(status="closed", closed_at=when).execution_options(synchronize_session=False))
+        .values(status=status, closed_at=when).execution_options(synchronize_session=False))
     if done.rowcount != 1:
         raise RoundError(f"round {number} is no longer the open round")
     closed = session.scalar(select(ALRound).where(ALRound.project_id == int(project_id),
@@ -350,19 +354,9 @@ def rollback_round(session: Session, round_: ALRound, now: datetime | None = Non
     """
     if round_.status != "open":
         raise RoundError(f"round {round_.number} is {round_.status}; only the open round can be rolled back")
-    from sqlalchemy import update
-
     _lock_rounds(session, round_.project_id)  # as openings and closings: one at a time per project
-    # one conditional UPDATE (SQLite ignores FOR UPDATE): a round another process closed or
-    # replaced meanwhile is not rolled back, and it is written before another round opens
-    # (one open round per project: a unique index)
-    done = session.execute(
-        update(ALRound).where(ALRound.id == round_.id, ALRound.status == "open")
-        .values(status="rolled_back", closed_at=now or utcnow()).execution_options(synchronize_session=False))
-    session.refresh(round_)
-    if done.rowcount != 1:
-        raise RoundError(f"round {round_.number} is no longer the open round (now {round_.status}); "
-                         "nothing was rolled back")
+    # written before another round opens (one open round per project: a unique index)
+    _close_expected(session, round_.project_id, round_.number, now or utcnow(), status="rolled_back")
     previous = session.scalar(
         select(ALRound).where(ALRound.project_id == round_.project_id, ALRound.status == "closed",
                               ALRound.number < round_.number)

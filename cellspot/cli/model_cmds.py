@@ -364,7 +364,7 @@ def models_show(version: str) -> None:
         with session_factory(engine)() as session:
             run = registry.get_run(session, version)
             project = session.get(Project, run.project_id) if run.project_id is not None else None
-            seconds = registry.runs_frame(session, project, run.kind).set_index("version").loc[run.version, "seconds"]
+            seconds = registry.run_seconds(run)
             lines = _show_lines(run, project, seconds, registry.model_dir(settings, run))
     except _registry_errors() as exc:
         raise click.ClickException(str(exc)) from None

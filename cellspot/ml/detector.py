@@ -603,9 +603,14 @@ class _Run:
     def elapsed(self) -> float:
         return self.elapsed0 + self.clock.elapsed()
 
+    def steps_fraction(self) -> float:
+        """The share of the run's optimisation steps done (without the time budget)."""
+        c = self.config
+        return ((self.epoch - 1) * c.steps_per_epoch + self.step) / (c.epochs * c.steps_per_epoch)
+
     def fraction(self) -> float:
         c = self.config
-        done = ((self.epoch - 1) * c.steps_per_epoch + self.step) / (c.epochs * c.steps_per_epoch)
+        done = self.steps_fraction()
         if c.max_minutes:
             done = max(done, self.elapsed() / (60.0 * c.max_minutes))
         return float(min(1.0, done))
@@ -614,8 +619,7 @@ class _Run:
         if self.progress is None:
             return
         c = self.config  # ETA: the steps' pace after the first step (EtaClock), within the time budget
-        steps_done = ((self.epoch - 1) * c.steps_per_epoch + self.step) / (c.epochs * c.steps_per_epoch)
-        eta = self.clock.eta(steps_done, 60.0 * c.max_minutes - self.elapsed() if c.max_minutes else None)
+        eta = self.clock.eta(self.steps_fraction(), 60.0 * c.max_minutes - self.elapsed() if c.max_minutes else None)
         step = self.step
         if phase == "done":  # the last epoch is complete (its step counter was reset): no time left
             step, eta = self.config.steps_per_epoch, 0.0

@@ -259,9 +259,11 @@ def lock_promotions(session: Session, run: ModelRun) -> None:
     and kind: PostgreSQL locks the project's row ``FOR UPDATE`` (as round openings do; runs
     without a project take a transaction advisory lock per kind); SQLite takes its one writer
     lock with a no-op write. Two runs finishing at once then cannot both see "no active run"."""
+    from cellspot.store.queries import lock_project
+
     if session.get_bind().dialect.name == "postgresql":
         if run.project_id is not None:
-            session.execute(select(Project.id).where(Project.id == run.project_id).with_for_update())
+            lock_project(session, run.project_id)
         else:
             session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"cellspot.promote.{run.kind}"))))
         return
@@ -283,7 +285,7 @@ def promote_if_first(session: Session, run: ModelRun) -> bool:
                                                       ModelRun.is_active.is_(True)).limit(1))
     if active is not None:
         return False
-    promote(session, run)
+    _activate(session, run)  # the lock is held already
     return True
 
 
@@ -299,6 +301,11 @@ def promote(session: Session, run: ModelRun, settings: Settings | None = None) -
                             "(trained by a worker with another CELLSPOT_HOME, or its folder deleted?); "
                             "prediction could not load it")
     lock_promotions(session, run)
+    return _activate(session, run)
+
+
+def _activate(session: Session, run: ModelRun) -> ModelRun:
+    """Make ``run`` the one active run of its group, under :func:`lock_promotions` (held by the caller)."""
     others = session.scalars(
         select(ModelRun).where(
             *_same_group(run.project_id, run.kind), ModelRun.is_active.is_(True), ModelRun.id != run.id
@@ -357,7 +364,7 @@ def rollback(session: Session, project: Project | None, kind: str) -> ModelRun:
     return previous
 
 
-def _seconds(run: ModelRun) -> float:
+def run_seconds(run: ModelRun) -> float:
     """The training time: the fit's own ``seconds`` metric when it has one (it adds up the
     parts of a cancelled and resumed run), else the wall clock from the last start to the end
     plus the earlier parts of a resumed run (``progress["trained_before_s"]``, kept when a worker
@@ -425,7 +432,7 @@ def runs_frame(session: Session, project: Project | None, kind: str | None = Non
         fraction = 1.0 if run.status == "done" else _number((run.progress or {}).get("fraction", 0.0))
         row = {
             "version": run.version, "kind": run.kind, "status": run.status, "preset": run.preset,
-            "created": run.created_at, "seconds": _seconds(run), "progress": fraction,
+            "created": run.created_at, "seconds": run_seconds(run), "progress": fraction,
             "active": bool(run.is_active), "data_snapshot_id": run.data_snapshot_id, "error": run.error,
             "scored_on": metrics.get("split"),
         }
@@ -464,7 +471,7 @@ def compare_runs(session: Session, a: _ModelRef, b: _ModelRef) -> pd.DataFrame:
     values = []
     for run in (run_a, run_b):
         flat = flatten_metrics(run.metrics or {})
-        flat["seconds"] = _seconds(run)
+        flat["seconds"] = run_seconds(run)
         flat["epochs"] = float(len(run.curves or []))
         values.append(flat)
     names = list(dict.fromkeys([*values[0], *values[1]]))

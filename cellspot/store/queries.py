@@ -181,6 +181,14 @@ def get_project(session: Session, name: str) -> Project:
     return project
 
 
+def lock_project(session: Session, project_id: int) -> None:
+    """Lock project ``project_id``'s row ``FOR UPDATE`` until the transaction ends, so that the
+    changes that must not interleave within one project (round openings and closings,
+    promotions) run one at a time. PostgreSQL only: SQLite ignores ``FOR UPDATE`` (its writers
+    queue on the one writer lock)."""
+    session.execute(select(Project.id).where(Project.id == int(project_id)).with_for_update())
+
+
 def as_project(session: Session, project: Project | str) -> Project:
     """``project`` itself, or the project called ``project`` (:func:`get_project`)."""
     return project if isinstance(project, Project) else get_project(session, project)
