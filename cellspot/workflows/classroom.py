@@ -447,8 +447,14 @@ def _ranked(frame: pd.DataFrame, holders: dict[int, int], max_runs: int | None, 
     frame = frame.assign(load=(frame["n_runs"] + held).astype(int), holders=held,
                          tie=[rng.random() for _ in range(len(frame))])
     if max_runs is not None:
-        frame = frame[frame["gold"] | (frame["load"] < int(max_runs))]
+        frame = frame[~_at_max(frame, frame["load"], max_runs)]
     return frame.sort_values(["load", "holders", "tie"], kind="stable")
+
+
+def _at_max(frame: pd.DataFrame, load: pd.Series, max_runs: int) -> pd.Series:
+    """The images of ``frame`` served no more now: not gold, and ``load`` (runs plus holders)
+    at the maximum of runs."""
+    return ~frame["gold"] & (load >= int(max_runs))
 
 
 Pool = Callable[[pd.DataFrame], pd.Series]
@@ -810,7 +816,7 @@ def _images_left(session: Session, annotator: Annotator, now: datetime,
     waiting = pd.Series(False, index=frame.index)
     if max_runs is not None:
         load = frame["n_runs"] + _held(frame, _holders(session, project, now, not_annotator_id=annotator.id))
-        waiting = ~frame["gold"] & (load >= int(max_runs))
+        waiting = _at_max(frame, load, max_runs)
     round_ = current_round(session, project)
     if round_ is not None:
         queue = scheduler.queue_progress(session, round_, now)
