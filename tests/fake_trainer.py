@@ -131,6 +131,16 @@ def seed_project(settings, name: str = "demo") -> int:  # noqa: ANN001 - Setting
         engine.dispose()
 
 
+def new_run(engine, settings, kind: str = "classifier", **kwargs) -> int:  # noqa: ANN001 - Engine, Settings
+    """The id of a run of project ``demo`` stored by :func:`cellspot.workflows.models.start_training`."""
+    from cellspot.store.db import transaction
+    from cellspot.store.queries import get_project
+    from cellspot.workflows.models import start_training
+
+    with transaction(engine) as session:
+        return start_training(session, settings, get_project(session, "demo"), kind, **kwargs).id
+
+
 def request_cancel(settings, run_id: int) -> None:  # noqa: ANN001 - Settings
     """What the dashboard does: set ``cancel_requested`` in its own committed session."""
     from cellspot.store.db import make_engine, transaction

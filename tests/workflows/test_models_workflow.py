@@ -14,7 +14,7 @@ from cellspot.store.db import make_engine, session_factory, transaction
 from cellspot.store.models import ModelRun
 from cellspot.store.queries import get_project
 from cellspot.workflows import models as wf
-from fake_trainer import FakeFit, install, load_run, request_cancel, seed_project
+from fake_trainer import FakeFit, install, load_run, new_run, request_cancel, seed_project
 
 
 @pytest.fixture
@@ -23,12 +23,6 @@ def store(settings):
     engine = make_engine(settings=settings)
     yield engine
     engine.dispose()
-
-
-def _new_run(engine, settings, kind: str = "classifier", **kwargs) -> int:
-    with transaction(engine) as session:
-        run = wf.start_training(session, settings, get_project(session, "demo"), kind, **kwargs)
-        return run.id
 
 
 def test_progress_is_visible_while_training_and_run_is_recorded(settings, store, monkeypatch) -> None:
@@ -41,7 +35,7 @@ def test_progress_is_visible_while_training_and_run_is_recorded(settings, store,
 
     install(monkeypatch, FakeFit(hook=peek))
     events = []
-    run_id = _new_run(store, settings, epochs=2)
+    run_id = new_run(store, settings, epochs=2)
     run = wf.run_training(settings, run_id, progress=events.append)
 
     assert run.status == "done" and run.error is None and run.is_active
@@ -72,7 +66,7 @@ def test_progress_writes_are_throttled_but_epoch_ends_always_written(settings, s
 
     install(monkeypatch, FakeFit(hook=peek))
     monkeypatch.setattr(wf, "PROGRESS_INTERVAL_S", 3600.0)
-    wf.run_training(settings, _new_run(store, settings, epochs=2))
+    wf.run_training(settings, new_run(store, settings, epochs=2))
     # the first step is written (no write yet), later steps of the hour are not, epoch 1's end is
     assert (seen[1]["epoch"], seen[1]["step"], seen[1]["phase"]) == (1, 1, "train")
     assert seen[2] == seen[1]
@@ -80,7 +74,7 @@ def test_progress_writes_are_throttled_but_epoch_ends_always_written(settings, s
 
 
 def test_cancel_mid_way_then_resume_goes_on_from_saved_epoch(settings, store, monkeypatch) -> None:
-    run_id = _new_run(store, settings, epochs=3)
+    run_id = new_run(store, settings, epochs=3)
     hook = lambda e, s: request_cancel(settings, run_id) if (e, s) == (2, 2) else None  # noqa: E731
     fit = install(monkeypatch, FakeFit(hook=hook))
     run = wf.run_training(settings, run_id)
@@ -103,7 +97,7 @@ def test_cancel_mid_way_then_resume_goes_on_from_saved_epoch(settings, store, mo
 
 def test_failure_is_recorded_and_not_raised(settings, store, monkeypatch) -> None:
     install(monkeypatch, FakeFit(fail_at=2))
-    run = wf.run_training(settings, _new_run(store, settings))
+    run = wf.run_training(settings, new_run(store, settings))
     assert run.status == "failed" and run.error == "ValueError: fake failure in epoch 2"
     assert not run.is_active and run.finished_at is not None
     assert [r["epoch"] for r in load_run(settings, run.id).curves] == [1]
@@ -112,9 +106,9 @@ def test_failure_is_recorded_and_not_raised(settings, store, monkeypatch) -> Non
 def test_bad_config_override_is_refused_before_a_run_is_stored(settings, store, monkeypatch) -> None:
     install(monkeypatch)
     with pytest.raises(wf.WorkflowError, match=r"unknown config fields \['bogus'\]; allowed: .*epochs"):
-        _new_run(store, settings, overrides={"bogus": 1})
+        new_run(store, settings, overrides={"bogus": 1})
     with pytest.raises(wf.WorkflowError, match="bad classifier config: .*"):
-        _new_run(store, settings, overrides={"epochs": "many"}, preset="turbo")
+        new_run(store, settings, overrides={"epochs": "many"}, preset="turbo")
     with session_factory(store)() as session:
         assert session.scalars(select(ModelRun)).all() == []
 
@@ -129,7 +123,7 @@ def test_an_unknown_detector_encoder_is_refused_before_a_run_is_queued() -> None
 
 def test_stored_config_that_no_longer_fits_fails_the_run_with_allowed_fields(settings, store, monkeypatch) -> None:
     install(monkeypatch)
-    run_id = _new_run(store, settings)
+    run_id = new_run(store, settings)
     with transaction(store) as session:  # e.g. written by another version of cellspot
         session.get(ModelRun, run_id).config = {"bogus": 1}
     run = wf.run_training(settings, run_id)
@@ -138,16 +132,16 @@ def test_stored_config_that_no_longer_fits_fails_the_run_with_allowed_fields(set
 
 def test_only_first_done_run_becomes_active(settings, store, monkeypatch) -> None:
     install(monkeypatch)
-    first = wf.run_training(settings, _new_run(store, settings))
-    second = wf.run_training(settings, _new_run(store, settings))
-    detector = wf.run_training(settings, _new_run(store, settings, kind="detector"))
+    first = wf.run_training(settings, new_run(store, settings))
+    second = wf.run_training(settings, new_run(store, settings))
+    detector = wf.run_training(settings, new_run(store, settings, kind="detector"))
     assert (first.is_active, second.is_active, detector.is_active) == (True, False, True)
     assert (first.version, second.version, detector.version) == ("classifier-0001", "classifier-0002", "detector-0001")
 
 
 def test_a_run_that_is_not_queued_is_left_alone(settings, store, monkeypatch) -> None:
     fit = install(monkeypatch)
-    run_id = _new_run(store, settings)
+    run_id = new_run(store, settings)
     wf.run_training(settings, run_id)
     again = wf.run_training(settings, run_id)  # e.g. a duplicate task on the queue
     assert again.status == "done" and len(fit.calls) == 1
@@ -163,7 +157,7 @@ def test_a_run_that_is_not_queued_is_left_alone(settings, store, monkeypatch) ->
     ],
 )
 def test_cancel_run(settings, store, status, expected_status, cancel_requested, error) -> None:
-    run_id = _new_run(store, settings)
+    run_id = new_run(store, settings)
     with transaction(store) as session:
         session.get(ModelRun, run_id).status = status
     with transaction(store) as session:
@@ -185,7 +179,7 @@ def test_a_run_whose_worker_is_gone_is_marked_failed_by_cancel_resume_or_a_new_w
     from cellspot.store.models import utcnow
 
     def running(minutes_silent: float) -> int:
-        run_id = _new_run(store, settings)
+        run_id = new_run(store, settings)
         with transaction(store) as session:
             run = session.get(ModelRun, run_id)
             run.status, run.started_at = "running", utcnow() - timedelta(hours=1)
@@ -234,7 +228,7 @@ def test_progress_in_the_store_carries_when_it_was_reported(settings, store, mon
             seen.append(dict(session.scalars(select(ModelRun)).one().progress))
 
     install(monkeypatch, FakeFit(hook=peek))
-    wf.run_training(settings, _new_run(store, settings, epochs=1))
+    wf.run_training(settings, new_run(store, settings, epochs=1))
     reported = [p["reported_at"] for p in seen if "epoch" in p]
     assert reported and all(isinstance(r, str) and r.startswith("20") for r in reported)
 
@@ -245,7 +239,7 @@ def test_progress_in_the_store_carries_when_it_was_reported(settings, store, mon
      ("failed", True, None)],
 )
 def test_resume_run_rules(settings, store, status, with_checkpoint, error) -> None:
-    run_id = _new_run(store, settings)
+    run_id = new_run(store, settings)
     with transaction(store) as session:
         run = session.get(ModelRun, run_id)
         run.status = status
@@ -299,7 +293,7 @@ def test_consensus_training_needs_a_snapshot(settings, store) -> None:
 def test_torch_threads_setting_reaches_the_config(settings, store, monkeypatch) -> None:
     install(monkeypatch)
     threaded = settings.model_copy(update={"torch_threads": 1})
-    run = wf.run_training(threaded, _new_run(store, settings))
+    run = wf.run_training(threaded, new_run(store, settings))
     assert run.status == "done" and run.config["threads"] == 1
 
 
@@ -353,7 +347,7 @@ def test_bad_input_fails_the_run_without_a_traceback_in_the_log(settings, store,
 
     install(monkeypatch, BadData())
     with caplog.at_level("ERROR", logger="cellspot.workflows.models"):
-        run = wf.run_training(settings, _new_run(store, settings))
+        run = wf.run_training(settings, new_run(store, settings))
     assert run.status == "failed" and run.error == "x.csv, line 3, column 'x': bad"  # no Python class name
     record = next(r for r in caplog.records if "failed" in r.getMessage())
     assert record.exc_info is None and "x.csv, line 3" in record.getMessage()

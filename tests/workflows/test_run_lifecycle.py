@@ -22,7 +22,7 @@ from cellspot.store.models import ConsensusSnapshot, ModelRun, Project, parse_ut
 from cellspot.store.queries import get_project
 from cellspot.workflows import models as wf
 from concurrency import at_once
-from fake_trainer import FakeFit, install, load_run, request_cancel, seed_project
+from fake_trainer import FakeFit, install, load_run, new_run, request_cancel, seed_project
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -43,11 +43,6 @@ def store(backend):
     engine.dispose()
 
 
-def _new_run(engine, settings, kind: str = "classifier", **kwargs) -> int:
-    with transaction(engine) as session:
-        return wf.start_training(session, settings, get_project(session, "demo"), kind, **kwargs).id
-
-
 def _set(engine, run_id: int, **values) -> None:
     with transaction(engine) as session:
         run = session.get(ModelRun, run_id)
@@ -62,7 +57,7 @@ def _set(engine, run_id: int, **values) -> None:
 def test_a_rebuilt_projects_new_run_starts_from_scratch_in_a_new_folder(backend, store, monkeypatch, caplog) -> None:
     """`cellspot demo` deletes the project's runs (cascade) but not their folders; the next run
     took version 0001 again and "resumed" the deleted run's resume.pt."""
-    run_id = _new_run(store, backend, epochs=3)
+    run_id = new_run(store, backend, epochs=3)
     fit = install(monkeypatch, FakeFit(hook=lambda e, s: request_cancel(backend, run_id) if (e, s) == (2, 2) else None))
     assert wf.run_training(backend, run_id).status == "cancelled"
     old_folder = registry.model_dir(backend, load_run(backend, run_id))
@@ -75,7 +70,7 @@ def test_a_rebuilt_projects_new_run_starts_from_scratch_in_a_new_folder(backend,
 
     fit.hook = None
     with caplog.at_level(logging.WARNING, logger="cellspot.ml.registry"):
-        new_id = _new_run(store, backend, epochs=3)
+        new_id = new_run(store, backend, epochs=3)
     run = wf.run_training(backend, new_id)
     assert run.status == "done" and run.version == "classifier-0002"
     assert "classifier-0001 skipped: its folder" in caplog.text
@@ -92,7 +87,7 @@ def test_a_rebuilt_projects_new_run_starts_from_scratch_in_a_new_folder(backend,
 def test_a_run_only_resumes_a_checkpoint_it_wrote(backend, store, monkeypatch, resume, expected_status, resumed,
                                                    error) -> None:
     fit = install(monkeypatch)
-    run_id = _new_run(store, backend, epochs=3)
+    run_id = new_run(store, backend, epochs=3)
     folder = registry.model_dir(backend, load_run(backend, run_id))
     folder.mkdir(parents=True)  # a deleted run's folder, with its record and checkpoint
     write_json(folder / wf.RUN_FILE, {"version": "classifier-0001", "run_id": 99, "created_at": "2020-01-01T00:00:00+00:00"})
@@ -110,7 +105,7 @@ def test_a_run_only_resumes_a_checkpoint_it_wrote(backend, store, monkeypatch, r
 def test_resume_refuses_a_checkpoint_older_than_the_run(backend, store) -> None:
     """A run cancelled before it started, in a folder whose resume.pt (no record of its run) a
     deleted run left: Resume would have gone on from that run's model."""
-    run_id = _new_run(store, backend)
+    run_id = new_run(store, backend)
     run = load_run(backend, run_id)
     folder = registry.model_dir(backend, run)
     folder.mkdir(parents=True)
@@ -134,7 +129,7 @@ def _mark_lost(engine, run_id: int) -> None:
 
 
 def test_a_run_marked_lost_stays_failed_when_its_paused_worker_wakes(backend, store, monkeypatch) -> None:
-    run_id = _new_run(store, backend, epochs=3)
+    run_id = new_run(store, backend, epochs=3)
     steps: list[tuple[int, int]] = []
 
     def hook(epoch: int, step: int) -> None:
@@ -153,7 +148,7 @@ def test_a_run_marked_lost_stays_failed_when_its_paused_worker_wakes(backend, st
 def test_a_resumed_run_is_trained_by_one_worker_only(backend, store, monkeypatch) -> None:
     """Worker A pauses, the run is marked lost and resumed, worker B trains it to the end; A
     wakes and must stop without writing (it went on and finished it a second time)."""
-    run_id = _new_run(store, backend, epochs=3)
+    run_id = new_run(store, backend, epochs=3)
     steps: list[tuple[str, int, int]] = []
     who = ["A"]
 
@@ -220,7 +215,7 @@ def test_a_short_database_outage_is_waited_out(backend, store, monkeypatch, outa
     hook = lambda e, s: setattr(outage, "failures", 4) if (e, s) == (1, 2) else None  # noqa: E731
     install(monkeypatch, FakeFit(hook=hook))
     with caplog.at_level(logging.WARNING, logger="cellspot.workflows.models"):
-        run = wf.run_training(backend, _new_run(store, backend, epochs=3))
+        run = wf.run_training(backend, new_run(store, backend, epochs=3))
     assert outage.raised == 4
     assert run.status == "done" and run.error is None and run.is_active
     assert [r["epoch"] for r in load_run(backend, run.id).curves] == [1, 2, 3]
@@ -232,7 +227,7 @@ def test_a_long_outage_checkpoints_and_fails_resumably_and_the_end_is_retried(ba
     monkeypatch.setattr(wf, "DB_OUTAGE_S", 0.0)  # the first failed check is already too long
     hook = lambda e, s: setattr(outage, "failures", 4) if (e, s) == (2, 1) else None  # noqa: E731
     fit = install(monkeypatch, FakeFit(hook=hook))
-    run_id = _new_run(store, backend, epochs=3)
+    run_id = new_run(store, backend, epochs=3)
     run = wf.run_training(backend, run_id)  # the poll, the last flush and two tries of the end fail
     assert outage.raised == 4
     assert run.status == "failed" and "the database did not answer" in run.error and "resume" in run.error
@@ -278,7 +273,7 @@ def test_two_runs_finishing_at_once_leave_one_active(backend, store, monkeypatch
         return promoted
 
     monkeypatch.setattr(registry, "promote", slow)
-    ids = [_new_run(store, backend), _new_run(store, backend)]
+    ids = [new_run(store, backend), new_run(store, backend)]
     runs = at_once(2, lambda i: wf.run_training(backend, ids[i]))
     assert {r.status for r in runs} == {"done"}
     with session_factory(store)() as session:
@@ -291,7 +286,7 @@ def test_two_runs_finishing_at_once_leave_one_active(backend, store, monkeypatch
 # ---------------------------------------------------------------------------------------------
 
 def test_seconds_add_up_over_cancel_and_resume(backend, store, monkeypatch) -> None:
-    run_id = _new_run(store, backend, epochs=3)
+    run_id = new_run(store, backend, epochs=3)
     stops = {(2, 1), (3, 1)}
 
     def hook(epoch: int, step: int) -> None:
